@@ -1,0 +1,60 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set themselves up.
+#
+#   make test                 create .venv (python3), install, run the default suite
+#   make test PY=python3.13   the same on another interpreter (own venv: .venv-python3.13)
+#   make lint                 ruff + mypy
+#   make demo                 the main job, shown: a legacy robot client through injected faults
+#   make bench                benchmarks (ratios against the plain gevent socket)
+#   make soak                 the long tests (marker `slow`)
+
+PY ?= python3
+# pyenv installs 3.10-3.13 but its shims only expose the global one: fall back to the versions dir.
+PYTHON := $(shell $(PY) -c 'import sys; print(sys.executable)' 2>/dev/null || \
+            ls -d $$HOME/.pyenv/versions/$(patsubst python%,%,$(PY))*/bin/python3 2>/dev/null | tail -n 1)
+VENV ?= $(if $(filter python3,$(PY)),.venv,.venv-$(notdir $(PY)))
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: test lint demo bench soak conformance conformance-quick system-deps clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test,lint]'
+	touch $(STAMP)
+
+# Servers that the client-library tests talk to (redis-server). Best effort: the tests that
+# need one skip with a reason when it is missing.
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	      || echo "warning: could not install redis-server; redis tests will skip"; \
+	  else echo "note: redis-server missing and not root; redis tests will skip"; fi; }
+
+test: $(STAMP) system-deps
+	$(VPY) -m pytest $(PYTEST_ARGS) -m "not slow"
+
+soak: $(STAMP) system-deps
+	$(VPY) -m pytest $(PYTEST_ARGS) -m slow
+
+lint: $(STAMP)
+	$(VPY) -m ruff check resilientsock tests examples benchmarks
+	$(VPY) -m mypy
+
+demo: $(STAMP)
+	$(VPY) -m resilientsock demo $(DEMO_ARGS)
+
+bench: $(STAMP)
+	$(VPY) benchmarks/run.py $(BENCH_ARGS)
+
+conformance: $(STAMP)
+	$(VPY) benchmarks/../tests/conformance/run.py $(CONF_ARGS)
+
+conformance-quick: $(STAMP)
+	$(VPY) tests/conformance/run.py --quick $(CONF_ARGS)
+
+clean:
+	rm -rf .venv .venv-* *.egg-info build dist

@@ -1,0 +1,86 @@
+"""resilientsock: make legacy blocking network code survive a flaky network.
+
+Three ways in::
+
+    import resilientsock
+    resilientsock.patch()                       # 1. at startup
+    sock = resilientsock.ResilientSocket.connect(("hub", 9000))   # 2. directly
+    # 3. python -m resilientsock script.py      (unchanged scripts)
+
+Import rule (DESIGN §7): this module imports none of ssl, asyncio or wrapt, and not gevent's
+socket module, so ``patch()`` can run gevent's monkey-patching first. Everything heavy is
+loaded on first use (PEP 562 ``__getattr__``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._errors import (
+    ErrorCategory as ErrorCategory,
+)
+from ._errors import (
+    ErrorInfo as ErrorInfo,
+)
+from ._errors import (
+    UnansweredEOFError as UnansweredEOFError,
+)
+from ._errors import (
+    classify as classify,
+)
+from ._errors import (
+    is_connection_error as is_connection_error,
+)
+from ._errors import (
+    register as register,
+)
+from ._patching import is_patched as is_patched
+from ._patching import patch as patch
+from ._patching import unpatch as unpatch
+from ._policy import RetryPolicy as RetryPolicy
+from ._stats import stats as stats
+
+if TYPE_CHECKING:
+    from ._socket import ResilientSocket as ResilientSocket
+    from ._socket import create_connection as create_connection
+    from ._tls import ResilientSSLSocket as ResilientSSLSocket
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "is_patched",
+    "ResilientSocket",
+    "ResilientSSLSocket",
+    "RetryPolicy",
+    "classify",
+    "is_connection_error",
+    "register",
+    "ErrorCategory",
+    "ErrorInfo",
+    "UnansweredEOFError",
+    "create_connection",
+    "stats",
+]
+
+_LAZY = {
+    "ResilientSocket": "._socket",
+    "create_connection": "._socket",
+    "ResilientSSLSocket": "._tls",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'resilientsock' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

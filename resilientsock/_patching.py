@@ -1,0 +1,213 @@
+"""patch() / unpatch(): make every client socket in the process resilient.
+
+Rules of this module (DESIGN §7):
+
+1. gevent first: ``gevent.monkey.patch_all()`` (keywords only) runs before anything here
+   imports ssl, socket classes or wrapt.
+2. Every replacement goes through ``gevent.monkey.patch_item`` (so ``get_original`` still
+   returns the stdlib object) and is also recorded here, so ``unpatch()`` restores exactly what
+   was there before, by identity. ``patch()`` twice is harmless (the second call only updates
+   the policy).
+3. A later ``gevent.monkey.patch_socket()`` / ``patch_ssl()`` would put gevent's classes back:
+   a ``zope.event`` subscriber on ``GeventDidPatchModuleEvent`` re-applies ours. No entry point
+   is registered (that would make every ``patch_all()`` resilient).
+4. Modules that bound ``socket``/``ssl`` objects before patching keep the old ones: we name
+   them in a warning instead of guessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Any
+
+from ._policy import RetryPolicy
+
+__all__ = ["patch", "unpatch", "is_patched"]
+
+log = logging.getLogger("resilientsock")
+
+# (owner object, attribute) -> the value before patch(); in patch order.
+_saved: list[tuple[Any, str, Any]] = []
+_subscriber: Any = None
+_patched = False
+
+
+class ResilientsockPatchWarning(RuntimeWarning):
+    """A module kept a reference to a socket/ssl object from before ``patch()``."""
+
+
+def is_patched() -> bool:
+    """True between ``patch()`` and ``unpatch()``."""
+    return _patched
+
+
+def patch(policy: RetryPolicy | None = None, **policy_fields: Any) -> None:
+    """Monkey-patch with gevent, then make every client stream socket resilient.
+
+    ``policy`` (default: ``RetryPolicy.from_env()``, i.e. the defaults overridden by
+    ``RESILIENTSOCK_*`` variables) with ``policy_fields`` applied on top becomes the policy of
+    every socket created afterwards. Unknown or invalid fields are a ``ValueError`` raised before
+    anything is patched.
+    """
+    global _patched, _subscriber
+    if policy is not None and not isinstance(policy, RetryPolicy):
+        raise TypeError(f"patch(policy=...) needs a RetryPolicy, got {policy!r}")
+    effective = (policy or RetryPolicy.from_env()).replace(**policy_fields)
+
+    from gevent import monkey
+
+    if not monkey.is_module_patched("socket"):
+        monkey.patch_all(socket=True, ssl=True, thread=True, select=True)
+
+    from . import _socket
+
+    _socket.set_default_policy(effective)
+    if _patched:
+        return
+    _apply()
+    _warn_early_bindings()
+    if _subscriber is None:
+        import zope.event
+
+        _subscriber = _on_gevent_event
+        zope.event.subscribers.append(_subscriber)
+    _patched = True
+    log.debug("resilientsock patched: %s", effective.summary())
+
+
+def unpatch() -> None:
+    """Restore every attribute ``patch()`` replaced, exactly (by identity).
+
+    gevent's own monkey-patching stays in place: it cannot be undone safely.
+    """
+    global _patched, _subscriber
+    if not _patched:
+        return
+    _restore()
+    if _subscriber is not None:
+        import zope.event
+
+        try:
+            zope.event.subscribers.remove(_subscriber)
+        except ValueError:
+            pass
+        _subscriber = None
+    from . import _socket
+
+    _socket.set_default_policy(None)
+    _patched = False
+
+
+def _replacements() -> list[tuple[Any, str, Any]]:
+    import socket
+    import ssl
+
+    from . import _socket, _tls
+
+    items: list[tuple[Any, str, Any]] = [
+        (socket, "socket", _socket.ResilientSocket),
+        (socket, "SocketType", _socket.ResilientSocket),
+        (socket, "create_connection", _socket.create_connection),
+        (socket, "fromfd", _fromfd),
+        (socket, "socketpair", _socketpair),
+        (ssl.SSLContext, "sslsocket_class", _tls.ResilientSSLSocket),
+    ]
+    if hasattr(ssl, "wrap_socket"):  # removed in 3.12
+        items.append((ssl, "wrap_socket", _tls.wrap_socket))
+    return items
+
+
+def _apply() -> None:
+    from gevent import monkey
+
+    for owner, attr, new in _replacements():
+        current = getattr(owner, attr, None)
+        if current is new:
+            continue
+        _saved.append((owner, attr, current))
+        if isinstance(owner, type):
+            setattr(owner, attr, new)  # a class attribute; patch_item keys by module name
+        else:
+            monkey.patch_item(owner, attr, new)
+
+
+def _restore() -> None:
+    while _saved:
+        owner, attr, old = _saved.pop()
+        setattr(owner, attr, old)
+
+
+def _on_gevent_event(event: Any) -> None:
+    """Re-apply after gevent patches socket/ssl again (it would put its own classes back)."""
+    name = getattr(event, "module_name", None)
+    if _patched and name in ("socket", "ssl") and type(event).__name__.startswith("GeventDid"):
+        for owner, attr, new in _replacements():
+            if getattr(owner, attr, None) is not new:
+                log.debug("re-applying resilientsock to %s.%s after gevent re-patched it",
+                          getattr(owner, "__name__", owner), attr)
+                setattr(owner, attr, new)
+
+
+def _warn_early_bindings() -> None:
+    """Name modules that did ``from socket import create_connection`` (etc.) before patch()."""
+    from gevent import monkey
+
+    originals = {}
+    for name in ("socket", "create_connection", "SocketType"):
+        value = monkey.get_original("socket", name)
+        originals[id(value)] = f"socket.{name}"
+    try:
+        import gevent._socket3 as g3
+        import gevent.socket as gsock
+
+        originals[id(g3.socket)] = "gevent socket class"
+        originals[id(gsock.create_connection)] = "gevent create_connection"
+    except ImportError:  # pragma: no cover
+        pass
+    offenders = []
+    for modname, module in list(sys.modules.items()):
+        if module is None or modname.startswith(("gevent", "resilientsock", "socket", "_")):
+            continue
+        namespace = getattr(module, "__dict__", None)
+        if not isinstance(namespace, dict):
+            continue
+        for attr, value in list(namespace.items()):
+            what = originals.get(id(value))
+            if what is not None and modname not in ("ssl", "socket"):
+                offenders.append(f"{modname}.{attr} ({what})")
+    if offenders:
+        warnings.warn(
+            "resilientsock.patch(): these names were bound before patching and stay "
+            "unprotected: " + ", ".join(sorted(offenders)[:10])
+            + " (call patch() earlier, before importing them)",
+            ResilientsockPatchWarning, stacklevel=3)
+
+
+def _fromfd(fd: int, family: int, type: int, proto: int = 0) -> Any:
+    """``socket.fromfd`` returning our class (never resilient: nobody connected it here)."""
+    import os
+
+    from ._socket import ResilientSocket
+
+    return ResilientSocket(family, type, proto, fileno=os.dup(fd))
+
+
+def _socketpair(family: Any = None, type: Any = None, proto: int = 0) -> tuple[Any, Any]:
+    """``socket.socketpair`` returning two of our (pass-through) sockets."""
+    import socket as _std
+
+    from gevent import monkey
+
+    from ._socket import ResilientSocket
+
+    original = monkey.get_original("socket", "socketpair")
+    if family is None:
+        family = getattr(_std, "AF_UNIX", _std.AF_INET)
+    if type is None:
+        type = _std.SOCK_STREAM
+    a, b = original(family, type, proto)
+    pair = (ResilientSocket(family, type, proto, fileno=a.detach()),
+            ResilientSocket(family, type, proto, fileno=b.detach()))
+    return pair
