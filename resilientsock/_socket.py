@@ -201,6 +201,7 @@ class ResilientSocket(_GeventSocket):
     _rs_target: Any = None
     _rs_reading = False
     _rs_writing = False
+    _rs_recovering = False
     _rs_state = IDLE
     _rs_policy: RetryPolicy | None = None
     _rs_source: Any = None
@@ -427,7 +428,14 @@ class ResilientSocket(_GeventSocket):
             self._rs_reading = False
 
     def _rs_eof_is_drop(self, args: tuple, kind: int) -> bool:
-        """EOF while records are unanswered is a drop (the stale keep-alive case)."""
+        """EOF while records are unanswered is a drop (the stale keep-alive case).
+
+        Full duplex: the kernel reports a reset once, so when a writer greenlet consumed the
+        ECONNRESET, the reader sees a plain EOF. An EOF while another greenlet is writing or
+        reconnecting is therefore part of that same drop, not the stream's end.
+        """
+        if self._rs_recovering or self._rs_writing:
+            return True
         if self._rs_policy.eof == "pass" or not self._rs_journal.pending:  # type: ignore[union-attr]
             return False
         if self._rs_read_since_write:
@@ -611,6 +619,13 @@ class ResilientSocket(_GeventSocket):
 
     def _rs_reconnect(self, budget: _Budget, replay: bool) -> None:
         """Reconnect under the policy until it works or the budget is spent (then raise)."""
+        self._rs_recovering = True
+        try:
+            self._rs_reconnect_loop(budget, replay)
+        finally:
+            self._rs_recovering = False
+
+    def _rs_reconnect_loop(self, budget: _Budget, replay: bool) -> None:
         policy = budget.policy
         while True:
             if self._closed:

@@ -1,0 +1,306 @@
+"""DESIGN §5, one rule per test, each with a real fault through FaultProxy or a real server."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import gevent
+import pytest
+from conftest import readline, wait_until
+
+import resilientsock
+from resilientsock import ResilientSocket, RetryPolicy
+from resilientsock.testing import FaultProxy, MessageServer
+
+FAST = RetryPolicy(deadline=5, backoff_initial=0.01, backoff_max=0.1)
+
+
+def connect(proxy: FaultProxy, policy: RetryPolicy = FAST, **kw) -> ResilientSocket:
+    return ResilientSocket.connect(proxy.address, policy, timeout=10, **kw)
+
+
+def test_plain_round_trip_counts_nothing(server, proxy):
+    with connect(proxy) as s:
+        s.sendall(b"MSG 1 hi\n")
+        assert readline(s) == b"ACK 1\n"
+        assert s.unconfirmed_bytes == 0  # the answer confirmed the record
+    assert resilientsock.stats().get("reconnects", 0) == 0
+    assert server.received == [1]
+
+
+def test_reset_during_sendall_resends_the_record_whole(server, proxy):
+    payload = b"MSG 7 " + b"x" * (2 << 20) + b"\n"  # 2 MiB: the reset lands mid-sendall
+    proxy.cut_after(100_000, "up")
+    with connect(proxy) as s:
+        s.sendall(payload)
+        assert readline(s) == b"ACK 7\n"
+        assert s.reconnects == 1
+    assert server.received == [7]  # the cut copy had no newline: only the re-sent one counts
+    assert proxy.faults["cut"] == 1
+
+
+def test_reset_while_waiting_in_recv_before_any_answer_byte(server, proxy):
+    proxy.cut_after(0, "down")  # the answer's first byte triggers an RST instead
+    with connect(proxy) as s:
+        s.sendall(b"MSG 1 hello\n")
+        assert readline(s) == b"ACK 1\n"
+        assert s.reconnects == 1
+    assert server.received == [1, 1]  # at-least-once: the request arrived twice
+    st = resilientsock.stats()
+    assert st["replayed_records"] == 1
+    assert st["replayed_bytes"] == len(b"MSG 1 hello\n")
+
+
+def test_eof_with_unanswered_record_reconnects_and_replays(server, proxy):
+    proxy.cut_after(0, "down", how="close")  # FIN instead of the answer
+    with connect(proxy) as s:
+        s.sendall(b"MSG 3 x\n")
+        assert readline(s) == b"ACK 3\n"
+        assert s.reconnects == 1
+    assert server.received == [3, 3]
+    assert resilientsock.stats()["disconnects.CONNECTION_LOST"] == 1
+
+
+def test_eof_with_nothing_unanswered_is_passed_through(server, proxy):
+    with connect(proxy) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.close_all()
+        assert s.recv(100) == b""  # the protocol's normal end
+        assert s.reconnects == 0
+    assert server.received == [1]
+
+
+def test_drop_mid_answer_is_surfaced_then_next_call_reconnects(server, proxy):
+    with connect(proxy) as s:
+        s.sendall(b"HALF 1\n")
+        assert s.recv(100) == b"ACK "  # part of the answer reached the caller
+        wait_until(lambda: proxy.active == 1)
+        proxy.reset_all()
+        with pytest.raises(ConnectionResetError) as info:
+            s.recv(100)
+        assert any("mid-answer" in n for n in info.value.__notes__)
+        assert s.unconfirmed_bytes == 0  # journal cleared: the caller owns recovery
+        s.sendall(b"MSG 2 y\n")  # lazily reconnects
+        assert readline(s) == b"ACK 2\n"
+    assert server.received == [1, 2]  # HALF 1 was not re-sent
+
+
+def test_server_refusing_for_one_second_then_back(server, proxy):
+    proxy.refuse(1.0)
+    start = time.monotonic()
+    with connect(proxy) as s:  # retry_connect: the first connect waits it out
+        elapsed = time.monotonic() - start
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+    assert 0.9 <= elapsed < 4.0
+    assert resilientsock.stats()["reconnect_attempts"] >= 2
+
+
+def test_existing_connection_survives_a_restart_window(server, proxy):
+    with connect(proxy) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.refuse(0.5)
+        proxy.reset_all()
+        s.sendall(b"MSG 2 x\n")
+        assert readline(s) == b"ACK 2\n"
+        assert s.reconnects == 1
+    assert sorted(set(server.received)) == [1, 2]
+
+
+def test_deadline_spent_raises_original_type_with_note(server, proxy):
+    policy = RetryPolicy(deadline=1.0, backoff_initial=0.05, backoff_max=0.2)
+    with connect(proxy, policy) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.refuse_now()
+        proxy.reset_all()
+        start = time.monotonic()
+        with pytest.raises((ConnectionResetError, BrokenPipeError)) as info:
+            s.sendall(b"MSG 2 x\n")
+            s.recv(100)
+        elapsed = time.monotonic() - start
+    assert 0.9 <= elapsed < 3.0
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "resilientsock: gave up after" in notes
+    assert "Connection refused" in notes
+    assert resilientsock.stats()["gave_up"] == 1
+
+
+def test_permanent_error_is_not_retried_and_fails_fast():
+    start = time.monotonic()
+    with pytest.raises(socket.gaierror):
+        ResilientSocket.connect(("no-such-host.invalid", 80), FAST)
+    assert time.monotonic() - start < 3.0
+    assert resilientsock.stats().get("reconnect_attempts", 0) == 0
+
+
+def test_journal_limit_exceeded_surfaces_the_drop(server, proxy):
+    policy = FAST.replace(journal_limit=1000)
+    with connect(proxy, policy) as s:
+        s.sendall(b"PAD " + b"p" * 1500 + b"\n")  # over the limit, no answer
+        assert s.unconfirmed_bytes == 0 and s._rs_journal.overflowed
+        wait_until(lambda: server.lines != [], what="server got the line")
+        proxy.reset_all()
+        with pytest.raises(ConnectionResetError) as info:
+            s.recv(100)
+        assert any("journal_limit" in n for n in info.value.__notes__)
+    assert resilientsock.stats().get("replayed_records", 0) == 0
+
+
+def test_replay_none_surfaces_instead_of_resending(server, proxy):
+    proxy.cut_after(0, "down")
+    with connect(proxy, FAST.replace(replay="none")) as s:
+        s.sendall(b"MSG 1 x\n")
+        with pytest.raises(ConnectionResetError) as info:
+            readline(s)
+        assert any("replay='none'" in n for n in info.value.__notes__)
+    assert server.received == [1]
+
+
+def test_poison_record_gives_up_after_max_attempts(server, proxy):
+    policy = RetryPolicy(deadline=10, max_attempts=3, backoff_initial=0.01, backoff_max=0.05)
+    with connect(proxy, policy) as s:
+        s.sendall(b"POISON\n")
+        with pytest.raises(ConnectionResetError) as info:
+            s.recv(100)
+        assert any("gave up after 3 attempts" in n for n in info.value.__notes__)
+    assert server.lines.count(b"POISON") == 1 + 3  # first send + one replay per attempt
+
+
+def test_full_duplex_sees_exactly_one_reconnect(server, proxy):
+    with connect(proxy) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        got: list[bytes] = []
+        reader = gevent.spawn(lambda: got.append(readline(s)))
+        gevent.sleep(0)  # let the reader block in recv
+        wait_until(lambda: proxy.active == 1)
+        proxy.reset_all()
+        writer = gevent.spawn(s.sendall, b"MSG 2 x\n")
+        gevent.joinall([reader, writer], timeout=10, raise_error=True)
+        assert got == [b"ACK 2\n"]
+        assert s.reconnects == 1
+    assert resilientsock.stats()["reconnects"] == 1
+
+
+def test_on_reconnect_runs_on_new_connection_before_replay(server, proxy):
+    calls: list[int] = []
+
+    def reauth(sock: ResilientSocket, attempt: int) -> None:
+        calls.append(attempt)
+        sock.sendall(b"AUTH secret\n")  # raw: not journaled
+
+    seen: list[str] = []
+    policy = FAST.replace(on_reconnect=reauth,
+                          on_disconnect=lambda sock, info: seen.append(info.category.name))
+    proxy.cut_after(0, "down")
+    with connect(proxy, policy) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        assert s.unconfirmed_bytes == 0
+    assert calls == [1]
+    assert seen == ["CONNECTION_LOST"]
+    assert server.lines == [b"MSG 1 x", b"AUTH secret", b"MSG 1 x"]
+
+
+def test_options_and_timeout_are_on_the_new_connection(server, proxy):
+    s = ResilientSocket(socket.AF_INET, socket.SOCK_STREAM, policy=FAST)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+    s.settimeout(7.5)
+    s.connect(proxy.address)
+    with s:
+        before = s.fileno()
+        sndbuf = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        assert s.reconnects == 1
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == sndbuf
+        assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1  # dead-peer default
+        assert s.gettimeout() == 7.5
+        assert s.fileno() != before or s.reconnects == 1
+
+
+def test_read_timeout_is_surfaced_not_retried(server, proxy):
+    with connect(proxy) as s:
+        s.settimeout(0.2)
+        s.sendall(b"NOANSWER\n")
+        with pytest.raises(TimeoutError):
+            s.recv(10)
+        assert s.reconnects == 0
+    assert resilientsock.stats()["surfaced.TIMEOUT"] == 1
+
+
+def test_makefile_reader_and_writer_go_through_the_guards(server, proxy):
+    proxy.cut_after(0, "down")
+    with connect(proxy) as s:
+        f = s.makefile("rwb")
+        f.write(b"MSG 5 via makefile\n")
+        f.flush()
+        assert f.readline() == b"ACK 5\n"
+        f.close()
+        assert s.reconnects == 1
+    assert server.received == [5, 5]
+
+
+def test_unix_socket_reconnects(tmp_path):
+    path = str(tmp_path / "srv.sock")
+    accepted: list[int] = []
+
+    def serve(listener: socket.socket) -> None:
+        while True:
+            conn, _ = listener.accept()
+            accepted.append(1)
+            data = conn.recv(100)
+            if len(accepted) == 1:
+                conn.close()  # FIN without answering
+                continue
+            conn.sendall(b"OK " + data)
+            conn.close()
+
+    import gevent.socket as gs
+    listener = gs.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    g = gevent.spawn(serve, listener)
+    try:
+        with ResilientSocket.connect(path, FAST) as s:
+            s.sendall(b"hello")
+            assert s.recv(100) == b"OK hello"
+            assert s.reconnects == 1
+    finally:
+        g.kill()
+        listener.close()
+
+
+def test_listening_and_accepted_sockets_are_not_resilient():
+    listener = ResilientSocket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = ResilientSocket.connect(listener.getsockname(), FAST)
+    conn, _ = listener.accept()
+    try:
+        assert isinstance(conn, ResilientSocket)
+        assert not conn.resilient and not listener.resilient and client.resilient
+    finally:
+        for s in (conn, client, listener):
+            s.close()
+
+
+def test_nonblocking_socket_passes_through(server):
+    s = ResilientSocket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        s.connect(server.address)
+    assert not s.resilient
+    s.close()
+
+
+def test_direct_connect_validates_address():
+    with pytest.raises(ValueError, match="address"):
+        ResilientSocket.connect(("only-host",))
