@@ -74,3 +74,99 @@ def run_py(args: list[str], env: dict[str, str] | None = None, timeout: float = 
         full_env.update(env)
     return subprocess.run([sys.executable, *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=cwd)
+
+
+class TLSServer:
+    """A TLS MessageServer-like echo of the robot protocol, with trustme certificates."""
+
+    def __init__(self) -> None:
+        import ssl
+
+        import trustme
+
+        self.ca = trustme.CA()
+        cert = self.ca.issue_cert("localhost", "127.0.0.1")
+        self.server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        cert.configure_cert(self.server_ctx)
+        self.client_ctx = ssl.create_default_context()
+        self.ca.configure_trust(self.client_ctx)
+        self.plain = MessageServer()
+        self.address: tuple[str, int] = ("127.0.0.1", 0)
+
+    def start(self) -> TLSServer:
+        from resilientsock.testing import LoopThread
+
+        self.loop = LoopThread("tls-server").start()
+        self.loop.call(self._listen)
+        return self
+
+    def _listen(self) -> None:
+        import gevent
+        import gevent.socket as gs
+        import gevent.ssl as gssl
+
+        sock = gs.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self.address = sock.getsockname()
+        self.listener = sock
+        ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
+        import tempfile
+
+        cert = self.ca.issue_cert("localhost", "127.0.0.1")
+        with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as fh:
+            fh.write(cert.private_key_and_cert_chain_pem.bytes())
+        ctx.load_cert_chain(fh.name)
+        self.received: list[int] = []
+        self.tls_conns: list = []
+
+        def serve(raw) -> None:  # type: ignore[no-untyped-def]
+            try:
+                conn = ctx.wrap_socket(raw, server_side=True)
+            except OSError:
+                raw.close()
+                return
+            self.tls_conns.append(conn)
+            buf = b""
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                    *lines, buf = buf.split(b"\n")
+                    out = []
+                    for line in lines:
+                        parts = line.split(b" ")
+                        if parts[0] == b"MSG":
+                            self.received.append(int(parts[1]))
+                            out.append(b"ACK %s\n" % parts[1])
+                    if out:
+                        conn.sendall(b"".join(out))
+            except OSError:
+                return
+            finally:
+                conn.close()
+
+        def accept() -> None:
+            while True:
+                try:
+                    raw, _ = sock.accept()
+                except OSError:
+                    return
+                gevent.spawn(serve, raw)
+
+        gevent.spawn(accept)
+
+    def stop(self) -> None:
+        self.loop.call(self.listener.close)
+        self.loop.stop()
+
+
+@pytest.fixture
+def tls_server() -> Iterator[TLSServer]:
+    srv = TLSServer().start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -1,0 +1,115 @@
+"""RetryPolicy validation and the backoff schedule (pure: no sleeping), and the Journal."""
+
+from __future__ import annotations
+
+import pytest
+
+from resilientsock import RetryPolicy
+from resilientsock._journal import Journal
+
+
+def test_defaults_and_repr():
+    p = RetryPolicy()
+    assert (p.deadline, p.max_attempts, p.backoff_initial, p.backoff_multiplier,
+            p.backoff_max) == (30.0, None, 0.05, 2.0, 5.0)
+    assert (p.replay, p.confirm, p.journal_limit, p.dead_peer_timeout, p.eof) == (
+        "unanswered", "answer", 16 * 1024 * 1024, 30.0, "unanswered-is-drop")
+    assert p.retry_connect is True and p.retry_read_timeouts is False
+    assert "deadline=30.0" in repr(p)
+    with pytest.raises(AttributeError):
+        p.deadline = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("deadline", -1), ("deadline", 0), ("backoff_multiplier", 0), ("backoff_multiplier", 0.5),
+    ("backoff_initial", -0.1), ("backoff_max", 0.01), ("max_attempts", 0),
+    ("max_attempts", 1.5), ("replay", "always"), ("confirm", "maybe"), ("eof", "ignore"),
+    ("journal_limit", -1), ("reconnect_rate", 0), ("retry_connect", "yes"),
+    ("on_reconnect", 42), ("dead_peer_timeout", float("nan")),
+])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"RetryPolicy.{field}"):
+        RetryPolicy(**{field: value})
+
+
+def test_deadline_none_needs_max_attempts():
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(deadline=None)
+    assert RetryPolicy(deadline=None, max_attempts=3).max_attempts == 3
+
+
+def test_replace_rejects_unknown_fields():
+    with pytest.raises(ValueError, match="no field"):
+        RetryPolicy().replace(dedline=3)
+
+
+def test_first_reconnect_is_immediate_then_full_jitter_capped():
+    p = RetryPolicy(backoff_initial=0.1, backoff_multiplier=2, backoff_max=1.0)
+    assert p.backoff(0, rand=lambda: 1.0) == 0.0
+    assert [p.backoff(n, rand=lambda: 1.0) for n in range(1, 7)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert p.backoff(3, rand=lambda: 0.5) == pytest.approx(0.2)
+    assert p.backoff(5000, rand=lambda: 1.0) == 1.0  # no overflow
+    assert p.backoff(4, rand=lambda: 0.0) == 0.0  # jitter reaches down to zero
+
+
+def test_from_env_and_its_errors():
+    p = RetryPolicy.from_env({"RESILIENTSOCK_DEADLINE": "2", "RESILIENTSOCK_REPLAY": "safe",
+                              "RESILIENTSOCK_JOURNAL_LIMIT": "1MiB",
+                              "RESILIENTSOCK_DEAD_PEER_TIMEOUT": "none",
+                              "RESILIENTSOCK_RETRY_READ_TIMEOUTS": "yes"})
+    assert (p.deadline, p.replay, p.journal_limit, p.dead_peer_timeout,
+            p.retry_read_timeouts) == (2.0, "safe", 1 << 20, None, True)
+    with pytest.raises(ValueError, match="RESILIENTSOCK_DEADLINE"):
+        RetryPolicy.from_env({"RESILIENTSOCK_DEADLINE": "soon"})
+    with pytest.raises(ValueError, match="deadline"):
+        RetryPolicy.from_env({"RESILIENTSOCK_DEADLINE": "-5"})
+
+
+def test_journal_confirm_by_answer_mark():
+    j = Journal(limit=100)
+    j.append(b"aa")
+    mark = j.mark()
+    j.append(b"bbb")
+    assert j.confirm_before(mark) == 1
+    assert j.records() == [b"bbb"] and j.size == 3 and j.pending
+    j.confirm_all()
+    assert not j.pending and j.size == 0
+
+
+def test_journal_copies_mutable_buffers():
+    j = Journal(limit=100)
+    buf = bytearray(b"abc")
+    j.append(memoryview(buf))
+    buf[0] = ord("X")
+    assert j.records() == [b"abc"]
+
+
+def test_journal_overflow_stops_promising_until_everything_is_confirmed():
+    j = Journal(limit=10)
+    j.append(b"12345")
+    j.append(b"678901")  # 11 > 10
+    assert j.overflowed and j.pending and j.records() == []
+    j.append(b"x")
+    mark_before_last = j.mark() - 1
+    j.confirm_before(mark_before_last)
+    assert j.overflowed  # the last unstored write is still unconfirmed
+    j.confirm_all()
+    assert not j.overflowed and not j.pending
+
+
+def test_journal_tcp_ack_offsets_and_restart():
+    j = Journal(limit=100)
+    j.append(b"aaaa")
+    j.append(b"bbbb")
+    assert j.confirm_acked(5) == 1  # only the first record is wholly acknowledged
+    j.restart_stream()
+    assert j.stream_offset == 4
+    assert j.confirm_acked(4) == 1 and not j.pending
+
+
+def test_journal_without_data_counts_lengths():
+    j = Journal(limit=100, keep_data=False)
+    j.append(b"abcd")
+    assert j.size == 4 and j.pending and j.records() == [b""]
+    j.confirm_all()
+    assert j.size == 0

@@ -1,0 +1,118 @@
+"""TLS: the robot loop over TLS through resets; bad certificate and plaintext port fail fast."""
+
+from __future__ import annotations
+
+import random
+import socket
+import ssl
+import time
+
+import gevent
+import gevent.ssl
+import pytest
+
+import resilientsock
+from resilientsock import ResilientSocket, ResilientSSLSocket, RetryPolicy
+from resilientsock.testing import FaultProxy
+
+FAST = RetryPolicy(deadline=10, backoff_initial=0.01, backoff_max=0.1)
+
+
+def client_ctx(tls_server) -> gevent.ssl.SSLContext:  # type: ignore[no-untyped-def]
+    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    tls_server.ca.configure_trust(ctx)
+    ctx.sslsocket_class = ResilientSSLSocket
+    return ctx
+
+
+def tls_connect(address, tls_server, policy=FAST) -> ResilientSSLSocket:  # type: ignore[no-untyped-def]
+    raw = ResilientSocket.connect(address, policy, timeout=10)
+    sock = client_ctx(tls_server).wrap_socket(raw, server_hostname="localhost")
+    assert isinstance(sock, ResilientSSLSocket)
+    return sock
+
+
+def test_tls_robot_loop_through_resets(tls_server):
+    with FaultProxy(tls_server.address) as proxy:
+        sock = tls_connect(proxy.address, tls_server)
+        rng = random.Random(3)
+        stop = False
+
+        def resetter() -> None:
+            while not stop:
+                gevent.sleep(rng.uniform(0.05, 0.15))
+                proxy.reset_all()
+
+        g = gevent.spawn(resetter)
+        try:
+            reader = sock.makefile("rb")
+            for n in range(1, 301):
+                sock.sendall(b"MSG %d reading\n" % n)
+                assert reader.readline() == b"ACK %d\n" % n
+        finally:
+            stop = True
+            g.join(timeout=5)
+            sock.close()
+    received = tls_server.received
+    assert set(received) == set(range(1, 301))
+    for prev, cur in zip(received, received[1:]):
+        assert cur in (prev, prev + 1), (prev, cur)
+    assert proxy.faults["reset"] >= 1 and sock.reconnects >= 1
+
+
+def test_bad_certificate_fails_in_under_a_second(tls_server):
+    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_default_certs()  # the test CA is not trusted
+    ctx.sslsocket_class = ResilientSSLSocket
+    start = time.monotonic()
+    raw = ResilientSocket.connect(tls_server.address, FAST, timeout=5)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        ctx.wrap_socket(raw, server_hostname="localhost")
+    assert time.monotonic() - start < 1.0
+    assert resilientsock.stats().get("reconnect_attempts", 0) == 0
+
+
+def test_plaintext_port_fails_fast(server):
+    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.sslsocket_class = ResilientSSLSocket
+    raw = ResilientSocket.connect(server.address, FAST, timeout=5)
+    raw.sendall(b"PING\n")  # the plaintext server answers PONG: not TLS
+    start = time.monotonic()
+    with pytest.raises((ssl.SSLError, OSError)):
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        s.recv(10)
+    assert time.monotonic() - start < 1.0
+
+
+def test_tls_session_is_offered_for_resumption(tls_server):
+    with FaultProxy(tls_server.address) as proxy:
+        sock = tls_connect(proxy.address, tls_server)
+        sock.sendall(b"MSG 1 x\n")
+        assert sock.recv(100) == b"ACK 1\n"
+        assert sock.session is not None
+        proxy.cut_after(0, "down")
+        sock.sendall(b"MSG 2 x\n")
+        assert sock.recv(100) == b"ACK 2\n"
+        assert sock.reconnects == 1
+        assert sock.server_hostname == "localhost"
+        sock.close()
+
+
+def test_starttls_style_socket_is_not_made_resilient(tls_server):
+    raw = ResilientSocket.connect(tls_server.address, FAST, timeout=5)
+    raw.sendall(b"")  # nothing journaled for an empty write
+    raw._rs_conn_answered = True  # plaintext flowed before the upgrade (STARTTLS)
+    sock = client_ctx(tls_server).wrap_socket(raw, server_hostname="localhost")
+    assert not sock.resilient
+    sock.close()
+
+
+def test_plain_socket_wrap_is_untouched(tls_server):
+    raw = socket.create_connection(tls_server.address, timeout=5)
+    ctx = ssl.create_default_context()
+    tls_server.ca.configure_trust(ctx)
+    with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+        s.sendall(b"MSG 9 x\n")
+        assert s.recv(100) == b"ACK 9\n"
