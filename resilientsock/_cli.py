@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from ._policy import FIELDS, RetryPolicy
@@ -111,7 +112,7 @@ def _split_argv(argv: list[str]) -> tuple[list[str], str | None, str | None, lis
     return ours, None, None, []
 
 
-def build_policy(options: argparse.Namespace, environ: dict[str, str] | os._Environ[str]) -> RetryPolicy:
+def build_policy(options: argparse.Namespace, environ: Mapping[str, str]) -> RetryPolicy:
     """Environment over defaults, options over the environment. ValueError names the culprit."""
     policy = RetryPolicy.from_env(environ)
     changes: dict[str, Any] = {}

@@ -1,7 +1,8 @@
 """``python -m resilientsock demo``: the main job, shown in under a minute.
 
 A local message server and a FaultProxy run in this process; an unmodified legacy robot client
-(``_scripts/robot_client.py``, plain stdlib) runs twice as a subprocess through the proxy while seeded
+(``_scripts/robot_client.py``, plain stdlib) runs twice as a subprocess through the
+proxy while seeded
 faults fire: once plainly (it dies on the first fault) and once under
 ``python -m resilientsock``. The server counts every reading it receives, so the table at the
 end is measured, not claimed: sent, faults by kind, reconnects, records replayed, duplicates,

@@ -36,14 +36,13 @@ from __future__ import annotations
 import errno
 import logging
 import math
-import socket as _std
 import os
+import socket as _std
 import struct
 import time
 from typing import Any
 
 import gevent
-from gevent._socket3 import _closedsocket
 from gevent._socket3 import socket as _GeventSocket
 from gevent._socketcommon import timeout_default as _timeout_default
 from gevent.lock import RLock
@@ -207,6 +206,7 @@ class ResilientSocket(_GeventSocket):
     _rs_source: Any = None
     _rs_any_family = False
     _rs_tls = False
+    _sock: Any  # set by gevent's socket (a slot); declared for type checkers
     _rs_raw_recv = staticmethod(_GeventSocket.recv)
     _rs_raw_recv_into = staticmethod(_GeventSocket.recv_into)
     _rs_raw_send = staticmethod(_GeventSocket.send)
@@ -756,7 +756,7 @@ class ResilientSocket(_GeventSocket):
                 if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EAGAIN):
                     left = None if end is None else max(0.0, end - time.monotonic())
                     _wait_write(raw.fileno(), timeout=left,
-                                timeout_exc=_std.timeout("timed out"))
+                                timeout_exc=TimeoutError("timed out"))
                     err = raw.getsockopt(_std.SOL_SOCKET, _std.SO_ERROR)
                 if err and err != errno.EISCONN:
                     raise OSError(err, _strerror(err))

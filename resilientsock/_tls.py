@@ -124,7 +124,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
         if inet:
             self._rs_try_setsockopt(self._sock, _std.IPPROTO_TCP, _std.TCP_NODELAY, 1)
         limit = None if timeout is None or math.isinf(timeout) else max(0.001, timeout)
-        with gevent.Timeout(limit, _std.timeout("TLS handshake timed out")):
+        with gevent.Timeout(limit, TimeoutError("TLS handshake timed out")):
             _GeventSSLSocket.do_handshake(self)
         if inet:
             nodelay = self.__dict__.get("_rs_opts", {}).get((_std.IPPROTO_TCP, _std.TCP_NODELAY), 0)

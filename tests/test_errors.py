@@ -11,8 +11,7 @@ import urllib.error
 
 import pytest
 
-from resilientsock import ErrorCategory, classify, is_connection_error, register
-from resilientsock import _facts
+from resilientsock import ErrorCategory, _facts, classify, is_connection_error, register
 
 C = ErrorCategory
 

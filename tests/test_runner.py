@@ -102,14 +102,11 @@ def run_with_faults(args: list[str], proxy: FaultProxy, resilient: bool, kinds: 
 
 
 def test_differential_output_equal_when_nothing_fails(server):
-    for script in (ROBOT, SCRIPTS / "http_poller.py"):
-        if script.name == "http_poller.py":
-            continue
-        args = [str(script), *map(str, server.address), "40"]
-        plain = run_py(args)
-        wrapped = run_py(["-m", "resilientsock", *args])
-        assert plain.returncode == wrapped.returncode == 0, wrapped.stderr
-        assert plain.stdout == wrapped.stdout
+    args = [str(ROBOT), *map(str, server.address), "40"]
+    plain = run_py(args)
+    wrapped = run_py(["-m", "resilientsock", *args])
+    assert plain.returncode == wrapped.returncode == 0, wrapped.stderr
+    assert plain.stdout == wrapped.stdout and "40 readings acknowledged" in plain.stdout
 
 
 def test_differential_exit_code_argv_and_path(tmp_path):
@@ -168,7 +165,7 @@ def test_robot_under_runner_with_stats(server):
 
 def test_http_client_keepalive_poller(http_server):
     with FaultProxy(http_server) as proxy:
-        args = [str(SCRIPTS / "http_poller.py"), *map(str, proxy.address), "150"]
+        args = [str(ROOT / "examples" / "http_poller.py"), *map(str, proxy.address), "150"]
         plain = run_with_faults(args, proxy, resilient=False, kinds=("reset", "close"))
         assert plain.returncode != 0
         res = run_with_faults(args, proxy, resilient=True, kinds=("reset", "close"))
@@ -223,9 +220,13 @@ def redis_server(tmp_path) -> Iterator[tuple[MessageServer | None, int]]:
         raise AssertionError("redis-server did not start")
 
     wait_up()
-    state["restart"] = lambda: (state["proc"].kill(), state["proc"].wait(),  # type: ignore[func-returns-value]
-                                state.__setitem__("proc", subprocess.Popen(cmd, stdout=subprocess.DEVNULL)),
-                                wait_up())
+    def restart() -> None:
+        state["proc"].kill()
+        state["proc"].wait()
+        state["proc"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        wait_up()
+
+    state["restart"] = restart
     try:
         yield state, port  # type: ignore[misc]
     finally:

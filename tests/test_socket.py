@@ -11,7 +11,7 @@ from conftest import readline, wait_until
 
 import resilientsock
 from resilientsock import ResilientSocket, RetryPolicy
-from resilientsock.testing import FaultProxy, MessageServer
+from resilientsock.testing import FaultProxy
 
 FAST = RetryPolicy(deadline=5, backoff_initial=0.01, backoff_max=0.1)
 

@@ -26,7 +26,8 @@ assert not udp.resilient
 udp.close()
 a, b = socket.socketpair()
 assert isinstance(a, socket.socket) and not a.resilient
-a.close(); b.close()
+a.close()
+b.close()
 resilientsock.unpatch()
 assert not resilientsock.is_patched()
 for name, value in before.items():
