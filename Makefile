@@ -4,7 +4,6 @@
 #   make test PY=python3.13   the same on another interpreter (own venv: .venv-python3.13)
 #   make lint                 ruff + mypy
 #   make demo                 the main job, shown: a legacy robot client through injected faults
-#   make bench                benchmarks (ratios against the plain gevent socket)
 #   make soak                 the long tests (marker `slow`)
 
 PY ?= python3
@@ -16,7 +15,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo bench soak conformance conformance-quick system-deps clean
+.PHONY: test lint demo soak system-deps clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
@@ -46,15 +45,6 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m resilientsock demo $(DEMO_ARGS)
-
-bench: $(STAMP)
-	$(VPY) benchmarks/run.py $(BENCH_ARGS)
-
-conformance: $(STAMP)
-	$(VPY) benchmarks/../tests/conformance/run.py $(CONF_ARGS)
-
-conformance-quick: $(STAMP)
-	$(VPY) tests/conformance/run.py --quick $(CONF_ARGS)
 
 clean:
 	rm -rf .venv .venv-* *.egg-info build dist

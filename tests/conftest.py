@@ -40,6 +40,43 @@ def proxy(server: MessageServer) -> Iterator[FaultProxy]:
         yield p
 
 
+class RandomResets:
+    """Reset every connection through ``proxy`` at random intervals until stopped (a fault
+    cadence, not synchronisation). Use as a context manager around the client's loop."""
+
+    def __init__(self, proxy: FaultProxy, seed: int, period: tuple[float, float] = (0.05, 0.15)):
+        import random
+
+        self.proxy = proxy
+        self.rng = random.Random(seed)
+        self.period = period
+        self.stopped = False
+
+    def _run(self) -> None:
+        import gevent
+
+        while not self.stopped:
+            gevent.sleep(self.rng.uniform(*self.period))
+            self.proxy.reset_all()
+
+    def __enter__(self) -> RandomResets:
+        import gevent
+
+        self.greenlet = gevent.spawn(self._run)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped = True
+        self.greenlet.join(timeout=5)
+
+
+def assert_in_order_no_loss(received: list[int], count: int) -> None:
+    """Every 1..count arrived, in order, repeats only as immediate duplicates."""
+    assert set(received) == set(range(1, count + 1))
+    for prev, cur in zip(received, received[1:]):
+        assert cur in (prev, prev + 1), (prev, cur)
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     """Poll a condition with a bound (never a bare sleep as synchronisation)."""
     import gevent

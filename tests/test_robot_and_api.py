@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import random
-
-import gevent
-from conftest import ROOT, run_py
+from conftest import ROOT, RandomResets, assert_in_order_no_loss, run_py
 
 import resilientsock
 from resilientsock import ResilientSocket, RetryPolicy
@@ -14,30 +11,14 @@ from resilientsock.testing import FaultProxy
 
 def test_robot_loop_2000_messages_through_random_resets(server):
     policy = RetryPolicy(deadline=10, backoff_initial=0.01, backoff_max=0.1)
-    rng = random.Random(42)
     with FaultProxy(server.address) as proxy:
         sock = ResilientSocket.connect(proxy.address, policy, timeout=10)
-        stop = False
-
-        def resetter() -> None:  # fault injection cadence, not synchronisation
-            while not stop:
-                gevent.sleep(rng.uniform(0.05, 0.15))
-                proxy.reset_all()
-
-        chaos = gevent.spawn(resetter)
-        try:
-            reader = sock.makefile("rb")
+        with sock, sock.makefile("rb") as reader, RandomResets(proxy, seed=42):
             for n in range(1, 2001):
                 sock.sendall(b"MSG %d reading\n" % n)
                 assert reader.readline() == b"ACK %d\n" % n
-        finally:
-            stop = True
-            chaos.join(timeout=5)
-            sock.close()
     got = server.received
-    assert set(got) == set(range(1, 2001))  # nothing lost
-    for prev, cur in zip(got, got[1:]):  # in order; repeats only as immediate duplicates
-        assert cur in (prev, prev + 1), (prev, cur)
+    assert_in_order_no_loss(got, 2000)
     duplicates = len(got) - 2000
     print(f"\nrobot loop: {proxy.faults['reset']} resets, {sock.reconnects} reconnects, "
           f"{duplicates} duplicates")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import socket
 import ssl
 import time
@@ -10,6 +9,7 @@ import time
 import gevent
 import gevent.ssl
 import pytest
+from conftest import RandomResets, assert_in_order_no_loss
 
 import resilientsock
 from resilientsock import ResilientSocket, ResilientSSLSocket, RetryPolicy
@@ -35,28 +35,11 @@ def tls_connect(address, tls_server, policy=FAST) -> ResilientSSLSocket:  # type
 def test_tls_robot_loop_through_resets(tls_server):
     with FaultProxy(tls_server.address) as proxy:
         sock = tls_connect(proxy.address, tls_server)
-        rng = random.Random(3)
-        stop = False
-
-        def resetter() -> None:
-            while not stop:
-                gevent.sleep(rng.uniform(0.05, 0.15))
-                proxy.reset_all()
-
-        g = gevent.spawn(resetter)
-        try:
-            reader = sock.makefile("rb")
+        with sock, sock.makefile("rb") as reader, RandomResets(proxy, seed=3):
             for n in range(1, 301):
                 sock.sendall(b"MSG %d reading\n" % n)
                 assert reader.readline() == b"ACK %d\n" % n
-        finally:
-            stop = True
-            g.join(timeout=5)
-            sock.close()
-    received = tls_server.received
-    assert set(received) == set(range(1, 301))
-    for prev, cur in zip(received, received[1:]):
-        assert cur in (prev, prev + 1), (prev, cur)
+    assert_in_order_no_loss(tls_server.received, 300)
     assert proxy.faults["reset"] >= 1 and sock.reconnects >= 1
 
 
