@@ -157,6 +157,9 @@ def _run(argv: list[str]) -> None:
     if script is not None and not os.path.exists(script):
         _fail(f"can't open file {script!r}: no such file")
 
+    if sys.version_info < (3, 11):
+        _print_notes_on_crash()
+
     # Rule 1: patch first, then runpy, then the script.
     from ._patching import patch
 
@@ -183,6 +186,20 @@ def _run(argv: list[str]) -> None:
         sys.argv = [script, *script_args]
         sys.path[0] = os.path.dirname(path)
         runpy.run_path(path, run_name="__main__")
+
+
+def _print_notes_on_crash() -> None:
+    """Python 3.10 keeps PEP 678 ``__notes__`` but its traceback printer ignores them, so a
+    script that dies under the runner would hide what resilientsock tried. Print them after the
+    traceback, as 3.11+ does."""
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        previous(kind, value, tb)
+        for note in getattr(value, "__notes__", ()):
+            print(note, file=sys.stderr)
+
+    sys.excepthook = hook
 
 
 # -- explain ------------------------------------------------------------------------------------
