@@ -94,3 +94,84 @@ class LoopThread:
         self._stopper.send()
         self._done.acquire(timeout=10)
         self._stop_event = None
+
+
+S = TypeVar("S", bound="ListenerService")
+
+
+class ListenerService:
+    """A TCP listener served on a LoopThread: its own, or one shared with other services.
+
+    Subclasses handle each accepted connection (``_handle``, in its own greenlet) and say what
+    ``shutdown`` must close besides the listener (``_teardown``).
+    """
+
+    _backlog = 1024
+
+    def __init__(self, name: str, host: str, port: int, loop: LoopThread | None) -> None:
+        self._own_loop = loop is None
+        self._loop = loop or LoopThread(name)
+        self._host = host
+        self._port = port
+        self._listener: Any = None
+        self._acceptor: Any = None
+        self.connections = 0
+        self.address: tuple[str, int] = (host, port)
+
+    def start(self: S) -> S:
+        if self._own_loop:
+            self._loop.start()
+        self._loop.call(self._listen)
+        return self
+
+    def shutdown(self) -> None:
+        """Close everything; stop the loop thread if it is this service's own."""
+        try:
+            self._loop.call(self._teardown)
+        finally:
+            if self._own_loop:
+                self._loop.stop()
+
+    def __enter__(self: S) -> S:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    # -- inside the loop thread ---------------------------------------------------------------
+
+    def _listen(self) -> None:
+        """Listen (again) on the same port: SO_REUSEADDR, so a restart finds it free."""
+        if self._listener is not None:
+            return
+        import gevent.socket as gsocket
+
+        sock = gsocket.socket(gsocket.AF_INET, gsocket.SOCK_STREAM)
+        sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_REUSEADDR, 1)
+        sock.bind((self._host, self._port))
+        sock.listen(self._backlog)
+        self._port = sock.getsockname()[1]
+        self.address = (self._host, self._port)
+        self._listener = sock
+        self._acceptor = gevent.spawn(self._accept_loop, sock)
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._acceptor.kill(block=False)
+            self._listener.close()
+            self._listener = None
+
+    def _accept_loop(self, listener: Any) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            gevent.spawn(self._handle, client)
+
+    def _handle(self, client: Any) -> None:
+        raise NotImplementedError
+
+    def _teardown(self) -> None:
+        self._close_listener()

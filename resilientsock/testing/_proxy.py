@@ -17,7 +17,7 @@ from typing import Any
 import gevent
 import gevent.socket as gsocket
 
-from ._loop import LoopThread
+from ._loop import ListenerService, LoopThread
 
 _LINGER_RST = struct.pack("ii", 1, 0)
 
@@ -33,7 +33,7 @@ class _Conn:
         self.eofs = 0
 
 
-class FaultProxy:
+class FaultProxy(ListenerService):
     """A TCP proxy on 127.0.0.1 in front of ``upstream``, with faults on command.
 
     Use as a context manager (``with FaultProxy(("127.0.0.1", port)) as proxy:``) and connect
@@ -41,46 +41,26 @@ class FaultProxy:
     kind), ``bytes_up`` (client to server) and ``bytes_down``.
     """
 
+    _backlog = 512
+
     def __init__(self, upstream: tuple[str, int], host: str = "127.0.0.1", port: int = 0,
                  loop: LoopThread | None = None) -> None:
+        super().__init__("fault-proxy", host, port, loop)
         self.upstream = upstream
-        self._host = host
-        self._port = port
-        self._own_loop = loop is None
-        self._loop = loop or LoopThread("fault-proxy")
-        self._listener: Any = None
-        self._acceptor: Any = None
         self._conns: set[_Conn] = set()
         self._blackhole = False
         self._latency = 0.0
         self._cut: dict[str, int | None] = {"up": None, "down": None}
         self._cut_how = "reset"
-        self.connections = 0
         self.faults: Counter[str] = Counter()
         self.bytes_up = 0
         self.bytes_down = 0
-        self.address: tuple[str, int] = (host, port)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> FaultProxy:
-        if self._own_loop:
-            self._loop.start()
-        self._loop.call(self._listen)
-        return self
-
     def stop(self) -> None:
-        try:
-            self._loop.call(self._shutdown)
-        finally:
-            if self._own_loop:
-                self._loop.stop()
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        """Close the listener and every connection (FIN); end the proxy's own loop."""
+        self.shutdown()
 
     @property
     def active(self) -> int:
@@ -145,32 +125,14 @@ class FaultProxy:
 
     # -- inside the loop thread ---------------------------------------------------------------
 
-    def _listen(self) -> None:
-        if self._listener is not None:
-            return
-        sock = gsocket.socket(gsocket.AF_INET, gsocket.SOCK_STREAM)
-        sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_REUSEADDR, 1)
-        sock.bind((self._host, self._port))
-        sock.listen(512)
-        self._port = sock.getsockname()[1]
-        self.address = (self._host, self._port)
-        self._listener = sock
-        self._acceptor = gevent.spawn(self._accept_loop, sock)
-
     def _refuse(self, seconds: float | None) -> None:
         self.faults["refuse"] += 1
-        if self._listener is not None:
-            self._acceptor.kill(block=False)
-            self._listener.close()
-            self._listener = None
+        self._close_listener()
         if seconds is not None:
             gevent.spawn_later(seconds, self._listen)
 
-    def _shutdown(self) -> None:
-        if self._listener is not None:
-            self._acceptor.kill(block=False)
-            self._listener.close()
-            self._listener = None
+    def _teardown(self) -> None:
+        self._close_listener()
         for conn in list(self._conns):
             self._close_conn(conn, rst=False)
 
@@ -201,15 +163,6 @@ class FaultProxy:
         for g in conn.greenlets:
             if g is not current:
                 g.kill(block=False)
-
-    def _accept_loop(self, listener: Any) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            gevent.spawn(self._handle, client)
 
     def _handle(self, client: Any) -> None:
         try:

@@ -15,56 +15,31 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import gevent
 import gevent.socket as gsocket
 
-from ._loop import LoopThread
+from ._loop import ListenerService, LoopThread
 
 
-class MessageServer:
+class MessageServer(ListenerService):
     """A line server on 127.0.0.1 (see module docstring). ``received``: every n, in order."""
 
     def __init__(self, mode: str = "ack", loop: LoopThread | None = None, port: int = 0) -> None:
         if mode not in ("ack", "echo", "sink"):
             raise ValueError(f"mode must be 'ack', 'echo' or 'sink', got {mode!r}")
+        super().__init__("message-server", "127.0.0.1", port, loop)
         self.mode = mode
-        self._own_loop = loop is None
-        self._loop = loop or LoopThread("message-server")
-        self._port = port
-        self._listener: Any = None
         self._clients: set[Any] = set()
         self.received: list[int] = []
         self.lines: list[bytes] = []
         self.bytes_received = 0
-        self.connections = 0
-        self.address: tuple[str, int] = ("127.0.0.1", port)
-
-    def start(self) -> MessageServer:
-        if self._own_loop:
-            self._loop.start()
-        self._loop.call(self._listen)
-        return self
 
     def stop(self) -> None:
         """Close the listener and every client connection (the server 'goes down')."""
-        self._loop.call(self._close)
+        self._loop.call(self._teardown)
 
     def restart(self) -> None:
         """Listen again on the same port after ``stop()``."""
         self._loop.call(self._listen)
-
-    def shutdown(self) -> None:
-        try:
-            self.stop()
-        finally:
-            if self._own_loop:
-                self._loop.stop()
-
-    def __enter__(self) -> MessageServer:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.shutdown()
 
     def unique(self) -> set[int]:
         return set(self.received)
@@ -72,35 +47,15 @@ class MessageServer:
     def duplicates(self) -> int:
         return len(self.received) - len(set(self.received))
 
-    def _listen(self) -> None:
-        if self._listener is not None:
-            return
-        sock = gsocket.socket()
-        sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self._port))
-        sock.listen(1024)
-        self._port = sock.getsockname()[1]
-        self.address = ("127.0.0.1", self._port)
-        self._listener = sock
-        gevent.spawn(self._accept_loop, sock)
-
-    def _close(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
+    def _teardown(self) -> None:
+        self._close_listener()
         for client in list(self._clients):
             client.close()
         self._clients.clear()
 
-    def _accept_loop(self, listener: Any) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            self._clients.add(client)
-            gevent.spawn(self._serve, client)
+    def _handle(self, client: Any) -> None:
+        self._clients.add(client)
+        self._serve(client)
 
     def _serve(self, client: Any) -> None:
         buf = b""
