@@ -273,7 +273,7 @@ def _explain_number(number: int) -> list[dict[str, Any]]:
                          "Windows that resilientsock knows")
     out = []
     for symbol, platforms in symbols.items():
-        entry = _explain_symbol(symbol) if not symbol.startswith("WSA") else _unknown(symbol)
+        entry = _explain_symbol(symbol) if not symbol.startswith("WSA") else _entry(symbol, None)
         entry["number"] = number
         entry["means_this_on"] = platforms
         out.append(entry)
@@ -282,10 +282,19 @@ def _explain_number(number: int) -> list[dict[str, Any]]:
     return out
 
 
-def _unknown(symbol: str) -> dict[str, Any]:
-    return {"symbol": symbol, "category": None, "retried": False,
-            "why": "not a connection error: resilientsock passes it through unchanged",
-            "maybe_delivered": None, "numbers": {}}
+def _entry(symbol: str, info: Any, numbers: dict[str, int | None] | None = None,
+           why: str | None = None) -> dict[str, Any]:
+    """One meaning of the input: ``info`` is its ErrorInfo, or None for "not a connection
+    error" (``why`` then says why, if there is more to say)."""
+    from ._errors import REASONS
+
+    if info is None:
+        return {"symbol": symbol, "category": None, "retried": False,
+                "why": why or "not a connection error: resilientsock passes it through unchanged",
+                "maybe_delivered": None, "numbers": numbers or {}}
+    return {"symbol": symbol, "category": info.category.name, "retried": info.retryable,
+            "why": REASONS[info.category], "maybe_delivered": info.maybe_delivered,
+            "numbers": numbers or {}}
 
 
 def _explain_symbol(symbol: str) -> dict[str, Any]:
@@ -294,30 +303,22 @@ def _explain_symbol(symbol: str) -> dict[str, Any]:
     category = _errors._ERRNO_TABLE.get(symbol) or _errors._EAI_TABLE.get(symbol)
     numbers = _facts.platform_numbers(symbol)
     if category is None:
-        never = symbol in _errors._NEVER_ERRNO
         why = ("never a connection error (flow control, local misuse or resource exhaustion): "
-               "passed through unchanged" if never else
-               "not a connection error: resilientsock passes it through unchanged")
-        return {"symbol": symbol, "category": None, "retried": False, "why": why,
-                "maybe_delivered": None, "numbers": numbers}
-    info = _errors._info(category, symbol, None)
-    return {"symbol": symbol, "category": category.name, "retried": info.retryable,
-            "why": _errors.REASONS[category], "maybe_delivered": info.maybe_delivered,
-            "numbers": numbers}
+               "passed through unchanged" if symbol in _errors._NEVER_ERRNO else None)
+        return _entry(symbol, None, numbers, why)
+    return _entry(symbol, _errors._info(category, symbol, None), numbers)
 
 
 def _explain_ssl_reason(reason: str, text: str) -> dict[str, Any]:
     import ssl
 
-    from ._errors import REASONS, classify
+    from ._errors import classify
 
     exc = ssl.SSLError(1, text)
     exc.reason = reason  # type: ignore[attr-defined]
     info = classify(exc)
-    assert info is not None
-    return {"symbol": reason, "category": info.category.name, "retried": info.retryable,
-            "why": REASONS[info.category], "maybe_delivered": info.maybe_delivered,
-            "numbers": {}}
+    assert info is not None  # every SSLError that is not want-read/write is classified
+    return _entry(reason, info)
 
 
 def _explain_class(name: str) -> dict[str, Any] | None:
@@ -326,7 +327,7 @@ def _explain_class(name: str) -> dict[str, Any] | None:
     import socket
     import ssl
 
-    from ._errors import REASONS, classify
+    from ._errors import classify
 
     klass = None
     for namespace in (ssl, builtins, socket, http.client):
@@ -340,14 +341,7 @@ def _explain_class(name: str) -> dict[str, Any] | None:
         exc = klass()
     except Exception:  # noqa: BLE001 - classes that need arguments
         return None
-    info = classify(exc)
-    if info is None:
-        return {"symbol": name, "category": None, "retried": False,
-                "why": "not a connection error: resilientsock passes it through unchanged",
-                "maybe_delivered": None, "numbers": {}}
-    return {"symbol": name, "category": info.category.name, "retried": info.retryable,
-            "why": REASONS[info.category], "maybe_delivered": info.maybe_delivered,
-            "numbers": {}}
+    return _entry(name, classify(exc))
 
 
 def _format(entries: list[dict[str, Any]]) -> str:
