@@ -26,12 +26,9 @@ def _fresh_stats() -> Iterator[None]:
 
 
 @pytest.fixture
-def server() -> Iterator[MessageServer]:
-    srv = MessageServer().start()
-    try:
-        yield srv
-    finally:
-        srv.shutdown()
+def server(message_server: MessageServer) -> MessageServer:
+    """The plugin's fixture (resilientsock.testing.plugin, loaded through pytest11)."""
+    return message_server
 
 
 @pytest.fixture
@@ -117,17 +114,9 @@ class TLSServer:
     """A TLS MessageServer-like echo of the robot protocol, with trustme certificates."""
 
     def __init__(self) -> None:
-        import ssl
-
         import trustme
 
         self.ca = trustme.CA()
-        cert = self.ca.issue_cert("localhost", "127.0.0.1")
-        self.server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        cert.configure_cert(self.server_ctx)
-        self.client_ctx = ssl.create_default_context()
-        self.ca.configure_trust(self.client_ctx)
-        self.plain = MessageServer()
         self.address: tuple[str, int] = ("127.0.0.1", 0)
 
     def start(self) -> TLSServer:
@@ -148,12 +137,9 @@ class TLSServer:
         self.address = sock.getsockname()
         self.listener = sock
         ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
-        import tempfile
-
         cert = self.ca.issue_cert("localhost", "127.0.0.1")
-        with tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False) as fh:
-            fh.write(cert.private_key_and_cert_chain_pem.bytes())
-        ctx.load_cert_chain(fh.name)
+        with cert.private_key_and_cert_chain_pem.tempfile() as path:
+            ctx.load_cert_chain(path)
         self.received: list[int] = []
         self.tls_conns: list = []
 
