@@ -15,11 +15,12 @@ import time
 import xmlrpc.server
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import ROOT, run_py
 
-from resilientsock.testing import FaultProxy, MessageServer
+from resilientsock.testing import FaultProxy
 
 SCRIPTS = Path(__file__).parent / "scripts"
 ROBOT = ROOT / "resilientsock" / "_scripts" / "robot_client.py"
@@ -197,7 +198,7 @@ def test_xmlrpc_client(xmlrpc_server):
 
 
 @pytest.fixture
-def redis_server(tmp_path) -> Iterator[tuple[MessageServer | None, int]]:
+def redis_server(tmp_path) -> Iterator[tuple[dict[str, Any], int]]:
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server is not installed (make test installs it as root)")
@@ -207,7 +208,7 @@ def redis_server(tmp_path) -> Iterator[tuple[MessageServer | None, int]]:
         port = s.getsockname()[1]
     cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
            "--dir", str(tmp_path)]
-    state = {"proc": subprocess.Popen(cmd, stdout=subprocess.DEVNULL)}
+    state: dict[str, Any] = {"proc": subprocess.Popen(cmd, stdout=subprocess.DEVNULL)}
 
     def wait_up() -> None:
         end = time.monotonic() + 10
@@ -228,7 +229,7 @@ def redis_server(tmp_path) -> Iterator[tuple[MessageServer | None, int]]:
 
     state["restart"] = restart
     try:
-        yield state, port  # type: ignore[misc]
+        yield state, port
     finally:
         state["proc"].kill()
         state["proc"].wait()
