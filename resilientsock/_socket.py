@@ -29,6 +29,13 @@ Rules of this module (DESIGN §5-§7):
    "reconnecting" and "replaying" are the inside of ``_rs_reconnect``, under the socket's lock.
 6. After a surfaced error the journal is empty: the application owns recovery, so nothing is
    ever re-sent twice by both of us.
+7. Banners (server-first protocols: SMTP, FTP, POP3, IMAP). Bytes that arrive before the
+   application's first write are a banner. On a reconnect after that first write, the new
+   connection's banner is read and dropped before the hook and the replay (the application
+   already read one). Once the server has also answered a write, a session exists that a new
+   connection would not have (EHLO, login), so a drop is surfaced unless an ``on_reconnect``
+   hook restores the session. A surfaced error ends the session: a lazily reconnected socket
+   hands the next banner to the application, as a fresh connection would.
 """
 
 from __future__ import annotations
@@ -193,6 +200,9 @@ class ResilientSocket(_GeventSocket):
       nothing written before the error will be re-sent by resilientsock. The next call
       reconnects first.
     * ``fileno()`` changes across a reconnect.
+    * Server-first protocols (a banner before the client speaks): a drop once the server has
+      answered a command is surfaced unless ``on_reconnect`` restores the session; before
+      that, the new connection's banner is skipped and the first command re-sent.
     """
 
     # Class-level defaults: gevent's __getattr__ forwards unknown names to the raw socket, and
@@ -201,6 +211,10 @@ class ResilientSocket(_GeventSocket):
     _rs_reading = False
     _rs_writing = False
     _rs_recovering = False
+    _rs_wrote = False
+    _rs_banner_bytes = 0
+    _rs_banner_lines = 0
+    _rs_session = False
     _rs_state = IDLE
     _rs_policy: RetryPolicy | None = None
     _rs_source: Any = None
@@ -234,9 +248,17 @@ class ResilientSocket(_GeventSocket):
         self._rs_state = IDLE
         self._rs_read_since_write = 0
         self._rs_conn_answered = False
+        self._rs_new_session()
         self._rs_warned = False
         self._rs_ack_checked = 0.0
         self.reconnects = 0
+
+    def _rs_new_session(self) -> None:
+        """Forget the banner bookkeeping (rule 7): the next connection starts a new session."""
+        self._rs_wrote = False  # the application wrote on this session
+        self._rs_banner_bytes = 0  # bytes the server sent before the application's first write
+        self._rs_banner_lines = 0  # line ends in them
+        self._rs_session = False  # a banner, then an answer to a write: session state exists
 
     # -- public extras ------------------------------------------------------------------------
 
@@ -412,6 +434,8 @@ class ResilientSocket(_GeventSocket):
                     raise
                 n = result if into else len(result)
                 if n:
+                    if self._rs_banner_bytes or not self._rs_wrote:
+                        self._rs_note_banner(result, args, kind, n)
                     self._rs_read_since_write += n
                     self._rs_conn_answered = True
                     if journal._records or journal.overflowed:
@@ -426,6 +450,20 @@ class ResilientSocket(_GeventSocket):
                 budget = self._rs_recover(eof, "read", gen, budget, False)
         finally:
             self._rs_reading = False
+
+    def _rs_note_banner(self, result: Any, args: tuple, kind: int, n: int) -> None:
+        """Bytes before the first write are a banner; an answer after one starts a session."""
+        if self._rs_wrote:
+            self._rs_session = True
+            return
+        if kind == _RECV_INTO:
+            data = memoryview(args[0]).cast("B")[:n]
+        elif kind == _TLS_READ and len(args) > 1 and args[1] is not None:
+            data = memoryview(args[1]).cast("B")[:n]
+        else:
+            data = result
+        self._rs_banner_bytes += n
+        self._rs_banner_lines += bytes(data).count(b"\n")
 
     def _rs_eof_is_drop(self, args: tuple, kind: int) -> bool:
         """EOF while records are unanswered is a drop (the stale keep-alive case).
@@ -478,6 +516,7 @@ class ResilientSocket(_GeventSocket):
         journal = self._rs_journal
         journal.append(data)
         self._rs_read_since_write = 0
+        self._rs_wrote = True
         policy = self._rs_policy
         assert policy is not None
         if policy.confirm == "tcp-ack":
@@ -568,6 +607,11 @@ class ResilientSocket(_GeventSocket):
         if phase == "read" and self._rs_read_since_write:
             return ("the connection dropped mid-answer: part of the answer was already "
                     "returned, and re-sending the request would hand back a second copy")
+        if self._rs_session and policy.on_reconnect is None:
+            return ("the server spoke first (a banner, as in SMTP, FTP, POP3, IMAP) and a "
+                    "session was under way: a new connection starts a new session, where "
+                    "re-sent commands would be read out of context (an on_reconnect hook that "
+                    "restores the session lets resilientsock recover it)")
         pending = journal.pending or writing
         if not pending:
             return None
@@ -598,6 +642,7 @@ class ResilientSocket(_GeventSocket):
         if self._rs_gen != gen or self._rs_target is None or self._closed:
             return
         self._rs_journal.clear()
+        self._rs_new_session()
         if self._sock:
             self._detach_socket("closed")
         self._rs_gen += 1
@@ -644,6 +689,8 @@ class ResilientSocket(_GeventSocket):
             timeout = min(policy.connect_timeout or math.inf, budget.remaining())
             try:
                 self._rs_open_connection(timeout)
+                if self._rs_banner_bytes and self._rs_wrote:
+                    self._rs_skip_banner(timeout)
                 self._rs_state = CONNECTED
                 self._rs_hook(policy.on_reconnect, budget.attempts)
                 if replay:
@@ -682,6 +729,25 @@ class ResilientSocket(_GeventSocket):
         if budget.last is not None and budget.last is not exc:
             raise exc from budget.last
         raise exc
+
+    def _rs_skip_banner(self, timeout: float | None) -> None:
+        """Read the new connection's banner (as many lines as the first one had; as many bytes
+        if it had no line end) and drop it: the application already read one, and it is not
+        the answer to anything the replay is about to send."""
+        want_lines, want_bytes = self._rs_banner_lines, self._rs_banner_bytes
+        got = b""
+        reading = self._rs_reading
+        self._rs_reading = True  # raw reads: not journal bookkeeping
+        try:
+            with gevent.Timeout(timeout, TimeoutError("timed out reading the server's banner")):
+                while (got.count(b"\n") < want_lines) if want_lines else (len(got) < want_bytes):
+                    chunk = self.recv(4096)
+                    if not chunk:
+                        raise UnansweredEOFError("the server closed before its banner")
+                    got += chunk
+        finally:
+            self._rs_reading = reading
+        log.debug("%s: skipped the new connection's banner (%d bytes)", self._rs_name(), len(got))
 
     def _rs_hook(self, hook: Any, arg: Any) -> None:
         if hook is None:
@@ -788,6 +854,8 @@ class ResilientSocket(_GeventSocket):
         self._rs_gen += 1
         self._rs_read_since_write = 0
         self._rs_conn_answered = False
+        if not self._rs_wrote:
+            self._rs_new_session()  # the application has yet to read this connection's banner
 
     # -- recorded options ---------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 import xmlrpc.server
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,3 +278,169 @@ def test_give_up_through_runner_raises_refused_with_note():
     assert "ConnectionRefusedError" in out.stderr
     assert "resilientsock: gave up after" in out.stderr
     assert 1.8 <= elapsed < 6
+
+
+# -- server-first protocols: smtplib and ftplib --------------------------------------------------
+#
+# Both protocols greet first (a banner) and then hold session state (EHLO, login). resilientsock
+# recovers a drop that lands before the session exists: the server restarting (refused
+# connects), a reset before the banner, the first command cut on its way (the new banner is
+# skipped, the command re-sent). A drop inside an established session is surfaced instead of
+# re-sending commands into a new session out of context (docs/decisions.md, "Banners").
+
+BANNER_FAULTS = ("refuse", "reset-before-banner", "first-command-reset", "first-command-close")
+
+
+def run_with_banner_faults(args: list[str], proxy: FaultProxy, resilient: bool,
+                           timeout: float = 60, seed: int = 3) -> subprocess.CompletedProcess[str]:
+    """Run a script while faults land at the start of its sessions, one after another."""
+    cmd = [sys.executable] + (["-m", "resilientsock", "--deadline", "15"] if resilient else [])
+    proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    rng = random.Random(seed)
+    end = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < end:
+            kind = rng.choice(BANNER_FAULTS)
+            before = proxy.faults["cut"]
+            if kind == "refuse":
+                proxy.refuse(0.2)
+            elif kind == "reset-before-banner":
+                proxy.cut_after(0, "down", new_only=True)
+            else:
+                proxy.cut_after(0, "up", how=kind.rsplit("-", 1)[1], new_only=True)
+            # Wait (bounded) for the cut to land before arming the next one.
+            limit = time.monotonic() + (0.4 if kind == "refuse" else 5)
+            while (proc.poll() is None and time.monotonic() < limit
+                   and (kind == "refuse" or proxy.faults["cut"] == before)):
+                try:
+                    proc.wait(timeout=0.02)
+                except subprocess.TimeoutExpired:
+                    pass
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out, err = proc.communicate(timeout=10)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _MailBox:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]  # noqa: N802
+        self.messages.append(envelope.content)
+        return "250 OK"
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[tuple[tuple[str, int], _MailBox]]:
+    controller_mod = pytest.importorskip("aiosmtpd.controller")
+    box = _MailBox()
+    controller = controller_mod.Controller(box, hostname="127.0.0.1", port=_free_port())
+    controller.start()
+    try:
+        yield ("127.0.0.1", controller.port), box
+    finally:
+        controller.stop()
+
+
+def test_smtplib_survives_faults_at_session_start(smtp_server):
+    address, box = smtp_server
+    count = 40
+    with FaultProxy(address) as proxy:
+        args = [str(SCRIPTS / "smtp_sender.py"), *map(str, proxy.address), str(count)]
+        plain = run_with_banner_faults(args, proxy, resilient=False)
+        assert plain.returncode != 0  # the faults bite smtplib on its own
+        assert "SMTPServerDisconnected" in plain.stderr or "Error" in plain.stderr
+        box.messages.clear()
+        res = run_with_banner_faults(["--stats", *args], proxy, resilient=True)
+        assert proxy.faults["cut"] >= 3
+    assert res.returncode == 0, res.stderr
+    assert f"smtp: {count} ok" in res.stdout
+    bodies = sorted(m.split(b"\r\n\r\n", 1)[1] for m in box.messages)
+    assert bodies == sorted(f"reading {i}\r\n".encode() for i in range(count))  # once each
+    assert int(res.stderr.split("reconnects", 1)[1].split()[0]) >= 3
+
+
+def test_smtplib_drop_inside_a_session_surfaces_as_smtplib_expects(smtp_server):
+    """Mid-session, smtplib gets its own SMTPServerDisconnected, not a banner as an answer,
+    and no command is re-sent into a new session."""
+    import smtplib
+
+    from resilientsock import ResilientSocket, RetryPolicy
+
+    class ResilientSMTP(smtplib.SMTP):
+        def _get_socket(self, host, port, timeout):  # type: ignore[no-untyped-def]
+            return ResilientSocket.connect((host, port), RetryPolicy(deadline=3),
+                                           timeout=timeout)
+
+    address, box = smtp_server
+    with FaultProxy(address) as proxy:
+        smtp = ResilientSMTP(*proxy.address, timeout=10)
+        try:
+            assert smtp.ehlo()[0] == 250  # the session now exists
+            assert proxy.reset_all() == 1
+            with pytest.raises(smtplib.SMTPServerDisconnected):
+                smtp.sendmail("robot@example.test", ["ops@example.test"], "Subject: x\r\n\r\nx")
+        finally:
+            smtp.close()
+    assert box.messages == []
+
+
+@pytest.fixture
+def ftp_server(tmp_path) -> Iterator[tuple[tuple[str, int], Path]]:
+    pytest.importorskip("pyftpdlib")
+    with warnings.catch_warnings():  # pyftpdlib imports asyncore before Python 3.12
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from pyftpdlib.authorizers import DummyAuthorizer
+        from pyftpdlib.handlers import FTPHandler
+        from pyftpdlib.servers import ThreadedFTPServer
+
+    home = tmp_path / "ftp"
+    home.mkdir()
+    auth = DummyAuthorizer()
+    auth.add_user("robot", "secret", str(home), perm="elrw")
+    handler = type("Handler", (FTPHandler,), {"authorizer": auth, "banner": "pyftpdlib ready"})
+    server = ThreadedFTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.05}, daemon=True)
+    t.start()
+    try:
+        yield server.address[:2], home
+    finally:
+        server.close_all()
+        t.join(10)
+
+
+def test_ftplib_survives_faults_at_session_start(ftp_server):
+    address, home = ftp_server
+    count = 25
+    with FaultProxy(address) as proxy:
+        args = [str(SCRIPTS / "ftp_uploader.py"), *map(str, proxy.address), str(count)]
+        plain = run_with_banner_faults(args, proxy, resilient=False)
+        assert plain.returncode != 0
+        for f in home.iterdir():
+            f.unlink()
+        res = run_with_banner_faults(["--stats", *args], proxy, resilient=True)
+        assert proxy.faults["cut"] >= 3
+    assert res.returncode == 0, res.stderr
+    assert f"ftp: {count} ok" in res.stdout
+    for i in range(count):
+        assert (home / f"reading{i}.txt").read_bytes() == f"reading {i}\n".encode() * 50
+
+
+def test_patch_warns_about_names_bound_before_it():
+    early = run_py([str(SCRIPTS / "patch_warning.py"), "early"])
+    assert early.returncode == 0, early.stderr
+    assert "warnings: 1" in early.stdout
+    assert "legacy_client.create_connection (socket.create_connection)" in early.stdout
+    assert "legacy_client.Sock (socket.socket)" in early.stdout
+    clean = run_py([str(SCRIPTS / "patch_warning.py"), "clean"])
+    assert clean.returncode == 0, clean.stderr
+    assert "warnings: 0" in clean.stdout

@@ -304,3 +304,72 @@ def test_nonblocking_socket_passes_through(server):
 def test_direct_connect_validates_address():
     with pytest.raises(ValueError, match="address"):
         ResilientSocket.connect(("only-host",))
+
+
+# -- server-first protocols (a banner before the client speaks: SMTP, FTP, POP3, IMAP) --------
+
+BANNER = b"220-banner.test first line\r\n220 banner.test ready\r\n"
+
+
+@pytest.fixture
+def banner_server():
+    from resilientsock.testing import MessageServer
+    with MessageServer(banner=BANNER) as srv:
+        yield srv
+
+
+def _read_banner(sock: ResilientSocket) -> bytes:
+    return readline(sock) + readline(sock)
+
+
+def test_drop_before_the_first_answer_skips_the_new_banner_and_replays(banner_server):
+    with FaultProxy(banner_server.address) as proxy:
+        proxy.cut_after(0, "up")  # the first command is cut before it reaches the server
+        with connect(proxy) as s:
+            assert _read_banner(s) == BANNER
+            s.sendall(b"MSG 1 first\n")
+            # The new connection's banner was read and dropped: the answer is the answer.
+            assert readline(s) == b"ACK 1\n"
+            assert s.reconnects == 1
+    assert banner_server.received == [1]
+    assert resilientsock.stats()["replayed_records"] == 1
+
+
+def test_drop_in_an_established_session_is_surfaced_not_replayed(banner_server):
+    with FaultProxy(banner_server.address) as proxy:
+        with connect(proxy) as s:
+            assert _read_banner(s) == BANNER
+            s.sendall(b"MSG 1 login\n")
+            assert readline(s) == b"ACK 1\n"  # the session now has state (EHLO, login)
+            proxy.cut_after(0, "up")
+            with pytest.raises(ConnectionError) as caught:
+                s.sendall(b"MSG 2 in-session\n")
+                readline(s)
+            assert "server spoke first" in "".join(getattr(caught.value, "__notes__", []))
+            assert s.unconfirmed_bytes == 0
+            # The next call reconnects lazily, as a fresh connection: the banner is the
+            # application's to read again.
+            assert _read_banner(s) == BANNER
+    assert banner_server.received == [1]  # MSG 2 was never re-sent into a new session
+    assert resilientsock.stats().get("replayed_records", 0) == 0
+
+
+def test_on_reconnect_hook_restores_a_session_after_the_banner(banner_server):
+    hook_saw: list[bytes] = []
+
+    def relogin(sock: ResilientSocket, attempt: int) -> None:
+        sock.sendall(b"PING relogin\n")  # the banner is already consumed: PONG comes next
+        hook_saw.append(readline(sock))
+
+    with FaultProxy(banner_server.address) as proxy:
+        with connect(proxy, FAST.replace(on_reconnect=relogin)) as s:
+            assert _read_banner(s) == BANNER
+            s.sendall(b"MSG 1 login\n")
+            assert readline(s) == b"ACK 1\n"
+            proxy.cut_after(0, "up")
+            s.sendall(b"MSG 2 in-session\n")
+            assert readline(s) == b"ACK 2\n"
+            assert s.reconnects == 1
+    assert hook_saw == [b"PONG\n"]
+    assert banner_server.received == [1, 2]
+    assert banner_server.lines == [b"MSG 1 login", b"PING relogin", b"MSG 2 in-session"]

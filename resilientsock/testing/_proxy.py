@@ -23,9 +23,10 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 
 
 class _Conn:
-    __slots__ = ("client", "upstream", "greenlets", "closed", "eofs")
+    __slots__ = ("client", "upstream", "greenlets", "closed", "eofs", "serial")
 
-    def __init__(self, client: Any, upstream: Any) -> None:
+    def __init__(self, client: Any, upstream: Any, serial: int) -> None:
+        self.serial = serial  # 1 for the proxy's first accepted connection
         self.client = client
         self.upstream = upstream
         self.greenlets: list[Any] = []
@@ -52,6 +53,7 @@ class FaultProxy(ListenerService):
         self._latency = 0.0
         self._cut: dict[str, int | None] = {"up": None, "down": None}
         self._cut_how = "reset"
+        self._cut_from = 0  # connections with a smaller serial are spared by cut_after
         self.faults: Counter[str] = Counter()
         self.bytes_up = 0
         self.bytes_down = 0
@@ -101,10 +103,14 @@ class FaultProxy(ListenerService):
             self._latency = seconds
         self._loop.call(set_latency)
 
-    def cut_after(self, nbytes: int, direction: str = "down", how: str = "reset") -> None:
+    def cut_after(self, nbytes: int, direction: str = "down", how: str = "reset",
+                  new_only: bool = False) -> None:
         """Cut the connection once ``nbytes`` more bytes have gone ``direction``
         ("up": client to server, "down": server to client): ``how="reset"`` sends RST,
-        ``how="close"`` a FIN. Applies once, to whichever connection gets there first."""
+        ``how="close"`` a FIN. Applies once, to whichever connection gets there first;
+        with ``new_only=True``, only to a connection accepted after this call (so a cut
+        lands at a known point of a fresh conversation, such as its banner or first command).
+        """
         if direction not in ("up", "down"):
             raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
         if how not in ("reset", "close"):
@@ -115,6 +121,7 @@ class FaultProxy(ListenerService):
         def set_cut() -> None:
             self._cut[direction] = nbytes
             self._cut_how = how
+            self._cut_from = self.connections + 1 if new_only else 0
         self._loop.call(set_cut)
 
     def switch_upstream(self, upstream: tuple[str, int]) -> None:
@@ -165,6 +172,7 @@ class FaultProxy(ListenerService):
                 g.kill(block=False)
 
     def _handle(self, client: Any) -> None:
+        serial = self.connections
         try:
             upstream = gsocket.create_connection(self.upstream, timeout=5)
         except OSError:
@@ -173,7 +181,7 @@ class FaultProxy(ListenerService):
             return
         client.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         upstream.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
-        conn = _Conn(client, upstream)
+        conn = _Conn(client, upstream, serial)
         self._conns.add(conn)
         conn.greenlets = [gevent.spawn(self._pump, conn, client, upstream, "up"),
                           gevent.spawn(self._pump, conn, upstream, client, "down")]
@@ -199,7 +207,7 @@ class FaultProxy(ListenerService):
             if self._latency:
                 gevent.sleep(self._latency)
             cut = self._cut[direction]
-            if cut is not None:
+            if cut is not None and conn.serial >= self._cut_from:
                 if len(data) >= cut:
                     self._cut[direction] = None
                     try:

@@ -8,6 +8,9 @@ never answers (telemetry). Every complete line is kept in ``lines``.
 Deterministic triggers for tests: ``HALF <n>`` records n, answers ``ACK `` without the rest
 and waits (a drop then lands mid-answer); ``POISON`` resets the connection (SO_LINGER 0)
 every time it arrives; ``PING`` answers ``PONG``.
+
+``banner=b"220 ready\\n"`` makes it a server-first protocol (as SMTP, FTP, POP3 and IMAP are):
+every new connection is greeted with those bytes before anything is read.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ from ._loop import ListenerService, LoopThread
 class MessageServer(ListenerService):
     """A line server on 127.0.0.1 (see module docstring). ``received``: every n, in order."""
 
-    def __init__(self, mode: str = "ack", loop: LoopThread | None = None, port: int = 0) -> None:
+    def __init__(self, mode: str = "ack", loop: LoopThread | None = None, port: int = 0,
+                 banner: bytes | None = None) -> None:
         if mode not in ("ack", "echo", "sink"):
             raise ValueError(f"mode must be 'ack', 'echo' or 'sink', got {mode!r}")
+        if banner is not None and not isinstance(banner, bytes):
+            raise TypeError(f"banner must be bytes, got {type(banner).__name__}")
         super().__init__("message-server", "127.0.0.1", port, loop)
         self.mode = mode
+        self.banner = banner
         self._clients: set[Any] = set()
         self.received: list[int] = []
         self.lines: list[bytes] = []
@@ -55,6 +62,13 @@ class MessageServer(ListenerService):
 
     def _handle(self, client: Any) -> None:
         self._clients.add(client)
+        if self.banner:
+            try:
+                client.sendall(self.banner)
+            except OSError:
+                self._clients.discard(client)
+                client.close()
+                return
         self._serve(client)
 
     def _serve(self, client: Any) -> None:
