@@ -40,7 +40,7 @@ soak: $(STAMP) system-deps
 	$(VPY) -m pytest $(PYTEST_ARGS) -m slow
 
 lint: $(STAMP)
-	$(VPY) -m ruff check resilientsock tests examples benchmarks
+	$(VPY) -m ruff check resilientsock tests examples benchmarks conformance
 	$(VPY) -m mypy
 
 demo: $(STAMP)

@@ -75,6 +75,8 @@ _TLS_TRANSPORT_CAP = 3  # "retry, small cap" (DESIGN §3); picked, not measured
 _ACK_CHECK_INTERVAL = 0.05  # seconds between TCP_INFO queries under confirm="tcp-ack"
 _TCP_INFO = getattr(_std, "TCP_INFO", None)
 _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux struct tcp_info
+_TCPI_UNACKED = 24  # offset of tcpi_unacked (u32): segments sent and not yet acknowledged
+_TCPI_RTT = 68  # offset of tcpi_rtt (u32, microseconds): smoothed round-trip time
 
 _default_policy: RetryPolicy | None = None
 
@@ -367,6 +369,7 @@ class ResilientSocket(_GeventSocket):
                 self._rs_raw_connect(self, address)
         except Exception as exc:
             info = classify(exc, phase="connect")
+            _count_failed_attempt(info)
             if not policy.retry_connect or info is None or not info.retryable:
                 self._rs_target = None
                 if info is not None:
@@ -410,7 +413,7 @@ class ResilientSocket(_GeventSocket):
                 or ancdata or address is not None):
             # Ancillary data (fd passing) cannot be replayed: passed through unprotected.
             return _GeventSocket.sendmsg(self, buffers, ancdata, flags, address)  # type: ignore[no-any-return]
-        data = b"".join(bytes(b) for b in buffers)
+        data = b"".join(buffers)  # TypeError for what is not an iterable of bytes-like objects
         return self._rs_write(_sendmsg_raw, (data, flags), data, True)  # type: ignore[no-any-return]
 
     def _rs_read(self, raw: Any, args: tuple, kind: int) -> Any:
@@ -552,6 +555,39 @@ class ResilientSocket(_GeventSocket):
         acked = struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0]
         return max(0, acked - 1)  # the SYN counts as one acknowledged byte
 
+    def _rs_peer_not_reading(self) -> bool:
+        """After a write timeout: is the peer alive and merely not reading?
+
+        A Unix stream peer cannot vanish silently (its end gives EPIPE or ECONNRESET), so a
+        timeout means it is not reading. Over TCP, Linux's ``tcpi_unacked == 0`` says every
+        segment sent was acknowledged: the peer's window is closed, not the link dead (a dead
+        link leaves segments unacknowledged). Elsewhere unknown: False (treated as a drop).
+        """
+        if self.family == getattr(_std, "AF_UNIX", None):
+            return True
+        if _TCP_INFO is None or self.family not in _INET or not self._sock:
+            return False
+        # The last segment's ACK may still be on its way when the timeout fires, or held back
+        # by the peer's delayed-ACK timer (40-200 ms on Linux): allow two round trips plus
+        # that before calling the link dead.
+        limit = None
+        while True:
+            try:
+                buf = self._sock.getsockopt(_std.IPPROTO_TCP, _TCP_INFO, 256)
+            except OSError:
+                return False
+            if len(buf) < _TCPI_RTT + 4:
+                return False
+            if struct.unpack_from("I", buf, _TCPI_UNACKED)[0] == 0:
+                return True
+            now = time.monotonic()
+            if limit is None:
+                rtt = struct.unpack_from("I", buf, _TCPI_RTT)[0] / 1e6
+                limit = now + min(1.0, 2 * rtt + 0.25)
+            if now >= limit:
+                return False
+            gevent.sleep(0.002)
+
     # -- recovery -----------------------------------------------------------------------------
 
     def _rs_recover(self, exc: Exception, phase: str, gen: int, budget: _Budget | None,
@@ -574,7 +610,9 @@ class ResilientSocket(_GeventSocket):
                 raise exc  # not a connection problem: unchanged, connection kept
             why = self._rs_refusal(info, phase, writing)
             if why is not None:
-                discard = not (info.category is ErrorCategory.TIMEOUT and phase == "read")
+                # A surfaced timeout leaves the connection as a plain socket would: the peer
+                # is alive, and the caller decides what to do with the stream.
+                discard = info.category is not ErrorCategory.TIMEOUT
                 self._rs_surface(exc, info, why, discard)
                 raise exc
             _stats.bump("disconnects")
@@ -602,6 +640,10 @@ class ResilientSocket(_GeventSocket):
             if phase == "read" and not policy.retry_read_timeouts:
                 return ("read timeout surfaced: the peer is probably alive and busy "
                         "(RetryPolicy(retry_read_timeouts=True) retries it)")
+            if phase == "write" and self._rs_peer_not_reading():
+                return ("write timeout surfaced: the peer is alive (its TCP acknowledged "
+                        "everything sent) but is not reading, so a new connection would not "
+                        "help")
         elif not info.retryable:
             return f"{info.category} is not retried: {_reason(info.category)}"
         if phase == "read" and self._rs_read_since_write:
@@ -698,6 +740,7 @@ class ResilientSocket(_GeventSocket):
             except Exception as exc:
                 budget.last = exc
                 info = classify(exc, phase="connect")
+                _count_failed_attempt(info)
                 log.info("%s: reconnect attempt %d failed: %s", self._rs_name(),
                          budget.attempts, exc)
                 if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
@@ -909,6 +952,15 @@ class ResilientSocket(_GeventSocket):
 
 def _sendmsg_raw(sock: ResilientSocket, data: bytes, flags: int) -> int:
     return _GeventSocket.sendmsg(sock, [data], (), flags)  # type: ignore[no-any-return]
+
+
+def _count_failed_attempt(info: ErrorInfo | None) -> None:
+    if info is None:
+        _stats.bump("attempt_failed.unclassified")
+        return
+    _stats.bump(f"attempt_failed.{info.category}")
+    if info.errno_name:
+        _stats.bump(f"attempt_failed.{info.errno_name}")
 
 
 def _strerror(err: int) -> str:

@@ -27,8 +27,10 @@ def stats() -> dict[str, int]:
     Keys: ``connects`` (first connects made resilient), ``disconnects`` (drops noticed),
     ``reconnect_attempts``, ``reconnects`` (successful), ``replayed_records``,
     ``replayed_bytes``, ``gave_up`` (budget spent, error raised), ``surfaced`` (errors shown
-    to the application instead of being recovered), and ``disconnects.<category>`` /
-    ``surfaced.<category>`` per error category.
+    to the application instead of being recovered), ``disconnects.<category>`` /
+    ``surfaced.<category>`` per error category, and ``attempt_failed.<category>`` /
+    ``attempt_failed.<ERRNO>`` for connect attempts that failed (the first one included),
+    e.g. ``attempt_failed.ENETUNREACH``.
     """
     with _lock:
         return dict(_counters)

@@ -236,6 +236,33 @@ def test_read_timeout_is_surfaced_not_retried(server, proxy):
     assert resilientsock.stats()["surfaced.TIMEOUT"] == 1
 
 
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_write_timeout_to_a_peer_that_does_not_read_is_surfaced(family, tmp_path):
+    """The peer is alive (its TCP acknowledges everything) but never reads: a new connection
+    would not help, so the timeout reaches the caller, as with a plain socket."""
+    if family == "unix":
+        address: object = str(tmp_path / "s")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        listener = socket.socket()
+        address = ("127.0.0.1", 0)
+    with listener:
+        listener.bind(address)
+        listener.listen(1)  # never accepted, never read: its window closes
+        with ResilientSocket.connect(listener.getsockname(), FAST, timeout=0.2) as s:
+            fd = s.fileno()
+            sent = 0
+            with pytest.raises(TimeoutError) as caught:
+                for _ in range(100_000):  # bounded: the buffers hold far less
+                    s.sendall(b"x" * 65536)
+                    sent += 1
+            assert sent < 100_000
+            assert "write timeout surfaced" in "".join(getattr(caught.value, "__notes__", []))
+            assert s.reconnects == 0 and s.fileno() == fd  # the connection is kept
+            assert s.unconfirmed_bytes == 0  # the caller owns what happens next
+    assert resilientsock.stats()["surfaced.TIMEOUT"] == 1
+
+
 def test_makefile_reader_and_writer_go_through_the_guards(server, proxy):
     proxy.cut_after(0, "down")
     with connect(proxy) as s:
@@ -373,3 +400,16 @@ def test_on_reconnect_hook_restores_a_session_after_the_banner(banner_server):
     assert hook_saw == [b"PONG\n"]
     assert banner_server.received == [1, 2]
     assert banner_server.lines == [b"MSG 1 login", b"PING relogin", b"MSG 2 in-session"]
+
+
+def test_sendmsg_rejects_what_is_not_an_iterable_of_buffers(server, proxy):
+    """Found by CPython's test_socket under patch(): bytes are not a list of buffers (the
+    old code turned each int into that many zero bytes and sent them)."""
+    with connect(proxy) as s:
+        for bad in (b"not in an iterable", object(), [object()], [b"MSG 1 x\n", object()]):
+            with pytest.raises(TypeError):
+                s.sendmsg(bad)  # type: ignore[arg-type]
+        assert s.unconfirmed_bytes == 0
+        assert s.sendmsg([b"MSG 1 ", b"x\n"]) == 8
+        assert readline(s) == b"ACK 1\n"
+    assert server.lines == [b"MSG 1 x"]

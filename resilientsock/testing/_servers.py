@@ -24,15 +24,15 @@ from ._loop import ListenerService, LoopThread
 
 
 class MessageServer(ListenerService):
-    """A line server on 127.0.0.1 (see module docstring). ``received``: every n, in order."""
+    """A line server (see module docstring). ``received``: every n, in order."""
 
     def __init__(self, mode: str = "ack", loop: LoopThread | None = None, port: int = 0,
-                 banner: bytes | None = None) -> None:
+                 banner: bytes | None = None, host: str = "127.0.0.1") -> None:
         if mode not in ("ack", "echo", "sink"):
             raise ValueError(f"mode must be 'ack', 'echo' or 'sink', got {mode!r}")
         if banner is not None and not isinstance(banner, bytes):
             raise TypeError(f"banner must be bytes, got {type(banner).__name__}")
-        super().__init__("message-server", "127.0.0.1", port, loop)
+        super().__init__("message-server", host, port, loop)
         self.mode = mode
         self.banner = banner
         self._clients: set[Any] = set()
