@@ -5,6 +5,9 @@
 #   make lint                 ruff + mypy
 #   make demo                 the main job, shown: a legacy robot client through injected faults
 #   make soak                 the long tests (marker `slow`)
+#   make bench                benchmarks against the plain gevent socket -> benchmarks/RESULTS.md
+#   make conformance          CPython's socket test files under patch() -> docs/conformance.md
+#   make conformance-quick    the CI subset of it (the client-protocol files)
 
 PY ?= python3
 # pyenv installs 3.10-3.13 but its shims only expose the global one: fall back to the versions dir.
@@ -15,7 +18,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo soak system-deps clean
+.PHONY: test lint demo soak bench conformance conformance-quick system-deps clean
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
@@ -38,6 +41,15 @@ test: $(STAMP) system-deps
 
 soak: $(STAMP) system-deps
 	$(VPY) -m pytest $(PYTEST_ARGS) -m slow
+
+bench: $(STAMP)
+	$(VPY) benchmarks/bench.py --write benchmarks/RESULTS.md $(BENCH_ARGS)
+
+conformance: $(STAMP)
+	$(VPY) conformance/run.py --write docs/conformance/ $(CONFORMANCE_ARGS)
+
+conformance-quick: $(STAMP)
+	$(VPY) conformance/run.py --quick $(CONFORMANCE_ARGS)
 
 lint: $(STAMP)
 	$(VPY) -m ruff check resilientsock tests examples benchmarks conformance

@@ -140,6 +140,26 @@ def recheck(name: str, way: str, tids: list[str], timeout: float) -> dict[str, t
     return verdict
 
 
+def _seconds(run: Run, tid: str) -> float | None:
+    detail = run.details.get(tid, "")
+    if run.outcomes.get(tid) == "pass" and detail.endswith("s"):
+        try:
+            return float(detail[:-1])
+        except ValueError:
+            return None
+    return None
+
+
+def _slower(base: Run, run: Run, by: float = 5.0) -> list[tuple[str, float]]:
+    """Tests that passed both ways but took ``by`` seconds longer than the baseline."""
+    out = []
+    for tid in run.outcomes:
+        a, b = _seconds(base, tid), _seconds(run, tid)
+        if a is not None and b is not None and b - a > by:
+            out.append((tid, b - a))
+    return sorted(out, key=lambda item: -item[1])
+
+
 def short(tid: str) -> str:
     return tid.split(".", 2)[-1] if tid.startswith("test.") else tid
 
@@ -156,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds one file may run under one way (default 900)")
     parser.add_argument("--write", metavar="PATH",
-                        help="also write the report as Markdown to PATH")
+                        help="also write the report as Markdown to PATH (a folder, ending in "
+                        "/: PATH/python-X.Y.md)")
     args = parser.parse_args(argv)
     if args.files:
         files = tuple(f.strip() for f in args.files.split(",") if f.strip())
@@ -196,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
 
     total_regressions: list[str] = []
     flaky: list[str] = []
+    slower: list[str] = []
     skip_reasons: dict[str, collections.Counter[str]] = {}
     for name in files:
         runs = {way: run_file(name, way, args.timeout) for way in WAYS}
@@ -204,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"{run.count('error')} | {run.count('skip')} | {run.count('hung')} | "
                  f"{run.seconds:.0f} s{' ' + run.note if run.note else ''} |")
         base = runs["gevent"]
+        for way in WAYS[1:]:
+            for tid, extra in _slower(base, runs[way]):
+                slower.append(f"{name} [{way}] {short(tid)}: +{extra:.1f} s")
         reasons = collections.Counter(
             base.details.get(t, "")[:110] for t, o in base.outcomes.items() if o == "skip")
         skip_reasons[name] = reasons
@@ -224,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         emit("\nFlaky (failed in the full run, then passed alone in both ways):\n")
         for entry in flaky:
             emit(f"- {entry}")
+    if slower:
+        emit("\nTests that passed but took over 5 s longer than under gevent alone:\n")
+        for entry in slower:
+            emit(f"- {entry}")
     emit("\n## Why tests skipped (baseline way; the same tests skip in every way)\n")
     for name, reasons in skip_reasons.items():
         if not reasons:
@@ -232,7 +261,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{count} × {reason or '(no reason given)'}" for reason, count in
             reasons.most_common(6)) + ("; …" if len(reasons) > 6 else ""))
     if args.write:
-        Path(args.write).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        target = Path(args.write)
+        if args.write.endswith("/") or target.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            target = target / f"python-{sys.version_info[0]}.{sys.version_info[1]}.md"
+        target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"written: {target}")
     return 1 if total_regressions else 0
 
 

@@ -423,6 +423,8 @@ class ResilientSocket(_GeventSocket):
         try:
             while True:
                 if self._rs_state != CONNECTED:
+                    if self._rs_state == CLOSED or self._closed:
+                        return raw(self, *args)  # the error a closed socket gives (EBADF, ValueError)
                     budget = self._rs_ensure_connected(budget)
                 gen = self._rs_gen
                 journal = self._rs_journal
@@ -450,7 +452,15 @@ class ResilientSocket(_GeventSocket):
                 eof = UnansweredEOFError(
                     "peer closed the connection without answering "
                     f"{len(journal) or 'some'} request(s)")
-                budget = self._rs_recover(eof, "read", gen, budget, False)
+                try:
+                    budget = self._rs_recover(eof, "read", gen, budget, False)
+                except UnansweredEOFError as exc:
+                    if exc is eof and getattr(exc, "_rs_refused", False):
+                        # Not recoverable under this policy (replay="none", a session...):
+                        # the EOF itself goes to the caller, as a plain socket gives it, so
+                        # the protocol's own "closed without an answer" handling runs.
+                        return result
+                    raise
         finally:
             self._rs_reading = False
 
@@ -497,6 +507,8 @@ class ResilientSocket(_GeventSocket):
         try:
             while True:
                 if self._rs_state != CONNECTED:
+                    if self._rs_state == CLOSED or self._closed:
+                        return raw(self, *args)
                     budget = self._rs_ensure_connected(budget)
                 gen = self._rs_gen
                 try:
@@ -610,6 +622,8 @@ class ResilientSocket(_GeventSocket):
                 raise exc  # not a connection problem: unchanged, connection kept
             why = self._rs_refusal(info, phase, writing)
             if why is not None:
+                if isinstance(exc, UnansweredEOFError):
+                    exc._rs_refused = True  # type: ignore[attr-defined]
                 # A surfaced timeout leaves the connection as a plain socket would: the peer
                 # is alive, and the caller decides what to do with the stream.
                 discard = info.category is not ErrorCategory.TIMEOUT

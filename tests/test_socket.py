@@ -160,6 +160,21 @@ def test_replay_none_surfaces_instead_of_resending(server, proxy):
     assert server.received == [1]
 
 
+def test_replay_none_passes_an_unanswered_eof_through(server, proxy):
+    """Found by CPython's test_xmlrpc under patch(replay="none"): a stale keep-alive
+    connection closed by the server must still look closed (b"") to the caller, so
+    http.client raises RemoteDisconnected and xmlrpc.client retries as it always did."""
+    proxy.cut_after(0, "down", how="close")
+    with connect(proxy, FAST.replace(replay="none")) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert s.recv(100) == b""
+        assert s.unconfirmed_bytes == 0 and s.reconnects == 0
+        s.sendall(b"MSG 2 x\n")  # the next call reconnects (lazily) and goes through
+        assert readline(s) == b"ACK 2\n"
+    assert server.received == [1, 2]
+    assert resilientsock.stats()["surfaced.CONNECTION_LOST"] == 1
+
+
 def test_poison_record_gives_up_after_max_attempts(server, proxy):
     policy = RetryPolicy(deadline=10, max_attempts=3, backoff_initial=0.01, backoff_max=0.05)
     with connect(proxy, policy) as s:

@@ -99,3 +99,20 @@ def test_plain_socket_wrap_is_untouched(tls_server):
     with ctx.wrap_socket(raw, server_hostname="localhost") as s:
         s.sendall(b"MSG 9 x\n")
         assert s.recv(100) == b"ACK 9\n"
+
+
+def test_io_after_close_raises_what_a_closed_socket_raises(tls_server, server):
+    """Found by CPython's test_ssl under patch(): a closed TLS socket raises ValueError on
+    read/write (as ssl does), not a reconnect attempt or OSError."""
+    sock = tls_connect(tls_server.address, tls_server)
+    sock.close()
+    with pytest.raises(ValueError):
+        sock.read(1024)
+    with pytest.raises(ValueError):
+        sock.write(b"hello")
+    plain = ResilientSocket.connect(server.address, FAST, timeout=10)
+    plain.close()
+    with pytest.raises(OSError) as caught:
+        plain.recv(10)
+    assert caught.value.errno == 9  # EBADF, as gevent's closed socket says
+    assert server.received == []

@@ -11,6 +11,7 @@ is gevent-based, plainly blocking, or another process.
 from __future__ import annotations
 
 import struct
+import time
 from collections import Counter
 from typing import Any
 
@@ -55,6 +56,9 @@ class FaultProxy(ListenerService):
         self._cut_how = "reset"
         self._cut_from = 0  # connections with a smaller serial are spared by cut_after
         self.faults: Counter[str] = Counter()
+        self.last_fault_at = 0.0  # time.monotonic() of the latest fault that fired
+        self.record_accepts = False  # True: time.monotonic() of each accept in accept_times
+        self.accept_times: list[float] = []
         self.bytes_up = 0
         self.bytes_down = 0
 
@@ -148,6 +152,7 @@ class FaultProxy(ListenerService):
         for conn in conns:
             self._close_conn(conn, rst=rst)
         self.faults["reset" if rst else "close"] += 1
+        self.last_fault_at = time.monotonic()
         return len(conns)
 
     def _close_conn(self, conn: _Conn, rst: bool) -> None:
@@ -172,6 +177,8 @@ class FaultProxy(ListenerService):
                 g.kill(block=False)
 
     def _handle(self, client: Any) -> None:
+        if self.record_accepts:
+            self.accept_times.append(time.monotonic())
         serial = self.connections
         try:
             upstream = gsocket.create_connection(self.upstream, timeout=5)
@@ -216,6 +223,7 @@ class FaultProxy(ListenerService):
                     except OSError:
                         pass
                     self.faults["cut"] += 1
+                    self.last_fault_at = time.monotonic()
                     self._close_conn(conn, rst=self._cut_how == "reset")
                     return
                 self._cut[direction] = cut - len(data)
