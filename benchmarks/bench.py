@@ -6,7 +6,7 @@
 Sections (each one table; ratios are against the gevent socket measured in the same run):
 
 overhead  64-byte ping-pong round trips per second and bulk throughput (64 KiB ``sendall``
-          to a sink, 1 GiB per run) on loopback for the stdlib socket, the gevent socket,
+          to a sink, 512 MiB, best of 3 transfers per run) on loopback for the stdlib socket, the gevent socket,
           ``ResilientSocket`` direct and a socket made under ``patch()``. Every client runs in
           its own process against the same server process; variants are interleaved; the
           median of N runs (default 5) is shown with the spread (min-max).
@@ -45,6 +45,13 @@ CHUNK = 64 * 1024
 VARIANTS = ("stdlib", "gevent", "resilient", "patched")
 
 
+def _pin(which: str) -> None:
+    """Client on the first CPU, server on the last: less scheduler noise in the ratios."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, {cpus[0] if which == "client" else cpus[-1]})
+
+
 def _raise_fd_limit(want: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= want:
@@ -55,7 +62,7 @@ def _raise_fd_limit(want: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-# -- the server process ----------------------------------------------------------------------
+# -- the server process --
 
 def server_main(mode: str) -> None:
     """echo: ping-pong; sink: read all, then answer the byte count; hold: accept and keep."""
@@ -66,6 +73,7 @@ def server_main(mode: str) -> None:
 
     from gevent.server import StreamServer
 
+    _pin("server")
     _raise_fd_limit(30000)
     held: list[Any] = []
 
@@ -127,7 +135,7 @@ class Server:
         self.close()
 
 
-# -- overhead: client processes -----------------------------------------------------------------
+# -- overhead: client processes --
 
 def _connect(variant: str, port: int) -> Any:
     address = ("127.0.0.1", port)
@@ -155,6 +163,7 @@ def _connect(variant: str, port: int) -> Any:
 
 def client_main(variant: str, test: str, port: int, amount: float) -> None:
     """Print one JSON result: round trips per second, or MiB per second."""
+    _pin("client")
     sock = _connect(variant, port)
     if test == "pingpong":
         msg = b"p" * PING
@@ -177,21 +186,29 @@ def client_main(variant: str, test: str, port: int, amount: float) -> None:
         elapsed = time.perf_counter() - t0
         print(json.dumps({"value": count / elapsed}))
     elif test == "bulk":
+        # Best of three transfers on fresh connections: one process's transient noise
+        # (page faults, a scheduler hiccup) should not decide its sample.
         chunk = b"b" * CHUNK
         total = int(amount) * (1 << 20)
-        t0 = time.perf_counter()
-        for _ in range(total // CHUNK):
-            sock.sendall(chunk)
-        sock.shutdown(1)
-        answer = b""
-        while len(answer) < 8:
-            part = sock.recv(8 - len(answer))
-            if not part:
-                raise SystemExit("sink closed early")
-            answer += part
-        elapsed = time.perf_counter() - t0
-        assert int.from_bytes(answer, "big") == total
-        print(json.dumps({"value": total / elapsed / (1 << 20)}))
+        best = 0.0
+        for rep in range(3):
+            if rep:
+                sock.close()
+                sock = _connect(variant, port)
+            t0 = time.perf_counter()
+            for _ in range(total // CHUNK):
+                sock.sendall(chunk)
+            sock.shutdown(1)
+            answer = b""
+            while len(answer) < 8:
+                part = sock.recv(8 - len(answer))
+                if not part:
+                    raise SystemExit("sink closed early")
+                answer += part
+            elapsed = time.perf_counter() - t0
+            assert int.from_bytes(answer, "big") == total
+            best = max(best, total / elapsed / (1 << 20))
+        print(json.dumps({"value": best}))
     sock.close()
 
 
@@ -206,7 +223,7 @@ def run_client(variant: str, test: str, port: int, amount: float) -> float:
 def bench_overhead(runs: int, quick: bool) -> dict[str, Any]:
     results: dict[str, dict[str, list[float]]] = {}
     for test, mode, amount in (("pingpong", "echo", 0.5 if quick else 1.0),
-                               ("bulk", "sink", 128 if quick else 1024)):
+                               ("bulk", "sink", 128 if quick else 512)):
         samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
         with Server(mode) as srv:
             for _ in range(runs):
@@ -216,7 +233,7 @@ def bench_overhead(runs: int, quick: bool) -> dict[str, Any]:
     return results
 
 
-# -- recovery (in process: FaultProxy and MessageServer on their own loop threads) ---------------
+# -- recovery (in process: FaultProxy and MessageServer on their own loop threads) --
 
 def bench_recovery(faults: int, quick: bool) -> dict[str, Any]:
     import threading
@@ -231,6 +248,10 @@ def bench_recovery(faults: int, quick: bool) -> dict[str, Any]:
         reader = sock.makefile("rb")
         times = []
         for n in range(1, faults + 1):
+            # Faults are paced (20 ms apart): back to back, they would measure the
+            # process-wide reconnect limiter (reconnect_rate=200/s refills a token every
+            # 5 ms), not a lone drop's recovery.
+            time.sleep(0.02)
             proxy.cut_after(0, "down")  # the answer's first byte becomes an RST
             sock.sendall(b"MSG %d x\n" % n)
             if reader.readline() != b"ACK %d\n" % n:
@@ -247,7 +268,7 @@ def bench_recovery(faults: int, quick: bool) -> dict[str, Any]:
             proxy.reset_all()
             reopened: list[float] = []
 
-            def reopen() -> None:
+            def reopen(reopened: list[float] = reopened) -> None:
                 time.sleep(1.0)  # the outage's length, not synchronisation
                 reopened.append(time.monotonic())
                 proxy.accept_again()
@@ -281,7 +302,7 @@ def _schedule_gaps(policy: Any, down: float, trials: int = 20000, seed: int = 1)
     return gaps
 
 
-# -- herd -----------------------------------------------------------------------------------------
+# -- herd --
 
 def bench_herd(count: int) -> dict[str, Any]:
     import gevent
@@ -337,7 +358,7 @@ def bench_herd(count: int) -> dict[str, Any]:
     }
 
 
-# -- memory -----------------------------------------------------------------------------------------
+# -- memory --
 
 def bench_memory(count: int) -> dict[str, Any]:
     import gc
@@ -386,7 +407,7 @@ def bench_memory(count: int) -> dict[str, Any]:
     return out
 
 
-# -- report -----------------------------------------------------------------------------------------
+# -- report --
 
 def _median_spread(xs: list[float]) -> tuple[float, float, float]:
     return statistics.median(xs), min(xs), max(xs)
@@ -428,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     emit(f"- Machine: {platform.system()} {platform.release()} {platform.machine()}, "
          f"{os.cpu_count()} CPUs")
     emit(f"- Python {platform.python_version()}, gevent {gevent.__version__}")
+    emit("- Overhead clients are pinned to the first CPU and servers to the last.")
     emit(f"- Command: `python benchmarks/bench.py {' '.join(argv or sys.argv[1:])}`".rstrip())
     verdicts: list[str] = []
 

@@ -424,7 +424,7 @@ class ResilientSocket(_GeventSocket):
             while True:
                 if self._rs_state != CONNECTED:
                     if self._rs_state == CLOSED or self._closed:
-                        return raw(self, *args)  # the error a closed socket gives (EBADF, ValueError)
+                        return raw(self, *args)  # what a closed socket raises (EBADF, ValueError)
                     budget = self._rs_ensure_connected(budget)
                 gen = self._rs_gen
                 journal = self._rs_journal

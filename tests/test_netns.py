@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, assert_in_order_no_loss
 
-from resilientsock.testing._netns import NetnsPair
+from resilientsock.testing import NetnsPair
 
 WHY_NOT = NetnsPair.unavailable()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))]
@@ -243,3 +243,14 @@ def test_server_moves_and_the_name_follows(net, ns_server, tmp_path):
     accepted = json.loads(ns_server.cmd("connections", "connections"))
     assert accepted[net.server_ip] >= 1 and accepted[new_ip] >= 1, accepted
     assert_in_order_no_loss(ns_server.received(), count)
+
+
+def test_roaming_robot_example_simulation():
+    """examples/roaming_robot.py --simulate: the whole roaming story, every reading kept."""
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "roaming_robot.py"),
+                          "--simulate", "--count", "1200"], capture_output=True, text=True,
+                         env=ENV, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "robot: all 1200 readings acknowledged" in out.stdout
+    assert "1200 distinct readings of 1200" in out.stdout and "missing: none" in out.stdout
+    assert "Network is unreachable" in out.stderr and "DEAD_PEER" in out.stderr  # faults bit
