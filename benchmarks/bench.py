@@ -7,9 +7,9 @@ Sections (each one table; ratios are against the gevent socket measured in the s
 
 overhead  64-byte ping-pong round trips per second and bulk throughput (64 KiB ``sendall``
           to a sink, 512 MiB, best of 3 transfers per run) on loopback for the stdlib socket,
-          the gevent socket, ``ResilientSocket`` direct and a socket made under ``patch()``. Every client runs in
-          its own process against the same server process; variants are interleaved; the
-          median of N runs (default 5) is shown with the spread (min-max).
+          the gevent socket, ``ResilientSocket`` direct and a socket made under ``patch()``.
+          Every client runs in its own process against the same server process; variants
+          are interleaved; the median of N runs (default 5) is shown with the spread.
 recovery  Time from an RST (server up) to the interrupted ``readline`` returning, over 200
           faults; and with the server down for 1 s, time from it being back to the call
           returning, next to the same wait in the backoff schedule alone (simulated).
