@@ -209,6 +209,7 @@ def main(argv: list[str]) -> int:
             suite = unittest.TestSuite(tests)
         except unittest.SkipTest as exc:
             recorder._write(f"test.{name}", "skip", f"module skipped: {exc}")
+            recorder._write(f"test.{name}", "done")
             return 0
         except Exception:
             recorder._write(f"test.{name}", "error", "import failed:\n" + traceback.format_exc())
