@@ -439,7 +439,7 @@ class ResilientSocket(_GeventSocket):
                     raise
                 n = result if into else len(result)
                 if n:
-                    if self._rs_banner_bytes or not self._rs_wrote:
+                    if not self._rs_session and (self._rs_banner_bytes or not self._rs_wrote):
                         self._rs_note_banner(result, args, kind, n)
                     self._rs_read_since_write += n
                     self._rs_conn_answered = True
@@ -554,15 +554,22 @@ class ResilientSocket(_GeventSocket):
         if acked is not None:
             self._rs_journal.confirm_acked(acked)
 
-    def _rs_tcp_acked(self) -> int | None:
-        """Data bytes of this connection that the peer's TCP acknowledged (Linux TCP_INFO)."""
-        if _TCP_INFO is None or self._rs_tls or self.family not in _INET:
+    def _rs_tcp_info(self, need: int) -> bytes | None:
+        """Linux ``TCP_INFO`` of the current connection, if it has at least ``need`` bytes."""
+        if _TCP_INFO is None or self.family not in _INET or not self._sock:
             return None
         try:
             buf = self._sock.getsockopt(_std.IPPROTO_TCP, _TCP_INFO, 256)
         except OSError:
             return None
-        if len(buf) < _TCPI_BYTES_ACKED + 8:
+        return buf if len(buf) >= need else None
+
+    def _rs_tcp_acked(self) -> int | None:
+        """Data bytes of this connection that the peer's TCP acknowledged (Linux TCP_INFO)."""
+        if self._rs_tls:
+            return None
+        buf = self._rs_tcp_info(_TCPI_BYTES_ACKED + 8)
+        if buf is None:
             return None
         acked = struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0]
         return max(0, acked - 1)  # the SYN counts as one acknowledged byte
@@ -577,18 +584,13 @@ class ResilientSocket(_GeventSocket):
         """
         if self.family == getattr(_std, "AF_UNIX", None):
             return True
-        if _TCP_INFO is None or self.family not in _INET or not self._sock:
-            return False
         # The last segment's ACK may still be on its way when the timeout fires, or held back
         # by the peer's delayed-ACK timer (40-200 ms on Linux): allow two round trips plus
         # that before calling the link dead.
         limit = None
         while True:
-            try:
-                buf = self._sock.getsockopt(_std.IPPROTO_TCP, _TCP_INFO, 256)
-            except OSError:
-                return False
-            if len(buf) < _TCPI_RTT + 4:
+            buf = self._rs_tcp_info(_TCPI_RTT + 4)
+            if buf is None:
                 return False
             if struct.unpack_from("I", buf, _TCPI_UNACKED)[0] == 0:
                 return True
