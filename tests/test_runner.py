@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 import xmlrpc.server
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +78,11 @@ def xmlrpc_server() -> Iterator[tuple[str, int]]:
     yield from _serve(srv)
 
 
-def run_with_faults(args: list[str], proxy: FaultProxy, resilient: bool, kinds: tuple[str, ...],
-                    period: tuple[float, float] = (0.05, 0.15), timeout: float = 60,
-                    env: dict[str, str] | None = None, seed: int = 1
-                    ) -> subprocess.CompletedProcess[str]:
-    """Run a script (plain or under the runner) while faults fire at random, bounded."""
+def _run_driving_faults(args: list[str], resilient: bool, step: Callable[..., None],
+                        timeout: float, seed: int, env: dict[str, str] | None = None
+                        ) -> subprocess.CompletedProcess[str]:
+    """Run a script (plain or under the runner); ``step(proc, rng)`` fires faults until it
+    ends, bounded by ``timeout``."""
     cmd = [sys.executable] + (["-m", "resilientsock", "--deadline", "15"] if resilient else [])
     full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -91,16 +91,27 @@ def run_with_faults(args: list[str], proxy: FaultProxy, resilient: bool, kinds: 
     end = time.monotonic() + timeout
     try:
         while proc.poll() is None and time.monotonic() < end:
-            try:
-                proc.wait(timeout=rng.uniform(*period))
-            except subprocess.TimeoutExpired:
-                kind = rng.choice(kinds)
-                proxy.reset_all() if kind == "reset" else proxy.close_all()
+            step(proc, rng)
     finally:
         if proc.poll() is None:
             proc.kill()
     out, err = proc.communicate(timeout=10)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_with_faults(args: list[str], proxy: FaultProxy, resilient: bool, kinds: tuple[str, ...],
+                    period: tuple[float, float] = (0.05, 0.15), timeout: float = 60,
+                    env: dict[str, str] | None = None, seed: int = 1
+                    ) -> subprocess.CompletedProcess[str]:
+    """Run a script (plain or under the runner) while faults fire at random, bounded."""
+    def step(proc: subprocess.Popen[str], rng: random.Random) -> None:
+        try:
+            proc.wait(timeout=rng.uniform(*period))
+        except subprocess.TimeoutExpired:
+            kind = rng.choice(kinds)
+            proxy.reset_all() if kind == "reset" else proxy.close_all()
+
+    return _run_driving_faults(args, resilient, step, timeout, seed, env)
 
 
 def test_differential_output_equal_when_nothing_fails(server):
@@ -294,34 +305,25 @@ BANNER_FAULTS = ("refuse", "reset-before-banner", "first-command-reset", "first-
 def run_with_banner_faults(args: list[str], proxy: FaultProxy, resilient: bool,
                            timeout: float = 60, seed: int = 3) -> subprocess.CompletedProcess[str]:
     """Run a script while faults land at the start of its sessions, one after another."""
-    cmd = [sys.executable] + (["-m", "resilientsock", "--deadline", "15"] if resilient else [])
-    proc = subprocess.Popen(cmd + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    rng = random.Random(seed)
-    end = time.monotonic() + timeout
-    try:
-        while proc.poll() is None and time.monotonic() < end:
-            kind = rng.choice(BANNER_FAULTS)
-            before = proxy.faults["cut"]
-            if kind == "refuse":
-                proxy.refuse(0.2)
-            elif kind == "reset-before-banner":
-                proxy.cut_after(0, "down", new_only=True)
-            else:
-                proxy.cut_after(0, "up", how=kind.rsplit("-", 1)[1], new_only=True)
-            # Wait (bounded) for the cut to land before arming the next one.
-            limit = time.monotonic() + (0.4 if kind == "refuse" else 5)
-            while (proc.poll() is None and time.monotonic() < limit
-                   and (kind == "refuse" or proxy.faults["cut"] == before)):
-                try:
-                    proc.wait(timeout=0.02)
-                except subprocess.TimeoutExpired:
-                    pass
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out, err = proc.communicate(timeout=10)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    def step(proc: subprocess.Popen[str], rng: random.Random) -> None:
+        kind = rng.choice(BANNER_FAULTS)
+        before = proxy.faults["cut"]
+        if kind == "refuse":
+            proxy.refuse(0.2)
+        elif kind == "reset-before-banner":
+            proxy.cut_after(0, "down", new_only=True)
+        else:
+            proxy.cut_after(0, "up", how=kind.rsplit("-", 1)[1], new_only=True)
+        # Wait (bounded) for the cut to land before arming the next one.
+        limit = time.monotonic() + (0.4 if kind == "refuse" else 5)
+        while (proc.poll() is None and time.monotonic() < limit
+               and (kind == "refuse" or proxy.faults["cut"] == before)):
+            try:
+                proc.wait(timeout=0.02)
+            except subprocess.TimeoutExpired:
+                pass
+
+    return _run_driving_faults(args, resilient, step, timeout, seed)
 
 
 def _free_port() -> int:
