@@ -114,6 +114,9 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (socket, "socketpair", _socketpair),
         (ssl.SSLContext, "sslsocket_class", _tls.ResilientSSLSocket),
     ]
+    fallback = _fallback_socketpair()
+    if fallback is not None:
+        items.append((socket, "_fallback_socketpair", fallback))
     if hasattr(ssl, "wrap_socket"):  # removed in 3.12
         items.append((ssl, "wrap_socket", _tls.wrap_socket))
     return items
@@ -192,6 +195,43 @@ def _fromfd(fd: int, family: int, type: int, proto: int = 0) -> Any:
     from ._socket import ResilientSocket
 
     return ResilientSocket(family, type, proto, fileno=os.dup(fd))
+
+
+_fallback_cache: dict[int, Any] = {}
+
+
+def _fallback_socketpair() -> Any:
+    """gevent's ``socket._fallback_socketpair``, building our class instead of gevent's.
+
+    gevent installs its own copy of the stdlib function (the pure-Python socketpair over a
+    loopback TCP connection); its ``socket`` global is gevent's class, so under ``patch()`` it
+    would hand out sockets that are not ``socket.socket`` instances and that ignore anything a
+    caller changed on ``socket.socket`` (CPython's test_socket patches ``getsockname`` there to
+    inject a rogue peer). The copy below runs the same code with ``socket`` bound to
+    ``ResilientSocket``. Its sockets stay pass-through: the connect is non-blocking.
+    """
+    import types
+
+    try:
+        import gevent._socket3 as g3
+    except ImportError:  # pragma: no cover
+        return None
+    original = getattr(g3, "_fallback_socketpair", None)
+    if not isinstance(original, types.FunctionType):
+        return None
+    cached = _fallback_cache.get(id(original))
+    if cached is None:
+        from ._socket import ResilientSocket
+
+        namespace = dict(original.__globals__, socket=ResilientSocket)
+        cached = types.FunctionType(original.__code__, namespace, original.__name__,
+                                    original.__defaults__, original.__closure__)
+        cached.__kwdefaults__ = original.__kwdefaults__
+        cached.__doc__ = original.__doc__
+        cached.__qualname__ = original.__qualname__
+        cached.__module__ = __name__
+        _fallback_cache[id(original)] = cached
+    return cached
 
 
 def _socketpair(family: Any = None, type: Any = None, proto: int = 0) -> tuple[Any, Any]:

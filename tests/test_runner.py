@@ -155,6 +155,25 @@ def test_patch_identity_and_repatch():
     assert "identity ok" in out.stdout
 
 
+def _loopback_v6() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_fallback_socketpair_builds_our_class_and_authenticates(family):
+    """CPython 3.13 test_socket's injected-peer test, reproduced (a conformance regression)."""
+    if family == "ipv6" and not _loopback_v6():
+        pytest.skip("no ::1 on this machine")
+    out = run_py([str(SCRIPTS / "fallback_socketpair.py"), f"--{family}"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "refused: " in out.stdout and "fallback ok" in out.stdout
+
+
 def test_patch_app_survives_resets(server):
     with FaultProxy(server.address) as proxy:
         proxy.cut_after(0, "down")

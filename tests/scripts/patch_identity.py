@@ -8,7 +8,8 @@ import gevent.monkey
 
 gevent.monkey.patch_all()
 before = {name: getattr(socket, name) for name in
-          ("socket", "SocketType", "create_connection", "fromfd", "socketpair")}
+          ("socket", "SocketType", "create_connection", "fromfd", "socketpair",
+           "_fallback_socketpair")}
 before_ssl = ssl.SSLContext.sslsocket_class
 import resilientsock  # noqa: E402
 
