@@ -11,7 +11,7 @@ from conftest import readline, wait_until
 
 import resilientsock
 from resilientsock import ResilientSocket, RetryPolicy
-from resilientsock.testing import FaultProxy
+from resilientsock.testing import FaultProxy, MessageServer
 
 FAST = RetryPolicy(deadline=5, backoff_initial=0.01, backoff_max=0.1)
 
@@ -428,3 +428,35 @@ def test_sendmsg_rejects_what_is_not_an_iterable_of_buffers(server, proxy):
         assert s.sendmsg([b"MSG 1 ", b"x\n"]) == 8
         assert readline(s) == b"ACK 1\n"
     assert server.lines == [b"MSG 1 x"]
+
+
+@pytest.mark.parametrize("confirm", ["tcp-ack", "answer"])
+def test_write_only_stream_with_tcp_ack_does_not_replay_what_the_peer_acknowledged(confirm):
+    """DESIGN §5 `confirm`: a telemetry stream to a server that never answers. Under
+    "tcp-ack" the records the peer's TCP acknowledged are not re-sent after a drop (here the
+    POISON line that made the server reset); under "answer" they all are, POISON included, so
+    the server resets again at every attempt until max_attempts."""
+    policy = RetryPolicy(confirm=confirm, deadline=5, max_attempts=3, backoff_initial=0.01,
+                         backoff_max=0.05)
+    with MessageServer("sink") as sink, \
+            ResilientSocket.connect(sink.address, policy, timeout=0.5) as s:
+        for n in range(1, 201):
+            s.sendall(b"MSG %d telemetry\n" % n)
+        s.sendall(b"POISON\n")  # read, acknowledged, then the server resets the connection
+        wait_until(lambda: b"POISON" in sink.lines, what="the server read POISON")
+        if confirm == "answer":
+            with pytest.raises(ConnectionResetError) as info:
+                s.recv(1)
+            assert any("gave up after 3 attempts" in n for n in info.value.__notes__)
+            assert sink.lines.count(b"POISON") == 1 + 3
+            assert sink.duplicates() == 3 * 200
+            return
+        with pytest.raises(TimeoutError):  # the reset is recovered; then nothing to read
+            s.recv(1)
+        assert s.reconnects == 1 and s.unconfirmed_bytes == 0
+        for n in range(201, 211):
+            s.sendall(b"MSG %d telemetry\n" % n)
+        wait_until(lambda: len(sink.received) >= 210, what="all 210 records")
+    assert sink.received == list(range(1, 211))
+    assert sink.lines.count(b"POISON") == 1
+    assert resilientsock.stats().get("replayed_records", 0) == 0

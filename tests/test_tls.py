@@ -116,3 +116,36 @@ def test_io_after_close_raises_what_a_closed_socket_raises(tls_server, server):
         plain.recv(10)
     assert caught.value.errno == 9  # EBADF, as gevent's closed socket says
     assert server.received == []
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_drop_during_the_first_handshake_is_retried(tls_server, how):
+    """A drop in the middle of the server's first handshake flight (DESIGN §3: anything during
+    connect or handshake is not maybe_delivered, and retryable): a new TCP connection and a new
+    handshake, then the conversation as if nothing happened."""
+    with FaultProxy(tls_server.address) as proxy:
+        proxy.cut_after(40, "down", how=how)  # inside the ServerHello flight
+        sock = tls_connect(proxy.address, tls_server)
+        with sock:
+            assert proxy.faults["cut"] == 1 and proxy.connections == 2
+            sock.sendall(b"MSG 1 x\n")
+            assert sock.recv(100) == b"ACK 1\n"
+    assert tls_server.received == [1]
+    assert resilientsock.stats()["reconnects"] == 1
+
+
+@pytest.mark.parametrize("how", ["reset", "close"])
+def test_tls_cut_mid_record_before_the_answer_replays(tls_server, how):
+    """The answer's TLS record is cut after 10 of its ~30 bytes: nothing of it could be
+    decrypted, so no byte of the answer reached the caller; the request is re-sent over a new
+    handshake and the answer arrives whole (the server saw the request twice: at least once)."""
+    with FaultProxy(tls_server.address) as proxy:
+        sock = tls_connect(proxy.address, tls_server)
+        with sock:
+            sock.sendall(b"MSG 1 x\n")
+            assert sock.recv(100) == b"ACK 1\n"  # handshake and session tickets are through
+            proxy.cut_after(10, "down", how=how)
+            sock.sendall(b"MSG 2 x\n")
+            assert sock.recv(100) == b"ACK 2\n"
+            assert sock.reconnects == 1 and proxy.faults["cut"] == 1
+    assert tls_server.received == [1, 2, 2]

@@ -37,6 +37,9 @@ class LoopThread:
         self._done.acquire()
 
     def start(self) -> LoopThread:
+        """Start the thread and wait until its hub runs; a second call does nothing."""
+        if self._ident is not None:
+            return self
         _start_thread(self._run, ())
         if not self._ready.acquire(timeout=10):
             raise RuntimeError(f"{self.name}: loop thread did not start")
