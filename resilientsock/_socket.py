@@ -46,6 +46,7 @@ import math
 import os
 import socket as _std
 import struct
+import sys
 import time
 from typing import Any
 
@@ -867,6 +868,7 @@ class ResilientSocket(_GeventSocket):
         policy = self._rs_policy
         assert policy is not None
         last: BaseException | None = None
+        errors: list[Exception] = []  # one per address tried, for all_errors=True
         for af, proto, sockaddr in self._rs_candidates():
             raw = self._gevent_sock_class(af, _std.SOCK_STREAM, proto, None)
             try:
@@ -891,8 +893,10 @@ class ResilientSocket(_GeventSocket):
                 if not isinstance(exc, Exception):
                     raise
                 last = exc
+                errors.append(exc)
         if last is None:
             raise OSError(errno.EADDRNOTAVAIL, f"no address for {self._rs_target!r}")
+        last._rs_all_errors = errors  # type: ignore[attr-defined]
         raise last
 
     @staticmethod
@@ -997,12 +1001,23 @@ def create_connection(address: Any, timeout: Any = _GLOBAL_DEFAULT, source_addre
                       *, all_errors: bool = False) -> ResilientSocket:
     """Drop-in for ``socket.create_connection`` returning a resilient socket.
 
-    Same arguments; the name in ``address`` is re-resolved at every reconnect. ``all_errors``
-    is accepted for signature compatibility (3.11+): on failure the last error is raised, with
-    a note listing what was tried.
+    Same arguments; the name in ``address`` is re-resolved at every reconnect. On failure
+    (after the policy's retries) the last error is raised with a note saying what was tried;
+    with ``all_errors=True`` on Python 3.11+, as the stdlib does, an ``ExceptionGroup`` of the
+    last attempt's errors (one per address) carrying the same note.
     """
     if timeout is _GLOBAL_DEFAULT:
         timeout = _std.getdefaulttimeout()
-    return ResilientSocket._connect_new(address, None, timeout=timeout,
-                                        source_address=source_address)
+    try:
+        return ResilientSocket._connect_new(address, None, timeout=timeout,
+                                            source_address=source_address)
+    except OSError as exc:
+        if not all_errors or sys.version_info < (3, 11) or isinstance(exc, _std.gaierror):
+            raise
+        errors = getattr(exc, "_rs_all_errors", None) or [exc]
+        group = ExceptionGroup(  # type: ignore[name-defined]  # noqa: F821 - 3.11+
+            "create_connection failed", errors)
+        for note in getattr(exc, "__notes__", ()):
+            group.add_note(note)
+        raise group from None
 

@@ -174,6 +174,14 @@ def test_fallback_socketpair_builds_our_class_and_authenticates(family):
     assert "refused: " in out.stdout and "fallback ok" in out.stdout
 
 
+def test_create_connection_all_errors_raises_an_exception_group():
+    out = run_py([str(SCRIPTS / "create_connection_all_errors.py")])
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "plain: ConnectionRefusedError" in out.stdout
+    if sys.version_info >= (3, 11):
+        assert "all_errors: ExceptionGroup of " in out.stdout
+
+
 def test_patch_app_survives_resets(server):
     with FaultProxy(server.address) as proxy:
         proxy.cut_after(0, "down")
