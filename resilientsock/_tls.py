@@ -50,7 +50,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
     accept = _GeventSSLSocket.accept
     dup = _GeventSSLSocket.dup
     sendmsg = _GeventSSLSocket.sendmsg
-    _rs_session: Any = None
+    _rs_tls_session: Any = None
 
     def __init__(self, sock: Any = None, *args: Any, **kwargs: Any) -> None:
         carried = _carry_over(sock, kwargs)
@@ -104,7 +104,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
         sslobj = getattr(self, "_sslobj", None)
         if sslobj is not None:
             try:
-                self._rs_session = sslobj.session or self._rs_session
+                self._rs_tls_session = sslobj.session or self._rs_tls_session
             except (AttributeError, ValueError):
                 pass
         ResilientSocket._rs_open_connection(self, timeout)
@@ -113,7 +113,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
         """New TCP connection in place: new TLS object, handshake under the timeout."""
         self._sslobj = None
         self._connected = True
-        session = self._rs_session
+        session = self._rs_tls_session
         try:
             self._sslobj = self.context._wrap_socket(
                 self._sock, False, self.server_hostname, owner=self._sock, session=session)

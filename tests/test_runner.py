@@ -72,6 +72,25 @@ def http_server() -> Iterator[tuple[str, int]]:
 
 
 @pytest.fixture
+def https_server(tmp_path) -> Iterator[tuple[tuple[str, int], str]]:
+    """The same HTTP/1.1 server over TLS (a trustme CA); yields (address, CA file)."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cafile = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(cafile))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.daemon_threads = True
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True, do_handshake_on_connect=False)
+    for address in _serve(srv):
+        yield address, str(cafile)
+
+
+@pytest.fixture
 def xmlrpc_server() -> Iterator[tuple[str, int]]:
     srv = _ThreadingXMLRPC(("127.0.0.1", 0), requestHandler=_XMLRPCHandler, logRequests=False)
     srv.register_function(lambda a, b: a + b, "add")
@@ -211,6 +230,22 @@ def test_http_client_keepalive_poller(http_server):
         res = run_with_faults(args, proxy, resilient=True, kinds=("reset", "close"))
     assert res.returncode == 0, res.stderr
     assert "http: 150 ok" in res.stdout
+
+
+def test_https_keepalive_poller(https_server):
+    """http.client over TLS (ssl.create_default_context, unchanged) through resets and FINs:
+    each recovery is a new TCP connection and a new handshake under the same context."""
+    address, cafile = https_server
+    with FaultProxy(address) as proxy:
+        args = [str(SCRIPTS / "https_poller.py"), *map(str, proxy.address), "150", cafile]
+        plain = run_with_faults(args, proxy, resilient=False, kinds=("reset", "close"))
+        assert plain.returncode != 0
+        res = run_with_faults(["--stats", *args], proxy, resilient=True,
+                              kinds=("reset", "close"))
+        assert proxy.faults["reset"] + proxy.faults["close"] >= 3
+    assert res.returncode == 0, res.stderr
+    assert "https: 150 ok; the socket is ResilientSSLSocket" in res.stdout
+    assert int(res.stderr.split("reconnects", 1)[1].split()[0]) >= 1
 
 
 def test_urllib_request(http_server):

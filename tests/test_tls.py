@@ -149,3 +149,21 @@ def test_tls_cut_mid_record_before_the_answer_replays(tls_server, how):
             assert sock.recv(100) == b"ACK 2\n"
             assert sock.reconnects == 1 and proxy.faults["cut"] == 1
     assert tls_server.received == [1, 2, 2]
+
+
+def test_every_drop_is_recovered_and_the_session_resumed(tls_server):
+    """Three drops on one TLS socket, each recovered. (The TLS session kept for resumption
+    once shared an attribute with the banner rule's "session under way" flag, so every drop
+    after the first was surfaced as if the server had spoken first.)"""
+    with FaultProxy(tls_server.address) as proxy:
+        sock = tls_connect(proxy.address, tls_server)
+        with sock:
+            sock.sendall(b"MSG 1 x\n")
+            assert sock.recv(100) == b"ACK 1\n"
+            for n in range(2, 5):
+                proxy.cut_after(0, "down", how="reset" if n % 2 else "close")
+                sock.sendall(b"MSG %d x\n" % n)
+                assert sock.recv(100) == b"ACK %d\n" % n
+                assert sock.reconnects == n - 1
+            assert sock.session_reused  # the last handshake resumed the kept session
+    assert tls_server.received == [1, 2, 2, 3, 3, 4, 4]  # each cut answer: its request again
