@@ -460,3 +460,66 @@ def test_write_only_stream_with_tcp_ack_does_not_replay_what_the_peer_acknowledg
     assert sink.received == list(range(1, 211))
     assert sink.lines.count(b"POISON") == 1
     assert resilientsock.stats().get("replayed_records", 0) == 0
+
+
+def test_replay_safe_resends_only_the_first_write_on_a_reused_connection(server, proxy):
+    """DESIGN §5 replay="safe" (the RFC 7230 §6.3.1 / xmlrpc.client rule): the first write on
+    an idle connection that had already been answered, met by a drop before any answer byte,
+    is re-sent; two unanswered writes are not (either may have been acted on)."""
+    with connect(proxy, FAST.replace(replay="safe")) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.cut_after(0, "down")  # MSG 2 reaches the server; its answer is cut
+        s.sendall(b"MSG 2 x\n")
+        assert readline(s) == b"ACK 2\n"
+        assert s.reconnects == 1
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 3 x\n")
+        s.sendall(b"MSG 4 x\n")  # a second unanswered write: not "the first" any more
+        with pytest.raises(ConnectionResetError) as info:
+            readline(s)
+        assert any("replay='safe'" in n for n in info.value.__notes__)
+        assert s.unconfirmed_bytes == 0 and s.reconnects == 1  # surfaced, not re-sent
+    assert server.received[:4] == [1, 2, 2, 3] and server.received.count(3) == 1
+    assert server.received.count(4) <= 1
+
+
+def test_replay_safe_does_not_resend_on_a_connection_never_answered(server, proxy):
+    proxy.cut_after(0, "down")
+    with connect(proxy, FAST.replace(replay="safe")) as s:
+        s.sendall(b"MSG 1 x\n")
+        with pytest.raises(ConnectionResetError) as info:
+            readline(s)
+        assert any("replay='safe'" in n for n in info.value.__notes__)
+        assert s.reconnects == 0
+    assert server.received == [1]
+
+
+def test_write_after_own_shutdown_is_the_callers_error_not_a_drop(server, proxy):
+    """DESIGN §3: EPIPE after our own shutdown(SHUT_WR) is the caller's doing."""
+    with connect(proxy) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        s.shutdown(socket.SHUT_WR)
+        with pytest.raises(BrokenPipeError):
+            s.sendall(b"MSG 2 x\n")
+        assert s.reconnects == 0 and not s.resilient
+    assert proxy.connections == 1 and server.received == [1]
+    assert resilientsock.stats().get("reconnect_attempts", 0) == 0
+
+
+def test_gevent_timeout_discards_the_connection_and_never_replays(server, proxy):
+    """DESIGN §3: a gevent.Timeout (not an Exception) is re-raised; the connection is
+    discarded and what was unanswered is not re-sent; the next call reconnects."""
+    with connect(proxy) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        s.sendall(b"NOANSWER\n")  # the server reads it and says nothing
+        with pytest.raises(gevent.Timeout), gevent.Timeout(0.2):
+            s.recv(100)
+        assert s.unconfirmed_bytes == 0
+        s.sendall(b"MSG 2 x\n")
+        assert readline(s) == b"ACK 2\n"
+    assert proxy.connections == 2
+    assert server.lines.count(b"NOANSWER") == 1 and server.received == [1, 2]
+    assert resilientsock.stats().get("replayed_records", 0) == 0
