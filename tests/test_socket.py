@@ -523,3 +523,25 @@ def test_gevent_timeout_discards_the_connection_and_never_replays(server, proxy)
     assert proxy.connections == 2
     assert server.lines.count(b"NOANSWER") == 1 and server.received == [1, 2]
     assert resilientsock.stats().get("replayed_records", 0) == 0
+
+
+@pytest.mark.parametrize("how", ["source_address", "bind"])
+def test_source_address_is_bound_again_on_every_new_connection(server, proxy, how):
+    """DESIGN §6: source_address / bind() are re-applied to each new connection."""
+    if how == "source_address":
+        s = connect(proxy, source_address=("127.0.0.2", 0))
+    else:
+        s = ResilientSocket(socket.AF_INET, socket.SOCK_STREAM, policy=FAST)
+        s.settimeout(10)
+        s.bind(("127.0.0.2", 0))
+        s.connect(proxy.address)
+    with s:
+        assert s.getsockname()[0] == "127.0.0.2"
+        first_port = s.getsockname()[1]
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        assert s.reconnects == 1
+        assert s.getsockname()[0] == "127.0.0.2"
+        assert s.getsockname()[1] != first_port  # a new connection, bound the same way
+    assert server.received == [1, 1]
