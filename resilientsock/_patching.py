@@ -32,6 +32,7 @@ log = logging.getLogger("resilientsock")
 _saved: list[tuple[Any, str, Any]] = []
 _subscriber: Any = None
 _patched = False
+_ABSENT = object()  # an attribute that did not exist before patch(): unpatch() deletes it
 
 
 class ResilientsockPatchWarning(RuntimeWarning):
@@ -115,7 +116,7 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (ssl.SSLContext, "sslsocket_class", _tls.ResilientSSLSocket),
     ]
     fallback = _fallback_socketpair()
-    if fallback is not None:
+    if fallback is not None and hasattr(socket, "_fallback_socketpair"):  # 3.13; not 3.10-3.12.1
         items.append((socket, "_fallback_socketpair", fallback))
     if hasattr(ssl, "wrap_socket"):  # removed in 3.12
         items.append((ssl, "wrap_socket", _tls.wrap_socket))
@@ -126,7 +127,7 @@ def _apply() -> None:
     from gevent import monkey
 
     for owner, attr, new in _replacements():
-        current = getattr(owner, attr, None)
+        current = getattr(owner, attr, _ABSENT)
         if current is new:
             continue
         _saved.append((owner, attr, current))
@@ -139,7 +140,11 @@ def _apply() -> None:
 def _restore() -> None:
     while _saved:
         owner, attr, old = _saved.pop()
-        setattr(owner, attr, old)
+        if old is _ABSENT:
+            if attr in vars(owner):
+                delattr(owner, attr)
+        else:
+            setattr(owner, attr, old)
 
 
 def _on_gevent_event(event: Any) -> None:

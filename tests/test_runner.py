@@ -190,7 +190,9 @@ def test_fallback_socketpair_builds_our_class_and_authenticates(family):
         pytest.skip("no ::1 on this machine")
     out = run_py([str(SCRIPTS / "fallback_socketpair.py"), f"--{family}"])
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "refused: " in out.stdout and "fallback ok" in out.stdout
+    assert "fallback ok" in out.stdout
+    if hasattr(socket, "_fallback_socketpair"):
+        assert "refused: " in out.stdout
 
 
 def test_create_connection_all_errors_raises_an_exception_group():

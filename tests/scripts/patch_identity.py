@@ -7,7 +7,8 @@ import sys
 import gevent.monkey
 
 gevent.monkey.patch_all()
-before = {name: getattr(socket, name) for name in
+ABSENT = object()
+before = {name: getattr(socket, name, ABSENT) for name in
           ("socket", "SocketType", "create_connection", "fromfd", "socketpair",
            "_fallback_socketpair")}
 before_ssl = ssl.SSLContext.sslsocket_class
@@ -32,7 +33,7 @@ b.close()
 resilientsock.unpatch()
 assert not resilientsock.is_patched()
 for name, value in before.items():
-    assert getattr(socket, name) is value, name
+    assert getattr(socket, name, ABSENT) is value, name
 assert ssl.SSLContext.sslsocket_class is before_ssl
 print("identity ok")
 sys.exit(3)
