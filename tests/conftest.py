@@ -113,9 +113,10 @@ def run_py(args: list[str], env: dict[str, str] | None = None, timeout: float = 
 class TLSServer:
     """A TLS MessageServer-like echo of the robot protocol, with trustme certificates."""
 
-    def __init__(self) -> None:
+    def __init__(self, banner: bytes | None = None) -> None:
         import trustme
 
+        self.banner = banner  # sent after the handshake, before anything is read (as SMTPS)
         self.ca = trustme.CA()
         self.address: tuple[str, int] = ("127.0.0.1", 0)
 
@@ -152,6 +153,8 @@ class TLSServer:
             self.tls_conns.append(conn)
             buf = b""
             try:
+                if self.banner:
+                    conn.sendall(self.banner)
                 while True:
                     data = conn.recv(65536)
                     if not data:
@@ -189,6 +192,16 @@ class TLSServer:
 @pytest.fixture
 def tls_server() -> Iterator[TLSServer]:
     srv = TLSServer().start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def tls_banner_server() -> Iterator[TLSServer]:
+    """The TLS server greeting first, over TLS (implicit TLS, as SMTPS, POP3S, IMAPS)."""
+    srv = TLSServer(banner=b"220 robot-hub ready\r\n").start()
     try:
         yield srv
     finally:

@@ -167,3 +167,40 @@ def test_every_drop_is_recovered_and_the_session_resumed(tls_server):
                 assert sock.reconnects == n - 1
             assert sock.session_reused  # the last handshake resumed the kept session
     assert tls_server.received == [1, 2, 2, 3, 3, 4, 4]  # each cut answer: its request again
+
+
+def test_tls_banner_is_skipped_on_a_reconnect_before_the_first_answer(tls_banner_server):
+    """The banner rule (docs/decisions.md) over implicit TLS: the first command's answer is
+    cut; the new connection's banner, decrypted after a new handshake, is read and dropped
+    before the replay, so the caller reads the answer, not a second greeting."""
+    with FaultProxy(tls_banner_server.address) as proxy:
+        sock = tls_connect(proxy.address, tls_banner_server)
+        with sock, sock.makefile("rb") as reader:  # as smtplib and poplib read
+            assert reader.readline() == b"220 robot-hub ready\r\n"
+            proxy.cut_after(0, "down")
+            sock.sendall(b"MSG 1 x\n")
+            assert reader.readline() == b"ACK 1\n"
+            assert sock.reconnects == 1
+    assert tls_banner_server.received == [1, 1]
+
+
+def test_tls_drop_in_an_established_session_is_surfaced(tls_banner_server):
+    with FaultProxy(tls_banner_server.address) as proxy:
+        sock = tls_connect(proxy.address, tls_banner_server)
+        with sock, sock.makefile("rb") as reader:
+            assert reader.readline() == b"220 robot-hub ready\r\n"
+            sock.sendall(b"MSG 1 login\n")
+            assert reader.readline() == b"ACK 1\n"  # the session now has state
+            proxy.cut_after(0, "up")
+            sock.sendall(b"MSG 2 in-session\n")
+            try:
+                line = reader.readline()
+            except ConnectionError as exc:  # 3.13: the reset is ConnectionResetError
+                assert "server spoke first" in "".join(getattr(exc, "__notes__", []))
+            else:
+                # 3.10-3.12: a TLS reset reads as EOF (suppress_ragged_eofs); it reaches the
+                # caller as EOF, so smtplib/poplib raise their own "connection closed".
+                assert line == b""
+            assert sock.reconnects == 0
+    assert tls_banner_server.received == [1]  # MSG 2 was never re-sent into a new session
+    assert resilientsock.stats()["surfaced.CONNECTION_LOST"] == 1
