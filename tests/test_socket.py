@@ -150,13 +150,16 @@ def test_journal_limit_exceeded_surfaces_the_drop(server, proxy):
     assert resilientsock.stats().get("replayed_records", 0) == 0
 
 
-def test_replay_none_surfaces_instead_of_resending(server, proxy):
+@pytest.mark.parametrize("replay", ["none", "safe"])
+def test_replay_none_or_safe_surfaces_instead_of_resending(server, proxy, replay):
+    """replay="none" never re-sends; "safe" not on a connection that was never answered."""
     proxy.cut_after(0, "down")
-    with connect(proxy, FAST.replace(replay="none")) as s:
+    with connect(proxy, FAST.replace(replay=replay)) as s:
         s.sendall(b"MSG 1 x\n")
         with pytest.raises(ConnectionResetError) as info:
             readline(s)
-        assert any("replay='none'" in n for n in info.value.__notes__)
+        assert any(f"replay='{replay}'" in n for n in info.value.__notes__)
+        assert s.reconnects == 0
     assert server.received == [1]
 
 
@@ -482,17 +485,6 @@ def test_replay_safe_resends_only_the_first_write_on_a_reused_connection(server,
         assert s.unconfirmed_bytes == 0 and s.reconnects == 1  # surfaced, not re-sent
     assert server.received[:4] == [1, 2, 2, 3] and server.received.count(3) == 1
     assert server.received.count(4) <= 1
-
-
-def test_replay_safe_does_not_resend_on_a_connection_never_answered(server, proxy):
-    proxy.cut_after(0, "down")
-    with connect(proxy, FAST.replace(replay="safe")) as s:
-        s.sendall(b"MSG 1 x\n")
-        with pytest.raises(ConnectionResetError) as info:
-            readline(s)
-        assert any("replay='safe'" in n for n in info.value.__notes__)
-        assert s.reconnects == 0
-    assert server.received == [1]
 
 
 def test_write_after_own_shutdown_is_the_callers_error_not_a_drop(server, proxy):
