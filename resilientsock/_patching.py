@@ -115,9 +115,10 @@ def _replacements() -> list[tuple[Any, str, Any]]:
         (socket, "socketpair", _socketpair),
         (ssl.SSLContext, "sslsocket_class", _tls.ResilientSSLSocket),
     ]
-    fallback = _fallback_socketpair()
-    if fallback is not None and hasattr(socket, "_fallback_socketpair"):  # 3.13; not 3.10-3.12.1
-        items.append((socket, "_fallback_socketpair", fallback))
+    if hasattr(socket, "_fallback_socketpair"):  # 3.13 and backports; not 3.10-3.12.1
+        fallback = _fallback_socketpair()
+        if fallback is not None:
+            items.append((socket, "_fallback_socketpair", fallback))
     if hasattr(ssl, "wrap_socket"):  # removed in 3.12
         items.append((ssl, "wrap_socket", _tls.wrap_socket))
     return items

@@ -118,6 +118,11 @@ def _run_driving_faults(args: list[str], resilient: bool, step: Callable[..., No
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def _reconnects(res: subprocess.CompletedProcess[str]) -> int:
+    """The reconnect count from the runner's ``--stats`` summary on stderr."""
+    return int(res.stderr.split("reconnects", 1)[1].split()[0])
+
+
 def run_with_faults(args: list[str], proxy: FaultProxy, resilient: bool, kinds: tuple[str, ...],
                     period: tuple[float, float] = (0.05, 0.15), timeout: float = 60,
                     env: dict[str, str] | None = None, seed: int = 1
@@ -248,7 +253,7 @@ def test_https_keepalive_poller(https_server):
         assert proxy.faults["reset"] + proxy.faults["close"] >= 3
     assert res.returncode == 0, res.stderr
     assert "https: 150 ok" in res.stdout
-    assert int(res.stderr.split("reconnects", 1)[1].split()[0]) >= 1
+    assert _reconnects(res) >= 1
 
 
 def test_urllib_request(http_server):
@@ -270,8 +275,7 @@ def test_xmlrpc_client(xmlrpc_server):
         assert proxy.faults["reset"] + proxy.faults["close"] >= 3
     assert res.returncode == 0, res.stderr
     assert "xmlrpc: 150 ok" in res.stdout
-    reconnects = int(res.stderr.split("reconnects", 1)[1].split()[0])
-    assert reconnects >= 1
+    assert _reconnects(res) >= 1
 
 
 @pytest.fixture
@@ -433,7 +437,7 @@ def test_smtplib_survives_faults_at_session_start(smtp_server):
     assert f"smtp: {count} ok" in res.stdout
     bodies = sorted(m.split(b"\r\n\r\n", 1)[1] for m in box.messages)
     assert bodies == sorted(f"reading {i}\r\n".encode() for i in range(count))  # once each
-    assert int(res.stderr.split("reconnects", 1)[1].split()[0]) >= 3
+    assert _reconnects(res) >= 3
 
 
 def test_smtplib_drop_inside_a_session_surfaces_as_smtplib_expects(smtp_server):
