@@ -1,0 +1,96 @@
+"""The dialect interface: what a protocol module tells the recovery core (DESIGN §5a, §5b).
+
+Rules of this package:
+
+1. Sans-IO. A dialect never touches a socket, a clock or a thread. The core feeds it the bytes
+   the application wrote (``wrote``, one call per record) and read (``read``, one call per
+   chunk), in order, and asks it questions (``refusal``, ``restore``, ``hold``,
+   ``resumable``, ``mask``).
+2. Never raise on the peer's or the application's bytes. Garbage, a protocol error, a parser
+   that gives up: the dialect falls back to "unknown" (``refusal() is None``,
+   ``resumable() is False``, ``restore() is None`` unless setup was already recorded), so the
+   core's byte rules apply. Only ``Restore.feed`` raises, and only ``SetupMismatch``.
+3. Cheap. ``wrote``/``read`` run on every I/O call of a detected connection: constant work per
+   call where the protocol allows it, never a copy of a large body.
+4. A refusal is sticky where the state it names cannot be undone on this lineage (a tunnel, a
+   begun handshake); it ends with the state where the state can end (RESP: UNSUBSCRIBE).
+"""
+
+from __future__ import annotations
+
+
+class SetupMismatch(Exception):
+    """A setup answer on the new connection differs from the original (the text says why).
+
+    After it the new connection lacks the old one's state: the core must surface the drop and
+    replay nothing on it.
+    """
+
+
+class Restore:
+    """Setup to redo on a new connection before anything is replayed (sans-IO).
+
+    ``payload`` holds every setup request, in order; the core sends it whole, then feeds what
+    it reads to ``feed`` until that returns an int.
+    """
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+    def feed(self, data: bytes) -> int | None:
+        """Bytes read from the new connection, in order.
+
+        Returns None while more is needed; an int n once every setup answer is in and checked:
+        the first n bytes of *this* ``data`` were setup answers, the rest belongs to what
+        follows. Raises ``SetupMismatch`` if an answer differs from the original; after that,
+        and after an int, the object must not be fed again.
+        """
+        raise NotImplementedError
+
+
+class Dialect:
+    """One connection lineage's protocol knowledge. The base class is "unknown": byte rules."""
+
+    name: str = "unknown"
+
+    def wrote(self, data: bytes) -> None:
+        """One record the application wrote (one write call), in order."""
+
+    def read(self, data: bytes) -> None:
+        """One chunk the application read, in order."""
+
+    def refusal(self) -> str | None:
+        """If the connection dropped now: why the drop must be surfaced, or None (byte rules).
+
+        The text is one sentence naming the protocol, fit for a PEP 678 note.
+        """
+        return None
+
+    def restore(self) -> Restore | None:
+        """Setup to redo on a new connection (a fresh object on every call), or None."""
+        return None
+
+    def hold(self) -> bool:
+        """True while the exchange in progress spans writes and must be re-sent whole."""
+        return False
+
+    def resumable(self) -> bool:
+        """True if the answer being read (or the held exchange) may be re-requested (§5b)."""
+        return False
+
+    def mask(self, data: bytes) -> bytes:
+        """The next chunk of the current answer as it enters the comparison digest.
+
+        Always returns ``len(data)`` bytes, so offsets in the digest match offsets in the
+        answer.
+        """
+        return data
+
+    def reset_answer(self) -> None:
+        """The re-sent request's answer is next: ``mask`` starts over at its byte 0."""
+
+    def new_connection(self) -> None:
+        """A new connection is in place (restore and replay done): drop per-connection parse
+        state."""
