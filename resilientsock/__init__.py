@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from ._socket import create_connection as create_connection
     from ._tls import ResilientSSLSocket as ResilientSSLSocket
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__  # the one source: _version.py
 
 __all__ = [
     "patch",

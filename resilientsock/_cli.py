@@ -1,19 +1,29 @@
-"""The command line: run a script resiliently, ``explain`` an error, ``demo``.
+"""The command line: run a script resiliently, ``explain`` an error, ``demo``, ``relay``.
 
     python -m resilientsock [OPTIONS] script.py [ARGS...]
     python -m resilientsock [OPTIONS] -m package.module [ARGS...]
+    python -m resilientsock [OPTIONS] -c CODE [ARGS...]
+    python -m resilientsock [OPTIONS] - [ARGS...]          (the script from stdin)
+    python -m resilientsock [OPTIONS] --show-policy
+    python -m resilientsock --version
     python -m resilientsock explain ERROR [--json]
     python -m resilientsock demo [--seconds N] [--seed S] [--faults LIST]
+    python -m resilientsock relay --listen HOST:PORT --upstream HOST:PORT [OPTIONS]
 
 Rules of this module (DESIGN §2, §7):
 
 1. The runner patches *before* importing runpy or the script; ``sys.argv`` and ``sys.path[0]``
-   are what the script would see under plain ``python``; its exit code and ``SystemExit``
-   pass through unchanged.
-2. Options are ours only up to the script name (or ``-m MODULE``, or ``--``); everything
-   after belongs to the script.
+   are what the script would see under plain ``python`` (``-c`` and ``-`` included); its exit
+   code and ``SystemExit`` pass through unchanged.
+2. Options are ours only up to the script name (or ``-m MODULE``, ``-c CODE``, ``-``, or
+   ``--``); everything after belongs to the script.
 3. Every policy field is an option and a ``RESILIENTSOCK_*`` variable; options win.
+   ``--show-policy`` says, per field, which of the three a value came from.
 4. Bad input is a one-line message and exit status 2, never a traceback.
+5. When the script dies of an uncaught exception, every ``resilientsock:`` note found anywhere
+   in its chain (causes, contexts, exception groups, exceptions kept in ``args``, ``reason``
+   or attributes, as requests, urllib3 and PyMySQL wrap them) is printed after the
+   traceback, one line each: the note that explains a give-up is never buried.
 """
 
 from __future__ import annotations
@@ -24,15 +34,18 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from ._policy import FIELDS, RetryPolicy
 
-__all__ = ["main"]
+__all__ = ["main", "build_policy", "policy_sources", "parse_session", "resilientsock_notes"]
 
-_VALUE_OPTIONS = {"--" + name.replace("_", "-") for name in FIELDS} | {"--log-level"}
-_FLAG_OPTIONS = {"--stats", "-h", "--help"}
+_NON_POLICY_VALUE_OPTIONS = {"--log-level", "--session"}
+_VALUE_OPTIONS = {"--" + name.replace("_", "-") for name in FIELDS} | _NON_POLICY_VALUE_OPTIONS
+_FLAG_OPTIONS = {"--stats", "--show-policy", "--version", "-h", "--help"}
+_NOTE_PREFIX = "resilientsock:"
 
 
 def _runner_parser() -> argparse.ArgumentParser:
@@ -47,27 +60,43 @@ def _runner_parser() -> argparse.ArgumentParser:
             "usage:\n"
             "  python -m resilientsock [OPTIONS] script.py [ARGS...]\n"
             "  python -m resilientsock [OPTIONS] -m package.module [ARGS...]\n"
+            "  python -m resilientsock [OPTIONS] -c CODE [ARGS...]\n"
+            "  python -m resilientsock [OPTIONS] - [ARGS...]    the script from stdin\n"
+            "  python -m resilientsock [OPTIONS] --show-policy  the effective policy, and "
+            "where each value came from\n"
             "  python -m resilientsock explain ERROR [--json]   what an error means, "
             "whether it is retried\n"
-            "  python -m resilientsock demo [--seconds N] [--seed S] [--faults LIST]"
+            "  python -m resilientsock demo [--seconds N] [--seed S] [--faults LIST]\n"
+            "  python -m resilientsock relay --listen HOST:PORT --upstream HOST:PORT ...\n"
+            "                                                   the session relay (see "
+            "relay --help)"
         ),
         epilog=(
             "Every option can also be set with an environment variable named after it:\n"
             "--deadline 30 is RESILIENTSOCK_DEADLINE=30; options win over the environment.\n"
-            "Options end at the script name, at -m MODULE, or at '--'."
+            "Options end at the script name, at -m MODULE, -c CODE, '-' or '--'."
         ),
         usage=argparse.SUPPRESS,
     )
+    parser.add_argument("--version", action="store_true", default=False,
+                        help="print the version and exit")
     for name, spec in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, metavar=spec.metavar, default=None,
                             help=f"{spec.help} [env RESILIENTSOCK_{name.upper()}]")
+    parser.add_argument("--session", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                        help="connections to these servers become sessions through a relay "
+                             "(exactly-once; DESIGN §11) [env RESILIENTSOCK_SESSION]")
     parser.add_argument("--log-level", default=None, metavar="LEVEL",
                         help="log level of the 'resilientsock' logger, e.g. INFO to see every "
                              "reconnect (default WARNING) [env RESILIENTSOCK_LOG_LEVEL]")
     parser.add_argument("--stats", action="store_true", default=None,
                         help="print a summary of reconnects and replays on stderr at exit "
                              "[env RESILIENTSOCK_STATS=1]")
+    parser.add_argument("--show-policy", action="store_true", default=False,
+                        help="print the effective policy and where each value came from "
+                             "(default, environment, option), then exit without running "
+                             "anything")
     return parser
 
 
@@ -76,8 +105,17 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _split_argv(argv: list[str]) -> tuple[list[str], str | None, str | None, list[str]]:
-    """(our options, script, module, the script's args)."""
+@dataclass(frozen=True)
+class _Target:
+    """What to run: ``kind`` is "script" (a path), "module", "code" (-c) or "stdin" (-)."""
+
+    kind: str
+    value: str
+    args: list[str]
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], _Target | None]:
+    """(our options, what to run or None)."""
     ours: list[str] = []
     i = 0
     while i < len(argv):
@@ -86,13 +124,16 @@ def _split_argv(argv: list[str]) -> tuple[list[str], str | None, str | None, lis
             rest = argv[i + 1:]
             if not rest:
                 _fail("'--' must be followed by a script")
-            return ours, rest[0], None, rest[1:]
-        if token == "-m":
-            if i + 1 >= len(argv):
-                _fail("-m needs a module name")
-            return ours, None, argv[i + 1], argv[i + 2:]
-        if token.startswith("-m") and len(token) > 2 and not token.startswith("--"):
-            return ours, None, token[2:], argv[i + 1:]
+            return ours, _Target("script", rest[0], rest[1:])
+        if token == "-":
+            return ours, _Target("stdin", "-", argv[i + 1:])
+        for flag, kind in (("-m", "module"), ("-c", "code")):
+            if token == flag:
+                if i + 1 >= len(argv):
+                    _fail(f"{flag} needs {'a module name' if kind == 'module' else 'code'}")
+                return ours, _Target(kind, argv[i + 1], argv[i + 2:])
+            if token.startswith(flag) and len(token) > 2 and not token.startswith("--"):
+                return ours, _Target(kind, token[2:], argv[i + 1:])
         if token.startswith("-"):
             name = token.split("=", 1)[0]
             if name in _VALUE_OPTIONS:
@@ -108,8 +149,8 @@ def _split_argv(argv: list[str]) -> tuple[list[str], str | None, str | None, lis
                 _fail(f"unknown option {token!r} (see --help)")
             i += 1
             continue
-        return ours, token, None, argv[i + 1:]
-    return ours, None, None, []
+        return ours, _Target("script", token, argv[i + 1:])
+    return ours, None
 
 
 def build_policy(options: argparse.Namespace, environ: Mapping[str, str]) -> RetryPolicy:
@@ -117,7 +158,7 @@ def build_policy(options: argparse.Namespace, environ: Mapping[str, str]) -> Ret
     policy = RetryPolicy.from_env(environ)
     changes: dict[str, Any] = {}
     for name, spec in FIELDS.items():
-        text = getattr(options, name)
+        text = getattr(options, name, None)
         if text is None:
             continue
         try:
@@ -130,17 +171,83 @@ def build_policy(options: argparse.Namespace, environ: Mapping[str, str]) -> Ret
         raise ValueError(str(exc)) from None
 
 
+def policy_sources(options: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """Where each policy field's value comes from: ``"option --x"``, ``"environment
+    RESILIENTSOCK_X"`` or ``"default"`` (the same precedence as ``build_policy``)."""
+    sources = {}
+    for name in FIELDS:
+        var = "RESILIENTSOCK_" + name.upper()
+        if getattr(options, name, None) is not None:
+            sources[name] = "option --" + name.replace("_", "-")
+        elif var in environ:
+            sources[name] = "environment " + var
+        else:
+            sources[name] = "default"
+    return sources
+
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d+)$")
+
+
+def parse_session(text: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]`` (IPv6 as ``[::1]:9000``) as a list of (host, port).
+
+    ValueError names the part that is wrong."""
+    servers: list[tuple[str, int]] = []
+    for part in text.split(","):
+        part = part.strip()
+        match = _HOST_PORT.match(part)
+        if not match:
+            raise ValueError(f"{part!r} is not HOST:PORT (IPv6 as [::1]:9000)")
+        port = int(match.group("port"))
+        if not 0 < port < 65536:
+            raise ValueError(f"{part!r}: port {port} is out of range")
+        servers.append((match.group("v6") or match.group("host"), port))
+    return servers
+
+
+def _show_policy(policy: RetryPolicy, sources: dict[str, str], session: str | None,
+                 session_source: str) -> None:
+    rows = [(name, repr(getattr(policy, name)), sources[name]) for name in FIELDS]
+    rows.append(("session", session or "none", session_source))
+    width = max(len(name) for name, _, _ in rows)
+    value_width = max(len(value) for _, value, _ in rows)
+    print("resilientsock: effective policy")
+    for name, value, source in rows:
+        print(f"  {name:<{width}}  {value:<{value_width}}  {source}")
+
+
 def _run(argv: list[str]) -> None:
-    ours, script, module, script_args = _split_argv(argv)
+    ours, target = _split_argv(argv)
     parser = _runner_parser()
     options = parser.parse_args(ours)
-    if script is None and module is None:
+    if options.version:
+        from ._version import __version__
+
+        print(f"resilientsock {__version__}")
+        return
+    if target is None and not options.show_policy:
         parser.print_help(sys.stderr)
         raise SystemExit(2)
     try:
         policy = build_policy(options, os.environ)
     except ValueError as exc:
         _fail(str(exc))
+    session_text = options.session
+    session_source = "option --session"
+    if session_text is None:
+        session_text = os.environ.get("RESILIENTSOCK_SESSION") or None
+        session_source = "environment RESILIENTSOCK_SESSION" if session_text else "default"
+    session: list[tuple[str, int]] | None = None
+    if session_text:
+        try:
+            session = parse_session(session_text)
+        except ValueError as exc:
+            _fail(f"--session {session_text!r}: {exc}")
+    if options.show_policy:
+        _show_policy(policy, policy_sources(options, os.environ), session_text, session_source)
+        return
+    assert target is not None
     level_name = options.log_level or os.environ.get("RESILIENTSOCK_LOG_LEVEL")
     if level_name:
         level = logging.getLevelName(level_name.upper())
@@ -154,16 +261,27 @@ def _run(argv: list[str]) -> None:
     want_stats = options.stats or os.environ.get("RESILIENTSOCK_STATS", "") not in ("", "0")
     stats_file = os.environ.get("RESILIENTSOCK_STATS_FILE")
 
-    if script is not None and not os.path.exists(script):
-        _fail(f"can't open file {script!r}: no such file")
+    if target.kind == "script" and not os.path.exists(target.value):
+        _fail(f"can't open file {target.value!r}: no such file")
+    code = None
+    if target.kind == "stdin":
+        code = sys.stdin.read()
+    elif target.kind == "code":
+        code = target.value
 
-    if sys.version_info < (3, 11):
-        _print_notes_on_crash()
+    _install_note_printer()
+
+    from . import _events
+
+    _events.set_runner(True)
 
     # Rule 1: patch first, then runpy, then the script.
     from ._patching import patch
 
-    patch(policy)
+    if session is not None:
+        patch(policy, session=session)
+    else:
+        patch(policy)
 
     import atexit
 
@@ -174,30 +292,100 @@ def _run(argv: list[str]) -> None:
     if stats_file:
         atexit.register(_stats.dump_json, stats_file)
 
+    if code is not None:
+        _run_code(code, "<string>" if target.kind == "code" else "<stdin>", target)
+        return
+
     import runpy
 
-    if module is not None:
-        sys.argv = [module, *script_args]
+    if target.kind == "module":
+        sys.argv = [target.value, *target.args]
         sys.path.insert(0, os.getcwd())
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        runpy.run_module(target.value, run_name="__main__", alter_sys=True)
     else:
-        assert script is not None
-        path = os.path.abspath(script)
-        sys.argv = [script, *script_args]
+        path = os.path.abspath(target.value)
+        sys.argv = [target.value, *target.args]
         sys.path[0] = os.path.dirname(path)
         runpy.run_path(path, run_name="__main__")
 
 
-def _print_notes_on_crash() -> None:
-    """Python 3.10 keeps PEP 678 ``__notes__`` but its traceback printer ignores them, so a
-    script that dies under the runner would hide what resilientsock tried. Print them after the
-    traceback, as 3.11+ does."""
+def _run_code(code: str, filename: str, target: _Target) -> None:
+    """``-c CODE`` / ``-`` as python runs them: ``sys.argv[0]`` is "-c" or "-",
+    ``sys.path[0]`` is "" (the current directory), a fresh ``__main__`` module."""
+    import builtins
+    import types
+
+    sys.argv = ["-c" if target.kind == "code" else "-", *target.args]
+    sys.path[0] = ""
+    main_module = types.ModuleType("__main__")
+    main_module.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main_module
+    exec(compile(code, filename, "exec"), main_module.__dict__)
+
+
+# -- notes in sight (rule 5) ---------------------------------------------------------------------
+
+_MAX_WALK = 1000  # exceptions looked at per chain: a bound against pathological graphs
+
+
+def _linked(exc: BaseException) -> Iterator[BaseException]:
+    """Exceptions reachable from ``exc`` in one step."""
+    candidates: list[object] = [exc.__cause__, exc.__context__]
+    candidates.extend(getattr(exc, "exceptions", None) or ())  # ExceptionGroup
+    candidates.extend(exc.args)
+    candidates.append(getattr(exc, "reason", None))  # urllib3 MaxRetryError, URLError
+    try:
+        candidates.extend(vars(exc).values())
+    except TypeError:
+        pass
+    for item in candidates:
+        if isinstance(item, BaseException):
+            yield item
+        elif isinstance(item, list | tuple):
+            yield from (x for x in item if isinstance(x, BaseException))
+
+
+def resilientsock_notes(exc: BaseException) -> list[str]:
+    """Every PEP 678 note starting with ``resilientsock:`` found in ``exc``'s chain, in the
+    order found (``exc`` first, then breadth-first), each once. Cycle-safe, bounded (at most
+    ``_MAX_WALK`` exceptions looked at), and it never raises for an odd exception object."""
+    seen: set[int] = set()
+    notes: list[str] = []
+    queue = [exc]
+    while queue and len(seen) < _MAX_WALK:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for note in getattr(current, "__notes__", None) or ():
+            if isinstance(note, str) and note.startswith(_NOTE_PREFIX) and note not in notes:
+                notes.append(note)
+        try:
+            queue.extend(_linked(current))
+        except Exception:  # noqa: BLE001 - an odd exception object must not hide the rest
+            continue
+    return notes
+
+
+def _install_note_printer() -> None:
+    """After the traceback of an uncaught exception, print the resilientsock notes of its
+    whole chain (rule 5). Python 3.10 keeps PEP 678 ``__notes__`` but its traceback printer
+    ignores them: there the top exception's own notes are printed too, as 3.11+ does."""
     previous = sys.excepthook
+    shows_notes = sys.version_info >= (3, 11)
 
     def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
         previous(kind, value, tb)
-        for note in getattr(value, "__notes__", ()):
-            print(note, file=sys.stderr)
+        try:
+            if not shows_notes:
+                for note in getattr(value, "__notes__", None) or ():
+                    print(note, file=sys.stderr)
+            top = set(getattr(value, "__notes__", None) or ())
+            for note in resilientsock_notes(value):
+                if note not in top:
+                    print(note, file=sys.stderr)
+        except Exception:  # noqa: BLE001 - the traceback is already out; never mask it
+            pass
 
     sys.excepthook = hook
 
@@ -231,7 +419,16 @@ def explain(text: str) -> list[dict[str, Any]]:
         by_message = [e for e in entries if _message_matches(e["symbol"], message)]
         return by_message or entries
     for word in re.findall(r"[A-Za-z_][A-Za-z0-9_.]*", text):
-        entry = _explain_class(word.rsplit(".", 1)[-1])
+        # A bare word must look like a class (CapWords): "error" or "timeout" alone is an
+        # English word, not socket.error; qualified names ("socket.timeout") may be lowercase.
+        # A qualified name must name a module whose classes we look up: requests'
+        # ConnectionError is not the builtin one.
+        qualifier, _, name = word.rpartition(".")
+        if qualifier and qualifier not in _CLASS_MODULES:
+            continue
+        if not qualifier and not name[:1].isupper():
+            continue
+        entry = _explain_class(name)
         if entry is not None:
             return [entry]
     for symbol, message in _facts.MESSAGES.items():
@@ -319,6 +516,9 @@ def _explain_ssl_reason(reason: str, text: str) -> dict[str, Any]:
     info = classify(exc)
     assert info is not None  # every SSLError that is not want-read/write is classified
     return _entry(reason, info)
+
+
+_CLASS_MODULES = ("ssl", "builtins", "socket", "http.client")
 
 
 def _explain_class(name: str) -> dict[str, Any] | None:
@@ -411,6 +611,11 @@ def main(argv: list[str] | None = None) -> None:
 
         demo_main(argv[1:])
         return
+    if argv and argv[0] == "relay":
+        # Imported only here: the relay's module is not needed by anything else.
+        from ._relay_cli import main as relay_main
+
+        raise SystemExit(relay_main(argv[1:]))
     if not argv:
         _runner_parser().print_help(sys.stderr)
         raise SystemExit(2)
