@@ -10,9 +10,38 @@ stdin (for a server in another process or namespace). The pytest plugin
 ``fault_proxy`` and ``message_server`` fixtures.
 """
 
-from ._loop import LoopThread as LoopThread
-from ._netns import NetnsPair as NetnsPair
-from ._proxy import FaultProxy as FaultProxy
-from ._servers import MessageServer as MessageServer
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._loop import LoopThread as LoopThread
+    from ._netns import NetnsPair as NetnsPair
+    from ._proxy import FaultProxy as FaultProxy
+    from ._servers import MessageServer as MessageServer
 
 __all__ = ["FaultProxy", "LoopThread", "MessageServer", "NetnsPair"]
+
+# Loaded on first use (PEP 562): the pytest plugin (``.plugin``) is imported into every pytest
+# session of an environment where resilientsock is installed, and must not import gevent there.
+_LAZY = {
+    "FaultProxy": "._proxy",
+    "LoopThread": "._loop",
+    "MessageServer": "._servers",
+    "NetnsPair": "._netns",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'resilientsock.testing' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
