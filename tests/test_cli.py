@@ -1,13 +1,18 @@
-"""explain, the runner's argument handling, --help."""
+"""explain, the runner's argument handling (-c, -, --version, --show-policy, --session,
+relay), --help, and the resilientsock notes printed after a traceback."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import run_py
+from conftest import ROOT, run_py
 
-from resilientsock._cli import explain
+from resilientsock._cli import explain, parse_session, resilientsock_notes
+from resilientsock._policy import FIELDS
 
 
 def test_explain_number_shows_each_platform_meaning():
@@ -66,3 +71,168 @@ def test_bad_option_value_is_a_clear_error():
     assert out.returncode == 2 and "unknown option" in out.stderr
     out = run_py(["-m", "resilientsock", "missing_script.py"], env={})
     assert out.returncode == 2 and "can't open file" in out.stderr
+
+
+# -- explain refuses what it does not recognise -------------------------------------------------
+
+@pytest.mark.parametrize("text", ["no-such-error-xyz", "error", "timeout",
+                                  "requests.exceptions.ConnectionError: boom"])
+def test_explain_unrecognised_input_exits_2(text):
+    out = run_py(["-m", "resilientsock", "explain", text])
+    assert out.returncode == 2, out.stdout
+    assert out.stdout == "" and "Traceback" not in out.stderr
+    assert out.stderr.startswith("resilientsock: error: cannot tell what")
+
+
+def test_explain_qualified_stdlib_names_still_work():
+    assert explain("socket.timeout: timed out")[0]["category"] == "TIMEOUT"
+    assert explain("http.client.RemoteDisconnected: x")[0]["category"] == "CONNECTION_LOST"
+    assert explain("ValueError")[0]["category"] is None  # known, and not a connection error
+
+
+# -- --version, -c, -, --show-policy, --session, relay ---------------------------------------
+
+def test_version_has_one_source():
+    import configparser
+
+    import resilientsock
+    from resilientsock import _version
+
+    out = run_py(["-m", "resilientsock", "--version"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"resilientsock {_version.__version__}"
+    assert resilientsock.__version__ is _version.__version__
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    assert cfg["metadata"]["version"] == "attr: resilientsock._version.__version__"
+
+
+def test_dash_c_runs_code_as_python_does(tmp_path):
+    code = ("import sys, socket\n"
+            "print(sys.argv, repr(sys.path[0]), __name__, socket.socket.__name__)\n"
+            "raise SystemExit(5)")
+    out = run_py(["-m", "resilientsock", "--deadline", "3", "-c", code, "a", "--deadline"],
+                 cwd=str(tmp_path))
+    assert out.returncode == 5, out.stderr
+    assert out.stdout.strip() == "['-c', 'a', '--deadline'] '' __main__ ResilientSocket"
+    plain = run_py(["-c", "import sys; print(sys.argv, repr(sys.path[0]))", "a"])
+    glued = run_py(["-m", "resilientsock", "-cimport sys; print(sys.argv, repr(sys.path[0]))",
+                    "a"])
+    assert glued.returncode == 0 and glued.stdout == plain.stdout
+
+
+def test_dash_reads_the_script_from_stdin():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-m", "resilientsock", "-", "x"], input=(
+            "import sys, socket\nprint(sys.argv, __name__, socket.socket.__name__)\n"
+            "raise SystemExit(3)\n"),
+        capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout.strip() == "['-', 'x'] __main__ ResilientSocket"
+
+
+def test_show_policy_says_where_each_value_came_from(tmp_path):
+    script = tmp_path / "never.py"
+    script.write_text("print('the script ran')\n")
+    out = run_py(["-m", "resilientsock", "--replay", "none", "--show-policy", str(script)],
+                 env={"RESILIENTSOCK_MAX_ATTEMPTS": "4", "RESILIENTSOCK_REPLAY": "safe",
+                      "RESILIENTSOCK_SESSION": "hub:9000"})
+    assert out.returncode == 0, out.stderr
+    assert "the script ran" not in out.stdout
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in out.stdout.splitlines()[1:]}
+    assert set(rows) == set(FIELDS) | {"session"}
+    assert rows["replay"] == ["'none'", "option --replay"]
+    assert rows["max_attempts"] == ["4", "environment RESILIENTSOCK_MAX_ATTEMPTS"]
+    assert rows["deadline"] == ["30.0", "default"]
+    assert rows["session"] == ["hub:9000", "environment RESILIENTSOCK_SESSION"]
+
+
+def test_session_option_is_parsed_and_checked():
+    assert parse_session("hub:9000, [::1]:80,10.0.0.1:1") == [
+        ("hub", 9000), ("::1", 80), ("10.0.0.1", 1)]
+    for bad in ("hub", "hub:0", "hub:70000", "::1:80", "hub:9000,"):
+        with pytest.raises(ValueError):
+            parse_session(bad)
+    out = run_py(["-m", "resilientsock", "--session", "hub", "-c", "pass"])
+    assert out.returncode == 2 and "--session 'hub'" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_relay_subcommand_dispatches_to_relay_cli():
+    """``relay ...`` calls resilientsock._relay_cli.main(argv) and exits with its result (a
+    stand-in module here: the relay's own tests test the relay)."""
+    code = ("import sys, types\n"
+            "stub = types.ModuleType('resilientsock._relay_cli')\n"
+            "stub.main = lambda argv: print('relay got', argv) or 7\n"
+            "sys.modules['resilientsock._relay_cli'] = stub\n"
+            "from resilientsock._cli import main\n"
+            "main(['relay', '--listen', '127.0.0.1:1', '--upstream', '127.0.0.1:2'])\n")
+    out = run_py(["-c", code])
+    assert out.returncode == 7, out.stderr
+    assert out.stdout.strip() == (
+        "relay got ['--listen', '127.0.0.1:1', '--upstream', '127.0.0.1:2']")
+
+
+def test_help_lists_every_policy_field():
+    out = run_py(["-m", "resilientsock", "--help"])
+    for name in FIELDS:
+        assert "--" + name.replace("_", "-") in out.stdout, name
+    for opt in ("--session", "--show-policy", "--version", "-c CODE", "relay"):
+        assert opt in out.stdout, opt
+
+
+# -- notes in sight ------------------------------------------------------------------------------
+
+def _noted(exc: BaseException, note: str) -> BaseException:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [note]  # type: ignore[attr-defined]
+    return exc
+
+
+def test_notes_found_anywhere_in_the_chain_cycle_safe():
+    inner = _noted(ConnectionResetError(104, "reset"), "resilientsock: gave up after 3")
+    other = _noted(OSError("x"), "not ours")
+    reason = type("MaxRetryError", (Exception,), {})("pool")
+    reason.reason = inner  # type: ignore[attr-defined]
+    wrapper = RuntimeError("request failed", reason)
+    wrapper.__context__ = other
+    other.__context__ = wrapper  # a cycle
+    kept = ValueError("kept")
+    kept.errors = [_noted(TimeoutError(), "resilientsock: timed out")]  # type: ignore
+    wrapper.kept = kept  # type: ignore[attr-defined]
+    assert resilientsock_notes(wrapper) == ["resilientsock: gave up after 3",
+                                            "resilientsock: timed out"]
+    if sys.version_info >= (3, 11):
+        group = ExceptionGroup("all", [ValueError(), inner])  # noqa: F821
+        assert resilientsock_notes(RuntimeError("y")) == []
+        assert resilientsock_notes(group) == ["resilientsock: gave up after 3"]
+
+
+def test_runner_prints_buried_notes_after_the_traceback(tmp_path):
+    script = tmp_path / "wrapped.py"
+    script.write_text(
+        "err = ConnectionResetError(104, 'Connection reset by peer')\n"
+        "note = 'resilientsock: gave up after 4 attempts in 2.0 s (deadline 2 s)'\n"
+        "if hasattr(err, 'add_note'):\n"
+        "    err.add_note(note)\n"
+        "else:\n"
+        "    err.__notes__ = [note]\n"
+        "class LibraryError(Exception):\n"
+        "    pass\n"
+        "try:\n"
+        "    try:\n"
+        "        raise err\n"
+        "    except OSError as e:\n"
+        "        raise LibraryError('wrapped', e) from None\n"
+        "except LibraryError as e:\n"
+        "    raise RuntimeError('x') from e\n")
+    out = run_py(["-m", "resilientsock", str(script)])
+    assert out.returncode == 1
+    lines = out.stderr.rstrip("\n").splitlines()
+    assert lines[-2] == "RuntimeError: x"
+    assert lines[-1] == "resilientsock: gave up after 4 attempts in 2.0 s (deadline 2 s)"
+    plain = run_py([str(script)])
+    assert "resilientsock: gave up" not in plain.stderr  # buried: plain python never shows it
