@@ -8,6 +8,7 @@
 #   make bench                benchmarks against the plain gevent socket -> benchmarks/RESULTS.md
 #   make conformance          CPython's socket test files under patch() -> docs/conformance.md
 #   make conformance-quick    the CI subset of it (the client-protocol files)
+#   make docs                 the API reference from the docstrings -> docs/api/ (pdoc, offline)
 
 PY ?= python3
 # pyenv installs 3.10-3.13 but its shims only expose the global one: fall back to the versions dir.
@@ -18,13 +19,13 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo soak bench conformance conformance-quick system-deps clean
+.PHONY: test lint demo soak bench conformance conformance-quick system-deps clean docs
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test,lint]'
+	$(VPY) -m pip install -q -e '.[test,lint,docs]'
 	touch $(STAMP)
 
 # Servers that the client-library tests talk to (redis-server). Best effort: the tests that
@@ -57,6 +58,12 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m resilientsock demo $(DEMO_ARGS)
+
+# pdoc renders self-contained HTML (no CDN, no network); its assets are in the wheel.
+docs: $(STAMP)
+	rm -rf docs/api
+	$(VPY) -m pdoc --output-directory docs/api resilientsock resilientsock.testing
+	@echo "API reference: docs/api/index.html"
 
 clean:
 	rm -rf .venv .venv-* *.egg-info build dist
