@@ -42,8 +42,13 @@ from ._policy import FIELDS, RetryPolicy
 
 __all__ = ["main", "build_policy", "policy_sources", "parse_session", "resilientsock_notes"]
 
+# Policy fields the runner spells its own way: --session takes HOST:PORT[,...] (the targets
+# that become sessions, handed to patch(session=...)), not RetryPolicy.session's per-socket bool.
+_RUNNER_OWN = frozenset({"session"})
+_POLICY_OPTIONS = [name for name in FIELDS if name not in _RUNNER_OWN]
 _NON_POLICY_VALUE_OPTIONS = {"--log-level", "--session"}
-_VALUE_OPTIONS = {"--" + name.replace("_", "-") for name in FIELDS} | _NON_POLICY_VALUE_OPTIONS
+_VALUE_OPTIONS = {"--" + name.replace("_", "-") for name in _POLICY_OPTIONS}
+_VALUE_OPTIONS |= _NON_POLICY_VALUE_OPTIONS
 _FLAG_OPTIONS = {"--stats", "--show-policy", "--version", "-h", "--help"}
 _NOTE_PREFIX = "resilientsock:"
 
@@ -80,7 +85,8 @@ def _runner_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", default=False,
                         help="print the version and exit")
-    for name, spec in FIELDS.items():
+    for name in _POLICY_OPTIONS:
+        spec = FIELDS[name]
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, metavar=spec.metavar, default=None,
                             help=f"{spec.help} [env RESILIENTSOCK_{name.upper()}]")
@@ -157,7 +163,8 @@ def build_policy(options: argparse.Namespace, environ: Mapping[str, str]) -> Ret
     """Environment over defaults, options over the environment. ValueError names the culprit."""
     policy = RetryPolicy.from_env(environ)
     changes: dict[str, Any] = {}
-    for name, spec in FIELDS.items():
+    for name in _POLICY_OPTIONS:
+        spec = FIELDS[name]
         text = getattr(options, name, None)
         if text is None:
             continue
@@ -175,7 +182,7 @@ def policy_sources(options: argparse.Namespace, environ: Mapping[str, str]) -> d
     """Where each policy field's value comes from: ``"option --x"``, ``"environment
     RESILIENTSOCK_X"`` or ``"default"`` (the same precedence as ``build_policy``)."""
     sources = {}
-    for name in FIELDS:
+    for name in _POLICY_OPTIONS:
         var = "RESILIENTSOCK_" + name.upper()
         if getattr(options, name, None) is not None:
             sources[name] = "option --" + name.replace("_", "-")
@@ -192,7 +199,9 @@ _HOST_PORT = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\
 def parse_session(text: str) -> list[tuple[str, int]]:
     """``HOST:PORT[,HOST:PORT...]`` (IPv6 as ``[::1]:9000``) as a list of (host, port).
 
-    ValueError names the part that is wrong."""
+    ValueError names the part that is wrong. The runner hands the targets to
+    ``patch(session=[...])`` as ``"HOST:PORT"`` strings (``"[::1]:9000"`` for IPv6), as
+    DESIGN §11 spells them."""
     servers: list[tuple[str, int]] = []
     for part in text.split(","):
         part = part.strip()
@@ -208,7 +217,7 @@ def parse_session(text: str) -> list[tuple[str, int]]:
 
 def _show_policy(policy: RetryPolicy, sources: dict[str, str], session: str | None,
                  session_source: str) -> None:
-    rows = [(name, repr(getattr(policy, name)), sources[name]) for name in FIELDS]
+    rows = [(name, repr(getattr(policy, name)), sources[name]) for name in _POLICY_OPTIONS]
     rows.append(("session", session or "none", session_source))
     width = max(len(name) for name, _, _ in rows)
     value_width = max(len(value) for _, value, _ in rows)
@@ -238,14 +247,16 @@ def _run(argv: list[str]) -> None:
     if session_text is None:
         session_text = os.environ.get("RESILIENTSOCK_SESSION") or None
         session_source = "environment RESILIENTSOCK_SESSION" if session_text else "default"
-    session: list[tuple[str, int]] | None = None
+    session: list[str] | None = None
     if session_text:
         try:
-            session = parse_session(session_text)
+            session = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                       for host, port in parse_session(session_text)]
         except ValueError as exc:
             _fail(f"--session {session_text!r}: {exc}")
     if options.show_policy:
-        _show_policy(policy, policy_sources(options, os.environ), session_text, session_source)
+        _show_policy(policy, policy_sources(options, os.environ),
+                     ",".join(session) if session else None, session_source)
         return
     assert target is not None
     level_name = options.log_level or os.environ.get("RESILIENTSOCK_LOG_LEVEL")
