@@ -1,0 +1,1104 @@
+"""Session mode's I/O (DESIGN §11): the ``Relay`` server, and the client side (``open_session``).
+
+Rules of this module:
+
+1. The protocol lives in ``_session`` (sans-IO); this module only moves bytes and obeys it.
+   Both ends share one carrier (``_Carrier``): a *plain end* (the upstream socket on the relay,
+   the application's socket pair on the client) and at most one *link* (a connection between
+   client and relay) at a time, with the session's ``Stream`` between them.
+2. Frames built for one link are sent on that link or not at all: a frame that finds its link
+   replaced is dropped, because the resume re-sent its units already (no duplicates).
+3. Nothing of a session (its link, buffers, upstream) is touched before the resume's proof
+   checks; an unknown id is checked against a dummy secret so it costs the same.
+4. Backpressure, never loss: a carrier stops reading its plain end while ``limit`` bytes are
+   unacknowledged, and writes to a plain end block until the kernel takes them.
+5. A bare FIN or RST between client and relay is a drop, never the session's end; the end is
+   an END frame (EOF or reset) or an ABORT. A session that cannot be resumed is surfaced to the
+   application as a reset and logged at WARNING, never re-sent into a new session.
+6. Every wait is bounded: handshakes by ``HANDSHAKE_TIMEOUT``, a detached session by
+   ``session_timeout``, a client's reconnecting by its ``RetryPolicy``, a silent link by the
+   client's heartbeat.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket as _stdsocket
+import struct
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.socket as gsocket
+
+from . import _session as sp
+from ._policy import RetryPolicy
+
+__all__ = ["Relay", "open_session", "set_session_targets", "is_session_target",
+           "parse_address"]
+
+log = logging.getLogger("resilientsock")
+
+RECV_SIZE = 256 * 1024  # big reads: fewer frames, fewer syscalls (picked, measured in bench)
+ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (picked)
+ACK_DELAY = 0.02  # ... or this long after data arrived with nothing to piggyback on (picked)
+HANDSHAKE_TIMEOUT = 10.0  # DESIGN §11
+UPSTREAM_CONNECT_TIMEOUT = 10.0
+_LINGER_RST = struct.pack("ii", 1, 0)
+_DUMMY_SECRET = os.urandom(sp.SECRET_LEN)  # for unknown ids: same cost, always False
+_PLAIN_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` or ``"[IPv6]:PORT"`` to ``(host, port)``; ValueError naming ``text``."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r}: expected a 'HOST:PORT' string")
+    raw = text.strip()
+    if raw.startswith("["):
+        host, sep, port = raw[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r}: expected [IPv6]:PORT")
+    else:
+        host, sep, port = raw.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(f"{text!r}: expected HOST:PORT (IPv6 as [::1]:PORT)")
+    if not host:
+        raise ValueError(f"{text!r}: the host is empty")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: the port must be a number from 0 to 65535")
+    return host, int(port)
+
+
+def _addr(value: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(value, tuple):
+        return value[0], int(value[1])
+    return parse_address(value)
+
+
+def _abort(sock: Any) -> None:
+    """Close with RST (SO_LINGER 0): the peer's next recv raises ConnectionResetError."""
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_LINGER, _LINGER_RST)
+    except OSError:
+        pass
+    sock.close()
+
+
+def _nodelay(sock: Any) -> None:
+    try:
+        sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+class _LinkIO:
+    """One connection between client and relay: its socket, its protocol ``Link``, and the
+    lock that keeps one frame from interleaving with another (two greenlets write)."""
+
+    __slots__ = ("sock", "link", "wlock", "alive")
+
+    def __init__(self, sock: Any, link: sp.Link) -> None:
+        self.sock = sock
+        self.link = link
+        self.wlock = gevent.lock.Semaphore()
+        self.alive = True
+
+    def close(self, rst: bool = False) -> None:
+        self.alive = False
+        if rst:
+            _abort(self.sock)
+        else:
+            self.sock.close()
+
+
+class _Carrier:
+    """A session's stream between a plain end and the current link (rule 1)."""
+
+    __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "finished", "aborted",
+                 "plain_reader", "__weakref__")
+
+    side = "?"
+
+    def __init__(self, stream: sp.Stream, plain: Any) -> None:
+        self.stream = stream
+        self.plain = plain
+        self.cur: _LinkIO | None = None
+        self.room_ev = gevent.event.Event()
+        self.ack_armed = False
+        self.finished = False
+        self.aborted: str | None = None  # an ABORT to (re)send until the session is gone
+        self.plain_reader: Any = None
+
+    # -- sending on the current link (rule 2) ----------------------------------------------
+
+    def _send(self, lio: _LinkIO | None, frames: bytes) -> None:
+        if lio is None or not lio.alive or not frames:
+            return
+        with lio.wlock:
+            if lio is not self.cur or not lio.alive:
+                return
+            try:
+                lio.sock.sendall(frames)
+            except OSError:
+                self._link_lost(lio, "send failed")
+
+    def _link_lost(self, lio: _LinkIO, why: str) -> None:
+        """The link broke: forget it (the session waits for, or makes, a new one)."""
+        if self.cur is lio:
+            self.cur = None
+            lio.close()
+            self.on_detached(why)
+        elif lio.alive:
+            lio.close()
+
+    def on_detached(self, why: str) -> None:  # overridden
+        pass
+
+    # -- the plain end -> frames -------------------------------------------------------------
+
+    def pump_plain(self) -> None:
+        """Read the plain end into DATA frames until it ends (then an END frame)."""
+        stream = self.stream
+        plain = self.plain
+        while not self.finished:
+            room = stream.room()
+            if room <= 0:
+                self.room_ev.clear()
+                self.room_ev.wait()
+                continue
+            try:
+                data = plain.recv(min(RECV_SIZE, room))
+            except OSError as exc:
+                if self.finished or self.aborted:
+                    return
+                self._end_here(True, f"{self.side} reset ({exc.__class__.__name__})")
+                return
+            if stream.end_sent is not None:
+                return
+            lio = self.cur
+            if not data:
+                self._end_here(False, "")
+                return
+            self.count_plain(len(data))
+            self._send(lio, stream.data(data))
+
+    def count_plain(self, n: int) -> None:  # overridden
+        pass
+
+    def _end_here(self, reset: bool, reason: str) -> None:
+        lio = self.cur
+        frames = self.stream.end(reset, reason)
+        self._send(lio, frames)
+        self.plain_ended(reset)
+        self._maybe_finish()
+
+    def plain_ended(self, reset: bool) -> None:  # overridden
+        pass
+
+    # -- frames -> the plain end --------------------------------------------------------------
+
+    def pump_link(self, lio: _LinkIO) -> None:
+        """Obey the frames on ``lio`` (those already buffered first) until the link breaks or
+        the session ends."""
+        link = lio.link
+        stream = self.stream
+        while lio.alive and not self.finished:
+            while True:
+                try:
+                    ev = link.next_event()
+                except sp.Refused as exc:
+                    self.on_refused(lio, exc)
+                    return
+                except sp.ProtocolError as exc:
+                    log.warning("resilientsock: %s session link: protocol error: %s",
+                                self.side, exc.reason)
+                    self._link_lost(lio, f"protocol error: {exc.reason}")
+                    return
+                if ev is sp.NEED_DATA:
+                    break
+                if isinstance(ev, sp.Data):
+                    self._deliver(ev.payload)
+                elif isinstance(ev, sp.Ended):
+                    self._peer_ended(ev)
+                    self._send(lio, stream.ack())
+                elif isinstance(ev, sp.Aborted):
+                    self.on_aborted(ev.reason)
+                    return
+                elif isinstance(ev, sp.Ping):
+                    self._send(lio, stream.pong())
+            if stream.room() > 0:
+                self.room_ev.set()
+            due = stream.ack_due()
+            if due >= ACK_EVERY:
+                self._send(lio, stream.ack())
+            elif due and not self.ack_armed:
+                self.ack_armed = True
+                gevent.spawn_later(ACK_DELAY, self._delayed_ack)
+            if self._maybe_finish() or not lio.alive:
+                return
+            try:
+                data = self.recv_link(lio)
+            except OSError as exc:
+                self._link_lost(lio, f"recv: {exc}")
+                return
+            if not data:
+                self._link_lost(lio, "closed by peer")
+                return
+            link.receive_data(data)
+
+    def recv_link(self, lio: _LinkIO) -> bytes:
+        return lio.sock.recv(RECV_SIZE)  # type: ignore[no-any-return]
+
+    def _delayed_ack(self) -> None:
+        self.ack_armed = False
+        if self.stream.ack_due() and not self.finished:
+            self._send(self.cur, self.stream.ack())
+
+    def _deliver(self, payload: bytes) -> None:
+        if self.plain is None or self.aborted:
+            return
+        try:
+            self.plain.sendall(payload)
+        except OSError as exc:
+            self.plain_write_failed(exc)
+
+    def plain_write_failed(self, exc: OSError) -> None:
+        """The plain end cannot take more: it is gone. End our direction with a reset if it is
+        still open; otherwise abort the session (the peer must stop feeding it)."""
+        reason = f"{self.side} end closed ({exc.__class__.__name__})"
+        if self.stream.end_sent is None:
+            self._end_here(True, reason)
+        else:
+            self._send_abort(reason)
+
+    def _send_abort(self, reason: str) -> None:
+        self.aborted = reason
+        self._send(self.cur, self.stream.abort(reason))
+        self.finish(abort_plain=True)
+
+    def _peer_ended(self, ev: sp.Ended) -> None:
+        plain = self.plain
+        if plain is None:
+            return
+        if ev.reset:
+            self.plain = None
+            _abort(plain)
+            return
+        try:
+            plain.shutdown(gsocket.SHUT_WR)
+        except OSError:
+            pass
+
+    def on_aborted(self, reason: str) -> None:
+        self.finish(abort_plain=True)
+
+    def on_refused(self, lio: _LinkIO, exc: sp.Refused) -> None:
+        self._link_lost(lio, str(exc))
+
+    def _maybe_finish(self) -> bool:
+        stream = self.stream
+        if stream.end_sent is not None and stream.end_received is not None \
+                and self.plain is not None:
+            plain, self.plain = self.plain, None  # both directions over at the plain end
+            plain.close()
+        if stream.done and not self.finished:
+            self.finish(abort_plain=False)
+            return True
+        return self.finished
+
+    def finish(self, abort_plain: bool) -> None:
+        """The session is over at this end: close the link and the plain end."""
+        if self.finished:
+            return
+        self.finished = True
+        self.room_ev.set()
+        lio, self.cur = self.cur, None
+        if lio is not None:
+            lio.close()
+        plain, self.plain = self.plain, None
+        if plain is not None:
+            if abort_plain:
+                _abort(plain)
+            else:
+                plain.close()
+        self.on_finished()
+
+    def on_finished(self) -> None:  # overridden
+        pass
+
+
+# =============================================================================================
+# The relay
+
+
+class _RelaySession(_Carrier):
+    __slots__ = ("relay", "sid", "secret", "expiry", "resumes")
+
+    side = "upstream"
+
+    def __init__(self, relay: Relay, sid: bytes, secret: bytes, stream: sp.Stream,
+                 upstream: Any) -> None:
+        super().__init__(stream, upstream)
+        self.relay = relay
+        self.sid = sid
+        self.secret = secret
+        self.expiry: Any = None
+        self.resumes = 0
+
+    def attach(self, lio: _LinkIO, first_frames: Any) -> None:
+        """Make ``lio`` the session's link (closing a previous one), send ``first_frames()``
+        on it before anything else, then serve it in this greenlet."""
+        old = self.cur
+        if self.expiry is not None:
+            self.expiry.kill(block=False)
+            self.expiry = None
+        # Take the new link's lock before anything can yield: every frame built from now on
+        # waits behind the resume's re-sent units (rule 2).
+        lio.wlock.acquire()
+        self.cur = lio
+        if old is not None:
+            old.close()
+        try:
+            try:
+                lio.sock.sendall(first_frames())
+            except OSError:
+                self._link_lost(lio, "send failed")
+                return
+        finally:
+            lio.wlock.release()
+        if self.aborted:
+            self._send(lio, self.stream.abort(self.aborted))
+        self.pump_link(lio)
+
+    def on_detached(self, why: str) -> None:
+        if self.finished:
+            return
+        log.info("resilientsock: relay: session %s detached (%s); held for %.0f s",
+                 self.sid.hex()[:8], why, self.relay.session_timeout)
+        self.expiry = gevent.spawn_later(self.relay.session_timeout, self._expire)
+
+    def _expire(self) -> None:
+        self.expiry = None
+        if self.cur is None and not self.finished:
+            log.warning("resilientsock: relay: session %s expired after %.0f s without its "
+                        "client; upstream connection reset", self.sid.hex()[:8],
+                        self.relay.session_timeout)
+            self.relay.counters["sessions_expired"] += 1
+            self.finish(abort_plain=True)
+
+    def plain_ended(self, reset: bool) -> None:
+        self.relay.counters["upstream_resets" if reset else "upstream_eofs"] += 1
+
+    def count_plain(self, n: int) -> None:
+        self.relay.counters["bytes_down"] += n
+
+    def _deliver(self, payload: bytes) -> None:
+        self.relay.counters["bytes_up"] += len(payload)
+        super()._deliver(payload)
+
+    def on_finished(self) -> None:
+        if self.expiry is not None:
+            self.expiry.kill(block=False)
+            self.expiry = None
+        if self.relay.sessions.get(self.sid) is self:
+            del self.relay.sessions[self.sid]
+            self.relay.counters["sessions_ended"] += 1
+
+
+class Relay:
+    """A session relay in front of one upstream server (DESIGN §11).
+
+    ``Relay("0.0.0.0:9000", "127.0.0.1:9001")``: clients that open with the session preamble
+    get sessions (exactly-once byte streams that survive any number of client<->relay drops);
+    anything else is proxied plainly. The relay runs on its own gevent hub in a native thread:
+    ``start()`` returns once it listens, ``stop()`` closes every connection.
+
+    Options: ``session_timeout`` (300 s a detached session is held), ``buffer_limit`` (16 MiB
+    unacknowledged per direction per session; then upstream reads pause), ``plain_after``
+    (0.05 s of client silence means a plain, server-first client), ``tls_cert``/``tls_key``
+    (TLS between client and relay), ``log_level``, ``handshake_timeout`` (10 s).
+    After ``stop()``, every upstream connection is closed and every session is gone.
+    """
+
+    def __init__(self, listen: str | tuple[str, int], upstream: str | tuple[str, int], *,
+                 session_timeout: float = 300.0, buffer_limit: int = 16 * 1024 * 1024,
+                 plain_after: float = 0.05, tls_cert: str | None = None,
+                 tls_key: str | None = None, log_level: str | int | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, backlog: int = 1024) -> None:
+        self.listen = _addr(listen)
+        self.upstream = _addr(upstream)
+        for name, value in (("session_timeout", session_timeout), ("plain_after", plain_after),
+                            ("handshake_timeout", handshake_timeout)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Relay {name}: must be a positive number of seconds "
+                                 f"(got {value!r})")
+        if not isinstance(buffer_limit, int) or isinstance(buffer_limit, bool) \
+                or buffer_limit < 1024:
+            raise ValueError(f"Relay buffer_limit: must be a whole number of bytes >= 1024 "
+                             f"(got {buffer_limit!r})")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("Relay tls_cert and tls_key go together")
+        self.session_timeout = float(session_timeout)
+        self.buffer_limit = buffer_limit
+        self.plain_after = float(plain_after)
+        self.handshake_timeout = float(handshake_timeout)
+        self.tls_cert, self.tls_key = tls_cert, tls_key
+        self.backlog = backlog
+        if log_level is not None:
+            log.setLevel(log_level.upper() if isinstance(log_level, str) else log_level)
+        self.sessions: dict[bytes, _RelaySession] = {}
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("connections", "plain_connections", "sessions_created", "sessions_resumed",
+             "sessions_ended", "sessions_expired", "failed_proofs", "unknown_sessions",
+             "impossible_counts", "rejected_handshakes", "handshake_timeouts",
+             "upstream_failures", "upstream_eofs", "upstream_resets", "bytes_up",
+             "bytes_down"), 0)
+        self._loop: Any = None
+        self._listener: Any = None
+        self._ssl: Any = None
+        self._plain_socks: set[Any] = set()
+        self._pending: set[Any] = set()
+        self.address: tuple[str, int] = self.listen
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Relay:
+        """Bind and listen (OSError if the address cannot be bound), then serve."""
+        from .testing._loop import LoopThread
+
+        if self._loop is not None:
+            return self
+        if self.tls_cert:
+            import gevent.ssl as gssl
+
+            ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(self.tls_cert, self.tls_key)
+            self._ssl = ctx
+        loop = LoopThread("resilientsock-relay").start()
+        try:
+            loop.call(self._listen)
+        except BaseException:
+            loop.stop()
+            raise
+        self._loop = loop
+        return self
+
+    def stop(self) -> None:
+        """Close the listener, every session's links and upstream connections."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        try:
+            loop.call(self._teardown)
+        finally:
+            loop.stop()
+
+    def __enter__(self) -> Relay:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, int]:
+        """Counters (failed proofs, sessions created/resumed/expired, ...) and gauges."""
+        out = dict(self.counters)
+        out["sessions_active"] = len(self.sessions)
+        out["sessions_detached"] = sum(1 for s in list(self.sessions.values()) if s.cur is None)
+        out["buffered_bytes"] = sum(len(s.stream.unacked) for s in list(self.sessions.values()))
+        return out
+
+    # -- inside the relay's hub ------------------------------------------------------------
+
+    def _listen(self) -> None:
+        host, port = self.listen
+        family = gsocket.AF_INET6 if ":" in host else gsocket.AF_INET
+        sock = gsocket.socket(family, gsocket.SOCK_STREAM)
+        try:
+            sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(self.backlog)
+        except OSError:
+            sock.close()
+            raise
+        self.address = sock.getsockname()[:2]
+        self._listener = sock
+        gevent.spawn(self._accept_loop, sock)
+
+    def _teardown(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for session in list(self.sessions.values()):
+            session.finish(abort_plain=True)
+        for sock in list(self._plain_socks) + list(self._pending):
+            sock.close()
+
+    def _accept_loop(self, listener: Any) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError as exc:
+                if self._listener is not listener:
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("resilientsock: relay: accept: %s; pausing 0.1 s", exc)
+                    gevent.sleep(0.1)
+                continue
+            self.counters["connections"] += 1
+            gevent.spawn(self._handle, sock)
+
+    def _handle(self, sock: Any) -> None:
+        _nodelay(sock)
+        self._pending.add(sock)
+        try:
+            self._handle_inner(sock)
+        finally:
+            self._pending.discard(sock)
+
+    def _handle_inner(self, raw: Any) -> None:
+        sock = raw
+        if self._ssl is not None:
+            try:
+                with gevent.Timeout(self.handshake_timeout):
+                    sock = self._ssl.wrap_socket(raw, server_side=True)
+            except (OSError, gevent.Timeout) as exc:
+                self.counters["rejected_handshakes"] += 1
+                log.info("resilientsock: relay: TLS handshake failed: %s", exc)
+                raw.close()
+                return
+        link = sp.Link(sp.RELAY)
+        first = b""
+        # Plain or session? Wait plain_after for the client's first bytes (server-first
+        # protocols say nothing until greeted: proxy those plainly).
+        try:
+            with gevent.Timeout(self.plain_after):
+                first = sock.recv(RECV_SIZE)
+                if not first:
+                    sock.close()
+                    return
+        except gevent.Timeout:
+            pass
+        except OSError:
+            sock.close()
+            return
+        if not first:
+            return self._proxy_plainly(sock, b"")
+        link.receive_data(first)
+        timer = gevent.Timeout(self.handshake_timeout)
+        timer.start()
+        try:
+            self._handshake(sock, link)
+        except gevent.Timeout as t:
+            if t is not timer:
+                raise
+            self.counters["handshake_timeouts"] += 1
+            log.info("resilientsock: relay: handshake not finished in %.0f s; closed",
+                     self.handshake_timeout)
+            sock.close()
+        finally:
+            timer.close()
+
+    def _read_event(self, sock: Any, link: sp.Link) -> Any:
+        while True:
+            ev = link.next_event()
+            if ev is not sp.NEED_DATA:
+                return ev
+            data = sock.recv(sp.HANDSHAKE_LIMIT)
+            if not data:
+                raise ConnectionResetError("closed during the handshake")
+            link.receive_data(data)
+
+    def _reject(self, sock: Any, link: sp.Link, code: int, reason: str) -> None:
+        self.counters["rejected_handshakes"] += 1
+        log.warning("resilientsock: relay: session handshake rejected: %s", reason)
+        try:
+            sock.sendall(link.send_error(code, reason))
+        except (OSError, RuntimeError):
+            pass
+        sock.close()
+
+    def _handshake(self, sock: Any, link: sp.Link) -> None:
+        try:
+            ev = self._read_event(sock, link)
+        except sp.ProtocolError as exc:
+            return self._reject(sock, link, exc.code, exc.reason)
+        except OSError:
+            sock.close()
+            return
+        if ev is sp.NOT_SESSION:
+            return self._proxy_plainly(sock, link.unconsumed())
+        if isinstance(ev, sp.HelloNew):
+            return self._create(sock, link)
+        assert isinstance(ev, sp.HelloResume)
+        try:
+            sock.sendall(link.send_challenge())
+            ev = self._read_event(sock, link)
+        except sp.ProtocolError as exc:
+            return self._reject(sock, link, exc.code, exc.reason)
+        except OSError:
+            sock.close()
+            return
+        assert isinstance(ev, sp.ProofReceived)
+        session = self.sessions.get(link.session_id)
+        # Rule 3: the proof first, against a dummy secret when the id is unknown.
+        ok = link.check_proof(session.secret if session is not None else _DUMMY_SECRET)
+        if session is None:
+            self.counters["unknown_sessions"] += 1
+            return self._reject(sock, link, sp.E_UNKNOWN_SESSION,
+                                "the relay holds no such session (expired, ended, or the "
+                                "relay restarted)")
+        if not ok:
+            self.counters["failed_proofs"] += 1
+            return self._reject(sock, link, sp.E_BAD_PROOF,
+                                f"wrong proof for session {link.session_id.hex()[:8]}")
+        why = session.stream.check_peer_counts(ev.received, ev.sent)
+        if why is not None:
+            self.counters["impossible_counts"] += 1
+            return self._reject(sock, link, sp.E_IMPOSSIBLE_COUNTS, why)
+        if session.finished:
+            return self._reject(sock, link, sp.E_UNKNOWN_SESSION, "the session has ended")
+        self._pending.discard(sock)
+        self.counters["sessions_resumed"] += 1
+        session.resumes += 1
+        log.info("resilientsock: relay: session %s resumed (client had %d, relay had %d)",
+                 session.sid.hex()[:8], ev.received, session.stream.received)
+        lio = _LinkIO(sock, link)
+        self._serve(session, lio, lambda: link.send_resumed(session.secret, session.stream))
+
+    def _serve(self, session: _RelaySession, lio: _LinkIO, first: Any) -> None:
+        # Leave the handshake timer behind: serving is bounded by the link, not by 10 s.
+        gevent.spawn(session.attach, lio, first)
+
+    def _create(self, sock: Any, link: sp.Link) -> None:
+        try:
+            upstream = gsocket.create_connection(self.upstream, timeout=UPSTREAM_CONNECT_TIMEOUT)
+        except OSError as exc:
+            self.counters["upstream_failures"] += 1
+            return self._reject(sock, link, sp.E_UPSTREAM,
+                                f"cannot connect to {self.upstream[0]}:{self.upstream[1]}: "
+                                f"{exc}")
+        upstream.settimeout(None)
+        _nodelay(upstream)
+        sid, secret = sp.new_credentials()
+        stream = sp.Stream(self.buffer_limit)
+        session = _RelaySession(self, sid, secret, stream, upstream)
+        self.sessions[sid] = session
+        self.counters["sessions_created"] += 1
+        self._pending.discard(sock)
+        log.info("resilientsock: relay: session %s created", sid.hex()[:8])
+        lio = _LinkIO(sock, link)
+        session.plain_reader = gevent.spawn(session.pump_plain)
+        self._serve(session, lio, lambda: link.send_created(sid, secret, stream))
+
+    # -- plain clients -----------------------------------------------------------------------
+
+    def _proxy_plainly(self, client: Any, first: bytes) -> None:
+        self.counters["plain_connections"] += 1
+        self._pending.discard(client)
+        try:
+            upstream = gsocket.create_connection(self.upstream, timeout=UPSTREAM_CONNECT_TIMEOUT)
+        except OSError:
+            self.counters["upstream_failures"] += 1
+            _abort(client)
+            return
+        upstream.settimeout(None)
+        _nodelay(upstream)
+        self._plain_socks.update((client, upstream))
+        try:
+            if first:
+                upstream.sendall(first)
+                self.counters["bytes_up"] += len(first)
+        except OSError:
+            _abort(client)
+            upstream.close()
+            return
+        state = {"eofs": 0}
+        down = gevent.spawn(self._pump_plain, upstream, client, state, "bytes_down")
+        self._pump_plain(client, upstream, state, "bytes_up")
+        down.join()
+
+    def _pump_plain(self, source: Any, target: Any, state: dict[str, int],
+                    counter: str) -> None:
+        """Copy ``source`` to ``target``: a FIN is passed on as a FIN, a reset as a reset."""
+        counters = self.counters
+        while True:
+            try:
+                data = source.recv(RECV_SIZE)
+            except OSError:
+                data = None
+            if not data:
+                if data is None:  # a reset: pass it on
+                    _abort(target)
+                    source.close()
+                    self._plain_socks.difference_update((source, target))
+                    return
+                state["eofs"] += 1
+                try:
+                    target.shutdown(gsocket.SHUT_WR)
+                except OSError:
+                    state["eofs"] = 2
+                if state["eofs"] >= 2:
+                    source.close()
+                    target.close()
+                    self._plain_socks.difference_update((source, target))
+                return
+            try:
+                target.sendall(data)
+            except OSError:
+                _abort(source)
+                target.close()
+                self._plain_socks.difference_update((source, target))
+                return
+            counters[counter] += len(data)
+
+
+# =============================================================================================
+# The client side
+
+_targets: frozenset[tuple[str, int]] = frozenset()
+_session_ssl: Any = None
+
+
+def set_session_targets(targets: Iterable[str] | None) -> None:
+    """Connections to these ``"HOST:PORT"`` targets (IPv6 as ``[::1]:PORT``) become sessions;
+    None or [] turns session mode off. ValueError naming the bad entry, and then nothing
+    changes."""
+    global _targets
+    if targets is None:
+        _targets = frozenset()
+        return
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",") if t.strip()]
+    parsed = set()
+    for entry in targets:
+        try:
+            host, port = parse_address(entry)
+        except ValueError as exc:
+            raise ValueError(f"session target {exc}") from None
+        if port == 0:
+            raise ValueError(f"session target {entry!r}: port 0 is not a server")
+        parsed.add((host.lower(), port))
+    _targets = frozenset(parsed)
+
+
+def session_targets() -> list[str]:
+    return sorted(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in _targets)
+
+
+def set_session_tls(context: Any) -> None:
+    """An ``ssl.SSLContext`` for TLS between client and relay (None: plain TCP). The
+    application's own TLS to its server rides inside the session either way."""
+    global _session_ssl
+    _session_ssl = context
+
+
+def is_session_target(address: object) -> bool:
+    """Is ``address`` (as given to connect(): ``(host, port[, ...])``) a session target?"""
+    if not _targets or not isinstance(address, tuple) or len(address) < 2:
+        return False
+    host, port = address[0], address[1]
+    if not isinstance(host, str) or not isinstance(port, int):
+        return False
+    return (host.lower().strip("[]"), port) in _targets
+
+
+class SessionClosedError(ConnectionResetError):
+    """Raised internally when the relay no longer holds the session."""
+
+
+class _ClientSession(_Carrier):
+    __slots__ = ("address", "policy", "sid", "secret", "heartbeat", "ssl_context",
+                 "waiting_pong", "reconnects", "runner")
+
+    side = "application"
+
+    def __init__(self, address: tuple[str, int], policy: RetryPolicy, stream: sp.Stream,
+                 plain: Any, sid: bytes, secret: bytes, heartbeat: float,
+                 ssl_context: Any) -> None:
+        super().__init__(stream, plain)
+        self.address = address
+        self.policy = policy
+        self.sid = sid
+        self.secret = secret
+        self.heartbeat = heartbeat
+        self.ssl_context = ssl_context
+        self.waiting_pong = False
+        self.reconnects = 0
+        self.runner: Any = None
+
+    def recv_link(self, lio: _LinkIO) -> bytes:
+        # The heartbeat: a link silent for one interval gets a PING; silent for another, it
+        # is a drop (a black hole reveals itself only this way).
+        while True:
+            try:
+                data = lio.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                if self.waiting_pong:
+                    raise TimeoutError(f"relay silent for {2 * self.heartbeat:.1f} s") from None
+                self.waiting_pong = True
+                self._send(lio, self.stream.ping())
+                continue
+            self.waiting_pong = False
+            return data  # type: ignore[no-any-return]
+
+    def run(self, lio: _LinkIO) -> None:
+        """The session's life: serve the link, resume after every drop, until it ends."""
+        try:
+            self.plain_reader = gevent.spawn(self.pump_plain)
+            while not self.finished:
+                self.pump_link(lio)
+                if self.finished:
+                    return
+                try:
+                    lio = self._resume()
+                except Exception as exc:  # noqa: BLE001 - surfaced to the application
+                    self._surface(str(exc))
+                    return
+        finally:
+            if not self.finished:
+                self.finish(abort_plain=True)
+
+    def on_detached(self, why: str) -> None:
+        log.info("resilientsock: session %s to %s:%d: link lost (%s); resuming",
+                 self.sid.hex()[:8], *self.address, why)
+
+    def on_refused(self, lio: _LinkIO, exc: sp.Refused) -> None:
+        self._link_lost(lio, str(exc))
+
+    def _surface(self, reason: str) -> None:
+        if self.aborted is not None or (self.stream.end_sent is not None
+                                        and self.stream.end_received is not None):
+            # Nothing is missing from the application's point of view.
+            log.info("resilientsock: session %s ended (%s)", self.sid.hex()[:8], reason)
+            self.finish(abort_plain=False)
+            return
+        log.warning("resilientsock: session to relay %s:%d cannot be resumed: %s; the "
+                    "connection is reset (nothing is re-sent into a new session)",
+                    self.address[0], self.address[1], reason)
+        self.finish(abort_plain=True)
+
+    def _resume(self) -> _LinkIO:
+        """A new link with the session resumed on it (the caller serves it), or raise."""
+        policy = self.policy
+        started = time.monotonic()
+        attempt = 0
+        last: BaseException | None = None
+        while not self.finished:
+            elapsed = time.monotonic() - started
+            if policy.deadline is not None and elapsed >= policy.deadline:
+                raise TimeoutError(f"relay unreachable for {elapsed:.1f} s (deadline "
+                                   f"{policy.deadline} s; last error: {last})")
+            if policy.max_attempts is not None and attempt >= policy.max_attempts:
+                raise TimeoutError(f"{attempt} resume attempts failed (last error: {last})")
+            delay = policy.backoff(attempt)
+            if policy.deadline is not None:
+                delay = min(delay, max(0.0, policy.deadline - elapsed))
+            if delay:
+                gevent.sleep(delay)
+            attempt += 1
+            budget = policy.connect_timeout or HANDSHAKE_TIMEOUT
+            if policy.deadline is not None:
+                budget = max(0.01, min(budget, policy.deadline - (time.monotonic() - started)))
+            try:
+                with gevent.Timeout(budget, TimeoutError(f"resume took over {budget:.2f} s")):
+                    lio = self._resume_once(budget)
+            except sp.Refused as exc:
+                raise SessionClosedError(f"the relay refused the resume: {exc}") from None
+            except sp.ProtocolError as exc:
+                raise SessionClosedError(f"the relay failed the resume: {exc.reason}") from None
+            except OSError as exc:
+                last = exc
+                continue
+            self.reconnects += 1
+            return lio
+        raise SessionClosedError("the session ended")
+
+    def _resume_once(self, timeout: float) -> _LinkIO:
+        sock = _connect(self.address, timeout, self.ssl_context)
+        try:
+            link = sp.Link(sp.CLIENT)
+            sock.sendall(link.send_hello_resume(self.sid, self.stream))
+            ev = _client_event(sock, link)
+            if not isinstance(ev, sp.Challenged):
+                raise sp.ProtocolError(f"expected CHALLENGE, got {ev!r}")
+            sock.sendall(link.send_proof(self.secret))
+            ev = _client_event(sock, link)
+            if not isinstance(ev, sp.Resumed):
+                raise sp.ProtocolError(f"expected RESUMED, got {ev!r}")
+            lio = _LinkIO(sock, link)
+            lio.wlock.acquire()
+            try:
+                frames = link.finish_resume(self.secret)
+                self.cur = lio
+                sock.settimeout(self.heartbeat)
+                sock.sendall(frames)
+            finally:
+                lio.wlock.release()
+        except BaseException:
+            sock.close()
+            raise
+        if self.aborted:
+            self._send(lio, self.stream.abort(self.aborted))
+        if self.stream.room() > 0:
+            self.room_ev.set()
+        log.info("resilientsock: session %s resumed (relay had %d of %d sent)",
+                 self.sid.hex()[:8], *(link.peer_counts or (0, 0))[:1], self.stream.sent)
+        return lio
+
+
+def _client_event(sock: Any, link: sp.Link) -> Any:
+    while True:
+        ev = link.next_event()
+        if ev is not sp.NEED_DATA:
+            return ev
+        data = sock.recv(sp.HANDSHAKE_LIMIT)
+        if not data:
+            raise ConnectionResetError("the relay closed the connection during the handshake")
+        link.receive_data(data)
+
+
+def _connect(address: tuple[str, int], timeout: float | None, ssl_context: Any) -> Any:
+    sock = gsocket.create_connection(address, timeout=timeout)
+    _nodelay(sock)
+    if ssl_context is not None:
+        try:
+            sock = ssl_context.wrap_socket(sock, server_hostname=address[0])
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
+def _socket_pair() -> tuple[Any, Any]:
+    """A connected loopback TCP pair (application end, our end): TCP, so the application can
+    set TCP options on it as on any connection to a server."""
+    listener = gsocket.socket(gsocket.AF_INET, gsocket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        app = gsocket.socket(gsocket.AF_INET, gsocket.SOCK_STREAM)
+        try:
+            app.connect(listener.getsockname())
+            ours, _ = listener.accept()
+        except BaseException:
+            app.close()
+            raise
+    finally:
+        listener.close()
+    # Accepting from our own listener: check it is the socket we connected (another local
+    # process could race us to the port).
+    if ours.getpeername() != app.getsockname():
+        ours.close()
+        app.close()
+        raise ConnectionError("session socket pair: unexpected peer")
+    _nodelay(app)
+    _nodelay(ours)
+    return app, ours
+
+
+def _retryable_first_connect(exc: BaseException) -> bool:
+    if isinstance(exc, _stdsocket.gaierror):
+        return exc.errno == getattr(_stdsocket, "EAI_AGAIN", None)
+    if isinstance(exc, ConnectionRefusedError | ConnectionResetError | TimeoutError |
+                  _stdsocket.timeout | ConnectionAbortedError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (
+        errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ETIMEDOUT)
+
+
+def open_session(address: tuple[Any, ...], *, timeout: float | None = None,
+                 policy: RetryPolicy | None = None, heartbeat: float | None = None,
+                 ssl_context: Any = None) -> Any:
+    """Open a session through the relay at ``address``; return the application's end.
+
+    The result is a connected gevent TCP socket whose byte stream is carried exactly once, in
+    order, through the relay by a background greenlet, across any number of client<->relay
+    drops (resumed under ``policy``: its deadline per outage, its backoff). Its close() and
+    shutdown(SHUT_WR) become the session's end; the upstream's EOF or reset become EOF or a
+    reset on it.
+
+    Raises what a plain connect raises (ConnectionRefusedError, TimeoutError/socket.timeout,
+    gaierror) when the relay cannot be reached within the policy, and ConnectionRefusedError
+    when the relay cannot reach its upstream. After such an error nothing was created
+    upstream... except when the drop hit between the relay's CREATED and our reading it: that
+    session is orphaned and expires on the relay (its upstream saw a connection with no data).
+    When the session later cannot be resumed (relay restarted, session expired, proof
+    rejected), the returned socket is reset (the application's next recv raises
+    ConnectionResetError) and the reason is logged at WARNING.
+    """
+    policy = policy or RetryPolicy()
+    host, port = address[0], int(address[1])
+    addr = (host, port)
+    if ssl_context is None:
+        ssl_context = _session_ssl or _ssl_from_env()
+    if heartbeat is None:
+        heartbeat = (policy.dead_peer_timeout or 30.0) / 2
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        connect_timeout = timeout if timeout is not None else policy.connect_timeout
+        if policy.deadline is not None:
+            left = policy.deadline - (time.monotonic() - started)
+            connect_timeout = min(connect_timeout or left, max(left, 0.01))
+        try:
+            sock = _connect(addr, connect_timeout, ssl_context)
+            break
+        except Exception as exc:
+            attempt += 1
+            spent = time.monotonic() - started
+            if (not policy.retry_connect or not _retryable_first_connect(exc)
+                    or (policy.deadline is not None and spent >= policy.deadline)
+                    or (policy.max_attempts is not None and attempt >= policy.max_attempts)):
+                raise
+            delay = policy.backoff(attempt)
+            if policy.deadline is not None:
+                delay = min(delay, max(0.0, policy.deadline - spent))
+            gevent.sleep(delay)
+    stream = sp.Stream(policy.journal_limit or 16 * 1024 * 1024)
+    link = sp.Link(sp.CLIENT)
+    try:
+        with gevent.Timeout(HANDSHAKE_TIMEOUT,
+                            TimeoutError("session handshake with the relay timed out")):
+            sock.sendall(link.send_hello_new(stream))
+            ev = _client_event(sock, link)
+    except sp.Refused as exc:
+        sock.close()
+        if exc.code == sp.E_UPSTREAM:
+            raise ConnectionRefusedError(errno.ECONNREFUSED,
+                                         f"relay {host}:{port}: {exc.reason}") from None
+        raise ConnectionResetError(errno.ECONNRESET, f"relay {host}:{port}: {exc}") from None
+    except sp.ProtocolError as exc:
+        sock.close()
+        raise ConnectionResetError(errno.ECONNRESET,
+                                   f"relay {host}:{port}: {exc.reason}") from None
+    except BaseException:
+        sock.close()
+        raise
+    assert isinstance(ev, sp.Created)
+    sock.settimeout(heartbeat)
+    app, ours = _socket_pair()
+    app.settimeout(timeout)
+    session = _ClientSession(addr, policy, stream, ours, ev.session_id, ev.secret, heartbeat,
+                             ssl_context)
+    lio = _LinkIO(sock, link)
+    session.cur = lio
+    session.runner = gevent.spawn(session.run, lio)
+    log.info("resilientsock: session %s to relay %s:%d created", ev.session_id.hex()[:8],
+             host, port)
+    return app
+
+
+def _ssl_from_env() -> Any:
+    ca = os.environ.get("RESILIENTSOCK_SESSION_CA")
+    if not ca:
+        return None
+    import gevent.ssl as gssl
+
+    return gssl.create_default_context(cafile=ca)

@@ -1,0 +1,701 @@
+"""The session protocol (DESIGN §11): one sans-IO implementation shared by client and relay.
+
+Rules of this module (the h11 shape):
+
+1. No I/O. Nothing here opens, reads or writes a socket, sleeps or reads a clock. A ``Link`` is
+   fed bytes (``receive_data``), hands out events (``next_event``) and turns intentions into
+   bytes to send (``send_*``); the caller owns the socket. Randomness is injectable.
+2. Two objects, two lifetimes. A ``Stream`` is the session's byte stream in one direction pair
+   (counts, the unacknowledged bytes kept for a resume, the end markers); it lives as long as
+   the session, across any number of transport connections. A ``Link`` is one transport
+   connection: framing, the handshake, and which frames are legal now. Both ends use the same
+   two classes; only ``Link(role)`` differs.
+3. Every legal (role, state, frame) is in ``EXPECT``; anything else is a ``ProtocolError`` and
+   the link's ``ERROR`` state is sticky. Errors say whose fault: ``ProtocolError`` (the peer
+   broke the protocol), ``Refused`` (the peer said no, with a code).
+4. Counts are units of the stream: every data byte is one unit, and the end marker (EOF or
+   reset) is one more, so an end is acknowledged and re-sent exactly like data. A count the
+   peer could not truthfully claim (an ack beyond what was sent, a resume before what was
+   already acknowledged) is rejected, never trusted.
+5. Secrets are compared only with ``hmac.compare_digest``; a proof covers a fresh relay
+   challenge, the client's nonce and both ends' counts, so a recorded handshake replayed later
+   fails.
+
+Theory of operation: the wire format is written down in docs/session-protocol.md; in short,
+the client opens with ``PREAMBLE`` and a HELLO (new session, or resume of an id); a new
+session gets CREATED (id + secret); a resume gets a CHALLENGE, answers with a PROOF (its
+counts + HMAC), and gets RESUMED (the relay's counts + HMAC). Then both ends send DATA frames
+whose header carries a cumulative ACK of what they received, standalone ACKs when they have
+nothing to send, an END marker, PING/PONG. After a resume each end re-sends exactly the units
+beyond what the other said it received.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = [
+    "PREAMBLE", "VERSION", "HANDSHAKE_LIMIT", "MAX_DATA", "ProtocolError", "Refused",
+    "Stream", "Link", "NEED_DATA", "NOT_SESSION", "new_credentials", "preamble_verdict",
+]
+
+# Eight bytes no text protocol starts with (a NUL first, as PNG's signature does it); a TLS
+# ClientHello starts with 0x16, HTTP/2 with "PRI", SSH with "SSH-".
+PREAMBLE = b"\x00RSSN\r\n\x1a"
+VERSION = 1
+MIN_VERSION = 1
+HANDSHAKE_LIMIT = 4096  # bytes a handshake may use, frames included (DESIGN §11)
+MAX_DATA = 1 << 20  # largest DATA payload accepted (1 MiB, picked: a few big reads' worth)
+MAX_CONTROL = 1024  # largest payload of any other frame in the open state (picked)
+ID_LEN, SECRET_LEN, NONCE_LEN, MAC_LEN = 16, 32, 16, 32
+
+# Frame header: type (u8), payload length (u32), cumulative ack of the sender (u64).
+HEADER = struct.Struct("!BIQ")
+HEADER_LEN = HEADER.size  # 13
+
+# Frame types.
+HELLO, CREATED, CHALLENGE, PROOF, RESUMED, ERROR_FRAME = 1, 2, 3, 4, 5, 6
+DATA, ACK, END, PING, PONG, ABORT = 10, 11, 12, 13, 14, 15
+FRAME_NAMES = {HELLO: "HELLO", CREATED: "CREATED", CHALLENGE: "CHALLENGE", PROOF: "PROOF",
+               RESUMED: "RESUMED", ERROR_FRAME: "ERROR", DATA: "DATA", ACK: "ACK", END: "END",
+               PING: "PING", PONG: "PONG", ABORT: "ABORT"}
+
+_HELLO = struct.Struct(f"!BBB{NONCE_LEN}s")  # min version, max version, kind, client nonce
+_HELLO_KIND_NEW, _HELLO_KIND_RESUME = 0, 1
+_CREATED = struct.Struct(f"!B{ID_LEN}s{SECRET_LEN}s")  # version, session id, secret
+_CHALLENGE = struct.Struct(f"!B{NONCE_LEN}s")  # version, relay nonce
+_COUNTS = struct.Struct(f"!QQ{MAC_LEN}s")  # received, sent, mac (PROOF and RESUMED)
+_END = struct.Struct("!B")  # 0 = EOF, 1 = reset; then a UTF-8 reason
+_ERROR = struct.Struct("!B")  # code; then a UTF-8 reason
+
+# ERROR codes: why a handshake was refused (the relay's side of it).
+E_UNKNOWN_SESSION = 1  # no such session: expired, ended, or the relay restarted
+E_BAD_PROOF = 2
+E_IMPOSSIBLE_COUNTS = 3
+E_VERSION = 4
+E_PROTOCOL = 5
+E_UPSTREAM = 6  # the relay could not connect to its upstream
+E_BUSY = 7
+ERROR_NAMES = {E_UNKNOWN_SESSION: "unknown session", E_BAD_PROOF: "bad proof",
+               E_IMPOSSIBLE_COUNTS: "impossible counts", E_VERSION: "no common version",
+               E_PROTOCOL: "protocol error", E_UPSTREAM: "upstream unreachable",
+               E_BUSY: "relay busy"}
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol (malformed, oversized or out-of-place frame, an impossible
+    count). The link is in its sticky ERROR state afterwards; ``code`` is the ERROR code to
+    send the peer before closing."""
+
+    def __init__(self, reason: str, code: int = E_PROTOCOL) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class Refused(Exception):
+    """The peer refused the handshake with an ERROR frame (``code``, ``reason``)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{ERROR_NAMES.get(code, f'error {code}')}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+# -- events -------------------------------------------------------------------------------------
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")  # next_event(): feed more bytes first
+NOT_SESSION = _Sentinel("NOT_SESSION")  # relay: the first bytes are not the preamble
+
+
+@dataclass(frozen=True)
+class HelloNew:
+    version: int
+
+
+@dataclass(frozen=True)
+class HelloResume:
+    version: int
+    session_id: bytes
+
+
+@dataclass(frozen=True)
+class Created:
+    session_id: bytes
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class Challenged:
+    pass
+
+
+@dataclass(frozen=True)
+class ProofReceived:
+    received: int
+    sent: int
+
+
+@dataclass(frozen=True)
+class Resumed:
+    received: int
+    sent: int
+
+
+@dataclass(frozen=True)
+class Data:
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Ended:
+    reset: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Aborted:
+    """The peer tore the session down at once (its plain end vanished after its end marker)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ping:
+    pass
+
+
+@dataclass(frozen=True)
+class Pong:
+    pass
+
+
+Event = (HelloNew | HelloResume | Created | Challenged | ProofReceived | Resumed | Data | Ended
+         | Aborted | Ping | Pong)
+
+
+def new_credentials(rand: Callable[[int], bytes] = os.urandom) -> tuple[bytes, bytes]:
+    """A fresh (session id: 128 bits, secret: 256 bits)."""
+    return rand(ID_LEN), rand(SECRET_LEN)
+
+
+def preamble_verdict(first: bytes) -> bool | None:
+    """For the relay's plain-or-session decision: True when ``first`` starts with the
+    preamble, False when it cannot (proxy plainly), None when it is a prefix (read more)."""
+    n = min(len(first), len(PREAMBLE))
+    if first[:n] != PREAMBLE[:n]:
+        return False
+    return True if n == len(PREAMBLE) else None
+
+
+def _mac(secret: bytes, who: bytes, session_id: bytes, relay_nonce: bytes, client_nonce: bytes,
+         counts: tuple[int, ...]) -> bytes:
+    msg = b"".join((b"resilientsock session v1 ", who, b"\0", session_id, relay_nonce,
+                    client_nonce, struct.pack(f"!{len(counts)}Q", *counts)))
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+# -- the stream ---------------------------------------------------------------------------------
+
+
+class Stream:
+    """One session's byte stream, both directions, as seen from one end.
+
+    ``sent``/``received`` count units (data bytes, plus 1 for an end marker); ``acked`` is what
+    the peer acknowledged. ``unacked`` holds the data bytes in [acked, data_sent): kept until
+    acknowledged, re-sent after a resume. ``room()`` is what may still be written before
+    ``limit`` is reached (the caller stops reading its plain end: backpressure).
+    """
+
+    __slots__ = ("limit", "data_sent", "acked", "unacked", "end_sent", "received",
+                 "end_received", "ack_sent")
+
+    def __init__(self, limit: int = 16 * 1024 * 1024) -> None:
+        if limit < 1:
+            raise ValueError(f"buffer limit must be >= 1 byte, got {limit!r}")
+        self.limit = limit
+        self.data_sent = 0
+        self.acked = 0
+        self.unacked = bytearray()
+        self.end_sent: Ended | None = None
+        self.received = 0
+        self.end_received: Ended | None = None
+        self.ack_sent = 0  # the highest ack conveyed to the peer
+
+    @property
+    def sent(self) -> int:
+        return self.data_sent + (1 if self.end_sent is not None else 0)
+
+    def room(self) -> int:
+        return max(0, self.limit - len(self.unacked))
+
+    def ack_due(self) -> int:
+        """Units received but not yet acknowledged to the peer."""
+        return self.received - self.ack_sent
+
+    @property
+    def done(self) -> bool:
+        """Nothing more to carry: both end markers exchanged and acknowledged, or a reset
+        delivered (a reset ends both directions at once)."""
+        sent_all = self.end_sent is not None and self.acked == self.sent
+        got_all = self.end_received is not None and self.ack_sent == self.received
+        if sent_all and got_all:
+            return True
+        if sent_all and self.end_sent is not None and self.end_sent.reset:
+            return True
+        return got_all and self.end_received is not None and self.end_received.reset
+
+    # sending ------------------------------------------------------------------------------
+
+    def data(self, payload: bytes) -> bytes:
+        """Frames carrying ``payload`` (kept in ``unacked`` until acknowledged)."""
+        if self.end_sent is not None:
+            raise ValueError("data after the end marker")
+        self.unacked += payload
+        self.data_sent += len(payload)
+        return self._data_frames(payload)
+
+    def _data_frames(self, payload: bytes | bytearray | memoryview) -> bytes:
+        ack = self.received
+        self.ack_sent = ack
+        n = len(payload)
+        if n <= MAX_DATA:
+            return HEADER.pack(DATA, n, ack) + payload
+        view = memoryview(payload)
+        return b"".join(HEADER.pack(DATA, len(view[i:i + MAX_DATA]), ack) + view[i:i + MAX_DATA]
+                        for i in range(0, n, MAX_DATA))
+
+    def end(self, reset: bool = False, reason: str = "") -> bytes:
+        """The end marker: EOF (``reset=False``) or reset, after every byte sent before it."""
+        if self.end_sent is not None:
+            return b""
+        self.end_sent = Ended(reset, reason)
+        return self._end_frame()
+
+    def _end_frame(self) -> bytes:
+        assert self.end_sent is not None
+        body = _END.pack(1 if self.end_sent.reset else 0) + self.end_sent.reason.encode()[:512]
+        self.ack_sent = self.received
+        return HEADER.pack(END, len(body), self.received) + body
+
+    def ack(self) -> bytes:
+        self.ack_sent = self.received
+        return HEADER.pack(ACK, 0, self.received)
+
+    def abort(self, reason: str) -> bytes:
+        """ABORT: tear the session down now (not sequenced; the caller repeats it after a
+        resume until the peer has it)."""
+        body = reason.encode()[:512]
+        return HEADER.pack(ABORT, len(body), self.received) + body
+
+    def ping(self) -> bytes:
+        self.ack_sent = self.received
+        return HEADER.pack(PING, 0, self.received)
+
+    def pong(self) -> bytes:
+        self.ack_sent = self.received
+        return HEADER.pack(PONG, 0, self.received)
+
+    # receiving ----------------------------------------------------------------------------
+
+    def on_ack(self, n: int) -> None:
+        """The peer received ``n`` units: drop what it no longer needs. An ack older than one
+        already seen is ignored (two writers on one connection may reorder frames' acks); an
+        ack beyond what was sent is a ProtocolError."""
+        if n < self.acked:
+            return
+        if n > self.sent:
+            raise ProtocolError(f"impossible ack {n} (acknowledged {self.acked}, sent "
+                                f"{self.sent})", E_IMPOSSIBLE_COUNTS)
+        drop = min(n, self.data_sent) - min(self.acked, self.data_sent)
+        if drop:
+            del self.unacked[:drop]
+        self.acked = n
+
+    def on_data(self, size: int) -> None:
+        if self.end_received is not None:
+            raise ProtocolError("DATA after the end marker")
+        self.received += size
+
+    def on_end(self, ended: Ended) -> None:
+        if self.end_received is not None:
+            raise ProtocolError("a second end marker")
+        self.end_received = ended
+        self.received += 1
+
+    # resuming -----------------------------------------------------------------------------
+
+    def check_peer_counts(self, peer_received: int, peer_sent: int) -> str | None:
+        """None when the peer's claimed counts can be true, else why not (rule 4)."""
+        if peer_received < self.acked:
+            return (f"peer claims {peer_received} received, but already acknowledged "
+                    f"{self.acked}")
+        if peer_received > self.sent:
+            return f"peer claims {peer_received} received, but only {self.sent} were sent"
+        if peer_sent < self.received:
+            return f"peer claims {peer_sent} sent, but {self.received} were received"
+        if peer_sent < self.ack_sent:
+            return f"peer claims {peer_sent} sent, below the ack {self.ack_sent} given"
+        return None
+
+    def resume(self, peer_received: int) -> bytes:
+        """After a verified resume: acknowledge up to ``peer_received`` and return the frames
+        re-sending every unit beyond it (data, then the end marker if one was sent)."""
+        self.on_ack(peer_received)
+        out = self._data_frames(self.unacked) if self.unacked else b""
+        if self.end_sent is not None and self.acked <= self.data_sent:
+            out += self._end_frame()
+        if not out:
+            out = self.ack()
+        return out
+
+
+# -- the link (one transport connection) ------------------------------------------------------
+
+CLIENT, RELAY = "client", "relay"
+
+# Link states.
+START = "START"  # client: nothing sent yet
+AWAIT_PREAMBLE = "AWAIT_PREAMBLE"  # relay: deciding plain or session
+AWAIT_HELLO = "AWAIT_HELLO"
+AWAIT_CREATED = "AWAIT_CREATED"
+AWAIT_CHALLENGE = "AWAIT_CHALLENGE"
+CHALLENGED = "CHALLENGED"  # client: challenge in hand, proof to send
+AWAIT_PROOF = "AWAIT_PROOF"
+CREATING = "CREATING"  # relay: HELLO(new) in hand, CREATED to send
+CHALLENGING = "CHALLENGING"  # relay: HELLO(resume) in hand, CHALLENGE to send
+VERIFYING = "VERIFYING"  # relay: PROOF in hand, RESUMED (or ERROR) to send
+AWAIT_RESUMED = "AWAIT_RESUMED"
+OPEN = "OPEN"
+ERROR = "ERROR"  # sticky
+CLOSED = "CLOSED"  # an ERROR frame was sent or received: nothing more on this link
+
+# Which frames each (role, state) accepts, and the state they lead to. Everything not listed is
+# a ProtocolError (rule 3). Sends move states too: see SENDS.
+EXPECT: dict[tuple[str, str], dict[int, str]] = {
+    (RELAY, AWAIT_HELLO): {HELLO: CREATING},  # CREATING or CHALLENGING, by the HELLO's kind
+    (RELAY, AWAIT_PROOF): {PROOF: VERIFYING},
+    (RELAY, OPEN): {DATA: OPEN, ACK: OPEN, END: OPEN, PING: OPEN, PONG: OPEN, ABORT: OPEN},
+    (CLIENT, AWAIT_CREATED): {CREATED: OPEN, ERROR_FRAME: CLOSED},
+    (CLIENT, AWAIT_CHALLENGE): {CHALLENGE: CHALLENGED, ERROR_FRAME: CLOSED},
+    (CLIENT, AWAIT_RESUMED): {RESUMED: OPEN, ERROR_FRAME: CLOSED},
+    (CLIENT, OPEN): {DATA: OPEN, ACK: OPEN, END: OPEN, PING: OPEN, PONG: OPEN, ABORT: OPEN,
+                     ERROR_FRAME: CLOSED},
+}
+# Which send_* call is legal in which state, and the state after it.
+SENDS: dict[tuple[str, str], dict[str, str]] = {
+    (CLIENT, START): {"hello_new": AWAIT_CREATED, "hello_resume": AWAIT_CHALLENGE},
+    (CLIENT, CHALLENGED): {"proof": AWAIT_RESUMED},
+    (RELAY, CREATING): {"created": OPEN, "error": CLOSED},
+    (RELAY, CHALLENGING): {"challenge": AWAIT_PROOF, "error": CLOSED},
+    (RELAY, VERIFYING): {"resumed": OPEN, "error": CLOSED},
+    (RELAY, AWAIT_PREAMBLE): {"error": CLOSED},
+    (RELAY, AWAIT_HELLO): {"error": CLOSED},
+    (RELAY, AWAIT_PROOF): {"error": CLOSED},
+    (RELAY, OPEN): {"error": CLOSED},
+    (RELAY, ERROR): {"error": CLOSED},
+}
+HANDSHAKE_STATES = {START, AWAIT_PREAMBLE, AWAIT_HELLO, AWAIT_CREATED, AWAIT_CHALLENGE,
+                    CHALLENGED, AWAIT_PROOF, CREATING, CHALLENGING, VERIFYING, AWAIT_RESUMED}
+
+
+class Link:
+    """One transport connection of a session, client or relay side (see module docstring).
+
+    After a ``ProtocolError`` or ``Refused`` from ``next_event`` the link is in ``ERROR`` /
+    ``CLOSED`` and every later call raises again: close the connection. The session's
+    ``Stream`` is untouched by anything that happens before the handshake completes.
+    """
+
+    __slots__ = ("role", "state", "_buf", "_pos", "_handshake_bytes", "stream", "session_id",
+                 "client_nonce", "relay_nonce", "version", "_rand", "_error", "peer_counts",
+                 "_peer_mac")
+
+    def __init__(self, role: str, rand: Callable[[int], bytes] = os.urandom) -> None:
+        if role not in (CLIENT, RELAY):
+            raise ValueError(f"role must be {CLIENT!r} or {RELAY!r}, got {role!r}")
+        self.role = role
+        self.state = START if role == CLIENT else AWAIT_PREAMBLE
+        self._buf = bytearray()
+        self._pos = 0
+        self._handshake_bytes = 0
+        self.stream: Stream | None = None
+        self.session_id = b""
+        self.client_nonce = b""
+        self.relay_nonce = b""
+        self.version = VERSION
+        self._rand = rand
+        self._error: Exception | None = None
+        self.peer_counts: tuple[int, int] | None = None
+        self._peer_mac = b""
+
+    # input ----------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pos:
+            # Drop what was parsed (cheap: CPython deletes a bytearray's prefix in place).
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
+
+    def unconsumed(self) -> bytes:
+        """Bytes received but not parsed (the relay forwards them when proxying plainly)."""
+        return bytes(self._buf[self._pos:])
+
+    def next_event(self) -> Event | _Sentinel:
+        """The next event, ``NEED_DATA``, or (relay, first bytes) ``NOT_SESSION``."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next_event()
+        except ProtocolError as exc:
+            self.state = ERROR
+            self._error = exc
+            raise
+        except Refused as exc:
+            self.state = CLOSED
+            self._error = exc
+            raise
+
+    def _next_event(self) -> Event | _Sentinel:
+        buf, pos = self._buf, self._pos
+        if self.state == AWAIT_PREAMBLE:
+            verdict = preamble_verdict(bytes(buf[pos:pos + len(PREAMBLE)]))
+            if verdict is None:
+                return NEED_DATA
+            if verdict is False:
+                return NOT_SESSION
+            self._pos = pos + len(PREAMBLE)
+            self._handshake_bytes = len(PREAMBLE)
+            self.state = AWAIT_HELLO
+            return self._next_event()
+        if len(buf) - pos < HEADER_LEN:
+            return NEED_DATA
+        ftype, length, ack = HEADER.unpack_from(buf, pos)
+        allowed = EXPECT.get((self.role, self.state))
+        if allowed is None or ftype not in allowed:
+            raise ProtocolError(f"{FRAME_NAMES.get(ftype, f'frame type {ftype}')} not allowed "
+                                f"in state {self.state} ({self.role})")
+        cap = MAX_DATA if ftype == DATA else (
+            MAX_CONTROL if self.state == OPEN else HANDSHAKE_LIMIT)
+        if length > cap:
+            raise ProtocolError(f"{FRAME_NAMES[ftype]} frame of {length} bytes (limit {cap})")
+        if self.state != OPEN:
+            self._handshake_bytes += HEADER_LEN + length
+            if self._handshake_bytes > HANDSHAKE_LIMIT:
+                raise ProtocolError(f"handshake longer than {HANDSHAKE_LIMIT} bytes")
+        end = pos + HEADER_LEN + length
+        if len(buf) < end:
+            return NEED_DATA
+        with memoryview(buf) as view:
+            body = bytes(view[pos + HEADER_LEN:end])
+        self._pos = end
+        if self.state == OPEN:
+            return self._open_event(ftype, body, ack)
+        return self._handshake_event(ftype, body, allowed[ftype])
+
+    def _open_event(self, ftype: int, body: bytes, ack: int) -> Event | _Sentinel:
+        stream = self.stream
+        assert stream is not None
+        if ftype == ERROR_FRAME:
+            code, reason = _parse_error(body)
+            raise Refused(code, reason)
+        stream.on_ack(ack)
+        if ftype == DATA:
+            if not body:
+                raise ProtocolError("empty DATA frame")
+            stream.on_data(len(body))
+            return Data(body)
+        if ftype == ACK:
+            return self._next_event()
+        if ftype == END:
+            if len(body) < _END.size:
+                raise ProtocolError("short END frame")
+            (kind,) = _END.unpack_from(body)
+            if kind not in (0, 1):
+                raise ProtocolError(f"END kind {kind}")
+            ended = Ended(kind == 1, body[_END.size:].decode("utf-8", "replace"))
+            stream.on_end(ended)
+            return ended
+        if ftype == PING:
+            return Ping()
+        if ftype == ABORT:
+            return Aborted(body.decode("utf-8", "replace"))
+        return Pong()
+
+    def _handshake_event(self, ftype: int, body: bytes, next_state: str) -> Event:
+        if ftype == ERROR_FRAME:
+            self.state = CLOSED
+            code, reason = _parse_error(body)
+            raise Refused(code, reason)
+        if ftype == HELLO:
+            if len(body) < _HELLO.size:
+                raise ProtocolError("short HELLO")
+            low, high, kind, nonce = _HELLO.unpack_from(body)
+            if low > high:
+                raise ProtocolError(f"HELLO versions {low}..{high}")
+            if high < MIN_VERSION or low > VERSION:
+                raise ProtocolError(f"client speaks versions {low}..{high}, relay "
+                                    f"{MIN_VERSION}..{VERSION}", E_VERSION)
+            self.version = min(high, VERSION)
+            self.client_nonce = nonce
+            if kind == _HELLO_KIND_NEW:
+                if len(body) != _HELLO.size:
+                    raise ProtocolError("HELLO(new) with trailing bytes")
+                self.state = CREATING
+                return HelloNew(self.version)
+            if kind == _HELLO_KIND_RESUME:
+                if len(body) != _HELLO.size + ID_LEN:
+                    raise ProtocolError("HELLO(resume) must carry a 16-byte session id")
+                self.session_id = body[_HELLO.size:]
+                self.state = CHALLENGING
+                return HelloResume(self.version, self.session_id)
+            raise ProtocolError(f"HELLO kind {kind}")
+        if ftype == CREATED:
+            if len(body) != _CREATED.size:
+                raise ProtocolError("malformed CREATED")
+            version, sid, secret = _CREATED.unpack(body)
+            self.version = version
+            self.session_id = sid
+            self.state = next_state
+            return Created(sid, secret)
+        if ftype == CHALLENGE:
+            if len(body) != _CHALLENGE.size:
+                raise ProtocolError("malformed CHALLENGE")
+            self.version, self.relay_nonce = _CHALLENGE.unpack(body)
+            self.state = next_state
+            return Challenged()
+        if ftype in (PROOF, RESUMED):
+            if len(body) != _COUNTS.size:
+                raise ProtocolError(f"malformed {FRAME_NAMES[ftype]}")
+            received, sent, mac = _COUNTS.unpack(body)
+            self.peer_counts = (received, sent)
+            self._peer_mac = mac
+            self.state = next_state
+            if ftype == PROOF:
+                return ProofReceived(received, sent)
+            return Resumed(received, sent)
+        raise ProtocolError(f"unexpected {FRAME_NAMES.get(ftype, ftype)}")  # pragma: no cover
+
+    # output ---------------------------------------------------------------------------------
+
+    def _move(self, action: str) -> None:
+        nxt = SENDS.get((self.role, self.state), {}).get(action)
+        if nxt is None:
+            raise RuntimeError(f"cannot send {action} in state {self.state} ({self.role})")
+        self.state = nxt
+
+    def send_hello_new(self, stream: Stream) -> bytes:
+        """Client: the preamble and a request for a new session, to be carried by ``stream``."""
+        self._move("hello_new")
+        self.stream = stream
+        self.client_nonce = self._rand(NONCE_LEN)
+        body = _HELLO.pack(MIN_VERSION, VERSION, _HELLO_KIND_NEW, self.client_nonce)
+        return PREAMBLE + HEADER.pack(HELLO, len(body), 0) + body
+
+    def send_hello_resume(self, session_id: bytes, stream: Stream) -> bytes:
+        """Client: the preamble and a request to resume ``session_id`` (its ``stream``)."""
+        if len(session_id) != ID_LEN:
+            raise ValueError("session id must be 16 bytes")
+        self._move("hello_resume")
+        self.session_id = session_id
+        self.stream = stream
+        self.client_nonce = self._rand(NONCE_LEN)
+        body = _HELLO.pack(MIN_VERSION, VERSION, _HELLO_KIND_RESUME, self.client_nonce)
+        body += session_id
+        return PREAMBLE + HEADER.pack(HELLO, len(body), 0) + body
+
+    def send_created(self, session_id: bytes, secret: bytes, stream: Stream) -> bytes:
+        """Relay: the new session's id and secret; the link is open on ``stream``."""
+        self._move("created")
+        self.session_id = session_id
+        self.stream = stream
+        body = _CREATED.pack(self.version, session_id, secret)
+        return HEADER.pack(CREATED, len(body), 0) + body
+
+    def send_challenge(self) -> bytes:
+        """Relay: a fresh challenge for the resume the client asked for."""
+        self._move("challenge")
+        self.relay_nonce = self._rand(NONCE_LEN)
+        body = _CHALLENGE.pack(self.version, self.relay_nonce)
+        return HEADER.pack(CHALLENGE, len(body), 0) + body
+
+    def send_proof(self, secret: bytes) -> bytes:
+        """Client: its counts and the HMAC proving it holds ``secret``."""
+        stream = self.stream
+        assert stream is not None
+        self._move("proof")
+        counts = (stream.received, stream.sent)
+        mac = _mac(secret, b"client", self.session_id, self.relay_nonce, self.client_nonce,
+                   counts)
+        body = _COUNTS.pack(*counts, mac)
+        return HEADER.pack(PROOF, len(body), 0) + body
+
+    def check_proof(self, secret: bytes) -> bool:
+        """Relay: does the PROOF received prove ``secret``? Constant time (rule 5). For an
+        unknown id pass any 32-byte secret: the cost is the same and the answer False."""
+        assert self.peer_counts is not None
+        expected = _mac(secret, b"client", self.session_id, self.relay_nonce,
+                        self.client_nonce, self.peer_counts)
+        return hmac.compare_digest(expected, self._peer_mac)
+
+    def send_resumed(self, secret: bytes, stream: Stream) -> bytes:
+        """Relay, after ``check_proof`` and ``stream.check_peer_counts`` passed: RESUMED with
+        the relay's own counts and proof, then every unit the client has not received."""
+        assert self.peer_counts is not None
+        self._move("resumed")
+        self.stream = stream
+        counts = (*self.peer_counts, stream.received, stream.sent)
+        mac = _mac(secret, b"relay", self.session_id, self.relay_nonce, self.client_nonce,
+                   counts)
+        body = _COUNTS.pack(stream.received, stream.sent, mac)
+        return HEADER.pack(RESUMED, len(body), 0) + body + stream.resume(self.peer_counts[0])
+
+    def finish_resume(self, secret: bytes) -> bytes:
+        """Client, on ``Resumed``: verify the relay's proof and counts (``ProtocolError`` if
+        either is wrong: the stream is not touched) and return the frames re-sending every unit
+        the relay has not received."""
+        stream = self.stream
+        assert stream is not None and self.peer_counts is not None
+        r_received, r_sent = self.peer_counts
+        counts = (stream.received, stream.sent, r_received, r_sent)
+        expected = _mac(secret, b"relay", self.session_id, self.relay_nonce, self.client_nonce,
+                        counts)
+        if not hmac.compare_digest(expected, self._peer_mac):
+            self._fail(ProtocolError("the relay's proof is wrong", E_BAD_PROOF))
+        why = stream.check_peer_counts(r_received, r_sent)
+        if why is not None:
+            self._fail(ProtocolError(f"relay counts: {why}", E_IMPOSSIBLE_COUNTS))
+        return stream.resume(r_received)
+
+    def send_error(self, code: int, reason: str) -> bytes:
+        """An ERROR frame; nothing more is sent or accepted on this link."""
+        self._move("error")
+        body = _ERROR.pack(code) + reason.encode()[:512]
+        return HEADER.pack(ERROR_FRAME, len(body), 0) + body
+
+    def _fail(self, exc: ProtocolError) -> None:
+        self.state = ERROR
+        self._error = exc
+        raise exc
+
+
+def _parse_error(body: bytes) -> tuple[int, str]:
+    if len(body) < _ERROR.size:
+        return E_PROTOCOL, "short ERROR frame"
+    (code,) = _ERROR.unpack_from(body)
+    return code, body[_ERROR.size:].decode("utf-8", "replace")
