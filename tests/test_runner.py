@@ -360,6 +360,20 @@ def test_give_up_through_runner_raises_refused_with_note():
     assert 1.8 <= elapsed < 6
 
 
+def test_give_up_note_is_the_last_line_when_a_library_wraps_the_error(tmp_path):
+    """urllib turns the refused connect into URLError(reason=...): the note sits one level
+    down the chain, and the runner prints it again as the last line of the output."""
+    port = _free_port()  # nothing listens there
+    script = tmp_path / "fetch.py"
+    script.write_text("import urllib.request\n"
+                      f"urllib.request.urlopen('http://127.0.0.1:{port}/', timeout=30)\n")
+    out = run_py(["-m", "resilientsock", "--deadline", "1", str(script)])
+    assert out.returncode == 1
+    lines = out.stderr.rstrip("\n").splitlines()
+    assert any(line.startswith("urllib.error.URLError") for line in lines), out.stderr
+    assert lines[-1].startswith("resilientsock: gave up after"), out.stderr
+
+
 # -- server-first protocols: smtplib and ftplib --------------------------------------------------
 #
 # Both protocols greet first (a banner) and then hold session state (EHLO, login). resilientsock
