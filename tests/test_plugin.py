@@ -4,6 +4,7 @@ Fresh processes each time: this pytest process has long imported gevent itself."
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ def pytest_configure(config):
 @pytest.hookimpl(trylast=True)
 def pytest_collection_finish(session):
     config = session.config
-    loaded = config.pluginmanager.has_plugin("resilientsock")
+    loaded = any(config.pluginmanager.has_plugin(name)  # entry point name, or -p name
+                 for name in ("resilientsock", "resilientsock.testing.plugin"))
     with open("report.txt", "w") as fh:
         fh.write(f"plugin={loaded} configure={config._gevent_at_configure} "
                  f"collected={'gevent' in sys.modules}\\n")
@@ -37,9 +39,15 @@ def _pytest_in(directory: Path, test_source: str) -> tuple[subprocess.CompletedP
     (directory / "conftest.py").write_text(CONFTEST)
     (directory / "test_sample.py").write_text(test_source)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # Installed (pip install -e, CI): pytest loads the plugin through its pytest11 entry point,
+    # the case that matters. From a bare source tree, name it.
+    installed = any(ep.value == "resilientsock.testing.plugin"
+                    for ep in importlib.metadata.entry_points(group="pytest11"))
+    load = [] if installed else ["-p", "resilientsock.testing.plugin"]
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-         "test_sample.py"], cwd=directory, capture_output=True, text=True, timeout=100, env=env)
+         *load, "test_sample.py"], cwd=directory, capture_output=True, text=True, timeout=100,
+        env=env)
     return out, (directory / "report.txt").read_text()
 
 
