@@ -159,8 +159,13 @@ class ListenerService:
         self._acceptor = gevent.spawn(self._accept_loop, sock)
 
     def _close_listener(self) -> None:
+        """Close the listening socket now: a connect right after this is refused."""
         if self._listener is not None:
-            self._acceptor.kill(block=False)
+            # Kill the acceptor first and wait for it: gevent defers the close of a socket a
+            # greenlet is still waiting on to a later loop turn, and a connect made before
+            # that turn would still be accepted.
+            if self._acceptor is not gevent.getcurrent():
+                self._acceptor.kill(block=True, timeout=5)
             self._listener.close()
             self._listener = None
 

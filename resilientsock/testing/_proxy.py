@@ -489,11 +489,10 @@ class FaultProxy(ListenerService):
             if conn.closed:
                 return
             if not n:
-                if flow.writer is not None:
-                    flow.queued += 1
-                    flow.queue.put(_EOF)
-                else:
+                if flow.writer is None and fast[direction]:
                     self._pass_eof(flow)
+                else:  # behind the data still queued, and through slow_close
+                    self._queue(flow, _EOF)
                 return
             if fast[direction] and not flow.queued:
                 try:
@@ -506,12 +505,16 @@ class FaultProxy(ListenerService):
                 else:
                     self.bytes_down += n
                 continue
-            if flow.writer is None:
-                flow.queue = gevent.queue.Queue(_QUEUE_CHUNKS)
-                flow.writer = gevent.spawn(self._writer, flow)
-                conn.greenlets.append(flow.writer)
-            flow.queued += 1
-            flow.queue.put((time.monotonic(), bytes(view[:n])))
+            self._queue(flow, (time.monotonic(), bytes(view[:n])))
+
+    def _queue(self, flow: _Flow, item: Any) -> None:
+        """Hand ``item`` to the flow's writer (started on first use); blocks while full."""
+        if flow.writer is None:
+            flow.queue = gevent.queue.Queue(_QUEUE_CHUNKS)
+            flow.writer = gevent.spawn(self._writer, flow)
+            flow.conn.greenlets.append(flow.writer)
+        flow.queued += 1
+        flow.queue.put(item)
 
     def _writer(self, flow: _Flow) -> None:
         while True:
