@@ -1,0 +1,137 @@
+"""The rows of the matrix (DESIGN §9): which client, against which server, through which
+faults, and which errors the plain client raises under them.
+
+Rules of this module:
+
+1. A row is data (``matrix.Row``); the test modules add the row's own expected outcome
+   (issue #14 §4) on top of "never worse". The fast subset (tests/test_field_fast.py) runs
+   the same rows with fewer faults.
+2. Cut sizes are picked per protocol so that ``cutup`` lands inside a request and
+   ``cutdown`` inside an answer (numbers from the protocol: a SET is ~40 bytes and "+OK\\r\\n"
+   5; the HTTP blob is 48 KiB; MySQL's greeting length is measured at start).
+3. ``plain_errors`` lists what the plain client raises under these faults (read from the
+   client library and seen in runs); the comparison also allows whatever the plain run of
+   the same plan raised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .matrix import Row
+from .servers import BLOB_SIZE, Server
+
+OS_ERRORS = frozenset({"ConnectionResetError", "ConnectionRefusedError", "BrokenPipeError",
+                       "ConnectionAbortedError", "TimeoutError"})
+MID = BLOB_SIZE // 2  # a cut in the middle of the blob
+
+
+def redis_db2(server: Server, **kw: Any) -> Row:
+    return Row(slug="redis-db2", title="redis-py (db=2, requirepass) vs redis-server",
+               server=server,
+               client=["redis_client.py", "127.0.0.1", "{port}", server.password, "2"],
+               kinds=("reset", "close", "refuse1.0", "cutup:10", "cutdown:3"),
+               plain_errors=frozenset({"redis.exceptions.ConnectionError",
+                                       "redis.exceptions.TimeoutError"}), **kw)
+
+
+def redis_db2_nopass(server: Server, **kw: Any) -> Row:
+    """db=2 without a password: a re-sent SET on a new connection lands in db 0, silently
+    (with requirepass it meets NOAUTH instead)."""
+    return Row(slug="redis-db2-nopass", title="redis-py (db=2, no password) vs redis-server",
+               server=server, client=["redis_client.py", "127.0.0.1", "{port}", "", "2"],
+               kinds=("reset", "close", "refuse1.0", "cutup:10", "cutdown:3"),
+               plain_errors=frozenset({"redis.exceptions.ConnectionError",
+                                       "redis.exceptions.TimeoutError"}), **kw)
+
+
+def http_server(server: Server, **kw: Any) -> Row:
+    return Row(slug="httpclient-httpserver", title="http.client vs Python's http.server",
+               server=server,
+               client=["http_client.py", "127.0.0.1", "{port}", str(BLOB_SIZE)],
+               kinds=("reset", "close", "refuse1.0", "cutup:30", f"cutdown:{MID}"),
+               plain_errors=OS_ERRORS | {"http.client.RemoteDisconnected",
+                                         "http.client.IncompleteRead"}, **kw)
+
+
+REQUESTS_ERRORS = frozenset({"requests.exceptions.ConnectionError",
+                             "requests.exceptions.ChunkedEncodingError",
+                             "requests.exceptions.ReadTimeout"})
+
+
+def requests_nginx(server: Server, tls: bool = False, **kw: Any) -> Row:
+    if tls:
+        url = "https://127.0.0.1:{port}/blob"
+        extra, slug, title = [server.cafile], "requests-nginx-https", \
+            "requests (urllib3 2.x) vs nginx, HTTPS"
+    else:
+        url = "http://127.0.0.1:{port}/blob"
+        extra, slug, title = [], "requests-nginx-http", "requests (urllib3 2.x) vs nginx, HTTP"
+    return Row(slug=slug, title=title, server=server,
+               client=["requests_client.py", url, str(BLOB_SIZE), *extra],
+               upstream_port=server.tls_port if tls else server.port,
+               kinds=("reset", "close", "refuse1.0", "cutup:30", f"cutdown:{MID}"),
+               plain_errors=REQUESTS_ERRORS | ({"requests.exceptions.SSLError"} if tls else
+                                               set()), **kw)
+
+
+PYMYSQL_ERRORS = frozenset({"pymysql.err.OperationalError(2013)",
+                            "pymysql.err.OperationalError(2003)",
+                            "pymysql.err.InterfaceError(0)"})
+
+
+def pymysql_loop(server: Server, **kw: Any) -> Row:
+    return Row(slug="pymysql-mariadb", title="PyMySQL vs MariaDB, INSERT loop", server=server,
+               client=["pymysql_client.py", "127.0.0.1", "{port}", server.user,
+                       server.password, server.db, "loop"],
+               kinds=("reset", "close", "refuse1.0", "cutup:20", "cutdown:5"),
+               plain_errors=PYMYSQL_ERRORS, **kw)
+
+
+def pymysql_handshake(server: Server, **kw: Any) -> Row:
+    g = server.greeting_len
+    return Row(slug="pymysql-mariadb-handshake",
+               title="PyMySQL vs MariaDB, a drop inside the handshake", server=server,
+               client=["pymysql_client.py", "127.0.0.1", "{port}", server.user,
+                       server.password, server.db, "connect"],
+               # after the greeting (the auth packet is answered on a dead connection), inside
+               # the auth answer, the auth packet itself cut, the greeting cut
+               kinds=(f"cutdown:{g}:new", f"cutdown:{g + 4}:new", "cutup:0:new",
+                      "cutup:40:new", "cutdown:20:new", "reset"),
+               faults=12, plain_errors=PYMYSQL_ERRORS, **kw)
+
+
+def pymemcache(server: Server, **kw: Any) -> Row:
+    return Row(slug="pymemcache-memcached", title="pymemcache vs memcached", server=server,
+               client=["memcache_client.py", "127.0.0.1", "{port}"],
+               kinds=("reset", "close", "refuse1.0", "cutup:10", "cutdown:4"),
+               plain_errors=OS_ERRORS | {"pymemcache.exceptions.MemcacheUnexpectedCloseError"},
+               **kw)
+
+
+def smtplib_exim(server: Server, **kw: Any) -> Row:
+    return Row(slug="smtplib-exim", title="smtplib vs exim4", server=server,
+               client=["smtp_client.py", "127.0.0.1", "{port}", "box@field.test"],
+               kinds=("reset", "close", "refuse1.0", "cutup:10", "cutdown:10"),
+               plain_errors=OS_ERRORS | {"smtplib.SMTPServerDisconnected"}, **kw)
+
+
+def paramiko_sshd(server: Server, **kw: Any) -> Row:
+    return Row(slug="paramiko-openssh", title="paramiko vs OpenSSH", server=server,
+               client=["ssh_client.py", "127.0.0.1", "{port}", server.user, server.keyfile,
+                       str(server.cmdlog)],
+               kinds=("reset", "close", "refuse1.0", "cutup:30", "cutdown:30"),
+               spacing=(0.6, 1.0), after_ops=10,
+               plain_errors=OS_ERRORS | {"paramiko.ssh_exception.SSHException", "EOFError",
+                                         "EmptyOutput",
+                                         "paramiko.ssh_exception.NoValidConnectionsError"},
+               **kw)
+
+
+def websocket_client(server: Server, **kw: Any) -> Row:
+    return Row(slug="websocket-client-websockets", title="websocket-client vs websockets",
+               server=server, client=["ws_client.py", "ws://127.0.0.1:{port}/"],
+               kinds=("reset", "close", "refuse1.0", "cutup:4", "cutdown:3"),
+               plain_errors=OS_ERRORS | {
+                   "websocket._exceptions.WebSocketConnectionClosedException",
+                   "websocket._exceptions.WebSocketTimeoutException"}, **kw)

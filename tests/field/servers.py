@@ -1,0 +1,615 @@
+"""The real servers of the field matrix, each started by this test run on a free loopback
+port as its own process, and stopped afterwards.
+
+Rules of this module:
+
+1. A server that is not installed, or cannot start here, makes its row skip with a reason;
+   it never fails the run (``make system-deps`` installs them as root).
+2. Every server runs from a folder of its own (config, data, logs) under the test's
+   ``tmp_path``: nothing outside it is read or written, nothing is left running.
+3. Counting is the server's: every ``count(prefix, before)`` reads the server's own state
+   (keys, rows, mailbox, the file the commands append to, its access log), never the client's
+   output. ``before`` is what ``baseline()`` returned before the run, for counters that only
+   go up (command statistics, log lines).
+4. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+BLOB_SIZE = 48 * 1024  # big enough that a cut lands inside the body, small enough to be quick
+BLOB = bytes(range(256)) * (BLOB_SIZE // 256)
+
+
+@dataclass
+class Counts:
+    """What the server holds for one run: key -> times applied, plus what went elsewhere."""
+
+    seen: Counter[str] = field(default_factory=Counter)
+    wrong_place: int = 0  # applied, but somewhere the client did not ask for
+    extra_executions: int | None = None  # server-side executions beyond one per key (None: n/a)
+    other: dict[str, int] = field(default_factory=dict)  # row-specific server-side counts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find(*names: str) -> str:
+    for name in names:
+        path = shutil.which(name) or (name if os.path.isabs(name) and os.access(name, os.X_OK)
+                                      else None)
+        if path is None:
+            for d in ("/usr/sbin", "/usr/local/sbin", "/sbin"):
+                cand = os.path.join(d, name)
+                if os.access(cand, os.X_OK):
+                    path = cand
+                    break
+        if path:
+            return path
+    pytest.skip(f"{names[0]} is not installed (make system-deps installs it as root)")
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30.0,
+              logs: Path | None = None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            break
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    tail = ""
+    if logs is not None and logs.exists():
+        tail = logs.read_text(errors="replace")[-800:]
+    stop_proc(proc)
+    pytest.skip(f"{what} did not start on 127.0.0.1:{port} (rc={proc.poll()}): {tail}")
+
+
+def stop_proc(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
+class Server:
+    """One server process; subclasses say how to start it and how to count."""
+
+    name = "server"
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.version = ""
+
+    def _spawn(self, argv: list[str], log: str = "server.log", ready_timeout: float = 30.0,
+               port: int | None = None, **kw: Any) -> None:
+        self.log = self.dir / log
+        out = open(self.log, "ab")
+        self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, **kw)
+        out.close()
+        wait_port(port or self.port, self.proc, self.name, ready_timeout, self.log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_proc(self.proc)
+            self.proc = None
+
+    def baseline(self) -> dict[str, int]:
+        return {}
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        raise NotImplementedError
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines() if path.exists() else []
+
+
+def _settle(read: Any, timeout: float = 5.0) -> Any:
+    """Read a server-side count until two reads 0.2 s apart agree (writes in flight land)."""
+    end = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+# ------------------------------------------------------------------------------- redis ----
+
+class Redis(Server):
+    name = "redis"
+
+    def __init__(self, tmp: Path, password: str = "field-pw") -> None:
+        self.name = "redis" + ("" if password else "-nopass")
+        super().__init__(tmp)
+        self.password = password
+
+    def start(self) -> Redis:
+        exe = find("redis-server")
+        self.port = free_port()
+        self.version = subprocess.run([exe, "--version"], capture_output=True,
+                                      text=True).stdout.split()[2].removeprefix("v=")
+        auth = ["--requirepass", self.password] if self.password else []
+        self._spawn([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", *auth, "--dir", str(self.dir), "--daemonize", "no",
+                     "--maxclients", "1000"])
+        return self
+
+    def _client(self, db: int = 0) -> Any:
+        import redis
+        return redis.Redis(port=self.port, db=db, password=self.password or None,
+                           socket_timeout=5)
+
+    def baseline(self) -> dict[str, int]:
+        stats = self._client().info("commandstats")
+        return {"set_calls": int(stats.get("cmdstat_set", {}).get("calls", 0))}
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        c = Counts()
+        for db in range(16):
+            keys = [k.decode() for k in self._client(db).scan_iter(match=f"{prefix}*",
+                                                                     count=1000)]
+            if db == 2:
+                c.seen.update(keys)
+            else:
+                c.wrong_place += len(keys)
+                if keys:
+                    c.other[f"keys_in_db{db}"] = len(keys)
+        set_calls = self.baseline()["set_calls"] - before["set_calls"]
+        c.other["set_calls"] = set_calls
+        c.extra_executions = max(0, set_calls - len(c.seen) - c.wrong_place)
+        return c
+
+
+# ----------------------------------------------------------------------------- MariaDB ----
+
+class MariaDB(Server):
+    name = "mariadb"
+    user, password, db = "field", "field-pw", "field"
+
+    def start(self) -> MariaDB:
+        exe = find("mariadbd", "mysqld")
+        install = find("mariadb-install-db", "mysql_install_db")
+        self.version = subprocess.run([exe, "--version"], capture_output=True,
+                                      text=True).stdout.split(" Ver ")[-1].split()[0]
+        data = self.dir / "data"
+        r = subprocess.run([install, "--no-defaults", f"--datadir={data}", "--user=root",
+                            "--auth-root-authentication-method=normal", "--skip-test-db"],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            pytest.skip(f"mariadb-install-db failed: {r.stderr[-400:]}")
+        self.port = free_port()
+        self.errlog = self.dir / "error.log"
+        user = ["--user=root"] if os.geteuid() == 0 else []
+        self._spawn([exe, "--no-defaults", f"--datadir={data}", f"--port={self.port}",
+                     "--bind-address=127.0.0.1", f"--socket={self.dir / 'sock'}",
+                     f"--pid-file={self.dir / 'pid'}", "--skip-log-bin", "--skip-name-resolve",
+                     "--innodb-buffer-pool-size=16M", f"--log-error={self.errlog}",
+                     "--log-warnings=3", "--max-connections=500", *user], ready_timeout=60)
+        import pymysql
+        root = pymysql.connect(host="127.0.0.1", port=self.port, user="root", password="",
+                               autocommit=True)
+        with root.cursor() as cur:
+            for q in (f"CREATE DATABASE {self.db}",
+                      f"CREATE USER '{self.user}'@'%' IDENTIFIED BY '{self.password}'",
+                      f"GRANT ALL ON {self.db}.* TO '{self.user}'@'%'",
+                      f"CREATE TABLE {self.db}.t (id INT AUTO_INCREMENT PRIMARY KEY, "
+                      "k VARCHAR(64) NOT NULL, INDEX(k))",
+                      # the same table elsewhere: a row here is a row in the wrong place
+                      "CREATE DATABASE elsewhere",
+                      "CREATE TABLE elsewhere.t (id INT AUTO_INCREMENT PRIMARY KEY, "
+                      "k VARCHAR(64) NOT NULL)"):
+                cur.execute(q)
+        root.close()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            self.greeting_len = len(s.recv(4096))  # where the handshake's second packet starts
+        return self
+
+    def _denied(self) -> int:
+        return sum(1 for ln in _read_lines(self.errlog) if "Access denied" in ln)
+
+    def baseline(self) -> dict[str, int]:
+        return {"access_denied": self._denied()}
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        import pymysql
+        root = pymysql.connect(host="127.0.0.1", port=self.port, user="root", password="",
+                               autocommit=True)
+        like = prefix.replace("_", "\\_") + "%"
+
+        def read() -> tuple[tuple[Any, ...], ...]:
+            with root.cursor() as cur:
+                cur.execute(f"SELECT k, COUNT(*) FROM {self.db}.t WHERE k LIKE %s GROUP BY k",
+                            (like,))
+                return tuple(cur.fetchall())
+        rows = _settle(read)
+        with root.cursor() as cur:
+            cur.execute("SELECT COUNT(*) FROM elsewhere.t WHERE k LIKE %s", (like,))
+            elsewhere = cur.fetchone()[0]
+        root.close()
+        c = Counts(seen=Counter({k: n for k, n in rows}), wrong_place=int(elsewhere))
+        c.extra_executions = sum(n - 1 for n in c.seen.values())
+        c.other["access_denied_1045"] = self._denied() - before["access_denied"]
+        return c
+
+
+# --------------------------------------------------------------------------- memcached ----
+
+class Memcached(Server):
+    name = "memcached"
+
+    def start(self) -> Memcached:
+        exe = find("memcached")
+        self.version = subprocess.run([exe, "-V"], capture_output=True,
+                                      text=True).stdout.split()[-1]
+        self.port = free_port()
+        user = ["-u", "root"] if os.geteuid() == 0 else []
+        self._spawn([exe, "-l", "127.0.0.1", "-p", str(self.port), "-U", "0", "-m", "64",
+                     "-c", "1024", *user])
+        return self
+
+    def _stats(self) -> dict[str, int]:
+        from pymemcache.client.base import Client
+        c = Client(("127.0.0.1", self.port), timeout=5)
+        try:
+            return {k.decode(): int(v) for k, v in c.stats().items()
+                    if isinstance(v, int)}
+        finally:
+            c.close()
+
+    def baseline(self) -> dict[str, int]:
+        return {"cmd_set": self._stats()["cmd_set"]}
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        from pymemcache.client.base import Client
+        c = Client(("127.0.0.1", self.port), timeout=5)
+        # memcached cannot list keys: look up every key the run could have written
+        keys = [f"{prefix}{i}" for i in range(int(os.environ.get("FIELD_MAX_OPS", "4000")))]
+        found: Counter[str] = Counter()
+        for i in range(0, len(keys), 200):
+            got = c.get_many(keys[i:i + 200])
+            found.update(k for k, v in got.items() if v == k.encode())
+        c.close()
+        sets = self._stats()["cmd_set"] - before["cmd_set"]
+        return Counts(seen=found, extra_executions=max(0, sets - len(found)),
+                      other={"set_calls": sets})
+
+
+# ------------------------------------------------------------------------------- exim ----
+
+EXIM_CONF = """\
+# A loopback-only exim for the field matrix: one daemon, no queue runner, every message for
+# @field.test appended to one mailbox file. exim gives up root for -C: it runs as its own
+# user, so the transport delivers as that user into a folder it can write.
+keep_environment =
+primary_hostname = field.test
+domainlist local_domains = field.test
+qualify_domain = field.test
+local_interfaces = 127.0.0.1
+spool_directory = {dir}/spool
+log_file_path = {dir}/log/%slog
+tls_advertise_hosts =
+host_lookup =
+rfc1413_hosts =
+log_selector = +subject
+acl_smtp_rcpt = acl_rcpt
+smtp_accept_max = 500
+smtp_accept_max_per_host = 500
+smtp_accept_queue_per_connection = 0
+begin acl
+acl_rcpt:
+  accept hosts = 127.0.0.1
+  deny
+begin routers
+local:
+  driver = accept
+  domains = +local_domains
+  transport = mbox
+begin transports
+mbox:
+  driver = appendfile
+  file = {dir}/mail/mailbox
+  user = {user}
+  group = {group}
+  mode = 0666
+begin retry
+* * F,1h,15m
+"""
+
+
+class Exim(Server):
+    name = "exim"
+
+    def start(self) -> Exim:
+        exe = find("exim4", "exim")
+        if os.geteuid() != 0:
+            pytest.skip("exim needs to start as root here (it drops to its own user for -C)")
+        import grp
+        import pwd
+        try:
+            user = pwd.getpwnam("Debian-exim")
+        except KeyError:
+            pytest.skip("no Debian-exim user: exim's own user is unknown")
+        group = grp.getgrgid(user.pw_gid).gr_name
+        self.version = subprocess.run([exe, "-bV"], capture_output=True,
+                                      text=True).stdout.split()[2]
+        # exim runs as its own user: pytest's tmp folders (mode 0700, root's) are closed to
+        # it, so its spool, log and mailbox live in a folder of their own under /tmp
+        self.own = Path(tempfile.mkdtemp(prefix="resilientsock-field-exim-"))
+        os.chmod(self.own, 0o755)
+        for sub in ("spool", "log", "mail"):
+            (self.own / sub).mkdir(exist_ok=True)
+            os.chown(self.own / sub, user.pw_uid, user.pw_gid)
+        conf = self.own / "exim.conf"  # delivery processes re-read it as exim's user
+        conf.write_text(EXIM_CONF.format(dir=self.own, user=user.pw_name, group=group))
+        self.mainlog = self.own / "log" / "mainlog"
+        self.mailbox = self.own / "mail" / "mailbox"
+        self.port = free_port()
+        # -bdf: the daemon stays in the foreground (so this run owns it); no -q: no queue runner
+        self._spawn([exe, "-C", str(conf), "-bdf", "-oX", str(self.port)])
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        own = getattr(self, "own", None)
+        if own is not None:
+            for name in ("log/mainlog", "log/paniclog", "log/rejectlog", "exim.conf"):
+                if (own / name).exists():  # kept for a failed run's report
+                    shutil.copy(own / name, self.dir / os.path.basename(name))
+            shutil.rmtree(own, ignore_errors=True)
+            self.own = None
+
+    def _subjects(self, prefix: str) -> Counter[str]:
+        return Counter(ln[9:].strip() for ln in _read_lines(self.mailbox)
+                       if ln.startswith("Subject: " + prefix))
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        def state() -> tuple[int, int, int]:
+            lines = _read_lines(self.mainlog)
+            got = sum(1 for ln in lines if " <= " in ln and f'T="{prefix}' in ln)
+            return got, sum(self._subjects(prefix).values()), \
+                sum(1 for ln in lines if " == " in ln or " ** " in ln)
+        end = time.monotonic() + 20
+        while time.monotonic() < end:  # deliveries run in the background: let them finish
+            got, delivered, _ = state()
+            if delivered >= got:
+                break
+            time.sleep(0.1)
+        got, delivered, deferred = _settle(state)
+        seen = self._subjects(prefix)
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other={"received": got, "delivered": delivered,
+                             "deferred_or_failed": deferred})
+
+
+# --------------------------------------------------------------------------------- sshd ----
+
+SSHD_CONF = """\
+# A loopback-only sshd for the field matrix: its own host key and authorized key, no PAM.
+Port {port}
+ListenAddress 127.0.0.1
+HostKey {dir}/host_ed25519
+PidFile {dir}/sshd.pid
+AuthorizedKeysFile {dir}/authorized_keys
+StrictModes no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+PermitRootLogin prohibit-password
+MaxStartups 200:30:400
+MaxSessions 200
+LogLevel INFO
+"""
+
+
+class Sshd(Server):
+    name = "sshd"
+
+    def start(self) -> Sshd:
+        exe = find("sshd", "/usr/sbin/sshd")
+        keygen = find("ssh-keygen")
+        if os.geteuid() != 0:
+            pytest.skip("sshd needs root here (privilege separation, login as the caller)")
+        self.version = subprocess.run([exe, "-V"], capture_output=True,
+                                      text=True).stderr.split(",")[0].strip()
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+        for key in ("host_ed25519", "client_ed25519"):
+            subprocess.run([keygen, "-q", "-t", "ed25519", "-N", "", "-f", str(self.dir / key)],
+                           check=True, timeout=30)
+        shutil.copy(self.dir / "client_ed25519.pub", self.dir / "authorized_keys")
+        self.keyfile = str(self.dir / "client_ed25519")
+        self.user = "root"
+        self.cmdlog = self.dir / "commands.log"
+        self.cmdlog.touch()
+        self.port = free_port()
+        conf = self.dir / "sshd_config"
+        conf.write_text(SSHD_CONF.format(port=self.port, dir=self.dir))
+        self._spawn([exe, "-D", "-e", "-f", str(conf)])
+        return self
+
+    def baseline(self) -> dict[str, int]:
+        return {"log_lines": len(_read_lines(self.log))}
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        lines = _settle(lambda: _read_lines(self.cmdlog))
+        seen = Counter(ln.strip() for ln in lines if ln.startswith(prefix))
+        log = _read_lines(self.log)[before["log_lines"]:]
+        bad = [ln for ln in log if re.search(r"[Bb]ad packet|Invalid|invalid format|"
+                                                r"[Cc]orrupted|Protocol major|mismatch", ln)]
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other={"sshd_saw_garbage": len(bad),
+                             "sshd_accepted_logins": sum(1 for ln in log
+                                                         if "Accepted publickey" in ln)})
+
+
+# -------------------------------------------------------------------------------- nginx ----
+
+NGINX_CONF = """\
+# A loopback-only nginx for the field matrix: one process, a static blob, HTTP and HTTPS.
+daemon off;
+master_process off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    log_format field '$scheme $arg_id $status $bytes_sent';
+    access_log {dir}/access.log field;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    keepalive_requests 100000;
+    keepalive_timeout 60s;
+    server {{
+        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {dir}/cert.pem;
+        ssl_certificate_key {dir}/key.pem;
+        root {dir}/www;
+        location /blob {{ default_type application/octet-stream; }}
+    }}
+}}
+"""
+
+
+class Nginx(Server):
+    name = "nginx"
+
+    def start(self) -> Nginx:
+        exe = find("nginx")
+        import trustme
+        self.version = subprocess.run([exe, "-v"], capture_output=True,
+                                      text=True).stderr.strip().split("/")[-1]
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        cert.private_key_pem.write_to_path(str(self.dir / "key.pem"))
+        cert.cert_chain_pems[0].write_to_path(str(self.dir / "cert.pem"))
+        ca.cert_pem.write_to_path(str(self.dir / "ca.pem"))
+        self.cafile = str(self.dir / "ca.pem")
+        (self.dir / "www").mkdir(exist_ok=True)
+        (self.dir / "tmp").mkdir(exist_ok=True)
+        (self.dir / "www" / "blob").write_bytes(BLOB)
+        self.port, self.tls_port = free_port(), free_port()
+        conf = self.dir / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port, tls_port=self.tls_port))
+        self.access = self.dir / "access.log"
+        self._spawn([exe, "-p", str(self.dir), "-c", str(conf)])
+        wait_port(self.tls_port, self.proc, "nginx (TLS)", 10, self.log)  # type: ignore[arg-type]
+        return self
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        lines = _settle(lambda: _read_lines(self.access))
+        seen: Counter[str] = Counter()
+        other: Counter[str] = Counter()
+        for ln in lines:
+            parts = ln.split()
+            if len(parts) == 4 and parts[1].startswith(prefix):
+                seen[parts[1]] += 1
+                if parts[2] != "200":
+                    other[f"status_{parts[2]}"] += 1
+                elif int(parts[3]) < BLOB_SIZE:
+                    other["answers_cut_short"] += 1
+            elif len(parts) == 4 and parts[1] == "-":
+                other[f"no_id_status_{parts[2]}"] += 1
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other=dict(other))
+
+
+# ---------------------------------------------------------- Python's own http.server ----
+
+class HTTPServer(Server):
+    name = "http.server"
+
+    def start(self) -> HTTPServer:
+        www = self.dir / "www"
+        www.mkdir(exist_ok=True)
+        (www / "blob").write_bytes(BLOB)
+        self.version = "Python " + sys.version.split()[0]
+        self.requests = self.dir / "requests.log"
+        self.port = free_port()
+        self._spawn([sys.executable, str(SCRIPTS / "http_server.py"), str(self.port), str(www),
+                     str(self.requests)])
+        return self
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        lines = _settle(lambda: _read_lines(self.requests))
+        seen: Counter[str] = Counter()
+        bad = 0
+        for ln in lines:
+            m = re.match(r"GET /blob\?id=(\S+) HTTP/1\.1$", ln)
+            if m and m.group(1).startswith(prefix):
+                seen[m.group(1)] += 1
+            elif not m:
+                bad += 1
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other={"requests_not_understood": bad})
+
+
+# ------------------------------------------------------------------- websockets server ----
+
+class WebSockets(Server):
+    name = "websockets"
+
+    def start(self) -> WebSockets:
+        try:
+            import websockets
+        except ImportError:
+            pytest.skip("websockets is not installed (pip install -e '.[field]')")
+        self.version = "websockets " + websockets.__version__
+        self.messages = self.dir / "messages.log"
+        self.port = free_port()
+        self._spawn([sys.executable, str(SCRIPTS / "ws_server.py"), str(self.port),
+                     str(self.messages)])
+        return self
+
+    def baseline(self) -> dict[str, int]:
+        return {"log_lines": len(_read_lines(self.log))}
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        lines = _settle(lambda: _read_lines(self.messages))
+        seen = Counter(ln.strip() for ln in lines if ln.startswith(prefix))
+        log = _read_lines(self.log)[before["log_lines"]:]
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other={"handshakes_failed": sum(1 for ln in log
+                                                      if "handshake failed" in ln)})

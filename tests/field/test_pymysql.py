@@ -1,0 +1,28 @@
+"""Rows: PyMySQL vs MariaDB: an INSERT loop through drops, and drops inside the handshake
+(issue #14: the auth packet, built from the old greeting's nonce, is re-sent into a new
+connection: 1045 Access denied where plain PyMySQL gets 2013). Expected: never 1045."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from . import rows
+from .matrix import assert_never_worse, describe, run_row
+
+pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
+
+
+@pytest.mark.xfail(reason="needs the dialect layer / core rebuild (#14)", strict=False)
+def test_pymysql_insert_loop(mariadb_server, field_dir: Path) -> None:
+    assert_never_worse(run_row(rows.pymysql_loop(mariadb_server, faults=15), field_dir))
+
+
+@pytest.mark.xfail(reason="needs the MySQL handshake dialect (#14)", strict=False)
+def test_pymysql_drop_in_the_handshake_never_1045(mariadb_server, field_dir: Path) -> None:
+    result = run_row(rows.pymysql_handshake(mariadb_server), field_dir)
+    assert_never_worse(result)
+    rs = result["rs"]
+    assert not any("(1045)" in e for e in rs["errors"]), describe(result)
+    assert rs["server"]["access_denied_1045"] == 0, describe(result)

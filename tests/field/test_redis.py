@@ -1,0 +1,27 @@
+"""Row: redis-py with db=2 and requirepass vs redis-server (issue #14: ~2,400 of 3,000 keys
+went to db 0 under resilientsock). Expected: every key in db 2, none elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from . import rows
+from .matrix import assert_never_worse, run_row
+
+pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
+
+
+@pytest.mark.xfail(reason="needs the dialect layer / core rebuild (#14)", strict=False)
+def test_redis_db2_never_worse(redis_server, field_dir: Path) -> None:
+    result = run_row(rows.redis_db2(redis_server, faults=15), field_dir)
+    assert_never_worse(result)
+    rs = result["rs"]
+    assert rs["wrong_place"] == 0 and rs["lost_silent"] == 0, result["rs"]["server"]
+
+
+@pytest.mark.xfail(reason="needs the dialect layer / core rebuild (#14)", strict=False)
+def test_redis_db2_without_password_never_worse(redis_nopass_server, field_dir: Path) -> None:
+    result = run_row(rows.redis_db2_nopass(redis_nopass_server, faults=15), field_dir)
+    assert_never_worse(result)

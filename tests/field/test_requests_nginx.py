@@ -1,0 +1,23 @@
+"""Rows: requests (urllib3 2.x) GET loop vs nginx, over HTTP and HTTPS (issue #14: requests
+raises ChunkedEncodingError at a drop mid-answer). Expected: no mid-answer failure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from . import rows
+from .matrix import assert_never_worse, describe, run_row
+
+pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
+
+MID_ANSWER = {"requests.exceptions.ChunkedEncodingError"}
+
+
+@pytest.mark.xfail(reason="needs answer resume (§5b) / core rebuild (#14)", strict=False)
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_requests_vs_nginx(nginx_server, field_dir: Path, tls: bool) -> None:
+    result = run_row(rows.requests_nginx(nginx_server, tls=tls, faults=15), field_dir)
+    assert_never_worse(result)
+    assert not MID_ANSWER & set(result["rs"]["errors"]), describe(result)
