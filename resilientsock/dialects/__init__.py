@@ -26,6 +26,35 @@ def detect(first_write: bytes | None, first_read: bytes | None, *,
 
     ``first_write``: the first record, when the application wrote before reading;
     ``first_read``: the first chunk, when the server spoke first. ``prelude`` > 0 with no
-    specific dialect gives a ``PreludeDialect(prelude)``. Never raises.
+    specific dialect gives a ``PreludeDialect(prelude)`` (not for a server-first protocol:
+    its banner stays the core's banner rule). Never raises.
     """
+    try:
+        return _detect(first_write, first_read, prelude)
+    except Exception:  # garbage must never break a connection
+        return None
+
+
+def _detect(first_write: bytes | None, first_read: bytes | None, prelude: int) -> Dialect | None:
+    from . import handshake, resp
+
+    if first_write:
+        first_write = bytes(first_write)
+        from .http import looks_like as looks_like_http
+
+        if looks_like_http(first_write):
+            from .http import HttpDialect
+
+            return HttpDialect()
+        if resp.looks_like(first_write):
+            return resp.RespDialect()
+    elif first_read:
+        first_read = bytes(first_read)
+    found = handshake.detect(first_write or None, first_read or None)
+    if found is not None:
+        return found
+    if prelude > 0 and first_write:
+        from .prelude import PreludeDialect
+
+        return PreludeDialect(prelude)
     return None

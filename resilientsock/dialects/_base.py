@@ -92,5 +92,12 @@ class Dialect:
         """The re-sent request's answer is next: ``mask`` starts over at its byte 0."""
 
     def new_connection(self) -> None:
-        """A new connection is in place (restore and replay done): drop per-connection parse
-        state."""
+        """A new connection is in place after a recovery (restore and replay done). The
+        command / request stream carries on across it (the replay re-creates it), so parse
+        state is kept; only per-connection facts that a refusal did not cover are reset."""
+
+    def discard(self) -> None:
+        """The connection was thrown away after a surfaced error (the journal was cleared):
+        whatever was in flight is gone, and the next connection starts at a message boundary.
+        Recorded setup is kept (``restore`` redoes it on the next connection); sticky
+        refusals (a tunnel) stay."""
