@@ -636,9 +636,9 @@ class Link:
 
     def send_proof(self, secret: bytes) -> bytes:
         """Client: its counts and the HMAC proving it holds ``secret``."""
+        self._move("proof")
         stream = self.stream
         assert stream is not None
-        self._move("proof")
         counts = (stream.received, stream.sent)
         mac = _mac(secret, b"client", self.session_id, self.relay_nonce, self.client_nonce,
                    counts)

@@ -1,0 +1,306 @@
+"""The session protocol, sans-IO (resilientsock._session): no sockets, microseconds per test.
+
+Both ends are the same two classes; these tests wire a client Link to a relay Link by hand and
+check the handshake, cumulative acks, resume arithmetic, and every rejection DESIGN §11 names.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+from resilientsock import _session as sp
+
+
+def events(link: sp.Link, data: bytes = b"") -> list[object]:
+    if data:
+        link.receive_data(data)
+    out = []
+    while True:
+        ev = link.next_event()
+        if ev is sp.NEED_DATA:
+            return out
+        out.append(ev)
+        if ev is sp.NOT_SESSION:
+            return out
+
+
+class Pair:
+    """A client and a relay end of one session, with their streams."""
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self.c_stream = sp.Stream(limit)
+        self.r_stream = sp.Stream(limit)
+        self.client = sp.Link(sp.CLIENT)
+        self.relay = sp.Link(sp.RELAY)
+        hello = self.client.send_hello_new(self.c_stream)
+        assert events(self.relay, hello) == [sp.HelloNew(1)]
+        self.sid, self.secret = sp.new_credentials()
+        created = self.relay.send_created(self.sid, self.secret, self.r_stream)
+        assert events(self.client, created) == [sp.Created(self.sid, self.secret)]
+        assert self.client.state == self.relay.state == sp.OPEN
+
+    def resume(self) -> tuple[bytes, bytes]:
+        """A new link pair, resumed; returns (relay's re-sent frames after RESUMED, client's)."""
+        self.client = sp.Link(sp.CLIENT)
+        self.relay = sp.Link(sp.RELAY)
+        hello = self.client.send_hello_resume(self.sid, self.c_stream)
+        assert events(self.relay, hello) == [sp.HelloResume(1, self.sid)]
+        assert events(self.client, self.relay.send_challenge()) == [sp.Challenged()]
+        (proof,) = events(self.relay, self.client.send_proof(self.secret))
+        assert isinstance(proof, sp.ProofReceived)
+        assert self.relay.check_proof(self.secret)
+        assert self.r_stream.check_peer_counts(proof.received, proof.sent) is None
+        resumed = self.relay.send_resumed(self.secret, self.r_stream)
+        self.client.receive_data(resumed)
+        ev = self.client.next_event()
+        assert isinstance(ev, sp.Resumed)
+        relay_resent = self.client.unconsumed()
+        client_resent = self.client.finish_resume(self.secret)
+        return relay_resent, client_resent
+
+
+def payloads(evs: list[object]) -> bytes:
+    return b"".join(e.payload for e in evs if isinstance(e, sp.Data))
+
+
+def test_new_session_and_data_both_ways() -> None:
+    p = Pair()
+    up = p.c_stream.data(b"hello relay")
+    assert payloads(events(p.relay, up)) == b"hello relay"
+    down = p.r_stream.data(b"hello client")
+    assert payloads(events(p.client, down)) == b"hello client"
+    # The relay's DATA header acknowledged the client's 11 bytes: the client dropped them.
+    assert p.c_stream.acked == 11 and p.c_stream.unacked == b""
+    assert p.r_stream.unacked == b"hello client"
+    events(p.relay, p.c_stream.ack())
+    assert p.r_stream.unacked == b""
+
+
+def test_resume_resends_exactly_what_the_peer_missed() -> None:
+    p = Pair()
+    events(p.relay, p.c_stream.data(b"A" * 100))
+    lost_up = p.c_stream.data(b"B" * 50)  # never arrives
+    events(p.client, p.r_stream.data(b"x" * 30))
+    p.r_stream.data(b"y" * 20)  # never arrives
+    del lost_up
+    relay_resent, client_resent = p.resume()
+    assert payloads(events(p.client, b"")) == b"y" * 20  # from the buffer after RESUMED
+    assert relay_resent.startswith(sp.HEADER.pack(sp.DATA, 20, 100))
+    assert payloads(events(p.relay, client_resent)) == b"B" * 50
+    assert p.c_stream.received == p.r_stream.sent == 50
+    assert p.r_stream.received == p.c_stream.sent == 150
+
+
+def test_resume_after_everything_arrived_resends_nothing() -> None:
+    p = Pair()
+    events(p.relay, p.c_stream.data(b"abc"))
+    events(p.client, p.r_stream.data(b"def"))
+    _, client_resent = p.resume()
+    assert events(p.relay, client_resent) == []  # a bare ACK
+    assert p.c_stream.unacked == b"" and p.r_stream.unacked == b""
+
+
+def test_end_markers_are_units_acknowledged_and_resent() -> None:
+    p = Pair()
+    events(p.relay, p.c_stream.data(b"bye"))
+    p.c_stream.end()  # the client's EOF is lost in a drop
+    assert p.c_stream.sent == 4
+    _, client_resent = p.resume()
+    assert events(p.relay, client_resent) == [sp.Ended(False, "")]
+    assert p.r_stream.received == 4
+    end = p.r_stream.end()
+    assert events(p.client, end) == [sp.Ended(False, "")]
+    events(p.relay, p.c_stream.ack())
+    assert p.c_stream.done and p.r_stream.done
+
+
+def test_reset_ends_the_session_once_delivered() -> None:
+    p = Pair()
+    evs = events(p.client, p.r_stream.data(b"last") + p.r_stream.end(True, "upstream reset"))
+    assert evs[-1] == sp.Ended(True, "upstream reset")
+    assert not p.c_stream.done  # not before its ack is on the way
+    events(p.relay, p.c_stream.ack())
+    assert p.c_stream.done  # a reset received ends both directions
+    assert p.r_stream.done
+
+
+def test_abort_frame() -> None:
+    p = Pair()
+    assert events(p.relay, p.c_stream.abort("application closed")) == [
+        sp.Aborted("application closed")]
+
+
+def test_a_wrong_secret_fails_the_proof_and_the_stream_is_untouched() -> None:
+    p = Pair()
+    events(p.client, p.r_stream.data(b"z" * 10))
+    before = (p.r_stream.acked, bytes(p.r_stream.unacked), p.r_stream.received)
+    client, relay = sp.Link(sp.CLIENT), sp.Link(sp.RELAY)
+    events(relay, client.send_hello_resume(p.sid, p.c_stream))
+    events(client, relay.send_challenge())
+    events(relay, client.send_proof(b"\x00" * 32))
+    assert not relay.check_proof(p.secret)
+    assert (p.r_stream.acked, bytes(p.r_stream.unacked), p.r_stream.received) == before
+
+
+def test_a_recorded_resume_handshake_replayed_later_fails() -> None:
+    p = Pair()
+    client, relay = sp.Link(sp.CLIENT), sp.Link(sp.RELAY)
+    hello = client.send_hello_resume(p.sid, p.c_stream)
+    events(relay, hello)
+    events(client, relay.send_challenge())
+    proof = client.send_proof(p.secret)
+    events(relay, proof)
+    assert relay.check_proof(p.secret)
+    # The attacker replays hello + proof to a new connection: it gets a fresh challenge.
+    replay = sp.Link(sp.RELAY)
+    events(replay, hello)
+    replay.send_challenge()
+    events(replay, proof)
+    assert not replay.check_proof(p.secret)
+
+
+def test_the_client_rejects_a_relay_that_cannot_prove_the_secret() -> None:
+    p = Pair()
+    client, relay = sp.Link(sp.CLIENT), sp.Link(sp.RELAY)
+    events(relay, client.send_hello_resume(p.sid, p.c_stream))
+    events(client, relay.send_challenge())
+    events(relay, client.send_proof(p.secret))
+    client.receive_data(relay.send_resumed(b"\x01" * 32, p.r_stream))
+    assert isinstance(client.next_event(), sp.Resumed)
+    with pytest.raises(sp.ProtocolError, match="proof"):
+        client.finish_resume(p.secret)
+    with pytest.raises(sp.ProtocolError):  # sticky
+        client.next_event()
+
+
+@pytest.mark.parametrize("received, sent, why", [
+    (5, 0, "only 0 were sent"),  # claims more than the relay ever sent
+    (0, 0, None),
+])
+def test_impossible_counts_are_named(received: int, sent: int, why: str | None) -> None:
+    stream = sp.Stream()
+    result = stream.check_peer_counts(received, sent)
+    assert (result is None) if why is None else (why in (result or ""))
+
+
+def test_counts_before_what_was_acknowledged_or_received_are_impossible() -> None:
+    p = Pair()
+    events(p.client, p.r_stream.data(b"q" * 10))
+    events(p.relay, p.c_stream.data(b"w" * 5))  # acks the relay's 10
+    assert p.r_stream.acked == 10
+    assert "already acknowledged" in (p.r_stream.check_peer_counts(3, 5) or "")
+    assert "were received" in (p.r_stream.check_peer_counts(10, 2) or "")
+    assert p.r_stream.check_peer_counts(10, 5) is None
+    assert p.r_stream.check_peer_counts(10, 9) is None  # 4 sent, not yet arrived
+
+
+def test_an_ack_beyond_what_was_sent_is_a_protocol_error() -> None:
+    p = Pair()
+    with pytest.raises(sp.ProtocolError) as info:
+        events(p.client, sp.HEADER.pack(sp.ACK, 0, 999))
+    assert info.value.code == sp.E_IMPOSSIBLE_COUNTS
+
+
+def test_a_stale_ack_is_ignored() -> None:
+    p = Pair()
+    stale = p.r_stream.ack()  # acks 0
+    events(p.relay, p.c_stream.data(b"12345") + p.c_stream.data(b"6"))
+    events(p.client, p.r_stream.ack())  # acks 6
+    events(p.client, stale)
+    assert p.c_stream.acked == 6
+
+
+def test_garbage_is_not_a_session() -> None:
+    relay = sp.Link(sp.RELAY)
+    assert events(relay, b"GET / HTTP/1.1\r\n") == [sp.NOT_SESSION]
+    assert relay.unconsumed() == b"GET / HTTP/1.1\r\n"
+    partial = sp.Link(sp.RELAY)
+    assert events(partial, sp.PREAMBLE[:3]) == []  # could still be a session
+
+
+def test_an_oversized_handshake_frame_is_rejected() -> None:
+    relay = sp.Link(sp.RELAY)
+    with pytest.raises(sp.ProtocolError, match="limit"):
+        events(relay, sp.PREAMBLE + sp.HEADER.pack(sp.HELLO, 5000, 0))
+
+
+def test_an_unexpected_frame_in_the_handshake_is_rejected() -> None:
+    relay = sp.Link(sp.RELAY)
+    with pytest.raises(sp.ProtocolError, match="not allowed"):
+        events(relay, sp.PREAMBLE + sp.HEADER.pack(sp.DATA, 1, 0) + b"x")
+
+
+def test_no_common_version() -> None:
+    relay = sp.Link(sp.RELAY)
+    body = struct.pack("!BBB16s", 7, 9, 0, b"n" * 16)
+    with pytest.raises(sp.ProtocolError) as info:
+        events(relay, sp.PREAMBLE + sp.HEADER.pack(sp.HELLO, len(body), 0) + body)
+    assert info.value.code == sp.E_VERSION
+    assert relay.state == sp.ERROR
+    # The relay may still tell the client why.
+    assert relay.send_error(info.value.code, "versions 1..1").startswith(
+        bytes([sp.ERROR_FRAME]))
+
+
+def test_an_error_frame_refuses_the_client() -> None:
+    client = sp.Link(sp.CLIENT)
+    relay = sp.Link(sp.RELAY)
+    events(relay, client.send_hello_resume(b"i" * 16, sp.Stream()))
+    with pytest.raises(sp.Refused) as info:
+        events(client, relay.send_error(sp.E_UNKNOWN_SESSION, "restarted"))
+    assert info.value.code == sp.E_UNKNOWN_SESSION and "restarted" in str(info.value)
+
+
+def test_sends_out_of_order_are_refused_locally() -> None:
+    client = sp.Link(sp.CLIENT)
+    with pytest.raises(RuntimeError):
+        client.send_proof(b"s" * 32)
+
+
+def test_byte_at_a_time_equals_all_at_once() -> None:
+    p = Pair()
+    wire = p.r_stream.data(b"abc") + p.r_stream.data(b"defg") + p.r_stream.end()
+    got = []
+    for i in range(len(wire)):
+        got += events(p.client, wire[i:i + 1])
+    assert payloads(got) == b"abcdefg" and got[-1] == sp.Ended(False, "")
+
+
+def test_large_writes_are_split_into_frames_within_the_limit() -> None:
+    p = Pair(limit=8 << 20)
+    blob = bytes(range(256)) * (3 * sp.MAX_DATA // 256 + 7)
+    evs = events(p.relay, p.c_stream.data(blob))
+    assert len(evs) == 4 and payloads(evs) == blob
+
+
+def test_room_is_the_backpressure_signal() -> None:
+    p = Pair(limit=10)
+    first = p.c_stream.data(b"0123456789")
+    assert p.c_stream.room() == 0
+    events(p.relay, first + p.c_stream.data(b"x"))  # beyond the limit is the caller's choice
+    events(p.client, p.r_stream.ack())
+    assert p.c_stream.room() == 10
+
+
+def test_random_bytes_never_crash_the_relay_link() -> None:
+    rng = random.Random(15)
+    for _ in range(2000):
+        relay = sp.Link(sp.RELAY)
+        blob = sp.PREAMBLE + rng.randbytes(rng.randrange(0, 64))
+        try:
+            events(relay, blob)
+        except sp.ProtocolError:
+            assert relay.state == sp.ERROR
+
+
+def test_every_table_state_is_named() -> None:
+    known = sp.HANDSHAKE_STATES | {sp.OPEN, sp.ERROR, sp.CLOSED}
+    for role, state in list(sp.EXPECT) + list(sp.SENDS):
+        assert role in (sp.CLIENT, sp.RELAY) and state in known
+    for table in (sp.EXPECT, sp.SENDS):
+        for moves in table.values():
+            for nxt in moves.values():
+                assert nxt in known
