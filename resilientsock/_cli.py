@@ -23,7 +23,8 @@ Rules of this module (DESIGN §2, §7):
 5. When the script dies of an uncaught exception, every ``resilientsock:`` note found anywhere
    in its chain (causes, contexts, exception groups, exceptions kept in ``args``, ``reason``
    or attributes, as requests, urllib3 and PyMySQL wrap them) is printed after the
-   traceback, one line each: the note that explains a give-up is never buried.
+   traceback, one line each: the note that explains a give-up is never buried. The same for
+   a thread that dies of one.
 """
 
 from __future__ import annotations
@@ -385,8 +386,9 @@ def _install_note_printer() -> None:
     previous = sys.excepthook
     shows_notes = sys.version_info >= (3, 11)
 
-    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-        previous(kind, value, tb)
+    def print_notes(value: BaseException | None) -> None:
+        if value is None:
+            return
         try:
             if not shows_notes:
                 for note in getattr(value, "__notes__", None) or ():
@@ -398,7 +400,22 @@ def _install_note_printer() -> None:
         except Exception:  # noqa: BLE001 - the traceback is already out; never mask it
             pass
 
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        previous(kind, value, tb)
+        print_notes(value)
+
     sys.excepthook = hook
+
+    # A thread that dies of an uncaught exception: the same, after its traceback.
+    import threading
+
+    previous_thread_hook = threading.excepthook
+
+    def thread_hook(args: Any) -> None:
+        previous_thread_hook(args)
+        print_notes(args.exc_value)
+
+    threading.excepthook = thread_hook
 
 
 # -- explain ------------------------------------------------------------------------------------

@@ -236,3 +236,26 @@ def test_runner_prints_buried_notes_after_the_traceback(tmp_path):
     assert lines[-1] == "resilientsock: gave up after 4 attempts in 2.0 s (deadline 2 s)"
     plain = run_py([str(script)])
     assert "resilientsock: gave up" not in plain.stderr  # buried: plain python never shows it
+
+
+def test_runner_prints_buried_notes_of_a_thread_that_dies(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import threading\n"
+        "def work():\n"
+        "    err = OSError('inner')\n"
+        "    note = 'resilientsock: gave up in a thread'\n"
+        "    if hasattr(err, 'add_note'):\n"
+        "        err.add_note(note)\n"
+        "    else:\n"
+        "        err.__notes__ = [note]\n"
+        "    raise RuntimeError('outer', err)\n"
+        "t = threading.Thread(target=work)\n"
+        "t.start()\n"
+        "t.join(30)\n"
+        "print('main done')\n")
+    out = run_py(["-m", "resilientsock", str(script)])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "main done"
+    lines = out.stderr.rstrip("\n").splitlines()
+    assert lines[-1] == "resilientsock: gave up in a thread", out.stderr
