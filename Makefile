@@ -5,6 +5,7 @@
 #   make lint                 ruff + mypy
 #   make demo                 the main job, shown: a legacy robot client through injected faults
 #   make soak                 the long tests (marker `slow`)
+#   make field                the real-client matrix against real servers -> docs/field.md
 #   make bench                benchmarks against the plain gevent socket -> benchmarks/RESULTS.md
 #   make conformance          CPython's socket test files under patch() -> docs/conformance.md
 #   make conformance-quick    the CI subset of it (the client-protocol files)
@@ -19,7 +20,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo soak bench conformance conformance-quick system-deps clean docs
+.PHONY: test field lint demo soak bench conformance conformance-quick system-deps clean docs
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
@@ -28,17 +29,39 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VPY) -m pip install -q -e '.[test,lint,docs]'
 	touch $(STAMP)
 
-# Servers that the client-library tests talk to (redis-server). Best effort: the tests that
-# need one skip with a reason when it is missing.
+# Servers that the client-library tests and the real-client matrix (make field) talk to.
+# Best effort and idempotent: only what is missing is installed, in one apt-get call, as
+# root; otherwise the tests that need a server skip with a reason. (On a machine whose
+# init system runs, apt starts these as system services too; the tests never use those:
+# they start their own on free loopback ports.)
+SYSTEM_DEPS := redis-server:redis-server nginx:nginx mariadb-server:mariadbd \
+               memcached:memcached exim4:exim4 openssh-server:sshd
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
+	@missing=""; for pair in $(SYSTEM_DEPS); do exe=$${pair##*:}; \
+	  command -v $$exe >/dev/null 2>&1 || test -x /usr/sbin/$$exe || missing="$$missing $${pair%%:*}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-	      || echo "warning: could not install redis-server; redis tests will skip"; \
-	  else echo "note: redis-server missing and not root; redis tests will skip"; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	       --no-install-recommends $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; the tests that need them will skip"; \
+	  else echo "note: missing$$missing (not root, or no apt-get); the tests that need them will skip"; fi; \
+	fi
 
 test: $(STAMP) system-deps
-	$(VPY) -m pytest $(PYTEST_ARGS) -m "not slow"
+	$(VPY) -m pytest $(PYTEST_ARGS) -m "not slow and not field"
+
+# The real-client matrix (tests/field, marker `field`; DESIGN §9): each real client, plain
+# and under resilientsock, against its real server -> build/field/*.json, then the table in
+# docs/field.md. FIELD_RS_COMMIT=<rev> pins the clients' resilientsock to a commit.
+FIELD_STAMP := $(VENV)/.installed-field
+$(FIELD_STAMP): $(STAMP)
+	$(VPY) -m pip install -q -e '.[test,lint,field]'
+	touch $(FIELD_STAMP)
+
+field: $(FIELD_STAMP) system-deps
+	$(VPY) -m pytest $(PYTEST_ARGS) -m field -p no:randomly tests/field; status=$$?; \
+	  $(VPY) tests/field/report.py --write docs/field.md; exit $$status
 
 soak: $(STAMP) system-deps
 	$(VPY) -m pytest $(PYTEST_ARGS) -m slow
