@@ -184,10 +184,12 @@ def run_mode(row: Row, mode: str, workdir: Path) -> dict[str, Any]:
                                 cwd=str(folder))
         fired: list[dict[str, Any]] = []
         try:
-            _wait(lambda: _lines(oplog) >= 1, 30, proc)
+            def left() -> float:  # every wait of this run fits in row.timeout
+                return max(0.0, row.timeout - (time.monotonic() - start))
+            _wait(lambda: _lines(oplog) >= 1, min(30.0, left()), proc)
             t0 = time.monotonic()
             for at, kind in row.plan():
-                while time.monotonic() - t0 < at and proc.poll() is None:
+                while time.monotonic() - t0 < at and proc.poll() is None and left() > 0:
                     time.sleep(0.005)
                 if proc.poll() is not None:
                     break
@@ -195,10 +197,10 @@ def run_mode(row: Row, mode: str, workdir: Path) -> dict[str, Any]:
                               "hit": fire(proxy, kind)})
             done = _lines(oplog)
             _wait(lambda: _lines(oplog) >= done + row.after_ops,
-                  row.app_timeout * 4 + 10, proc)
+                  min(row.app_timeout * 4 + 10, left()), proc)
             stop.touch()
             try:
-                rc = proc.wait(timeout=max(1.0, row.timeout - (time.monotonic() - start)))
+                rc = proc.wait(timeout=max(1.0, left()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 rc = proc.wait(timeout=30)
@@ -330,5 +332,14 @@ def run_row(row: Row, workdir: Path) -> dict[str, Any]:
     return result
 
 
+def check(result: dict[str, Any], claim: str, holds: bool) -> None:
+    """Record the row's own expected outcome (issue #14 §4) in its saved result."""
+    result.setdefault("expected", []).append({"claim": claim, "holds": bool(holds)})
+    save(result, result.get("commit"))
+
+
 def assert_never_worse(result: dict[str, Any]) -> None:
-    assert not result["worse"], describe(result)
+    """Never worse (§5a), and every recorded expectation of the row holds."""
+    failed = [e["claim"] for e in result.get("expected", []) if not e["holds"]]
+    assert not result["worse"] and not failed, describe(result) + "".join(
+        f"\n  EXPECTED, NOT MET: {c}" for c in failed)
