@@ -352,8 +352,9 @@ def _classify_wrapper(exc: BaseException, phase: str | None) -> ErrorInfo | None
     return False
 
 
-def _chain(exc: BaseException, limit: int = 32) -> list[BaseException]:
-    """The exception and everything it points at, breadth first, each once."""
+def _chain(exc: BaseException, limit: int = 32, context: bool = True) -> list[BaseException]:
+    """The exception and everything it points at, breadth first, each once. With
+    ``context=False`` the implicit ``__context__`` links are not followed."""
     seen: set[int] = set()
     out: list[BaseException] = []
     queue = [exc]
@@ -363,22 +364,29 @@ def _chain(exc: BaseException, limit: int = 32) -> list[BaseException]:
             continue
         seen.add(id(item))
         out.append(item)
-        linked: list[object] = [item.__cause__, item.__context__, getattr(item, "reason", None)]
+        linked: list[object] = [item.__cause__, item.__context__ if context else None,
+                                getattr(item, "reason", None)]
         linked.extend(getattr(item, "args", ()) or ())
         queue.extend(x for x in linked if isinstance(x, BaseException))
     return out
 
 
-def classify(exc: BaseException, *, phase: str | None = None) -> ErrorInfo | None:
+def classify(exc: BaseException, *, phase: str | None = None,
+             context: bool = True) -> ErrorInfo | None:
     """Classify ``exc``: an :class:`ErrorInfo` for a connection problem, else ``None``.
 
     ``phase`` (``"connect"``, ``"read"`` or ``"write"``) is what the caller knows about where
     the error happened; ``"connect"`` turns timeouts into ``CONNECT_TIMEOUT`` and sets
     ``maybe_delivered=False``. Anything that is not an ``Exception`` is never classified.
+
+    ``context=False`` classifies the error on its own: the implicit ``__context__`` (the
+    exception being handled when it was raised) is not followed. The socket classifies errors
+    raised while reconnecting this way, so the original drop cannot make an unrelated error (a
+    ``ValueError`` from a hook, ``EADDRINUSE``) look retryable (DESIGN §3, review r02).
     """
     if not isinstance(exc, Exception):
         return None
-    chain = _chain(exc)
+    chain = _chain(exc, context=context)
     # A type declared "never" stops the walk before we look inside it (e.g. HTTPError).
     for item in chain[:1]:
         if _classify_wrapper(item, phase) is None:

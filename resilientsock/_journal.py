@@ -1,116 +1,210 @@
 """The journal: what a resilient socket wrote and has not yet seen confirmed.
 
-Rules of this module (DESIGN §5):
+Rules of this module (DESIGN §5, §5b, §12):
 
 1. One record per successful write call (``send``, ``sendall``, ``sendmsg``); the record is
    what the kernel took, so a short ``send`` journals only its prefix.
 2. Records leave the journal only by confirmation: an answer (a read that returned >= 1 byte
    confirms every record written before that read began, ``confirm_before``), TCP's ACK
    (``confirm_acked``, in connection-stream byte offsets) or ``sock.confirm()``.
-3. Over ``limit`` unconfirmed bytes the journal stops promising: it drops the records and
+3. Records an answer confirmed are *kept* (``kept_bytes``) until the next write ends that
+   answer (``end_answer``): if the connection drops in the middle of the answer, they are
+   the request(s) to re-send for answer resume (§5b). They do not count against ``limit``;
+   when they alone exceed it, they are let go and resume is off for that answer.
+4. Over ``limit`` unconfirmed bytes the journal stops promising: it drops the records and
    reports ``overflowed`` until a confirmation covers everything written so far. A drop while
    overflowed is surfaced, never silently half-replayed.
-4. ``clear`` is for when an error was surfaced: the caller owns recovery from then on.
+5. ``clear`` is for when an error was surfaced and the connection discarded: the caller owns
+   recovery from then on.
+6. Memory: the payload lives in one ``bytearray`` and the record boundaries in an
+   ``array('q')`` of end offsets (8 bytes a record), so the heap stays within ~1.2x of the
+   payload whatever the record size (a deque of per-record lists held 5.1x for 63-byte
+   records: review r13).
+
+Offsets are absolute: byte ``i`` is the i-th byte ever appended. ``_keep`` <= ``_done`` <=
+``_total``: ``[_keep, _done)`` is kept for resume, ``[_done, _total)`` is unconfirmed, and the
+buffer holds ``[_keep, _total)``.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from array import array
+
+__all__ = ["Journal"]
 
 
 class Journal:
     """Unconfirmed write records, in order. Not thread-safe: the socket serialises writers."""
 
-    __slots__ = ("_records", "size", "_next", "limit", "keep_data", "overflowed",
-                 "_overflow_until", "stream_offset")
+    __slots__ = ("_data", "_ends", "_head", "_base", "_total", "_done", "_keep", "limit",
+                 "keep_data", "overflowed", "_overflow_until", "_origin", "keeping")
 
     def __init__(self, limit: int, keep_data: bool = True) -> None:
-        # Each record: [sequence number, bytes (or None when not kept), end offset on the
-        # current connection's byte stream, length].
-        self._records: deque[list] = deque()
-        self.size = 0
-        self._next = 0
+        self._data = bytearray()
+        self._ends = array("q")  # absolute end offset of each record still known
+        self._head = 0  # index in _ends of the first unconfirmed record
+        self._base = 0  # sequence number of _ends[0]
+        self._total = 0  # bytes ever appended
+        self._done = 0  # absolute offset of the first unconfirmed byte
+        self._keep = 0  # absolute offset of the first byte still in _data
         self.limit = limit
         self.keep_data = keep_data
         self.overflowed = False
         self._overflow_until = 0
-        self.stream_offset = 0  # bytes written on the current connection (for tcp-ack)
+        self._origin = 0  # absolute offset of stream byte 0 on the current connection
+        self.keeping = True  # False: confirmed records are let go at once (no resume)
+
+    # -- reading the state -----------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._records)
+        """Unconfirmed records."""
+        return len(self._ends) - self._head
+
+    @property
+    def size(self) -> int:
+        """Unconfirmed bytes (what ``journal_limit`` counts)."""
+        return 0 if self.overflowed else self._total - self._done
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of answered records kept for answer resume."""
+        return self._done - self._keep
 
     @property
     def pending(self) -> bool:
         """True when some written bytes are neither confirmed nor cleared."""
-        return bool(self._records) or self.overflowed
+        return self._head < len(self._ends) or self.overflowed
+
+    @property
+    def stream_offset(self) -> int:
+        """Bytes written on the current connection, replay included (for tcp-ack)."""
+        return self._total - self._origin
 
     def mark(self) -> int:
         """A position: records appended from now on are 'after' it."""
-        return self._next
+        return self._base + len(self._ends)
+
+    # -- writing ------------------------------------------------------------------------------
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
-        seq = self._next
-        self._next = seq + 1
-        self.stream_offset += n
+        self._total += n
         if self.overflowed:
-            self._overflow_until = self._next
+            self._ends.append(self._total)
+            self._head = len(self._ends)
+            self._done = self._keep = self._total
+            self._overflow_until = self.mark()
             return
-        if self.size + n > self.limit:
+        if self._total - self._done > self.limit:
             self._overflow()
             return
-        stored = (data if type(data) is bytes else bytes(data)) if self.keep_data else None
-        self._records.append([seq, stored, self.stream_offset, n])
-        self.size += n
+        if self.keep_data:
+            self._data += data
+        self._ends.append(self._total)
+
+    def end_answer(self) -> None:
+        """A write after an answer: the answer is complete, its requests need not be kept."""
+        if self._keep != self._done:
+            self._trim(self._done)
 
     def _overflow(self) -> None:
-        self._records.clear()
-        self.size = 0
         self.overflowed = True
-        self._overflow_until = self._next
+        self._overflow_until = self.mark()
+        self._head = len(self._ends)
+        self._done = self._keep = self._total
+        self._data.clear()
+        self._compact()
+
+    def _trim(self, upto: int) -> None:
+        """Let go of buffered bytes before absolute offset ``upto``."""
+        if self.keep_data:
+            del self._data[: upto - self._keep]
+        self._keep = upto
+        self._compact()
+
+    def _compact(self) -> None:
+        head = self._head
+        if head > 64 and head * 2 > len(self._ends):
+            del self._ends[:head]
+            self._base += head
+            self._head = 0
+
+    # -- confirming ---------------------------------------------------------------------------
 
     def confirm_before(self, mark: int) -> int:
-        """Confirm every record written before ``mark``. Returns how many were confirmed."""
-        records = self._records
-        count = 0
-        while records and records[0][0] < mark:
-            self.size -= _length(records.popleft())
-            count += 1
+        """Confirm every record written before ``mark``. Returns how many were confirmed.
+
+        The confirmed records stay buffered (``kept_bytes``) until ``end_answer``.
+        """
+        index = mark - self._base
+        count = index - self._head
         if self.overflowed and mark >= self._overflow_until:
             self.overflowed = False
+        if count <= 0:
+            return 0
+        self._head = index
+        self._done = self._ends[index - 1]
+        if not self.keeping or self._done - self._keep > self.limit:
+            self._trim(self._done)
         return count
 
     def confirm_all(self) -> int:
-        return self.confirm_before(self._next)
+        count = self.confirm_before(self.mark())
+        self.end_answer()
+        return count
 
     def confirm_acked(self, acked: int) -> int:
         """Confirm records whose every byte is at or below stream offset ``acked``."""
-        records = self._records
-        count = 0
-        while records and records[0][2] <= acked:
-            self.size -= _length(records.popleft())
-            count += 1
-        if self.overflowed and acked >= self.stream_offset:
+        limit = self._origin + acked
+        ends = self._ends
+        index = self._head
+        while index < len(ends) and ends[index] <= limit:
+            index += 1
+        if self.overflowed and limit >= self._total:
             self.overflowed = False
+        count = index - self._head
+        if count:
+            self._head = index
+            self._done = ends[index - 1]
+            self._trim(self._done)  # acknowledged bytes are never an answer to resume
         return count
 
     def clear(self) -> None:
-        self._records.clear()
-        self.size = 0
+        """Forget everything written so far (an error was surfaced; the caller owns it)."""
+        self._head = len(self._ends)
+        self._done = self._keep = self._total
+        self._data.clear()
         self.overflowed = False
+        self._compact()
+
+    def drop_kept(self) -> None:
+        """Stop keeping answered records (resume is not possible for this answer)."""
+        self._trim(self._done)
+
+    # -- replaying ----------------------------------------------------------------------------
+
+    def unconfirmed(self) -> memoryview:
+        """The unconfirmed bytes, oldest first (empty where data is not kept)."""
+        return memoryview(self._data)[self._done - self._keep:]
+
+    def with_kept(self) -> memoryview:
+        """The kept (answered) records followed by the unconfirmed ones: what answer resume
+        re-sends."""
+        return memoryview(self._data)
 
     def records(self) -> list[bytes]:
-        """The unconfirmed records, oldest first (empty bytes where data is not kept)."""
-        return [r[1] if r[1] is not None else b"" for r in self._records]
+        """The unconfirmed records, oldest first, one ``bytes`` each (for tests and tools)."""
+        out = []
+        start = self._done
+        for end in self._ends[self._head:]:
+            if self.keep_data:
+                out.append(bytes(self._data[start - self._keep:end - self._keep]))
+            else:
+                out.append(b"")
+            start = end
+        return out
 
-    def restart_stream(self) -> None:
-        """A new connection: re-number stream offsets as if the records were just re-sent."""
-        offset = 0
-        for record in self._records:
-            offset += _length(record)
-            record[2] = offset
-        self.stream_offset = offset
-
-
-def _length(record: list) -> int:
-    return record[3]  # type: ignore[no-any-return]
+    def restart_stream(self, resent: int) -> None:
+        """A new connection on which ``resent`` bytes (the replay) were just written: stream
+        offsets count from the first of them."""
+        self._origin = self._total - resent

@@ -44,23 +44,48 @@ def is_patched() -> bool:
     return _patched
 
 
-def patch(policy: RetryPolicy | None = None, **policy_fields: Any) -> None:
+_session: list[str] = []  # the session targets in force ("HOST:PORT")
+
+
+def session_targets() -> list[str]:
+    """The targets whose connections speak the session protocol (DESIGN §11)."""
+    return list(_session)
+
+
+def patch(policy: RetryPolicy | None = None, *, session: Any = None,
+          **policy_fields: Any) -> None:
     """Monkey-patch with gevent, then make every client stream socket resilient.
 
     ``policy`` (default: ``RetryPolicy.from_env()``, i.e. the defaults overridden by
     ``RESILIENTSOCK_*`` variables) with ``policy_fields`` applied on top becomes the policy of
-    every socket created afterwards. Unknown or invalid fields are a ``ValueError`` raised before
-    anything is patched.
+    every socket created afterwards. ``session`` (a list of ``"HOST:PORT"``, or one string with
+    commas; default: ``RESILIENTSOCK_SESSION``) names the targets whose connections become
+    sessions through a relay (DESIGN §11); only those speak the session protocol. Unknown or
+    invalid fields or targets are a ``ValueError`` raised before anything is patched.
     """
     global _patched, _subscriber
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise TypeError(f"patch(policy=...) needs a RetryPolicy, got {policy!r}")
     effective = (policy or RetryPolicy.from_env()).replace(**policy_fields)
+    if session is None:
+        import os
+
+        session = os.environ.get("RESILIENTSOCK_SESSION") or None
+    targets = _parse_session(session)
 
     from gevent import monkey
 
     if not monkey.is_module_patched("socket"):
         monkey.patch_all(socket=True, ssl=True, thread=True, select=True)
+    elif not monkey.is_module_patched("ssl"):
+        # monkey.patch_socket() alone ran before us: the stdlib SSLContext would build our
+        # TLS class through an API it lacks (review r08). gevent's ssl goes in first.
+        monkey.patch_ssl()
+    if targets or _session:
+        from . import _relay
+
+        _relay.set_session_targets(targets or None)
+        _session[:] = targets
 
     from . import _socket
 
@@ -98,7 +123,30 @@ def unpatch() -> None:
     from . import _socket
 
     _socket.set_default_policy(None)
+    if _session:
+        from . import _relay
+
+        _relay.set_session_targets(None)
+        _session.clear()
     _patched = False
+
+
+def _parse_session(value: Any) -> list[str]:
+    if value is None:
+        return []
+    items = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
+    items = [t for t in items if t]
+    if items:
+        from . import _relay
+
+        for item in items:
+            if not isinstance(item, str):
+                raise ValueError(f"patch(session=...): {item!r} is not a 'HOST:PORT' string")
+            try:
+                _relay.parse_address(item)
+            except ValueError as exc:
+                raise ValueError(f"patch(session=...): {exc}") from None
+    return items
 
 
 def _replacements() -> list[tuple[Any, str, Any]]:

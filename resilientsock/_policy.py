@@ -58,6 +58,17 @@ class RetryPolicy:
         ``reconnect_rate / 10`` so a lone drop never waits. A loopback server accepts far more;
         a real one after a mass drop often cannot, and 200/s clears 2,000 clients in ~10 s.
         (Picked, not measured against a particular server.)
+    resume_answers (True): a drop in the middle of an answer is resumed (DESIGN §5b): the
+        request is re-sent on a new connection and the new answer's first K bytes (K = what
+        the caller already got) are checked against a digest of what the caller got; equal,
+        the caller continues at byte K; different, the drop is surfaced. Only for requests a
+        dialect calls idempotent (HTTP methods of RFC 9110 §9.2.2, read-only RESP commands);
+        for an unknown protocol the bytes decide (at-least-once, as for unanswered writes).
+    prelude (0): the first N exchanges (requests up to the first answer byte, and that answer)
+        of every connection of an unknown protocol are its setup: re-sent first on each new
+        connection, and their answers must equal the originals byte for byte (DESIGN §5a).
+    session (False): this socket speaks the session protocol to a relay (DESIGN §11);
+        ``patch(session=[...])`` / ``--session`` choose targets by address instead.
     on_disconnect(sock, info) / on_reconnect(sock, attempt): hooks. ``on_reconnect`` runs on
         the new connection before the replay (re-authenticate, re-subscribe); its own I/O is
         not journaled, and an exception from it fails that attempt.
@@ -77,6 +88,9 @@ class RetryPolicy:
     eof: str = "unanswered-is-drop"
     retry_read_timeouts: bool = False
     reconnect_rate: float = 200.0
+    resume_answers: bool = True
+    prelude: int = 0
+    session: bool = False
     on_disconnect: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
     on_reconnect: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
 
@@ -118,7 +132,10 @@ class RetryPolicy:
             raise bad("journal_limit", "must be a whole number of bytes >= 0")
         if not _positive_number(self.reconnect_rate):
             raise bad("reconnect_rate", "must be a positive number of attempts per second")
-        for field in ("retry_connect", "retry_read_timeouts"):
+        if (not isinstance(self.prelude, int) or isinstance(self.prelude, bool)
+                or self.prelude < 0):
+            raise bad("prelude", "must be a whole number of exchanges >= 0")
+        for field in ("retry_connect", "retry_read_timeouts", "resume_answers", "session"):
             if not isinstance(getattr(self, field), bool):
                 raise bad(field, "must be True or False")
         for field in ("on_disconnect", "on_reconnect"):
@@ -262,4 +279,9 @@ FIELDS: dict[str, FieldSpec] = {
                                      _bool, "BOOL"),
     "reconnect_rate": FieldSpec("process-wide reconnect attempts per second (default 200)",
                                 float, "PER_S"),
+    "resume_answers": FieldSpec("resume an answer cut in the middle by re-sending its "
+                                "idempotent request and checking the new answer's prefix "
+                                "(default 1)", _bool, "BOOL"),
+    "prelude": FieldSpec("the first N exchanges of every connection are its setup, re-sent "
+                         "first on each new connection (default 0)", int, "N"),
 }

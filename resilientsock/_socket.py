@@ -1,85 +1,92 @@
-"""ResilientSocket: the reconnect / replay state machine on top of gevent's socket.
+"""ResilientSocket: guarded I/O on top of gevent's socket, obeying the recovery machine.
 
-Rules of this module (DESIGN §5-§7):
+Rules of this module (DESIGN §5-§7; the decisions themselves live in ``_machine.py``):
 
-1. Subclass, don't proxy: ``ResilientSocket`` *is* a gevent socket, so ``with``, ``makefile``,
-   gevent's own ``sendall`` (which calls ``self.send``) and C-level consumers see a real socket.
-2. A socket is protected only once it is a client stream socket (AF_INET, AF_INET6, AF_UNIX)
-   that this process connected in blocking or timeout mode. Listening, accepted, UDP, raw,
-   ``fromfd`` and non-blocking sockets pass every call straight to gevent (``_rs_target`` is
-   None). ``shutdown()`` by the caller turns protection off: the stream is theirs to end.
-3. Reconnecting swaps the wrapped ``_sock`` (so ``fileno()`` changes). The old io watchers are
-   dropped with ``_drop_events_and_close``, which wakes any greenlet blocked on them; that
-   greenlet sees the connection generation moved and retries on the new connection, so a
-   reader and a writer that meet the same drop cause one reconnect, not two.
-4. Re-entrancy: gevent's ``sendall`` calls ``self.send`` and TLS ``recv`` calls ``self.read``.
-   A per-direction flag makes the inner call raw, so a record is journaled exactly once.
-   Hooks and replay run with both flags set: their I/O is not journaled.
-5. States (``_rs_state``):
-
-   =========  ==================================================  =========================
-   state      meaning                                              next I/O call
-   =========  ==================================================  =========================
-   idle       never connected (or protection off)                  passes through
-   connected  a live connection, journal in force                  runs; a drop -> recover
-   broken     an error was surfaced, connection discarded          reconnects first (lazily)
-   closed     the application closed it                            passes through (EBADF)
-   =========  ==================================================  =========================
-
-   "reconnecting" and "replaying" are the inside of ``_rs_reconnect``, under the socket's lock.
-6. After a surfaced error the journal is empty: the application owns recovery, so nothing is
-   ever re-sent twice by both of us.
-7. Banners (server-first protocols: SMTP, FTP, POP3, IMAP). Bytes that arrive before the
-   application's first write are a banner. On a reconnect after that first write, the new
-   connection's banner is read and dropped before the hook and the replay (the application
-   already read one). Once the server has also answered a write, a session exists that a new
-   connection would not have (EHLO, login), so a drop is surfaced unless an ``on_reconnect``
-   hook restores the session. A surfaced error ends the session: a lazily reconnected socket
-   hands the next banner to the application, as a fresh connection would.
+1. Subclass, don't proxy: ``ResilientSocket`` *is* a gevent socket, so ``with``, ``makefile``
+   and C-level consumers see a real socket.
+2. Two classes per kind of socket. ``ResilientSocket`` (what ``socket.socket`` is under
+   ``patch()``) has gevent's own I/O methods: listening, accepted, UDP, raw, ``fromfd`` and
+   non-blocking sockets pay nothing, not even a Python frame (DESIGN §6, §12). A client stream
+   socket that this process connects in blocking or timeout mode becomes a ``_Guarded``
+   subclass instance (its ``__class__`` is switched: same layout, so this is safe), whose I/O
+   methods make the raw call first and do the bookkeeping after it. Protection ends (the class
+   switched back) at ``shutdown()``, ``close()``, ``setblocking(False)`` / ``settimeout(0)``,
+   ``detach()``, and in a child process after ``fork()``.
+3. One greenlet recovers (``Machine.owner``); its hook, restore, banner skip and replay I/O go
+   straight to the connection. Another greenlet that arrives meanwhile waits until the new
+   connection is published (after the replay), so nothing it writes overtakes a replayed
+   record and nothing the recovery reads is handed to it (review r01).
+4. Errors are judged outside the ``except`` block that caught them, so nothing raised while
+   recovering carries the original drop as its ``__context__`` (review r02); reconnect errors
+   are also classified with ``context=False``.
+5. Every part of a recovery — connect attempts, TLS handshake, restore, banner skip,
+   ``on_reconnect``, replay, the answer-resume read — runs under the episode's deadline and
+   the application's own socket timeout (DESIGN §4).
+6. ``close()`` wins over a recovery in progress: it closes the connection being opened, wakes
+   the recovering greenlet, and nothing is replayed after it (review r05).
+7. Reconnecting swaps the wrapped ``_sock`` (so ``fileno()`` changes); the old connection is
+   closed first (its io watchers dropped, waking any greenlet blocked on it), so a fixed
+   source port can be bound again (review r22).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import socket as _std
 import struct
 import sys
 import time
+import weakref
 from typing import Any
 
 import gevent
 from gevent._socket3 import socket as _GeventSocket
 from gevent._socketcommon import timeout_default as _timeout_default
-from gevent.lock import RLock
-from gevent.socket import getaddrinfo as _getaddrinfo
-from gevent.socket import wait_write as _wait_write
 
 from . import _stats
-from ._errors import REASONS, ErrorCategory, ErrorInfo, UnansweredEOFError, classify
-from ._journal import Journal
+from ._connect import INET, Attempt, candidates, dead_peer_options, open_connection, try_setsockopt
+from ._errors import ErrorCategory, ErrorInfo, classify
+from ._machine import (
+    BROKEN,
+    CLOSED,
+    CONNECTED,
+    EARLY_ANSWER,
+    PASS_EOF,
+    RECOVER,
+    RECOVERING,
+    Drop,
+    Episode,
+    Machine,
+    TokenBucket,
+    Verdict,
+)
 from ._policy import RetryPolicy
 
 __all__ = ["ResilientSocket", "create_connection", "default_policy", "set_default_policy"]
 
 log = logging.getLogger("resilientsock")
 
-IDLE, CONNECTED, BROKEN, CLOSED = "idle", "connected", "broken", "closed"
-_RECV, _RECV_INTO, _TLS_READ = 0, 1, 2  # how a read call names its size (for the EOF rule)
 _PROTECTED_FAMILIES = tuple(
     f for f in (getattr(_std, n, None) for n in ("AF_INET", "AF_INET6", "AF_UNIX")) if f is not None
 )
-_INET = tuple(f for f in (_std.AF_INET, getattr(_std, "AF_INET6", None)) if f is not None)
-_TLS_TRANSPORT_CAP = 3  # "retry, small cap" (DESIGN §3); picked, not measured
+_AF_UNIX = getattr(_std, "AF_UNIX", None)
 _ACK_CHECK_INTERVAL = 0.05  # seconds between TCP_INFO queries under confirm="tcp-ack"
 _TCP_INFO = getattr(_std, "TCP_INFO", None)
 _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux struct tcp_info
 _TCPI_UNACKED = 24  # offset of tcpi_unacked (u32): segments sent and not yet acknowledged
 _TCPI_RTT = 68  # offset of tcpi_rtt (u32, microseconds): smoothed round-trip time
+_PEEK = _std.MSG_PEEK | getattr(_std, "MSG_DONTWAIT", 0)
+_CHUNK = 1 << 20  # sendall's chunk (gevent uses max(SO_SNDBUF, 1 MiB))
 
+# How a read call names its result (for the bookkeeping after it).
+RECV, RECV_INTO, RECVFROM, RECVFROM_INTO, RECVMSG, RECVMSG_INTO, TLS_READ = range(7)
+
+_clock = time.monotonic
+_bucket = TokenBucket()
 _default_policy: RetryPolicy | None = None
+_live: weakref.WeakSet[Any] = weakref.WeakSet()  # protected sockets (for fork)
 
 
 def default_policy() -> RetryPolicy:
@@ -95,7 +102,7 @@ def set_default_policy(policy: RetryPolicy | None) -> None:
     _default_policy = policy
 
 
-def _add_note(exc: BaseException, note: str) -> None:
+def add_note(exc: BaseException, note: str) -> None:
     """PEP 678 note; Python 3.10 has no ``add_note``, so set ``__notes__`` directly."""
     if hasattr(exc, "add_note"):
         exc.add_note(note)
@@ -105,89 +112,63 @@ def _add_note(exc: BaseException, note: str) -> None:
         exc.__notes__ = notes  # type: ignore[attr-defined]
 
 
-class _TokenBucket:
-    """Process-wide limiter for reconnect attempts (DESIGN §4): a lone drop never waits
-    (burst), a mass drop is spread out. Cooperative (gevent): no lock needed."""
-
-    def __init__(self) -> None:
-        self.tokens = -1.0
-        self.stamp = 0.0
-
-    def delay(self, rate: float) -> float:
-        burst = max(1.0, rate / 10.0)
-        now = time.monotonic()
-        if self.tokens < 0 and self.stamp == 0.0:
-            self.tokens = burst
-        else:
-            self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
-        self.stamp = now
-        self.tokens -= 1.0  # reserve, even if we must wait for it
-        return 0.0 if self.tokens >= 0 else -self.tokens / rate
+def _emit(event: str, level: int, message: str, *args: Any, **fields: Any) -> None:
+    """One event through the ``resilientsock`` logger (and telemetry, where available)."""
+    emit = _events_emit()
+    if emit is not None:
+        try:
+            emit(event, level, message % args if args else message, **fields)
+            return
+        except Exception:  # pragma: no cover - telemetry must never break I/O
+            pass
+    if log.isEnabledFor(level):
+        log.log(level, message, *args)
 
 
-_bucket = _TokenBucket()
+_EMIT: list[Any] = []
 
 
-class _Budget:
-    """What one call may still spend on recovery: attempts and the deadline."""
-
-    __slots__ = ("policy", "start", "attempts", "original", "last", "tls_transport", "tries")
-
-    def __init__(self, policy: RetryPolicy, original: BaseException | None, tries: int = 0):
-        self.policy = policy
-        self.start = time.monotonic()
-        self.attempts = 0
-        self.tries = tries  # attempts already made outside the reconnect loop (first connect)
-        self.original = original
-        self.last: BaseException | None = original
-        self.tls_transport = 0
-
-    def remaining(self) -> float:
-        if self.policy.deadline is None:
-            return math.inf
-        return self.policy.deadline - (time.monotonic() - self.start)
-
-    def exhausted(self) -> bool:
-        cap = self.policy.max_attempts
-        return (cap is not None and self.attempts >= cap) or self.remaining() <= 0
-
-    def describe(self) -> str:
-        last = self.last
-        text = f"{last}" if last is not None and str(last) else type(last).__name__
-        total = self.attempts + self.tries
-        return (f"gave up after {total} attempt{'s' if total != 1 else ''} in "
-                f"{time.monotonic() - self.start:.1f} s (last: {text})")
+def _events_emit() -> Any:
+    if not _EMIT:
+        try:
+            from ._events import emit as found
+        except Exception:  # pragma: no cover - an older tree without telemetry
+            found = None  # type: ignore[assignment]
+        _EMIT.append(found)
+    return _EMIT[0]
 
 
-class _Dual:
-    """``ResilientSocket.connect(address, policy=...)`` on the class creates and connects a
-    socket; ``sock.connect(address)`` on an instance is the normal socket method."""
+def _advice(field: str, value: str) -> str:
+    try:
+        from ._events import advice
 
-    def __init__(self, on_class: Any, on_instance: Any) -> None:
-        self.on_class = on_class
-        self.on_instance = on_instance
-        self.__doc__ = on_instance.__doc__
-
-    def __get__(self, obj: Any, cls: Any = None) -> Any:
-        if obj is None:
-            return self.on_class.__get__(None, cls)
-        return self.on_instance.__get__(obj, cls)
+        return str(advice(field, value))
+    except Exception:
+        return f"RetryPolicy({field}={value!r})"
 
 
-def _dead_peer_options(family: int, seconds: float | None) -> list[tuple[int, int, int]]:
-    """Keepalive + TCP_USER_TIMEOUT so a silently dead link surfaces as ETIMEDOUT in about
-    ``seconds``. Options the platform lacks are skipped."""
-    if seconds is None or family not in _INET:
-        return []
-    opts = [(_std.SOL_SOCKET, _std.SO_KEEPALIVE, 1)]
-    idle = max(1, int(seconds // 2))
-    interval = max(1, int((seconds - idle) // 3))
-    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
-                        ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", int(seconds * 1000))):
-        opt = getattr(_std, name, None)
-        if opt is not None:
-            opts.append((_std.IPPROTO_TCP, opt, value))
-    return opts
+def _after_fork_in_child() -> None:
+    """A child never reconnects a connection its parent owns (DESIGN §6)."""
+    for sock in list(_live):
+        try:
+            sock._rs_unprotect()
+        except Exception:  # pragma: no cover
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _RecoveryStopped(Exception):
+    """close() ended a recovery (internal)."""
+
+
+class _AttemptTimeout(Exception):
+    """The part of an attempt after the connect ran out of time (internal)."""
+
+    def __str__(self) -> str:
+        return "timed out restoring the connection (TLS handshake, hook or replay)"
 
 
 class ResilientSocket(_GeventSocket):
@@ -199,38 +180,25 @@ class ResilientSocket(_GeventSocket):
       writes were re-sent there first (at-least-once: a request whose answer was lost in
       flight arrives twice).
     * A call that raises raised the original exception type (``ConnectionResetError`` stays
-      ``ConnectionResetError``) with a note saying what was tried. The journal is then empty:
-      nothing written before the error will be re-sent by resilientsock. The next call
-      reconnects first.
+      ``ConnectionResetError``) with a note saying what was tried. If the error discarded the
+      connection, the journal is empty: nothing written before it will be re-sent by
+      resilientsock, and the next call reconnects first. If the connection was kept (the
+      application's own read timeout), the journal is kept too: a later drop still re-sends
+      the unanswered request.
     * ``fileno()`` changes across a reconnect.
-    * Server-first protocols (a banner before the client speaks): a drop once the server has
-      answered a command is surfaced unless ``on_reconnect`` restores the session; before
-      that, the new connection's banner is skipped and the first command re-sent.
+    * A socket whose first connect gave up can be connected again (``connect_ex`` loops work).
     """
 
     # Class-level defaults: gevent's __getattr__ forwards unknown names to the raw socket, and
     # SSLSocket.__init__ may call our methods before _rs_init ran.
+    _rs_m: Machine | None = None
     _rs_target: Any = None
-    _rs_reading = False
-    _rs_writing = False
-    _rs_recovering = False
-    _rs_wrote = False
-    _rs_banner_bytes = 0
-    _rs_banner_lines = 0
-    _rs_session = False
-    _rs_state = IDLE
     _rs_policy: RetryPolicy | None = None
     _rs_source: Any = None
     _rs_any_family = False
     _rs_tls = False
     _sock: Any  # set by gevent's socket (a slot); declared for type checkers
-    _rs_raw_recv = staticmethod(_GeventSocket.recv)
-    _rs_raw_recv_into = staticmethod(_GeventSocket.recv_into)
-    _rs_raw_send = staticmethod(_GeventSocket.send)
-    _rs_raw_sendall = staticmethod(_GeventSocket.sendall)
     _rs_raw_connect = staticmethod(_GeventSocket.connect)
-    _rs_raw_connect_ex = staticmethod(_GeventSocket.connect_ex)
-    _rs_raw_shutdown = staticmethod(_GeventSocket.shutdown)
 
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: int | None = None, *, policy: RetryPolicy | None = None) -> None:
@@ -242,26 +210,15 @@ class ResilientSocket(_GeventSocket):
             raise TypeError(f"policy must be a RetryPolicy, got {policy!r}")
         self._rs_policy = policy
         self._rs_target = None
+        self._rs_m = None
         self._rs_any_family = False
         self._rs_source = None
         self.__dict__.setdefault("_rs_opts", {})
-        self._rs_journal = Journal(0)
-        self._rs_gen = 0
-        self._rs_lock: RLock | None = None
-        self._rs_state = IDLE
-        self._rs_read_since_write = 0
-        self._rs_conn_answered = False
-        self._rs_new_session()
+        self.__dict__.setdefault("reconnects", 0)
+        self._rs_pending: list[Any] = []  # (raw, watcher) of a connect under way
+        self._rs_done: Any = None  # an Event set when a recovery ends
         self._rs_warned = False
         self._rs_ack_checked = 0.0
-        self.reconnects = 0
-
-    def _rs_new_session(self) -> None:
-        """Forget the banner bookkeeping (rule 7): the next connection starts a new session."""
-        self._rs_wrote = False  # the application wrote on this session
-        self._rs_banner_bytes = 0  # bytes the server sent before the application's first write
-        self._rs_banner_lines = 0  # line ends in them
-        self._rs_session = False  # a banner, then an answer to a write: session state exists
 
     # -- public extras ------------------------------------------------------------------------
 
@@ -273,17 +230,26 @@ class ResilientSocket(_GeventSocket):
     @property
     def resilient(self) -> bool:
         """True while drops on this socket are recovered (a connected client socket)."""
-        return self._rs_target is not None and self._rs_state != CLOSED
+        m = self._rs_m
+        return m is not None and m.state is not CLOSED
 
     def confirm(self) -> int:
         """Declare every record written so far delivered: it will not be re-sent after a drop.
         Returns how many records were confirmed."""
-        return self._rs_journal.confirm_all()
+        m = self._rs_m
+        return 0 if m is None else m.journal.confirm_all()
 
     @property
     def unconfirmed_bytes(self) -> int:
         """Bytes written and not yet confirmed (what a drop now would re-send)."""
-        return self._rs_journal.size
+        m = self._rs_m
+        return 0 if m is None else m.journal.size
+
+    @property
+    def dialect(self) -> str | None:
+        """The protocol recognised on this connection (DESIGN §5a), or None."""
+        m = self._rs_m
+        return None if m is None or m.dialect is None else str(m.dialect.name)
 
     # -- connecting ---------------------------------------------------------------------------
 
@@ -306,34 +272,39 @@ class ResilientSocket(_GeventSocket):
         try:
             sock.settimeout(timeout)
             sock._rs_source = source_address
-            sock._rs_begin(address)
             sock._rs_first_connect(address, via_open=True)
         except BaseException:
             sock.close()
             raise
         return sock
 
-    def _connect_instance(self, address: Any) -> None:
-        """Connect to ``address``; for a client stream socket, resiliently (retry_connect)."""
+    def connect(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """``sock.connect(address)``: connect, resiliently for a client stream socket.
+
+        Also ``ResilientSocket.connect(address, policy=None, *, timeout=None,
+        source_address=None)`` called on the class: create and connect a resilient socket.
+        A plain function (not a descriptor), so that reading ``socket.socket.connect`` from
+        the class and writing it back leaves it working (DESIGN §7; pytest-socket does this).
+        """
+        if not isinstance(self, _GeventSocket):  # called on the class: self is the address
+            return ResilientSocket._connect_new(self, *args, **kwargs)
+        if kwargs or len(args) != 1:
+            raise TypeError("connect() takes exactly one argument (the address)")
+        address = args[0]
         if not self._rs_can_protect():
-            return self._rs_raw_connect(self, address)
-        self._rs_begin(address)
+            return _GeventSocket.connect(self, address)
         self._rs_first_connect(address, via_open=False)
         return None
 
-    connect = _Dual(_connect_new, _connect_instance)
-
     def connect_ex(self, address: Any) -> int:
         if not self._rs_can_protect():
-            return int(self._rs_raw_connect_ex(self, address) or 0)
+            return int(_GeventSocket.connect_ex(self, address) or 0)
         try:
-            self._connect_instance(address)
+            self._rs_first_connect(address, via_open=False)
         except _std.gaierror:
             raise
         except TimeoutError as exc:
-            if exc.errno:
-                return int(exc.errno)
-            return errno.EAGAIN
+            return int(exc.errno) if exc.errno else errno.EAGAIN
         except OSError as exc:
             if exc.errno:
                 return int(exc.errno)
@@ -342,222 +313,769 @@ class ResilientSocket(_GeventSocket):
 
     def _rs_can_protect(self) -> bool:
         return (
-            self._rs_target is None
-            and self._rs_state == IDLE
+            self._rs_m is None
             and self.timeout != 0.0
             and self.family in _PROTECTED_FAMILIES
             and self.type == _std.SOCK_STREAM
             and not getattr(self, "server_side", False)
+            and not getattr(self, "_closed", False)
         )
 
-    def _rs_begin(self, address: Any) -> None:
+    def _rs_session_target(self, address: Any) -> bool:
         policy = self.policy
-        self._rs_policy = policy
-        self._rs_target = address
-        self._rs_journal = Journal(policy.journal_limit, keep_data=policy.replay != "none")
-        self._rs_lock = RLock()
+        if policy.session:
+            return True
+        try:
+            from . import _patching
+
+            if not _patching.session_targets():
+                return False
+            from ._relay import is_session_target
+        except Exception:
+            return False
+        return bool(is_session_target(address))
 
     def _rs_first_connect(self, address: Any, via_open: bool) -> None:
-        policy = self._rs_policy
-        assert policy is not None
+        """The application's own connect: resilient under ``retry_connect``."""
+        policy = self.policy
+        self._rs_policy = policy
+        if self.family in INET and isinstance(address, tuple) and self._rs_session_target(address):
+            self._rs_open_session(address, policy)
+            return
+        self._rs_target = address
+        m = Machine(policy, _clock)
+        m.state = BROKEN  # not connected yet: the first connect is a recovery without a drop
+        self.__dict__["_rs_m"] = m
+        call_end = None if self.timeout is None else _clock() + self.timeout
         try:
             if via_open:
-                self._rs_open_connection(policy.connect_timeout if self.timeout is None
-                                         else self.timeout)
+                self._rs_recover(None, call_end, first=True)
             else:
-                for level, opt, value in _dead_peer_options(self.family, policy.dead_peer_timeout):
-                    self._rs_try_setsockopt(self._sock, level, opt, value)
-                self._rs_raw_connect(self, address)
-        except Exception as exc:
-            info = classify(exc, phase="connect")
-            _count_failed_attempt(info)
-            if not policy.retry_connect or info is None or not info.retryable:
-                self._rs_target = None
-                if info is not None:
-                    _stats.bump("surfaced")
-                    _stats.bump(f"surfaced.{info.category}")
-                raise
-            log.info("connect to %r failed (%s: %s); retrying", address, info.category, exc)
-            budget = _Budget(policy, exc, tries=1)
-            try:
-                self._rs_reconnect(budget, replay=False)
-            except BaseException:
-                self._rs_target = None
-                raise
-        self._rs_state = CONNECTED
+                self._rs_recover(None, call_end, first=True, in_place=True)
+        except BaseException:
+            self._rs_unprotect(keep_sock=not via_open)
+            raise
+        self._rs_protect()
+        _live.add(self)
+        internal = self._rs_internal()
+        _stats.bump("internal_connects" if internal else "connects")
+        _emit("connect", logging.DEBUG, "%s: connected", self._rs_name(),
+              peer=self._rs_target, internal=internal)
+
+    def _rs_internal(self) -> bool:
+        """A connection to one of this process's own listening sockets (a wake-up pair, a
+        socketpair fallback): counted apart from connections to servers."""
+        try:
+            peer = self._sock.getpeername()
+        except OSError:
+            return False
+        if not isinstance(peer, tuple) or len(peer) < 2:
+            return False
+        if tuple(peer[:2]) in _own_listeners:
+            return True
+        return peer[1] in _own_ports and str(peer[0]).startswith(("127.", "::1", "::ffff:127."))
+
+    def _rs_open_session(self, address: Any, policy: RetryPolicy) -> None:
+        """Session mode (DESIGN §11): the byte stream rides a session through a relay, which
+        does the recovery; this socket itself passes through."""
+        from ._relay import open_session
+
+        stream = open_session(address, timeout=self.timeout, policy=policy)
+        fd = stream.detach()
+        raw = self._gevent_sock_class(stream.family, _std.SOCK_STREAM, 0, fd)
+        self._rs_install(raw)
         _stats.bump("connects")
 
-    # -- the guarded I/O methods --------------------------------------------------------------
+    # -- protection on and off ----------------------------------------------------------------
 
-    def recv(self, *args: Any) -> bytes:
-        if self._rs_reading or self._rs_target is None or self.timeout == 0.0:
-            return self._rs_raw_recv(self, *args)  # type: ignore[no-any-return]
-        return self._rs_read(self._rs_raw_recv, args, _RECV)  # type: ignore[no-any-return]
+    def _rs_protect(self) -> None:
+        cls = type(self)
+        if not cls.__dict__.get("_rs_is_guarded"):
+            self.__class__ = _guarded_twin(cls)
 
-    def recv_into(self, *args: Any) -> int:
-        if self._rs_reading or self._rs_target is None or self.timeout == 0.0:
-            return self._rs_raw_recv_into(self, *args)  # type: ignore[no-any-return]
-        return self._rs_read(self._rs_raw_recv_into, args, _RECV_INTO)  # type: ignore[no-any-return]
+    @classmethod
+    def _rs_guard_methods(cls) -> dict[str, Any]:
+        """The guarded I/O methods of this class's twin (TLS has its own)."""
+        return {**_guarded_methods(cls.recv, cls.recv_into, cls.send), **_plain_extra_methods()}
 
-    def send(self, data: Any, flags: int = 0, timeout: Any = _timeout_default) -> int:
-        if self._rs_writing or self._rs_target is None or self.timeout == 0.0:
-            return self._rs_raw_send(self, data, flags, timeout)  # type: ignore[no-any-return]
-        return self._rs_write(self._rs_raw_send, (data, flags, timeout), data, True)  # type: ignore[no-any-return]
+    def _rs_unprotect(self, keep_sock: bool = True) -> None:
+        """Protection off: this socket behaves as gevent's from now on."""
+        m = self._rs_m
+        if m is not None:
+            m.journal.clear()
+        self.__dict__["_rs_m"] = None
+        self._rs_target = None
+        _live.discard(self)
+        cls = type(self)
+        if cls.__dict__.get("_rs_is_guarded"):
+            self.__class__ = cls.__mro__[1]
+        if keep_sock and not self._sock and not self._closed:
+            # A first connect that gave up: the socket stays usable, as a plain one would be
+            # (a legacy ``while s.connect_ex(addr) != 0`` loop connects later, review r04).
+            raw = self._gevent_sock_class(self.family, _std.SOCK_STREAM, 0, None)
+            for (level, opt), value in self.__dict__.get("_rs_opts", {}).items():
+                try_setsockopt(raw, level, opt, value)
+            self._rs_install(raw)
+            if self._rs_source is not None:
+                try:
+                    _GeventSocket.bind(self, self._rs_source)
+                except OSError as exc:
+                    log.debug("re-binding %r failed: %s", self._rs_source, exc)
 
-    def sendall(self, data: Any, flags: int = 0) -> None:
-        if self._rs_writing or self._rs_target is None or self.timeout == 0.0:
-            return self._rs_raw_sendall(self, data, flags)  # type: ignore[no-any-return]
-        return self._rs_write(self._rs_raw_sendall, (data, flags), data, False)  # type: ignore[no-any-return]
+    # -- recorded options and the end of the stream -------------------------------------------
 
-    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0, address: Any = None) -> int:
-        if (self._rs_writing or self._rs_target is None or self.timeout == 0.0
-                or ancdata or address is not None):
-            # Ancillary data (fd passing) cannot be replayed: passed through unprotected.
-            return _GeventSocket.sendmsg(self, buffers, ancdata, flags, address)  # type: ignore[no-any-return]
-        data = b"".join(buffers)  # TypeError for what is not an iterable of bytes-like objects
-        return self._rs_write(_sendmsg_raw, (data, flags), data, True)  # type: ignore[no-any-return]
+    def setsockopt(self, *args: Any) -> None:
+        """Set an option; client sockets re-apply it to every new connection."""
+        _GeventSocket.setsockopt(self, *args)
+        if len(args) == 3:
+            self.__dict__.setdefault("_rs_opts", {})[(args[0], args[1])] = args[2]
 
-    def _rs_read(self, raw: Any, args: tuple, kind: int) -> Any:
-        into = kind == _RECV_INTO or (kind == _TLS_READ and len(args) > 1 and args[1] is not None)
-        budget: _Budget | None = None
-        self._rs_reading = True
+    def bind(self, address: Any) -> None:
+        _GeventSocket.bind(self, address)
+        self._rs_source = address
+
+    def listen(self, *args: Any) -> None:
+        _GeventSocket.listen(self, *args)
         try:
-            while True:
-                if self._rs_state != CONNECTED:
-                    if self._rs_state == CLOSED or self._closed:
-                        return raw(self, *args)  # what a closed socket raises (EBADF, ValueError)
-                    budget = self._rs_ensure_connected(budget)
-                gen = self._rs_gen
-                journal = self._rs_journal
-                mark = journal._next
-                try:
-                    result = raw(self, *args)
-                except Exception as exc:
-                    budget = self._rs_recover(exc, "read", gen, budget, False)
-                    continue
-                except BaseException:
-                    self._rs_discard(gen)
-                    raise
-                n = result if into else len(result)
-                if n:
-                    if not self._rs_session and (self._rs_banner_bytes or not self._rs_wrote):
-                        self._rs_note_banner(result, args, kind, n)
-                    self._rs_read_since_write += n
-                    self._rs_conn_answered = True
-                    if journal._records or journal.overflowed:
-                        if self._rs_policy.confirm != "explicit":  # type: ignore[union-attr]
-                            journal.confirm_before(mark)
-                    return result
-                if not self._rs_eof_is_drop(args, kind):
-                    return result
-                eof = UnansweredEOFError(
-                    "peer closed the connection without answering "
-                    f"{len(journal) or 'some'} request(s)")
-                try:
-                    budget = self._rs_recover(eof, "read", gen, budget, False)
-                except UnansweredEOFError as exc:
-                    if exc is eof and getattr(exc, "_rs_refused", False):
-                        # Not recoverable under this policy (replay="none", a session...):
-                        # the EOF itself goes to the caller, as a plain socket gives it, so
-                        # the protocol's own "closed without an answer" handling runs.
-                        return result
-                    raise
-        finally:
-            self._rs_reading = False
-
-    def _rs_note_banner(self, result: Any, args: tuple, kind: int, n: int) -> None:
-        """Bytes before the first write are a banner; an answer after one starts a session."""
-        if self._rs_wrote:
-            self._rs_session = True
+            name = self.getsockname()
+        except OSError:  # pragma: no cover
             return
-        if kind == _RECV_INTO:
-            data = memoryview(args[0]).cast("B")[:n]
-        elif kind == _TLS_READ and len(args) > 1 and args[1] is not None:
-            data = memoryview(args[1]).cast("B")[:n]
-        else:
-            data = result
-        self._rs_banner_bytes += n
-        self._rs_banner_lines += bytes(data).count(b"\n")
+        if isinstance(name, tuple) and len(name) >= 2:
+            if name[0] in ("0.0.0.0", "::", ""):
+                _own_ports.add(name[1])
+            else:
+                _own_listeners.add(tuple(name[:2]))
 
-    def _rs_eof_is_drop(self, args: tuple, kind: int) -> bool:
-        """EOF while records are unanswered is a drop (the stale keep-alive case).
+    def setblocking(self, flag: bool) -> None:
+        _GeventSocket.setblocking(self, flag)
+        if not flag and self._rs_m is not None:
+            self._rs_unprotect()  # non-blocking callers own their retry loop (DESIGN §6)
 
-        Full duplex: the kernel reports a reset once, so when a writer greenlet consumed the
-        ECONNRESET, the reader sees a plain EOF. An EOF while another greenlet is writing or
-        reconnecting is therefore part of that same drop, not the stream's end.
-        """
-        if self._rs_recovering or self._rs_writing:
-            return True
-        if self._rs_policy.eof == "pass" or not self._rs_journal.pending:  # type: ignore[union-attr]
-            return False
-        if self._rs_read_since_write:
-            return False  # an answer began; this EOF ends it
-        if kind == _RECV_INTO:
-            nbytes = args[1] if len(args) > 1 and args[1] else memoryview(args[0]).nbytes
-        elif kind == _TLS_READ and len(args) > 1 and args[1] is not None and not args[0]:
-            nbytes = memoryview(args[1]).nbytes
-        else:  # recv(bufsize) and read(nbytes): 0 asks for nothing; read() defaults to 1024
-            nbytes = args[0] if args else 1024
-        return bool(nbytes)
+    def settimeout(self, howlong: Any) -> None:
+        _GeventSocket.settimeout(self, howlong)
+        if howlong == 0 and self._rs_m is not None:
+            self._rs_unprotect()
 
-    def _rs_write(self, raw: Any, args: tuple, data: Any, partial: bool) -> Any:
-        if type(data) is not bytes:
-            data = memoryview(data).cast("B")
-        budget: _Budget | None = None
-        self._rs_writing = True
-        try:
-            while True:
-                if self._rs_state != CONNECTED:
-                    if self._rs_state == CLOSED or self._closed:
-                        return raw(self, *args)
-                    budget = self._rs_ensure_connected(budget)
-                gen = self._rs_gen
+    def shutdown(self, how: int) -> None:
+        """Shut down a direction. The caller is ending the stream, so protection stops here
+        (EPIPE after our own SHUT_WR is the caller's doing, not a drop)."""
+        if self._rs_m is not None:
+            self._rs_unprotect()
+        _GeventSocket.shutdown(self, how)
+
+    def close(self) -> None:
+        m = self._rs_m
+        if m is not None:
+            m.move("close")
+            for raw, watcher in list(self._rs_pending):
+                try:
+                    if watcher is not None:
+                        self.hub.cancel_wait(watcher, _cancel_exc())
+                    raw.close()
+                except Exception:  # pragma: no cover
+                    pass
+            self._rs_pending.clear()
+            done = self._rs_done
+            if done is not None:
+                done.set()
+            _live.discard(self)
+        _GeventSocket.close(self)
+
+    def detach(self) -> int:
+        if self._rs_m is not None:
+            self._rs_unprotect()
+        return int(_GeventSocket.detach(self))
+
+    def accept(self) -> tuple[ResilientSocket, Any]:
+        """Accepted sockets behave exactly as before (never resilient), but are instances of
+        this class so ``isinstance(conn, socket.socket)`` holds under ``patch()``."""
+        while True:
+            try:
+                fd, addr = self._accept()
+                break
+            except BlockingIOError:
+                if self.timeout == 0.0:
+                    raise
+            self._wait(self._read_event)
+        sock = ResilientSocket(self.family, self.type, self.proto, fileno=fd)
+        if _std.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        return sock, addr
+
+    # -- the guarded I/O, slow paths ----------------------------------------------------------
+    # The hot paths are in _guarded_methods() below; everything that is not the common case
+    # (not connected, another greenlet recovering, an error, EOF) comes here.
+
+    def _rs_call_end(self, t0: float | None) -> float | None:
+        timeout = self.timeout
+        if timeout is None:
+            return None
+        return (t0 if t0 is not None else _clock()) + timeout
+
+    def _rs_read(self, raw: Any, args: tuple, kind: int, t0: float | None = None,
+                 err: BaseException | None = None, gen: int = -1) -> Any:
+        call_end = self._rs_call_end(t0)
+        while True:
+            if err is None:
+                m = self._rs_m
+                if m is None:
+                    return raw(self, *args)
+                state = m.state
+                if state is not CONNECTED:
+                    if state is CLOSED or self._closed:
+                        return raw(self, *args)  # what a closed socket raises (EBADF, ValueError)
+                    if state is RECOVERING:
+                        if m.owner is gevent.getcurrent():
+                            return raw(self, *args)  # the hook's own I/O
+                        self._rs_wait_recovery(m, call_end)
+                        continue
+                    # Broken (an error was surfaced and the connection let go). A server-first
+                    # protocol's next read reconnects (the new banner is the application's to
+                    # read); otherwise the read finds the connection's end, as a plain socket
+                    # would after the error, and the next write reconnects.
+                    if not m.server_first:
+                        return _eof_result(kind, args)
+                    self._rs_recover(None, call_end)
+                    continue
+                gen = m.gen
+                journal = m.journal
+                mark = journal._base + len(journal._ends)
                 try:
                     result = raw(self, *args)
-                except Exception as exc:
-                    budget = self._rs_recover(exc, "write", gen, budget, True)
-                    continue
-                except BaseException:
-                    # gevent.Timeout, KeyboardInterrupt: part of the record may be out.
-                    self._rs_discard(gen)
-                    raise
-                n = result if partial else len(data)
-                if n:
-                    self._rs_record(data if n == len(data) else data[:n])
-                return result
-        finally:
-            self._rs_writing = False
+                except BaseException as caught:
+                    err = caught
+                else:
+                    n, data = _extract(kind, args, result)
+                    if n:
+                        m.read_data(data, mark)
+                        return result
+                    verdict = self._rs_on_eof(m, args, kind, gen, t0)
+                    if verdict is None:
+                        continue  # recovered: read again on the new connection
+                    return result
+            failure, err = err, None
+            self._rs_handle_error(failure, "read", gen, call_end, writing=False)
 
-    def _rs_record(self, data: Any) -> None:
-        journal = self._rs_journal
-        journal.append(data)
-        self._rs_read_since_write = 0
-        self._rs_wrote = True
-        policy = self._rs_policy
-        assert policy is not None
+    def _rs_read_eof(self, raw: Any, args: tuple, kind: int, result: Any,
+                     t0: float | None, gen: int) -> Any:
+        m = self._rs_m
+        if m is None or self._rs_on_eof(m, args, kind, gen, t0) is not None:
+            return result
+        return self._rs_read(raw, args, kind, t0)
+
+    def _rs_on_eof(self, m: Machine, args: tuple, kind: int, gen: int,
+                   t0: float | None) -> Verdict | None:
+        """EOF on a read: returns the verdict when the caller gets the EOF, None after a
+        recovery, or when another greenlet recovers (read again)."""
+        if m.state is CLOSED or self._closed:
+            return Verdict(PASS_EOF, "closed")
+        if m.gen != gen or m.state is not CONNECTED:
+            return None  # the connection moved under this read: read again on the new one
+        nbytes = _requested(kind, args)
+        others = m.writing > 0 or m.state is RECOVERING
+        outcome = m.eof(nbytes, others)
+        if isinstance(outcome, Verdict):
+            if outcome.rule == "eof-repeat":
+                # The server's answer is to close: the caller gets the EOF, the connection
+                # (closed by the peer) is let go and the next write reconnects.
+                _emit("surfaced", logging.INFO, "%s: EOF passed on: %s", self._rs_name(),
+                      outcome.note, peer=self._rs_target, category="connection_lost")
+                self._rs_discard(m)
+                m.move("surface-discard")
+            return outcome
+        verdict = m.drop(outcome)
+        if verdict.kind == PASS_EOF:
+            # Not recoverable under the rules: the EOF itself reaches the caller, as a plain
+            # socket gives it; the journal is the caller's now (nothing re-sent twice).
+            _stats.bump("surfaced")
+            _stats.bump(f"surfaced.{outcome.info.category}")
+            _emit("surfaced", logging.INFO, "%s: unanswered EOF passed on: %s",
+                  self._rs_name(), verdict.note, peer=self._rs_target,
+                  category=str(outcome.info.category), error_type="EOF")
+            self._rs_discard(m)
+            m.move("surface-discard")
+            return verdict
+        from ._errors import UnansweredEOFError
+
+        exc = UnansweredEOFError(
+            f"peer closed the connection without answering {len(m.journal) or 'some'} "
+            "request(s)")
+        _stats.bump("disconnects")
+        _stats.bump(f"disconnects.{outcome.info.category}")
+        self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
+        return None
+
+    def _rs_write(self, raw: Any, args: tuple, data: Any, partial: bool,
+                  t0: float | None = None, err: BaseException | None = None,
+                  gen: int = -1) -> Any:
+        call_end = self._rs_call_end(t0)
+        while True:
+            if err is None:
+                m = self._rs_m
+                if m is None:
+                    return raw(self, *args)
+                state = m.state
+                if state is not CONNECTED:
+                    if state is CLOSED or self._closed:
+                        return raw(self, *args)
+                    if state is RECOVERING:
+                        if m.owner is gevent.getcurrent():
+                            return raw(self, *args)  # the hook's own I/O: not journaled
+                        self._rs_wait_recovery(m, call_end)
+                        continue
+                    self._rs_recover(None, call_end)
+                    continue
+                gen = m.gen
+                m.writing += 1
+                try:
+                    result = raw(self, *args)
+                except BaseException as caught:
+                    err = caught
+                else:
+                    n = result if partial else len(data)
+                    if n:
+                        m.wrote_data(data if n >= len(data) else memoryview(data)[:n])
+                        self._rs_after_write(m)
+                    return result
+                finally:
+                    m.writing -= 1
+            failure, err = err, None
+            self._rs_handle_error(failure, "write", gen, call_end, writing=True)
+
+    def _rs_after_write(self, m: Machine) -> None:
+        policy = m.policy
         if policy.confirm == "tcp-ack":
-            now = time.monotonic()
+            now = _clock()
             if now - self._rs_ack_checked > _ACK_CHECK_INTERVAL:
                 self._rs_ack_checked = now
-                self._rs_confirm_acked()
-        elif not self._rs_warned and policy.confirm == "answer" and (
-            journal.overflowed or journal.size > max(1 << 20, policy.journal_limit // 4)
-        ):
-            self._rs_warned = True
-            log.warning(
-                "%s: %d bytes written without any answer; if the peer never answers "
-                "(telemetry, log shipping) use RetryPolicy(confirm=\"tcp-ack\") so the journal "
-                "does not fill up and replay megabytes of duplicates", self._rs_name(),
-                journal.size if not journal.overflowed else policy.journal_limit)
+                self._rs_confirm_acked(m)
+        elif not self._rs_warned and policy.confirm == "answer":
+            journal = m.journal
+            if journal.overflowed or journal.size > max(1 << 20, policy.journal_limit // 4):
+                self._rs_warned = True
+                log.warning(
+                    "%s: %d bytes written without any answer; if the peer never answers "
+                    "(telemetry, log shipping) use %s so the journal does not fill up and "
+                    "replay megabytes of duplicates", self._rs_name(),
+                    journal.size if not journal.overflowed else policy.journal_limit,
+                    _advice("confirm", "tcp-ack"))
 
-    def _rs_confirm_acked(self) -> None:
+    # -- judging an error ---------------------------------------------------------------------
+
+    def _rs_handle_error(self, exc: BaseException, phase: str, gen: int,
+                         call_end: float | None, writing: bool) -> None:
+        """Returns when the call should be retried (on a new connection); raises when the
+        error is the caller's to see."""
+        m = self._rs_m
+        if m is None or self._closed or m.state is CLOSED:
+            raise exc
+        if m.gen != gen or m.state is not CONNECTED:
+            if m.state is BROKEN:
+                raise exc  # another greenlet's error discarded the connection: so is this call
+            return  # another greenlet recovered, or is recovering: retry there
+        if not isinstance(exc, Exception):
+            # gevent.Timeout, GreenletExit, KeyboardInterrupt (DESIGN §3): during a read the
+            # connection and journal stay, as a plain socket keeps them; during a write part
+            # of a record may be out, so the connection is discarded.
+            if phase == "write":
+                self._rs_discard(m)
+                m.move("interrupted")
+            raise exc
+        info = classify(exc, phase=phase)
+        if info is None:
+            raise exc  # not a connection problem: unchanged, connection kept
+        drop = self._rs_facts(m, info, phase, writing)
+        verdict = m.drop(drop)
+        if verdict.kind == RECOVER:
+            _stats.bump("disconnects")
+            _stats.bump(f"disconnects.{info.category}")
+            self._rs_recover(exc, call_end, resume=verdict.resume)
+            return
+        self._rs_surface(m, exc, info, verdict)
+
+    def _rs_facts(self, m: Machine, info: ErrorInfo, phase: str, writing: bool) -> Drop:
+        """The I/O the machine cannot do itself, done before it judges."""
+        peer_not_reading = early = False
+        if phase == "write" and info.category is ErrorCategory.TIMEOUT:
+            peer_not_reading = self._rs_peer_not_reading()
+        elif phase == "write" and info.category is ErrorCategory.CONNECTION_LOST:
+            try:
+                early = bool(self._sock.recv(1, _PEEK))
+            except OSError:
+                early = False
+        return Drop(info, phase, writing=writing, peer_not_reading=peer_not_reading,
+                    early_answer=early)
+
+    def _rs_surface(self, m: Machine, exc: BaseException, info: ErrorInfo,
+                    verdict: Verdict) -> None:
+        if verdict.quiet:
+            log.debug("%s: %s: %s", self._rs_name(), type(exc).__name__, verdict.note)
+            raise exc
+        add_note(exc, f"resilientsock: not recovered: {verdict.note}")
+        _stats.bump("surfaced")
+        _stats.bump(f"surfaced.{info.category}")
+        _emit("surfaced", logging.INFO, "%s: surfacing %s: %s", self._rs_name(),
+              type(exc).__name__, verdict.note, peer=self._rs_target,
+              category=str(info.category), error_type=type(exc).__name__)
+        if verdict.kind == EARLY_ANSWER:
+            m.journal.end_answer()
+        elif verdict.discard:
+            self._rs_discard(m)
+            m.move("surface-discard")
+        else:
+            m.move("surface-keep")
+        raise exc
+
+    def _rs_discard(self, m: Machine) -> None:
+        """Close the connection but keep the socket: the next call reconnects."""
+        m.discarded()
+        if self._sock:
+            self._detach_socket("closed")
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    def _rs_wait_recovery(self, m: Machine, call_end: float | None) -> None:
+        """Another greenlet is recovering: wait until it publishes the new connection (or
+        gives up), bounded by this call's own budget."""
+        done = self._rs_done
+        limit = self.policy.deadline
+        if call_end is not None:
+            left = max(0.0, call_end - _clock())
+            limit = left if limit is None else min(limit, left)
+        if done is not None and not done.wait(limit) and m.state is RECOVERING:
+            raise add_note_and_return(
+                TimeoutError("timed out") if call_end is not None else
+                ConnectionResetError(errno.ECONNRESET, "connection reset; recovery still "
+                                     "under way in another greenlet"),
+                "resilientsock: gave up waiting for another greenlet's recovery")
+
+    def _rs_recover(self, exc: BaseException | None, call_end: float | None, *,
+                    resume: int = 0, first: bool = False, in_place: bool = False) -> None:
+        """Reconnect under the policy (rule 5), restore, replay, resume; publish the new
+        connection. Raises the original error with a note when the budget is spent."""
+        from gevent.event import Event
+
+        m = self._rs_m
+        assert m is not None
+        if exc is not None:
+            if m.policy.confirm == "tcp-ack" and self._sock:
+                self._rs_confirm_acked(m)  # what the old peer's TCP did get is not re-sent
+        m.move("recover")
+        m.owner = gevent.getcurrent()
+        done = self._rs_done = Event()
+        episode = m.begin_episode(exc, tries=0)
+        if exc is not None:
+            info = classify(exc, phase="read")
+            _emit("drop", logging.INFO, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
+                  self._rs_name(), type(exc).__name__, info.category if info else "?",
+                  len(m.journal), peer=self._rs_target,
+                  category=str(info.category) if info else None, error_type=type(exc).__name__)
+            if m.policy.on_disconnect is not None:
+                self._rs_hook(m, m.policy.on_disconnect, info, call_end, episode)
+        if self._sock and not in_place:
+            self._detach_socket("closed")  # wakes greenlets blocked on the old connection
+        try:
+            self._rs_attempts(m, episode, call_end, resume, first, in_place)
+        except _RecoveryStopped:
+            raise _closed_error() from None
+        except BaseException as failure:
+            if m.state is RECOVERING:
+                self._rs_discard(m)
+                m.move("interrupted" if not isinstance(failure, Exception) else "gave-up")
+            raise
+        finally:
+            m.owner = None
+            done.set()
+
+    def _rs_attempts(self, m: Machine, episode: Episode, call_end: float | None, resume: int,
+                     first: bool, in_place: bool) -> None:
+        policy = m.policy
+        while True:
+            if m.state is CLOSED:
+                raise _RecoveryStopped()
+            if (episode.attempts or not first) and episode.spent(call_end, self.timeout):
+                self._rs_give_up(m, episode)
+            delay = 0.0 if first and not episode.attempts else episode.delay(_bucket)
+            if delay > 0:
+                remaining = episode.remaining(call_end)
+                if delay >= remaining:
+                    self._rs_sleep(max(0.0, remaining))
+                    if call_end is not None and _clock() >= call_end:
+                        episode.timeout_hit = self.timeout
+                    self._rs_give_up(m, episode)
+                self._rs_sleep(delay)
+                if m.state is CLOSED:
+                    raise _RecoveryStopped()
+            episode.attempts += 1
+            if episode.attempts > 1 or not first:
+                _stats.bump("reconnect_attempts")
+            try:
+                resumed = self._rs_attempt(m, episode, call_end, resume, in_place, first)
+            except _RecoveryStopped:
+                raise
+            except Exception as failure:
+                if m.state is CLOSED:
+                    raise _RecoveryStopped() from None
+                episode.last = failure
+                info = self._rs_classify_attempt(failure)
+                _count_failed_attempt(info)
+                log.info("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
+                         failure)
+                if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
+                    episode.tls_transport += 1
+                elif info is None or not info.retryable or not (policy.retry_connect or not first):
+                    self._rs_give_up(m, episode, permanent=info is None or not info.retryable)
+                if self._sock:
+                    self._detach_socket("closed")
+                continue
+            if first and episode.attempts == 1 and episode.original is None:
+                m.episode = None  # a first connect that just worked is no episode
+                m.reconnected(False)
+                return
+            m.reconnected(resumed)
+            self.reconnects = self.__dict__.get("reconnects", 0) + 1
+            _stats.bump("reconnects")
+            if first:
+                m.episode = None
+            _emit("reconnect", logging.INFO, "%s: reconnected (attempt %d)", self._rs_name(),
+                  episode.attempts, peer=self._rs_target, attempts=episode.attempts,
+                  seconds=_clock() - episode.start)
+            return
+
+    def _rs_sleep(self, seconds: float) -> None:
+        done = self._rs_done
+        if done is not None:
+            done.wait(seconds)  # close() sets it: the wait ends at once
+        else:  # pragma: no cover
+            gevent.sleep(seconds)
+
+    def _rs_classify_attempt(self, failure: BaseException) -> ErrorInfo | None:
+        """Errors raised while reconnecting are classified alone (DESIGN §3)."""
+        if isinstance(failure, _AttemptTimeout):
+            return classify(TimeoutError("timed out"), phase="connect")
+        if (self.family == _AF_UNIX and isinstance(failure, OSError)
+                and failure.errno in (errno.ENOENT, errno.ECONNREFUSED)):
+            # A Unix server restarting: its socket file is being re-created.
+            return classify(ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
+                            phase="connect")
+        return classify(failure, phase="connect", context=False)
+
+    def _rs_attempt(self, m: Machine, episode: Episode, call_end: float | None, resume: int,
+                    in_place: bool, first: bool) -> bool:
+        """One attempt: connect, then restore and replay under the time left. Returns
+        whether the answer in progress was resumed."""
+        policy = m.policy
+        per_address = policy.connect_timeout
+        app = self.timeout
+        if app is not None:
+            per_address = app if per_address is None else min(per_address, app)
+        end = episode.end(call_end)
+        if in_place and self._sock and not self.__dict__.get("_rs_in_place_failed"):
+            attempt = self._rs_connect_in_place(per_address)
+        else:
+            addresses = candidates(self._rs_target, int(self.family), self._rs_any_family)
+            attempt = open_connection(
+                self._rs_make_raw, addresses, per_address=per_address,
+                end=None if end == float("inf") else end,
+                options=self.__dict__.get("_rs_opts", {}), source=self._rs_source,
+                dead_peer=policy.dead_peer_timeout, pending=self._rs_pending)
+        if attempt.raw is None:
+            self.__dict__["_rs_all_errors"] = attempt.errors  # read back by create_connection
+            raise attempt.errors[-1]
+        if m.state is CLOSED:
+            attempt.raw.close()
+            raise _RecoveryStopped()
+        if not in_place:
+            self._rs_install(attempt.raw)
+        left = episode.remaining(call_end)
+        limit = per_address
+        if left != float("inf"):
+            limit = left if limit is None else min(limit, left)
+        if limit is not None:
+            limit = max(limit, 0.001)
+        with gevent.Timeout(limit, _AttemptTimeout()):
+            self._rs_after_install(limit)
+            return self._rs_restore(m, episode, call_end, resume, first)
+
+    def _rs_connect_in_place(self, timeout: float | None) -> Attempt:
+        """The application's own ``sock.connect(addr)`` on this very socket (first attempt),
+        so options it set on it and its bound address stay. Later attempts open new ones."""
+        attempt = Attempt()
+        try:
+            if self._sock is None or not self._sock:
+                raise OSError(errno.EBADF, "Bad file descriptor")
+            for level, opt, value in dead_peer_options(self.family, self.policy.dead_peer_timeout):
+                try_setsockopt(self._sock, level, opt, value)
+            saved = self.timeout
+            try:
+                if timeout is not None and (saved is None or timeout < saved):
+                    _GeventSocket.settimeout(self, timeout)
+                type(self)._rs_raw_connect(self, self._rs_target)
+            finally:
+                _GeventSocket.settimeout(self, saved)
+            attempt.raw = self._sock
+        except Exception as exc:
+            attempt.errors.append(exc)
+            # The next attempt opens a new socket: this one may be in an error state.
+            if self._sock:
+                self._detach_socket("closed")
+            self.__dict__["_rs_in_place_failed"] = True
+        return attempt
+
+    def _rs_make_raw(self, family: int, proto: int) -> Any:
+        return self._gevent_sock_class(family, _std.SOCK_STREAM, proto, None)
+
+    def _rs_install(self, raw: Any) -> None:
+        """The new connection becomes this socket's."""
+        if self._sock:
+            self._drop_events_and_close(closefd=True)
+        self._sock = raw
+        io = self.hub.loop.io
+        fd = raw.fileno()
+        self._read_event = io(fd, 1)
+        self._write_event = io(fd, 2)
+
+    def _rs_after_install(self, timeout: float | None) -> None:
+        """TLS redoes its handshake here."""
+
+    def _rs_restore(self, m: Machine, episode: Episode, call_end: float | None,
+                    resume: int, first: bool = False) -> bool:
+        """On the new connection, before it is published: the dialect's setup, the banner,
+        the hook, the replay, and the answer resume (§5a, §5b)."""
+        policy = m.policy
+        if m.state is CLOSED:
+            raise _RecoveryStopped()
+        dialect = m.dialect
+        restore = dialect.restore() if dialect is not None else None
+        if restore is not None and restore.payload:
+            self._rs_raw_sendall(restore.payload)
+            while True:
+                chunk = self._rs_raw_recv(65536)
+                if not chunk:
+                    raise ConnectionResetError(errno.ECONNRESET,
+                                               "closed while the connection's setup was redone")
+                try:
+                    done = restore.feed(chunk)
+                except Exception as mismatch:
+                    raise _SetupMismatch(f"{dialect.name}: {mismatch}") from None
+                if done is not None:
+                    break
+        if m.wrote and m.banner and dialect is None:
+            self._rs_skip_banner(m)
+        if policy.on_reconnect is not None and not first:
+            policy.on_reconnect(self, episode.attempts)
+        if m.state is CLOSED:
+            raise _RecoveryStopped()
+        journal = m.journal
+        if resume:
+            payload = journal.with_kept()
+        else:
+            journal.drop_kept()
+            payload = journal.unconfirmed()
+        if len(payload):
+            self._rs_raw_sendall(payload)
+            _stats.bump("replayed_records", len(journal))
+            _stats.bump("replayed_bytes", len(payload))
+            _emit("replay", logging.INFO, "%s: replayed %d record(s), %d bytes",
+                  self._rs_name(), len(journal), len(payload), peer=self._rs_target,
+                  records=len(journal), nbytes=len(payload))
+        journal.restart_stream(len(payload))
+        if resume:
+            self._rs_resume(m, resume)
+            return True
+        return False
+
+    def _rs_resume(self, m: Machine, k: int) -> None:
+        """Read the re-sent request's new answer up to what the caller already has, and
+        compare it with the digest of what the caller got (§5b)."""
+        from zlib import crc32
+
+        dialect = m.dialect
+        if dialect is not None:
+            dialect.reset_answer()
+        crc = 0
+        got = 0
+        while got < k:
+            chunk = self._rs_raw_recv(min(65536, k - got))
+            if not chunk:
+                break
+            got += len(chunk)
+            crc = crc32(dialect.mask(chunk) if dialect is not None else chunk, crc)
+        if got < k or crc != m.crc:
+            _stats.bump("answers_changed")
+            raise _AnswerChanged(
+                f"the re-sent request's new answer differs from the {k} byte(s) the caller "
+                "already has, so it cannot be continued")
+        _stats.bump("answers_resumed")
+        _emit("answer_resumed", logging.INFO, "%s: answer resumed at byte %d", self._rs_name(),
+              k, peer=self._rs_target, nbytes=k)
+
+    def _rs_skip_banner(self, m: Machine) -> None:
+        """Read the new connection's banner and drop it: the application already read one,
+        and it is not the answer to anything the replay is about to send. Complete when a
+        line arrives that is not a continuation (``NNN-`` in SMTP and FTP); a banner without
+        a line end: as many bytes as the first one had (review r10)."""
+        first = bytes(m.banner)
+        got = b""
+        while not _banner_complete(got, first):
+            chunk = self._rs_raw_recv(4096)
+            if not chunk:
+                raise ConnectionResetError(errno.ECONNRESET, "the server closed before its banner")
+            got += chunk
+        log.debug("%s: skipped the new connection's banner (%d bytes)", self._rs_name(), len(got))
+
+    def _rs_hook(self, m: Machine, hook: Any, arg: Any, call_end: float | None,
+                 episode: Episode) -> None:
+        left = episode.remaining(call_end)
+        try:
+            with gevent.Timeout(None if left == float("inf") else max(0.001, left),
+                                _AttemptTimeout()):
+                hook(self, arg)
+        except Exception as exc:
+            log.warning("%s: on_disconnect hook failed: %s", self._rs_name(), exc)
+
+    def _rs_give_up(self, m: Machine, episode: Episode, permanent: bool = False) -> None:
+        exc = episode.original or episode.last
+        if exc is None:
+            exc = ConnectionError("resilientsock: could not connect")
+        text = episode.describe()
+        if permanent:
+            text += "; that error is not retried"
+        add_note(exc, f"resilientsock: {text}")
+        _stats.bump("gave_up")
+        _stats.bump("surfaced")
+        info = classify(exc)
+        if info is not None:
+            _stats.bump(f"surfaced.{info.category}")
+        _emit("gave_up", logging.WARNING, "%s: %s", self._rs_name(), text,
+              peer=self._rs_target, attempts=episode.attempts + episode.tries,
+              seconds=_clock() - episode.start, error_type=type(exc).__name__,
+              category=str(info.category) if info else None)
+        self._rs_discard(m)
+        m.move("gave-up")
+        m.owner = None
+        if episode.last is not None and episode.last is not exc:
+            raise exc from episode.last
+        raise exc
+
+    # -- raw I/O on the current connection (recovery only) ------------------------------------
+
+    def _rs_raw_recv(self, n: int) -> bytes:
+        return _GeventSocket.recv(self, n)  # type: ignore[no-any-return]
+
+    def _rs_raw_sendall(self, data: Any) -> None:
+        _sendall_with(_GeventSocket.send, self, data, 0)
+
+    # -- TCP facts ------------------------------------------------------------------------------
+
+    def _rs_confirm_acked(self, m: Machine) -> None:
         acked = self._rs_tcp_acked()
         if acked is not None:
-            self._rs_journal.confirm_acked(acked)
+            m.journal.confirm_acked(acked)
 
     def _rs_tcp_info(self, need: int) -> bytes | None:
         """Linux ``TCP_INFO`` of the current connection, if it has at least ``need`` bytes."""
-        if _TCP_INFO is None or self.family not in _INET or not self._sock:
+        if _TCP_INFO is None or self.family not in INET or not self._sock:
             return None
         try:
             buf = self._sock.getsockopt(_std.IPPROTO_TCP, _TCP_INFO, 256)
@@ -583,7 +1101,7 @@ class ResilientSocket(_GeventSocket):
         segment sent was acknowledged: the peer's window is closed, not the link dead (a dead
         link leaves segments unacknowledged). Elsewhere unknown: False (treated as a drop).
         """
-        if self.family == getattr(_std, "AF_UNIX", None):
+        if self.family == _AF_UNIX:
             return True
         # The last segment's ACK may still be on its way when the timeout fires, or held back
         # by the peer's delayed-ACK timer (40-200 ms on Linux): allow two round trips plus
@@ -595,7 +1113,7 @@ class ResilientSocket(_GeventSocket):
                 return False
             if struct.unpack_from("I", buf, _TCPI_UNACKED)[0] == 0:
                 return True
-            now = time.monotonic()
+            now = _clock()
             if limit is None:
                 rtt = struct.unpack_from("I", buf, _TCPI_RTT)[0] / 1e6
                 limit = now + min(1.0, 2 * rtt + 0.25)
@@ -603,375 +1121,126 @@ class ResilientSocket(_GeventSocket):
                 return False
             gevent.sleep(0.002)
 
-    # -- recovery -----------------------------------------------------------------------------
-
-    def _rs_recover(self, exc: Exception, phase: str, gen: int, budget: _Budget | None,
-                    writing: bool) -> _Budget | None:
-        """Called with the exception of a guarded operation. Returns when the operation should
-        be retried (on a new connection); raises when the error is the caller's to see."""
-        if self._rs_gen != gen:
-            return budget  # another greenlet already reconnected: retry there
-        lock = self._rs_lock
-        assert lock is not None
-        with lock:
-            if self._rs_gen != gen:
-                return budget
-            if self._closed or self._rs_target is None:
-                raise exc
-            policy = self._rs_policy
-            assert policy is not None
-            info = classify(exc, phase=phase)
-            if info is None:
-                raise exc  # not a connection problem: unchanged, connection kept
-            why = self._rs_refusal(info, phase, writing)
-            if why is not None:
-                if isinstance(exc, UnansweredEOFError):
-                    exc._rs_refused = True  # type: ignore[attr-defined]
-                # A surfaced timeout leaves the connection as a plain socket would: the peer
-                # is alive, and the caller decides what to do with the stream.
-                discard = info.category is not ErrorCategory.TIMEOUT
-                self._rs_surface(exc, info, why, discard)
-                raise exc
-            _stats.bump("disconnects")
-            _stats.bump(f"disconnects.{info.category}")
-            log.info("%s: %s during %s (%s); reconnecting, %d unconfirmed record(s)",
-                     self._rs_name(), info.errno_name or type(exc).__name__, phase,
-                     info.category, len(self._rs_journal))
-            self._rs_hook(policy.on_disconnect, info)
-            if budget is None:
-                budget = _Budget(policy, exc)
-            elif budget.original is None:
-                budget.original = exc
-            budget.last = exc
-            if info.category is ErrorCategory.TLS_TRANSPORT:
-                budget.tls_transport += 1
-            self._rs_reconnect(budget, replay=True)
-            return budget
-
-    def _rs_refusal(self, info: ErrorInfo, phase: str, writing: bool) -> str | None:
-        """Why this drop must be surfaced rather than recovered (None: recover it)."""
-        policy = self._rs_policy
-        assert policy is not None
-        journal = self._rs_journal
-        if info.category is ErrorCategory.TIMEOUT:
-            if phase == "read" and not policy.retry_read_timeouts:
-                return ("read timeout surfaced: the peer is probably alive and busy "
-                        "(RetryPolicy(retry_read_timeouts=True) retries it)")
-            if phase == "write" and self._rs_peer_not_reading():
-                return ("write timeout surfaced: the peer is alive (its TCP acknowledged "
-                        "everything sent) but is not reading, so a new connection would not "
-                        "help")
-        elif not info.retryable:
-            return f"{info.category} is not retried: {_reason(info.category)}"
-        if phase == "read" and self._rs_read_since_write:
-            return ("the connection dropped mid-answer: part of the answer was already "
-                    "returned, and re-sending the request would hand back a second copy")
-        if self._rs_session and policy.on_reconnect is None:
-            return ("the server spoke first (a banner, as in SMTP, FTP, POP3, IMAP) and a "
-                    "session was under way: a new connection starts a new session, where "
-                    "re-sent commands would be read out of context (an on_reconnect hook that "
-                    "restores the session lets resilientsock recover it)")
-        pending = journal.pending or writing
-        if not pending:
-            return None
-        if journal.overflowed:
-            return (f"more than journal_limit={policy.journal_limit} bytes were unconfirmed, "
-                    "so replay was no longer promised")
-        if policy.replay == "none":
-            return "replay='none': unconfirmed writes are never re-sent"
-        if policy.replay == "safe":
-            count = len(journal) + (1 if writing else 0)
-            if not (self._rs_conn_answered and count <= 1
-                    and info.category is ErrorCategory.CONNECTION_LOST):
-                return ("replay='safe': the unanswered writes may have reached a live peer "
-                        "(only the first write on an idle, reused connection is re-sent)")
-        return None
-
-    def _rs_surface(self, exc: BaseException, info: ErrorInfo, why: str, discard: bool) -> None:
-        self._rs_journal.clear()
-        _stats.bump("surfaced")
-        _stats.bump(f"surfaced.{info.category}")
-        _add_note(exc, f"resilientsock: not recovered: {why}")
-        log.info("%s: surfacing %s: %s", self._rs_name(), type(exc).__name__, why)
-        if discard:
-            self._rs_discard(self._rs_gen)
-
-    def _rs_discard(self, gen: int) -> None:
-        """Close the connection but keep the socket: the next call reconnects."""
-        if self._rs_gen != gen or self._rs_target is None or self._closed:
-            return
-        self._rs_journal.clear()
-        self._rs_new_session()
-        if self._sock:
-            self._detach_socket("closed")
-        self._rs_gen += 1
-        self._rs_state = BROKEN
-
-    def _rs_ensure_connected(self, budget: _Budget | None) -> _Budget | None:
-        """Lazy reconnect of a broken socket (after a surfaced error)."""
-        if self._rs_state == CLOSED or self._closed:
-            raise OSError(errno.EBADF, "Bad file descriptor")
-        lock = self._rs_lock
-        assert lock is not None
-        with lock:
-            if self._rs_state == CONNECTED:
-                return budget
-            if budget is None:
-                budget = _Budget(self._rs_policy, None)  # type: ignore[arg-type]
-            self._rs_reconnect(budget, replay=True)
-        return budget
-
-    def _rs_reconnect(self, budget: _Budget, replay: bool) -> None:
-        """Reconnect under the policy until it works or the budget is spent (then raise)."""
-        self._rs_recovering = True
-        try:
-            self._rs_reconnect_loop(budget, replay)
-        finally:
-            self._rs_recovering = False
-
-    def _rs_reconnect_loop(self, budget: _Budget, replay: bool) -> None:
-        policy = budget.policy
-        while True:
-            if self._closed:
-                raise budget.last or OSError(errno.EBADF, "socket closed during reconnect")
-            if budget.exhausted() or budget.tls_transport > _TLS_TRANSPORT_CAP:
-                self._rs_give_up(budget)
-            delay = max(policy.backoff(budget.attempts), _bucket.delay(policy.reconnect_rate))
-            if delay > 0:
-                remaining = budget.remaining()
-                if delay >= remaining:
-                    gevent.sleep(max(0.0, remaining))
-                    self._rs_give_up(budget)
-                gevent.sleep(delay)
-            budget.attempts += 1
-            _stats.bump("reconnect_attempts")
-            timeout = min(policy.connect_timeout or math.inf, budget.remaining())
-            try:
-                self._rs_open_connection(timeout)
-                if self._rs_banner_bytes and self._rs_wrote:
-                    self._rs_skip_banner(timeout)
-                self._rs_state = CONNECTED
-                self._rs_hook(policy.on_reconnect, budget.attempts)
-                if replay:
-                    self._rs_replay()
-            except Exception as exc:
-                budget.last = exc
-                info = classify(exc, phase="connect")
-                _count_failed_attempt(info)
-                log.info("%s: reconnect attempt %d failed: %s", self._rs_name(),
-                         budget.attempts, exc)
-                if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
-                    budget.tls_transport += 1
-                elif info is None or not info.retryable:
-                    self._rs_give_up(budget, permanent=True)
-                continue
-            self.reconnects += 1
-            _stats.bump("reconnects")
-            log.info("%s: reconnected (attempt %d)", self._rs_name(), budget.attempts)
-            return
-
-    def _rs_give_up(self, budget: _Budget, permanent: bool = False) -> None:
-        exc = budget.original or budget.last
-        if exc is None:
-            exc = ConnectionError("resilientsock: could not reconnect")
-        text = budget.describe()
-        if permanent:
-            text += "; that error is not retried"
-        _add_note(exc, f"resilientsock: {text}")
-        _stats.bump("gave_up")
-        _stats.bump("surfaced")
-        info = classify(exc)
-        if info is not None:
-            _stats.bump(f"surfaced.{info.category}")
-        log.warning("%s: %s", self._rs_name(), text)
-        self._rs_discard(self._rs_gen)
-        self._rs_journal.clear()
-        if budget.last is not None and budget.last is not exc:
-            raise exc from budget.last
-        raise exc
-
-    def _rs_skip_banner(self, timeout: float | None) -> None:
-        """Read the new connection's banner (as many lines as the first one had; as many bytes
-        if it had no line end) and drop it: the application already read one, and it is not
-        the answer to anything the replay is about to send."""
-        want_lines, want_bytes = self._rs_banner_lines, self._rs_banner_bytes
-        got = b""
-        reading = self._rs_reading
-        self._rs_reading = True  # raw reads: not journal bookkeeping
-        try:
-            with gevent.Timeout(timeout, TimeoutError("timed out reading the server's banner")):
-                while (got.count(b"\n") < want_lines) if want_lines else (len(got) < want_bytes):
-                    chunk = self.recv(4096)
-                    if not chunk:
-                        raise UnansweredEOFError("the server closed before its banner")
-                    got += chunk
-        finally:
-            self._rs_reading = reading
-        log.debug("%s: skipped the new connection's banner (%d bytes)", self._rs_name(), len(got))
-
-    def _rs_hook(self, hook: Any, arg: Any) -> None:
-        if hook is None:
-            return
-        reading, writing = self._rs_reading, self._rs_writing
-        self._rs_reading = self._rs_writing = True  # hook I/O is raw: not journaled
-        try:
-            hook(self, arg)
-        finally:
-            self._rs_reading, self._rs_writing = reading, writing
-
-    def _rs_replay(self) -> None:
-        journal = self._rs_journal
-        records = journal.records()
-        if records:
-            reading, writing = self._rs_reading, self._rs_writing
-            self._rs_reading = self._rs_writing = True
-            try:
-                for record in records:
-                    self._rs_raw_sendall(self, record)
-            finally:
-                self._rs_reading, self._rs_writing = reading, writing
-            _stats.bump("replayed_records", len(records))
-            _stats.bump("replayed_bytes", sum(len(r) for r in records))
-            log.info("%s: replayed %d record(s), %d bytes", self._rs_name(), len(records),
-                     sum(len(r) for r in records))
-        journal.restart_stream()
-
-    # -- opening a new connection -------------------------------------------------------------
-
-    def _rs_open_connection(self, timeout: float | None) -> None:
-        """One attempt: resolve the name again, connect to each address in turn, swap it in."""
-        if self._rs_policy and self._rs_policy.confirm == "tcp-ack" and self._sock:
-            self._rs_confirm_acked()  # what the old connection's peer did get is not re-sent
-        raw = self._rs_connect_raw(timeout)
-        self._rs_swap(raw)
-        self._rs_after_swap(timeout)
-
-    def _rs_after_swap(self, timeout: float | None) -> None:
-        """TLS redoes its handshake here."""
-
-    def _rs_candidates(self) -> list[tuple[int, int, Any]]:
-        target = self._rs_target
-        if self.family == getattr(_std, "AF_UNIX", None) and not isinstance(target, tuple):
-            return [(_std.AF_UNIX, 0, target)]
-        host, port = target[0], target[1]
-        family = 0 if self._rs_any_family else int(self.family)
-        infos = _getaddrinfo(host, port, family, _std.SOCK_STREAM)
-        out = []
-        for af, _type, proto, _name, sockaddr in infos:
-            if len(target) == 4 and af == getattr(_std, "AF_INET6", None):
-                sockaddr = (sockaddr[0], sockaddr[1], target[2], target[3] or sockaddr[3])
-            out.append((af, proto, sockaddr))
-        return out
-
-    def _rs_connect_raw(self, timeout: float | None) -> Any:
-        end = None if timeout is None or math.isinf(timeout) else time.monotonic() + timeout
-        policy = self._rs_policy
-        assert policy is not None
-        last: BaseException | None = None
-        errors: list[Exception] = []  # one per address tried, for all_errors=True
-        for af, proto, sockaddr in self._rs_candidates():
-            raw = self._gevent_sock_class(af, _std.SOCK_STREAM, proto, None)
-            try:
-                raw.setblocking(False)
-                for level, opt, value in _dead_peer_options(af, policy.dead_peer_timeout):
-                    self._rs_try_setsockopt(raw, level, opt, value)
-                for (level, opt), value in self.__dict__.get("_rs_opts", {}).items():
-                    self._rs_try_setsockopt(raw, level, opt, value)
-                if self._rs_source is not None:
-                    raw.bind(self._rs_source)
-                err = raw.connect_ex(sockaddr)
-                if err in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, errno.EAGAIN):
-                    left = None if end is None else max(0.0, end - time.monotonic())
-                    _wait_write(raw.fileno(), timeout=left,
-                                timeout_exc=TimeoutError("timed out"))
-                    err = raw.getsockopt(_std.SOL_SOCKET, _std.SO_ERROR)
-                if err and err != errno.EISCONN:
-                    raise OSError(err, _strerror(err))
-                return raw
-            except BaseException as exc:
-                raw.close()
-                if not isinstance(exc, Exception):
-                    raise
-                last = exc
-                errors.append(exc)
-        if last is None:
-            raise OSError(errno.EADDRNOTAVAIL, f"no address for {self._rs_target!r}")
-        last._rs_all_errors = errors  # type: ignore[attr-defined]
-        raise last
-
-    @staticmethod
-    def _rs_try_setsockopt(raw: Any, level: int, opt: int, value: Any) -> None:
-        try:
-            raw.setsockopt(level, opt, value)
-        except OSError as exc:  # e.g. TCP options on a platform that has the name only
-            log.debug("setsockopt(%s, %s, %r) failed: %s", level, opt, value, exc)
-
-    def _rs_swap(self, raw: Any) -> None:
-        if self._sock:
-            self._drop_events_and_close(closefd=True)  # wakes greenlets blocked on it
-        self._sock = raw
-        io = self.hub.loop.io
-        fd = raw.fileno()
-        self._read_event = io(fd, 1)
-        self._write_event = io(fd, 2)
-        self._rs_gen += 1
-        self._rs_read_since_write = 0
-        self._rs_conn_answered = False
-        if not self._rs_wrote:
-            self._rs_new_session()  # the application has yet to read this connection's banner
-
-    # -- recorded options ---------------------------------------------------------------------
-
-    def setsockopt(self, *args: Any) -> None:
-        """Set an option; client sockets re-apply it to every new connection."""
-        _GeventSocket.setsockopt(self, *args)
-        if len(args) == 3:
-            self.__dict__.setdefault("_rs_opts", {})[(args[0], args[1])] = args[2]
-
-    def bind(self, address: Any) -> None:
-        _GeventSocket.bind(self, address)
-        self._rs_source = address
-
-    def shutdown(self, how: int) -> None:
-        """Shut down a direction. The caller is ending the stream, so protection stops here
-        (EPIPE after our own SHUT_WR is the caller's doing, not a drop)."""
-        if self._rs_target is not None:
-            self._rs_target = None
-            self._rs_journal.clear()
-        self._rs_raw_shutdown(self, how)
-
-    def close(self) -> None:
-        self._rs_state = CLOSED
-        _GeventSocket.close(self)
-
-    def accept(self) -> tuple[ResilientSocket, Any]:
-        """Accepted sockets behave exactly as before (never resilient), but are instances of
-        this class so ``isinstance(conn, socket.socket)`` holds under ``patch()``."""
-        while True:
-            try:
-                fd, addr = self._accept()
-                break
-            except BlockingIOError:
-                if self.timeout == 0.0:
-                    raise
-            self._wait(self._read_event)
-        sock = ResilientSocket(self.family, self.type, self.proto, fileno=fd)
-        if _std.getdefaulttimeout() is None and self.gettimeout():
-            sock.setblocking(True)
-        return sock, addr
-
     def _rs_name(self) -> str:
         return f"resilient socket to {self._rs_target!r}"
 
     def __repr__(self) -> str:
         text = _GeventSocket.__repr__(self)
-        if self._rs_target is not None:
-            text = text[:-1] + f", resilient={self._rs_state}>"
+        m = self._rs_m
+        if m is not None:
+            text = text[:-1] + f", resilient={m.state}>"
         return text
 
 
-def _sendmsg_raw(sock: ResilientSocket, data: bytes, flags: int) -> int:
-    return _GeventSocket.sendmsg(sock, [data], (), flags)  # type: ignore[no-any-return]
+class _SetupMismatch(ConnectionError):
+    """The connection's setup (a dialect's restore) got a different answer: not retried."""
+
+
+class _AnswerChanged(ConnectionError):
+    """Answer resume found a different answer: surfaced (internal marker)."""
+
+
+def add_note_and_return(exc: BaseException, note: str) -> BaseException:
+    add_note(exc, note)
+    return exc
+
+
+def _cancel_exc() -> BaseException:
+    from gevent._socketcommon import cancel_wait_ex
+
+    return cancel_wait_ex()
+
+
+def _closed_error() -> OSError:
+    return OSError(errno.EBADF, "File descriptor was closed in another greenlet")
+
+
+def _banner_complete(got: bytes, first: bytes) -> bool:
+    if b"\n" not in first:
+        return len(got) >= len(first)
+    if not got.endswith(b"\n"):
+        return False
+    last = got.rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+    return not (len(last) >= 4 and last[:3].isdigit() and last[3:4] == b"-")
+
+
+def _eof_result(kind: int, args: tuple) -> Any:
+    if kind == RECV_INTO:
+        return 0
+    if kind == TLS_READ:
+        return 0 if len(args) > 1 and args[1] is not None else b""
+    if kind == RECVFROM:
+        return b"", None
+    if kind == RECVFROM_INTO:
+        return 0, None
+    if kind == RECVMSG:
+        return b"", [], 0, None
+    if kind == RECVMSG_INTO:
+        return 0, [], 0, None
+    return b""
+
+
+def _requested(kind: int, args: tuple) -> int:
+    """How many bytes a read call asked for (0 asks for nothing: its b"" is no EOF)."""
+    if kind in (RECV_INTO, RECVFROM_INTO):
+        if len(args) > 1 and args[1]:
+            return int(args[1])
+        return memoryview(args[0]).nbytes
+    if kind == RECVMSG_INTO:
+        return sum(memoryview(b).nbytes for b in args[0])
+    if kind == TLS_READ:
+        if len(args) > 1 and args[1] is not None and not args[0]:
+            return memoryview(args[1]).nbytes
+        return int(args[0]) if args else 1024
+    return int(args[0]) if args else 1024
+
+
+def _extract(kind: int, args: tuple, result: Any) -> tuple[int, Any]:
+    """(bytes read, the data as a buffer) of a read call's result."""
+    if kind == RECV:
+        return len(result), result
+    if kind == RECV_INTO:
+        return result, memoryview(args[0]).cast("B")[:result]
+    if kind == RECVFROM:
+        return len(result[0]), result[0]
+    if kind == RECVFROM_INTO:
+        n = result[0]
+        return n, memoryview(args[0]).cast("B")[:n]
+    if kind == RECVMSG:
+        return len(result[0]), result[0]
+    if kind == RECVMSG_INTO:
+        n = result[0]
+        out = bytearray()
+        for buf in args[0]:
+            view = memoryview(buf).cast("B")
+            out += view[: n - len(out)]
+            if len(out) >= n:
+                break
+        return n, out
+    # TLS read(nbytes, buffer)
+    if isinstance(result, int):
+        return result, memoryview(args[1]).cast("B")[:result]
+    return len(result), result
+
+
+def _sendall_with(send: Any, sock: Any, data: Any, flags: int) -> None:
+    """``sendall`` built on a raw ``send`` (gevent's own calls ``sock.send``, which would
+    journal every chunk a second time). The socket's timeout bounds the whole call."""
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    total = len(view)
+    sent = 0
+    timeout = sock.timeout
+    end = None if timeout is None else _clock() + timeout
+    while sent < total:
+        left = None
+        if end is not None:
+            left = end - _clock()
+            if left <= 0:
+                raise TimeoutError("timed out")
+        sent += send(sock, view[sent:sent + _CHUNK], flags, left if left is not None
+                     else _timeout_default)
 
 
 def _count_failed_attempt(info: ErrorInfo | None) -> None:
@@ -983,15 +1252,144 @@ def _count_failed_attempt(info: ErrorInfo | None) -> None:
         _stats.bump(f"attempt_failed.{info.errno_name}")
 
 
-def _strerror(err: int) -> str:
-    try:
-        return os.strerror(err)
-    except ValueError:  # pragma: no cover
-        return f"error {err}"
+# -- the guarded classes --------------------------------------------------------------------
+
+def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
+    """The hot paths (rule 2): the raw call first, bookkeeping after it."""
+
+    def recv_(self: Any, *args: Any) -> Any:
+        m = self._rs_m
+        if m is None or m.state is not CONNECTED:
+            return self._rs_read(recv, args, RECV)
+        journal = m.journal
+        mark = journal._base + len(journal._ends)
+        gen = m.gen
+        t0 = _clock() if self.timeout is not None else None
+        try:
+            data = recv(self, *args)
+        except BaseException as exc:
+            return self._rs_read(recv, args, RECV, t0, exc, gen)
+        if data:
+            m.read_data(data, mark)
+            return data
+        return self._rs_read_eof(recv, args, RECV, data, t0, gen)
+
+    def recv_into_(self: Any, *args: Any) -> Any:
+        m = self._rs_m
+        if m is None or m.state is not CONNECTED:
+            return self._rs_read(recv_into, args, RECV_INTO)
+        journal = m.journal
+        mark = journal._base + len(journal._ends)
+        gen = m.gen
+        t0 = _clock() if self.timeout is not None else None
+        try:
+            n = recv_into(self, *args)
+        except BaseException as exc:
+            return self._rs_read(recv_into, args, RECV_INTO, t0, exc, gen)
+        if n:
+            m.read_data(memoryview(args[0]).cast("B")[:n], mark)
+            return n
+        return self._rs_read_eof(recv_into, args, RECV_INTO, n, t0, gen)
+
+    def send_(self: Any, data: Any, flags: int = 0, timeout: Any = _timeout_default) -> Any:
+        m = self._rs_m
+        if m is None or m.state is not CONNECTED:
+            return self._rs_write(send, (data, flags, timeout), data, True)
+        gen = m.gen
+        t0 = _clock() if self.timeout is not None else None
+        m.writing += 1
+        try:
+            n = send(self, data, flags, timeout)
+        except BaseException as exc:
+            m.writing -= 1
+            return self._rs_write(send, (data, flags, timeout), data, True, t0, exc, gen)
+        m.writing -= 1
+        if n:
+            m.wrote_data(data if n >= len(data) else memoryview(data)[:n])
+            if m.policy.confirm != "answer" or not self._rs_warned:
+                self._rs_after_write(m)
+        return n
+
+    def sendall_raw(self: Any, data: Any, flags: int = 0) -> None:
+        _sendall_with(send, self, data, flags)
+
+    def sendall_(self: Any, data: Any, flags: int = 0) -> None:
+        m = self._rs_m
+        if m is None or m.state is not CONNECTED:
+            return self._rs_write(sendall_raw, (data, flags), data, False)  # type: ignore[no-any-return]
+        gen = m.gen
+        t0 = _clock() if self.timeout is not None else None
+        m.writing += 1
+        try:
+            _sendall_with(send, self, data, flags)
+        except BaseException as exc:
+            m.writing -= 1
+            return self._rs_write(sendall_raw, (data, flags), data, False, t0, exc, gen)  # type: ignore[no-any-return]
+        m.writing -= 1
+        if len(data):
+            m.wrote_data(data)
+            if m.policy.confirm != "answer" or not self._rs_warned:
+                self._rs_after_write(m)
+        return None
+
+    recv_.__doc__ = _GeventSocket.recv.__doc__
+    recv_into_.__doc__ = _GeventSocket.recv_into.__doc__
+    send_.__doc__ = _GeventSocket.send.__doc__
+    sendall_.__doc__ = _GeventSocket.sendall.__doc__
+    return {"recv": recv_, "recv_into": recv_into_, "send": send_, "sendall": sendall_,
+            "_rs_raw_sendall_call": sendall_raw}
 
 
-def _reason(category: ErrorCategory) -> str:
-    return REASONS[category]
+def _plain_extra_methods() -> dict[str, Any]:
+    """Every other read method confirms too (DESIGN §5, review r14); sendmsg is journaled."""
+
+    def recvfrom(self: Any, *args: Any) -> Any:
+        return self._rs_read(_GeventSocket.recvfrom, args, RECVFROM)
+
+    def recvfrom_into(self: Any, *args: Any) -> Any:
+        return self._rs_read(_GeventSocket.recvfrom_into, args, RECVFROM_INTO)
+
+    def recvmsg(self: Any, *args: Any) -> Any:
+        return self._rs_read(_GeventSocket.recvmsg, args, RECVMSG)
+
+    def recvmsg_into(self: Any, *args: Any) -> Any:
+        return self._rs_read(_GeventSocket.recvmsg_into, args, RECVMSG_INTO)
+
+    def sendmsg(self: Any, buffers: Any, ancdata: Any = (), flags: int = 0,
+                address: Any = None) -> Any:
+        if ancdata or address is not None:
+            # Ancillary data (fd passing) cannot be replayed: passed through unprotected.
+            return _GeventSocket.sendmsg(self, buffers, ancdata, flags, address)
+        data = b"".join(buffers)  # TypeError for what is not an iterable of bytes-like objects
+        return self._rs_write(_sendmsg_raw, (data, flags), data, True)
+
+    return {"recvfrom": recvfrom, "recvfrom_into": recvfrom_into, "recvmsg": recvmsg,
+            "recvmsg_into": recvmsg_into, "sendmsg": sendmsg}
+
+
+def _sendmsg_raw(sock: Any, data: bytes, flags: int) -> int:
+    return _GeventSocket.sendmsg(sock, [data], (), flags)  # type: ignore[no-any-return]
+
+
+def _guarded_twin(cls: type) -> type:
+    """The guarded subclass of ``cls`` (rule 2), built once per class. Its raw calls are
+    ``cls``'s own methods, so a subclass's overrides still run under the guard."""
+    twin = cls.__dict__.get("_rs_twin")
+    if twin is None:
+        twin = type(cls.__name__, (cls,), {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            "_rs_is_guarded": True,
+            **cls._rs_guard_methods(),  # type: ignore[attr-defined]
+        })
+        type.__setattr__(cls, "_rs_twin", twin)
+    return twin
+
+
+# Addresses this process listens on (for the internal-connection count).
+_own_listeners: set[Any] = set()
+_own_ports: set[int] = set()  # ports of wildcard listeners
 
 
 _GLOBAL_DEFAULT = getattr(_std, "_GLOBAL_DEFAULT_TIMEOUT", object())
@@ -1008,16 +1406,35 @@ def create_connection(address: Any, timeout: Any = _GLOBAL_DEFAULT, source_addre
     """
     if timeout is _GLOBAL_DEFAULT:
         timeout = _std.getdefaulttimeout()
+    holder: list[ResilientSocket] = []
     try:
-        return ResilientSocket._connect_new(address, None, timeout=timeout,
-                                            source_address=source_address)
+        return _connect_tracked(address, timeout, source_address, holder)
     except OSError as exc:
         if not all_errors or sys.version_info < (3, 11) or isinstance(exc, _std.gaierror):
             raise
-        errors = getattr(exc, "_rs_all_errors", None) or [exc]
+        errors = holder[0].__dict__.get("_rs_all_errors") if holder else None
         group = ExceptionGroup(  # type: ignore[name-defined]  # noqa: F821 - 3.11+
-            "create_connection failed", errors)
+            "create_connection failed", list(errors or [exc]))
         for note in getattr(exc, "__notes__", ()):
             group.add_note(note)
         raise group from None
 
+
+def _connect_tracked(address: Any, timeout: Any, source_address: Any,
+                     holder: list[ResilientSocket]) -> ResilientSocket:
+    if isinstance(address, str | bytes):
+        sock = ResilientSocket(_std.AF_UNIX, _std.SOCK_STREAM)
+    else:
+        if not (isinstance(address, tuple) and len(address) >= 2):
+            raise ValueError(f"address must be (host, port) or a unix path, got {address!r}")
+        sock = ResilientSocket(_std.AF_INET, _std.SOCK_STREAM)
+        sock._rs_any_family = True
+    holder.append(sock)
+    try:
+        sock.settimeout(timeout)
+        sock._rs_source = source_address
+        sock._rs_first_connect(address, via_open=True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -2,16 +2,20 @@
 
 Rules of this module (DESIGN §3, §6, §7):
 
-1. ``ResilientSSLSocket`` subclasses ``ResilientSocket`` and ``gevent.ssl.SSLSocket`` (in that
-   order, so our guards come first) and is installed as ``SSLContext.sslsocket_class``.
+1. ``ResilientSSLSocket`` subclasses ``ResilientSocket`` and ``gevent.ssl.SSLSocket`` and is
+   installed as ``SSLContext.sslsocket_class``. Like the plain class it passes everything
+   through until it is protected; its guarded twin guards ``read``/``write``/``send``/
+   ``sendall`` (``recv``/``recv_into`` call ``read``).
 2. Wrapping a connected resilient socket takes over its target, policy and options: the TLS
    socket reconnects with the same ``SSLContext`` and ``server_hostname`` and offers the last
    TLS session for resumption. A socket that already carried plaintext before being wrapped
    (STARTTLS in SMTP, FTP, IMAP) is *not* made resilient: a reconnect could not replay the
-   plaintext prelude, so its drops surface as before.
+   plaintext prelude, so its drops surface as before. What decides is what flowed on the
+   connection, never how many attempts its first connect needed (review r19).
 3. Server-side sockets are never resilient.
-4. Reconnect and handshake each run under ``connect_timeout``; ``TCP_NODELAY`` is on during the
-   handshake (46.7 ms without it on loopback, 3.5 ms with) and restored after.
+4. The handshake runs under the attempt's time (``connect_timeout``, the episode's deadline
+   and the application's own timeout); ``TCP_NODELAY`` is on during the handshake (46.7 ms
+   without it on loopback, 3.5 ms with) and restored after.
 5. A reset under TLS often reads as EOF (``suppress_ragged_eofs``): the EOF rule of the journal
    applies (unanswered -> drop, otherwise the end of the stream).
 6. ``confirm="tcp-ack"`` counts TCP bytes, which under TLS are ciphertext: it falls back to
@@ -21,15 +25,15 @@ Rules of this module (DESIGN §3, §6, §7):
 from __future__ import annotations
 
 import logging
-import math
 import socket as _std
 from typing import Any
 
-import gevent
+from gevent._socketcommon import timeout_default as _timeout_default
 from gevent.ssl import SSLSocket as _GeventSSLSocket
 
 from ._errors import classify
-from ._socket import _TLS_READ, CONNECTED, ResilientSocket, _Budget
+from ._machine import BROKEN, CONNECTED, Machine
+from ._socket import TLS_READ, ResilientSocket, _clock, _live, _sendall_with, _stats
 
 __all__ = ["ResilientSSLSocket", "wrap_socket"]
 
@@ -40,20 +44,24 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
     """A gevent ``SSLSocket`` that survives drops like :class:`ResilientSocket`."""
 
     _rs_tls = True
-    _rs_raw_recv = staticmethod(_GeventSSLSocket.recv)
-    _rs_raw_recv_into = staticmethod(_GeventSSLSocket.recv_into)
-    _rs_raw_send = staticmethod(_GeventSSLSocket.send)
-    _rs_raw_sendall = staticmethod(_GeventSSLSocket.sendall)
-    _rs_raw_connect = staticmethod(_GeventSSLSocket.connect)
-    _rs_raw_connect_ex = staticmethod(_GeventSSLSocket.connect_ex)
-    _rs_raw_shutdown = staticmethod(_GeventSSLSocket.shutdown)
     accept = _GeventSSLSocket.accept
     dup = _GeventSSLSocket.dup
     sendmsg = _GeventSSLSocket.sendmsg
+    recvfrom = _GeventSSLSocket.recvfrom
+    recvfrom_into = _GeventSSLSocket.recvfrom_into
+    recvmsg = _GeventSSLSocket.recvmsg
+    recvmsg_into = _GeventSSLSocket.recvmsg_into
+    _rs_raw_connect = staticmethod(_GeventSSLSocket.connect)
+
+    def shutdown(self, how: int) -> None:
+        if self._rs_m is not None:
+            self._rs_unprotect()
+        _GeventSSLSocket.shutdown(self, how)
     _rs_tls_session: Any = None
 
     def __init__(self, sock: Any = None, *args: Any, **kwargs: Any) -> None:
         carried = _carry_over(sock, kwargs)
+        self.__dict__["reconnects"] = 0
         try:
             _GeventSSLSocket.__init__(self, sock, *args, **kwargs)
         except Exception as exc:
@@ -62,55 +70,57 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
             if carried is None or info is None or not info.retryable:
                 raise
             self._closed = False
-            self._rs_adopt(carried)
-            budget = _Budget(self.policy, exc, tries=1)
-            self._rs_reconnect(budget, replay=False)
+            self._rs_adopt(carried, BROKEN)
+            self._rs_recover(exc, carried["call_end"], first=True)
+            self._rs_protect()
+            _live.add(self)
             return
         if carried is not None:
-            self._rs_adopt(carried)
+            self._rs_adopt(carried, CONNECTED)
+            self._rs_protect()
+            _live.add(self)
         else:
             self._rs_init(None)
 
-    def _rs_adopt(self, carried: dict[str, Any]) -> None:
+    def _rs_adopt(self, carried: dict[str, Any], state: str) -> None:
         self._rs_init(carried["policy"])
         self._rs_any_family = carried["any_family"]
         self._rs_source = carried["source"]
         self.__dict__["_rs_opts"] = dict(carried["opts"])
-        self._rs_begin(carried["target"])
-        self._rs_state = CONNECTED
-        if self.policy.confirm == "tcp-ack":
+        self._rs_target = carried["target"]
+        m = Machine(carried["policy"], _clock)
+        m.state = state
+        self.__dict__["_rs_m"] = m
+        if m.policy.confirm == "tcp-ack":
             log.warning("confirm='tcp-ack' counts TCP bytes, which are ciphertext under TLS; "
                         "this TLS socket confirms by answer instead")
 
-    # -- guarded TLS-level I/O ----------------------------------------------------------------
-
-    def read(self, nbytes: int = 1024, buffer: Any = None) -> Any:
-        if self._rs_reading or self._rs_target is None or self.timeout == 0.0:
-            return _GeventSSLSocket.read(self, nbytes, buffer)
-        return self._rs_read(_GeventSSLSocket.read, (nbytes, buffer), _TLS_READ)
-
-    def write(self, data: Any) -> int:
-        if self._rs_writing or self._rs_target is None or self.timeout == 0.0:
-            return _GeventSSLSocket.write(self, data)  # type: ignore[no-any-return]
-        return self._rs_write(_GeventSSLSocket.write, (data,), data, True)  # type: ignore[no-any-return]
+    @classmethod
+    def _rs_guard_methods(cls) -> dict[str, Any]:
+        return _tls_guarded_methods(cls.read, cls.write, cls.send)
 
     def unwrap(self) -> Any:
-        self._rs_target = None  # plaintext from here on: the caller's protocol, not ours
+        if self._rs_m is not None:
+            self._rs_unprotect()  # plaintext from here on: the caller's protocol, not ours
         return _GeventSSLSocket.unwrap(self)
+
+    def close(self) -> None:
+        ResilientSocket.close(self)
 
     # -- reconnect ----------------------------------------------------------------------------
 
-    def _rs_open_connection(self, timeout: float | None) -> None:
+    def _rs_install(self, raw: Any) -> None:
         sslobj = getattr(self, "_sslobj", None)
         if sslobj is not None:
             try:
                 self._rs_tls_session = sslobj.session or self._rs_tls_session
             except (AttributeError, ValueError):
                 pass
-        ResilientSocket._rs_open_connection(self, timeout)
+        ResilientSocket._rs_install(self, raw)
 
-    def _rs_after_swap(self, timeout: float | None) -> None:
-        """New TCP connection in place: new TLS object, handshake under the timeout."""
+    def _rs_after_install(self, timeout: float | None) -> None:
+        """New TCP connection in place: new TLS object, handshake (under the attempt's
+        gevent.Timeout)."""
         self._sslobj = None
         self._connected = True
         session = self._rs_tls_session
@@ -122,32 +132,90 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
                 self._sock, False, self.server_hostname, owner=self._sock)
         inet = self.family in (_std.AF_INET, getattr(_std, "AF_INET6", None))
         if inet:
-            self._rs_try_setsockopt(self._sock, _std.IPPROTO_TCP, _std.TCP_NODELAY, 1)
-        limit = None if timeout is None or math.isinf(timeout) else max(0.001, timeout)
-        with gevent.Timeout(limit, TimeoutError("TLS handshake timed out")):
-            _GeventSSLSocket.do_handshake(self)
+            self._rs_try_nodelay(1)
+        _GeventSSLSocket.do_handshake(self)
         if inet:
-            nodelay = self.__dict__.get("_rs_opts", {}).get((_std.IPPROTO_TCP, _std.TCP_NODELAY), 0)
-            self._rs_try_setsockopt(self._sock, _std.IPPROTO_TCP, _std.TCP_NODELAY, nodelay)
+            self._rs_try_nodelay(
+                self.__dict__.get("_rs_opts", {}).get((_std.IPPROTO_TCP, _std.TCP_NODELAY), 0))
         if session is not None and not self._sslobj.session_reused:
             log.debug("%s: TLS session not resumed", self._rs_name())
+
+    def _rs_try_nodelay(self, value: int) -> None:
+        try:
+            self._sock.setsockopt(_std.IPPROTO_TCP, _std.TCP_NODELAY, value)
+        except OSError:  # pragma: no cover
+            pass
+
+    def _rs_raw_recv(self, n: int) -> bytes:
+        return _GeventSSLSocket.read(self, n)  # type: ignore[no-any-return]
+
+    def _rs_raw_sendall(self, data: Any) -> None:
+        _sendall_with(_GeventSSLSocket.send, self, data, 0)
+
+
+def _tls_guarded_methods(read: Any, write: Any, send: Any) -> dict[str, Any]:
+    """TLS hot paths: ``read``/``write`` guarded; ``send``/``sendall`` journaled once."""
+
+    def read_(self: Any, nbytes: int = 1024, buffer: Any = None) -> Any:
+        m = self._rs_m
+        args = (nbytes, buffer)
+        if m is None or m.state is not CONNECTED:
+            return self._rs_read(read, args, TLS_READ)
+        journal = m.journal
+        mark = journal._base + len(journal._ends)
+        gen = m.gen
+        t0 = _clock() if self.timeout is not None else None
+        try:
+            result = read(self, nbytes, buffer)
+        except BaseException as exc:
+            return self._rs_read(read, args, TLS_READ, t0, exc, gen)
+        if result:
+            if buffer is None:
+                m.read_data(result, mark)
+            else:
+                m.read_data(memoryview(buffer).cast("B")[:result], mark)
+            return result
+        return self._rs_read_eof(read, args, TLS_READ, result, t0, gen)
+
+    def write_(self: Any, data: Any) -> Any:
+        return self._rs_write(write, (data,), data, True)
+
+    def send_(self: Any, data: Any, flags: int = 0, timeout: Any = _timeout_default) -> Any:
+        return self._rs_write(send, (data, flags, timeout), data, True)
+
+    def sendall_raw(self: Any, data: Any, flags: int = 0) -> None:
+        if flags:
+            raise ValueError(f"non-zero flags not allowed in calls to sendall() on {type(self)}")
+        _sendall_with(send, self, data, flags)
+
+    def sendall_(self: Any, data: Any, flags: int = 0) -> None:
+        return self._rs_write(sendall_raw, (data, flags), data, False)  # type: ignore[no-any-return]
+
+    read_.__doc__ = _GeventSSLSocket.read.__doc__
+    return {"read": read_, "write": write_, "send": send_, "sendall": sendall_}
 
 
 def _carry_over(sock: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
     """What a TLS wrap takes over from a connected, still unused resilient socket."""
     if not isinstance(sock, ResilientSocket) or kwargs.get("server_side"):
         return None
-    if sock._rs_target is None or sock._rs_state != CONNECTED:
+    m = sock._rs_m
+    if m is None or m.state is not CONNECTED:
         return None
-    if sock._rs_journal.mark() or sock._rs_conn_answered or sock.reconnects:
+    if m.wrote or m.conn_answered or m.answered or m.banner:
         return None  # plaintext already flowed (STARTTLS): a reconnect could not replay it
-    return {
-        "policy": sock._rs_policy,
+    timeout = sock.timeout
+    carried = {
+        "policy": m.policy,
         "target": sock._rs_target,
         "any_family": sock._rs_any_family,
         "source": sock._rs_source,
         "opts": sock.__dict__.get("_rs_opts", {}),
+        "call_end": None if timeout is None else _clock() + timeout,
     }
+    sock._rs_unprotect()  # the TLS socket owns the connection from here on
+    _stats.bump("tls_wraps")
+    return carried
 
 
 def wrap_socket(sock: Any, keyfile: Any = None, certfile: Any = None, server_side: bool = False,

@@ -83,13 +83,55 @@ def test_tls_session_is_offered_for_resumption(tls_server):
         sock.close()
 
 
-def test_starttls_style_socket_is_not_made_resilient(tls_server):
-    raw = ResilientSocket.connect(tls_server.address, FAST, timeout=5)
-    raw.sendall(b"")  # nothing journaled for an empty write
-    raw._rs_conn_answered = True  # plaintext flowed before the upgrade (STARTTLS)
-    sock = client_ctx(tls_server).wrap_socket(raw, server_hostname="localhost")
-    assert not sock.resilient
-    sock.close()
+def test_starttls_socket_is_not_made_resilient(tls_server):
+    """A real STARTTLS: plaintext banner and command, then the upgrade on the same
+    connection. A reconnect could not replay the plaintext prelude, so the TLS socket is
+    not resilient, and a drop after the upgrade reaches the caller."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert = tls_server.ca.issue_cert("localhost")
+    with cert.private_key_and_cert_chain_pem.tempfile() as path:
+        server_ctx.load_cert_chain(path)
+    accepted: list[socket.socket] = []
+    answered = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        conn.sendall(b"220 ready\r\n")
+        assert conn.recv(100) == b"STARTTLS\r\n"
+        conn.sendall(b"220 go ahead\r\n")
+        tls = server_ctx.wrap_socket(conn, server_side=True)
+        tls.recv(100)
+        tls.sendall(b"ACK 1\n")
+        answered.wait(5)
+        tls.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        tls.close()  # an RST after the first answer
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    with listener:
+        raw = ResilientSocket.connect(listener.getsockname(), FAST, timeout=5)
+        assert raw.recv(100) == b"220 ready\r\n"
+        raw.sendall(b"STARTTLS\r\n")
+        assert raw.recv(100) == b"220 go ahead\r\n"
+        sock = client_ctx(tls_server).wrap_socket(raw, server_hostname="localhost")
+        assert not sock.resilient
+        sock.sendall(b"MSG 1 x\n")
+        assert sock.recv(100) == b"ACK 1\n"
+        answered.set()
+        thread.join(5)
+        with pytest.raises(OSError):
+            sock.sendall(b"MSG 2 x\n")
+            sock.sendall(b"MSG 3 x\n")
+            if not sock.recv(100):
+                raise ConnectionResetError("EOF")
+        sock.close()
+    assert len(accepted) == 1  # nothing was re-sent on a new connection
 
 
 def test_plain_socket_wrap_is_untouched(tls_server):

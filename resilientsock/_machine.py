@@ -1,0 +1,492 @@
+"""The recovery decision, sans-IO: events in, verdicts out (DESIGN §3-§5b, §8).
+
+Rules of this module:
+
+1. Everything that decides what a drop means lives here; nothing here does I/O. The socket
+   (``_socket.py``) reports events — it wrote, it read, it met EOF, an error struck in a phase,
+   a new connection is ready, the application closed — and obeys the verdict it gets back.
+   No verdict rides on an exception.
+2. Time is injected (``clock``), as in tenacity: the budget, the backoff schedule and the
+   process-wide token bucket are tested without sleeping.
+3. States, and what moves between them (the socket asks ``Machine.move``; a move that is not
+   in this table is a bug and raises):
+
+   ==========  =======================  ==========  ====================================
+   state       event                    next        meaning
+   ==========  =======================  ==========  ====================================
+   connected   recover                  recovering  a drop the rules let us recover
+   connected   surface-discard          broken      error shown, connection thrown away
+   connected   surface-keep             connected   error shown, connection kept (timeout)
+   connected   interrupted              broken      BaseException in a write
+   recovering  reconnected              connected   restored, replayed: published
+   recovering  gave-up                  broken      the budget is spent (error shown)
+   recovering  interrupted              broken      BaseException inside the recovery
+   broken      recover                  recovering  the next call reconnects lazily
+   any         close                    closed      the application closed it (sticky)
+   ==========  =======================  ==========  ====================================
+
+4. A drop is judged by ``RULES``, in order: the first rule whose condition holds decides
+   (each condition returns the note's text, or None). No rule holds: recover.
+5. A budget (``Episode``) belongs to one recovery episode: it starts at a drop and ends when
+   the connection has carried an answer again, or has stayed up longer than a whole deadline
+   (so a long call that meets a second drop much later starts afresh, review r20, while a
+   poison record that is reset after every re-send exhausts one budget). A socket timeout set
+   by the application bounds every call as well (``call_end``): the caller asked never to wait
+   longer (§4).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import ErrorCategory, ErrorInfo
+from ._journal import Journal
+from ._policy import RetryPolicy
+
+__all__ = ["Machine", "Episode", "TokenBucket", "Verdict", "Drop", "RULES", "TRANSITIONS",
+           "CONNECTED", "RECOVERING", "BROKEN", "CLOSED"]
+
+Clock = Callable[[], float]
+
+CONNECTED, RECOVERING, BROKEN, CLOSED = "connected", "recovering", "broken", "closed"
+
+TRANSITIONS: dict[tuple[str, str], str] = {
+    (CONNECTED, "recover"): RECOVERING,
+    (CONNECTED, "surface-discard"): BROKEN,
+    (CONNECTED, "surface-keep"): CONNECTED,
+    (CONNECTED, "interrupted"): BROKEN,
+    (RECOVERING, "reconnected"): CONNECTED,
+    (RECOVERING, "gave-up"): BROKEN,
+    (RECOVERING, "interrupted"): BROKEN,
+    (BROKEN, "recover"): RECOVERING,
+    (BROKEN, "interrupted"): BROKEN,
+    (BROKEN, "gave-up"): BROKEN,
+}
+
+# Verdict kinds.
+RECOVER = "recover"  # reconnect, restore, replay (and resume ``resume`` bytes of the answer)
+SURFACE = "surface"  # raise the error with ``note``; ``discard`` says whether the connection goes
+EARLY_ANSWER = "early-answer"  # the peer answered before the write failed: deliver, replay nothing
+PASS_EOF = "pass-eof"  # hand the caller b"" (the protocol's end, or the server's answer)
+
+TLS_TRANSPORT_CAP = 3  # "retry, small cap" (DESIGN §3); picked, not measured
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the socket must do about one event."""
+
+    kind: str
+    rule: str = ""  # the name of the rule that decided
+    note: str = ""  # the text of the PEP 678 note (without the "resilientsock: " prefix)
+    discard: bool = False  # SURFACE: throw the connection away (journal cleared)
+    quiet: bool = False  # SURFACE: the application's own read timeout: not an error, DEBUG
+    resume: int = 0  # RECOVER: bytes of the answer the caller already has (§5b)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """An error (or an unanswered EOF) that struck a protected connection, with the facts
+    the socket found out by I/O before asking (the machine does none itself)."""
+
+    info: ErrorInfo
+    phase: str  # "read" | "write" | "eof"
+    writing: bool = False  # the interrupted call is a write (its record is not yet journaled)
+    peer_not_reading: bool = False  # a write timeout, and the peer's TCP acknowledged all
+    early_answer: bool = False  # a failed write, and the peer's bytes are waiting to be read
+
+
+class TokenBucket:
+    """Process-wide limiter for reconnect attempts (DESIGN §4): a lone drop never waits
+    (burst of ``rate / 10``), a mass drop is spread out. Cooperative (gevent): no lock."""
+
+    def __init__(self, clock: Clock = time.monotonic) -> None:
+        self.clock = clock
+        self.tokens: float | None = None
+        self.stamp = 0.0
+
+    def delay(self, rate: float) -> float:
+        """Reserve one attempt; returns how long to wait before making it."""
+        burst = max(1.0, rate / 10.0)
+        now = self.clock()
+        if self.tokens is None:
+            self.tokens = burst
+        else:
+            self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        self.tokens -= 1.0  # reserve, even if we must wait for it
+        return 0.0 if self.tokens >= 0 else -self.tokens / rate
+
+
+class Episode:
+    """The budget of one recovery episode (rule 5)."""
+
+    __slots__ = ("policy", "clock", "start", "attempts", "original", "last", "tls_transport",
+                 "tries", "up_since", "timeout_hit")
+
+    def __init__(self, policy: RetryPolicy, clock: Clock, original: BaseException | None,
+                 tries: int = 0) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.start = clock()
+        self.attempts = 0
+        self.tries = tries  # attempts already made before the episode (a first connect)
+        self.original = original
+        self.last: BaseException | None = original
+        self.tls_transport = 0
+        self.up_since: float | None = None  # when the last reconnect succeeded
+        self.timeout_hit: float | None = None  # the socket timeout that ran out, if it did
+
+    def end(self, call_end: float | None) -> float:
+        deadline = self.policy.deadline
+        end = math.inf if deadline is None else self.start + deadline
+        return end if call_end is None else min(end, call_end)
+
+    def remaining(self, call_end: float | None) -> float:
+        return self.end(call_end) - self.clock()
+
+    def spent(self, call_end: float | None, app_timeout: float | None) -> bool:
+        """True when no further attempt may start (and note why)."""
+        cap = self.policy.max_attempts
+        if cap is not None and self.attempts >= cap:
+            return True
+        if self.tls_transport > TLS_TRANSPORT_CAP:
+            return True
+        now = self.clock()
+        if call_end is not None and now >= call_end and app_timeout is not None:
+            self.timeout_hit = app_timeout
+            return True
+        deadline = self.policy.deadline
+        return deadline is not None and now >= self.start + deadline
+
+    def delay(self, bucket: TokenBucket, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait before the next attempt (full jitter; the first is immediate)."""
+        backoff = self.policy.backoff(self.attempts, rand)
+        return max(backoff, bucket.delay(self.policy.reconnect_rate))
+
+    def healthy(self) -> bool:
+        """Has the connection stayed up longer than a whole deadline since the reconnect?"""
+        if self.up_since is None:
+            return False
+        span = self.policy.deadline if self.policy.deadline is not None else 30.0
+        return self.clock() - self.up_since >= span
+
+    def describe(self) -> str:
+        last = self.last
+        text = f"{last}" if last is not None and str(last) else type(last).__name__
+        total = self.attempts + self.tries
+        spent = self.clock() - self.start
+        if self.timeout_hit is not None:
+            return (f"gave up: the socket's timeout of {self.timeout_hit:g} s ran out after "
+                    f"{total} attempt{'s' if total != 1 else ''} in {spent:.1f} s "
+                    f"(last: {text})")
+        return (f"gave up after {total} attempt{'s' if total != 1 else ''} in {spent:.1f} s "
+                f"(last: {text})")
+
+
+# -- the rules for a drop ----------------------------------------------------------------------
+
+def _read_timeout(m: Machine, d: Drop) -> str | None:
+    if d.info.category is ErrorCategory.TIMEOUT and d.phase == "read" \
+            and not m.policy.retry_read_timeouts:
+        return ("read timeout: the peer is probably alive and busy, so the connection and "
+                "its unanswered requests are kept (retry_read_timeouts retries it)")
+    return None
+
+
+def _peer_not_reading(m: Machine, d: Drop) -> str | None:
+    if d.info.category is ErrorCategory.TIMEOUT and d.phase == "write" and d.peer_not_reading:
+        return ("write timeout: the peer is alive (its TCP acknowledged everything sent) but "
+                "is not reading, so a new connection would not help")
+    return None
+
+
+def _early_answer(m: Machine, d: Drop) -> str | None:
+    if d.writing and d.early_answer:
+        return ("the server answered before the write failed (an early answer such as 413 or "
+                "404 from a server that closed without reading the rest): that answer is "
+                "delivered and nothing is re-sent")
+    return None
+
+
+def _not_retryable(m: Machine, d: Drop) -> str | None:
+    if d.info.category is ErrorCategory.TIMEOUT and d.phase == "write":
+        return None  # a write timeout discards the connection and re-sends (§3)
+    if not d.info.retryable and not (d.info.category is ErrorCategory.TIMEOUT
+                                     and m.policy.retry_read_timeouts):
+        from ._errors import REASONS
+
+        return f"{d.info.category} is not retried: {REASONS[d.info.category]}"
+    return None
+
+
+def _dialect(m: Machine, d: Drop) -> str | None:
+    dialect = m.dialect
+    return None if dialect is None else dialect.refusal()
+
+
+def _server_session(m: Machine, d: Drop) -> str | None:
+    if m.session and m.policy.on_reconnect is None:
+        return ("the server spoke first (a banner, as in SMTP, FTP, POP3, IMAP) and a session "
+                "was under way: a new connection starts a new session, where re-sent commands "
+                "would be read out of context (an on_reconnect hook that restores the session "
+                "lets resilientsock recover it)")
+    return None
+
+
+def _mid_answer(m: Machine, d: Drop) -> str | None:
+    if d.phase != "read" or not m.answered:
+        return None
+    why = m.resume_refusal()
+    if why is None:
+        return None
+    return ("the connection dropped mid-answer: part of the answer was already returned, "
+            f"and {why}")
+
+
+def _overflow(m: Machine, d: Drop) -> str | None:
+    if m.journal.overflowed:
+        return (f"more than journal_limit={m.policy.journal_limit} bytes were unconfirmed, so "
+                "replay was no longer promised")
+    return None
+
+
+def _replay_none(m: Machine, d: Drop) -> str | None:
+    if m.policy.replay == "none" and (m.journal.pending or d.writing):
+        return "replay='none': unconfirmed writes are never re-sent"
+    return None
+
+
+def _replay_safe(m: Machine, d: Drop) -> str | None:
+    if m.policy.replay != "safe" or not (m.journal.pending or d.writing):
+        return None
+    count = len(m.journal) + (1 if d.writing else 0)
+    if m.conn_answered and count <= 1 and d.info.category is ErrorCategory.CONNECTION_LOST:
+        return None
+    return ("replay='safe': the unanswered writes may have reached a live peer (only the "
+            "first write on an idle, reused connection is re-sent)")
+
+
+# (name, condition, verdict kind, discard, quiet), in order: the first that holds decides.
+RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool], ...] = (
+    ("read-timeout", _read_timeout, SURFACE, False, True),
+    ("peer-not-reading", _peer_not_reading, SURFACE, False, False),
+    ("early-answer", _early_answer, EARLY_ANSWER, False, False),
+    ("not-retryable", _not_retryable, SURFACE, True, False),
+    ("dialect", _dialect, SURFACE, True, False),
+    ("server-session", _server_session, SURFACE, True, False),
+    ("mid-answer", _mid_answer, SURFACE, True, False),
+    ("journal-overflow", _overflow, SURFACE, True, False),
+    ("replay-none", _replay_none, SURFACE, True, False),
+    ("replay-safe", _replay_safe, SURFACE, True, False),
+)
+
+
+class Machine:
+    """The recovery state of one protected socket (see the module docstring)."""
+
+    def __init__(self, policy: RetryPolicy, clock: Clock = time.monotonic) -> None:
+        self.policy = policy
+        self.clock = clock
+        self.state = CONNECTED
+        self.gen = 0  # connection generation: moves at every new connection
+        self.journal = Journal(policy.journal_limit, keep_data=policy.replay != "none")
+        self.journal.keeping = policy.resume_answers and policy.replay == "unanswered"
+        self.episode: Episode | None = None
+        self.owner: Any = None  # the greenlet running the recovery
+        self.writing = 0  # write calls under way (full duplex: an EOF then is part of a drop)
+        # The answer in progress: bytes returned since the last write, and their digest.
+        self.answered = 0
+        self.crc = 0
+        self.conn_answered = False  # this connection has carried an answer (replay='safe')
+        # Server-first protocols (banner rule): bytes before the application's first write.
+        self.wrote = False
+        self.banner = bytearray()
+        self.session = False  # a banner, then an answer to a write: session state exists
+        self.server_first = False  # this lineage's server speaks first (survives a discard)
+        # Protocol knowledge (§5a).
+        self.dialect: Any = None
+        self.detected = False
+        # An unanswered EOF that repeats for the same re-sent records (§5): the mark of the
+        # journal when an EOF recovery replayed, and whether anything was read since.
+        self.eof_mark: int | None = None
+
+    # -- state --------------------------------------------------------------------------------
+
+    def move(self, event: str) -> str:
+        if event == "close":
+            self.state = CLOSED
+            return CLOSED
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise RuntimeError(f"resilientsock: no transition from {self.state!r} on "
+                               f"{event!r}") from None
+        return self.state
+
+    # -- events on the connection -------------------------------------------------------------
+
+    def wrote_data(self, data: Any) -> None:
+        """The application wrote ``data`` (one record)."""
+        self.journal.append(data)
+        self.eof_mark = None
+        if self.answered or self.journal.kept_bytes:
+            dialect = self.dialect
+            if dialect is None or not dialect.hold():
+                self.answered = 0
+                self.crc = 0
+                self.journal.end_answer()
+        if not self.wrote:
+            self.wrote = True
+            if not self.detected:
+                self.detect(bytes(data), None)
+        elif self.dialect is not None:
+            self.dialect.wrote(bytes(data))
+
+    def read_data(self, data: Any, mark: int) -> None:
+        """The application read ``data`` (>= 1 byte); ``mark`` was the journal's mark when
+        the read began: every record before it is answered."""
+        journal = self.journal
+        if journal._head < len(journal._ends) or journal.overflowed:
+            if self.policy.confirm != "explicit":
+                journal.confirm_before(mark)
+        self.conn_answered = True
+        self.eof_mark = None
+        episode = self.episode
+        if episode is not None and self.state is CONNECTED:
+            self.episode = None  # the connection carried an answer again: the episode ends
+        if not self.wrote:
+            if not self.detected:
+                self.detect(None, bytes(data))
+            if self.dialect is None and len(self.banner) < 8192:
+                self.banner += data
+                self.server_first = True
+        elif not self.session and self.banner:
+            self.session = True
+        dialect = self.dialect
+        if dialect is not None:
+            chunk = bytes(data)
+            dialect.read(chunk)
+            if journal.keeping:
+                from zlib import crc32
+
+                self.crc = crc32(dialect.mask(chunk), self.crc)
+        elif journal.keeping:
+            from zlib import crc32
+
+            self.crc = crc32(data, self.crc)
+        self.answered += len(data)
+
+    def detect(self, first_write: bytes | None, first_read: bytes | None) -> None:
+        self.detected = True
+        try:
+            from . import dialects
+        except ImportError:  # pragma: no cover - the dialect layer is optional
+            return
+        try:
+            self.dialect = dialects.detect(first_write, first_read, prelude=self.policy.prelude)
+        except Exception:  # a dialect must never break the connection  # pragma: no cover
+            self.dialect = None
+        if self.dialect is not None and first_write is not None:
+            self.dialect.wrote(first_write)
+
+    def eof(self, nbytes: int, others_active: bool) -> Verdict | Drop:
+        """The connection's read returned EOF. A verdict, or a Drop to judge with ``drop``."""
+        from ._errors import classify
+
+        def unanswered() -> Drop:
+            from ._errors import UnansweredEOFError
+
+            exc = UnansweredEOFError("peer closed the connection without answering")
+            info = classify(exc, phase="read")
+            assert info is not None
+            return Drop(info, "eof")
+
+        if others_active:
+            return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
+        if self.policy.eof == "pass" or not self.journal.pending or self.answered or not nbytes:
+            return Verdict(PASS_EOF, "end")
+        if self.eof_mark is not None and self.eof_mark == self.journal.mark():
+            self.journal.clear()
+            return Verdict(PASS_EOF, "eof-repeat",
+                           "the server closed again without answering the re-sent request: "
+                           "that is its answer, passed on as EOF")
+        return unanswered()
+
+    def drop(self, d: Drop) -> Verdict:
+        """Judge a drop by the RULES (module docstring, rule 4)."""
+        for name, condition, kind, discard, quiet in RULES:
+            note = condition(self, d)
+            if note is not None:
+                if d.phase == "eof" and kind == SURFACE:
+                    # Not recoverable: the EOF itself goes to the caller, as a plain socket
+                    # gives it, so the protocol's own "closed without an answer" handling runs.
+                    return Verdict(PASS_EOF, name, note)
+                return Verdict(kind, name, note, discard=discard, quiet=quiet)
+        if d.phase == "eof":
+            self.eof_mark = self.journal.mark()
+        resume = self.answered if d.phase == "read" else 0
+        return Verdict(RECOVER, "recover", resume=resume)
+
+    def resume_refusal(self) -> str | None:
+        """Why the answer in progress cannot be resumed (None: it can, §5b)."""
+        policy = self.policy
+        if not policy.resume_answers:
+            return "resume_answers is off, so it is surfaced"
+        if policy.replay != "unanswered":
+            return f"replay={policy.replay!r} never resumes an answer"
+        if not self.journal.kept_bytes and self.wrote:
+            return ("its request is no longer kept (larger than journal_limit, or confirmed), "
+                    "so it cannot be re-sent")
+        if self.dialect is not None and not self.dialect.resumable():
+            return (f"{self.dialect.name}: the request it answers is not idempotent, so it is "
+                    "not executed twice")
+        return None
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    def begin_episode(self, exc: BaseException | None, tries: int = 0) -> Episode:
+        """A drop to recover: continue the episode in progress or start a new one."""
+        episode = self.episode
+        if episode is None or episode.healthy():
+            episode = self.episode = Episode(self.policy, self.clock, exc, tries)
+        else:
+            if episode.original is None:
+                episode.original = exc
+            episode.last = exc
+        return episode
+
+    def reconnected(self, resumed: bool) -> None:
+        """A new connection is ready (restored, replayed): publish it."""
+        self.gen += 1
+        self.conn_answered = False
+        if not resumed:
+            self.answered = 0
+            self.crc = 0
+        if self.episode is not None:
+            self.episode.up_since = self.clock()
+        if self.dialect is not None:
+            self.dialect.new_connection()
+        if self.state is not CLOSED:
+            self.move("reconnected")
+
+    def discarded(self) -> None:
+        """The connection was thrown away after a surfaced error: the caller owns recovery,
+        and the next connection starts a new conversation."""
+        self.journal.clear()
+        self.gen += 1
+        self.answered = 0
+        self.crc = 0
+        self.episode = None
+        self.eof_mark = None
+        if self.banner or self.session:
+            # A lazily reconnected socket hands the next banner to the application, as a
+            # fresh connection would.
+            self.wrote = False
+            self.banner = bytearray()
+            self.session = False
