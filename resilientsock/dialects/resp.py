@@ -793,7 +793,7 @@ class RespDialect(Dialect):
             count = int(items[2][1])
         except (TypeError, ValueError):
             count = 0
-        self._sub_counts[1 if kind.startswith(b"s") else 0] = count
+        self._sub_counts[1 if kind in (b"ssubscribe", b"sunsubscribe") else 0] = count
         self._sub_expect = max(self._sub_expect - 1, 0)
         if kind.endswith(b"unsubscribe") and self._sub_counts == [0, 0] and \
                 not self._sub_expect:
