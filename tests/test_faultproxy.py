@@ -458,3 +458,43 @@ def test_plan_arguments_are_checked():
             with pytest.raises(ValueError):
                 call()
         assert proxy.plan.rules == []
+
+
+# -- the plan machine alone (sans-IO: no socket, microseconds) -----------------------------
+
+def test_plan_machine_pattern_split_across_reads_is_found_on_its_last_byte():
+    from resilientsock.testing._plans import FaultPlan
+
+    plan = FaultPlan()
+    plan.on_pattern(b"QUIT", "up", action="close")
+    state, verdict = plan.new_connection(1)
+    assert verdict is None
+    assert plan.on_data(state, "up", b"NOOP\r\nQU") == [("send", b"NOOP\r\nQU")]
+    assert plan.on_data(state, "up", b"IT\r\n") == \
+        [("cut", "close", "pattern b'QUIT' up #1: close")]
+
+
+def test_plan_machine_drop_spans_reads_until_the_delimiter():
+    from resilientsock.testing._plans import FaultPlan
+
+    plan = FaultPlan()
+    plan.on_pattern(b"SET ", "up", action="drop", until=b"\r\n")
+    state, _ = plan.new_connection(1)
+    assert plan.on_data(state, "up", b"GET a\r\nSET b ") == [("send", b"GET a\r\n")]
+    assert plan.on_data(state, "up", b"123") == []
+    assert plan.on_data(state, "up", b"4\r\nGET c\r\n") == [("send", b"GET c\r\n")]
+    assert plan.on_data(state, "up", b"SET d\r\n") == [("send", b"SET d\r\n")]  # only #1
+
+
+def test_plan_machine_counts_exchanges_not_chunks():
+    from resilientsock.testing._plans import FaultPlan
+
+    plan = FaultPlan()
+    plan.on_response(2, "reset")
+    state, _ = plan.new_connection(1)
+    assert plan.on_data(state, "down", b"220 banner\r\n") == [("send", b"220 banner\r\n")]
+    for chunk in (b"HELO\r\n", b"250 ", b"ok\r\n"):  # exchange 1, its answer in two reads
+        assert plan.on_data(state, "up" if chunk == b"HELO\r\n" else "down", chunk) == \
+            [("send", chunk)]
+    plan.on_data(state, "up", b"MAIL\r\n")
+    assert plan.on_data(state, "down", b"250 ok\r\n")[0][0] == "cut"
