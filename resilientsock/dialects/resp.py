@@ -38,6 +38,7 @@ _ARGS = 16          # arguments of a command kept (name included)
 _ARG_LIMIT = 4096   # bytes per kept argument
 _CAPTURE = 65536    # bytes of a reply kept when its content matters
 _SUB_CAPTURE = 4096  # bytes of a reply kept while subscribed (confirmations are small)
+_GROUP_LIMIT = 4096  # commands an answer may belong to and still be resumed
 
 
 class _Lost(Exception):
@@ -300,6 +301,34 @@ def _is_error(t: int) -> bool:
     return t in (0x2D, 0x21)  # '-' '!'
 
 
+def _whole_command(data: bytes, i: int, n: int) -> tuple[list[bytes], int] | None:
+    """The common case, fast: a whole small command array at ``data[i]``, or None."""
+    j = data.find(b"\r\n", i, i + 24)
+    if j < 0:
+        return None
+    try:
+        count = int(data[i + 1:j])
+        if not 0 < count <= _ARGS:
+            return None
+        i = j + 2
+        args = []
+        for _ in range(count):
+            if data[i] != 0x24:
+                return None
+            j = data.find(b"\r\n", i, i + 24)
+            if j < 0:
+                return None
+            size = int(data[i + 1:j])
+            i = j + 2
+            if not 0 <= size <= _ARG_LIMIT or i + size + 2 > n:
+                return None
+            args.append(data[i:i + size])
+            i += size + 2
+    except (ValueError, IndexError):
+        return None
+    return args, i
+
+
 class _Commands:
     """Incremental command framer (arrays of bulk strings, or inline lines). ``feed``
     returns completed commands as lists of arguments (``None`` for one not kept whole)."""
@@ -319,6 +348,12 @@ class _Commands:
         i = 0
         n = len(data)
         while i < n:
+            if self._left < 0 and data[i] == 0x2A and not self._line:
+                whole = _whole_command(data, i, n)
+                if whole is not None:
+                    out.append((whole[0], True))
+                    i = whole[1]
+                    continue
             if self._skip:
                 take = self._skip if self._skip <= n - i else n - i
                 if self._want:
@@ -374,6 +409,16 @@ class _Commands:
                 if not self._args:
                     raise _Lost("a command name longer than 4 KiB")
                 self._whole = False
+            elif i + size + 2 <= n:  # the whole argument is here: take it at once
+                self._args.append(data[i:i + size])
+                i += size + 2
+                self._left -= 1
+                if self._left == 0:
+                    out.append((self._args, self._whole))
+                    self._args = []
+                    self._whole = True
+                    self._left = -1
+                continue
             self._skip = size + 2
         return out
 
@@ -651,7 +696,10 @@ class RespDialect(Dialect):
 
     def _command(self, cmd: _Cmd) -> None:
         name = cmd.name
-        self._group.append(cmd)
+        if len(self._group) < _GROUP_LIMIT:
+            self._group.append(cmd)
+        else:
+            self._aligned = False  # too long a pipeline to judge: not resumed
         if name in _SUBSCRIBE:
             self._subscribed = True
             channels = len(cmd.args) - 1 if cmd.whole else 1
