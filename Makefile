@@ -9,6 +9,8 @@
 #   make bench                benchmarks against the plain gevent socket -> benchmarks/RESULTS.md
 #   make conformance          CPython's socket test files under patch() -> docs/conformance.md
 #   make conformance-quick    the CI subset of it (the client-protocol files)
+#   make peer-suites          redis-py, PyMySQL and urllib3's own suites, gevent vs resilientsock
+#                             (root: installs redis-server/mariadb; not part of .ci/run)
 #   make docs                 the API reference from the docstrings -> docs/api/ (pdoc, offline)
 
 PY ?= python3
@@ -20,7 +22,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test field lint demo soak bench conformance conformance-quick system-deps clean docs
+.PHONY: test field lint demo soak bench conformance conformance-quick system-deps clean docs peer-suites
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
@@ -76,8 +78,18 @@ conformance: $(STAMP)
 conformance-quick: $(STAMP)
 	$(VPY) conformance/run.py --quick $(CONFORMANCE_ARGS)
 
+# Servers on loopback for peer/run.py (redis-server with TLS, MariaDB); each suite gets a venv of
+# its own under peer/.work/. About 15 minutes on 2 CPUs; PEER_ARGS="--suites redis" for one.
+peer-suites: $(STAMP)
+	@for exe in redis-server mariadbd; do command -v $$exe >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      redis-server mariadb-server >/dev/null; \
+	  else echo "peer-suites needs redis-server and mariadb-server"; exit 2; fi; }; done
+	$(VPY) peer/run.py --write docs/conformance/peer-suites.md $(PEER_ARGS)
+
 lint: $(STAMP)
-	$(VPY) -m ruff check resilientsock tests examples benchmarks conformance
+	$(VPY) -m ruff check resilientsock tests examples benchmarks conformance peer
 	$(VPY) -m mypy
 
 demo: $(STAMP)

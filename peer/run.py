@@ -54,6 +54,9 @@ WORK = HERE / ".work"
 WAYS = ("plain", "gevent", "resilientsock")
 PASSED = ("pass", "xfail", "xpass")
 FAILED = ("fail", "error", "hung", "missing", "blocked")
+# --project: a resilientsock source tree put first on PYTHONPATH (ahead of the venvs' editable
+# install of this work tree), to measure a committed snapshot while the work tree changes.
+PROJECT: list[str] = []
 GEVENT_PYTEST = ("from gevent import monkey; monkey.patch_all(); import pytest, sys; "
                  "sys.exit(pytest.main(sys.argv[1:]))")
 
@@ -161,6 +164,10 @@ def fetch(suite: Suite) -> Path:
     if suite.name == "pymysql":
         shutil.copytree(HERE / "vendor" / "pymysql-1.2.0" / "pymysql" / "tests",
                         tree / "pymysql" / "tests")
+    # Upstream PyMySQL has no pytest configuration: without a file of its own here, pytest
+    # would climb to this project's pyproject.toml and run the suite under our settings.
+    if suite.name == "pymysql":
+        (tree / "pytest.ini").write_text("[pytest]\n")
     return tree
 
 
@@ -271,6 +278,7 @@ def mariadb(tree: Path) -> Iterator[list[str]]:
             create user test2@localhost identified by 'some password';
             grant all on test2.* to test2@localhost;
             INSTALL SONAME "auth_ed25519";
+            CREATE FUNCTION ed25519_password RETURNS STRING SONAME "auth_ed25519.so";
         """
         subprocess.run([client, "--no-defaults", f"--socket={sock}", "-uroot"], input=sql,
                        text=True, check=True, timeout=60)
@@ -336,7 +344,8 @@ def run_way(suite: Suite, way: str, py: Path, tree: Path, server_args: list[str]
         if p.exists():
             p.unlink()
     run = Run(suite.name, way)
-    env = dict(os.environ, PYTHONPATH=str(HERE), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), *PROJECT]),
+               PYTHONDONTWRITEBYTECODE="1")
     for var in list(env):
         if var.startswith("RESILIENTSOCK_"):
             del env[var]
@@ -345,7 +354,8 @@ def run_way(suite: Suite, way: str, py: Path, tree: Path, server_args: list[str]
     collected = None
     for segment in range(1, 200):
         run.segments = segment
-        args = [*command(way, py), "-p", "peer_record", f"--peer-out={jsonl}",
+        args = [*command(way, py), f"--rootdir={tree}", "-p", "peer_record",
+                f"--peer-out={jsonl}",
                 f"--peer-skip={skip_file}", f"--junitxml={out_dir / f'{stem}-{segment}.xml'}",
                 f"--timeout={timeout:g}", "-p", "no:cacheprovider", "-q", "-rN",
                 "-o", "console_output_style=classic", *suite.extra_args, *server_args]
@@ -468,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-recheck", action="store_true")
     parser.add_argument("--write", metavar="PATH", help="also write the report as Markdown")
     parser.add_argument("-k", dest="keyword", help="only tests matching (passed to pytest -k)")
+    parser.add_argument("--project", metavar="DIR",
+                        help="the resilientsock source tree to test (default: this work tree)")
     parser.add_argument("--setup-only", action="store_true",
                         help="fetch the sources and build the venvs, run nothing")
     args = parser.parse_args(argv)
@@ -480,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         if w not in WAYS:
             parser.error(f"unknown way {w!r}: {', '.join(WAYS)}")
 
+    if args.project:
+        PROJECT[:] = [str(Path(args.project).resolve())]
     lines: list[str] = []
 
     def emit(text: str = "") -> None:
@@ -489,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.timezone.utc)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
+    commit = (f"{commit} (work tree)" if not args.project else
+              f"{args.project} ({(Path(args.project) / '.commit').read_text().strip()})"
+              if (Path(args.project) / ".commit").exists() else args.project)
     status = 0
     results: list[tuple[Suite, dict[str, Run], list[str]]] = []
     for name in names:
