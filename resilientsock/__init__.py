@@ -41,6 +41,7 @@ from ._policy import RetryPolicy as RetryPolicy
 from ._stats import stats as stats
 
 if TYPE_CHECKING:
+    from ._relay import Relay as Relay
     from ._socket import ResilientSocket as ResilientSocket
     from ._socket import create_connection as create_connection
     from ._tls import ResilientSSLSocket as ResilientSSLSocket
@@ -62,12 +63,14 @@ __all__ = [
     "UnansweredEOFError",
     "create_connection",
     "stats",
+    "Relay",
 ]
 
 _LAZY = {
     "ResilientSocket": "._socket",
     "create_connection": "._socket",
     "ResilientSSLSocket": "._tls",
+    "Relay": "._relay",
 }
 
 
