@@ -17,7 +17,8 @@ Rules of this module:
    application's own timeout. Duplicates and recovery time are measured and reported, not
    judged here (at-least-once re-sending is the documented contract of §5).
 4. Every run is saved as JSON under ``$FIELD_RESULTS`` (default build/field/) for
-   ``tests/field/report.py``, which writes docs/field.md's table.
+   ``tests/field/report.py``, which writes docs/field.md's table; the client's op log and
+   output and the server's log are kept beside it (``runs/<row>/``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -328,6 +330,16 @@ def run_row(row: Row, workdir: Path) -> dict[str, Any]:
     rs = run_mode(row, "rs", workdir)
     result = compare(row, plain, rs)
     save(result)
+    keep = RESULTS / "runs" / row.slug  # the evidence, kept past pytest's tmp rotation
+    for mode in ("plain", "rs"):
+        (keep / mode).mkdir(parents=True, exist_ok=True)
+        for name in ("ops.jsonl", "stdout.txt", "stderr.txt"):
+            src = workdir / row.slug / mode / name
+            if src.exists():
+                shutil.copy(src, keep / mode / name)
+    for log in (getattr(row.server, "log", None), getattr(row.server, "mainlog", None)):
+        if log is not None and Path(log).exists():
+            shutil.copy(log, keep / Path(log).name)
     print(describe(result))
     return result
 

@@ -20,8 +20,10 @@ AT_ONCE_S = 3.0  # "at once": well under the app's 5 s timeout (picked: 2 cores,
 def test_websocket_client_vs_websockets(ws_server, field_dir: Path) -> None:
     result = run_row(rows.websocket_client(ws_server, faults=15), field_dir)
     rs = result["rs"]
-    check(result, "never garbage (client checks, and the server saw none)",
-          "Garbage" not in rs["errors"] and rs["server"]["handshakes_failed"] == 0)
+    # a cut inside the client's own opening handshake is garbage to the server in both modes
+    check(result, "never garbage (the client's checks; the server saw no more than plain)",
+          "Garbage" not in rs["errors"]
+          and rs["server"]["handshakes_failed"] <= result["plain"]["server"]["handshakes_failed"])
     check(result, f"a drop is surfaced at once (every failure within {AT_ONCE_S} s)",
           rs["max_failed_op_s"] <= AT_ONCE_S)
     check(result, "with a note from resilientsock",

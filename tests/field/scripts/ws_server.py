@@ -6,12 +6,25 @@ import asyncio
 import logging
 import sys
 
-from websockets.asyncio.server import serve
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 port, logpath = int(sys.argv[1]), sys.argv[2]
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 log = open(logpath, "a", buffering=1)
+
+
+class Counted(ServerConnection):
+    """Logs "!handshake-failed" for every connection whose opening handshake failed (bytes
+    that are not an HTTP Upgrade request: the server's count of garbage it was sent)."""
+
+    async def handshake(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        try:
+            await super().handshake(*args, **kwargs)
+        finally:
+            if self.protocol.state is not State.OPEN:
+                log.write(f"!handshake-failed {self.protocol.handshake_exc!r}\n")
 
 
 async def echo(ws) -> None:  # type: ignore[no-untyped-def]
@@ -24,7 +37,8 @@ async def echo(ws) -> None:  # type: ignore[no-untyped-def]
 
 
 async def main() -> None:
-    async with serve(echo, "127.0.0.1", port, ping_interval=None) as server:
+    async with serve(echo, "127.0.0.1", port, ping_interval=None,
+                     create_connection=Counted) as server:
         print("listening", flush=True)
         await server.serve_forever()
 
