@@ -91,6 +91,9 @@ def fire(proxy: FaultProxy, kind: str) -> Any:
         return proxy.reset_all()
     if kind == "close":
         return proxy.close_all()
+    if kind == "down":  # the server gone for good: every connect refused from now on
+        proxy.refuse_now()
+        return proxy.reset_all()
     if kind.startswith("refuse"):
         proxy.refuse(float(kind[6:] or 1.0))
         return proxy.reset_all()
@@ -253,6 +256,8 @@ def outcome(row: Row, mode: str, ops: list[dict[str, Any]], counts: Counts,
         "errors": dict(Counter(o["exc"] for o in bad)),
         "first_errors": [{k: o.get(k) for k in ("key", "exc", "msg", "notes", "dt")}
                          for o in bad[:4]],
+        "error_messages": dict(Counter(f"{o['exc']}: {o.get('msg', '')[:80]}"
+                                       for o in bad).most_common(12)),
         "failed_with_rs_note": sum(1 for o in bad
                                    if any("resilientsock" in n for n in o.get("notes", []))),
         "max_op_s": max((o["dt"] for o in ops), default=0.0),

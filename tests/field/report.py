@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
 ORDER = ["requests-nginx-http", "requests-nginx-https", "httpclient-httpserver", "redis-db2",
-         "redis-db2-nopass", "pymysql-mariadb", "pymysql-mariadb-handshake",
+         "redis-db2-nopass", "redis-down-for-good", "pymysql-mariadb", "pymysql-mariadb-handshake",
          "pymemcache-memcached", "smtplib-exim", "paramiko-openssh",
          "websocket-client-websockets"]
 
@@ -31,6 +31,10 @@ def _errors(errors: dict[str, int]) -> str:
              .replace("websocket._exceptions.", "ws.").replace("resilientsock._errors.", "rs.")
              .replace("pymemcache.exceptions.", "pymemcache."): v for k, v in errors.items()}
     return ", ".join(f"{k} ×{v}" for k, v in sorted(short.items(), key=lambda kv: -kv[1]))
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:g} ms"
 
 
 def _cell(r: dict, key: str) -> str:
@@ -70,7 +74,7 @@ def render(results: list[dict]) -> str:
                 f"{'plain' if mode == 'plain' else 'resilientsock'} | {m['ops']} | "
                 f"{m['failed']} | {m['lost_silent']} | {m['wrong_place']} | "
                 f"{m['duplicates']} ({_cell(m, 'extra_executions')}) | {_errors(m['errors'])} | "
-                f"{m['max_op_s']:.2f} s | {_cell(m, 'recovery_ms')} ms | {server} | "
+                f"{m['max_op_s']:.2f} s | {_ms(m['recovery_ms'])} | {server} | "
                 f"{verdict if mode == 'rs' else ''} |")
     out += ["", "Row by row: what resilientsock recovered (its own counters, `--stats`), and "
             "the row's own expected outcome (issue #14 §4):", ""]

@@ -45,6 +45,20 @@ def redis_db2_nopass(server: Server, **kw: Any) -> Row:
                                        "redis.exceptions.TimeoutError"}), **kw)
 
 
+def redis_down_for_good(server: Server, **kw: Any) -> Row:
+    """DESIGN §9's "server down for good" row: after a few keys the server is gone; redis-py
+    (retries off, 5 s timeouts) fails at once; under resilientsock, with its *default*
+    policy, each call must still return within the application's 5 s (§4: the application's
+    timeout is honoured), not after the 30 s deadline."""
+    return Row(slug="redis-down-for-good",
+               title="redis-py vs redis-server gone for good (default policy)",
+               server=server,
+               client=["redis_client.py", "127.0.0.1", "{port}", server.password, "2"],
+               kinds=("down",), faults=1, after_ops=2, timeout=45.0, rs_opts=[],
+               plain_errors=frozenset({"redis.exceptions.ConnectionError",
+                                       "redis.exceptions.TimeoutError"}), **kw)
+
+
 def http_server(server: Server, **kw: Any) -> Row:
     return Row(slug="httpclient-httpserver", title="http.client vs Python's http.server",
                server=server,

@@ -5,6 +5,7 @@ surfaced at once, with a note; never garbage, never a freeze."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from .matrix import assert_never_worse, check, run_row
 
 pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 
+# what paramiko says when it is handed bytes of another connection (issue #14)
+GARBLED = re.compile(r"Invalid packet blocking|Mismatched MAC|[Bb]ad packet|[Dd]ecrypt|"
+                     r"Indecipherable|Expected packet")
 AT_ONCE_S = 3.0  # "at once": well under the app's 5 s timeout (picked: 2 cores, shared)
 
 
@@ -21,6 +25,9 @@ AT_ONCE_S = 3.0  # "at once": well under the app's 5 s timeout (picked: 2 cores,
 def test_paramiko_vs_openssh(sshd_server, field_dir: Path) -> None:
     result = run_row(rows.paramiko_sshd(sshd_server, faults=10), field_dir)
     rs = result["rs"]
+    decrypted_garbage = [m for m in rs["error_messages"] if GARBLED.search(m)]
+    check(result, "paramiko never decrypts garbage (no packet-blocking / MAC errors)",
+          not decrypted_garbage)
     # a cut inside the client's own opening handshake is garbage to the server in both modes
     check(result, "never garbage (the client's checks; the server saw no more than plain)",
           "Garbage" not in rs["errors"]
