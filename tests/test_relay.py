@@ -1,0 +1,631 @@
+"""Session mode through a real relay (DESIGN §11), with real faults between client and relay.
+
+Topology of every test: the client (``open_session``, gevent, in the pytest process's main
+hub) -> FaultProxy (faults on command) -> Relay (its own hub and thread, or a subprocess) ->
+the upstream server. Each behaviour test asserts, on the server's side: 0 lost, 0 duplicates,
+in order, and that the upstream saw ONE connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+import gevent.socket as gsocket
+import pytest
+from conftest import ROOT, TLSServer, run_py, wait_until
+
+from resilientsock import RetryPolicy
+from resilientsock import _session as sp
+from resilientsock._relay import Relay, open_session, parse_address
+from resilientsock.testing import FaultProxy, LoopThread, MessageServer
+
+POLICY = RetryPolicy(deadline=20, backoff_initial=0.01, backoff_max=0.1)
+HEARTBEAT = 0.3  # seconds: a black-holed link is found within 2 of these
+
+
+@pytest.fixture
+def upstream() -> Iterator[MessageServer]:
+    server = MessageServer().start()
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def relay(upstream: MessageServer) -> Iterator[Relay]:
+    # plain_after 2 s, not 0.05: a black hole between client and relay delays a session's
+    # first bytes, and a relay that then proxies plainly opens an upstream connection (the
+    # client's handshake fails there and it retries). See docs/session-protocol.md.
+    with Relay(("127.0.0.1", 0), upstream.address, handshake_timeout=1.0,
+               plain_after=2.0) as r:
+        yield r
+
+
+@pytest.fixture
+def faults(relay: Relay) -> Iterator[FaultProxy]:
+    with FaultProxy(relay.address) as proxy:
+        yield proxy
+
+
+def session(proxy: FaultProxy | tuple[str, int], **kw: Any) -> Any:
+    address = proxy.address if isinstance(proxy, FaultProxy) else proxy
+    return open_session(address, timeout=10, policy=kw.pop("policy", POLICY),
+                        heartbeat=kw.pop("heartbeat", HEARTBEAT), **kw)
+
+
+class Lines:
+    """Read lines from a socket, buffering across recv calls."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def readline(self) -> bytes:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"EOF after {self.buf!r}")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+
+def converse(app: Any, first: int, last: int, fault: Any = None, every: int = 0) -> None:
+    """MSG n / ACK n for n in first..last; ``fault(i)`` before every ``every``-th message."""
+    lines = Lines(app)
+    for n in range(first, last + 1):
+        if fault is not None and every and n % every == 0:
+            fault(n // every)
+        app.sendall(b"MSG %d reading=%s\n" % (n, b"x" * (n % 50)))
+        assert lines.readline() == b"ACK %d" % n
+
+
+def assert_exactly_once(server: MessageServer, count: int) -> None:
+    assert server.received == list(range(1, count + 1)), (
+        f"lost {count - len(set(server.received))}, duplicates {server.duplicates()}")
+    assert server.connections == 1, f"upstream saw {server.connections} connections"
+
+
+# -- a line protocol through every fault kind -------------------------------------------------
+
+
+def test_line_protocol_exactly_once_through_every_fault(upstream: MessageServer, relay: Relay,
+                                                        faults: FaultProxy) -> None:
+    app = session(faults)
+
+    def blackhole_for_a_while() -> None:
+        faults.blackhole(True)
+        gevent.spawn_later(4 * HEARTBEAT, faults.blackhole, False)
+
+    plan = [
+        faults.reset_all,                                   # RST both ways
+        faults.close_all,                                   # FIN both ways: a drop, not an end
+        lambda: faults.cut_after(7, "up"),                  # cut inside the next frame up
+        lambda: faults.cut_after(5, "down"),                # ... and down (mid-header)
+        lambda: faults.cut_after(20, "up", how="close"),
+        lambda: (faults.refuse(0.3), faults.reset_all()),   # relay unreachable for a while
+        blackhole_for_a_while,                              # only the heartbeat reveals it
+    ]
+    count = 420
+    converse(app, 1, count, fault=lambda i: plan[(i - 1) % len(plan)](), every=20)
+    app.close()
+    st = relay.stats()
+    assert_exactly_once(upstream, count)
+    assert st["sessions_created"] == 1 and st["sessions_resumed"] >= len(plan)
+    assert st["failed_proofs"] == 0
+    wait_until(lambda: relay.stats()["sessions_active"] == 0, what="the session ends")
+
+
+def test_client_close_is_the_session_end_and_upstream_sees_eof(upstream: MessageServer,
+                                                             relay: Relay,
+                                                             faults: FaultProxy) -> None:
+    app = session(faults)
+    converse(app, 1, 5)
+    app.shutdown(socket.SHUT_WR)
+    # The MessageServer closes on EOF: the session carries that back as EOF.
+    assert app.recv(100) == b""
+    app.close()
+    wait_until(lambda: relay.stats()["sessions_ended"] == 1, what="session end")
+    assert_exactly_once(upstream, 5)
+
+
+def test_upstream_reset_reaches_the_application_as_a_reset(upstream: MessageServer,
+                                                          relay: Relay,
+                                                          faults: FaultProxy) -> None:
+    app = session(faults)
+    converse(app, 1, 3)
+    app.sendall(b"POISON\n")  # the server resets its connection
+    with pytest.raises(ConnectionResetError):
+        while app.recv(100):
+            pass
+    app.close()
+    assert relay.stats()["upstream_resets"] == 1
+
+
+# -- a full-duplex pipelined stream -------------------------------------------------------------
+
+
+def test_full_duplex_pipelined_stream_under_random_resets() -> None:
+    echo = MessageServer(mode="echo").start()
+    try:
+        # Small buffers (128 KiB a direction) so the writer is paced by the link, and resets
+        # land in the middle of the transfer rather than after the client buffered it all.
+        with Relay(("127.0.0.1", 0), echo.address, buffer_limit=128 * 1024) as relay, \
+                FaultProxy(relay.address) as proxy:
+            app = session(proxy, policy=POLICY.replace(journal_limit=128 * 1024))
+            rng = random.Random(15)
+            total = 3 * 1024 * 1024
+            pattern = bytes(rng.randrange(256) for _ in range(65536))
+            sent = bytearray()
+
+            def writer() -> None:
+                n = 0
+                while n < total:
+                    size = rng.choice((1, 100, 1500, 16384, 65536))
+                    chunk = pattern[n % 65536:][:size] or pattern[:size]
+                    app.sendall(chunk)
+                    sent.extend(chunk)
+                    n += len(chunk)
+
+            stop = [False]
+
+            def resets() -> None:
+                while not stop[0]:
+                    gevent.sleep(rng.uniform(0.03, 0.1))  # a fault cadence, not a sync
+                    proxy.reset_all()
+
+            w = gevent.spawn(writer)
+            f = gevent.spawn(resets)
+            got = bytearray()
+            next_fault = 256 * 1024
+            deadline = time.monotonic() + 50
+            while len(got) < total or not w.dead:
+                assert time.monotonic() < deadline, f"echoed {len(got)} of {total}"
+                data = app.recv(262144)
+                assert data, "unexpected EOF"
+                got.extend(data)
+                if len(got) >= next_fault:  # resets at known points of the echo too
+                    next_fault += 256 * 1024
+                    proxy.reset_all()
+                if w.dead and len(got) >= len(sent):
+                    break
+            stop[0] = True
+            f.join(timeout=5)
+            w.get(timeout=5)
+            assert len(got) == len(sent) and got == sent, "echo differs: loss or duplication"
+            assert echo.connections == 1
+            assert relay.stats()["sessions_resumed"] >= 8
+            app.close()
+    finally:
+        echo.shutdown()
+
+
+# -- backpressure ---------------------------------------------------------------------------
+
+
+class Source:
+    """An upstream that writes ``total`` bytes as fast as it can, then closes."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.loop = LoopThread("source").start()
+        self.connections = 0
+        self.address = self.loop.call(self._listen)
+
+    def _listen(self) -> tuple[str, int]:
+        sock = gsocket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        self.listener = sock
+
+        def serve(conn: Any) -> None:
+            block = bytes(range(256)) * 256
+            sent = 0
+            try:
+                while sent < self.total:
+                    conn.sendall(block[: self.total - sent])
+                    sent += min(len(block), self.total - sent)
+            finally:
+                conn.close()
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                self.connections += 1
+                gevent.spawn(serve, conn)
+
+        gevent.spawn(accept)
+        return sock.getsockname()  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.loop.call(self.listener.close)
+        self.loop.stop()
+
+
+def test_buffers_are_bounded_and_writers_block_nothing_dropped() -> None:
+    total = 8 * 1024 * 1024
+    limit = 256 * 1024
+    src = Source(total)
+    try:
+        with Relay(("127.0.0.1", 0), src.address, buffer_limit=limit) as relay, \
+                FaultProxy(relay.address) as proxy:
+            app = session(proxy)
+            # The application does not read; the relay's link is cut, so the relay must hold
+            # what upstream writes: no more than its limit.
+            proxy.refuse_now()
+            proxy.reset_all()
+            wait_until(lambda: relay.stats()["buffered_bytes"] >= limit // 2,
+                       what="relay buffering")
+            gevent.sleep(0.2)  # let upstream push further if it could (it must not)
+            assert relay.stats()["buffered_bytes"] <= limit
+            proxy.accept_again()
+            got = 0
+            expected = (bytes(range(256)) * 256)
+            deadline = time.monotonic() + 40
+            while True:
+                assert time.monotonic() < deadline
+                data = app.recv(262144)
+                if not data:
+                    break
+                assert data == (expected * 2)[got % 65536:][: len(data)] or _same(data, got)
+                got += len(data)
+            assert got == total
+            assert src.connections == 1
+            app.close()
+    finally:
+        src.stop()
+
+
+def _same(data: bytes, offset: int) -> bool:
+    block = bytes(range(256))
+    return all(data[i] == block[(offset + i) % 256] for i in range(0, len(data), 997))
+
+
+# -- SMTP: many mails in one session --------------------------------------------------------
+
+
+def test_smtp_many_mails_in_one_session() -> None:
+    import smtplib
+
+    from aiosmtpd.controller import Controller
+
+    class Handler:
+        def __init__(self) -> None:
+            self.subjects: list[str] = []
+            self.helos = 0
+
+        async def handle_EHLO(self, server: Any, session: Any, envelope: Any, hostname: str,
+                              responses: list[str]) -> list[str]:
+            self.helos += 1
+            session.host_name = hostname
+            return responses
+
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            text = envelope.content.decode("utf-8", "replace")
+            for line in text.splitlines():
+                if line.startswith("Subject: "):
+                    self.subjects.append(line[len("Subject: "):])
+            return "250 OK"
+
+    handler = Handler()
+    controller = Controller(handler, hostname="127.0.0.1", port=0)
+    controller.start()
+    try:
+        smtp_addr = (controller.hostname, controller.server.sockets[0].getsockname()[1])
+        with FaultProxy(smtp_addr) as counter, \
+                Relay(("127.0.0.1", 0), counter.address) as relay, \
+                FaultProxy(relay.address) as proxy:
+
+            class SessionSMTP(smtplib.SMTP):
+                def _get_socket(self, host: str, port: int, timeout: float) -> Any:
+                    return session((host, port))
+
+            mails = 40
+            client = SessionSMTP(*proxy.address, timeout=10)
+            client.ehlo("robot")
+            for n in range(1, mails + 1):
+                if n % 4 == 0:
+                    proxy.reset_all()
+                if n % 7 == 0:
+                    proxy.cut_after(30, "up")  # inside the next command's frame
+                body = f"Subject: mail {n}\r\n\r\nreading {n}\r\n" + "z" * (n * 50)
+                client.sendmail("robot@example.com", ["hub@example.com"], body)
+            client.quit()
+            assert handler.subjects == [f"mail {n}" for n in range(1, mails + 1)]
+            assert handler.helos == 1
+            assert counter.connections == 1
+            assert relay.stats()["sessions_resumed"] >= 8
+    finally:
+        controller.stop()
+
+
+# -- TLS inside the session ---------------------------------------------------------------------
+
+
+def test_tls_inside_the_session_survives_drops_without_a_new_handshake() -> None:
+    import gevent.ssl as gssl
+
+    server = TLSServer().start()
+    try:
+        with Relay(("127.0.0.1", 0), server.address) as relay, \
+                FaultProxy(relay.address) as proxy:
+            ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_CLIENT)
+            server.ca.configure_trust(ctx)
+            app = ctx.wrap_socket(session(proxy), server_hostname="localhost")
+            count = 200
+            plan = [proxy.reset_all, proxy.close_all, lambda: proxy.cut_after(9, "down")]
+            converse(app, 1, count, fault=lambda i: plan[i % len(plan)](), every=15)
+            assert server.received == list(range(1, count + 1))
+            assert len(server.tls_conns) == 1, "a second TLS handshake reached the server"
+            assert relay.stats()["sessions_resumed"] >= 10
+            app.close()
+    finally:
+        server.stop()
+
+
+# -- what cannot be resumed is surfaced ---------------------------------------------------------
+
+
+def _relay_process(listen: str, upstream: tuple[str, int], *extra: str) -> Any:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from resilientsock._relay_cli import main; "
+         "sys.exit(main(sys.argv[1:]))", "--listen", listen,
+         "--upstream", f"{upstream[0]}:{upstream[1]}", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("relay: listening on "), (line, proc.stderr.read()
+                                                      if proc.stderr else "")
+    return proc, parse_address(line.split()[3])
+
+
+def test_relay_restart_is_surfaced_as_a_reset_with_a_warning(
+        upstream: MessageServer, caplog: pytest.LogCaptureFixture) -> None:
+    proc, address = _relay_process("127.0.0.1:0", upstream.address)
+    try:
+        with FaultProxy(address) as proxy:
+            app = session(proxy)
+            converse(app, 1, 10)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=10) == 0
+            proc2, _ = _relay_process(f"127.0.0.1:{address[1]}", upstream.address)
+            try:
+                proxy.reset_all()
+                with caplog.at_level(logging.WARNING, logger="resilientsock"):
+                    with pytest.raises(ConnectionResetError):
+                        app.sendall(b"MSG 11 after the restart\n")
+                        while app.recv(100):
+                            pass
+                assert any("cannot be resumed" in r.getMessage()
+                           and "no such session" in r.getMessage() for r in caplog.records)
+                assert 11 not in upstream.received  # never re-sent into a new session
+                app.close()
+            finally:
+                proc2.terminate()
+                proc2.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_expired_session_is_surfaced(upstream: MessageServer,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    with Relay(("127.0.0.1", 0), upstream.address, session_timeout=0.3) as relay, \
+            FaultProxy(relay.address) as proxy:
+        app = session(proxy)
+        converse(app, 1, 3)
+        proxy.refuse_now()
+        proxy.reset_all()
+        wait_until(lambda: relay.stats()["sessions_expired"] == 1, what="expiry")
+        proxy.accept_again()
+        with caplog.at_level(logging.WARNING, logger="resilientsock"):
+            with pytest.raises(ConnectionResetError):
+                while app.recv(100):
+                    pass
+        assert any("cannot be resumed" in r.getMessage() for r in caplog.records)
+        app.close()
+
+
+# -- attacks and nonsense: rejected, the live session intact ------------------------------------
+
+
+def _raw(address: tuple[str, int], data: bytes, read: bool = True) -> bytes:
+    sock = gsocket.create_connection(address, timeout=5)
+    try:
+        sock.sendall(data)
+        if not read:
+            return b""
+        out = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+    except OSError:
+        return b""
+    finally:
+        sock.close()
+
+
+def _resume_handshake(address: tuple[str, int], sid: bytes, secret: bytes,
+                      counts: tuple[int, int] | None = None) -> tuple[Any, bytes, bytes]:
+    """A resume by hand: (socket, what we sent, the relay's answer to the proof)."""
+    sock = gsocket.create_connection(address, timeout=5)
+    link = sp.Link(sp.CLIENT)
+    stream = sp.Stream()
+    if counts:
+        stream.received, stream.data_sent = counts
+    hello = link.send_hello_resume(sid, stream)
+    sock.sendall(hello)
+    data = sock.recv(4096)
+    link.receive_data(data)
+    assert isinstance(link.next_event(), sp.Challenged)
+    proof = link.send_proof(secret)
+    sock.sendall(proof)
+    answer = sock.recv(4096)
+    return sock, hello + proof, answer
+
+
+def _error_code(answer: bytes) -> int:
+    assert answer[:1] == bytes([sp.ERROR_FRAME]), answer[:40]
+    return answer[sp.HEADER_LEN]
+
+
+def test_attacks_are_rejected_and_the_live_session_stays_intact(
+        upstream: MessageServer, relay: Relay, faults: FaultProxy) -> None:
+    app = session(faults)
+    converse(app, 1, 10)
+    (sid, live), = relay.sessions.items()
+    addr = relay.address
+
+    # A wrong proof, an unknown id, impossible counts: each an ERROR, the session untouched.
+    sock, _, answer = _resume_handshake(addr, sid, b"\x00" * 32)
+    assert _error_code(answer) == sp.E_BAD_PROOF
+    sock.close()
+    sock, _, answer = _resume_handshake(addr, os.urandom(16), b"\x00" * 32)
+    assert _error_code(answer) == sp.E_UNKNOWN_SESSION
+    sock.close()
+    sock, _, answer = _resume_handshake(addr, sid, live.secret, counts=(10**9, 10**9))
+    assert _error_code(answer) == sp.E_IMPOSSIBLE_COUNTS
+    sock.close()
+    assert live.cur is not None, "a rejected resume detached the live link"
+
+    # Oversized and slow handshakes.
+    oversized = sp.PREAMBLE + sp.HEADER.pack(sp.HELLO, 8000, 0) + b"x" * 8000
+    assert _error_code(_raw(addr, oversized)) == sp.E_PROTOCOL
+    started = time.monotonic()
+    assert _raw(addr, sp.PREAMBLE) == b""  # closed after handshake_timeout (1 s here)
+    assert time.monotonic() - started < 5
+
+    # A recorded resume handshake, replayed later, fails (a fresh challenge every time).
+    sock, recorded, answer = _resume_handshake(addr, sid, live.secret,
+                                               counts=(live.stream.sent, live.stream.received))
+    assert answer[:1] == bytes([sp.RESUMED])
+    sock.close()  # that was a real resume: the live client resumes again by itself
+    replay = gsocket.create_connection(addr, timeout=5)
+    replay.sendall(recorded)
+    got = b""
+    while True:
+        chunk = replay.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    replay.close()
+    assert bytes([sp.ERROR_FRAME]) in got[:sp.HEADER_LEN + 40]
+
+    converse(app, 11, 60)
+    app.close()
+    assert_exactly_once(upstream, 60)
+    st = relay.stats()
+    assert st["failed_proofs"] == 2 and st["unknown_sessions"] == 1
+    assert st["impossible_counts"] == 1 and st["handshake_timeouts"] == 1
+
+
+def test_a_thousand_garbage_connections_do_not_disturb_a_live_session(
+        upstream: MessageServer, relay: Relay, faults: FaultProxy) -> None:
+    app = session(faults)
+    rng = random.Random(1000)
+    blobs = [sp.PREAMBLE + rng.randbytes(rng.randrange(1, 300)) for _ in range(1000)]
+    addr = relay.address
+    done = [0]
+
+    def attack() -> None:
+        for i in range(0, 1000, 100):
+            gevent.joinall([gevent.spawn(_raw, addr, blob, False) for blob in blobs[i:i + 100]],
+                           timeout=30)
+            done[0] += 100
+
+    attacker = gevent.spawn(attack)
+    n = 0
+    while not attacker.dead:
+        n += 1
+        converse(app, n, n)
+    attacker.get(timeout=60)
+    converse(app, n + 1, n + 20)
+    app.close()
+    assert done[0] == 1000
+    assert_exactly_once(upstream, n + 20)
+    assert relay.stats()["sessions_created"] == 1
+
+
+# -- plain clients, first connects --------------------------------------------------------------
+
+
+def test_plain_clients_are_proxied_plainly(upstream: MessageServer, relay: Relay) -> None:
+    sock = gsocket.create_connection(relay.address, timeout=5)
+    sock.sendall(b"MSG 1 plain\n")
+    assert Lines(sock).readline() == b"ACK 1"
+    sock.close()
+    banner = MessageServer(banner=b"220 hub ready\n").start()
+    try:
+        with Relay(("127.0.0.1", 0), banner.address) as r2:
+            plain = gsocket.create_connection(r2.address, timeout=5)
+            lines = Lines(plain)
+            assert lines.readline() == b"220 hub ready"  # server-first: after plain_after
+            plain.sendall(b"MSG 7 hi\n")
+            assert lines.readline() == b"ACK 7"
+            plain.close()
+            # And a session client of the same relay gets the banner through its session.
+            app = session(r2.address)
+            lines = Lines(app)
+            assert lines.readline() == b"220 hub ready"
+            app.sendall(b"MSG 8 hi\n")
+            assert lines.readline() == b"ACK 8"
+            app.close()
+            assert r2.stats()["plain_connections"] == 1
+            assert r2.stats()["sessions_created"] == 1
+    finally:
+        banner.shutdown()
+
+
+def test_first_connect_failures_raise_what_a_plain_connect_would() -> None:
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    quick = RetryPolicy(deadline=0.3, backoff_initial=0.01, backoff_max=0.05)
+    with pytest.raises(ConnectionRefusedError):
+        open_session(("127.0.0.1", port), timeout=1, policy=quick)
+    with Relay(("127.0.0.1", 0), ("127.0.0.1", port)) as relay:
+        with pytest.raises(ConnectionRefusedError, match="cannot connect"):
+            open_session(relay.address, timeout=1, policy=quick)
+        assert relay.stats()["upstream_failures"] == 1
+
+
+def test_relay_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="session_timeout"):
+        Relay("127.0.0.1:0", "127.0.0.1:1", session_timeout=0)
+    with pytest.raises(ValueError, match="buffer_limit"):
+        Relay("127.0.0.1:0", "127.0.0.1:1", buffer_limit=10)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        Relay("nonsense", "127.0.0.1:1")
+    assert parse_address("[::1]:9000") == ("::1", 9000)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--listen", "nowhere", "--upstream", "127.0.0.1:1"], "expected HOST:PORT"),
+    (["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:1", "--buffer-limit", "tiny"],
+     "not a size"),
+    (["--listen", "192.0.2.1:9000", "--upstream", "127.0.0.1:1"], "cannot listen"),
+    (["--upstream", "127.0.0.1:1"], "--listen"),
+])
+def test_cli_bad_input_is_one_line_and_status_2(args: list[str], message: str) -> None:
+    result = run_py(["-m", "resilientsock", "relay", *args], timeout=30)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
