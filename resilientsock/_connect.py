@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import socket as _std
 import time
@@ -104,23 +103,22 @@ def open_connection(make_raw: Any, addresses: list[tuple[int, int, Any]], *,
     """Connect to the first address that answers.
 
     ``make_raw(family, proto)`` builds an unconnected gevent socket; ``per_address`` is each
-    address's own timeout; no address is *started* after ``end`` (time.monotonic()).
-    ``pending`` receives the socket while its connect is under way, so that a ``close()``
-    from another greenlet can close it and stop the wait (review r05b).
+    address's own timeout, as ``create_connection`` gives each the full timeout (rule 2); no
+    further address is started after ``end`` (time.monotonic()).
+    ``pending`` receives ``[raw, watcher]`` while its connect is under way, so that a
+    ``close()`` from another greenlet can cancel the wait and close it (review r05b).
     """
-    from gevent.socket import wait_write
+    from gevent.hub import get_hub
+    from gevent.socket import wait
 
     attempt = Attempt()
     for af, proto, sockaddr in addresses:
-        now = time.monotonic()
-        if attempt.errors and end is not None and now >= end:
+        if attempt.errors and end is not None and time.monotonic() >= end:
             break
         limit = per_address
-        if end is not None and math.isfinite(end):
-            left = max(0.001, end - now)
-            limit = left if limit is None else min(limit, max(left, 0.001))
         raw = make_raw(af, proto)
-        pending.append(raw)
+        entry = [raw, None]
+        pending.append(entry)
         try:
             raw.setblocking(False)
             for level, opt, value in dead_peer_options(af, dead_peer):
@@ -133,16 +131,21 @@ def open_connection(make_raw: Any, addresses: list[tuple[int, int, Any]], *,
                 raw.bind(source)
             err = raw.connect_ex(sockaddr)
             if err in _IN_PROGRESS:
-                wait_write(raw.fileno(), timeout=limit, timeout_exc=TimeoutError("timed out"))
+                watcher = entry[1] = get_hub().loop.io(raw.fileno(), 2)
+                try:
+                    wait(watcher, timeout=limit, timeout_exc=TimeoutError("timed out"))
+                finally:
+                    entry[1] = None
+                    watcher.close()
                 err = raw.getsockopt(_std.SOL_SOCKET, _std.SO_ERROR)
             if err and err != errno.EISCONN:
                 raise OSError(err, _strerror(err))
-            pending.remove(raw)
+            pending.remove(entry)
             attempt.raw = raw
             return attempt
         except BaseException as exc:
-            if raw in pending:
-                pending.remove(raw)
+            if entry in pending:
+                pending.remove(entry)
             raw.close()
             if not isinstance(exc, Exception):
                 raise

@@ -343,10 +343,11 @@ class ResilientSocket(_GeventSocket):
             self._rs_open_session(address, policy)
             return
         self._rs_target = address
+        self.__dict__.pop("_rs_in_place_failed", None)
         m = Machine(policy, _clock)
         m.state = BROKEN  # not connected yet: the first connect is a recovery without a drop
         self.__dict__["_rs_m"] = m
-        call_end = None if self.timeout is None else _clock() + self.timeout
+        call_end = self._rs_call_end(None)
         try:
             if via_open:
                 self._rs_recover(None, call_end, first=True)
@@ -507,8 +508,13 @@ class ResilientSocket(_GeventSocket):
     # (not connected, another greenlet recovering, an error, EOF) comes here.
 
     def _rs_call_end(self, t0: float | None) -> float | None:
+        """When this call must return or raise (DESIGN §4: the application's timeout bounds
+        one call). With ``retry_read_timeouts=True`` the application opted in to reading its
+        timeout as "the link may be dead": the timeout is then a liveness check per wait, and
+        recovery runs under the policy's deadline (docs/decisions.md)."""
         timeout = self.timeout
-        if timeout is None:
+        m = self._rs_m
+        if timeout is None or (m is not None and m.policy.retry_read_timeouts):
             return None
         return (t0 if t0 is not None else _clock()) + timeout
 
@@ -793,7 +799,9 @@ class ResilientSocket(_GeventSocket):
         while True:
             if m.state is CLOSED:
                 raise _RecoveryStopped()
-            if (episode.attempts or not first) and episode.spent(call_end, self.timeout):
+            # At least one attempt, whatever the time: "within the application's timeout
+            # plus at most one connect attempt" (DESIGN §4).
+            if episode.attempts and episode.spent(call_end, self.timeout):
                 self._rs_give_up(m, episode)
             delay = 0.0 if first and not episode.attempts else episode.delay(_bucket)
             if delay > 0:
@@ -875,8 +883,7 @@ class ResilientSocket(_GeventSocket):
         else:
             addresses = candidates(self._rs_target, int(self.family), self._rs_any_family)
             attempt = open_connection(
-                self._rs_make_raw, addresses, per_address=per_address,
-                end=None if end == float("inf") else end,
+                self._rs_make_raw, addresses, per_address=per_address, end=None,
                 options=self.__dict__.get("_rs_opts", {}), source=self._rs_source,
                 dead_peer=policy.dead_peer_timeout, pending=self._rs_pending)
         if attempt.raw is None:
@@ -885,7 +892,7 @@ class ResilientSocket(_GeventSocket):
         if m.state is CLOSED:
             attempt.raw.close()
             raise _RecoveryStopped()
-        if not in_place:
+        if attempt.raw is not self._sock:
             self._rs_install(attempt.raw)
         left = episode.remaining(call_end)
         limit = per_address

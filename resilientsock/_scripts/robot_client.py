@@ -13,7 +13,7 @@ import time
 
 host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 interval = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
-timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 2.0
+timeout = float(sys.argv[5]) if len(sys.argv) > 5 else 5.0
 
 sock = socket.create_connection((host, port), timeout=timeout)
 reader = sock.makefile("rb")

@@ -1,0 +1,233 @@
+"""The sans-IO recovery machine (resilientsock/_machine.py): events in, verdicts out, no
+sockets, an injected clock. Each test runs in microseconds."""
+
+from __future__ import annotations
+
+import pytest
+
+from resilientsock import RetryPolicy, classify
+from resilientsock._machine import (BROKEN, CLOSED, CONNECTED, EARLY_ANSWER, PASS_EOF, RECOVER,
+                                    RECOVERING, RULES, SURFACE, TRANSITIONS, Drop, Episode,
+                                    Machine, TokenBucket)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drop(exc: BaseException, phase: str = "read", **facts: bool) -> Drop:
+    info = classify(exc, phase=phase)
+    assert info is not None
+    return Drop(info, phase, **facts)
+
+
+def machine(**fields: object) -> Machine:
+    m = Machine(RetryPolicy(**fields), Clock())  # type: ignore[arg-type]
+    m.detected = True  # no dialect: the byte rules
+    return m
+
+
+def test_the_transition_table_is_the_one_in_the_docstring():
+    from resilientsock import _machine
+
+    doc = _machine.__doc__ or ""
+    for (state, event), target in TRANSITIONS.items():
+        if state == BROKEN and event in ("interrupted", "gave-up"):
+            continue  # the same state again, not worth a row
+        assert f"{state:<11} {event:<24} {target}" in doc, (state, event, target)
+
+
+def test_an_unknown_transition_is_a_bug():
+    m = machine()
+    m.move("close")
+    assert m.state is CLOSED
+    with pytest.raises(RuntimeError):
+        m.move("recover")  # closed is sticky
+    m.move("close")
+
+
+def test_rules_are_named_and_ordered():
+    names = [name for name, *_ in RULES]
+    assert names[:3] == ["read-timeout", "peer-not-reading", "early-answer"]
+    assert len(set(names)) == len(names)
+
+
+def test_an_unanswered_record_is_recovered():
+    m = machine()
+    m.wrote_data(b"MSG 1\n")
+    verdict = m.drop(drop(ConnectionResetError(104, "reset")))
+    assert verdict.kind == RECOVER and verdict.resume == 0
+
+
+def test_a_read_timeout_is_surfaced_quietly_and_keeps_everything():
+    m = machine()
+    m.wrote_data(b"REQ\n")
+    verdict = m.drop(drop(TimeoutError("timed out")))
+    assert verdict.kind == SURFACE and verdict.quiet and not verdict.discard
+    assert m.journal.size == 4
+
+
+def test_retry_read_timeouts_recovers_them():
+    m = machine(retry_read_timeouts=True)
+    m.wrote_data(b"REQ\n")
+    assert m.drop(drop(TimeoutError("timed out"))).kind == RECOVER
+
+
+def test_a_write_timeout_recovers_unless_the_peer_is_merely_not_reading():
+    m = machine()
+    assert m.drop(drop(TimeoutError("timed out"), "write", writing=True)).kind == RECOVER
+    verdict = m.drop(drop(TimeoutError("timed out"), "write", writing=True,
+                          peer_not_reading=True))
+    assert verdict.kind == SURFACE and not verdict.discard
+
+
+def test_an_early_answer_is_delivered_not_replayed():
+    m = machine()
+    verdict = m.drop(drop(BrokenPipeError(32, "broken pipe"), "write", writing=True,
+                          early_answer=True))
+    assert verdict.kind == EARLY_ANSWER
+
+
+def test_mid_answer_resumes_with_k_or_is_surfaced_when_resume_is_off():
+    m = machine()
+    m.wrote_data(b"GET\n")
+    m.read_data(b"ACK ", m.journal.mark())
+    verdict = m.drop(drop(ConnectionResetError(104, "reset")))
+    assert verdict.kind == RECOVER and verdict.resume == 4
+    assert m.journal.kept_bytes == 4  # the request is kept to be re-sent
+
+    off = machine(resume_answers=False)
+    off.wrote_data(b"GET\n")
+    off.read_data(b"ACK ", off.journal.mark())
+    verdict = off.drop(drop(ConnectionResetError(104, "reset")))
+    assert verdict.kind == SURFACE and verdict.discard and "mid-answer" in verdict.note
+
+
+def test_the_next_write_ends_the_answer():
+    m = machine()
+    m.wrote_data(b"A\n")
+    m.read_data(b"ok\n", m.journal.mark())
+    m.wrote_data(b"B\n")
+    assert m.answered == 0 and m.journal.kept_bytes == 0 and len(m.journal) == 1
+
+
+@pytest.mark.parametrize("mode,expect", [("none", SURFACE), ("safe", SURFACE),
+                                         ("unanswered", RECOVER)])
+def test_replay_modes(mode, expect):
+    m = machine(replay=mode)
+    m.wrote_data(b"A\n")
+    m.wrote_data(b"B\n")
+    assert m.drop(drop(ConnectionResetError(104, "reset"))).kind == expect
+
+
+def test_replay_safe_resends_the_first_write_on_a_reused_connection():
+    m = machine(replay="safe")
+    m.wrote_data(b"A\n")
+    m.read_data(b"ok\n", m.journal.mark())
+    m.wrote_data(b"B\n")
+    assert m.drop(drop(ConnectionResetError(104, "reset"))).kind == RECOVER
+
+
+def test_eof_rules():
+    m = machine()
+    assert m.eof(100, others_active=False).kind == PASS_EOF  # nothing unanswered: the end
+    m.wrote_data(b"BYE\n")
+    outcome = m.eof(100, others_active=False)
+    assert isinstance(outcome, Drop)
+    assert m.drop(outcome).kind == RECOVER
+    again = m.eof(100, others_active=False)  # the same record met EOF again: an answer
+    assert again.kind == PASS_EOF and again.rule == "eof-repeat" and not m.journal.pending
+    m.wrote_data(b"X\n")
+    assert isinstance(m.eof(100, others_active=False), Drop)
+    assert m.eof(0, others_active=False).kind == PASS_EOF  # recv(0) asks for nothing
+
+
+def test_an_unrecoverable_unanswered_eof_is_passed_on():
+    m = machine(replay="none")
+    m.wrote_data(b"A\n")
+    outcome = m.eof(10, others_active=False)
+    assert isinstance(outcome, Drop)
+    assert m.drop(outcome).kind == PASS_EOF
+
+
+def test_not_retryable_errors_are_surfaced_and_discard():
+    import ssl
+
+    m = machine()
+    exc = ssl.SSLCertVerificationError("bad cert")
+    info = classify(exc, phase="read")
+    assert info is not None
+    verdict = m.drop(Drop(info, "read"))
+    assert verdict.kind == SURFACE and verdict.discard
+
+
+def test_a_server_session_is_surfaced_without_a_hook():
+    m = machine()
+    m.read_data(b"220 ready\r\n", m.journal.mark())  # a banner: server-first
+    m.wrote_data(b"EHLO x\r\n")
+    m.read_data(b"250 ok\r\n", m.journal.mark())  # ...answered: a session exists
+    m.wrote_data(b"MAIL FROM:<a>\r\n")
+    assert m.drop(drop(ConnectionResetError(104, "reset"))).rule == "server-session"
+    hooked = machine(on_reconnect=lambda s, a: None)
+    hooked.read_data(b"220 ready\r\n", 0)
+    hooked.wrote_data(b"EHLO x\r\n")
+    hooked.read_data(b"250 ok\r\n", hooked.journal.mark())
+    hooked.wrote_data(b"MAIL\r\n")
+    assert hooked.drop(drop(ConnectionResetError(104, "reset"))).kind == RECOVER
+
+
+def test_an_episode_spends_attempts_and_time_and_names_the_app_timeout():
+    clock = Clock()
+    ep = Episode(RetryPolicy(deadline=10, max_attempts=3), clock, None)
+    assert not ep.spent(None, None)
+    ep.attempts = 3
+    assert ep.spent(None, None)
+    ep = Episode(RetryPolicy(deadline=10), clock, ConnectionResetError())
+    clock.now += 2
+    assert ep.spent(call_end=101.5, app_timeout=1.5)
+    assert "socket's timeout of 1.5 s ran out" in ep.describe()
+    clock.now += 20
+    assert ep.spent(None, None)
+
+
+def test_a_long_healthy_connection_starts_a_fresh_episode():
+    m = machine(deadline=2)
+    clock = m.clock
+    first = m.begin_episode(ConnectionResetError())
+    first.up_since = clock()
+    assert m.begin_episode(ConnectionResetError()) is first  # a poison record: same budget
+    clock.now += 3  # type: ignore[attr-defined]
+    assert m.begin_episode(ConnectionResetError()) is not first
+
+
+def test_an_answer_ends_the_episode():
+    m = machine()
+    m.begin_episode(ConnectionResetError())
+    m.wrote_data(b"A\n")
+    m.read_data(b"ok\n", m.journal.mark())
+    assert m.episode is None
+
+
+def test_the_token_bucket_lets_a_lone_drop_through_and_spreads_a_herd():
+    clock = Clock()
+    bucket = TokenBucket(clock)
+    assert bucket.delay(100.0) == 0.0
+    delays = [bucket.delay(100.0) for _ in range(30)]
+    assert delays[:9] == [0.0] * 9  # burst of rate/10
+    assert delays[-1] == pytest.approx(0.21)
+    clock.now += 10
+    assert bucket.delay(100.0) == 0.0  # refilled
+
+
+def test_states_after_recovery_events():
+    m = machine()
+    m.move("recover")
+    assert m.state is RECOVERING
+    m.reconnected(resumed=False)
+    assert m.state is CONNECTED and m.gen == 1
+    m.move("surface-discard")
+    assert m.state is BROKEN
