@@ -877,7 +877,6 @@ class ResilientSocket(_GeventSocket):
         app = self.timeout
         if app is not None:
             per_address = app if per_address is None else min(per_address, app)
-        end = episode.end(call_end)
         if in_place and self._sock and not self.__dict__.get("_rs_in_place_failed"):
             attempt = self._rs_connect_in_place(per_address)
         else:

@@ -6,9 +6,22 @@ from __future__ import annotations
 import pytest
 
 from resilientsock import RetryPolicy, classify
-from resilientsock._machine import (BROKEN, CLOSED, CONNECTED, EARLY_ANSWER, PASS_EOF, RECOVER,
-                                    RECOVERING, RULES, SURFACE, TRANSITIONS, Drop, Episode,
-                                    Machine, TokenBucket)
+from resilientsock._machine import (
+    BROKEN,
+    CLOSED,
+    CONNECTED,
+    EARLY_ANSWER,
+    PASS_EOF,
+    RECOVER,
+    RECOVERING,
+    RULES,
+    SURFACE,
+    TRANSITIONS,
+    Drop,
+    Episode,
+    Machine,
+    TokenBucket,
+)
 
 
 class Clock:
