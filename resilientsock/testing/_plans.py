@@ -106,7 +106,8 @@ class FaultPlan:
     def on_connection(self, nth: int | Iterable[int], action: str = "reset",
                       seconds: float = 0.5) -> None:
         """Fail connection ``nth`` (counted from now; an int or a set): "reset" sends RST
-        right after the accept and "close" a FIN (the server is never contacted);
+        right after the accept and "close" a FIN (the server is never contacted; the client
+        sees the RST on its first read or write, or even from ``connect()`` itself);
         "refuse" closes the listener once connection ``nth - 1`` is accepted, for
         ``seconds``, so that attempt (and any other in that window) gets ECONNREFUSED."""
         if action not in ("reset", "close", "refuse"):
