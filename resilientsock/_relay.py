@@ -373,6 +373,8 @@ class _RelaySession(_Carrier):
                 return
         finally:
             lio.wlock.release()
+        if self.plain_reader is None:  # a new session: upstream bytes go after CREATED
+            self.plain_reader = gevent.spawn(self.pump_plain)
         if self.aborted:
             self._send(lio, self.stream.abort(self.aborted))
         self.pump_link(lio)
@@ -694,7 +696,6 @@ class Relay:
         self._pending.discard(sock)
         log.info("resilientsock: relay: session %s created", sid.hex()[:8])
         lio = _LinkIO(sock, link)
-        session.plain_reader = gevent.spawn(session.pump_plain)
         self._serve(session, lio, lambda: link.send_created(sid, secret, stream))
 
     # -- plain clients -----------------------------------------------------------------------

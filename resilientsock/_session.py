@@ -423,7 +423,7 @@ class Link:
 
     __slots__ = ("role", "state", "_buf", "_pos", "_handshake_bytes", "stream", "session_id",
                  "client_nonce", "relay_nonce", "version", "_rand", "_error", "peer_counts",
-                 "_peer_mac")
+                 "_peer_mac", "_proof_counts")
 
     def __init__(self, role: str, rand: Callable[[int], bytes] = os.urandom) -> None:
         if role not in (CLIENT, RELAY):
@@ -442,6 +442,7 @@ class Link:
         self._error: Exception | None = None
         self.peer_counts: tuple[int, int] | None = None
         self._peer_mac = b""
+        self._proof_counts = (0, 0)
 
     # input ----------------------------------------------------------------------------------
 
@@ -640,6 +641,9 @@ class Link:
         stream = self.stream
         assert stream is not None
         counts = (stream.received, stream.sent)
+        # The proofs cover the counts as sent: the stream may move on (the application keeps
+        # writing) before RESUMED arrives.
+        self._proof_counts = counts
         mac = _mac(secret, b"client", self.session_id, self.relay_nonce, self.client_nonce,
                    counts)
         body = _COUNTS.pack(*counts, mac)
@@ -672,7 +676,7 @@ class Link:
         stream = self.stream
         assert stream is not None and self.peer_counts is not None
         r_received, r_sent = self.peer_counts
-        counts = (stream.received, stream.sent, r_received, r_sent)
+        counts = (*self._proof_counts, r_received, r_sent)
         expected = _mac(secret, b"relay", self.session_id, self.relay_nonce, self.client_nonce,
                         counts)
         if not hmac.compare_digest(expected, self._peer_mac):

@@ -288,6 +288,12 @@ def test_buffers_are_bounded_and_writers_block_nothing_dropped() -> None:
         src.stop()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # type: ignore[no-any-return]
+
+
 def _same(data: bytes, offset: int) -> bool:
     block = bytes(range(256))
     return all(data[i] == block[(offset + i) % 256] for i in range(0, len(data), 997))
@@ -320,10 +326,10 @@ def test_smtp_many_mails_in_one_session() -> None:
             return "250 OK"
 
     handler = Handler()
-    controller = Controller(handler, hostname="127.0.0.1", port=0)
+    controller = Controller(handler, hostname="127.0.0.1", port=_free_port())
     controller.start()
     try:
-        smtp_addr = (controller.hostname, controller.server.sockets[0].getsockname()[1])
+        smtp_addr = (controller.hostname, controller.port)
         with FaultProxy(smtp_addr) as counter, \
                 Relay(("127.0.0.1", 0), counter.address) as relay, \
                 FaultProxy(relay.address) as proxy:
@@ -340,7 +346,7 @@ def test_smtp_many_mails_in_one_session() -> None:
                     proxy.reset_all()
                 if n % 7 == 0:
                     proxy.cut_after(30, "up")  # inside the next command's frame
-                body = f"Subject: mail {n}\r\n\r\nreading {n}\r\n" + "z" * (n * 50)
+                body = f"Subject: mail {n}\r\n\r\nreading {n}\r\n" + ("z" * 70 + "\r\n") * n
                 client.sendmail("robot@example.com", ["hub@example.com"], body)
             client.quit()
             assert handler.subjects == [f"mail {n}" for n in range(1, mails + 1)]
@@ -401,7 +407,8 @@ def test_relay_restart_is_surfaced_as_a_reset_with_a_warning(
             app = session(proxy)
             converse(app, 1, 10)
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=10) == 0
+            proc.communicate(timeout=10)
+            assert proc.returncode == 0
             proc2, _ = _relay_process(f"127.0.0.1:{address[1]}", upstream.address)
             try:
                 proxy.reset_all()
@@ -416,11 +423,11 @@ def test_relay_restart_is_surfaced_as_a_reset_with_a_warning(
                 app.close()
             finally:
                 proc2.terminate()
-                proc2.wait(timeout=10)
+                proc2.communicate(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait()
+        proc.communicate(timeout=10)
 
 
 def test_an_expired_session_is_surfaced(upstream: MessageServer,
