@@ -256,3 +256,28 @@ def test_the_stdin_servers_mode_still_works(args):
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr
     assert lines[0].startswith("listening 127.0.0.1 ") and lines[1:] == ["count 0", "bye"]
+
+
+def test_several_requests_on_one_keep_alive_connection(api):
+    conn = http.client.HTTPConnection(*api.address, timeout=10)
+    try:
+        for _ in range(3):
+            conn.request("GET", "/version")
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["version"]
+    finally:
+        conn.close()
+
+
+def test_moving_a_proxy_to_another_listen_address(api, echo):
+    _, proxy = call(api.address, "POST", "/proxies",
+                    {"name": "p", "upstream": f"127.0.0.1:{echo.address[1]}"})
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    new_port = free.getsockname()[1]
+    free.close()
+    status, moved = call(api.address, "PATCH", "/proxies/p", {"listen": f"127.0.0.1:{new_port}"})
+    assert status == 200 and moved["listen"] == f"127.0.0.1:{new_port}"
+    assert rtt(("127.0.0.1", new_port)) < 0.1
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(addr(proxy["listen"]), timeout=5)
