@@ -254,8 +254,10 @@ def outcome(row: Row, mode: str, ops: list[dict[str, Any]], counts: Counts,
         "wrong_place": counts.wrong_place,
         "server": counts.other,
         "errors": dict(Counter(o["exc"] for o in bad)),
-        "first_errors": [{k: o.get(k) for k in ("key", "exc", "msg", "notes", "dt")}
+        "first_errors": [{k: o.get(k) for k in ("key", "exc", "msg", "notes", "dt", "where")}
                          for o in bad[:4]],
+        "unexpected_errors": [{k: o.get(k) for k in ("key", "exc", "msg", "notes", "where")}
+                              for o in bad if o["exc"] not in row.plain_errors][:4],
         "error_messages": dict(Counter(f"{o['exc']}: {o.get('msg', '')[:80]}"
                                        for o in bad).most_common(12)),
         "failed_with_rs_note": sum(1 for o in bad

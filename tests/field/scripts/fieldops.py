@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 
@@ -67,6 +68,12 @@ def _chain(exc: BaseException) -> list[str]:
     return out
 
 
+def _where(exc: BaseException) -> list[str]:
+    """The innermost frames of the traceback: enough to tell the core's own bugs apart."""
+    frames = traceback.extract_tb(exc.__traceback__)[-4:]
+    return [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames]
+
+
 def run(op: Callable[[str], object], on_error: Callable[[], object] | None = None,
         pace: float = 0.005, error_pause: float = 0.05) -> int:
     """Call ``op(key)`` for key = $FIELD_PREFIX + n until $FIELD_STOP exists or
@@ -90,7 +97,7 @@ def run(op: Callable[[str], object], on_error: Callable[[], object] | None = Non
             log.write(json.dumps({"key": key, "ok": False, "dt": round(dt, 4),
                                   "ts": round(time.time(), 4), "exc": qualname(exc),
                                   "chain": _chain(exc), "msg": str(exc)[:200],
-                                  "notes": _notes(exc)}) + "\n")
+                                  "notes": _notes(exc), "where": _where(exc)}) + "\n")
             if on_error is not None:
                 try:
                     on_error()
