@@ -504,3 +504,34 @@ def test_plan_machine_counts_exchanges_not_chunks():
             [("send", chunk)]
     plan.on_data(state, "up", b"MAIL\r\n")
     assert plan.on_data(state, "down", b"250 ok\r\n")[0][0] == "cut"
+
+
+# -- the older faults keep their meaning (they now share the slow path with the toxics) -------
+
+def test_cut_after_new_only_spares_open_connections(echo):
+    with FaultProxy(echo.address) as proxy, connect(proxy) as old:
+        round_trip(old)
+        proxy.cut_after(5, "down", new_only=True)
+        round_trip(old, b"x" * 20)  # accepted before the call: spared
+        with connect(proxy) as new:
+            new.sendall(b"y" * 20)
+            data, err = recv_all(new)
+        assert data == b"y" * 5 and isinstance(err, ConnectionResetError)
+        assert proxy.faults["cut"] == 1
+        round_trip(old, b"z" * 20)  # the cut applied once
+
+
+def test_blackhole_and_latency_then_back_to_the_fast_path(echo):
+    with FaultProxy(echo.address) as proxy, connect(proxy) as c:
+        proxy.latency(0.1)
+        assert 0.2 <= round_trip(c) < 0.2 + SLACK  # both directions, 0.1 s each
+        proxy.latency(0)
+        proxy.blackhole()
+        c.sendall(b"gone\n")
+        c.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            c.recv(10)
+        proxy.blackhole(False)
+        c.settimeout(5)
+        assert round_trip(c) < 0.1
+        assert proxy._fast == {"up": True, "down": True}
