@@ -38,6 +38,7 @@ from ._patching import is_patched as is_patched
 from ._patching import patch as patch
 from ._patching import unpatch as unpatch
 from ._policy import RetryPolicy as RetryPolicy
+from ._stats import SocketStats as SocketStats
 from ._stats import stats as stats
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ __all__ = [
     "UnansweredEOFError",
     "create_connection",
     "stats",
+    "SocketStats",
     "Relay",
 ]
 

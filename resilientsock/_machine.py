@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from zlib import crc32 as _crc32
 
 from ._errors import ErrorCategory, ErrorInfo
 from ._journal import Journal
@@ -189,6 +190,12 @@ class Episode:
                 f"(last: {text})")
 
 
+def _unanswered_eof(text: str) -> BaseException:
+    from ._errors import UnansweredEOFError
+
+    return UnansweredEOFError(text)
+
+
 # -- the rules for a drop ----------------------------------------------------------------------
 
 def _read_timeout(m: Machine, d: Drop) -> str | None:
@@ -299,6 +306,11 @@ class Machine:
         self.journal.keeping = policy.resume_answers and policy.replay == "unanswered"
         self.episode: Episode | None = None
         self.owner: Any = None  # the greenlet running the recovery
+        self.explicit = policy.confirm == "explicit"
+        self.tcp_ack = policy.confirm == "tcp-ack"
+        # Above this many unconfirmed bytes the socket looks at the journal after a write
+        # (the write-only-stream warning).
+        self.warn_at = max(1 << 20, policy.journal_limit // 4)
         self.writing = 0  # write calls under way (full duplex: an EOF then is part of a drop)
         # The answer in progress: bytes returned since the last write, and their digest.
         self.answered = 0
@@ -333,53 +345,56 @@ class Machine:
 
     def wrote_data(self, data: Any) -> None:
         """The application wrote ``data`` (one record)."""
-        self.journal.append(data)
+        journal = self.journal
+        journal.append(data)
         self.eof_mark = None
-        if self.answered or self.journal.kept_bytes:
+        if self.answered or journal._keep != journal._done:
             dialect = self.dialect
             if dialect is None or not dialect.hold():
                 self.answered = 0
                 self.crc = 0
-                self.journal.end_answer()
-        if not self.wrote:
+                journal.end_answer()
+        if self.dialect is not None:
+            self.dialect.wrote(bytes(data))
+        elif not self.wrote:
             self.wrote = True
             if not self.detected:
                 self.detect(bytes(data), None)
-        elif self.dialect is not None:
-            self.dialect.wrote(bytes(data))
 
     def read_data(self, data: Any, mark: int) -> None:
         """The application read ``data`` (>= 1 byte); ``mark`` was the journal's mark when
         the read began: every record before it is answered."""
         journal = self.journal
         if journal._head < len(journal._ends) or journal.overflowed:
-            if self.policy.confirm != "explicit":
+            if not self.explicit:
                 journal.confirm_before(mark)
         self.conn_answered = True
         self.eof_mark = None
-        episode = self.episode
-        if episode is not None and self.state is CONNECTED:
+        if self.episode is not None and self.state is CONNECTED:
             self.episode = None  # the connection carried an answer again: the episode ends
+        dialect = self.dialect
+        if dialect is None and self.wrote and (self.session or not self.banner):
+            # The common case: a known writer, no protocol knowledge, no banner bookkeeping.
+            if journal.keeping:
+                self.crc = _crc32(data, self.crc)
+            self.answered += len(data)
+            return
         if not self.wrote:
             if not self.detected:
                 self.detect(None, bytes(data))
-            if self.dialect is None and len(self.banner) < 8192:
+                dialect = self.dialect
+            if dialect is None and len(self.banner) < 8192:
                 self.banner += data
                 self.server_first = True
         elif not self.session and self.banner:
             self.session = True
-        dialect = self.dialect
         if dialect is not None:
             chunk = bytes(data)
             dialect.read(chunk)
             if journal.keeping:
-                from zlib import crc32
-
-                self.crc = crc32(dialect.mask(chunk), self.crc)
+                self.crc = _crc32(dialect.mask(chunk), self.crc)
         elif journal.keeping:
-            from zlib import crc32
-
-            self.crc = crc32(data, self.crc)
+            self.crc = _crc32(data, self.crc)
         self.answered += len(data)
 
     def detect(self, first_write: bytes | None, first_read: bytes | None) -> None:
@@ -409,6 +424,14 @@ class Machine:
 
         if others_active:
             return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
+        if self.answered and nbytes and self.dialect is not None \
+                and self.dialect.answer_incomplete():
+            # The framing says more of this answer is due: the EOF cut it (a mid-answer drop,
+            # judged by the rules: resumed or surfaced, §5b).
+            exc = _unanswered_eof("peer closed the connection in the middle of an answer")
+            info = classify(exc, phase="read")
+            assert info is not None
+            return Drop(info, "read")
         if self.policy.eof == "pass" or not self.journal.pending or self.answered or not nbytes:
             return Verdict(PASS_EOF, "end")
         if self.eof_mark is not None and self.eof_mark == self.journal.mark():
@@ -480,6 +503,8 @@ class Machine:
         and the next connection starts a new conversation."""
         self.journal.clear()
         self.gen += 1
+        if self.dialect is not None:
+            self.dialect.discard()
         self.answered = 0
         self.crc = 0
         self.episode = None

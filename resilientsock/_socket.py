@@ -63,6 +63,7 @@ from ._machine import (
     Verdict,
 )
 from ._policy import RetryPolicy
+from ._stats import SocketStats
 
 __all__ = ["ResilientSocket", "create_connection", "default_policy", "set_default_policy"]
 
@@ -78,7 +79,8 @@ _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux struct tcp_
 _TCPI_UNACKED = 24  # offset of tcpi_unacked (u32): segments sent and not yet acknowledged
 _TCPI_RTT = 68  # offset of tcpi_rtt (u32, microseconds): smoothed round-trip time
 _PEEK = _std.MSG_PEEK | getattr(_std, "MSG_DONTWAIT", 0)
-_CHUNK = 1 << 20  # sendall's chunk (gevent uses max(SO_SNDBUF, 1 MiB))
+_CHUNK = 1 << 20
+_LINGER_RST = struct.pack("ii", 1, 0)  # sendall's chunk (gevent uses max(SO_SNDBUF, 1 MiB))
 
 # How a read call names its result (for the bookkeeping after it).
 RECV, RECV_INTO, RECVFROM, RECVFROM_INTO, RECVMSG, RECVMSG_INTO, TLS_READ = range(7)
@@ -251,6 +253,28 @@ class ResilientSocket(_GeventSocket):
         m = self._rs_m
         return None if m is None or m.dialect is None else str(m.dialect.name)
 
+    def stats(self) -> SocketStats:
+        """What this socket has been through (a snapshot): connections opened, drops,
+        reconnects, replays, errors shown to the application, answers resumed or changed."""
+        counts = self.__dict__.get("_rs_counts", {})
+        return SocketStats(
+            connects=counts.get("connects", 0) + counts.get("internal_connects", 0)
+            + counts.get("reconnects", 0),
+            reconnects=counts.get("reconnects", 0), drops=counts.get("disconnects", 0),
+            replayed_records=counts.get("replayed_records", 0),
+            replayed_bytes=counts.get("replayed_bytes", 0), surfaced=counts.get("surfaced", 0),
+            answers_resumed=counts.get("answers_resumed", 0),
+            answers_changed=counts.get("answers_changed", 0),
+            internal=bool(self.__dict__.get("_rs_internal_peer", False)),
+            peer=self._rs_target if self._rs_target is not None
+            else self.__dict__.get("_rs_last_target"))
+
+    def _rs_bump(self, name: str, amount: int = 1) -> None:
+        """A process-wide counter and this socket's own."""
+        _stats.bump(name, amount)
+        counts = self.__dict__.setdefault("_rs_counts", {})
+        counts[name] = counts.get(name, 0) + amount
+
     # -- connecting ---------------------------------------------------------------------------
 
     @classmethod
@@ -359,7 +383,8 @@ class ResilientSocket(_GeventSocket):
         self._rs_protect()
         _live.add(self)
         internal = self._rs_internal()
-        _stats.bump("internal_connects" if internal else "connects")
+        self.__dict__["_rs_internal_peer"] = internal
+        self._rs_bump("internal_connects" if internal else "connects")
         _emit("connect", logging.DEBUG, "%s: connected", self._rs_name(),
               peer=self._rs_target, internal=internal)
 
@@ -385,7 +410,7 @@ class ResilientSocket(_GeventSocket):
         fd = stream.detach()
         raw = self._gevent_sock_class(stream.family, _std.SOCK_STREAM, 0, fd)
         self._rs_install(raw)
-        _stats.bump("connects")
+        self._rs_bump("connects")
 
     # -- protection on and off ----------------------------------------------------------------
 
@@ -405,6 +430,8 @@ class ResilientSocket(_GeventSocket):
         if m is not None:
             m.journal.clear()
         self.__dict__["_rs_m"] = None
+        if self._rs_target is not None:
+            self.__dict__["_rs_last_target"] = self._rs_target
         self._rs_target = None
         _live.discard(self)
         cls = type(self)
@@ -593,7 +620,7 @@ class ResilientSocket(_GeventSocket):
         if verdict.kind == PASS_EOF:
             # Not recoverable under the rules: the EOF itself reaches the caller, as a plain
             # socket gives it; the journal is the caller's now (nothing re-sent twice).
-            _stats.bump("surfaced")
+            self._rs_bump("surfaced")
             _stats.bump(f"surfaced.{outcome.info.category}")
             _emit("surfaced", logging.INFO, "%s: unanswered EOF passed on: %s",
                   self._rs_name(), verdict.note, peer=self._rs_target,
@@ -606,7 +633,7 @@ class ResilientSocket(_GeventSocket):
         exc = UnansweredEOFError(
             f"peer closed the connection without answering {len(m.journal) or 'some'} "
             "request(s)")
-        _stats.bump("disconnects")
+        self._rs_bump("disconnects")
         _stats.bump(f"disconnects.{outcome.info.category}")
         self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
         return None
@@ -693,7 +720,7 @@ class ResilientSocket(_GeventSocket):
         drop = self._rs_facts(m, info, phase, writing)
         verdict = m.drop(drop)
         if verdict.kind == RECOVER:
-            _stats.bump("disconnects")
+            self._rs_bump("disconnects")
             _stats.bump(f"disconnects.{info.category}")
             self._rs_recover(exc, call_end, resume=verdict.resume)
             return
@@ -715,10 +742,11 @@ class ResilientSocket(_GeventSocket):
     def _rs_surface(self, m: Machine, exc: BaseException, info: ErrorInfo,
                     verdict: Verdict) -> None:
         if verdict.quiet:
+            _stats.bump("read_timeouts")
             log.debug("%s: %s: %s", self._rs_name(), type(exc).__name__, verdict.note)
             raise exc
         add_note(exc, f"resilientsock: not recovered: {verdict.note}")
-        _stats.bump("surfaced")
+        self._rs_bump("surfaced")
         _stats.bump(f"surfaced.{info.category}")
         _emit("surfaced", logging.INFO, "%s: surfacing %s: %s", self._rs_name(),
               type(exc).__name__, verdict.note, peer=self._rs_target,
@@ -779,7 +807,15 @@ class ResilientSocket(_GeventSocket):
             if m.policy.on_disconnect is not None:
                 self._rs_hook(m, m.policy.on_disconnect, info, call_end, episode)
         if self._sock and not in_place:
-            self._detach_socket("closed")  # wakes greenlets blocked on the old connection
+            # The old connection is abandoned and its unconfirmed bytes re-sent elsewhere: it
+            # goes with an RST, so the kernel does not deliver its unsent bytes late, after
+            # the replay, once the path is back (a duplicate out of order). Closing wakes the
+            # greenlets blocked on it.
+            try:
+                self._sock.setsockopt(_std.SOL_SOCKET, _std.SO_LINGER, _LINGER_RST)
+            except OSError:
+                pass
+            self._detach_socket("closed")
         try:
             self._rs_attempts(m, episode, call_end, resume, first, in_place)
         except _RecoveryStopped:
@@ -842,7 +878,7 @@ class ResilientSocket(_GeventSocket):
                 return
             m.reconnected(resumed)
             self.reconnects = self.__dict__.get("reconnects", 0) + 1
-            _stats.bump("reconnects")
+            self._rs_bump("reconnects")
             if first:
                 m.episode = None
             _emit("reconnect", logging.INFO, "%s: reconnected (attempt %d)", self._rs_name(),
@@ -980,8 +1016,8 @@ class ResilientSocket(_GeventSocket):
             payload = journal.unconfirmed()
         if len(payload):
             self._rs_raw_sendall(payload)
-            _stats.bump("replayed_records", len(journal))
-            _stats.bump("replayed_bytes", len(payload))
+            self._rs_bump("replayed_records", len(journal))
+            self._rs_bump("replayed_bytes", len(payload))
             _emit("replay", logging.INFO, "%s: replayed %d record(s), %d bytes",
                   self._rs_name(), len(journal), len(payload), peer=self._rs_target,
                   records=len(journal), nbytes=len(payload))
@@ -1008,11 +1044,13 @@ class ResilientSocket(_GeventSocket):
             got += len(chunk)
             crc = crc32(dialect.mask(chunk) if dialect is not None else chunk, crc)
         if got < k or crc != m.crc:
-            _stats.bump("answers_changed")
+            self._rs_bump("answers_changed")
+            _emit("answer_changed", logging.WARNING, "%s: the re-sent request's answer changed "
+                  "after %d byte(s)", self._rs_name(), k, peer=self._rs_target, nbytes=k)
             raise _AnswerChanged(
                 f"the re-sent request's new answer differs from the {k} byte(s) the caller "
                 "already has, so it cannot be continued")
-        _stats.bump("answers_resumed")
+        self._rs_bump("answers_resumed")
         _emit("answer_resumed", logging.INFO, "%s: answer resumed at byte %d", self._rs_name(),
               k, peer=self._rs_target, nbytes=k)
 
@@ -1049,7 +1087,7 @@ class ResilientSocket(_GeventSocket):
             text += "; that error is not retried"
         add_note(exc, f"resilientsock: {text}")
         _stats.bump("gave_up")
-        _stats.bump("surfaced")
+        self._rs_bump("surfaced")
         info = classify(exc)
         if info is not None:
             _stats.bump(f"surfaced.{info.category}")
@@ -1312,7 +1350,7 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         m.writing -= 1
         if n:
             m.wrote_data(data if n >= len(data) else memoryview(data)[:n])
-            if m.policy.confirm != "answer" or not self._rs_warned:
+            if m.tcp_ack or m.journal._total - m.journal._done > m.warn_at:
                 self._rs_after_write(m)
         return n
 
@@ -1327,14 +1365,17 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         t0 = _clock() if self.timeout is not None else None
         m.writing += 1
         try:
-            _sendall_with(send, self, data, flags)
+            # One send() takes a small write whole; a larger one goes round the loop.
+            n = send(self, data, flags, _timeout_default)
+            if n < len(data):
+                _sendall_with(send, self, memoryview(data).cast("B")[n:], flags)
         except BaseException as exc:
             m.writing -= 1
             return self._rs_write(sendall_raw, (data, flags), data, False, t0, exc, gen)  # type: ignore[no-any-return]
         m.writing -= 1
-        if len(data):
+        if n:
             m.wrote_data(data)
-            if m.policy.confirm != "answer" or not self._rs_warned:
+            if m.tcp_ack or m.journal._total - m.journal._done > m.warn_at:
                 self._rs_after_write(m)
         return None
 
