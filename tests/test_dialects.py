@@ -641,6 +641,20 @@ def test_http_100_continue_holds_the_request_until_its_final_response() -> None:
     assert not d.hold()
 
 
+def test_http_a_held_exchange_is_masked_as_one_answer() -> None:
+    d = http(b"PUT /f HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    final = b"HTTP/1.1 201 Created\r\nDate: " + DATE + b"\r\nContent-Length: 2\r\n\r\no"
+    d.read(interim)
+    first = d.mask(interim)
+    d.wrote(b"data")  # held: the answer goes on across this write
+    d.read(final)
+    masked = first + d.mask(final)
+    assert masked == (interim + final).replace(DATE, b"\0" * len(DATE))
+    d.reset_answer()
+    assert d.mask(interim + final) == masked
+
+
 def test_http_head_204_304_and_close_delimited_bodies() -> None:
     d = http(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
     d.read(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
@@ -715,6 +729,9 @@ def test_handshake_protected_only_before_it_begins(first: bytes, answer: bytes,
     d2.wrote(first)
     d2.wrote(b"more")  # a second record: the handshake went on (0-RTT, pipelined PUBLISH)
     assert d2.refusal() is not None
+    d.discard()
+    d.new_connection()
+    assert d.refusal() == why  # sticky: later bytes belong to a session no new connection has
 
 
 @pytest.mark.parametrize("greeting, name", [

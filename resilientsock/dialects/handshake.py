@@ -11,7 +11,9 @@ Rules of this module:
    the opening message (one record) and read nothing, a drop may re-send that message to a
    new connection (it carries no state of the old one). From the first byte read, or a second
    record written, every drop is refused with a sentence that names the protocol: never
-   replayed, never a freeze on a connection that cannot understand the replay.
+   replayed, never a freeze on a connection that cannot understand the replay. The refusal
+   is sticky for the lineage, ``discard()`` included: bytes the application writes after a
+   surfaced drop belong to a session no new connection has.
 3. Server-first protocols (SSH servers that speak first, the MySQL greeting) are detected on
    the first read: the handshake has begun when the dialect is made.
 4. Answers are never resumed here (``resumable()`` is False): there is nothing left to
@@ -59,10 +61,9 @@ class HandshakeDialect(Dialect):
         return _WHY[self.name] if self._began else None
 
     def discard(self) -> None:
-        # A surfaced drop: the next connection starts the conversation over (a lazily
-        # reconnected socket is a fresh connection to the application's eyes).
-        self._writes = 0
-        self._began = False
+        # Sticky: after a surfaced drop the application's next bytes (if it writes any on
+        # this socket) are the middle of a session that a new connection never had.
+        pass
 
 
 def detect(first_write: bytes | None, first_read: bytes | None) -> HandshakeDialect | None:

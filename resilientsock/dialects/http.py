@@ -217,7 +217,8 @@ class HttpDialect(Dialect):
     # -- write side -----------------------------------------------------------------------
 
     def wrote(self, data: bytes) -> None:
-        self._mask_new = True
+        if not self.hold():  # a held exchange is one answer across its writes
+            self._mask_new = True
         if self._tunnel is not None or self.lost is not None:
             return
         if self._read_since_write:
