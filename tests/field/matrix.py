@@ -272,6 +272,8 @@ def outcome(row: Row, mode: str, ops: list[dict[str, Any]], counts: Counts,
                      if k in ("connects", "disconnects", "reconnects", "replayed_records",
                               "answers_resumed", "answers_changed", "surfaced", "gave_up")},
         "tracebacks_in_stderr": stderr.count("Traceback"),
+        "rs_log_lines": [ln[:200] for ln in stderr.splitlines()
+                         if ln.startswith("resilientsock") and "summary" not in ln][:12],
         "stderr_tail": stderr[-1500:],
         "folder": folder,
     }

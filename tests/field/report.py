@@ -5,7 +5,8 @@
 Reads the JSON results ``make field`` left (one per row; the fast subset's ``*-fast`` rows
 are skipped) and renders the versions and the outcome table, plain vs resilientsock. With
 ``--write``, replaces the part of the file between ``<!-- matrix:begin -->`` and
-``<!-- matrix:end -->`` (the prose around it is kept); without, prints it.
+``<!-- matrix:end -->`` (``--tag`` names another section; the prose around it is kept);
+without, prints it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-BEGIN, END = "<!-- matrix:begin -->", "<!-- matrix:end -->"
 ORDER = ["requests-nginx-http", "requests-nginx-https", "httpclient-httpserver", "redis-db2",
          "redis-db2-nopass", "redis-down-for-good", "pymysql-mariadb", "pymysql-mariadb-handshake",
          "pymemcache-memcached", "smtplib-exim", "paramiko-openssh",
@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", default=str(ROOT / "build" / "field"))
     ap.add_argument("--write", default=None, help="the markdown file to update in place")
+    ap.add_argument("--tag", default="matrix",
+                    help="which marked section to replace: <!-- TAG:begin --> ... "
+                         "<!-- TAG:end --> (default matrix)")
     args = ap.parse_args(argv)
+    begin, end = f"<!-- {args.tag}:begin -->", f"<!-- {args.tag}:end -->"
     files = [p for p in Path(args.results).glob("*.json") if not p.stem.endswith("-fast")]
     if not files:
         print(f"no results in {args.results}: run `make field` first", file=sys.stderr)
@@ -102,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         print(table)
         return 0
     path = Path(args.write)
-    text = path.read_text() if path.exists() else f"# The real-client matrix\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text += f"\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{BEGIN}\n{table}{END}{tail}")
+    text = path.read_text() if path.exists() else f"# The real-client matrix\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{table}{end}{tail}")
     print(f"wrote the matrix ({len(results)} rows) into {path}")
     return 0
 

@@ -21,7 +21,9 @@ GARBLED = re.compile(r"Invalid packet blocking|Mismatched MAC|[Bb]ad packet|[Dd]
 AT_ONCE_S = 3.0  # "at once": well under the app's 5 s timeout (picked: 2 cores, shared)
 
 
-@pytest.mark.xfail(reason="needs the SSH handshake dialect / core rebuild (#14)", strict=False)
+@pytest.mark.xfail(reason="7efcf3e: paramiko's transport thread swallows the socket error "
+                          "and its note, and nothing is logged that names SSH (#14)",
+                   strict=False)
 def test_paramiko_vs_openssh(sshd_server, field_dir: Path) -> None:
     result = run_row(rows.paramiko_sshd(sshd_server, faults=10), field_dir)
     rs = result["rs"]
@@ -34,6 +36,10 @@ def test_paramiko_vs_openssh(sshd_server, field_dir: Path) -> None:
           and rs["server"]["sshd_saw_garbage"] <= result["plain"]["server"]["sshd_saw_garbage"])
     check(result, f"a drop is surfaced at once (every failure within {AT_ONCE_S} s)",
           rs["max_failed_op_s"] <= AT_ONCE_S)
-    check(result, "with a note from resilientsock",
-          rs["failed"] == 0 or rs["failed_with_rs_note"] > 0)
+    # paramiko raises its own exceptions from its transport thread's state (EmptyOutput,
+    # "SSH session not active"): a note on the socket error may never reach the app, so a
+    # resilientsock log line naming SSH counts as the note too
+    logged = [ln for ln in rs["rs_log_lines"] if "SSH" in ln]
+    check(result, "with a note from resilientsock (on the error, or logged naming SSH)",
+          rs["failed"] == 0 or rs["failed_with_rs_note"] > 0 or bool(logged))
     assert_never_worse(result)

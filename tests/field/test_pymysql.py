@@ -14,14 +14,12 @@ from .matrix import assert_never_worse, check, run_row
 pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 
 
-@pytest.mark.xfail(reason="needs the dialect layer / core rebuild (#14)", strict=False)
 def test_pymysql_insert_loop(mariadb_server, field_dir: Path) -> None:
     result = run_row(rows.pymysql_loop(mariadb_server, faults=15), field_dir)
     check(result, "never 1045", result["rs"]["server"]["access_denied_1045"] == 0)
     assert_never_worse(result)
 
 
-@pytest.mark.xfail(reason="needs the MySQL handshake dialect (#14)", strict=False)
 def test_pymysql_drop_in_the_handshake_never_1045(mariadb_server, field_dir: Path) -> None:
     result = run_row(rows.pymysql_handshake(mariadb_server), field_dir)
     rs = result["rs"]

@@ -13,7 +13,6 @@ from .matrix import assert_never_worse, check, run_row
 pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 
 
-@pytest.mark.xfail(reason="needs the dialect layer / core rebuild (#14)", strict=False)
 def test_redis_db2_never_worse(redis_server, field_dir: Path) -> None:
     result = run_row(rows.redis_db2(redis_server, faults=15), field_dir)
     rs = result["rs"]
@@ -22,14 +21,11 @@ def test_redis_db2_never_worse(redis_server, field_dir: Path) -> None:
     assert_never_worse(result)
 
 
-@pytest.mark.xfail(reason="needs the dialect layer / core rebuild (#14)", strict=False)
 def test_redis_db2_without_password_never_worse(redis_nopass_server, field_dir: Path) -> None:
     result = run_row(rows.redis_db2_nopass(redis_nopass_server, faults=15), field_dir)
     assert_never_worse(result)
 
 
-@pytest.mark.xfail(reason="the application's timeout is not honoured yet (DESIGN §4, #14)",
-                   strict=False)
 def test_redis_server_down_for_good_gives_up_within_the_apps_timeout(
         redis_server, field_dir: Path) -> None:
     result = run_row(rows.redis_down_for_good(redis_server), field_dir)

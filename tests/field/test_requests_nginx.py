@@ -15,8 +15,12 @@ pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 MID_ANSWER = {"requests.exceptions.ChunkedEncodingError"}
 
 
-@pytest.mark.xfail(reason="needs answer resume (§5b) / core rebuild (#14)", strict=False)
-@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+@pytest.mark.parametrize("tls", [
+    False,
+    pytest.param(True, marks=pytest.mark.xfail(
+        reason="7efcf3e: an answer cut mid-way over TLS is not resumed (ChunkedEncodingError, "
+               "no note) (#14)", strict=False)),
+], ids=["http", "https"])
 def test_requests_vs_nginx(nginx_server, field_dir: Path, tls: bool) -> None:
     result = run_row(rows.requests_nginx(nginx_server, tls=tls, faults=15), field_dir)
     check(result, "no mid-answer failure (ChunkedEncodingError)",

@@ -16,7 +16,9 @@ pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 AT_ONCE_S = 3.0  # "at once": well under the app's 5 s timeout (picked: 2 cores, shared)
 
 
-@pytest.mark.xfail(reason="needs the HTTP Upgrade rule / core rebuild (#14)", strict=False)
+@pytest.mark.xfail(reason="7efcf3e: OSError EBADF from send() after a drop, no note; the "
+                          "server sees more failed opening handshakes than plain (#14)",
+                   strict=False)
 def test_websocket_client_vs_websockets(ws_server, field_dir: Path) -> None:
     result = run_row(rows.websocket_client(ws_server, faults=15), field_dir)
     rs = result["rs"]
