@@ -183,14 +183,15 @@ class Journal:
 
     # -- replaying ----------------------------------------------------------------------------
 
-    def unconfirmed(self) -> memoryview:
-        """The unconfirmed bytes, oldest first (empty where data is not kept)."""
-        return memoryview(self._data)[self._done - self._keep:]
+    def unconfirmed(self) -> bytes:
+        """The unconfirmed bytes, oldest first (empty where data is not kept). A copy: a
+        view would pin the buffer, and the next confirmation could not trim it."""
+        return bytes(self._data[self._done - self._keep:])
 
-    def with_kept(self) -> memoryview:
+    def with_kept(self) -> bytes:
         """The kept (answered) records followed by the unconfirmed ones: what answer resume
-        re-sends."""
-        return memoryview(self._data)
+        re-sends (a copy)."""
+        return bytes(self._data)
 
     def records(self) -> list[bytes]:
         """The unconfirmed records, oldest first, one ``bytes`` each (for tests and tools)."""
