@@ -69,7 +69,7 @@ class Row:
     max_ops: int = 3000
     timeout: float = 90.0
     upstream_port: int | None = None  # default: server.port
-    pace: str = ""
+    at_start: str | None = None  # a fault kind fired before the client starts (e.g. refuse1.0)
 
     def plan(self) -> list[tuple[float, str]]:
         """``faults`` (time after start, kind): kinds in a seeded round-robin shuffle."""
@@ -182,6 +182,8 @@ def run_mode(row: Row, mode: str, workdir: Path) -> dict[str, Any]:
             cmd = [sys.executable, "-m", "resilientsock", "--stats", *row.rs_opts, *argv]
         else:
             cmd = [sys.executable, *argv]
+        if row.at_start:
+            fire(proxy, row.at_start)
         out = open(folder / "stdout.txt", "w")
         err = open(folder / "stderr.txt", "w")
         start = time.monotonic()

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = ["requests-nginx-http", "requests-nginx-https", "httpclient-httpserver", "redis-db2",
+ORDER = ["requests-nginx-http", "requests-nginx-https", "requests-nginx-https-retried-connect",
+         "httpclient-httpserver", "redis-db2",
          "redis-db2-nopass", "redis-down-for-good", "pymysql-mariadb", "pymysql-mariadb-handshake",
          "pymemcache-memcached", "smtplib-exim", "paramiko-openssh",
          "websocket-client-websockets"]

@@ -149,3 +149,15 @@ def websocket_client(server: Server, **kw: Any) -> Row:
                plain_errors=OS_ERRORS | {
                    "websocket._exceptions.WebSocketConnectionClosedException",
                    "websocket._exceptions.WebSocketTimeoutException"}, **kw)
+
+
+def requests_nginx_tls_after_retried_connect(server: Server, **kw: Any) -> Row:
+    """The repro repro_tls_after_retried_connect (r19) as a row: the first TCP connect is
+    refused for 1 s (resilientsock retries it), then TLS; later resets must be recovered."""
+    return Row(slug="requests-nginx-https-retried-connect",
+               title="requests vs nginx, HTTPS whose first connect was refused for 1 s",
+               server=server,
+               client=["requests_client.py", "https://127.0.0.1:{port}/blob", str(BLOB_SIZE),
+                       server.cafile],
+               upstream_port=server.tls_port, at_start="refuse1.0", kinds=("reset",),
+               faults=6, plain_errors=REQUESTS_ERRORS | {"requests.exceptions.SSLError"}, **kw)

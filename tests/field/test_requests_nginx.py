@@ -26,3 +26,12 @@ def test_requests_vs_nginx(nginx_server, field_dir: Path, tls: bool) -> None:
     check(result, "no mid-answer failure (ChunkedEncodingError)",
           not MID_ANSWER & set(result["rs"]["errors"]))
     assert_never_worse(result)
+
+
+def test_tls_made_after_a_retried_connect_is_protected(nginx_server, field_dir: Path) -> None:
+    """repro_tls_after_retried_connect (r19) through requests: the first TCP connect is
+    refused for 1 s, then TLS, then resets. Measured on 68ea99b and 7efcf3e alike: every
+    reset recovered or hidden by urllib3 (which replaces a pooled connection it finds
+    dropped), so through requests the defect does not show; the row guards never worse."""
+    result = run_row(rows.requests_nginx_tls_after_retried_connect(nginx_server), field_dir)
+    assert_never_worse(result)
