@@ -510,6 +510,7 @@ def test_resp_large_values_are_counted_not_copied() -> None:
 DATE = b"Tue, 01 Dec 2026 10:00:00 GMT"
 RESP_200 = b"HTTP/1.1 200 OK\r\nDate: " + DATE + b"\r\nContent-Length: 10\r\n\r\n0123456789"
 GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+MASKED = b"\0" * (1 + len(DATE))  # what follows "Date:" to the line end
 
 
 def http(first: bytes = GET) -> HttpDialect:
@@ -521,10 +522,11 @@ def http(first: bytes = GET) -> HttpDialect:
 
 def test_http_mask_blanks_the_date_value_and_nothing_else() -> None:
     d = http()
-    d.read(RESP_200[:40])
-    d.read(RESP_200[40:])
-    masked = d.mask(RESP_200[:40]) + d.mask(RESP_200[40:])
-    assert masked == RESP_200.replace(DATE, b"\0" * len(DATE))
+    masked = b""
+    for c in (RESP_200[:40], RESP_200[40:]):
+        d.read(c)  # the core's order: read() then mask() on each chunk
+        masked += d.mask(c)
+    assert masked == RESP_200.replace(b" " + DATE, MASKED)
     # the re-read answer on a new connection, with another Date, cut elsewhere
     new = RESP_200.replace(DATE, b"Tue, 01 Dec 2026 10:00:07 GMT")
     d.reset_answer()
@@ -545,11 +547,28 @@ def test_http_pipelined_responses_framed_at_every_split(k: int) -> None:
               + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
               + b"3;ext=1\r\nabc\r\n10\r\n" + b"y" * 16 + b"\r\n0\r\nX-T: 1\r\n\r\n"
               + b"HTTP/1.1 204 No Content\r\nDate: " + DATE + b"\r\n\r\n")
+    masked = b""
     for c in (stream[:k], stream[k:]):
         d.read(c)
+        masked += d.mask(c)
     assert d.lost is None and not d._inflight and d.resumable()
-    masked = d.mask(stream[:k]) + d.mask(stream[k:])
-    assert masked == stream.replace(DATE, b"\0" * len(DATE))
+    assert masked == stream.replace(b" " + DATE, MASKED)
+    d.reset_answer()  # the re-read on a new connection, cut elsewhere, another Date
+    other = stream.replace(DATE, b"Wed, 02 Dec 2026 11:11:11 GMT")
+    assert d.mask(other[:3]) + d.mask(other[3:]) == masked
+
+
+@pytest.mark.parametrize("k", range(20, len(RESP_200)))
+def test_http_an_answer_cut_anywhere_compares_equal_to_its_re_read(k: int) -> None:
+    d = http()
+    d.read(RESP_200[:k])
+    first = d.mask(RESP_200[:k])  # the caller got k bytes, then the connection dropped
+    d.reset_answer()
+    new = RESP_200.replace(DATE, b"Tue, 01 Dec 2026 10:00:09 GMT")
+    again = b"".join(d.mask(new[j:j + 1]) for j in range(k))
+    assert again == first
+    d.read(new[k:])  # the caller carries on at byte k of the new answer
+    assert not d._inflight and d.lost is None
 
 
 def test_http_resumable_follows_rfc9110_idempotent_methods() -> None:
@@ -650,7 +669,7 @@ def test_http_a_held_exchange_is_masked_as_one_answer() -> None:
     d.wrote(b"data")  # held: the answer goes on across this write
     d.read(final)
     masked = first + d.mask(final)
-    assert masked == (interim + final).replace(DATE, b"\0" * len(DATE))
+    assert masked == (interim + final).replace(b" " + DATE, MASKED)
     d.reset_answer()
     assert d.mask(interim + final) == masked
 

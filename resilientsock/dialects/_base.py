@@ -83,8 +83,11 @@ class Dialect:
     def mask(self, data: bytes) -> bytes:
         """The next chunk of the current answer as it enters the comparison digest.
 
-        Always returns ``len(data)`` bytes, so offsets in the digest match offsets in the
-        answer.
+        On the caller's side, call it right after ``read(data)`` on the same chunk; after
+        ``reset_answer()``, on the new connection's answer from its byte 0, until it has seen
+        as many bytes as the caller got. The answer begins at the first read after a write,
+        except while ``hold()`` is True (a held exchange is one answer across its writes).
+        Always returns ``len(data)`` bytes, so offsets in the digest match the answer's.
         """
         return data
 

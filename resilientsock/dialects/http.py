@@ -16,7 +16,7 @@ Rules of this module (DESIGN §5a, §5b; RFC 9110 semantics, RFC 9112 message sy
    this connection (RFC 4559 §4; MS-NTHT), so a drop on it is refused until it is discarded.
 4. Resume (§5b): the answer in progress may be re-requested only if every request it belongs
    to uses an idempotent method (RFC 9110 §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT, DELETE) and
-   the answer began at a response boundary. ``mask`` blanks the value of every ``Date`` header
+   the answer began at a response boundary. ``mask`` blanks every ``Date`` header's value
    (RFC 9110 §6.6.1; IMF-fixdate is 29 bytes, so offsets line up; a different length shifts
    the rest of the answer and the comparison fails, which is the safe side).
 5. ``hold()`` while a request has had an interim (1xx) response and its final response is not
@@ -159,24 +159,22 @@ def _bound_auth(headers: Iterable[tuple[bytes, bytes]], names: tuple[bytes, ...]
 
 
 def _dates(raw: bytes, base: int) -> list[tuple[int, int]]:
-    """Absolute [start, end) ranges of every Date header's value in a raw head at ``base``."""
+    """Absolute [start, end) ranges of what follows ``Date:`` up to its line end (the value
+    with its optional whitespace), in a head at ``base`` that may still be incomplete: an
+    unfinished line's range ends where the bytes end (before a trailing CR). Defined this way,
+    the bytes masked do not depend on where the chunks were cut."""
     out = []
     low = raw.lower()
     at = low.find(b"\ndate:")
     while at >= 0:
         start = at + 6
-        while start < len(raw) and raw[start] in b" \t":
-            start += 1
-        end = raw.find(b"\r\n", start)
+        end = raw.find(b"\n", start)
         if end < 0:
-            end = raw.find(b"\n", start)
-        if end < 0:
-            break
-        stop = end
-        while stop > start and raw[stop - 1] in b" \t":
-            stop -= 1
-        if stop > start:
-            out.append((base + start, base + stop))
+            end = len(raw)
+        if raw[end - 1:end] == b"\r" and end > start:
+            end -= 1
+        if end > start:
+            out.append((base + start, base + end))
         at = low.find(b"\ndate:", end)
     return out
 
@@ -192,10 +190,9 @@ class HttpDialect(Dialect):
         self.lost: str | None = None
         self._dates: list[tuple[int, int]] = []  # Date values: absolute read offsets
         self._rpos = 0            # bytes of the read stream parsed
-        self._mpos = 0            # bytes of the read stream masked (first pass)
         self._ans_start = 0       # where the current answer began (read-stream offset)
         self._cursor = -1         # re-reading an answer: the offset reached; -1: not
-        self._mask_new = True     # the next mask() call begins a new answer
+        self._new_answer = True   # the next read begins a new answer
         self._fresh()
 
     def _fresh(self) -> None:
@@ -209,6 +206,7 @@ class HttpDialect(Dialect):
         self._rhead_buf = bytearray()
         self._rhead_start = 0
         self._rbody: _Body | None = None
+        self._open: list[tuple[int, int]] = []  # Date ranges in a head not yet complete
         # answer groups (§5b)
         self._read_since_write = False
         self._group: list[_Req] = []
@@ -218,7 +216,7 @@ class HttpDialect(Dialect):
 
     def wrote(self, data: bytes) -> None:
         if not self.hold():  # a held exchange is one answer across its writes
-            self._mask_new = True
+            self._new_answer = True
         if self._tunnel is not None or self.lost is not None:
             return
         if self._read_since_write:
@@ -280,6 +278,11 @@ class HttpDialect(Dialect):
         self._read_since_write = True
         start = self._rpos
         self._rpos += len(data)
+        if self._new_answer:
+            self._new_answer = False
+            self._ans_start = start
+            if self._dates:
+                self._dates = [d for d in self._dates if d[1] > start]
         if self._tunnel is not None or self.lost is not None:
             return
         try:
@@ -314,6 +317,8 @@ class HttpDialect(Dialect):
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
+                    # a head cut by the chunk: mask what of its Date values is here
+                    self._open = _dates(bytes(self._rhead_buf), self._rhead_start)
                     return
                 req = self._inflight[0]
                 if isinstance(event, h11.InformationalResponse):
@@ -330,6 +335,7 @@ class HttpDialect(Dialect):
             rest = bytes(conn.trailing_data[0])
             head_len = len(self._rhead_buf) - len(rest)
             self._dates += _dates(bytes(self._rhead_buf[:head_len]), self._rhead_start)
+            self._open = []
             self._rhead = None
             self._rhead_buf = bytearray()
             status = event.status_code
@@ -420,21 +426,16 @@ class HttpDialect(Dialect):
 
     def mask(self, data: bytes) -> bytes:
         n = len(data)
-        if self._cursor >= 0:
+        if self._cursor >= 0:  # re-reading the answer on a new connection
             start = self._cursor
             self._cursor = start + n
-            if self._cursor >= self._mpos:
+            if self._cursor >= self._rpos:
                 self._cursor = -1
-        else:
-            if self._mask_new:
-                self._mask_new = False
-                self._ans_start = self._mpos
-                self._dates = [d for d in self._dates if d[1] > self._mpos]
-            start = self._mpos
-            self._mpos = start + n
+        else:  # the caller's chunk, just given to read()
+            start = self._rpos - n
         end = start + n
         out = None
-        for a, b in self._dates:
+        for a, b in (self._dates + self._open if self._open else self._dates):
             if b <= start or a >= end:
                 continue
             if out is None:
@@ -444,7 +445,9 @@ class HttpDialect(Dialect):
         return data if out is None else bytes(out)
 
     def reset_answer(self) -> None:
-        self._cursor = self._ans_start if self._ans_start < self._mpos else -1
+        self._cursor = self._ans_start if self._ans_start < self._rpos else -1
+        if self._open:  # the answer was cut inside a head: what was masked stays masked
+            self._dates += self._open
 
     def new_connection(self) -> None:
         self._read_since_write = False
@@ -454,4 +457,4 @@ class HttpDialect(Dialect):
         if self._tunnel is None:
             self.lost = None
         self._fresh()
-        self._mask_new = True
+        self._new_answer = True
