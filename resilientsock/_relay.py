@@ -45,6 +45,7 @@ __all__ = ["Relay", "open_session", "set_session_targets", "is_session_target",
 log = logging.getLogger("resilientsock")
 
 RECV_SIZE = 256 * 1024  # big reads: fewer frames, fewer syscalls (picked, measured in bench)
+BIG_WRITE = 16 * 1024  # from here on a header and its payload go out separately (no copy)
 ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (picked)
 ACK_DELAY = 0.02  # ... or this long after data arrived with nothing to piggyback on (picked)
 HANDSHAKE_TIMEOUT = 10.0  # DESIGN §11
@@ -102,13 +103,15 @@ class _LinkIO:
     """One connection between client and relay: its socket, its protocol ``Link``, and the
     lock that keeps one frame from interleaving with another (two greenlets write)."""
 
-    __slots__ = ("sock", "link", "wlock", "alive")
+    __slots__ = ("sock", "link", "wlock", "alive", "more")
 
     def __init__(self, sock: Any, link: sp.Link) -> None:
         self.sock = sock
         self.link = link
         self.wlock = gevent.lock.Semaphore()
         self.alive = True
+        # TLS sockets take no send flags; a plain TCP one corks a header for its payload.
+        self.more = 0 if hasattr(sock, "cipher") else getattr(gsocket, "MSG_MORE", 0)
 
     def close(self, rst: bool = False) -> None:
         self.alive = False
@@ -138,14 +141,21 @@ class _Carrier:
 
     # -- sending on the current link (rule 2) ----------------------------------------------
 
-    def _send(self, lio: _LinkIO | None, frames: bytes) -> None:
+    def _send(self, lio: _LinkIO | None, frames: bytes, tail: bytes = b"") -> None:
+        """Send ``frames`` (then ``tail``, a DATA payload after its header) on ``lio`` if it
+        is still the current link (rule 2)."""
         if lio is None or not lio.alive or not frames:
             return
         with lio.wlock:
             if lio is not self.cur or not lio.alive:
                 return
             try:
-                lio.sock.sendall(frames)
+                if tail:
+                    # MSG_MORE: the header waits for its payload (one segment, not two).
+                    lio.sock.sendall(frames, lio.more)
+                    lio.sock.sendall(tail)
+                else:
+                    lio.sock.sendall(frames)
             except OSError:
                 self._link_lost(lio, "send failed")
 
@@ -171,7 +181,7 @@ class _Carrier:
             room = stream.room()
             if room <= 0:
                 self.room_ev.clear()
-                self.room_ev.wait()
+                self.room_ev.wait()  # set by pump_link when acks make room, or by finish()
                 continue
             try:
                 data = plain.recv(min(RECV_SIZE, room))
@@ -187,7 +197,10 @@ class _Carrier:
                 self._end_here(False, "")
                 return
             self.count_plain(len(data))
-            self._send(lio, stream.data(data))
+            if len(data) >= BIG_WRITE:
+                self._send(lio, stream.data_header(data), data)
+            else:
+                self._send(lio, stream.data(data))
 
     def count_plain(self, n: int) -> None:  # overridden
         pass
@@ -233,7 +246,7 @@ class _Carrier:
                     return
                 elif isinstance(ev, sp.Ping):
                     self._send(lio, stream.pong())
-            if stream.room() > 0:
+            if not self.room_ev.ready() and stream.room() > 0:
                 self.room_ev.set()
             due = stream.ack_due()
             if due >= ACK_EVERY:
@@ -261,7 +274,7 @@ class _Carrier:
         if self.stream.ack_due() and not self.finished:
             self._send(self.cur, self.stream.ack())
 
-    def _deliver(self, payload: bytes) -> None:
+    def _deliver(self, payload: bytes | memoryview) -> None:
         if self.plain is None or self.aborted:
             return
         try:
@@ -401,7 +414,7 @@ class _RelaySession(_Carrier):
     def count_plain(self, n: int) -> None:
         self.relay.counters["bytes_down"] += n
 
-    def _deliver(self, payload: bytes) -> None:
+    def _deliver(self, payload: bytes | memoryview) -> None:
         self.relay.counters["bytes_up"] += len(payload)
         super()._deliver(payload)
 

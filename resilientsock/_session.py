@@ -158,7 +158,7 @@ class Resumed:
 
 @dataclass(frozen=True)
 class Data:
-    payload: bytes
+    payload: bytes | memoryview  # a view of the received chunk: use it before the next feed
 
 
 @dataclass(frozen=True)
@@ -268,6 +268,18 @@ class Stream:
         self.unacked += payload
         self.data_sent += len(payload)
         return self._data_frames(payload)
+
+    def data_header(self, payload: bytes) -> bytes:
+        """Like ``data`` for one frame (``len(payload) <= MAX_DATA``), but returns only the
+        header: the caller sends it and then ``payload`` itself (no copy into a frame)."""
+        if self.end_sent is not None:
+            raise ValueError("data after the end marker")
+        if not 0 < len(payload) <= MAX_DATA:
+            raise ValueError(f"one frame carries 1..{MAX_DATA} bytes, not {len(payload)}")
+        self.unacked += payload
+        self.data_sent += len(payload)
+        self.ack_sent = self.received
+        return HEADER.pack(DATA, len(payload), self.received)
 
     def _data_frames(self, payload: bytes | bytearray | memoryview) -> bytes:
         ack = self.received
@@ -423,7 +435,7 @@ class Link:
 
     __slots__ = ("role", "state", "_buf", "_pos", "_handshake_bytes", "stream", "session_id",
                  "client_nonce", "relay_nonce", "version", "_rand", "_error", "peer_counts",
-                 "_peer_mac", "_proof_counts")
+                 "_peer_mac", "_proof_counts", "_chunk", "_cpos")
 
     def __init__(self, role: str, rand: Callable[[int], bytes] = os.urandom) -> None:
         if role not in (CLIENT, RELAY):
@@ -443,18 +455,38 @@ class Link:
         self.peer_counts: tuple[int, int] | None = None
         self._peer_mac = b""
         self._proof_counts = (0, 0)
+        # The hot path: a received chunk parsed in place (DATA payloads are memoryviews of it,
+        # no copy) until a frame straddles its end; then the rest goes to _buf.
+        self._chunk: bytes | None = None
+        self._cpos = 0
 
     # input ----------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._chunk is not None:
+            self._spill()
         if self._pos:
             # Drop what was parsed (cheap: CPython deletes a bytearray's prefix in place).
             del self._buf[:self._pos]
             self._pos = 0
+        if not self._buf and self.state == OPEN and isinstance(data, bytes):
+            self._chunk, self._cpos = data, 0
+            return
         self._buf += data
+
+    def _spill(self) -> None:
+        chunk, self._chunk = self._chunk, None
+        assert chunk is not None
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        with memoryview(chunk) as view:
+            self._buf += view[self._cpos:]
 
     def unconsumed(self) -> bytes:
         """Bytes received but not parsed (the relay forwards them when proxying plainly)."""
+        if self._chunk is not None:
+            self._spill()
         return bytes(self._buf[self._pos:])
 
     def next_event(self) -> Event | _Sentinel:
@@ -473,6 +505,25 @@ class Link:
             raise
 
     def _next_event(self) -> Event | _Sentinel:
+        chunk = self._chunk
+        if chunk is not None:
+            cpos = self._cpos
+            if len(chunk) - cpos >= HEADER_LEN:
+                ftype, length, ack = HEADER.unpack_from(chunk, cpos)
+                end = cpos + HEADER_LEN + length
+                if ftype == DATA and 0 < length <= MAX_DATA and end <= len(chunk):
+                    stream = self.stream
+                    assert stream is not None
+                    stream.on_ack(ack)
+                    stream.on_data(length)
+                    self._cpos = end
+                    if end == len(chunk):
+                        self._chunk = None
+                    return Data(memoryview(chunk)[cpos + HEADER_LEN:end])
+            if cpos == len(chunk):
+                self._chunk = None
+            else:
+                self._spill()
         buf, pos = self._buf, self._pos
         if self.state == AWAIT_PREAMBLE:
             verdict = preamble_verdict(bytes(buf[pos:pos + len(PREAMBLE)]))

@@ -148,7 +148,7 @@ def test_upstream_reset_reaches_the_application_as_a_reset(upstream: MessageServ
         while app.recv(100):
             pass
     app.close()
-    assert relay.stats()["upstream_resets"] == 1
+    wait_until(lambda: relay.stats()["upstream_resets"] == 1, what="the relay counts the reset")
 
 
 # -- a full-duplex pipelined stream -------------------------------------------------------------
