@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from field import rows
 from field.matrix import assert_never_worse, check, run_row
-from field.servers import HTTPServer, Redis, Server
+from field.servers import HTTPServer, Redis
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -20,7 +20,7 @@ FAST_FAULTS = 8  # 8 faults cover every kind of the plan at least once (5 kinds)
 
 
 @pytest.fixture
-def redis_db2_server(tmp_path: Path) -> Iterator[Server]:
+def redis_db2_server(tmp_path: Path) -> Iterator[Redis]:
     pytest.importorskip("redis")
     srv = Redis(tmp_path)
     try:
@@ -30,7 +30,7 @@ def redis_db2_server(tmp_path: Path) -> Iterator[Server]:
 
 
 @pytest.fixture
-def http_server_proc(tmp_path: Path) -> Iterator[Server]:
+def http_server_proc(tmp_path: Path) -> Iterator[HTTPServer]:
     srv = HTTPServer(tmp_path)
     try:
         yield srv.start()
@@ -38,7 +38,7 @@ def http_server_proc(tmp_path: Path) -> Iterator[Server]:
         srv.stop()
 
 
-def test_redis_db2_every_key_in_db2(redis_db2_server: Server, tmp_path: Path) -> None:
+def test_redis_db2_every_key_in_db2(redis_db2_server: Redis, tmp_path: Path) -> None:
     row = rows.redis_db2(redis_db2_server, faults=FAST_FAULTS, timeout=25)
     row.slug += "-fast"
     result = run_row(row, tmp_path)
@@ -50,7 +50,7 @@ def test_redis_db2_every_key_in_db2(redis_db2_server: Server, tmp_path: Path) ->
 
 @pytest.mark.xfail(reason="7efcf3e: BufferError from the journal during answer resume; "
                           "an IncompleteRead without a note (#14)", strict=False)
-def test_http_client_loop_vs_http_server_finishes(http_server_proc: Server,
+def test_http_client_loop_vs_http_server_finishes(http_server_proc: HTTPServer,
                                                   tmp_path: Path) -> None:
     row = rows.http_server(http_server_proc, faults=FAST_FAULTS, timeout=25)
     row.slug += "-fast"

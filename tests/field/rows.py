@@ -19,14 +19,24 @@ from __future__ import annotations
 from typing import Any
 
 from .matrix import Row
-from .servers import BLOB_SIZE, Server
+from .servers import (
+    BLOB_SIZE,
+    Exim,
+    HTTPServer,
+    MariaDB,
+    Memcached,
+    Nginx,
+    Redis,
+    Sshd,
+    WebSockets,
+)
 
 OS_ERRORS = frozenset({"ConnectionResetError", "ConnectionRefusedError", "BrokenPipeError",
                        "ConnectionAbortedError", "TimeoutError"})
 MID = BLOB_SIZE // 2  # a cut in the middle of the blob
 
 
-def redis_db2(server: Server, **kw: Any) -> Row:
+def redis_db2(server: Redis, **kw: Any) -> Row:
     return Row(slug="redis-db2", title="redis-py (db=2, requirepass) vs redis-server",
                server=server,
                client=["redis_client.py", "127.0.0.1", "{port}", server.password, "2"],
@@ -35,7 +45,7 @@ def redis_db2(server: Server, **kw: Any) -> Row:
                                        "redis.exceptions.TimeoutError"}), **kw)
 
 
-def redis_db2_nopass(server: Server, **kw: Any) -> Row:
+def redis_db2_nopass(server: Redis, **kw: Any) -> Row:
     """db=2 without a password: a re-sent SET on a new connection lands in db 0, silently
     (with requirepass it meets NOAUTH instead)."""
     return Row(slug="redis-db2-nopass", title="redis-py (db=2, no password) vs redis-server",
@@ -45,7 +55,7 @@ def redis_db2_nopass(server: Server, **kw: Any) -> Row:
                                        "redis.exceptions.TimeoutError"}), **kw)
 
 
-def redis_down_for_good(server: Server, **kw: Any) -> Row:
+def redis_down_for_good(server: Redis, **kw: Any) -> Row:
     """DESIGN §9's "server down for good" row: after a few keys the server is gone; redis-py
     (retries off, 5 s timeouts) fails at once; under resilientsock, with its *default*
     policy, each call must still return within the application's 5 s (§4: the application's
@@ -59,7 +69,7 @@ def redis_down_for_good(server: Server, **kw: Any) -> Row:
                                        "redis.exceptions.TimeoutError"}), **kw)
 
 
-def http_server(server: Server, **kw: Any) -> Row:
+def http_server(server: HTTPServer, **kw: Any) -> Row:
     return Row(slug="httpclient-httpserver", title="http.client vs Python's http.server",
                server=server,
                client=["http_client.py", "127.0.0.1", "{port}", str(BLOB_SIZE)],
@@ -73,7 +83,7 @@ REQUESTS_ERRORS = frozenset({"requests.exceptions.ConnectionError",
                              "requests.exceptions.ReadTimeout"})
 
 
-def requests_nginx(server: Server, tls: bool = False, **kw: Any) -> Row:
+def requests_nginx(server: Nginx, tls: bool = False, **kw: Any) -> Row:
     if tls:
         url = "https://127.0.0.1:{port}/blob"
         extra, slug, title = [server.cafile], "requests-nginx-https", \
@@ -94,7 +104,7 @@ PYMYSQL_ERRORS = frozenset({"pymysql.err.OperationalError(2013)",
                             "pymysql.err.InterfaceError(0)"})
 
 
-def pymysql_loop(server: Server, **kw: Any) -> Row:
+def pymysql_loop(server: MariaDB, **kw: Any) -> Row:
     return Row(slug="pymysql-mariadb", title="PyMySQL vs MariaDB, INSERT loop", server=server,
                client=["pymysql_client.py", "127.0.0.1", "{port}", server.user,
                        server.password, server.db, "loop"],
@@ -102,7 +112,7 @@ def pymysql_loop(server: Server, **kw: Any) -> Row:
                plain_errors=PYMYSQL_ERRORS, **kw)
 
 
-def pymysql_handshake(server: Server, **kw: Any) -> Row:
+def pymysql_handshake(server: MariaDB, **kw: Any) -> Row:
     g = server.greeting_len
     return Row(slug="pymysql-mariadb-handshake",
                title="PyMySQL vs MariaDB, a drop inside the handshake", server=server,
@@ -115,7 +125,7 @@ def pymysql_handshake(server: Server, **kw: Any) -> Row:
                faults=12, plain_errors=PYMYSQL_ERRORS, **kw)
 
 
-def pymemcache(server: Server, **kw: Any) -> Row:
+def pymemcache(server: Memcached, **kw: Any) -> Row:
     return Row(slug="pymemcache-memcached", title="pymemcache vs memcached", server=server,
                client=["memcache_client.py", "127.0.0.1", "{port}"],
                kinds=("reset", "close", "refuse1.0", "cutup:10", "cutdown:4"),
@@ -123,14 +133,14 @@ def pymemcache(server: Server, **kw: Any) -> Row:
                **kw)
 
 
-def smtplib_exim(server: Server, **kw: Any) -> Row:
+def smtplib_exim(server: Exim, **kw: Any) -> Row:
     return Row(slug="smtplib-exim", title="smtplib vs exim4", server=server,
                client=["smtp_client.py", "127.0.0.1", "{port}", "box@field.test"],
                kinds=("reset", "close", "refuse1.0", "cutup:10", "cutdown:10"),
                plain_errors=OS_ERRORS | {"smtplib.SMTPServerDisconnected"}, **kw)
 
 
-def paramiko_sshd(server: Server, **kw: Any) -> Row:
+def paramiko_sshd(server: Sshd, **kw: Any) -> Row:
     return Row(slug="paramiko-openssh", title="paramiko vs OpenSSH", server=server,
                client=["ssh_client.py", "127.0.0.1", "{port}", server.user, server.keyfile,
                        str(server.cmdlog)],
@@ -142,7 +152,7 @@ def paramiko_sshd(server: Server, **kw: Any) -> Row:
                **kw)
 
 
-def websocket_client(server: Server, **kw: Any) -> Row:
+def websocket_client(server: WebSockets, **kw: Any) -> Row:
     return Row(slug="websocket-client-websockets", title="websocket-client vs websockets",
                server=server, client=["ws_client.py", "ws://127.0.0.1:{port}/"],
                kinds=("reset", "close", "refuse1.0", "cutup:4", "cutdown:3"),
@@ -151,7 +161,7 @@ def websocket_client(server: Server, **kw: Any) -> Row:
                    "websocket._exceptions.WebSocketTimeoutException"}, **kw)
 
 
-def requests_nginx_tls_after_retried_connect(server: Server, **kw: Any) -> Row:
+def requests_nginx_tls_after_retried_connect(server: Nginx, **kw: Any) -> Row:
     """The repro repro_tls_after_retried_connect (r19) as a row: the first TCP connect is
     refused for 1 s (resilientsock retries it), then TLS; later resets must be recovered."""
     return Row(slug="requests-nginx-https-retried-connect",

@@ -389,13 +389,13 @@ class Exim(Server):
 
     def stop(self) -> None:
         super().stop()
-        own = getattr(self, "own", None)
+        own: Path | None = getattr(self, "own", None)
         if own is not None:
             for name in ("log/mainlog", "log/paniclog", "log/rejectlog", "exim.conf"):
                 if (own / name).exists():  # kept for a failed run's report
                     shutil.copy(own / name, self.dir / os.path.basename(name))
             shutil.rmtree(own, ignore_errors=True)
-            self.own = None
+            del self.own
 
     def _subjects(self, prefix: str) -> Counter[str]:
         return Counter(ln[9:].strip() for ln in _read_lines(self.mailbox)

@@ -60,7 +60,7 @@ def _notes(exc: BaseException) -> list[str]:
 
 
 def _chain(exc: BaseException) -> list[str]:
-    out = []
+    out: list[str] = []
     e: BaseException | None = exc
     while e is not None and len(out) < 6:
         out.append(qualname(e))
