@@ -368,6 +368,12 @@ class ResilientSocket(_GeventSocket):
             return
         self._rs_target = address
         self.__dict__.pop("_rs_in_place_failed", None)
+        if policy.retry_connect and _connect_from_retrying_library():
+            # The client library has its own retry layer for connecting (redis-py's Retry,
+            # urllib3's Retry): it gets a failed first connect at once, as without us, so
+            # layered retries do not multiply into minutes (DESIGN §9, docs/decisions.md).
+            # Its established connections are still recovered.
+            policy = policy.replace(retry_connect=False)
         m = Machine(policy, _clock)
         m.state = BROKEN  # not connected yet: the first connect is a recovery without a drop
         self.__dict__["_rs_m"] = m
@@ -1285,6 +1291,24 @@ def _sendall_with(send: Any, sock: Any, data: Any, flags: int) -> None:
                 raise TimeoutError("timed out")
         sent += send(sock, view[sent:sent + _CHUNK], flags, left if left is not None
                      else _timeout_default)
+
+
+# Client libraries that retry their own connects (or hand the failure to a caller that does).
+# A first connect made from inside one of them is not retried by resilientsock.
+RETRYING_LIBRARIES = ("redis.", "urllib3.", "pymysql.", "pymemcache.", "httpcore.", "kombu.",
+                      "pika.", "psycopg.", "elasticsearch.", "botocore.")
+
+
+def _connect_from_retrying_library(depth: int = 40) -> bool:
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        name = frame.f_globals.get("__name__", "")
+        if isinstance(name, str) and name.startswith(RETRYING_LIBRARIES):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
 
 
 def _count_failed_attempt(info: ErrorInfo | None) -> None:
