@@ -818,3 +818,37 @@ def test_prelude_too_large_is_refused() -> None:
     assert d is not None
     d.wrote(b"X" * 70000)
     assert "larger than" in (d.refusal() or "")
+
+
+def test_mutated_streams_never_raise() -> None:
+    rng = random.Random(1414)
+    writes = [cmd("AUTH", "pw") + cmd("SELECT", "2") + cmd("MULTI") + cmd("GET", "k")
+              + cmd("EXEC") + cmd("SUBSCRIBE", "a"),
+              GET + b"PUT /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"]
+    reads = [b"+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n*1\r\n$1\r\nv\r\n"
+             b"*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n" + REPLIES,
+             RESP_200 + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"5\r\nabcde\r\n0\r\n\r\n"]
+    for _ in range(400):
+        k = rng.randrange(2)
+        w, r = bytearray(writes[k]), bytearray(reads[k])
+        for buf in (w, r):
+            for _ in range(rng.randrange(1, 4)):
+                buf[rng.randrange(len(buf))] = rng.randrange(256)
+        d = detect(bytes(w[:20]), None)
+        if d is None:
+            continue
+        cut_w, cut_r = rng.randrange(len(w)), rng.randrange(len(r))
+        d.wrote(bytes(w[:cut_w]))
+        d.wrote(bytes(w[cut_w:]))
+        for c in (bytes(r[:cut_r]), bytes(r[cut_r:])):
+            d.read(c)
+            assert len(d.mask(c)) == len(c)
+        d.refusal(), d.resumable(), d.hold()
+        restore = d.restore()
+        if restore is not None:
+            try:
+                restore.feed(bytes(r))
+            except SetupMismatch:
+                pass
+        d.discard()

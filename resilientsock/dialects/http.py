@@ -229,7 +229,7 @@ class HttpDialect(Dialect):
             return
         try:
             self._write(data)
-        except (h11.ProtocolError, ValueError) as e:
+        except (h11.ProtocolError, ValueError, IndexError, KeyError) as e:
             self._lose(f"request: {e}")
 
     def _write(self, data: bytes) -> None:
@@ -287,7 +287,7 @@ class HttpDialect(Dialect):
             return
         try:
             self._read(data, start)
-        except (h11.ProtocolError, ValueError) as e:
+        except (h11.ProtocolError, ValueError, IndexError, KeyError) as e:
             self._lose(f"response: {e}")
 
     def _read(self, data: bytes, pos: int) -> None:

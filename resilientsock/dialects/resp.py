@@ -566,12 +566,12 @@ class RespDialect(Dialect):
                 self._group = []
                 self._aligned = not self._fifo and not self._replies.in_value
         try:
-            commands = self._commands.feed(data)
+            for args, whole in self._commands.feed(data):
+                self._command(_Cmd(args, whole))
         except _Lost as e:
             self._lose(str(e))
-            return
-        for args, whole in commands:
-            self._command(_Cmd(args, whole))
+        except Exception as e:  # never break the connection (rule 6)  # pragma: no cover
+            self._lose(f"unexpected {type(e).__name__} on a command")
 
     def read(self, data: bytes) -> None:
         self._read_since_write = True
@@ -603,6 +603,9 @@ class RespDialect(Dialect):
                         return
         except _Lost as e:
             self._lose(str(e))
+            return
+        except Exception as e:  # never break the connection (rule 6)  # pragma: no cover
+            self._lose(f"unexpected {type(e).__name__} on a reply")
             return
         if self._fifo and self._fifo[0].kind == "exec" and replies.in_value:
             self._exec_begun = True
