@@ -852,3 +852,26 @@ def test_mutated_streams_never_raise() -> None:
             except SetupMismatch:
                 pass
         d.discard()
+
+
+def test_resp_follows_redis_py_packed_commands() -> None:
+    # The records redis-py itself writes (its packer; a big value is a record of its own),
+    # not a hand-made RESP stream.
+    redis_connection = pytest.importorskip("redis.connection")
+    conn = redis_connection.Connection(db=2, password="pw")
+    d = None
+    records = (conn.pack_command("AUTH", "pw") + conn.pack_command("SELECT", 2)
+               + conn.pack_command("SET", "big", b"x" * 200_000)
+               + conn.pack_commands([("MULTI",), ("INCR", "n"), ("GET", "n"), ("EXEC",)]))
+    for rec in records:
+        if d is None:
+            d = detect(rec, None)
+            assert isinstance(d, RespDialect)
+        d.wrote(rec)
+    assert d is not None
+    d.read(b"+OK\r\n+OK\r\n+OK\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n")
+    assert d.hold()
+    d.read(b"*2\r\n:1\r\n$1\r\n1\r\n")
+    assert not d.hold() and d.lost is None and not d._fifo
+    r = d.restore()
+    assert r is not None and r.payload == cmd("AUTH", "pw") + cmd("SELECT", "2")

@@ -265,7 +265,10 @@ class HttpDialect(Dialect):
 
     def _request(self, req: _Req, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self._inflight.append(req)
-        self._group.append(req)
+        if len(self._group) < 4096:
+            self._group.append(req)
+        else:
+            self._aligned = False  # too long a pipeline to judge: not resumed
         if _bound_auth(headers, (b"authorization", b"proxy-authorization")):
             self._bound = ("HTTP: NTLM / Negotiate authentication is bound to this connection "
                            "(a new one would not be authenticated)")
