@@ -357,7 +357,11 @@ def run_way(suite: Suite, way: str, py: Path, tree: Path, server_args: list[str]
         args = [*command(way, py), f"--rootdir={tree}", "-p", "peer_record",
                 f"--peer-out={jsonl}",
                 f"--peer-skip={skip_file}", f"--junitxml={out_dir / f'{stem}-{segment}.xml'}",
-                f"--timeout={timeout:g}", "-p", "no:cacheprovider", "-q", "-rN",
+                # The thread method ends the process on a test past the timeout (resumed
+                # below); the signal method raises wherever SIGALRM lands, which under gevent
+                # can be a __del__ in the hub and end the session with an INTERNALERROR.
+                f"--timeout={timeout:g}", "--timeout-method=thread", "-p", "no:cacheprovider",
+                "-q", "-rN",
                 "-o", "console_output_style=classic", *suite.extra_args, *server_args]
         for nid in suite.deselect:
             args.append(f"--deselect={nid}")
@@ -367,13 +371,22 @@ def run_way(suite: Suite, way: str, py: Path, tree: Path, server_args: list[str]
             proc = subprocess.Popen(args, cwd=tree, env=env, stdout=logf,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             killed = _watch(proc, jsonl, timeout, total_deadline)
+        before = len(run.outcomes)
         done, collected_now = _read(jsonl, run)
         if collected_now is not None and collected is None:
             collected = collected_now
-        if done and not killed:
+        complete = collected is None or len(run.outcomes) >= collected
+        if done and not killed and complete:
+            break
+        if segment > 1 and len(run.outcomes) == before:
+            run.notes.append(f"segment {segment} made no progress; stopped")
             break
         if killed:
             run.notes.append(f"segment {segment} killed by the watchdog ({killed})")
+        elif done:
+            # pytest ended the session itself (an INTERNALERROR) before every test ran.
+            run.notes.append(f"segment {segment} ended the session early (status "
+                             f"{proc.returncode})")
         else:
             # pytest-timeout's thread method ends the process on a test past the timeout:
             # the test that was running stays "hung".
