@@ -52,6 +52,7 @@ def feed_restore(r: Restore, chunks: list[bytes]) -> tuple[int, int]:
     (None, b"SSH-2.0-OpenSSH_9.6\r\n", HandshakeDialect),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", None, HandshakeDialect),
     (None, b"\x4a\x00\x00\x00\x0a11.4.2-MariaDB\x00\x08\x00\x00\x00", HandshakeDialect),
+    (None, b"\x4a\x00\x00\x00", HandshakeDialect),  # a client that reads the header alone
     (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", None, HandshakeDialect),  # SSLRequest
     (b"\x00\x00\x00\x29\x00\x03\x00\x00user\x00bob\x00database\x00db\x00\x00", None,
      HandshakeDialect),
@@ -76,6 +77,8 @@ def test_detect_recognises(first_write, first_read, kind) -> None:
     (None, b"+OK POP3 ready\r\n"),
     (None, b"* OK IMAP4rev1 ready\r\n"),
     (None, b"220 (vsFTPd 3.0.5)\r\n"),
+    (None, b"220 "),
+    (None, b"\x4a\x00\x00\x00\x09old"),  # protocol 9: not a v10 greeting
     (b"*0\r\n", None),
     (b"*x\r\n", None),
     (b"", None),

@@ -102,10 +102,16 @@ def _client_hello(data: bytes) -> bool:
 def _mysql_greeting(data: bytes) -> bool:
     # Protocol::Handshake v10: 3-byte little-endian payload length, sequence id 0, then
     # protocol version 10 and a NUL-terminated server version string.
-    if len(data) < 6 or data[3] != 0 or data[4] != 10:
+    # A client that reads the 4-byte packet header on its own sees only that: binary, with
+    # NULs no text banner has, so the header alone is enough.
+    if len(data) < 4 or data[3] != 0:
         return False
     length = data[0] | data[1] << 8 | data[2] << 16
     if not 20 <= length <= 1024:
+        return False
+    if len(data) == 4:
+        return True
+    if data[4] != 10:
         return False
     version = data[5:5 + 64]
     end = version.find(b"\0")
