@@ -609,6 +609,9 @@ class WebSockets(Server):
     def count(self, prefix: str, before: dict[str, int]) -> Counts:
         lines = _settle(lambda: _read_lines(self.messages))
         seen = Counter(ln.strip() for ln in lines if ln.startswith(prefix))
-        failed = sum(1 for ln in lines[before["log_lines"]:] if ln.startswith("!handshake"))
+        failed = Counter(ln.split()[0][11:] for ln in lines[before["log_lines"]:]
+                         if ln.startswith("!handshake-"))
         return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
-                      other={"handshakes_failed": failed})
+                      other={"garbage_handshakes": failed["garbage"],
+                             "handshakes_cut": failed["cut"],
+                             "connections_closed_before_a_request": failed["empty"]})

@@ -16,16 +16,18 @@ pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 AT_ONCE_S = 3.0  # "at once": well under the app's 5 s timeout (picked: 2 cores, shared)
 
 
-@pytest.mark.xfail(reason="7efcf3e: OSError EBADF from send() after a drop, no note; the "
-                          "server sees more failed opening handshakes than plain (#14)",
+@pytest.mark.xfail(reason="7cd29cf: after a drop surfaced on the tunnel, the app's next write "
+                          "(websocket-client's CLOSE frame) goes into a new TCP connection: "
+                          "the server gets frame bytes as its opening handshake (#14)",
                    strict=False)
 def test_websocket_client_vs_websockets(ws_server, field_dir: Path) -> None:
     result = run_row(rows.websocket_client(ws_server, faults=15), field_dir)
     rs = result["rs"]
-    # a cut inside the client's own opening handshake is garbage to the server in both modes
-    check(result, "never garbage (the client's checks; the server saw no more than plain)",
-          "Garbage" not in rs["errors"]
-          and rs["server"]["handshakes_failed"] <= result["plain"]["server"]["handshakes_failed"])
+    # the server classifies each failed opening handshake by its first bytes: a request cut
+    # short (the faults do that in both modes), nothing at all, or garbage (frames)
+    check(result, "never garbage (the client's checks, and no frame bytes reach a server "
+          "that expects an HTTP Upgrade)",
+          "Garbage" not in rs["errors"] and rs["server"]["garbage_handshakes"] == 0)
     check(result, f"a drop is surfaced at once (every failure within {AT_ONCE_S} s)",
           rs["max_failed_op_s"] <= AT_ONCE_S)
     check(result, "with a note from resilientsock",

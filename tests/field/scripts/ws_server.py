@@ -16,15 +16,27 @@ log = open(logpath, "a", buffering=1)
 
 
 class Counted(ServerConnection):
-    """Logs "!handshake-failed" for every connection whose opening handshake failed (bytes
-    that are not an HTTP Upgrade request: the server's count of garbage it was sent)."""
+    """Logs one "!handshake ..." line for every connection whose opening handshake failed,
+    classified by the first bytes it got: "empty" (closed before sending anything), "cut"
+    (the start of an HTTP request, cut short) or "garbage" (bytes that are no HTTP request:
+    the server's count of garbage it was sent)."""
+
+    first = b""
+
+    def data_received(self, data: bytes) -> None:
+        if len(self.first) < 64:
+            self.first += data[:64 - len(self.first)]
+        super().data_received(data)
 
     async def handshake(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         try:
             await super().handshake(*args, **kwargs)
         finally:
             if self.protocol.state is not State.OPEN:
-                log.write(f"!handshake-failed {self.protocol.handshake_exc!r}\n")
+                kind = "empty" if not self.first else "cut" if \
+                    b"GET /".startswith(self.first[:5]) else "garbage"
+                log.write(f"!handshake-{kind} {self.first[:24]!r} "
+                          f"{self.protocol.handshake_exc!r}\n")
 
 
 async def echo(ws) -> None:  # type: ignore[no-untyped-def]
