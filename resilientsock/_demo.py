@@ -4,9 +4,13 @@ A local message server and a FaultProxy run in this process; an unmodified legac
 (``_scripts/robot_client.py``, plain stdlib) runs twice as a subprocess through the
 proxy while seeded
 faults fire: once plainly (it dies on the first fault) and once under
-``python -m resilientsock``. The server counts every reading it receives, so the table at the
-end is measured, not claimed: sent, faults by kind, reconnects, records replayed, duplicates,
-lost. Exit status 0 only when the resilient run lost nothing.
+``python -m resilientsock``. A third run (DESIGN §10, §11) puts a session relay in front of
+the server, with the faults between client and relay, and runs the client under
+``python -m resilientsock --session``: lost 0, duplicates 0, and the server saw one
+connection. The server counts every reading it receives, so the table at the end is
+measured, not claimed: sent, faults by kind, reconnects, records replayed, duplicates, lost,
+connections the server saw. Exit status 0 only when the resilient run lost nothing and the
+session run lost nothing, duplicated nothing and used one upstream connection.
 """
 
 from __future__ import annotations
@@ -78,10 +82,20 @@ def _run_fault_plan(proxy: FaultProxy, plan: list[tuple[float, str]], counts: Co
 
 
 def _one_run(label: str, resilient: bool, count: int, interval: float,
-             plan: list[tuple[float, str]], tty: bool, timeout: float) -> dict[str, Any]:
+             plan: list[tuple[float, str]], tty: bool, timeout: float,
+             session: bool = False) -> dict[str, Any]:
     loop = LoopThread(f"demo-{label}").start()
     server = MessageServer(loop=loop).start()
-    proxy = FaultProxy(server.address, loop=loop).start()
+    relay = None
+    if session:
+        from ._relay import Relay
+
+        # plain_after 2 s: this relay serves only session clients, and a black hole delays a
+        # reconnecting client's first bytes (docs/session-protocol.md, "Plain clients").
+        relay = Relay(("127.0.0.1", 0), server.address, plain_after=2.0).start()
+        proxy = FaultProxy(relay.address, loop=loop).start()
+    else:
+        proxy = FaultProxy(server.address, loop=loop).start()
     counts: Counter[str] = Counter()
     stop = [False]
     stats_path = tempfile.mktemp(prefix="resilientsock-demo-", suffix=".json")
@@ -92,7 +106,13 @@ def _one_run(label: str, resilient: bool, count: int, interval: float,
     if resilient:
         # The legacy client has a 2 s read timeout; a black-holed link is only revealed by it,
         # so the demo opts in to retrying read timeouts.
-        cmd += ["-m", "resilientsock", "--retry-read-timeouts", "1", "--deadline", "20"]
+        cmd += ["-m", "resilientsock", "--deadline", "20"]
+        if session:
+            # The relay resumes the byte stream: no read timeout needs retrying, nothing is
+            # re-sent, so nothing can arrive twice.
+            cmd += ["--session", f"{proxy.address[0]}:{proxy.address[1]}"]
+        else:
+            cmd += ["--retry-read-timeouts", "1"]
         env["RESILIENTSOCK_STATS_FILE"] = stats_path
     cmd += [CLIENT, proxy.address[0], str(proxy.address[1]), str(count), str(interval)]
     started = time.monotonic()
@@ -116,7 +136,11 @@ def _one_run(label: str, resilient: bool, count: int, interval: float,
     elapsed = time.monotonic() - started
     _progress(label, len(server.unique()), count, sum(counts.values()), elapsed, tty, final=True)
     received = list(server.received)
+    connections = server.connections
     proxy.stop()
+    relay_stats = relay.stats() if relay is not None else {}
+    if relay is not None:
+        relay.stop()
     server.shutdown()
     loop.stop()
     stats: dict[str, Any] = {}
@@ -129,7 +153,8 @@ def _one_run(label: str, resilient: bool, count: int, interval: float,
         "label": label, "returncode": proc.returncode, "elapsed": elapsed,
         "unique": len(set(received)), "duplicates": len(received) - len(set(received)),
         "lost": count - len(set(received)), "faults": counts, "stats": stats,
-        "error": last_line, "stdout": out.strip(),
+        "error": last_line, "stdout": out.strip(), "connections": connections,
+        "relay": relay_stats,
     }
 
 
@@ -181,31 +206,55 @@ def demo_main(argv: list[str]) -> None:
     resilient = _one_run("resilient", True, count, interval, plan, tty, args.seconds * 3 + 60)
     if resilient["returncode"] != 0:
         print(f"     failed: {resilient['error']}")
-    _table(count, plain, resilient)
+    print("\n3) the same client through a session relay, under "
+          "`python -m resilientsock --session`:")
+    session = _one_run("session", True, count, interval, plan, tty, args.seconds * 3 + 60,
+                       session=True)
+    if session["returncode"] != 0:
+        print(f"     failed: {session['error']}")
+    _table(count, plain, resilient, session)
     ok = resilient["returncode"] == 0 and resilient["lost"] == 0
-    print("\n" + ("OK: every reading arrived; duplicates are the price of at-least-once."
-                  if ok else "FAILED: the resilient run lost readings (see above)."))
-    raise SystemExit(0 if ok else 1)
+    exact = (session["returncode"] == 0 and session["lost"] == 0
+             and session["duplicates"] == 0 and session["connections"] == 1)
+    if ok and exact:
+        print("\nOK: every reading arrived. Duplicates are the price of at-least-once; through "
+              "the relay, every reading arrived exactly once over one server connection.")
+    elif ok:
+        print("\nFAILED: the session run was not exactly once over one connection (see above).")
+    else:
+        print("\nFAILED: the resilient run lost readings (see above).")
+    raise SystemExit(0 if ok and exact else 1)
 
 
-def _table(count: int, plain: dict[str, Any], resilient: dict[str, Any]) -> None:
+def _table(count: int, plain: dict[str, Any], resilient: dict[str, Any],
+           session: dict[str, Any]) -> None:
     def faults(run: dict[str, Any]) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(run["faults"].items())) or "none"
 
+    def outcome(run: dict[str, Any], bad: str) -> str:
+        return "finished" if run["returncode"] == 0 else bad
+
     st = resilient["stats"]
+    rs = session["relay"]
     rows = [
-        ("readings to send", count, count),
-        ("faults injected", faults(plain), faults(resilient)),
-        ("client outcome", "died" if plain["returncode"] else "finished",
-         "finished" if resilient["returncode"] == 0 else "failed"),
-        ("reconnects", "-", st.get("reconnects", 0)),
-        ("records replayed", "-", st.get("replayed_records", 0)),
-        ("duplicates delivered", plain["duplicates"], resilient["duplicates"]),
-        ("lost", plain["lost"], resilient["lost"]),
-        ("time", f"{plain['elapsed']:.1f} s", f"{resilient['elapsed']:.1f} s"),
+        ("readings to send", count, count, count),
+        ("faults injected", faults(plain), faults(resilient), faults(session)),
+        ("client outcome", outcome(plain, "died"), outcome(resilient, "failed"),
+         outcome(session, "failed")),
+        ("reconnects", "-", st.get("reconnects", 0),
+         f"{rs.get('sessions_resumed', 0)} resumes"),
+        ("records replayed", "-", st.get("replayed_records", 0), "0 (resumed in place)"),
+        ("duplicates delivered", plain["duplicates"], resilient["duplicates"],
+         session["duplicates"]),
+        ("lost", plain["lost"], resilient["lost"], session["lost"]),
+        ("server connections", plain["connections"], resilient["connections"],
+         session["connections"]),
+        ("time", f"{plain['elapsed']:.1f} s", f"{resilient['elapsed']:.1f} s",
+         f"{session['elapsed']:.1f} s"),
     ]
     print()
-    width = max([len("plain python")] + [len(str(r[1])) for r in rows]) + 2
-    print(f"  {'':<22}{'plain python':<{width}}resilientsock")
-    for name, a, b in rows:
-        print(f"  {name:<22}{str(a):<{width}}{b}")
+    w1 = max([len("plain python")] + [len(str(r[1])) for r in rows]) + 2
+    w2 = max([len("resilientsock")] + [len(str(r[2])) for r in rows]) + 2
+    print(f"  {'':<22}{'plain python':<{w1}}{'resilientsock':<{w2}}session relay")
+    for name, a, b, c in rows:
+        print(f"  {name:<22}{str(a):<{w1}}{str(b):<{w2}}{c}")
