@@ -83,6 +83,9 @@ _SUBSCRIBE = frozenset((b"SUBSCRIBE", b"PSUBSCRIBE", b"SSUBSCRIBE",
 _CONFIRMS = frozenset((b"subscribe", b"psubscribe", b"ssubscribe",
                        b"unsubscribe", b"punsubscribe", b"sunsubscribe"))
 _MESSAGES = frozenset((b"message", b"pmessage", b"smessage"))
+# Commands whose handling is more than "queue it for the next reply".
+_SPECIAL = _SUBSCRIBE | SETUP | frozenset((b"MONITOR", b"MULTI", b"EXEC", b"DISCARD", b"WATCH",
+                                           b"UNWATCH", b"RESET", b"CLIENT"))
 _INLINE_START = frozenset(b"""PING AUTH SELECT HELLO CLIENT MULTI READONLY READWRITE INFO
     DBSIZE FLUSHDB FLUSHALL SUBSCRIBE PSUBSCRIBE MONITOR COMMAND""".split())
 
@@ -703,6 +706,9 @@ class RespDialect(Dialect):
             self._group.append(cmd)
         else:
             self._aligned = False  # too long a pipeline to judge: not resumed
+        if name not in _SPECIAL and self._multi is None:
+            self._fifo.append(cmd)  # the common case: an ordinary command, reply not kept
+            return
         if name in _SUBSCRIBE:
             self._subscribed = True
             channels = len(cmd.args) - 1 if cmd.whole else 1
