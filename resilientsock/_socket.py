@@ -1306,8 +1306,18 @@ def _connect_from_retrying_library(depth: int = 40) -> bool:
             return False
         name = frame.f_globals.get("__name__", "")
         if isinstance(name, str) and name.startswith(RETRYING_LIBRARIES):
-            return True
+            return not _library_retries_off(name, frame)
         frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _library_retries_off(module: str, frame: Any) -> bool:
+    """The application turned the library's own retry layer off: then resilientsock is the
+    layer that retries (the README's advice: ``redis.Redis(retry=None)`` keeps one layer)."""
+    if module.startswith("redis."):
+        owner = frame.f_locals.get("self")
+        retry = getattr(owner, "retry", None)
+        return retry is not None and getattr(retry, "_retries", None) == 0
     return False
 
 

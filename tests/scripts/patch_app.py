@@ -12,4 +12,4 @@ f = s.makefile("rb")
 for n in range(1, 51):
     s.sendall(b"MSG %d x\n" % n)
     assert f.readline() == b"ACK %d\n" % n
-print("patched app: 50 ok", resilientsock.stats().get("reconnects", 0) >= 0)
+print("patched app: 50 ok, reconnects", resilientsock.stats().get("reconnects", 0))
