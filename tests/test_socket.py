@@ -284,7 +284,8 @@ def test_write_timeout_to_a_peer_that_does_not_read_is_surfaced(family, tmp_path
                     s.sendall(b"x" * 65536)
                     sent += 1
             assert sent < 100_000
-            assert "write timeout: the peer is alive" in "".join(getattr(caught.value, "__notes__", []))
+            notes = "".join(getattr(caught.value, "__notes__", []))
+            assert "write timeout: the peer is alive" in notes
             assert s.reconnects == 0 and s.fileno() == fd  # the connection is kept
             # The connection is kept, so is its journal (DESIGN §5): the failed sendall's
             # record was never journaled.
