@@ -547,3 +547,122 @@ def test_source_address_is_bound_again_on_every_new_connection(server, proxy, ho
         assert s.getsockname()[0] == "127.0.0.2"
         assert s.getsockname()[1] != first_port  # a new connection, bound the same way
     assert server.received == [1, 1]
+
+
+# -- rules that had no test before the core rebuild ------------------------------------------
+
+def test_eof_pass_hands_an_unanswered_eof_to_the_caller(server, proxy):
+    proxy.cut_after(0, "down", how="close")
+    with connect(proxy, FAST.replace(eof="pass")) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert s.recv(100) == b""
+        assert s.reconnects == 0
+    assert server.received == [1]
+
+
+def test_confirm_explicit_keeps_answered_records_until_confirm(server, proxy):
+    with connect(proxy, FAST.replace(confirm="explicit")) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        assert s.unconfirmed_bytes == len(b"MSG 1 x\n")  # an answer does not confirm
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 2 x\n")
+        assert readline(s) == b"ACK 1\n"  # both records were re-sent, in order
+        assert readline(s) == b"ACK 2\n"
+        assert s.confirm() == 2 and s.unconfirmed_bytes == 0
+    assert server.received == [1, 2, 1, 2]
+
+
+def test_reconnect_rate_spreads_a_mass_drop(server, proxy):
+    """The process-wide token bucket (reconnect_rate, burst rate/10): 20 sockets dropped at
+    once under rate=10/s reconnect over about 1.9 s, not at once."""
+    from resilientsock import _socket as rs
+
+    saved = rs._bucket
+    rs._bucket = rs.TokenBucket()
+    policy = FAST.replace(reconnect_rate=10.0, deadline=10)
+    try:
+        socks = [connect(proxy, policy) for _ in range(20)]
+        for n, s in enumerate(socks):
+            s.sendall(b"MSG %d x\n" % n)
+            assert readline(s) == b"ACK %d\n" % n
+        proxy.record_accepts = True
+        proxy.accept_times.clear()
+        proxy.reset_all()
+        start = time.monotonic()
+
+        def again(n: int, s: ResilientSocket) -> None:
+            s.sendall(b"MSG %d y\n" % (100 + n))
+            assert readline(s) == b"ACK %d\n" % (100 + n)
+
+        gevent.joinall([gevent.spawn(again, n, s) for n, s in enumerate(socks)], timeout=15,
+                       raise_error=True)
+        elapsed = time.monotonic() - start
+        for s in socks:
+            s.close()
+    finally:
+        rs._bucket = saved
+    assert 1.5 <= elapsed < 6.0, elapsed
+    assert len(proxy.accept_times) == 20
+    early = [t for t in proxy.accept_times if t - start < 0.5]
+    assert len(early) <= 6  # the burst (1) and what 0.5 s at 10/s refills
+
+
+class _TwoAnswers:
+    """A server that answers each request line with a long line, different per connection
+    when ``change`` is set (the answer changed between the two requests)."""
+
+    def __init__(self, change: bool) -> None:
+        import socketserver
+        import threading
+
+        self.connections = 0
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                outer.connections += 1
+                tag = b"v%d" % outer.connections if change else b"v1"
+                for line in self.rfile:
+                    self.wfile.write(b"ANSWER " + tag + b" " + b"x" * 200 + b" " + line)
+
+        class Server(socketserver.ThreadingTCPServer):
+            daemon_threads = True
+
+        self.srv = Server(("127.0.0.1", 0), Handler)
+        self.address = self.srv.server_address
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+def test_a_drop_mid_answer_is_resumed_and_the_caller_sees_one_answer():
+    srv = _TwoAnswers(change=False)
+    try:
+        with FaultProxy(srv.address) as proxy:
+            proxy.cut_after(20, "down")  # the answer is cut after 20 of its ~220 bytes
+            with connect(proxy) as s:
+                s.sendall(b"GET 1\n")
+                line = readline(s)
+                assert line == b"ANSWER v1 " + b"x" * 200 + b" GET 1\n"
+                assert s.reconnects == 1 and s.stats().answers_resumed == 1
+    finally:
+        srv.close()
+    assert resilientsock.stats()["answers_resumed"] == 1
+
+
+def test_a_changed_answer_is_surfaced_with_a_note():
+    srv = _TwoAnswers(change=True)
+    try:
+        with FaultProxy(srv.address) as proxy:
+            proxy.cut_after(20, "down")
+            with connect(proxy) as s:
+                s.sendall(b"GET 1\n")
+                with pytest.raises(ConnectionResetError) as info:
+                    readline(s)
+                assert any("differs" in n for n in info.value.__notes__)
+                assert s.stats().answers_changed == 1
+    finally:
+        srv.close()
