@@ -457,20 +457,38 @@ class Link:
         self._proof_counts = (0, 0)
         # The hot path: a received chunk parsed in place (DATA payloads are memoryviews of it,
         # no copy) until a frame straddles its end; then the rest goes to _buf.
-        self._chunk: bytes | None = None
+        self._chunk: memoryview | None = None
         self._cpos = 0
 
     # input ----------------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if self._chunk is not None:
+        if self._chunk is not None:  # fed before NEED_DATA: keep it simple, copy
             self._spill()
+            self._buf += data
+            return
         if self._pos:
             # Drop what was parsed (cheap: CPython deletes a bytearray's prefix in place).
             del self._buf[:self._pos]
             self._pos = 0
-        if not self._buf and self.state == OPEN and isinstance(data, bytes):
-            self._chunk, self._cpos = data, 0
+        if self.state == OPEN and isinstance(data, bytes):
+            view = memoryview(data)
+            if self._buf:
+                # A frame straddled the previous chunk: complete it in _buf (copying only its
+                # own bytes) and parse the rest of this chunk in place.
+                if len(self._buf) < HEADER_LEN:
+                    take = HEADER_LEN - len(self._buf)
+                    self._buf += view[:take]
+                    view = view[take:]
+                    if len(self._buf) < HEADER_LEN:
+                        return
+                length = HEADER.unpack_from(self._buf, 0)[1]
+                need = HEADER_LEN + length - len(self._buf)
+                if need > 0:
+                    self._buf += view[:need]
+                    view = view[need:]
+            if len(view):
+                self._chunk, self._cpos = view, 0
             return
         self._buf += data
 
@@ -480,8 +498,7 @@ class Link:
         if self._pos:
             del self._buf[:self._pos]
             self._pos = 0
-        with memoryview(chunk) as view:
-            self._buf += view[self._cpos:]
+        self._buf += chunk[self._cpos:]
 
     def unconsumed(self) -> bytes:
         """Bytes received but not parsed (the relay forwards them when proxying plainly)."""
@@ -506,7 +523,7 @@ class Link:
 
     def _next_event(self) -> Event | _Sentinel:
         chunk = self._chunk
-        if chunk is not None:
+        if chunk is not None and self._pos >= len(self._buf):
             cpos = self._cpos
             if len(chunk) - cpos >= HEADER_LEN:
                 ftype, length, ack = HEADER.unpack_from(chunk, cpos)
@@ -519,7 +536,7 @@ class Link:
                     self._cpos = end
                     if end == len(chunk):
                         self._chunk = None
-                    return Data(memoryview(chunk)[cpos + HEADER_LEN:end])
+                    return Data(chunk[cpos + HEADER_LEN:end])
             if cpos == len(chunk):
                 self._chunk = None
             else:

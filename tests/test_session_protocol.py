@@ -304,3 +304,27 @@ def test_every_table_state_is_named() -> None:
         for moves in table.values():
             for nxt in moves.values():
                 assert nxt in known
+
+
+@pytest.mark.parametrize("drain", [True, False])
+def test_any_chunking_yields_the_same_stream(drain: bool) -> None:
+    rng = random.Random(7)
+    p = Pair(limit=64 << 20)
+    blob = rng.randbytes(3 << 20)
+    wire = b""
+    i = 0
+    while i < len(blob):
+        n = rng.choice((1, 13, 100, 70000, 300000))
+        wire += p.r_stream.data(blob[i:i + n])
+        if rng.random() < 0.1:
+            wire += p.r_stream.ack() + p.r_stream.ping()
+        i += n
+    got = bytearray()
+    pos = 0
+    while pos < len(wire):
+        n = rng.choice((1, 5, 13, 4096, 65536, 262144))
+        p.client.receive_data(wire[pos:pos + n])
+        pos += n
+        if drain or pos >= len(wire) or rng.random() < 0.3:
+            got += payloads(events(p.client))
+    assert bytes(got) == blob
