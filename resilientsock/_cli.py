@@ -317,7 +317,9 @@ def _run(argv: list[str]) -> None:
     else:
         path = os.path.abspath(target.value)
         sys.argv = [target.value, *target.args]
-        sys.path[0] = os.path.dirname(path)
+        # As python does: the directory of the script with symlinks resolved (review), while
+        # __file__ stays the path as given.
+        sys.path[0] = os.path.dirname(os.path.realpath(path))
         runpy.run_path(path, run_name="__main__")
 
 

@@ -526,3 +526,17 @@ def test_patch_warns_about_names_bound_before_it():
     clean = run_py([str(SCRIPTS / "patch_warning.py"), "clean"])
     assert clean.returncode == 0, clean.stderr
     assert "warnings: 0" in clean.stdout
+
+
+def test_sys_path_0_resolves_symlinks_as_python_does(tmp_path):
+    real = tmp_path / "real"
+    link = tmp_path / "link"
+    real.mkdir()
+    link.mkdir()
+    (real / "helper.py").write_text("WHERE = 'real'\n")
+    (real / "s.py").write_text("import sys, helper\nprint(sys.path[0], helper.WHERE)\n")
+    (link / "s.py").symlink_to(real / "s.py")
+    plain = run_py([str(link / "s.py")])
+    ours = run_py(["-m", "resilientsock", str(link / "s.py")])
+    assert plain.returncode == 0 and ours.returncode == 0, ours.stderr
+    assert ours.stdout == plain.stdout == f"{real} real\n"
