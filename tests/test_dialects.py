@@ -878,3 +878,21 @@ def test_resp_follows_redis_py_packed_commands() -> None:
     assert not d.hold() and d.lost is None and not d._fifo
     r = d.restore()
     assert r is not None and r.payload == cmd("AUTH", "pw") + cmd("SELECT", "2")
+
+
+def test_after_discard_a_refusal_says_the_lineage_cannot_continue() -> None:
+    # The core's test for a lazy reconnect: refusal() still set after discard() -> none.
+    tunnel = http(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    tunnel.read(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")
+    ssh = detect(b"SSH-2.0-x\r\n", None)
+    assert ssh is not None
+    ssh.wrote(b"SSH-2.0-x\r\n")
+    ssh.read(b"SSH-2.0-y\r\n")
+    ntlm = http(b"GET / HTTP/1.1\r\nHost: a\r\nAuthorization: NTLM abc\r\n\r\n")
+    sub = RespDialect()
+    sub.wrote(cmd("SUBSCRIBE", "a"))
+    for d in (tunnel, ssh, ntlm, sub):
+        assert d.refusal() is not None
+        d.discard()
+    assert tunnel.refusal() is not None and ssh.refusal() is not None
+    assert ntlm.refusal() is None and sub.refusal() is None  # a new connection starts clean

@@ -109,4 +109,8 @@ class Dialect:
         """The connection was thrown away after a surfaced error (the journal was cleared):
         whatever was in flight is gone, and the next connection starts at a message boundary.
         Recorded setup is kept (``restore`` redoes it on the next connection); sticky
-        refusals (a tunnel) stay."""
+        refusals stay. So a ``refusal()`` that is still not None after ``discard()`` (a
+        tunnel, a begun SSH / TLS / MySQL / ... handshake, a prelude too large to redo) means
+        the lineage cannot continue on any new connection: the application's next bytes
+        belong to a session no new connection has, and the core must not reconnect lazily
+        for them (a plain socket would raise, and so should it)."""
