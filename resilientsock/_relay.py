@@ -156,7 +156,7 @@ class _Carrier:
                     lio.sock.sendall(tail)
                 else:
                     lio.sock.sendall(frames)
-            except OSError:
+            except (OSError, ValueError):  # ValueError: an SSL socket closed under us
                 self._link_lost(lio, "send failed")
 
     def _link_lost(self, lio: _LinkIO, why: str) -> None:
@@ -258,7 +258,7 @@ class _Carrier:
                 return
             try:
                 data = self.recv_link(lio)
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: an SSL socket closed under us
                 self._link_lost(lio, f"recv: {exc}")
                 return
             if not data:
@@ -381,7 +381,7 @@ class _RelaySession(_Carrier):
         try:
             try:
                 lio.sock.sendall(first_frames())
-            except OSError:
+            except (OSError, ValueError):
                 self._link_lost(lio, "send failed")
                 return
         finally:

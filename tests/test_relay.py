@@ -381,6 +381,32 @@ def test_tls_inside_the_session_survives_drops_without_a_new_handshake() -> None
         server.stop()
 
 
+def test_tls_between_client_and_relay(upstream: MessageServer) -> None:
+    import gevent.ssl as gssl
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    with cert.cert_chain_pems[0].tempfile() as crt, cert.private_key_pem.tempfile() as key:
+        relay = Relay(("127.0.0.1", 0), upstream.address, tls_cert=crt, tls_key=key,
+                      plain_after=2.0).start()
+    try:
+        with FaultProxy(relay.address) as proxy:
+            ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_CLIENT)
+            ca.configure_trust(ctx)
+            app = open_session(proxy.address, timeout=10, policy=POLICY, heartbeat=HEARTBEAT,
+                               ssl_context=ctx)
+            converse(app, 1, 60, fault=lambda i: proxy.reset_all(), every=10)
+            app.close()
+            assert_exactly_once(upstream, 60)
+            assert relay.stats()["sessions_resumed"] >= 5
+            # A client without TLS is refused at the handshake, not proxied.
+            assert _raw(relay.address, sp.PREAMBLE + b"x" * 20) == b""
+            assert upstream.connections == 1
+    finally:
+        relay.stop()
+
+
 # -- what cannot be resumed is surfaced ---------------------------------------------------------
 
 
