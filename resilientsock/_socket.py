@@ -662,7 +662,7 @@ class ResilientSocket(_GeventSocket):
                             return raw(self, *args)  # the hook's own I/O: not journaled
                         self._rs_wait_recovery(m, call_end)
                         continue
-                    self._rs_recover(None, call_end)
+                    self._rs_lazy_reconnect(m, call_end)
                     continue
                 gen = m.gen
                 m.writing += 1
@@ -680,6 +680,18 @@ class ResilientSocket(_GeventSocket):
                     m.writing -= 1
             failure, err = err, None
             self._rs_handle_error(failure, "write", gen, call_end, writing=True)
+
+    def _rs_lazy_reconnect(self, m: Machine, call_end: float | None) -> None:
+        """A write on a broken socket reconnects, unless the lineage cannot continue on a new
+        connection (a refusal that survives the discard: a tunnel, a handshake that began):
+        then the write fails as it would on the plain dead socket."""
+        dialect = m.dialect
+        why = dialect.refusal() if dialect is not None else None
+        if why is not None:
+            exc = BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+            add_note(exc, f"resilientsock: not reconnected: {why}")
+            raise exc
+        self._rs_recover(None, call_end)
 
     def _rs_after_write(self, m: Machine) -> None:
         policy = m.policy
