@@ -1377,7 +1377,10 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         except BaseException as exc:
             return self._rs_read(recv_into, args, RECV_INTO, t0, exc, gen)
         if n:
-            m.read_data(memoryview(args[0]).cast("B")[:n], mark)
+            view = args[0]
+            if type(view) is not memoryview or view.format != "B":
+                view = memoryview(view).cast("B")
+            m.read_data(view[:n], mark)
             return n
         return self._rs_read_eof(recv_into, args, RECV_INTO, n, t0, gen)
 
