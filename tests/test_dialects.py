@@ -896,3 +896,14 @@ def test_after_discard_a_refusal_says_the_lineage_cannot_continue() -> None:
         d.discard()
     assert tunnel.refusal() is not None and ssh.refusal() is not None
     assert ntlm.refusal() is None and sub.refusal() is None  # a new connection starts clean
+
+
+def test_h11_is_imported_only_for_http() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, resilientsock.dialects as d; "
+            "d.detect(b'*1\\r\\n$4\\r\\nPING\\r\\n', None); d.detect(b'MSG 1\\n', None); "
+            "assert 'h11' not in sys.modules; "
+            "d.detect(b'GET / HTTP/1.1\\r\\n', None); assert 'h11' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -40,9 +40,7 @@ def _detect(first_write: bytes | None, first_read: bytes | None, prelude: int) -
 
     if first_write:
         first_write = bytes(first_write)
-        from .http import looks_like as looks_like_http
-
-        if looks_like_http(first_write):
+        if _looks_like_http(first_write):
             from .http import HttpDialect
 
             return HttpDialect()
@@ -58,3 +56,21 @@ def _detect(first_write: bytes | None, first_read: bytes | None, prelude: int) -
 
         return PreludeDialect(prelude)
     return None
+
+
+_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"TRACE ",
+            b"PATCH ", b"CONNECT ", b"PROPFIND ", b"PROPPATCH ", b"MKCOL ", b"COPY ",
+            b"MOVE ", b"LOCK ", b"UNLOCK ", b"REPORT ", b"SEARCH ", b"PURGE ")
+
+
+def _looks_like_http(first_write: bytes) -> bool:
+    """Is this first record an HTTP/1.x request (a request line, or the start of one)?"""
+    if not first_write.startswith(_METHODS):
+        return False
+    end = first_write.find(b"\r\n", 0, 8192)
+    if end < 0:
+        end = first_write.find(b"\n", 0, 8192)
+    if end < 0:
+        return len(first_write) < 8192 and b"\n" not in first_write
+    line = first_write[:end].rstrip(b"\r")
+    return line.endswith((b" HTTP/1.1", b" HTTP/1.0")) and line.count(b" ") == 2

@@ -35,24 +35,8 @@ import h11
 from ._base import Dialect
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
-_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"TRACE ",
-            b"PATCH ", b"CONNECT ", b"PROPFIND ", b"PROPPATCH ", b"MKCOL ", b"COPY ",
-            b"MOVE ", b"LOCK ", b"UNLOCK ", b"REPORT ", b"SEARCH ", b"PURGE ")
 _HEAD_LIMIT = 65536
 _CONN_BOUND = (b"ntlm", b"negotiate")
-
-
-def looks_like(first_write: bytes) -> bool:
-    """Is this first record an HTTP/1.x request (a request line, or the start of one)?"""
-    if not first_write.startswith(_METHODS):
-        return False
-    end = first_write.find(b"\r\n", 0, 8192)
-    if end < 0:
-        end = first_write.find(b"\n", 0, 8192)
-    if end < 0:
-        return len(first_write) < 8192 and b"\n" not in first_write
-    line = first_write[:end].rstrip(b"\r")
-    return line.endswith((b" HTTP/1.1", b" HTTP/1.0")) and line.count(b" ") == 2
 
 
 class _Body:
