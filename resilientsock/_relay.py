@@ -23,6 +23,7 @@ Rules of this module:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket as _stdsocket
@@ -52,6 +53,7 @@ HANDSHAKE_TIMEOUT = 10.0  # DESIGN §11
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 _LINGER_RST = struct.pack("ii", 1, 0)
 _DUMMY_SECRET = os.urandom(sp.SECRET_LEN)  # for unknown ids: same cost, always False
+_DUMMY_ID = os.urandom(sp.NONCE_LEN)
 _PLAIN_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 
 
@@ -352,7 +354,7 @@ class _Carrier:
 
 
 class _RelaySession(_Carrier):
-    __slots__ = ("relay", "sid", "secret", "expiry", "resumes")
+    __slots__ = ("relay", "sid", "secret", "expiry", "resumes", "ticket")
 
     side = "upstream"
 
@@ -364,6 +366,7 @@ class _RelaySession(_Carrier):
         self.secret = secret
         self.expiry: Any = None
         self.resumes = 0
+        self.ticket = b""  # the one-round-trip resume's challenge, issued in advance
 
     def attach(self, lio: _LinkIO, first_frames: Any) -> None:
         """Make ``lio`` the session's link (closing a previous one), send ``first_frames()``
@@ -380,7 +383,9 @@ class _RelaySession(_Carrier):
             old.close()
         try:
             try:
-                lio.sock.sendall(first_frames())
+                frames = first_frames()
+                self.ticket = lio.link.next_ticket
+                lio.sock.sendall(frames)
             except (OSError, ValueError):
                 self._link_lost(lio, "send failed")
                 return
@@ -472,6 +477,7 @@ class Relay:
         self.counters: dict[str, int] = dict.fromkeys(
             ("connections", "plain_connections", "sessions_created", "sessions_resumed",
              "sessions_ended", "sessions_expired", "failed_proofs", "unknown_sessions",
+             "stale_tickets",
              "impossible_counts", "rejected_handshakes", "handshake_timeouts",
              "upstream_failures", "upstream_eofs", "upstream_resets", "bytes_up",
              "bytes_down"), 0)
@@ -651,19 +657,39 @@ class Relay:
             return self._proxy_plainly(sock, link.unconsumed())
         if isinstance(ev, sp.HelloNew):
             return self._create(sock, link)
-        assert isinstance(ev, sp.HelloResume)
-        try:
-            sock.sendall(link.send_challenge())
-            ev = self._read_event(sock, link)
-        except sp.ProtocolError as exc:
-            return self._reject(sock, link, exc.code, exc.reason)
-        except OSError:
-            sock.close()
-            return
-        assert isinstance(ev, sp.ProofReceived)
         session = self.sessions.get(link.session_id)
-        # Rule 3: the proof first, against a dummy secret when the id is unknown.
-        ok = link.check_proof(session.secret if session is not None else _DUMMY_SECRET)
+        ok = False
+        if isinstance(ev, sp.HelloTicket):
+            # One round trip: the proof came with the HELLO, over the session's ticket.
+            ok = link.check_ticket_proof(session.ticket if session is not None else _DUMMY_ID,
+                                         session.secret if session is not None
+                                         else _DUMMY_SECRET)
+            if not ok and session is not None:
+                self.counters["stale_tickets"] += 1  # e.g. the last RESUMED was lost
+        if not ok and session is not None:
+            try:
+                sock.sendall(link.send_challenge())
+                ev = self._read_event(sock, link)
+            except sp.ProtocolError as exc:
+                return self._reject(sock, link, exc.code, exc.reason)
+            except OSError:
+                sock.close()
+                return
+            assert isinstance(ev, sp.ProofReceived)
+            session = self.sessions.get(link.session_id)
+            # Rule 3: the proof first, against a dummy secret when the id is unknown.
+            ok = link.check_proof(session.secret if session is not None else _DUMMY_SECRET)
+        elif session is None and isinstance(ev, sp.HelloResume):
+            # Answer an unknown id as a known one, until the proof: no cheaper oracle.
+            try:
+                sock.sendall(link.send_challenge())
+                ev = self._read_event(sock, link)
+            except sp.ProtocolError as exc:
+                return self._reject(sock, link, exc.code, exc.reason)
+            except OSError:
+                sock.close()
+                return
+            link.check_proof(_DUMMY_SECRET)
         if session is None:
             self.counters["unknown_sessions"] += 1
             return self._reject(sock, link, sp.E_UNKNOWN_SESSION,
@@ -673,12 +699,16 @@ class Relay:
             self.counters["failed_proofs"] += 1
             return self._reject(sock, link, sp.E_BAD_PROOF,
                                 f"wrong proof for session {link.session_id.hex()[:8]}")
+        assert isinstance(ev, sp.ProofReceived | sp.HelloTicket)
         why = session.stream.check_peer_counts(ev.received, ev.sent)
         if why is not None:
             self.counters["impossible_counts"] += 1
             return self._reject(sock, link, sp.E_IMPOSSIBLE_COUNTS, why)
         if session.finished:
             return self._reject(sock, link, sp.E_UNKNOWN_SESSION, "the session has ended")
+        # The ticket is spent now, before anything can yield: a replay racing this resume
+        # finds it gone (the new one goes out in RESUMED).
+        session.ticket = os.urandom(sp.NONCE_LEN)
         self._pending.discard(sock)
         self.counters["sessions_resumed"] += 1
         session.resumes += 1
@@ -829,7 +859,7 @@ class SessionClosedError(ConnectionResetError):
 
 class _ClientSession(_Carrier):
     __slots__ = ("address", "policy", "sid", "secret", "heartbeat", "ssl_context",
-                 "waiting_pong", "reconnects", "runner")
+                 "waiting_pong", "reconnects", "runner", "ticket")
 
     side = "application"
 
@@ -846,6 +876,7 @@ class _ClientSession(_Carrier):
         self.waiting_pong = False
         self.reconnects = 0
         self.runner: Any = None
+        self.ticket = b""
 
     def recv_link(self, lio: _LinkIO) -> bytes:
         # The heartbeat: a link silent for one interval gets a PING; silent for another, it
@@ -941,18 +972,22 @@ class _ClientSession(_Carrier):
         sock = _connect(self.address, timeout, self.ssl_context)
         try:
             link = sp.Link(sp.CLIENT)
-            sock.sendall(link.send_hello_resume(self.sid, self.stream))
+            if self.ticket:  # one round trip, or two if the relay no longer holds the ticket
+                sock.sendall(link.send_hello_ticket(self.sid, self.stream, self.ticket,
+                                                    self.secret))
+            else:
+                sock.sendall(link.send_hello_resume(self.sid, self.stream))
             ev = _client_event(sock, link)
-            if not isinstance(ev, sp.Challenged):
-                raise sp.ProtocolError(f"expected CHALLENGE, got {ev!r}")
-            sock.sendall(link.send_proof(self.secret))
-            ev = _client_event(sock, link)
+            if isinstance(ev, sp.Challenged):
+                sock.sendall(link.send_proof(self.secret))
+                ev = _client_event(sock, link)
             if not isinstance(ev, sp.Resumed):
                 raise sp.ProtocolError(f"expected RESUMED, got {ev!r}")
             lio = _LinkIO(sock, link)
             lio.wlock.acquire()
             try:
                 frames = link.finish_resume(self.secret)
+                self.ticket = link.next_ticket
                 self.cur = lio
                 sock.settimeout(self.heartbeat)
                 sock.sendall(frames)
@@ -982,7 +1017,24 @@ def _client_event(sock: Any, link: sp.Link) -> Any:
 
 
 def _connect(address: tuple[str, int], timeout: float | None, ssl_context: Any) -> Any:
-    sock = gsocket.create_connection(address, timeout=timeout)
+    host = address[0]
+    try:
+        family = gsocket.AF_INET6 if ipaddress.ip_address(host).version == 6 else \
+            gsocket.AF_INET
+    except ValueError:
+        family = None
+    if family is None:
+        sock = gsocket.create_connection(address, timeout=timeout)
+    else:
+        # An address literal: no resolver round trip (gevent's resolves in a thread pool,
+        # about a loopback round trip of its own on every resume).
+        sock = gsocket.socket(family, gsocket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
     _nodelay(sock)
     if ssl_context is not None:
         try:
@@ -1104,6 +1156,7 @@ def open_session(address: tuple[Any, ...], *, timeout: float | None = None,
     app.settimeout(timeout)
     session = _ClientSession(addr, policy, stream, ours, ev.session_id, ev.secret, heartbeat,
                              ssl_context)
+    session.ticket = link.next_ticket
     lio = _LinkIO(sock, link)
     session.cur = lio
     session.runner = gevent.spawn(session.run, lio)

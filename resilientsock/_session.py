@@ -66,10 +66,12 @@ FRAME_NAMES = {HELLO: "HELLO", CREATED: "CREATED", CHALLENGE: "CHALLENGE", PROOF
                PING: "PING", PONG: "PONG", ABORT: "ABORT"}
 
 _HELLO = struct.Struct(f"!BBB{NONCE_LEN}s")  # min version, max version, kind, client nonce
-_HELLO_KIND_NEW, _HELLO_KIND_RESUME = 0, 1
-_CREATED = struct.Struct(f"!B{ID_LEN}s{SECRET_LEN}s")  # version, session id, secret
+_HELLO_KIND_NEW, _HELLO_KIND_RESUME, _HELLO_KIND_TICKET = 0, 1, 2
+# version, session id, secret, the first resume ticket
+_CREATED = struct.Struct(f"!B{ID_LEN}s{SECRET_LEN}s{NONCE_LEN}s")
 _CHALLENGE = struct.Struct(f"!B{NONCE_LEN}s")  # version, relay nonce
-_COUNTS = struct.Struct(f"!QQ{MAC_LEN}s")  # received, sent, mac (PROOF and RESUMED)
+_COUNTS = struct.Struct(f"!QQ{MAC_LEN}s")  # received, sent, mac (PROOF; HELLO with a ticket)
+_RESUMED = struct.Struct(f"!QQ{MAC_LEN}s{NONCE_LEN}s")  # received, sent, mac, next ticket
 _END = struct.Struct("!B")  # 0 = EOF, 1 = reset; then a UTF-8 reason
 _ERROR = struct.Struct("!B")  # code; then a UTF-8 reason
 
@@ -134,6 +136,17 @@ class HelloResume:
 
 
 @dataclass(frozen=True)
+class HelloTicket:
+    """A resume in one round trip: the proof rides the HELLO, over the ticket the relay
+    issued on the previous link (its challenge, handed out in advance)."""
+
+    version: int
+    session_id: bytes
+    received: int
+    sent: int
+
+
+@dataclass(frozen=True)
 class Created:
     session_id: bytes
     secret: bytes
@@ -184,8 +197,8 @@ class Pong:
     pass
 
 
-Event = (HelloNew | HelloResume | Created | Challenged | ProofReceived | Resumed | Data | Ended
-         | Aborted | Ping | Pong)
+Event = (HelloNew | HelloResume | HelloTicket | Created | Challenged | ProofReceived | Resumed
+         | Data | Ended | Aborted | Ping | Pong)
 
 
 def new_credentials(rand: Callable[[int], bytes] = os.urandom) -> tuple[bytes, bytes]:
@@ -203,9 +216,9 @@ def preamble_verdict(first: bytes) -> bool | None:
 
 
 def _mac(secret: bytes, who: bytes, session_id: bytes, relay_nonce: bytes, client_nonce: bytes,
-         counts: tuple[int, ...]) -> bytes:
+         counts: tuple[int, ...], extra: bytes = b"") -> bytes:
     msg = b"".join((b"resilientsock session v1 ", who, b"\0", session_id, relay_nonce,
-                    client_nonce, struct.pack(f"!{len(counts)}Q", *counts)))
+                    client_nonce, struct.pack(f"!{len(counts)}Q", *counts), extra))
     return hmac.new(secret, msg, hashlib.sha256).digest()
 
 
@@ -392,6 +405,7 @@ CREATING = "CREATING"  # relay: HELLO(new) in hand, CREATED to send
 CHALLENGING = "CHALLENGING"  # relay: HELLO(resume) in hand, CHALLENGE to send
 VERIFYING = "VERIFYING"  # relay: PROOF in hand, RESUMED (or ERROR) to send
 AWAIT_RESUMED = "AWAIT_RESUMED"
+AWAIT_TICKET_ANSWER = "AWAIT_TICKET_ANSWER"  # client: RESUMED, or a CHALLENGE if stale
 OPEN = "OPEN"
 ERROR = "ERROR"  # sticky
 CLOSED = "CLOSED"  # an ERROR frame was sent or received: nothing more on this link
@@ -405,16 +419,19 @@ EXPECT: dict[tuple[str, str], dict[int, str]] = {
     (CLIENT, AWAIT_CREATED): {CREATED: OPEN, ERROR_FRAME: CLOSED},
     (CLIENT, AWAIT_CHALLENGE): {CHALLENGE: CHALLENGED, ERROR_FRAME: CLOSED},
     (CLIENT, AWAIT_RESUMED): {RESUMED: OPEN, ERROR_FRAME: CLOSED},
+    (CLIENT, AWAIT_TICKET_ANSWER): {RESUMED: OPEN, CHALLENGE: CHALLENGED, ERROR_FRAME: CLOSED},
     (CLIENT, OPEN): {DATA: OPEN, ACK: OPEN, END: OPEN, PING: OPEN, PONG: OPEN, ABORT: OPEN,
                      ERROR_FRAME: CLOSED},
 }
 # Which send_* call is legal in which state, and the state after it.
 SENDS: dict[tuple[str, str], dict[str, str]] = {
-    (CLIENT, START): {"hello_new": AWAIT_CREATED, "hello_resume": AWAIT_CHALLENGE},
+    (CLIENT, START): {"hello_new": AWAIT_CREATED, "hello_resume": AWAIT_CHALLENGE,
+                      "hello_ticket": AWAIT_TICKET_ANSWER},
     (CLIENT, CHALLENGED): {"proof": AWAIT_RESUMED},
     (RELAY, CREATING): {"created": OPEN, "error": CLOSED},
     (RELAY, CHALLENGING): {"challenge": AWAIT_PROOF, "error": CLOSED},
-    (RELAY, VERIFYING): {"resumed": OPEN, "error": CLOSED},
+    (RELAY, VERIFYING): {"resumed": OPEN, "error": CLOSED,
+                         "challenge": AWAIT_PROOF},  # a stale ticket: the two-trip resume
     (RELAY, AWAIT_PREAMBLE): {"error": CLOSED},
     (RELAY, AWAIT_HELLO): {"error": CLOSED},
     (RELAY, AWAIT_PROOF): {"error": CLOSED},
@@ -422,7 +439,8 @@ SENDS: dict[tuple[str, str], dict[str, str]] = {
     (RELAY, ERROR): {"error": CLOSED},
 }
 HANDSHAKE_STATES = {START, AWAIT_PREAMBLE, AWAIT_HELLO, AWAIT_CREATED, AWAIT_CHALLENGE,
-                    CHALLENGED, AWAIT_PROOF, CREATING, CHALLENGING, VERIFYING, AWAIT_RESUMED}
+                    CHALLENGED, AWAIT_PROOF, CREATING, CHALLENGING, VERIFYING, AWAIT_RESUMED,
+                    AWAIT_TICKET_ANSWER}
 
 
 class Link:
@@ -435,7 +453,8 @@ class Link:
 
     __slots__ = ("role", "state", "_buf", "_pos", "_handshake_bytes", "stream", "session_id",
                  "client_nonce", "relay_nonce", "version", "_rand", "_error", "peer_counts",
-                 "_peer_mac", "_proof_counts", "_chunk", "_cpos")
+                 "_peer_mac", "_proof_counts", "_chunk", "_cpos", "next_ticket",
+                 "_peer_ticket")
 
     def __init__(self, role: str, rand: Callable[[int], bytes] = os.urandom) -> None:
         if role not in (CLIENT, RELAY):
@@ -455,6 +474,8 @@ class Link:
         self.peer_counts: tuple[int, int] | None = None
         self._peer_mac = b""
         self._proof_counts = (0, 0)
+        self.next_ticket = b""  # relay: issued in CREATED/RESUMED; client: received there
+        self._peer_ticket = b""
         # The hot path: a received chunk parsed in place (DATA payloads are memoryviews of it,
         # no copy) until a frame straddles its end; then the rest goes to _buf.
         self._chunk: memoryview | None = None
@@ -633,13 +654,23 @@ class Link:
                 self.session_id = body[_HELLO.size:]
                 self.state = CHALLENGING
                 return HelloResume(self.version, self.session_id)
+            if kind == _HELLO_KIND_TICKET:
+                if len(body) != _HELLO.size + ID_LEN + _COUNTS.size:
+                    raise ProtocolError("HELLO(ticket) must carry an id, counts and a proof")
+                self.session_id = body[_HELLO.size:_HELLO.size + ID_LEN]
+                received, sent, mac = _COUNTS.unpack_from(body, _HELLO.size + ID_LEN)
+                self.peer_counts = (received, sent)
+                self._peer_mac = mac
+                self.state = VERIFYING
+                return HelloTicket(self.version, self.session_id, received, sent)
             raise ProtocolError(f"HELLO kind {kind}")
         if ftype == CREATED:
             if len(body) != _CREATED.size:
                 raise ProtocolError("malformed CREATED")
-            version, sid, secret = _CREATED.unpack(body)
+            version, sid, secret, ticket = _CREATED.unpack(body)
             self.version = version
             self.session_id = sid
+            self.next_ticket = ticket
             self.state = next_state
             return Created(sid, secret)
         if ftype == CHALLENGE:
@@ -649,11 +680,13 @@ class Link:
             self.state = next_state
             return Challenged()
         if ftype in (PROOF, RESUMED):
-            if len(body) != _COUNTS.size:
+            layout = _COUNTS if ftype == PROOF else _RESUMED
+            if len(body) != layout.size:
                 raise ProtocolError(f"malformed {FRAME_NAMES[ftype]}")
-            received, sent, mac = _COUNTS.unpack(body)
+            received, sent, mac, *ticket = layout.unpack(body)
             self.peer_counts = (received, sent)
             self._peer_mac = mac
+            self._peer_ticket = ticket[0] if ticket else b""
             self.state = next_state
             if ftype == PROOF:
                 return ProofReceived(received, sent)
@@ -688,12 +721,39 @@ class Link:
         body += session_id
         return PREAMBLE + HEADER.pack(HELLO, len(body), 0) + body
 
+    def send_hello_ticket(self, session_id: bytes, stream: Stream, ticket: bytes,
+                          secret: bytes) -> bytes:
+        """Client: the preamble and a resume in one round trip, proved over ``ticket`` (the
+        relay's last ``next_ticket``). If the relay no longer holds that ticket it answers
+        with a CHALLENGE and the resume takes the two-trip path (``send_proof``)."""
+        if len(session_id) != ID_LEN or len(ticket) != NONCE_LEN:
+            raise ValueError("session id and ticket must be 16 bytes")
+        self._move("hello_ticket")
+        self.session_id = session_id
+        self.stream = stream
+        self.client_nonce = self._rand(NONCE_LEN)
+        self.relay_nonce = ticket
+        counts = (stream.received, stream.sent)
+        self._proof_counts = counts
+        mac = _mac(secret, b"client", session_id, ticket, self.client_nonce, counts)
+        body = (_HELLO.pack(MIN_VERSION, VERSION, _HELLO_KIND_TICKET, self.client_nonce)
+                + session_id + _COUNTS.pack(*counts, mac))
+        return PREAMBLE + HEADER.pack(HELLO, len(body), 0) + body
+
+    def check_ticket_proof(self, ticket: bytes, secret: bytes) -> bool:
+        """Relay, on ``HelloTicket``: does the proof hold over the session's current ticket?
+        (False for a stale or unknown one: answer with ``send_challenge``, or refuse.)"""
+        self.relay_nonce = ticket
+        return self.check_proof(secret)
+
     def send_created(self, session_id: bytes, secret: bytes, stream: Stream) -> bytes:
-        """Relay: the new session's id and secret; the link is open on ``stream``."""
+        """Relay: the new session's id and secret, and its first resume ticket
+        (``next_ticket``, to keep); the link is open on ``stream``."""
         self._move("created")
         self.session_id = session_id
         self.stream = stream
-        body = _CREATED.pack(self.version, session_id, secret)
+        self.next_ticket = self._rand(NONCE_LEN)
+        body = _CREATED.pack(self.version, session_id, secret, self.next_ticket)
         return HEADER.pack(CREATED, len(body), 0) + body
 
     def send_challenge(self) -> bytes:
@@ -731,10 +791,11 @@ class Link:
         assert self.peer_counts is not None
         self._move("resumed")
         self.stream = stream
+        self.next_ticket = self._rand(NONCE_LEN)
         counts = (*self.peer_counts, stream.received, stream.sent)
         mac = _mac(secret, b"relay", self.session_id, self.relay_nonce, self.client_nonce,
-                   counts)
-        body = _COUNTS.pack(stream.received, stream.sent, mac)
+                   counts, self.next_ticket)
+        body = _RESUMED.pack(stream.received, stream.sent, mac, self.next_ticket)
         return HEADER.pack(RESUMED, len(body), 0) + body + stream.resume(self.peer_counts[0])
 
     def finish_resume(self, secret: bytes) -> bytes:
@@ -746,9 +807,10 @@ class Link:
         r_received, r_sent = self.peer_counts
         counts = (*self._proof_counts, r_received, r_sent)
         expected = _mac(secret, b"relay", self.session_id, self.relay_nonce, self.client_nonce,
-                        counts)
+                        counts, self._peer_ticket)
         if not hmac.compare_digest(expected, self._peer_mac):
             self._fail(ProtocolError("the relay's proof is wrong", E_BAD_PROOF))
+        self.next_ticket = self._peer_ticket
         why = stream.check_peer_counts(r_received, r_sent)
         if why is not None:
             self._fail(ProtocolError(f"relay counts: {why}", E_IMPOSSIBLE_COUNTS))

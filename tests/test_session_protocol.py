@@ -328,3 +328,45 @@ def test_any_chunking_yields_the_same_stream(drain: bool) -> None:
         if drain or pos >= len(wire) or rng.random() < 0.3:
             got += payloads(events(p.client))
     assert bytes(got) == blob
+
+
+def _ticket_resume(p: Pair, ticket: bytes) -> tuple[sp.Link, sp.Link, bytes]:
+    client, relay = sp.Link(sp.CLIENT), sp.Link(sp.RELAY)
+    hello = client.send_hello_ticket(p.sid, p.c_stream, ticket, p.secret)
+    (ev,) = events(relay, hello)
+    assert isinstance(ev, sp.HelloTicket) and ev.session_id == p.sid
+    return client, relay, hello
+
+
+def test_a_ticket_resumes_in_one_round_trip_and_is_used_once() -> None:
+    p = Pair()
+    ticket = p.relay.next_ticket
+    assert p.client.next_ticket == ticket and len(ticket) == 16  # from CREATED
+    events(p.relay, p.c_stream.data(b"up"))
+    p.r_stream.data(b"lost down")
+    client, relay, hello = _ticket_resume(p, ticket)
+    assert relay.check_ticket_proof(ticket, p.secret)
+    client.receive_data(relay.send_resumed(p.secret, p.r_stream))
+    assert isinstance(client.next_event(), sp.Resumed)
+    assert client.finish_resume(p.secret) is not None
+    assert payloads(events(client)) == b"lost down"
+    assert client.next_ticket == relay.next_ticket != ticket  # the next one, proved
+    # The same HELLO replayed later: the relay holds the new ticket now, so the proof fails
+    # and the replayer gets a fresh challenge it cannot answer.
+    replay = sp.Link(sp.RELAY)
+    events(replay, hello)
+    assert not replay.check_ticket_proof(relay.next_ticket, p.secret)
+    assert replay.send_challenge()[:1] == bytes([sp.CHALLENGE])
+
+
+def test_a_stale_ticket_falls_back_to_the_challenge() -> None:
+    p = Pair()
+    client, relay, _ = _ticket_resume(p, b"s" * 16)
+    assert not relay.check_ticket_proof(p.relay.next_ticket, p.secret)
+    assert events(client, relay.send_challenge()) == [sp.Challenged()]
+    (proof,) = events(relay, client.send_proof(p.secret))
+    assert isinstance(proof, sp.ProofReceived) and relay.check_proof(p.secret)
+    client.receive_data(relay.send_resumed(p.secret, p.r_stream))
+    assert isinstance(client.next_event(), sp.Resumed)
+    client.finish_resume(p.secret)
+    assert client.state == sp.OPEN
