@@ -561,10 +561,26 @@ def test_attacks_are_rejected_and_the_live_session_stays_intact(
     replay.close()
     assert bytes([sp.ERROR_FRAME]) in got[:sp.HEADER_LEN + 40]
 
-    converse(app, 11, 60)
+    # The same with a one-round-trip ticket: a replayed ticket HELLO only gets a challenge.
+    converse(app, 11, 11)  # the live client is back on its link, with a fresh ticket
+    lnk = sp.Link(sp.CLIENT)
+    stream = sp.Stream()
+    stream.received, stream.data_sent = live.stream.sent, live.stream.received
+    hello = lnk.send_hello_ticket(sid, stream, live.ticket, live.secret)
+    sock = gsocket.create_connection(addr, timeout=5)
+    sock.sendall(hello)
+    assert sock.recv(4096)[:1] == bytes([sp.RESUMED])
+    sock.close()
+    replay = gsocket.create_connection(addr, timeout=5)
+    replay.sendall(hello)
+    assert replay.recv(4096)[:1] == bytes([sp.CHALLENGE])  # the ticket is spent
+    replay.close()
+
+    converse(app, 12, 60)
     app.close()
     assert_exactly_once(upstream, 60)
     st = relay.stats()
+    assert st["stale_tickets"] >= 1
     assert st["failed_proofs"] == 2 and st["unknown_sessions"] == 1
     assert st["impossible_counts"] == 1 and st["handshake_timeouts"] == 1
 
