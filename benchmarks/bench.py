@@ -5,6 +5,10 @@
 
 Sections (each one table; ratios are against the gevent socket measured in the same run):
 
+sameproc  the DESIGN §12 targets: one process runs both a server and its client, patched by
+          gevent.monkey alone or by resilientsock.patch(); 64 B ping-pong, 64 KiB bulk
+          writes, and a download (one request, a long answer read with recv_into: the read
+          path's cost, answer-resume digest included); alternating runs, medians.
 overhead  64-byte ping-pong round trips per second and bulk throughput (64 KiB ``sendall``
           to a sink, 512 MiB, best of 3 transfers per run) on loopback for the stdlib socket,
           the gevent socket, ``ResilientSocket`` direct and a socket made under ``patch()``.
@@ -233,6 +237,117 @@ def bench_overhead(runs: int, quick: bool) -> dict[str, Any]:
     return results
 
 
+# -- overhead with both ends in one patched process (DESIGN §12) --
+
+def sameproc_main(mode: str, test: str, amount: float) -> None:
+    """One process that runs a server and its client, patched by ``mode``: ``gevent``
+    (gevent.monkey alone) or ``patched`` (resilientsock.patch()). Prints one JSON result."""
+    if mode == "patched":
+        import resilientsock
+        resilientsock.patch()
+    else:
+        from gevent import monkey
+        monkey.patch_all()
+    import socket
+
+    import gevent
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray(CHUNK)
+        total = 0
+        if test == "download":  # one request, then a long answer the client reads
+            conn.recv_into(buf)
+            total = int(amount) * (1 << 20)
+            chunk = memoryview(b"d" * CHUNK)
+            for _ in range(total // CHUNK):
+                conn.sendall(chunk)
+            conn.close()
+            return
+        while True:
+            n = conn.recv_into(buf)
+            if not n:
+                break
+            if test == "pingpong":
+                conn.sendall(memoryview(buf)[:n])
+            else:
+                total += n
+        if test == "bulk":
+            conn.sendall(total.to_bytes(8, "big"))
+        conn.close()
+
+    server = gevent.spawn(serve)
+    sock = socket.create_connection(listener.getsockname())
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if mode == "patched":
+        assert getattr(sock, "resilient", False), "the client must be protected"
+    if test == "pingpong":
+        msg = b"p" * PING
+        view = memoryview(bytearray(PING))
+        count = 0
+        t0 = time.perf_counter()
+        end = t0 + amount
+        while True:
+            sock.sendall(msg)
+            got = 0
+            while got < PING:
+                got += sock.recv_into(view[got:])
+            count += 1
+            if count % 256 == 0 and time.perf_counter() >= end:
+                break
+        value = count / (time.perf_counter() - t0)
+    elif test == "download":
+        total = int(amount) * (1 << 20)
+        view = memoryview(bytearray(CHUNK))
+        t0 = time.perf_counter()
+        sock.sendall(b"GET\n")
+        got = 0
+        while got < total:
+            n = sock.recv_into(view)
+            if not n:
+                raise SystemExit("server closed early")
+            got += n
+        value = total / (time.perf_counter() - t0) / (1 << 20)
+    else:
+        chunk = b"b" * CHUNK
+        total = int(amount) * (1 << 20)
+        t0 = time.perf_counter()
+        for _ in range(total // CHUNK):
+            sock.sendall(chunk)
+        sock.shutdown(1)
+        answer = b""
+        while len(answer) < 8:
+            answer += sock.recv(8 - len(answer))
+        assert int.from_bytes(answer, "big") == total
+        value = total / (time.perf_counter() - t0) / (1 << 20)
+    sock.close()
+    server.join(5)
+    print(json.dumps({"value": value}))
+
+
+def bench_sameproc(runs: int, quick: bool) -> dict[str, dict[str, list[float]]]:
+    results: dict[str, dict[str, list[float]]] = {}
+    for test, amount in (("pingpong", 0.5 if quick else 1.0), ("bulk", 256 if quick else 1024),
+                         ("download", 256 if quick else 1024)):
+        samples: dict[str, list[float]] = {"gevent": [], "patched": []}
+        for _ in range(runs):
+            for mode in ("gevent", "patched"):  # alternating, in one invocation
+                out = subprocess.run([sys.executable, __file__, "_sameproc", mode, test,
+                                      str(amount)], capture_output=True, text=True, env=ENV,
+                                     timeout=300)
+                if out.returncode != 0:
+                    raise RuntimeError(f"sameproc {mode} {test} failed:\n{out.stderr[-2000:]}")
+                samples[mode].append(float(json.loads(out.stdout.strip().splitlines()[-1])
+                                           ["value"]))
+        results[test] = samples
+    return results
+
+
 # -- recovery (in process: FaultProxy and MessageServer on their own loop threads) --
 
 def bench_recovery(faults: int, quick: bool) -> dict[str, Any]:
@@ -425,12 +540,12 @@ def main(argv: list[str] | None = None) -> int:
                         "(median shown; default 5)")
     parser.add_argument("--quick", action="store_true",
                         help="smaller sizes (a smoke run; not for RESULTS.md)")
-    parser.add_argument("--only", default="overhead,recovery,herd,memory",
+    parser.add_argument("--only", default="overhead,sameproc,recovery,herd,memory",
                         help="comma-separated sections (default: all)")
     parser.add_argument("--write", metavar="PATH", help="also write the report to PATH")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = set(sections) - {"overhead", "recovery", "herd", "memory"}
+    unknown = set(sections) - {"overhead", "sameproc", "recovery", "herd", "memory"}
     if unknown:
         parser.error(f"--only: unknown section(s) {', '.join(sorted(unknown))}")
     if args.runs < 1:
@@ -471,6 +586,24 @@ def main(argv: list[str] | None = None) -> int:
                 ok = ratio >= targets[test]
                 verdicts.append(f"{test} {variant}: {ratio:.3f}x gevent (target >= "
                                 f"{targets[test]:.2f}x): {'met' if ok else 'MISSED'}")
+
+    if "sameproc" in sections:
+        runs = max(args.runs, 7)
+        res = bench_sameproc(runs, args.quick)
+        emit("\n## Overhead, both ends in one patched process (DESIGN §12)\n")
+        emit(f"One process runs the server and its client: `gevent.monkey.patch_all()` alone "
+             f"against `resilientsock.patch()` (the accepted socket passes through, the client "
+             f"is protected). Alternating runs, median of {runs}.\n")
+        emit("| test | gevent.monkey | resilientsock.patch() | ratio | target |")
+        emit("|---|---:|---:|---:|---:|")
+        for test, unit, target in (("pingpong", "round trips/s", 0.95), ("bulk", "MiB/s", 0.97),
+                                   ("download", "MiB/s", 0.97)):
+            base = statistics.median(res[test]["gevent"])
+            mine = statistics.median(res[test]["patched"])
+            emit(f"| {test} | {base:,.0f} {unit} | {mine:,.0f} {unit} | {mine / base:.3f} | "
+                 f">= {target:.2f} |")
+            verdicts.append(f"one process, {test}: {mine / base:.3f}x gevent.monkey (target >= "
+                            f"{target:.2f}x): {'met' if mine / base >= target else 'MISSED'}")
 
     if "recovery" in sections:
         res = bench_recovery(50 if args.quick else 200, args.quick)
@@ -542,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_server":
         server_main(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_sameproc":
+        sameproc_main(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_client":
         client_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
     else:

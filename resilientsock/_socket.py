@@ -766,7 +766,10 @@ class ResilientSocket(_GeventSocket):
         add_note(exc, f"resilientsock: not recovered: {verdict.note}")
         self._rs_bump("surfaced")
         _stats.bump(f"surfaced.{info.category}")
-        _emit("surfaced", logging.INFO, "%s: surfacing %s: %s", self._rs_name(),
+        # A dialect's refusal is logged at WARNING: some clients swallow the exception (and
+        # its note) in a thread of their own (paramiko's transport).
+        level = logging.WARNING if verdict.rule == "dialect" else logging.INFO
+        _emit("surfaced", level, "%s: surfacing %s: %s", self._rs_name(),
               type(exc).__name__, verdict.note, peer=self._rs_target,
               category=str(info.category), error_type=type(exc).__name__)
         if verdict.kind == EARLY_ANSWER:
@@ -1017,7 +1020,7 @@ class ResilientSocket(_GeventSocket):
                 try:
                     done = restore.feed(chunk)
                 except Exception as mismatch:
-                    raise _SetupMismatch(f"{dialect.name}: {mismatch}") from None
+                    raise _SetupMismatch(str(mismatch)) from None
                 if done is not None:
                     break
         if m.wrote and m.banner and dialect is None:
@@ -1048,20 +1051,20 @@ class ResilientSocket(_GeventSocket):
     def _rs_resume(self, m: Machine, k: int) -> None:
         """Read the re-sent request's new answer up to what the caller already has, and
         compare it with the digest of what the caller got (§5b)."""
-        from zlib import crc32
+        from ._machine import new_digest
 
         dialect = m.dialect
         if dialect is not None:
             dialect.reset_answer()
-        crc = 0
+        digest = new_digest()
         got = 0
         while got < k:
             chunk = self._rs_raw_recv(min(65536, k - got))
             if not chunk:
                 break
             got += len(chunk)
-            crc = crc32(dialect.mask(chunk) if dialect is not None else chunk, crc)
-        if got < k or crc != m.crc:
+            digest.update(dialect.mask(chunk) if dialect is not None else chunk)
+        if got < k or digest.intdigest() != m.digest.intdigest():
             self._rs_bump("answers_changed")
             _emit("answer_changed", logging.WARNING, "%s: the re-sent request's answer changed "
                   "after %d byte(s)", self._rs_name(), k, peer=self._rs_target, nbytes=k)

@@ -5,10 +5,13 @@ thread (resilientsock.testing.LoopThread), so they keep running while a test blo
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -206,3 +209,41 @@ def tls_banner_server() -> Iterator[TLSServer]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[tuple[dict[str, Any], int]]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (make test installs it as root)")
+    pytest.importorskip("redis")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", str(tmp_path)]
+    state: dict[str, Any] = {"proc": subprocess.Popen(cmd, stdout=subprocess.DEVNULL)}
+
+    def wait_up() -> None:
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                return
+            except OSError:
+                state["proc"].wait(timeout=0.05) if state["proc"].poll() is not None else None
+        raise AssertionError("redis-server did not start")
+
+    wait_up()
+    def restart() -> None:
+        state["proc"].kill()
+        state["proc"].wait()
+        state["proc"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        wait_up()
+
+    state["restart"] = restart
+    try:
+        yield state, port
+    finally:
+        state["proc"].kill()
+        state["proc"].wait()
