@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.server
 import os
 import random
-import shutil
 import socket
 import socketserver
 import subprocess
@@ -16,7 +15,6 @@ import warnings
 import xmlrpc.server
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import ROOT, run_py
