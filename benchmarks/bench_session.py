@@ -151,8 +151,9 @@ def _connect(mode: str, address: tuple[str, int]) -> Any:
 
     if mode == "raw":
         return RawSession(address)
-    if mode == "session":
-        return open_session(address, timeout=30, policy=RetryPolicy(deadline=30))
+    if mode in ("session", "unix"):
+        return open_session(address, timeout=30, policy=RetryPolicy(deadline=30),
+                            unix_pair=mode == "unix")
     sock = gsocket.create_connection(address, timeout=30)
     sock.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
     return sock
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, list[float]]] = {"pingpong": {}, "bulk": {}}
     try:
         for _ in range(runs):
-            for mode in ("plain", "session", "raw"):
+            for mode in ("plain", "session", "unix", "raw"):
                 results["pingpong"].setdefault(mode, []).append(
                     pingpong(mode, address, pings))
                 results["bulk"].setdefault(mode, []).append(bulk(mode, address, total))
@@ -384,9 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         p = statistics.median(results[test]["plain"])
         s = statistics.median(results[test]["session"])
         r = statistics.median(results[test]["raw"])
+        u = statistics.median(results[test]["unix"])
         ok = "met" if s / p >= 0.8 else "MISSED"
         lines.append(f"| {test} ({unit}) | {fmt.format(p)} | {fmt.format(s)} | "
                      f"{s / p:.2f} | ≥ 0.8 ({ok}) |")
+        lines.append(f"| {test}, AF_UNIX pair ({unit}) | {fmt.format(p)} | {fmt.format(u)} | "
+                     f"{u / p:.2f} | (`unix_pair=True`) |")
         lines.append(f"| {test}, relay only ({unit}) | {fmt.format(p)} | {fmt.format(r)} | "
                      f"{r / p:.2f} | (no application socket pair) |")
     diff = idle["session"] - idle["plain"]

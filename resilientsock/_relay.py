@@ -1045,9 +1045,14 @@ def _connect(address: tuple[str, int], timeout: float | None, ssl_context: Any) 
     return sock
 
 
-def _socket_pair() -> tuple[Any, Any]:
+def _socket_pair(unix: bool = False) -> tuple[Any, Any]:
     """A connected loopback TCP pair (application end, our end): TCP, so the application can
-    set TCP options on it as on any connection to a server."""
+    set TCP options on it as on any connection to a server. ``unix=True``: an AF_UNIX pair
+    (each send costs the kernel far less than loopback TCP's; measured in bench_session.py),
+    for callers that set no TCP options on it or swallow the EOPNOTSUPP."""
+    if unix:
+        app, ours = gsocket.socketpair(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
+        return app, ours
     listener = gsocket.socket(gsocket.AF_INET, gsocket.SOCK_STREAM)
     try:
         listener.bind(("127.0.0.1", 0))
@@ -1084,7 +1089,7 @@ def _retryable_first_connect(exc: BaseException) -> bool:
 
 def open_session(address: tuple[Any, ...], *, timeout: float | None = None,
                  policy: RetryPolicy | None = None, heartbeat: float | None = None,
-                 ssl_context: Any = None) -> Any:
+                 ssl_context: Any = None, unix_pair: bool = False) -> Any:
     """Open a session through the relay at ``address``; return the application's end.
 
     The result is a connected gevent TCP socket whose byte stream is carried exactly once, in
@@ -1101,6 +1106,9 @@ def open_session(address: tuple[Any, ...], *, timeout: float | None = None,
     When the session later cannot be resumed (relay restarted, session expired, proof
     rejected), the returned socket is reset (the application's next recv raises
     ConnectionResetError) and the reason is logged at WARNING.
+
+    ``unix_pair=True`` returns an AF_UNIX socket instead of loopback TCP: cheaper per write,
+    but TCP-level ``setsockopt`` calls on it fail (EOPNOTSUPP) and ``getpeername()`` is ''.
     """
     policy = policy or RetryPolicy()
     host, port = address[0], int(address[1])
@@ -1152,7 +1160,7 @@ def open_session(address: tuple[Any, ...], *, timeout: float | None = None,
         raise
     assert isinstance(ev, sp.Created)
     sock.settimeout(heartbeat)
-    app, ours = _socket_pair()
+    app, ours = _socket_pair(unix_pair)
     app.settimeout(timeout)
     session = _ClientSession(addr, policy, stream, ours, ev.session_id, ev.secret, heartbeat,
                              ssl_context)
