@@ -226,6 +226,11 @@ class _Carrier:
         stream = self.stream
         while lio.alive and not self.finished:
             while True:
+                if lio is not self.cur:
+                    # Replaced by a resume while a delivery blocked: the frames still buffered
+                    # here are the new link's to re-send (counted from the resume's numbers);
+                    # parsing them now would deliver them twice (rule 2).
+                    return
                 try:
                     ev = link.next_event()
                 except sp.Refused as exc:
