@@ -233,15 +233,31 @@ def test_r05b_close_during_the_connect_wait_wins():
 
     g = gevent.spawn(reader)
     wait_until(lambda: resilientsock.stats().get("reconnect_attempts", 0) >= 1)
+    gevent.sleep(0.2)  # a fault cadence: the reconnect's SYN is now waiting in the kernel
     fds = _open_fds()
     s.close()
+
+    def drain() -> None:  # make room: the reconnect's SYN retransmit gets in
+        while True:
+            try:
+                c, _ = listener.accept()
+            except OSError:
+                return
+            conns.append(c)
+            threading.Thread(target=serve_one, args=(c,), daemon=True).start()
+
+    threading.Thread(target=drain, daemon=True).start()
     g.join(8)
+    gevent.sleep(1.5)  # observe: a SYN retransmit comes ~1 s later; nothing may follow it
     assert got and isinstance(got[0], OSError)
     assert s._closed and not s.resilient
-    assert _open_fds() <= fds
+    assert s.fileno() == -1
+    assert _open_fds() <= fds + len(conns) - 1  # the server side's accepts are counted here too
     for f in fill:
         f.close()
     listener.close()
+    for c in conns:
+        c.close()
     assert lines == [b"MSG 1 x", b"MSG 2 x"]
 
 
