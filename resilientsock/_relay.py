@@ -127,7 +127,7 @@ class _Carrier:
     """A session's stream between a plain end and the current link (rule 1)."""
 
     __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "finished", "aborted",
-                 "plain_reader", "__weakref__")
+                 "plain_reader", "plain_lock", "__weakref__")
 
     side = "?"
 
@@ -140,6 +140,9 @@ class _Carrier:
         self.finished = False
         self.aborted: str | None = None  # an ABORT to (re)send until the session is gone
         self.plain_reader: Any = None
+        # One writer at a time on the plain end, in stream order: a link replaced while its
+        # delivery blocked finishes that delivery before the new link's first byte.
+        self.plain_lock = gevent.lock.Semaphore()
 
     # -- sending on the current link (rule 2) ----------------------------------------------
 
@@ -282,12 +285,17 @@ class _Carrier:
             self._send(self.cur, self.stream.ack())
 
     def _deliver(self, payload: bytes | memoryview) -> None:
-        if self.plain is None or self.aborted:
-            return
-        try:
-            self.plain.sendall(payload)
-        except OSError as exc:
-            self.plain_write_failed(exc)
+        with self.plain_lock:
+            if self.plain is None or self.aborted:
+                return
+            try:
+                self.plain.sendall(payload)
+            except OSError as exc:
+                failed: OSError | None = exc
+            else:
+                failed = None
+        if failed is not None:
+            self.plain_write_failed(failed)
 
     def plain_write_failed(self, exc: OSError) -> None:
         """The plain end cannot take more: it is gone. End our direction with a reset if it is
@@ -304,17 +312,18 @@ class _Carrier:
         self.finish(abort_plain=True)
 
     def _peer_ended(self, ev: sp.Ended) -> None:
-        plain = self.plain
-        if plain is None:
-            return
-        if ev.reset:
-            self.plain = None
-            _abort(plain)
-            return
-        try:
-            plain.shutdown(gsocket.SHUT_WR)
-        except OSError:
-            pass
+        with self.plain_lock:  # after every byte before the end marker
+            plain = self.plain
+            if plain is None:
+                return
+            if ev.reset:
+                self.plain = None
+                _abort(plain)
+                return
+            try:
+                plain.shutdown(gsocket.SHUT_WR)
+            except OSError:
+                pass
 
     def on_aborted(self, reason: str) -> None:
         self.finish(abort_plain=True)

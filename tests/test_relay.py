@@ -299,6 +299,81 @@ def _same(data: bytes, offset: int) -> bool:
     return all(data[i] == block[(offset + i) % 256] for i in range(0, len(data), 997))
 
 
+class Gate:
+    """An upstream that accepts, reads nothing until ``open()``, then records every byte."""
+
+    def __init__(self) -> None:
+        self.loop = LoopThread("gate").start()
+        self.connections = 0
+        self.received = bytearray()
+        self.address = self.loop.call(self._listen)
+
+    def _listen(self) -> tuple[str, int]:
+        import gevent.event
+
+        self.opened = gevent.event.Event()
+        sock = gsocket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        self.listener = sock
+
+        def serve(conn: Any) -> None:
+            conn.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_RCVBUF, 65536)
+            self.opened.wait()
+            while True:
+                data = conn.recv(262144)
+                if not data:
+                    conn.close()
+                    return
+                self.received += data
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                self.connections += 1
+                gevent.spawn(serve, conn)
+
+        gevent.spawn(accept)
+        return sock.getsockname()  # type: ignore[no-any-return]
+
+    def open(self) -> None:
+        self.loop.call(self.opened.set)
+
+    def stop(self) -> None:
+        self.loop.call(self.listener.close)
+        self.loop.stop()
+
+
+def test_a_resume_while_the_relay_is_blocked_on_upstream_delivers_nothing_twice() -> None:
+    gate = Gate()
+    try:
+        with Relay(("127.0.0.1", 0), gate.address, plain_after=2.0) as relay, \
+                FaultProxy(relay.address) as proxy:
+            app = session(proxy)
+            total = 6 * 1024 * 1024
+            blob = bytes(random.Random(3).randbytes(total))
+            writer = gevent.spawn(app.sendall, blob)
+            # The relay fills the upstream's buffers and blocks in its write, with frames
+            # still queued behind it on the link; then the link is reset and resumed.
+            wait_until(lambda: relay.stats()["bytes_up"] >= 256 * 1024, what="relay writing")
+            gevent.sleep(0.2)  # let the relay block on the upstream write (a cadence)
+            proxy.reset_all()
+            wait_until(lambda: relay.stats()["sessions_resumed"] >= 1, what="resume")
+            gate.open()
+            writer.get(timeout=30)
+            app.shutdown(socket.SHUT_WR)
+            wait_until(lambda: len(gate.received) >= total, timeout=30, what="all bytes")
+            gevent.sleep(0.2)  # anything extra would arrive now (a cadence, not a sync)
+            assert len(gate.received) == total and bytes(gate.received) == blob
+            assert gate.connections == 1
+            app.close()
+    finally:
+        gate.stop()
+
+
 # -- SMTP: many mails in one session --------------------------------------------------------
 
 
