@@ -753,3 +753,53 @@ def test_cli_bad_input_is_one_line_and_status_2(args: list[str], message: str) -
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+@pytest.mark.slow
+def test_soak_full_duplex_through_random_faults_of_every_kind() -> None:
+    """40 s of echo traffic while resets, FINs, cuts, refusals and black holes fire at random."""
+    echo = MessageServer(mode="echo").start()
+    try:
+        with Relay(("127.0.0.1", 0), echo.address, buffer_limit=512 * 1024,
+                   plain_after=2.0) as relay, FaultProxy(relay.address) as proxy:
+            app = session(proxy, policy=POLICY.replace(journal_limit=512 * 1024))
+            rng = random.Random(40)
+            stop = [False]
+            sent = bytearray()
+
+            def writer() -> None:
+                end = time.monotonic() + 40
+                while time.monotonic() < end:
+                    chunk = rng.randbytes(rng.choice((7, 1000, 30000, 200000)))
+                    app.sendall(chunk)
+                    sent.extend(chunk)
+                app.shutdown(socket.SHUT_WR)
+
+            def faults() -> None:
+                kinds = [proxy.reset_all, proxy.close_all,
+                         lambda: proxy.cut_after(rng.randrange(1, 5000),
+                                                 rng.choice(("up", "down"))),
+                         lambda: (proxy.refuse(0.2), proxy.reset_all()),
+                         lambda: (proxy.blackhole(True), gevent.sleep(3 * HEARTBEAT),
+                                  proxy.blackhole(False))]
+                while not stop[0]:
+                    gevent.sleep(rng.uniform(0.05, 0.4))  # a fault cadence, not a sync
+                    rng.choice(kinds)()
+
+            w = gevent.spawn(writer)
+            f = gevent.spawn(faults)
+            got = bytearray()
+            while True:
+                data = app.recv(262144)
+                if not data:
+                    break
+                got.extend(data)
+            stop[0] = True
+            f.join(timeout=10)
+            w.get(timeout=10)
+            assert got == sent, f"echoed {len(got)} of {len(sent)} bytes, or not the same"
+            assert echo.connections == 1
+            assert relay.stats()["sessions_resumed"] >= 50
+            app.close()
+    finally:
+        echo.shutdown()
