@@ -16,10 +16,6 @@ pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 AT_ONCE_S = 3.0  # "at once": well under the app's 5 s timeout (picked: 2 cores, shared)
 
 
-@pytest.mark.xfail(reason="7cd29cf: after a drop surfaced on the tunnel, the app's next write "
-                          "(websocket-client's CLOSE frame) goes into a new TCP connection: "
-                          "the server gets frame bytes as its opening handshake (#14)",
-                   strict=False)
 def test_websocket_client_vs_websockets(ws_server, field_dir: Path) -> None:
     result = run_row(rows.websocket_client(ws_server, faults=15), field_dir)
     rs = result["rs"]
