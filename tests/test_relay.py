@@ -803,3 +803,44 @@ def test_soak_full_duplex_through_random_faults_of_every_kind() -> None:
             app.close()
     finally:
         echo.shutdown()
+
+
+def test_paramiko_exec_command_loop_against_openssh_in_one_session(tmp_path: Any) -> None:
+    """An SSH login survives client<->relay drops: every command runs once, on one login."""
+    paramiko = pytest.importorskip("paramiko")
+    try:
+        from field.servers import Sshd
+    except ImportError:  # pragma: no cover - the field fixtures are another suite's
+        pytest.skip("tests/field/servers.py (the sshd fixture) is not importable")
+    sshd = Sshd(tmp_path).start()
+    loop = LoopThread("ssh-session-client").start()
+    try:
+        with Relay(("127.0.0.1", 0), ("127.0.0.1", sshd.port), plain_after=2.0) as relay, \
+                FaultProxy(relay.address) as proxy:
+            # paramiko runs its transport in a native thread: the session's pumps get a hub
+            # of their own (the LoopThread), and paramiko a plain socket on the app's end.
+            def opened() -> int:
+                return int(session(proxy).detach())
+
+            app = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, loop.call(opened))
+            client = paramiko.SSHClient()
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+            client.connect("127.0.0.1", port=sshd.port, username=sshd.user, sock=app,
+                           key_filename=sshd.keyfile, look_for_keys=False, allow_agent=False,
+                           timeout=10, banner_timeout=10, auth_timeout=10)
+            count = 24
+            for n in range(1, count + 1):
+                if n % 3 == 0:
+                    proxy.reset_all()
+                _, out, _ = client.exec_command(f"echo cmd-{n} >> {sshd.cmdlog}; echo ok-{n}",
+                                                timeout=10)
+                assert out.read().decode().strip() == f"ok-{n}"
+            client.close()
+            lines = [ln.strip() for ln in sshd.cmdlog.read_text().splitlines()]
+            assert lines == [f"cmd-{n}" for n in range(1, count + 1)]
+            log = sshd.log.read_text()
+            assert log.count("Accepted publickey") == 1, "a second SSH login"
+            assert relay.stats()["sessions_resumed"] >= 6
+    finally:
+        loop.stop()
+        sshd.stop()
