@@ -10,8 +10,10 @@ Rules of this module (DESIGN §5-§7; the decisions themselves live in ``_machin
    socket that this process connects in blocking or timeout mode becomes a ``_Guarded``
    subclass instance (its ``__class__`` is switched: same layout, so this is safe), whose I/O
    methods make the raw call first and do the bookkeeping after it. Protection ends (the class
-   switched back) at ``shutdown()``, ``close()``, ``setblocking(False)`` / ``settimeout(0)``,
-   ``detach()``, and in a child process after ``fork()``.
+   switched back) at ``shutdown()``, ``close()``, ``detach()``, and in a child process after
+   ``fork()``. While a protected socket is non-blocking (``settimeout(0)`` for a poll) nothing
+   is recovered — its caller owns the loop — but the bookkeeping goes on, so protection
+   resumes with the timeout.
 3. One greenlet recovers (``Machine.owner``); its hook, restore, banner skip and replay I/O go
    straight to the connection. Another greenlet that arrives meanwhile waits until the new
    connection is published (after the replay), so nothing it writes overtakes a replayed
@@ -480,15 +482,6 @@ class ResilientSocket(_GeventSocket):
             else:
                 _own_listeners.add(tuple(name[:2]))
 
-    def setblocking(self, flag: bool) -> None:
-        _GeventSocket.setblocking(self, flag)
-        if not flag and self._rs_m is not None:
-            self._rs_unprotect()  # non-blocking callers own their retry loop (DESIGN §6)
-
-    def settimeout(self, howlong: Any) -> None:
-        _GeventSocket.settimeout(self, howlong)
-        if howlong == 0 and self._rs_m is not None:
-            self._rs_unprotect()
 
     def shutdown(self, how: int) -> None:
         """Shut down a direction. The caller is ending the stream, so protection stops here
@@ -572,7 +565,7 @@ class ResilientSocket(_GeventSocket):
                     # protocol's next read reconnects (the new banner is the application's to
                     # read); otherwise the read finds the connection's end, as a plain socket
                     # would after the error, and the next write reconnects.
-                    if not m.server_first:
+                    if not m.server_first or self.timeout == 0.0:
                         return _eof_result(kind, args)
                     self._rs_recover(None, call_end)
                     continue
@@ -606,8 +599,8 @@ class ResilientSocket(_GeventSocket):
                    t0: float | None) -> Verdict | None:
         """EOF on a read: returns the verdict when the caller gets the EOF, None after a
         recovery, or when another greenlet recovers (read again)."""
-        if m.state is CLOSED or self._closed:
-            return Verdict(PASS_EOF, "closed")
+        if m.state is CLOSED or self._closed or self.timeout == 0.0:
+            return Verdict(PASS_EOF, "closed" if self.timeout != 0.0 else "non-blocking")
         if m.gen != gen or m.state is not CONNECTED:
             return None  # the connection moved under this read: read again on the new one
         nbytes = _requested(kind, args)
@@ -662,6 +655,8 @@ class ResilientSocket(_GeventSocket):
                             return raw(self, *args)  # the hook's own I/O: not journaled
                         self._rs_wait_recovery(m, call_end)
                         continue
+                    if self.timeout == 0.0:
+                        return raw(self, *args)  # non-blocking: no reconnect under it
                     self._rs_lazy_reconnect(m, call_end)
                     continue
                 gen = m.gen
@@ -719,6 +714,11 @@ class ResilientSocket(_GeventSocket):
         error is the caller's to see."""
         m = self._rs_m
         if m is None or self._closed or m.state is CLOSED:
+            raise exc
+        if self.timeout == 0.0:
+            # Non-blocking for now (a poll such as redis-py's can_read sets timeout 0 for a
+            # moment): its caller owns the retry loop, so nothing is recovered while it lasts;
+            # the bookkeeping goes on, so protection resumes with the timeout (DESIGN §6).
             raise exc
         if m.gen != gen or m.state is not CONNECTED:
             if m.state is BROKEN:

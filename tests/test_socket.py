@@ -666,3 +666,21 @@ def test_a_changed_answer_is_surfaced_with_a_note():
                 assert s.stats().answers_changed == 1
     finally:
         srv.close()
+
+
+def test_a_moment_of_non_blocking_does_not_end_protection(server, proxy):
+    """redis-py's can_read() sets timeout 0 for a poll, then its timeout again: protection
+    resumes with it (found by the redis restart test under the runner)."""
+    with connect(proxy) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        s.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            s.recv(10)  # nothing to read: the poll's answer, unchanged
+        s.settimeout(5)
+        assert s.resilient
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 2 x\n")
+        assert readline(s) == b"ACK 2\n"
+        assert s.reconnects == 1
+    assert server.received == [1, 2, 2]
