@@ -69,6 +69,12 @@ def _server() -> None:
     import gevent.server
 
     def handle(sock: Any, _addr: Any) -> None:
+        try:
+            serve(sock)
+        except OSError:  # a client reset (the resume measurements do that on purpose)
+            pass
+
+    def serve(sock: Any) -> None:
         mode = sock.recv(1)
         if mode == b"E":
             while True:
