@@ -313,9 +313,26 @@ def compare(row: Row, plain: dict[str, Any], rs: dict[str, Any]) -> dict[str, An
     }
 
 
+CLIENT_DISTS = ("requests", "urllib3", "redis", "PyMySQL", "pymemcache", "paramiko",
+                "websocket-client", "websockets", "gevent")
+
+
+def client_versions() -> dict[str, str]:
+    """The installed versions of the clients (the subprocesses use this interpreter)."""
+    from importlib import metadata
+    out = {"Python": sys.version.split()[0]}
+    for dist in CLIENT_DISTS:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
 def save(result: dict[str, Any], commit: str | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result["commit"] = commit or rs_source()[1]
+    result["client_versions"] = client_versions()
     result["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     path = RESULTS / f"{result['row']}.json"
     path.write_text(json.dumps(result, indent=1, default=str))

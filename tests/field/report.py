@@ -46,9 +46,15 @@ def _cell(r: dict, key: str) -> str:
 def render(results: list[dict]) -> str:
     commits = sorted({r.get("commit", "?") for r in results})
     whens = sorted({r.get("when", "?") for r in results})
+    versions = next((r["client_versions"] for r in results if r.get("client_versions")), None)
+    if versions is None:  # results saved before versions were recorded: this interpreter's
+        sys.path.insert(0, str(ROOT / "tests"))
+        from field.matrix import client_versions
+        versions = client_versions()
     out = [f"Measured on commit(s) {', '.join(f'`{c}`' for c in commits)} of resilientsock, "
            f"{whens[0]}{' – ' + whens[-1] if len(whens) > 1 else ''} "
-           f"(2 shared cores, loopback). Python {sys.version.split()[0]}.", "",
+           f"(2 shared cores, loopback). Clients: "
+           f"{', '.join(f'{k} {v}' for k, v in versions.items())}.", "",
            "| row | server version | fault plan (seed 14) |", "|---|---|---|"]
     for r in results:
         kinds: dict[str, int] = {}
