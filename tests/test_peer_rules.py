@@ -476,3 +476,21 @@ def test_the_servers_behave_as_the_rules_assume(tmp_path, make_server):
     with pytest.raises(TimeoutError):
         ctx.wrap_socket(raw, server_hostname="localhost")
     raw.close()
+
+
+# -- (h) the runner under a suite that turns warnings into errors --------------------------------
+
+@PENDING
+def test_pytest_under_the_runner_starts_with_warnings_as_errors(tmp_path):
+    """urllib3's suite (filterwarnings = error) did not start under ``python -m resilientsock
+    -m pytest``: the runner imports ``resilientsock`` before pytest, whose pytest11 plugin
+    marks the package for assertion rewriting, and pytest then warns "Module already imported
+    so cannot be rewritten: resilientsock" (PytestAssertRewriteWarning) - an error there. A
+    ``PYTEST_DONT_REWRITE`` in the package docstring is pytest's own way out."""
+    (tmp_path / "test_one.py").write_text("def test_one():\n    assert 1 + 1 == 2\n")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings =\n    error\n")
+    proc = run_py(["-m", "resilientsock", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                   str(tmp_path / "test_one.py")], cwd=str(tmp_path), timeout=60)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
+    assert "PytestAssertRewriteWarning" not in proc.stdout + proc.stderr
