@@ -203,6 +203,7 @@ class ResilientSocket(_GeventSocket):
     _rs_tls = False
     _sock: Any  # set by gevent's socket (a slot); declared for type checkers
     _rs_raw_connect = staticmethod(_GeventSocket.connect)
+    _rs_raw_connect_ex = staticmethod(_GeventSocket.connect_ex)
 
     def __init__(self, family: int = -1, type: int = -1, proto: int = -1,
                  fileno: int | None = None, *, policy: RetryPolicy | None = None) -> None:
@@ -318,13 +319,13 @@ class ResilientSocket(_GeventSocket):
             raise TypeError("connect() takes exactly one argument (the address)")
         address = args[0]
         if not self._rs_can_protect():
-            return _GeventSocket.connect(self, address)
+            return type(self)._rs_raw_connect(self, address)
         self._rs_first_connect(address, via_open=False)
         return None
 
     def connect_ex(self, address: Any) -> int:
         if not self._rs_can_protect():
-            return int(_GeventSocket.connect_ex(self, address) or 0)
+            return int(type(self)._rs_raw_connect_ex(self, address) or 0)
         try:
             self._rs_first_connect(address, via_open=False)
         except _std.gaierror:
@@ -882,6 +883,8 @@ class ResilientSocket(_GeventSocket):
                 if m.state is CLOSED:
                     raise _RecoveryStopped() from None
                 episode.last = failure
+                if episode.original is None:
+                    episode.original = failure  # a first connect: its first error is the one
                 info = self._rs_classify_attempt(failure)
                 _count_failed_attempt(info)
                 log.info("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
@@ -948,7 +951,8 @@ class ResilientSocket(_GeventSocket):
         if m.state is CLOSED:
             attempt.raw.close()
             raise _RecoveryStopped()
-        if attempt.raw is not self._sock:
+        fresh = attempt.raw is not self._sock  # in place, the raw connect did it all (TLS too)
+        if fresh:
             self._rs_install(attempt.raw)
         left = episode.remaining(call_end)
         limit = per_address
@@ -957,7 +961,8 @@ class ResilientSocket(_GeventSocket):
         if limit is not None:
             limit = max(limit, 0.001)
         with gevent.Timeout(limit, _AttemptTimeout()):
-            self._rs_after_install(limit)
+            if fresh:
+                self._rs_after_install(limit)
             return self._rs_restore(m, episode, call_end, resume, first)
 
     def _rs_connect_in_place(self, timeout: float | None) -> Attempt:

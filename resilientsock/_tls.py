@@ -52,6 +52,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
     recvmsg = _GeventSSLSocket.recvmsg
     recvmsg_into = _GeventSSLSocket.recvmsg_into
     _rs_raw_connect = staticmethod(_GeventSSLSocket.connect)
+    _rs_raw_connect_ex = staticmethod(_GeventSSLSocket.connect_ex)
 
     def shutdown(self, how: int) -> None:
         if self._rs_m is not None:

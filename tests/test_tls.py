@@ -246,3 +246,37 @@ def test_tls_drop_in_an_established_session_is_surfaced(tls_banner_server):
             assert sock.reconnects == 0
     assert tls_banner_server.received == [1]  # MSG 2 was never re-sent into a new session
     assert resilientsock.stats()["surfaced.CONNECTION_LOST"] == 1
+
+
+def test_wrap_then_connect_handshakes_once_and_is_resilient(tls_server):
+    """``ctx.wrap_socket(socket.socket()).connect(addr)``: the TLS connect does the handshake
+    itself; the core must not start a second one (found by CPython's test_ssl under patch())."""
+    with FaultProxy(tls_server.address) as proxy:
+        ctx = client_ctx(tls_server)
+        sock = ctx.wrap_socket(ResilientSocket(socket.AF_INET, socket.SOCK_STREAM, policy=FAST),
+                               server_hostname="localhost")
+        with sock:
+            sock.settimeout(10)
+            sock.connect(proxy.address)
+            assert sock.resilient and sock.version() is not None
+            sock.sendall(b"MSG 1 x\n")
+            assert sock.recv(100) == b"ACK 1\n"
+            proxy.cut_after(0, "down")
+            sock.sendall(b"MSG 2 x\n")
+            assert sock.recv(100) == b"ACK 2\n"
+            assert sock.reconnects == 1
+    assert tls_server.received == [1, 2, 2]
+
+
+def test_connect_on_a_server_side_tls_socket_is_refused_as_ssl_does(tls_server):
+    import trustme
+
+    cert = trustme.CA().issue_cert("localhost")
+    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_SERVER)
+    with cert.private_key_and_cert_chain_pem.tempfile() as path:
+        ctx.load_cert_chain(path)
+    ctx.sslsocket_class = ResilientSSLSocket
+    with ctx.wrap_socket(ResilientSocket(socket.AF_INET, socket.SOCK_STREAM),
+                         server_side=True) as s:
+        with pytest.raises(ValueError, match="server-side"):
+            s.connect(tls_server.address)
