@@ -266,6 +266,8 @@ def outcome(row: Row, mode: str, ops: list[dict[str, Any]], counts: Counts,
                                    if any("resilientsock" in n for n in o.get("notes", []))),
         "max_op_s": max((o["dt"] for o in ops), default=0.0),
         "max_failed_op_s": max((o["dt"] for o in bad), default=0.0),
+        "max_failed_op_s_by_type": {e: max(o["dt"] for o in bad if o["exc"] == e)
+                                    for e in {o["exc"] for o in bad}},
         "faults_fired": len(fired), "fault_kinds": dict(Counter(f["kind"] for f in fired)),
         "fired": fired,
         "ops_hit_by_a_fault": len(hit),

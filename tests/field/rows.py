@@ -31,6 +31,9 @@ from .servers import (
     WebSockets,
 )
 
+# what a refused or failed connect raises: "a drop is surfaced at once" is about sessions
+CONNECT_ERRORS = frozenset({"ConnectionRefusedError",
+                            "paramiko.ssh_exception.NoValidConnectionsError"})
 OS_ERRORS = frozenset({"ConnectionResetError", "ConnectionRefusedError", "BrokenPipeError",
                        "ConnectionAbortedError", "TimeoutError"})
 MID = BLOB_SIZE // 2  # a cut in the middle of the blob
@@ -99,7 +102,9 @@ def requests_nginx(server: Nginx, tls: bool = False, **kw: Any) -> Row:
                                                set()), **kw)
 
 
+# 2013 lost connection (reading), 2006 gone away (writing), 2003 cannot connect
 PYMYSQL_ERRORS = frozenset({"pymysql.err.OperationalError(2013)",
+                            "pymysql.err.OperationalError(2006)",
                             "pymysql.err.OperationalError(2003)",
                             "pymysql.err.InterfaceError(0)"})
 
