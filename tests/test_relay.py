@@ -844,3 +844,18 @@ def test_paramiko_exec_command_loop_against_openssh_in_one_session(tmp_path: Any
     finally:
         loop.stop()
         sshd.stop()
+
+
+def test_ipv6_listen_and_target() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    server = MessageServer().start()  # IPv4 upstream (MessageServer listens on AF_INET)
+    try:
+        with Relay("[::1]:0", f"127.0.0.1:{server.address[1]}") as relay:
+            assert relay.address[0] == "::1"
+            app = session(relay.address[:2])
+            converse(app, 1, 5)
+            app.close()
+            assert server.received == [1, 2, 3, 4, 5] and server.connections == 1
+    finally:
+        server.shutdown()
