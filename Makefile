@@ -80,7 +80,7 @@ conformance-quick: $(STAMP)
 	$(VPY) conformance/run.py --quick $(CONFORMANCE_ARGS)
 
 # Servers on loopback for peer/run.py (redis-server with TLS, MariaDB); each suite gets a venv of
-# its own under peer/.work/. About 15 minutes on 2 CPUs; PEER_ARGS="--suites redis" for one.
+# its own under peer/.work/. About 20 minutes on 2 CPUs; PEER_ARGS="--suites redis" for one.
 peer-suites: $(STAMP)
 	@for exe in redis-server mariadbd; do command -v $$exe >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
