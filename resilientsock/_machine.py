@@ -222,12 +222,6 @@ def new_digest() -> Any:
     return _xxh3() if _xxh3 is not None else _Crc32()
 
 
-def _unanswered_eof(text: str) -> BaseException:
-    from ._errors import UnansweredEOFError
-
-    return UnansweredEOFError(text)
-
-
 # -- the rules for a drop ----------------------------------------------------------------------
 
 def _read_timeout(m: Machine, d: Drop) -> str | None:
@@ -456,14 +450,10 @@ class Machine:
 
         if others_active:
             return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
-        if self.answered and nbytes and self.dialect is not None \
-                and self.dialect.answer_incomplete():
-            # The framing says more of this answer is due: the EOF cut it (a mid-answer drop,
-            # judged by the rules: resumed or surfaced, §5b).
-            exc = _unanswered_eof("peer closed the connection in the middle of an answer")
-            info = classify(exc, phase="read")
-            assert info is not None
-            return Drop(info, "read")
+        # An EOF after part of an answer ends it, as a plain socket shows it, even where the
+        # framing wants more (the caller's parser says IncompleteRead): a server that closes
+        # mid-answer may be done for good (urllib3's one-shot test servers), and waiting for a
+        # new answer would be worse than plain. Only an error mid-answer is resumed (§5b).
         if self.policy.eof == "pass" or not self.journal.pending or self.answered or not nbytes:
             return Verdict(PASS_EOF, "end")
         if self.eof_mark is not None and self.eof_mark == self.journal.mark():
