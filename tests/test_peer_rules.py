@@ -527,7 +527,6 @@ print(json.dumps({"got": got.decode(), "outcome": outcome, "elapsed": time.monot
 """
 
 
-@PENDING
 def test_eof_after_part_of_an_answer_from_a_one_shot_server_is_passed_through(tmp_path):
     """urllib3's test_response_headers_are_returned_in_the_original_order,
     test_enforce_content_length_get, test_incomplete_response (efb6ff2: each 30 s, then
@@ -553,3 +552,45 @@ def test_eof_after_part_of_an_answer_from_a_one_shot_server_is_passed_through(tm
     assert base["outcome"] == "eof" and base["got"].startswith("HTTP/1.1 200 OK\r\n")
     assert (got["got"], got["outcome"]) == (base["got"], base["outcome"]), got
     assert got["elapsed"] < 2.0, got
+
+
+# -- (j) DESIGN §5 + §9: a server that resets every copy of a request, under a retrying client ----
+
+def reset_on_request(conn: socket.socket) -> None:
+    """Read what the client sends and reset the connection (SO_LINGER 0): what a TLS-only port
+    does to a plaintext client (redis-py's TestSSL::test_ssl_connection_without_ssl)."""
+    import struct
+
+    conn.recv(65536)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+RESET_EVERY_TIME = r"""
+import json, sys, time
+import redis
+t0 = time.monotonic()
+try:
+    redis.Redis(host="127.0.0.1", port=int(sys.argv[1])).ping()  # its default Retry
+    outcome = "answered"
+except Exception as e:
+    outcome = type(e).__module__.split(".")[0] + "." + type(e).__name__
+print(json.dumps({"outcome": outcome, "elapsed": time.monotonic() - t0}))
+"""
+
+
+@PENDING
+def test_a_request_reset_on_every_connection_is_not_replayed_under_each_client_retry(
+        tmp_path, make_server):
+    """redis-py against a TLS-only port: 3.7 s plain, 60 s under efb6ff2 - each of redis-py's
+    own retries has its request replayed into a reset for the socket's whole 5 s. A reset that
+    repeats for the same re-sent record is the server's answer, as a repeated EOF is (§5), so
+    the client's own retries give up within about their plain time (§9's server-down row)."""
+    pytest.importorskip("redis")
+    srv = make_server(reset_on_request)
+    plain = run_client(tmp_path, "plain", RESET_EVERY_TIME, srv.address[1])
+    bound = 1.5 * plain["elapsed"] + 0.5
+    got = run_client(tmp_path, "resilientsock", RESET_EVERY_TIME, srv.address[1],
+                     env=SHORT_DEADLINE, timeout=max(15.0, 3 * bound + 5))
+    assert plain["outcome"] == "redis.ConnectionError"
+    assert got["outcome"] == plain["outcome"], (plain, got)
+    assert got["elapsed"] <= bound, (plain, got)
