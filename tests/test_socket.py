@@ -686,3 +686,29 @@ def test_a_moment_of_non_blocking_does_not_end_protection(server, proxy):
         assert readline(s) == b"ACK 2\n"
         assert s.reconnects == 1
     assert server.received == [1, 2, 2]
+
+
+def test_connections_to_the_process_itself_are_counted_apart(server):
+    """A wake-up pair (pika's, a socketpair fallback) is no connection to a server."""
+    listener = ResilientSocket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    with listener, ResilientSocket.connect(listener.getsockname(), FAST) as own, \
+            ResilientSocket.connect(server.address, FAST) as remote:
+        assert own.stats().internal and not remote.stats().internal
+    st = resilientsock.stats()
+    assert st["internal_connects"] == 1 and st["connects"] == 1
+
+
+def test_socket_stats_describe_what_one_socket_went_through(server, proxy):
+    with connect(proxy) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 2 x\n")
+        assert readline(s) == b"ACK 2\n"
+        st = s.stats()
+    assert isinstance(st, resilientsock.SocketStats)
+    assert (st.connects, st.reconnects, st.drops, st.replayed_records) == (2, 1, 1, 1)
+    assert st.replayed_bytes == len(b"MSG 2 x\n") and st.surfaced == 0
+    assert st.peer == proxy.address and not st.internal
