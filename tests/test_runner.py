@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_py
 
-from resilientsock.testing import FaultProxy
+from resilientsock.testing import FaultProxy, MessageServer
 
 SCRIPTS = Path(__file__).parent / "scripts"
 ROBOT = ROOT / "resilientsock" / "_scripts" / "robot_client.py"
@@ -500,3 +500,20 @@ def test_sys_path_0_resolves_symlinks_as_python_does(tmp_path):
     ours = run_py(["-m", "resilientsock", str(link / "s.py")])
     assert plain.returncode == 0 and ours.returncode == 0, ours.stderr
     assert ours.stdout == plain.stdout == f"{real} real\n"
+
+
+def test_the_journal_warning_names_the_runner_option_under_the_runner(tmp_path):
+    """Advice names what the user can set where they are: ``--confirm tcp-ack`` under the
+    runner, ``RetryPolicy(confirm="tcp-ack")`` in code."""
+    script = tmp_path / "telemetry.py"
+    script.write_text(
+        "import socket, sys\n"
+        "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+        "for _ in range(100):\n"
+        "    s.sendall(b'x' * 65536)\n"  # 6.4 MB, never answered
+        "s.close()\n")
+    with MessageServer("sink") as sink:
+        out = run_py(["-m", "resilientsock", str(script), str(sink.address[1])], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "use --confirm tcp-ack" in out.stderr
+    assert "RetryPolicy(" not in out.stderr
