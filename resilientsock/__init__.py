@@ -7,6 +7,9 @@ Three ways in::
     sock = resilientsock.ResilientSocket.connect(("hub", 9000))   # 2. directly
     # 3. python -m resilientsock script.py      (unchanged scripts)
 
+PYTEST_DONT_REWRITE: under ``python -m resilientsock -m pytest`` this package is imported
+before pytest starts, and its assertion rewriting must not warn about it.
+
 Import rule (DESIGN §7): this module imports none of ssl, asyncio or wrapt, and not gevent's
 socket module, so ``patch()`` can run gevent's monkey-patching first. Everything heavy is
 loaded on first use (PEP 562 ``__getattr__``).

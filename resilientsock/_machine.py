@@ -83,6 +83,12 @@ EARLY_ANSWER = "early-answer"  # the peer answered before the write failed: deli
 PASS_EOF = "pass-eof"  # hand the caller b"" (the protocol's end, or the server's answer)
 
 TLS_TRANSPORT_CAP = 3  # "retry, small cap" (DESIGN §3); picked, not measured
+# A reset that meets the same re-sent records again and again, on connections that never
+# carried an answer, is the server's answer (a poison request): surfaced after this many
+# re-sends, as a repeated EOF is after one. Picked: a flaky path rarely resets three fresh
+# connections in a row before their first answer byte; a server that resets every request
+# (a TLS-only port, a crashing handler) does, at once.
+POISON_CAP = 3
 
 
 @dataclass(frozen=True)
@@ -353,6 +359,9 @@ class Machine:
         # An unanswered EOF that repeats for the same re-sent records (§5): the mark of the
         # journal when an EOF recovery replayed, and whether anything was read since.
         self.eof_mark: int | None = None
+        # Drops that met the same re-sent records before any answer (POISON_CAP).
+        self.poison = 0
+        self.poison_mark: int | None = None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -396,6 +405,7 @@ class Machine:
                 journal.confirm_before(mark)
         self.conn_answered = True
         self.eof_mark = None
+        self.poison = 0
         if self.episode is not None and self.state is CONNECTED:
             self.episode = None  # the connection carried an answer again: the episode ends
         dialect = self.dialect
@@ -475,6 +485,15 @@ class Machine:
                 return Verdict(kind, name, note, discard=discard, quiet=quiet)
         if d.phase == "eof":
             self.eof_mark = self.journal.mark()
+        elif self.journal.pending and not self.conn_answered and self.episode is not None:
+            mark = self.journal.mark()
+            self.poison = self.poison + 1 if self.poison_mark == mark else 1
+            self.poison_mark = mark
+            if self.poison > POISON_CAP:
+                return Verdict(SURFACE, "poison",
+                               f"the server reset the connection each time the unanswered "
+                               f"request(s) were re-sent ({POISON_CAP} times, no answer byte "
+                               "in between): that is its answer", discard=True)
         # A read cut mid-answer resumes it; so does any drop inside an exchange the dialect
         # holds whole (MULTI...EXEC: re-sent whole, its answers so far checked).
         resume = self.answered if d.phase == "read" or self.holding() else 0
@@ -536,6 +555,7 @@ class Machine:
         self.digest.reset()
         self.episode = None
         self.eof_mark = None
+        self.poison = 0
         if self.banner or self.session:
             # A lazily reconnected socket hands the next banner to the application, as a
             # fresh connection would.

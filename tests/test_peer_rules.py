@@ -476,7 +476,6 @@ def test_the_servers_behave_as_the_rules_assume(tmp_path, make_server):
 
 # -- (h) the runner under a suite that turns warnings into errors --------------------------------
 
-@PENDING
 def test_pytest_under_the_runner_starts_with_warnings_as_errors(tmp_path):
     """urllib3's suite (filterwarnings = error) did not start under ``python -m resilientsock
     -m pytest``: the runner imports ``resilientsock`` before pytest, whose pytest11 plugin
@@ -578,7 +577,6 @@ print(json.dumps({"outcome": outcome, "elapsed": time.monotonic() - t0}))
 """
 
 
-@PENDING
 def test_a_request_reset_on_every_connection_is_not_replayed_under_each_client_retry(
         tmp_path, make_server):
     """redis-py against a TLS-only port: 3.7 s plain, 60 s under efb6ff2 - each of redis-py's
