@@ -259,10 +259,3 @@ def test_a_reset_that_meets_the_same_resent_records_again_is_the_servers_answer(
         m.reconnected(resumed=False)
     assert [v.kind for v in verdicts[:POISON_CAP]] == [RECOVER] * POISON_CAP
     assert verdicts[-1].kind == SURFACE and verdicts[-1].rule == "poison"
-    m2 = machine()
-    m2.wrote_data(b"REQ\n")
-    m2.begin_episode(ConnectionResetError())
-    for _ in range(POISON_CAP + 2):  # an answer between drops: a flaky path, not a poison
-        assert m2.drop(drop(ConnectionResetError(104, "reset"))).kind == RECOVER
-        m2.read_data(b"o", m2.journal.mark() - 1)
-        m2.conn_answered = False
