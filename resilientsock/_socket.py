@@ -7,13 +7,13 @@ Rules of this module (DESIGN §5-§7; the decisions themselves live in ``_machin
 2. Two classes per kind of socket. ``ResilientSocket`` (what ``socket.socket`` is under
    ``patch()``) has gevent's own I/O methods: listening, accepted, UDP, raw, ``fromfd`` and
    non-blocking sockets pay nothing, not even a Python frame (DESIGN §6, §12). A client stream
-   socket that this process connects in blocking or timeout mode becomes a ``_Guarded``
-   subclass instance (its ``__class__`` is switched: same layout, so this is safe), whose I/O
-   methods make the raw call first and do the bookkeeping after it. Protection ends (the class
-   switched back) at ``shutdown()``, ``close()``, ``detach()``, and in a child process after
-   ``fork()``. While a protected socket is non-blocking (``settimeout(0)`` for a poll) nothing
-   is recovered — its caller owns the loop — but the bookkeeping goes on, so protection
-   resumes with the timeout.
+   socket that this process connects in blocking or timeout mode becomes an instance of its
+   class's guarded twin (``_guarded_twin``; its ``__class__`` is switched: same layout, so
+   this is safe), whose I/O methods make the raw call first and do the bookkeeping after it.
+   Protection ends (the class switched back) at ``shutdown()``, ``close()``, ``detach()``,
+   and in a child process after ``fork()``. While a protected socket is non-blocking
+   (``settimeout(0)`` for a poll) nothing is recovered — its caller owns the loop — but the
+   bookkeeping goes on, so protection resumes with the timeout.
 3. One greenlet recovers (``Machine.owner``); its hook, restore, banner skip and replay I/O go
    straight to the connection. Another greenlet that arrives meanwhile waits until the new
    connection is published (after the replay), so nothing it writes overtakes a replayed
@@ -1440,8 +1440,7 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
     recv_into_.__doc__ = _GeventSocket.recv_into.__doc__
     send_.__doc__ = _GeventSocket.send.__doc__
     sendall_.__doc__ = _GeventSocket.sendall.__doc__
-    return {"recv": recv_, "recv_into": recv_into_, "send": send_, "sendall": sendall_,
-            "_rs_raw_sendall_call": sendall_raw}
+    return {"recv": recv_, "recv_into": recv_into_, "send": send_, "sendall": sendall_}
 
 
 def _plain_extra_methods() -> dict[str, Any]:

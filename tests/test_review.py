@@ -199,13 +199,17 @@ def test_r05b_close_during_the_connect_wait_wins():
     conns: list[socket.socket] = []
 
     def serve_one(c: socket.socket) -> None:
-        for line in c.makefile("rb"):
-            lines.append(line.strip())
-            if line.startswith(b"MSG 2") and len(conns) == 1:
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                c.close()
+        with c, c.makefile("rb") as reader:
+            try:
+                for line in reader:
+                    lines.append(line.strip())
+                    if line.startswith(b"MSG 2") and len(conns) == 1:
+                        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                     struct.pack("ii", 1, 0))
+                        return
+                    c.sendall(b"ACK " + line.split()[1] + b"\n")
+            except OSError:
                 return
-            c.sendall(b"ACK " + line.split()[1] + b"\n")
 
     def accept_first() -> None:
         c, _ = listener.accept()
@@ -246,7 +250,8 @@ def test_r05b_close_during_the_connect_wait_wins():
             conns.append(c)
             threading.Thread(target=serve_one, args=(c,), daemon=True).start()
 
-    threading.Thread(target=drain, daemon=True).start()
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
     g.join(8)
     gevent.sleep(1.5)  # observe: a SYN retransmit comes ~1 s later; nothing may follow it
     assert got and isinstance(got[0], OSError)
@@ -255,7 +260,12 @@ def test_r05b_close_during_the_connect_wait_wins():
     assert _open_fds() <= fds + len(conns) - 1  # the server side's accepts are counted here too
     for f in fill:
         f.close()
+    try:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the drainer's accept (close would not)
+    except OSError:
+        pass
     listener.close()
+    drainer.join(5)
     for c in conns:
         c.close()
     assert lines == [b"MSG 1 x", b"MSG 2 x"]
