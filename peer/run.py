@@ -93,8 +93,9 @@ SUITES = {
     ),
     "pymysql": Suite(
         # PyMySQL's sdists and wheels ship no test suite (tests/test_auth.py only, which needs
-        # a MySQL 8 server): its suite at tag v1.2.0 (0f1c324a) is vendored in
-        # peer/vendor/pymysql-1.2.0 (MIT) and run against the 1.2.0 sdist of the same tag.
+        # a MySQL 8 server), and this project may not carry another project's code: point
+        # PEER_PYMYSQL_TESTS at the pymysql/tests folder of a PyMySQL v1.2.0 checkout; it runs
+        # against the 1.2.0 sdist of the same tag. Without it the suite is skipped.
         name="pymysql", package="PyMySQL", version="1.2.0",
         files=["pymysql"],
         requirements=["pytest", "pytest-timeout", "cryptography", "PyNaCl>=1.4.0"],
@@ -169,8 +170,12 @@ def fetch(suite: Suite) -> Path:
     with tarfile.open(archive) as tf:
         tf.extractall(src_parent, filter="data")
     if suite.name == "pymysql":
-        shutil.copytree(HERE / "vendor" / "pymysql-1.2.0" / "pymysql" / "tests",
-                        tree / "pymysql" / "tests")
+        given = os.environ.get("PEER_PYMYSQL_TESTS")
+        if not given or not Path(given, "__init__.py").exists():
+            shutil.rmtree(tree)
+            raise OSError("PyMySQL's suite is not in its sdist: set PEER_PYMYSQL_TESTS to the "
+                          "pymysql/tests folder of a PyMySQL v1.2.0 checkout")
+        shutil.copytree(given, tree / "pymysql" / "tests")
     # Upstream PyMySQL has no pytest configuration: without a file of its own here, pytest
     # would climb to this project's pyproject.toml and run the suite under our settings.
     if suite.name == "pymysql":
