@@ -48,7 +48,7 @@ def test_redis_db2_every_key_in_db2(redis_db2_server: Redis, tmp_path: Path) -> 
     assert_never_worse(result)
 
 
-@pytest.mark.xfail(reason="cf7575d, 80ed175: in 2 runs of 5 of the full row one resumed call "
+@pytest.mark.xfail(reason="92e820d, e71d401: in 2 runs of 5 of the full row one resumed call "
                           "gave up when the app's 5 s ran out (8-9 attempts, the plan's next "
                           "cuts landing on them while it backed off) (#14)", strict=False)
 def test_http_client_loop_vs_http_server_finishes(http_server_proc: HTTPServer,

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from conftest import run_py
 
-# Rules whose core fix has not landed yet (the others failed before 2026-12-01's efb6ff2).
+# Rules whose core fix has not landed yet (the others failed before 2026-12-01's 1702952).
 PENDING = pytest.mark.xfail(reason="core fix pending (#18)", strict=False)
 GEVENT_RUNNER = ("import sys, runpy; from gevent import monkey; monkey.patch_all(); "
                  "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
@@ -531,7 +531,7 @@ print(json.dumps({"got": got.decode(), "outcome": outcome, "elapsed": time.monot
 
 def test_eof_after_part_of_an_answer_from_a_one_shot_server_is_passed_through(tmp_path):
     """urllib3's test_response_headers_are_returned_in_the_original_order,
-    test_enforce_content_length_get, test_incomplete_response (efb6ff2: each 30 s, then
+    test_enforce_content_length_get, test_incomplete_response (1702952: each 30 s, then
     UnansweredEOFError instead of the end of the stream): bytes of an answer arrived, so the EOF
     is not an unanswered one; where it cannot be resumed the caller gets what a plain socket
     gives (the bytes, then b""), at once."""
@@ -582,7 +582,7 @@ print(json.dumps({"outcome": outcome, "elapsed": time.monotonic() - t0}))
 
 def test_a_request_reset_on_every_connection_is_not_replayed_under_each_client_retry(
         tmp_path, make_server):
-    """redis-py against a TLS-only port: 3.7 s plain, 60 s under efb6ff2 - each of redis-py's
+    """redis-py against a TLS-only port: 3.7 s plain, 60 s under 1702952 - each of redis-py's
     own retries has its request replayed into a reset for the socket's whole 5 s. A reset that
     repeats for the same re-sent record is the server's answer, as a repeated EOF is (§5), so
     the client's own retries give up within about their plain time (§9's server-down row)."""

@@ -14,7 +14,7 @@ from .matrix import assert_never_worse, check, run_row
 pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 
 
-@pytest.mark.xfail(reason="cf7575d, 80ed175: in 2 runs of 5 since a7d353b one resumed call "
+@pytest.mark.xfail(reason="92e820d, e71d401: in 2 runs of 5 since fccebf4 one resumed call "
                           "gave up when the app's 5 s ran out (8-9 attempts; the plan's next "
                           "cuts landed on the attempts, its resets found no connection: the "
                           "call was in backoff) (#14)", strict=False)

@@ -18,7 +18,7 @@ MID_ANSWER = {"requests.exceptions.ChunkedEncodingError"}
 @pytest.mark.parametrize("tls", [
     False,
     pytest.param(True, marks=pytest.mark.xfail(
-        reason="cuts over TLS are resumed, but in 1 run of 3 (a7d353b, 18f295f) one "
+        reason="cuts over TLS are resumed, but in 1 run of 3 (fccebf4, da347d8) one "
                "resume gave up after 8 attempts, all reset, in the app's 5 s: "
                "ChunkedEncodingError (#14)", strict=False)),
 ], ids=["http", "https"])
@@ -31,7 +31,7 @@ def test_requests_vs_nginx(nginx_server, field_dir: Path, tls: bool) -> None:
 
 def test_tls_made_after_a_retried_connect_is_protected(nginx_server, field_dir: Path) -> None:
     """repro_tls_after_retried_connect (r19) through requests: the first TCP connect is
-    refused for 1 s, then TLS, then resets. Measured on 68ea99b and 7efcf3e alike: every
+    refused for 1 s, then TLS, then resets. Measured on 469471e and c118e12 alike: every
     reset recovered or hidden by urllib3 (which replaces a pooled connection it finds
     dropped), so through requests the defect does not show; the row guards never worse."""
     result = run_row(rows.requests_nginx_tls_after_retried_connect(nginx_server), field_dir)
