@@ -26,7 +26,9 @@ Rules of this module:
    ==========  =======================  ==========  ====================================
 
 4. A drop is judged by ``RULES``, in order: the first rule whose condition holds decides
-   (each condition returns the note's text, or None). No rule holds: recover.
+   (each condition returns the note's text, or None). No rule holds: recover — unless the
+   same re-sent records met a drop ``POISON_CAP`` times on connections that never carried an
+   answer byte (a poison request: surfaced), or an unanswered EOF repeats (passed on).
 5. A budget (``Episode``) belongs to one recovery episode: it starts at a drop and ends when
    the connection has carried an answer again, or has stayed up longer than a whole deadline
    (so a long call that meets a second drop much later starts afresh, review r20, while a
