@@ -56,6 +56,7 @@ from ._machine import (
     CONNECTED,
     EARLY_ANSWER,
     PASS_EOF,
+    POISON_CAP,
     RECOVER,
     RECOVERING,
     Drop,
@@ -893,6 +894,13 @@ class ResilientSocket(_GeventSocket):
                     episode.tls_transport += 1
                 elif info is None or not info.retryable or not (policy.retry_connect or not first):
                     self._rs_give_up(m, episode, permanent=info is None or not info.retryable)
+                elif (self.__dict__.get("_rs_reached") and m.journal.pending
+                      and info.category is ErrorCategory.CONNECTION_LOST):
+                    # The server was reached and reset the connection while its setup or the
+                    # replay went out: a poison strike, as a drop after the replay is.
+                    m.poison += 1
+                    if m.poison > POISON_CAP:
+                        self._rs_give_up(m, episode, poison=True)
                 if self._sock:
                     self._detach_socket("closed")
                 continue
@@ -933,6 +941,7 @@ class ResilientSocket(_GeventSocket):
         """One attempt: connect, then restore and replay under the time left. Returns
         whether the answer in progress was resumed."""
         policy = m.policy
+        self.__dict__["_rs_reached"] = False
         per_address = policy.connect_timeout
         app = self.timeout
         if app is not None:
@@ -951,6 +960,7 @@ class ResilientSocket(_GeventSocket):
         if m.state is CLOSED:
             attempt.raw.close()
             raise _RecoveryStopped()
+        self.__dict__["_rs_reached"] = True  # connected: what fails from here met the server
         fresh = attempt.raw is not self._sock  # in place, the raw connect did it all (TLS too)
         if fresh:
             self._rs_install(attempt.raw)
@@ -1104,13 +1114,17 @@ class ResilientSocket(_GeventSocket):
         except Exception as exc:
             log.warning("%s: on_disconnect hook failed: %s", self._rs_name(), exc)
 
-    def _rs_give_up(self, m: Machine, episode: Episode, permanent: bool = False) -> None:
+    def _rs_give_up(self, m: Machine, episode: Episode, permanent: bool = False,
+                    poison: bool = False) -> None:
         exc = episode.original or episode.last
         if exc is None:
             exc = ConnectionError("resilientsock: could not connect")
         text = episode.describe()
         if permanent:
             text += "; that error is not retried"
+        if poison:
+            text += (f"; the server reset the connection each time the unanswered request(s) "
+                     f"were re-sent ({POISON_CAP} times): that is its answer")
         add_note(exc, f"resilientsock: {text}")
         _stats.bump("gave_up")
         self._rs_bump("surfaced")
