@@ -1367,7 +1367,11 @@ def _count_failed_attempt(info: ErrorInfo | None) -> None:
 # -- the guarded classes --------------------------------------------------------------------
 
 def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
-    """The hot paths (rule 2): the raw call first, bookkeeping after it."""
+    """The hot paths (rule 2): the raw call first, bookkeeping after it.
+
+    ``recv_`` and ``recv_into_`` (and TLS's ``read_`` in ``_tls.py``) repeat one shape on
+    purpose: each is one Python frame over the raw call, and a shared helper would be a second
+    one on every read (DESIGN §12). Everything past the common case is in ``_rs_read``."""
 
     def recv_(self: Any, *args: Any) -> Any:
         m = self._rs_m
