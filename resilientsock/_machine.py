@@ -143,15 +143,13 @@ class Episode:
     """The budget of one recovery episode (rule 5)."""
 
     __slots__ = ("policy", "clock", "start", "attempts", "original", "last", "tls_transport",
-                 "tries", "up_since", "timeout_hit")
+                 "up_since", "timeout_hit")
 
-    def __init__(self, policy: RetryPolicy, clock: Clock, original: BaseException | None,
-                 tries: int = 0) -> None:
+    def __init__(self, policy: RetryPolicy, clock: Clock, original: BaseException | None) -> None:
         self.policy = policy
         self.clock = clock
         self.start = clock()
         self.attempts = 0
-        self.tries = tries  # attempts already made before the episode (a first connect)
         self.original = original
         self.last: BaseException | None = original
         self.tls_transport = 0
@@ -195,7 +193,7 @@ class Episode:
     def describe(self) -> str:
         last = self.last
         text = f"{last}" if last is not None and str(last) else type(last).__name__
-        total = self.attempts + self.tries
+        total = self.attempts
         spent = self.clock() - self.start
         if self.timeout_hit is not None:
             return (f"gave up: the socket's timeout of {self.timeout_hit:g} s ran out after "
@@ -521,11 +519,11 @@ class Machine:
 
     # -- recovery -----------------------------------------------------------------------------
 
-    def begin_episode(self, exc: BaseException | None, tries: int = 0) -> Episode:
+    def begin_episode(self, exc: BaseException | None) -> Episode:
         """A drop to recover: continue the episode in progress or start a new one."""
         episode = self.episode
         if episode is None or episode.healthy():
-            episode = self.episode = Episode(self.policy, self.clock, exc, tries)
+            episode = self.episode = Episode(self.policy, self.clock, exc)
         else:
             if episode.original is None:
                 episode.original = exc

@@ -283,7 +283,8 @@ class ResilientSocket(_GeventSocket):
 
     @classmethod
     def _connect_new(cls, address: Any, policy: RetryPolicy | None = None, *,
-                     timeout: float | None = None, source_address: Any = None) -> ResilientSocket:
+                     timeout: float | None = None, source_address: Any = None,
+                     holder: list[ResilientSocket] | None = None) -> ResilientSocket:
         """Create a resilient client socket connected to ``address`` (host, port) or a path.
 
         The host name is re-resolved at every reconnect and every address it returns is tried
@@ -297,6 +298,8 @@ class ResilientSocket(_GeventSocket):
                 raise ValueError(f"address must be (host, port) or a unix path, got {address!r}")
             sock = cls(_std.AF_INET, _std.SOCK_STREAM, policy=policy)
             sock._rs_any_family = True
+        if holder is not None:
+            holder.append(sock)  # create_connection reads the per-address errors off it
         try:
             sock.settimeout(timeout)
             sock._rs_source = source_address
@@ -820,7 +823,7 @@ class ResilientSocket(_GeventSocket):
         m.move("recover")
         m.owner = gevent.getcurrent()
         done = self._rs_done = Event()
-        episode = m.begin_episode(exc, tries=0)
+        episode = m.begin_episode(exc)
         if exc is not None:
             info = classify(exc, phase="read")
             _emit("drop", logging.INFO, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
@@ -1132,7 +1135,7 @@ class ResilientSocket(_GeventSocket):
         if info is not None:
             _stats.bump(f"surfaced.{info.category}")
         _emit("gave_up", logging.WARNING, "%s: %s", self._rs_name(), text,
-              peer=self._rs_target, attempts=episode.attempts + episode.tries,
+              peer=self._rs_target, attempts=episode.attempts,
               seconds=_clock() - episode.start, error_type=type(exc).__name__,
               category=str(info.category) if info else None)
         self._rs_discard(m)
@@ -1529,7 +1532,8 @@ def create_connection(address: Any, timeout: Any = _GLOBAL_DEFAULT, source_addre
         timeout = _std.getdefaulttimeout()
     holder: list[ResilientSocket] = []
     try:
-        return _connect_tracked(address, timeout, source_address, holder)
+        return ResilientSocket._connect_new(address, None, timeout=timeout,
+                                            source_address=source_address, holder=holder)
     except OSError as exc:
         if not all_errors or sys.version_info < (3, 11) or isinstance(exc, _std.gaierror):
             raise
@@ -1539,23 +1543,3 @@ def create_connection(address: Any, timeout: Any = _GLOBAL_DEFAULT, source_addre
         for note in getattr(exc, "__notes__", ()):
             group.add_note(note)
         raise group from None
-
-
-def _connect_tracked(address: Any, timeout: Any, source_address: Any,
-                     holder: list[ResilientSocket]) -> ResilientSocket:
-    if isinstance(address, str | bytes):
-        sock = ResilientSocket(_std.AF_UNIX, _std.SOCK_STREAM)
-    else:
-        if not (isinstance(address, tuple) and len(address) >= 2):
-            raise ValueError(f"address must be (host, port) or a unix path, got {address!r}")
-        sock = ResilientSocket(_std.AF_INET, _std.SOCK_STREAM)
-        sock._rs_any_family = True
-    holder.append(sock)
-    try:
-        sock.settimeout(timeout)
-        sock._rs_source = source_address
-        sock._rs_first_connect(address, via_open=True)
-    except BaseException:
-        sock.close()
-        raise
-    return sock

@@ -99,12 +99,6 @@ class Dialect:
         command / request stream carries on across it (the replay re-creates it), so parse
         state is kept; only per-connection facts that a refusal did not cover are reset."""
 
-    def answer_incomplete(self) -> bool:
-        """True while an answer has begun and its framing says more is due, so that an EOF
-        now is a drop in the middle of it, not the answer's end (HTTP: a Content-Length or
-        chunked body cut short). The base class cannot tell: False."""
-        return False
-
     def discard(self) -> None:
         """The connection was thrown away after a surfaced error (the journal was cleared):
         whatever was in flight is gone, and the next connection starts at a message boundary.

@@ -392,15 +392,6 @@ class HttpDialect(Dialect):
                     "§9.2.2, or was answered in part before it was written)")
         return None
 
-    def answer_incomplete(self) -> bool:
-        # A close-delimited body (RFC 9112 §6.3 rule 8) ends at EOF; a counted one does not.
-        if self.lost is not None or self._tunnel is not None:
-            return False
-        if self._rhead_buf:
-            return True  # inside a response head
-        body = self._rbody
-        return body is not None and not body.done and body.mode != _Body.CLOSE
-
     def hold(self) -> bool:
         return any(r.interim for r in self._inflight) and self.lost is None
 
