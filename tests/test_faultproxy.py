@@ -90,6 +90,9 @@ def test_no_fault_forwards_both_ways_and_counts_bytes(echo):
         payload = bytes(range(256)) * 4000  # 1 MB, more than one buffer
         c.sendall(payload)
         assert recv_exactly(c, len(payload)) == payload
+        # The proxy counts a chunk after its send returns, in its own thread: the client can
+        # hold the bytes a moment before the counter moves (CI saw 1022518 of 1024000).
+        wait_for(lambda: proxy.bytes_down >= len(payload))
         assert proxy.bytes_up == proxy.bytes_down == len(payload)
         assert proxy._fast == {"up": True, "down": True}
 
@@ -215,6 +218,7 @@ def test_limit_data_closes_after_exactly_n_bytes(echo):
         c.sendall(b"b" * 100)
         data, err = recv_all(c)
         assert data == b"b" * 15 and err is None
+        wait_for(lambda: proxy.bytes_down >= 25)  # counted after the send, in the proxy's thread
         assert proxy.bytes_down == 25
 
 
