@@ -143,7 +143,7 @@ class Episode:
     """The budget of one recovery episode (rule 5)."""
 
     __slots__ = ("policy", "clock", "start", "attempts", "original", "last", "tls_transport",
-                 "up_since", "timeout_hit")
+                 "up_since", "timeout_hit", "library")
 
     def __init__(self, policy: RetryPolicy, clock: Clock, original: BaseException | None) -> None:
         self.policy = policy
@@ -155,6 +155,7 @@ class Episode:
         self.tls_transport = 0
         self.up_since: float | None = None  # when the last reconnect succeeded
         self.timeout_hit: float | None = None  # the socket timeout that ran out, if it did
+        self.library: str | None = None  # the retrying client library whose call dropped
 
     def end(self, call_end: float | None) -> float:
         deadline = self.policy.deadline

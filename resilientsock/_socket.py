@@ -824,6 +824,11 @@ class ResilientSocket(_GeventSocket):
         m.owner = gevent.getcurrent()
         done = self._rs_done = Event()
         episode = m.begin_episode(exc)
+        if not first and not episode.attempts:
+            # A drop (or a broken socket used again) inside a client library with its own
+            # retry layer: a reconnect that finds nobody listening is its to retry (in
+            # _rs_attempts), as its own connects are.
+            episode.library = _retrying_library()
         if exc is not None:
             info = classify(exc, phase="read")
             _emit("drop", logging.INFO, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
@@ -897,6 +902,11 @@ class ResilientSocket(_GeventSocket):
                     episode.tls_transport += 1
                 elif info is None or not info.retryable or not (policy.retry_connect or not first):
                     self._rs_give_up(m, episode, permanent=info is None or not info.retryable)
+                elif episode.library and info.category in _SERVER_GONE:
+                    # The server is not there (refused, no route, no name): the library's own
+                    # retries decide whether to wait for it, as they do without resilientsock,
+                    # so layered retries do not multiply into minutes (DESIGN §9).
+                    self._rs_give_up(m, episode, library=episode.library)
                 elif (self.__dict__.get("_rs_reached") and m.journal.pending
                       and info.category is ErrorCategory.CONNECTION_LOST):
                     # The server was reached and reset the connection while its setup or the
@@ -1118,7 +1128,7 @@ class ResilientSocket(_GeventSocket):
             log.warning("%s: on_disconnect hook failed: %s", self._rs_name(), exc)
 
     def _rs_give_up(self, m: Machine, episode: Episode, permanent: bool = False,
-                    poison: bool = False) -> None:
+                    poison: bool = False, library: str | None = None) -> None:
         exc = episode.original or episode.last
         if exc is None:
             exc = ConnectionError("resilientsock: could not connect")
@@ -1128,6 +1138,8 @@ class ResilientSocket(_GeventSocket):
         if poison:
             text += (f"; the server reset the connection each time the unanswered request(s) "
                      f"were re-sent ({POISON_CAP} times): that is its answer")
+        if library:
+            text += f"; left to {library}'s own retries"
         add_note(exc, f"resilientsock: {text}")
         _stats.bump("gave_up")
         self._rs_bump("surfaced")
@@ -1330,32 +1342,54 @@ def _sendall_with(send: Any, sock: Any, data: Any, flags: int) -> None:
                      else _timeout_default)
 
 
+# Reconnect failures that say the server is not there; inside a retrying library they are
+# surfaced at the first attempt.
+_SERVER_GONE = frozenset({ErrorCategory.REFUSED, ErrorCategory.UNREACHABLE,
+                          ErrorCategory.DNS_TEMPORARY, ErrorCategory.DNS_PERMANENT})
+
+
 # Client libraries that retry their own connects (or hand the failure to a caller that does).
-# A first connect made from inside one of them is not retried by resilientsock.
+# A first connect made from inside one of them is not retried by resilientsock, and a
+# reconnect refused after a drop inside one of them is surfaced at once (docs/decisions.md).
 RETRYING_LIBRARIES = ("redis.", "urllib3.", "pymysql.", "pymemcache.", "httpcore.", "kombu.",
                       "pika.", "psycopg.", "elasticsearch.", "botocore.")
 
 
-def _connect_from_retrying_library(depth: int = 40) -> bool:
-    frame = sys._getframe(2)
+def _retrying_library(start: int = 2, depth: int = 40) -> str | None:
+    """The retrying library (its module's top-level name) whose call this is, or None: none
+    on the stack, or the application turned that library's own retries off."""
+    frame = sys._getframe(start)
+    found = None
     for _ in range(depth):
         if frame is None:
-            return False
+            break
         name = frame.f_globals.get("__name__", "")
         if isinstance(name, str) and name.startswith(RETRYING_LIBRARIES):
-            return not _library_retries_off(name, frame)
+            if found is None:
+                found = name.split(".", 1)[0]
+            off = _library_retries_off(name, frame)
+            if off is not None:
+                return None if off else found
         frame = frame.f_back  # type: ignore[assignment]
-    return False
+    return found
 
 
-def _library_retries_off(module: str, frame: Any) -> bool:
+def _connect_from_retrying_library(depth: int = 40) -> bool:
+    return _retrying_library(3, depth) is not None
+
+
+def _library_retries_off(module: str, frame: Any) -> bool | None:
     """The application turned the library's own retry layer off: then resilientsock is the
-    layer that retries (the README's advice: ``redis.Redis(retry=None)`` keeps one layer)."""
+    layer that retries (the README's advice: ``redis.Redis(retry=None)`` keeps one layer).
+    None: this frame does not say (the first frame whose owner holds a ``retry`` decides:
+    a redis-py ``Connection`` above its parser and socket buffer)."""
     if module.startswith("redis."):
         owner = frame.f_locals.get("self")
         retry = getattr(owner, "retry", None)
-        return retry is not None and getattr(retry, "_retries", None) == 0
-    return False
+        if retry is None:
+            return None
+        return getattr(retry, "_retries", None) == 0
+    return None
 
 
 def _count_failed_attempt(info: ErrorInfo | None) -> None:

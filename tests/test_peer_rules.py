@@ -408,6 +408,114 @@ def test_a_client_whose_own_retries_give_up_gives_up_as_fast_under_us(tmp_path, 
     assert srv.accepted == 0
 
 
+LAYERED_DROP = r"""
+import json, socket, sys, time
+port = int(sys.argv[1])
+client = sys.argv[2]
+if client == "redis":
+    import redis
+    r = redis.Redis(host="127.0.0.1", port=port)  # its default Retry and timeouts
+    call = r.ping
+elif client == "requests":
+    import requests
+    session = requests.Session()
+    call = lambda: session.get(f"http://127.0.0.1:{port}/")
+else:
+    import urllib3
+    pool = urllib3.PoolManager()  # Retry(3)
+    call = lambda: pool.request("GET", f"http://127.0.0.1:{port}/")
+call()  # answered: the connection is established and kept
+t0 = time.monotonic()
+try:
+    call()  # the server goes away for good under this one
+    outcome = "answered"
+except Exception as e:
+    outcome = type(e).__module__.split(".")[0] + "." + type(e).__name__
+print(json.dumps({"outcome": outcome, "elapsed": time.monotonic() - t0}))
+"""
+
+
+def gone_after_one_answer(srv_box: list[Server]) -> Any:
+    """A RESP or HTTP/1.1 server that answers the first request, and at the second closes its
+    listener and then the connection (a FIN): the server is down for good, mid-call."""
+    def handle(conn: socket.socket) -> None:
+        buf = b""
+        answered = 0
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data
+            while True:
+                if buf.startswith(b"*"):  # RESP: an array of bulk strings
+                    parts, rest = _resp_command(buf)
+                    if parts is None:
+                        break
+                    buf = rest
+                    if parts[0].upper() == b"HELLO":  # redis-py 8 speaks RESP3
+                        conn.sendall(b"%1\r\n$5\r\nproto\r\n:3\r\n")
+                        continue
+                    if parts[0].upper() != b"PING":
+                        conn.sendall(b"+OK\r\n")  # CLIENT SETINFO and the like
+                        continue
+                    reply = b"+PONG\r\n"
+                elif b"\r\n\r\n" in buf:
+                    _, buf = buf.split(b"\r\n\r\n", 1)
+                    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                else:
+                    break
+                if answered:
+                    srv_box[0].sock.close()  # nobody listens any more: reconnects are refused
+                    return
+                answered += 1
+                conn.sendall(reply)
+    return handle
+
+
+def _resp_command(buf: bytes) -> tuple[list[bytes] | None, bytes]:
+    head, sep, rest = buf.partition(b"\r\n")
+    if not sep:
+        return None, buf
+    parts = []
+    for _ in range(int(head[1:])):
+        length_line, sep, rest = rest.partition(b"\r\n")
+        if not sep:
+            return None, buf
+        n = int(length_line[1:])
+        if len(rest) < n + 2:
+            return None, buf
+        parts.append(rest[:n])
+        rest = rest[n + 2:]
+    return parts, rest
+
+
+@pytest.mark.parametrize("client", ["redis", "requests", "urllib3"])
+def test_a_server_gone_for_good_mid_call_fails_as_fast_as_the_clients_own_retries(
+        tmp_path, make_server, client):
+    """The server-down row with an established connection: the server answers once, then goes
+    away for good under the next call. The reconnect after the drop is refused; the client's
+    own retries give up in T plain, and under resilientsock within about T too (the refused
+    reconnect is surfaced at once, inside a retrying library), with the same exception.
+    Before: the refusals were retried for the whole deadline, then the client's own retries
+    began (urllib3's suite: test_tunnel_sets_http_11_alpn, 30 s instead of 0.3 s)."""
+    pytest.importorskip(client)
+
+    def one_run(way: str, **kw: Any) -> Any:
+        box: list[Server] = []
+        srv = make_server(gone_after_one_answer(box))
+        box.append(srv)
+        got = run_client(tmp_path, way, LAYERED_DROP, srv.address[1], client, **kw)
+        assert srv.accepted == 1, (way, srv.accepted)  # nothing reached a second connection
+        return got
+
+    plain = max((one_run("plain") for _ in range(2)), key=lambda r: r["elapsed"])
+    bound = 1.5 * plain["elapsed"] + 0.5
+    got = one_run("resilientsock", env=SHORT_DEADLINE, timeout=max(15.0, 3 * bound + 5))
+    assert plain["outcome"] != "answered"
+    assert got["outcome"] == plain["outcome"], (plain, got)
+    assert got["elapsed"] <= bound, (plain, got)
+
+
 # -- (g) DESIGN §4: the robot that starts while its server restarts still connects --------------
 
 ROBOT = r"""
