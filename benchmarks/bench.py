@@ -633,8 +633,9 @@ def main(argv: list[str] | None = None) -> int:
                             f"{'met' if ratio >= target else 'MISSED'}")
         off = res["download"]["patched-noresume"]
         pairs = [p / g for g, p in zip(res["download"]["gevent"], off)]
-        emit(f"| download, `resume_answers` off | {statistics.median(res['download']['gevent']):,.0f}"
-             f" MiB/s | {statistics.median(off):,.0f} MiB/s | {statistics.median(pairs):.3f} "
+        base_dl = statistics.median(res["download"]["gevent"])
+        emit(f"| download, `resume_answers` off | {base_dl:,.0f} MiB/s | "
+             f"{statistics.median(off):,.0f} MiB/s | {statistics.median(pairs):.3f} "
              f"({min(pairs):.2f}-{max(pairs):.2f}) | - |")
         digest_us = _digest_cost_us()
         read_us = CHUNK / (statistics.median(res["download"]["gevent"]) * (1 << 20)) * 1e6
