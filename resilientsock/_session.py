@@ -122,6 +122,7 @@ class _Sentinel:
 
 NEED_DATA = _Sentinel("NEED_DATA")  # next_event(): feed more bytes first
 NOT_SESSION = _Sentinel("NOT_SESSION")  # relay: the first bytes are not the preamble
+_CONSUMED = _Sentinel("CONSUMED")  # internal: a frame with no event of its own (an ACK)
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,7 @@ class Stream:
 
     # sending ------------------------------------------------------------------------------
 
-    def data(self, payload: bytes) -> bytes:
+    def data(self, payload: bytes | memoryview) -> bytes:
         """Frames carrying ``payload`` (kept in ``unacked`` until acknowledged)."""
         if self.end_sent is not None:
             raise ValueError("data after the end marker")
@@ -282,7 +283,7 @@ class Stream:
         self.data_sent += len(payload)
         return self._data_frames(payload)
 
-    def data_header(self, payload: bytes) -> bytes:
+    def data_header(self, payload: bytes | memoryview) -> bytes:
         """Like ``data`` for one frame (``len(payload) <= MAX_DATA``), but returns only the
         header: the caller sends it and then ``payload`` itself (no copy into a frame)."""
         if self.end_sent is not None:
@@ -532,7 +533,10 @@ class Link:
         if self._error is not None:
             raise self._error
         try:
-            return self._next_event()
+            while True:  # a run of ACK frames is consumed here, not by recursion (any length)
+                ev = self._next_event()
+                if ev is not _CONSUMED:
+                    return ev
         except ProtocolError as exc:
             self.state = ERROR
             self._error = exc
@@ -611,7 +615,7 @@ class Link:
             stream.on_data(len(body))
             return Data(body)
         if ftype == ACK:
-            return self._next_event()
+            return _CONSUMED
         if ftype == END:
             if len(body) < _END.size:
                 raise ProtocolError("short END frame")

@@ -204,6 +204,21 @@ def test_an_ack_beyond_what_was_sent_is_a_protocol_error() -> None:
     assert info.value.code == sp.E_IMPOSSIBLE_COUNTS
 
 
+def test_a_long_run_of_ack_frames_is_consumed_without_recursion() -> None:
+    """A peer that was not read for a while (a bulk writer) finds thousands of ACK frames
+    buffered: they are consumed in a loop. Before: one recursion level per frame, and a
+    RecursionError past ~1,000 (found by bench_session.py's raw bulk client)."""
+    p = Pair()
+    p.c_stream.data(b"x" * 5000)  # sent; the relay's acks below count it up byte by byte
+    acks = b"".join(sp.HEADER.pack(sp.ACK, 0, n) for n in range(1, 5001))
+    p.client.receive_data(acks + p.r_stream.data(b"after"))
+    evs = []
+    while (ev := p.client.next_event()) is not sp.NEED_DATA:
+        evs.append(ev)
+    assert evs == [sp.Data(b"after")]
+    assert p.c_stream.acked == 5000
+
+
 def test_a_stale_ack_is_ignored() -> None:
     p = Pair()
     stale = p.r_stream.ack()  # acks 0
