@@ -18,10 +18,16 @@ Rules of this module:
 6. Every wait is bounded: handshakes by ``HANDSHAKE_TIMEOUT``, a detached session by
    ``session_timeout``, a client's reconnecting by its ``RetryPolicy``, a silent link by the
    client's heartbeat.
+7. The application's writes skip the local pair (``direct_write``): its socket frames them
+   onto the link itself, the frames built under the link's lock so that the stream's order is
+   the wire's. Once anything is written through the pair's descriptor instead (TLS the
+   application runs, ``sendmsg``, a ``dup``, a non-blocking write, the session's end), the
+   socket writes through the pair for good: one path at a time, never two interleaved.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import ipaddress
 import logging
@@ -29,6 +35,7 @@ import os
 import socket as _stdsocket
 import struct
 import time
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -163,6 +170,114 @@ class _Carrier:
                     lio.sock.sendall(frames)
             except (OSError, ValueError):  # ValueError: an SSL socket closed under us
                 self._link_lost(lio, "send failed")
+
+    def direct_write(self, data: Any, timeout: float | None, whole: bool) -> int:
+        """The application's bytes framed straight onto the link (rule 7): no trip through
+        the local pair. Returns how many bytes were taken (all of them when ``whole``), or -1
+        when this end of the session is over (or its END is out): the caller then writes
+        to its socket, which shows what a plain socket would (the pair's other end is closed
+        or reset). Bytes taken are in the stream: carried exactly once, whatever the link
+        does next. Blocks while ``limit`` bytes are unacknowledged (backpressure) or another
+        write holds the link, at most ``timeout`` seconds: then ``TimeoutError`` (a partial
+        ``send`` returns what it took instead)."""
+        view = data if isinstance(data, memoryview) else memoryview(data)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        total = len(view)
+        if not total:
+            return 0
+        stream = self.stream
+        end = None if timeout is None else time.monotonic() + timeout
+        done = 0
+        while done < total:
+            if self.finished or self.aborted or stream.end_sent is not None:
+                return done if done else -1
+            room = stream.room()
+            left = None if end is None else end - time.monotonic()
+            if room <= 0 or (left is not None and left <= 0):
+                if left is not None and left <= 0:
+                    if done and not whole:
+                        return done
+                    raise TimeoutError("timed out")
+                self.room_ev.clear()
+                self.room_ev.wait(left)
+                continue
+            n = min(total - done, room, sp.MAX_DATA)
+            if not self._send_data(view[done:done + n], left):
+                continue  # the link stayed busy past the time left: the check above raises
+            done += n
+            if not whole:
+                break
+        return done
+
+    def direct_end(self) -> None:
+        """The application closed (or shut down) its writing end: END, behind its bytes."""
+        if not (self.finished or self.aborted or self.stream.end_sent is not None):
+            self._end_here(False, "")
+
+    def _send_data(self, chunk: memoryview, timeout: float | None) -> bool:
+        """``chunk`` into the stream and onto the current link, framed under the link's lock
+        (rule 7); with no link, into the stream only (the resume sends it). False: the link's
+        lock was not free within ``timeout`` (nothing taken)."""
+        stream = self.stream
+        while True:
+            lio = self.cur
+            if lio is None or not lio.alive:
+                stream.data(chunk)
+                return True
+            if not lio.wlock.acquire(timeout=timeout):
+                return False
+            handed = False
+            try:
+                if lio is not self.cur or not lio.alive:
+                    continue  # replaced while we waited: the new link (or none)
+                if len(chunk) >= BIG_WRITE:
+                    parts = [stream.data_header(chunk), chunk]
+                else:
+                    parts = [stream.data(chunk)]
+                handed = self._push(lio, parts)
+                return True
+            finally:
+                if not handed:
+                    lio.wlock.release()
+
+    def _push(self, lio: _LinkIO, parts: list[Any]) -> bool:
+        """Send ``parts`` on ``lio`` (its lock held) without waiting on a plain TCP link:
+        what the kernel does not take at once is copied and finished by a greenlet that then
+        releases the lock (True); the application's call returns meanwhile, its bytes being
+        in the stream. A TLS link is written whole here (bounded by the heartbeat)."""
+        raw = None if hasattr(lio.sock, "cipher") else getattr(lio.sock, "_sock", None)
+        last = len(parts) - 1
+        if raw is None:
+            try:
+                for i, part in enumerate(parts):
+                    lio.sock.sendall(part, lio.more if i < last else 0)
+            except (OSError, ValueError):  # the units are kept: the resume re-sends them
+                self._link_lost(lio, "send failed")
+            return False
+        for i, part in enumerate(parts):
+            view = memoryview(part)
+            try:
+                sent = raw.send(view, lio.more if i < last else 0)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._link_lost(lio, "send failed")
+                return False
+            if sent < len(view):
+                rest = [bytes(view[sent:]), *(bytes(p) for p in parts[i + 1:])]
+                gevent.spawn(self._finish_push, lio, rest)
+                return True
+        return False
+
+    def _finish_push(self, lio: _LinkIO, rest: list[bytes]) -> None:
+        try:
+            for part in rest:
+                lio.sock.sendall(part)
+        except (OSError, ValueError):
+            self._link_lost(lio, "send failed")
+        finally:
+            lio.wlock.release()
 
     def _link_lost(self, lio: _LinkIO, why: str) -> None:
         """The link broke: forget it (the session waits for, or makes, a new one)."""
@@ -1091,6 +1206,143 @@ def _socket_pair(unix: bool = False) -> tuple[Any, Any]:
     return app, ours
 
 
+_direct_sockets: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def set_direct(sock: Any, session: Any) -> None:
+    """``sock``'s writes frame onto ``session``'s link from now on (rule 7)."""
+    sock.__dict__["_rs_direct"] = session
+    _direct_sockets.add(sock)
+
+
+def _direct_off_in_child() -> None:
+    # The session's link and greenlets are the parent's: a child writes through the pair
+    # descriptor it inherited, as it would on a plain shared connection.
+    for sock in list(_direct_sockets):
+        sock.__dict__["_rs_direct"] = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_direct_off_in_child)
+
+
+_client_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+EXIT_FLUSH = 2.0  # seconds process exit may spend ending its sessions, all of them together
+
+
+def _pair_pending(sock: Any) -> int:
+    """Bytes waiting in the local pair for the pump (0 when it cannot tell)."""
+    try:
+        import fcntl
+        import termios
+
+        buf = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        return int(struct.unpack("i", buf)[0])
+    except (OSError, ValueError, ImportError):
+        return 0
+
+
+def _end_sessions_at_exit() -> None:
+    """Process exit closes every connection: a FIN to each peer. A session's FIN is its END
+    frame, which only this process can send: sent here for each session still open, behind
+    what the application wrote (what the pair still holds goes first), at most ``EXIT_FLUSH``
+    seconds in all. Otherwise the relay would hold the upstream connection open until
+    ``session_timeout``, as if the client had only lost its link."""
+    deadline = time.monotonic() + EXIT_FLUSH
+    try:
+        for session in list(_client_sessions):
+            if session.finished or session.stream.end_sent is not None:
+                continue
+            plain = session.plain
+            while (plain is not None and _pair_pending(plain) > 0
+                   and time.monotonic() < deadline):
+                gevent.sleep(0.01)  # the pump carries them (bounded by the deadline)
+            session.direct_end()
+    except Exception:  # pragma: no cover - never in the way of the process's exit
+        pass
+
+
+atexit.register(_end_sessions_at_exit)
+
+
+def direct_methods(base: Any) -> dict[str, Any]:
+    """``send``/``sendall`` that frame onto the session's link (rule 7), over ``base``'s own
+    methods, and the calls after which the socket writes through the pair for good. The
+    session is the instance's ``_rs_direct`` (None: the pair, as any socket)."""
+    b_send, b_sendall, b_sendmsg = base.send, base.sendall, getattr(base, "sendmsg", None)
+    b_shutdown, b_dup, b_detach, b_close = base.shutdown, base.dup, base.detach, base.close
+
+    def off(self: Any) -> None:
+        self.__dict__["_rs_direct"] = None
+
+    def send(self: Any, data: Any, flags: int = 0, *args: Any, **kw: Any) -> int:
+        session = self.__dict__.get("_rs_direct")
+        if session is not None:
+            if not flags and not args and not kw and self.timeout != 0.0:
+                n = session.direct_write(data, self.timeout, whole=False)
+                if n >= 0:
+                    return n  # type: ignore[no-any-return]
+            off(self)
+        # gevent's own sendall calls send(chunk, flags, timeout=...): passed on as given.
+        return b_send(self, data, flags, *args, **kw)  # type: ignore[no-any-return]
+
+    def sendall(self: Any, data: Any, flags: int = 0) -> None:
+        session = self.__dict__.get("_rs_direct")
+        if session is not None:
+            if not flags and self.timeout != 0.0:
+                n = session.direct_write(data, self.timeout, whole=True)
+                if n >= 0:
+                    return
+            off(self)  # a session over with nothing taken: the pair shows its end
+        b_sendall(self, data, flags)
+
+    def sendmsg(self: Any, *args: Any) -> int:
+        off(self)
+        return b_sendmsg(self, *args)  # type: ignore[misc, no-any-return]
+
+    def end(self: Any) -> None:
+        # The session's END goes out now, behind every byte written, not later from the pump
+        # (which may never run again: a script that closes and exits).
+        session = self.__dict__.get("_rs_direct")
+        off(self)
+        if session is not None:
+            session.direct_end()
+
+    def shutdown(self: Any, how: int) -> None:
+        if how != gsocket.SHUT_RD:
+            end(self)
+        b_shutdown(self, how)
+
+    def dup(self: Any) -> Any:
+        off(self)
+        return b_dup(self)
+
+    def detach(self: Any) -> int:
+        off(self)
+        return b_detach(self)  # type: ignore[no-any-return]
+
+    def close(self: Any) -> None:
+        if getattr(self, "_io_refs", 0) <= 0:  # no makefile() object still uses it
+            end(self)
+        b_close(self)
+
+    methods = {"send": send, "sendall": sendall, "shutdown": shutdown, "dup": dup,
+               "detach": detach, "close": close}
+    if b_sendmsg is not None:
+        methods["sendmsg"] = sendmsg
+    return methods
+
+
+class _SessionSocket(gsocket.socket):  # type: ignore[misc]
+    """The application's end of a session: a real socket (one end of a local pair, so that
+    reads, ``fileno()``, ``select()`` and TLS run by the application work as on any
+    connection), whose own ``send``/``sendall`` frame the bytes onto the link (rule 7)."""
+
+
+for _name, _method in direct_methods(gsocket.socket).items():
+    setattr(_SessionSocket, _name, _method)
+
+
 def _retryable_first_connect(exc: BaseException) -> bool:
     if isinstance(exc, _stdsocket.gaierror):
         return exc.errno == getattr(_stdsocket, "EAI_AGAIN", None)
@@ -1174,10 +1426,14 @@ def open_session(address: tuple[Any, ...], *, timeout: float | None = None,
         raise
     assert isinstance(ev, sp.Created)
     sock.settimeout(heartbeat)
-    app, ours = _socket_pair(unix_pair)
+    pair_app, ours = _socket_pair(unix_pair)
+    # The application's end as a _SessionSocket (the same descriptor): its writes skip the pair.
+    app = _SessionSocket(pair_app.family, pair_app.type, pair_app.proto, pair_app.detach())
     app.settimeout(timeout)
     session = _ClientSession(addr, policy, stream, ours, ev.session_id, ev.secret, heartbeat,
                              ssl_context)
+    set_direct(app, session)
+    _client_sessions.add(session)
     session.ticket = link.next_ticket
     lio = _LinkIO(sock, link)
     session.cur = lio

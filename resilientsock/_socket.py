@@ -420,9 +420,16 @@ class ResilientSocket(_GeventSocket):
         from ._relay import open_session
 
         stream = open_session(address, timeout=self.timeout, policy=policy)
+        session = stream.__dict__.get("_rs_direct")  # before detach() turns it off
         fd = stream.detach()
         raw = self._gevent_sock_class(stream.family, _std.SOCK_STREAM, 0, fd)
         self._rs_install(raw)
+        if session is not None:
+            # This socket's own writes go onto the session's link (no trip through the pair).
+            from ._relay import set_direct
+
+            set_direct(self, session)
+            self.__class__ = _session_twin(type(self))
         self._rs_bump("connects")
 
     # -- protection on and off ----------------------------------------------------------------
@@ -1542,6 +1549,23 @@ def _guarded_twin(cls: type) -> type:
             **cls._rs_guard_methods(),  # type: ignore[attr-defined]
         })
         type.__setattr__(cls, "_rs_twin", twin)
+    return twin
+
+
+def _session_twin(cls: type) -> type:
+    """The subclass of ``cls`` whose writes frame onto a session's link (session mode, DESIGN
+    §11; ``_relay.direct_methods``), built once per class."""
+    twin = cls.__dict__.get("_rs_session_twin")
+    if twin is None:
+        from ._relay import direct_methods
+
+        twin = type(cls.__name__, (cls,), {
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__,
+            **direct_methods(cls),
+        })
+        type.__setattr__(cls, "_rs_session_twin", twin)
     return twin
 
 

@@ -8,6 +8,7 @@ in order, and that the upstream saw ONE connection.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -149,6 +150,130 @@ def test_upstream_reset_reaches_the_application_as_a_reset(upstream: MessageServ
             pass
     app.close()
     wait_until(lambda: relay.stats()["upstream_resets"] == 1, what="the relay counts the reset")
+
+
+# -- the application's writes skip the local pair (rule 7 of _relay) ---------------------------
+
+
+def test_writes_go_onto_the_link_and_a_switch_to_the_pair_keeps_the_order(
+        upstream: MessageServer, relay: Relay, faults: FaultProxy) -> None:
+    """``sendall`` frames onto the link itself; after a ``sendmsg`` (which writes through the
+    pair's descriptor) every later write goes through the pair too: through resets on both
+    sides of the switch, exactly once and in order."""
+    app = session(faults)
+    assert app.__dict__.get("_rs_direct") is not None
+    converse(app, 1, 60, fault=lambda i: faults.reset_all(), every=20)
+    assert app.__dict__.get("_rs_direct") is not None  # still direct after three resumes
+    lines = Lines(app)
+    app.sendmsg([b"MSG 61 ", b"reading=x\n"])
+    assert lines.readline() == b"ACK 61"
+    assert app.__dict__.get("_rs_direct") is None  # the pair, for good
+    for n in range(62, 121):
+        if n % 20 == 0:
+            faults.reset_all()
+        app.sendall(b"MSG %d reading=y\n" % n)
+        assert lines.readline() == b"ACK %d" % n
+    app.close()
+    assert_exactly_once(upstream, 120)
+
+
+def test_a_write_the_link_cannot_take_yet_returns_within_the_application_timeout() -> None:
+    """The relay's upstream reads nothing: the session's buffer fills, and a ``sendall`` with
+    a 0.5 s timeout raises ``TimeoutError`` within about that (never the heartbeat's or the
+    deadline's time); what was taken before arrives once, in order, when upstream reads."""
+    gate = Gate()
+    try:
+        with Relay(("127.0.0.1", 0), gate.address, plain_after=2.0,
+                   buffer_limit=256 * 1024) as relay:
+            app = session(relay.address, policy=RetryPolicy(
+                deadline=20, backoff_initial=0.01, backoff_max=0.1, journal_limit=512 * 1024))
+            app.settimeout(0.5)
+            block = bytes(range(256)) * 256  # 64 KiB
+            taken = 0
+            calls = []
+            with pytest.raises(TimeoutError):
+                for _ in range(200):  # 12.5 MiB: far more than every buffer on the way
+                    t0 = time.monotonic()
+                    try:
+                        app.sendall(block)
+                    finally:
+                        calls.append(time.monotonic() - t0)
+                    taken += len(block)
+            assert taken < 200 * len(block)
+            # Every call, the one that raised included, within its 0.5 s (plus the scheduling
+            # of a loaded machine): never the heartbeat's time or the deadline's.
+            assert max(calls) < 0.5 + 0.5, calls
+            gate.open()
+            wait_until(lambda: len(gate.received) >= taken, timeout=30, what="the bytes taken")
+            app.settimeout(10)
+            app.sendall(b"END")
+            wait_until(lambda: bytes(gate.received[-3:]) == b"END", timeout=30, what="END")
+            data = bytes(gate.received)
+            # Every block taken arrived once, in order; a block the timed-out call had begun
+            # may follow whole or in part (the bytes it took), then END.
+            assert data[:taken] == block * (taken // len(block))
+            assert data.endswith(b"END") and len(data) - 3 - taken < 2 * len(block)
+            assert gate.connections == 1
+            app.close()
+            wait_until(lambda: relay.stats()["sessions_active"] == 0, what="the session ends")
+    finally:
+        gate.stop()
+
+
+def test_a_child_after_fork_writes_through_the_pair_not_the_parents_link(
+        upstream: MessageServer, relay: Relay) -> None:
+    """The link and its greenlets are the parent's: a forked child that writes to the
+    inherited socket goes through the pair's descriptor (the parent's session carries it),
+    never onto the link itself (which would corrupt the parent's framing)."""
+    app = session(relay.address)
+    converse(app, 1, 3)
+    pid = os.fork()
+    if pid == 0:  # the child: one message through the inherited socket, then out
+        code = 1
+        try:
+            if app.__dict__.get("_rs_direct") is None:
+                app.sendall(b"MSG 4 reading=child\n")
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    lines = Lines(app)
+    assert lines.readline() == b"ACK 4"
+    converse(app, 5, 8)
+    app.close()
+    assert_exactly_once(upstream, 8)
+
+
+SESSION_SCRIPT = r"""
+import json, socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection((host, port), timeout=10)
+direct = s.__dict__.get("_rs_direct") is not None
+f = s.makefile("rb")
+for n in range(1, count + 1):
+    s.sendall(b"MSG %d reading=r\n" % n)
+    assert f.readline() == b"ACK %d\n" % n
+s.close()
+print(json.dumps({"class": type(s).__name__, "direct": direct}))
+"""
+
+
+def test_the_runners_session_socket_writes_onto_the_link(upstream: MessageServer,
+                                                        relay: Relay) -> None:
+    """``python -m resilientsock --session``: the application's own socket (a
+    ``ResilientSocket``) writes onto the session's link, and the stream arrives once."""
+    host, port = relay.address
+    out = run_py(["-m", "resilientsock", "--session", f"{host}:{port}", "-c", SESSION_SCRIPT,
+                  host, str(port), "50"], timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"class": "ResilientSocket", "direct": True}
+    # The script closed its socket but not its makefile() reader, and exited: the session's
+    # END went out at exit (the reader's close, or the exit hook for a session still open),
+    # so the upstream saw its EOF at once, not at session_timeout.
+    wait_until(lambda: relay.stats()["upstream_eofs"] == 1, what="the upstream's EOF")
+    assert_exactly_once(upstream, 50)
 
 
 # -- a full-duplex pipelined stream -------------------------------------------------------------
