@@ -108,6 +108,23 @@ def _nodelay(sock: Any) -> None:
         pass
 
 
+def _sendall_views(sock: Any, parts: list[Any]) -> None:
+    """``sendall`` of several buffers, in order: one ``sendmsg`` where the socket has it (no
+    copy, one syscall), a joined copy otherwise (a TLS socket)."""
+    if hasattr(sock, "cipher") or not hasattr(sock, "sendmsg"):
+        sock.sendall(b"".join(parts))
+        return
+    bufs = [memoryview(p) for p in parts]
+    while bufs:
+        n = sock.sendmsg(bufs)  # gevent's: waits for the socket, under its timeout
+        while n and bufs:
+            if n >= len(bufs[0]):
+                n -= len(bufs.pop(0))
+            else:
+                bufs[0] = bufs[0][n:]
+                n = 0
+
+
 class _LinkIO:
     """One connection between client and relay: its socket, its protocol ``Link``, and the
     lock that keeps one frame from interleaving with another (two greenlets write)."""
@@ -203,7 +220,7 @@ class _Carrier:
                 self.room_ev.wait(left)
                 continue
             n = min(total - done, room, sp.MAX_DATA)
-            if not self._send_data(view[done:done + n], left):
+            if not self._send_data(view[done:done + n], end):
                 continue  # the link stayed busy past the time left: the check above raises
             done += n
             if not whole:
@@ -215,17 +232,18 @@ class _Carrier:
         if not (self.finished or self.aborted or self.stream.end_sent is not None):
             self._end_here(False, "")
 
-    def _send_data(self, chunk: memoryview, timeout: float | None) -> bool:
+    def _send_data(self, chunk: memoryview, end: float | None) -> bool:
         """``chunk`` into the stream and onto the current link, framed under the link's lock
         (rule 7); with no link, into the stream only (the resume sends it). False: the link's
-        lock was not free within ``timeout`` (nothing taken)."""
+        lock was not free before ``end`` (monotonic; nothing taken)."""
         stream = self.stream
         while True:
             lio = self.cur
             if lio is None or not lio.alive:
                 stream.data(chunk)
                 return True
-            if not lio.wlock.acquire(timeout=timeout):
+            wait = None if end is None else max(0.0, end - time.monotonic())
+            if not lio.wlock.acquire(timeout=wait):
                 return False
             handed = False
             try:
@@ -235,17 +253,19 @@ class _Carrier:
                     parts = [stream.data_header(chunk), chunk]
                 else:
                     parts = [stream.data(chunk)]
-                handed = self._push(lio, parts)
+                handed = self._push(lio, parts, end)
                 return True
             finally:
                 if not handed:
                     lio.wlock.release()
 
-    def _push(self, lio: _LinkIO, parts: list[Any]) -> bool:
-        """Send ``parts`` on ``lio`` (its lock held) without waiting on a plain TCP link:
-        what the kernel does not take at once is copied and finished by a greenlet that then
-        releases the lock (True); the application's call returns meanwhile, its bytes being
-        in the stream. A TLS link is written whole here (bounded by the heartbeat)."""
+    def _push(self, lio: _LinkIO, parts: list[Any], end: float | None) -> bool:
+        """Send ``parts`` on ``lio`` (its lock held) in the caller's greenlet, waiting for the
+        link while the caller's time lasts (``end``, monotonic; None: no limit) and a link
+        silent for a heartbeat is lost. When the time runs out in the middle of a frame, what
+        is left is copied and finished by a greenlet that then releases the lock (True): the
+        application's call returns in time, its bytes being in the stream. A TLS link is
+        written whole here (bounded by the heartbeat)."""
         raw = None if hasattr(lio.sock, "cipher") else getattr(lio.sock, "_sock", None)
         last = len(parts) - 1
         if raw is None:
@@ -255,20 +275,41 @@ class _Carrier:
             except (OSError, ValueError):  # the units are kept: the resume re-sends them
                 self._link_lost(lio, "send failed")
             return False
-        for i, part in enumerate(parts):
-            view = memoryview(part)
+        heartbeat = lio.sock.timeout
+        bufs = [memoryview(p) for p in parts]
+        while True:
             try:
-                sent = raw.send(view, lio.more if i < last else 0)
+                # One syscall for a header and its payload, and no copy of either.
+                n = raw.sendmsg(bufs) if len(bufs) > 1 else raw.send(bufs[0])
             except BlockingIOError:
-                sent = 0
+                n = 0
             except OSError:
                 self._link_lost(lio, "send failed")
                 return False
-            if sent < len(view):
-                rest = [bytes(view[sent:]), *(bytes(p) for p in parts[i + 1:])]
-                gevent.spawn(self._finish_push, lio, rest)
+            while n and bufs:
+                if n >= len(bufs[0]):
+                    n -= len(bufs.pop(0))
+                else:
+                    bufs[0] = bufs[0][n:]
+                    n = 0
+            if not bufs:
+                return False
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                gevent.spawn(self._finish_push, lio, [bytes(b) for b in bufs])
                 return True
-        return False
+            wait = heartbeat if left is None else (
+                left if heartbeat is None else min(left, heartbeat))
+            try:
+                gsocket.wait_write(raw.fileno(), timeout=wait)
+            except TimeoutError:
+                if left is not None and left <= wait:
+                    continue  # the caller's time is up: the check above hands over
+                self._link_lost(lio, f"send: link silent for {wait:g} s")
+                return False
+            except (OSError, ValueError):  # closed under us by another greenlet
+                self._link_lost(lio, "send failed")
+                return False
 
     def _finish_push(self, lio: _LinkIO, rest: list[bytes]) -> None:
         try:
@@ -342,6 +383,10 @@ class _Carrier:
         the session ends."""
         link = lio.link
         stream = self.stream
+        # The DATA of one received chunk goes to the plain end in one write (the payloads are
+        # views of that chunk): counted as received when parsed, so delivered before any
+        # other event is obeyed and before anything else can return.
+        batch: list[Any] = []
         while lio.alive and not self.finished:
             while True:
                 if lio is not self.cur:
@@ -352,18 +397,22 @@ class _Carrier:
                 try:
                     ev = link.next_event()
                 except sp.Refused as exc:
+                    self._deliver_batch(batch)
                     self.on_refused(lio, exc)
                     return
                 except sp.ProtocolError as exc:
+                    self._deliver_batch(batch)
                     log.warning("resilientsock: %s session link: protocol error: %s",
                                 self.side, exc.reason)
                     self._link_lost(lio, f"protocol error: {exc.reason}")
                     return
+                if isinstance(ev, sp.Data):
+                    batch.append(ev.payload)
+                    continue
+                self._deliver_batch(batch)
                 if ev is sp.NEED_DATA:
                     break
-                if isinstance(ev, sp.Data):
-                    self._deliver(ev.payload)
-                elif isinstance(ev, sp.Ended):
+                if isinstance(ev, sp.Ended):
                     self._peer_ended(ev)
                     self._send(lio, stream.ack())
                 elif isinstance(ev, sp.Aborted):
@@ -399,12 +448,21 @@ class _Carrier:
         if self.stream.ack_due() and not self.finished:
             self._send(self.cur, self.stream.ack())
 
-    def _deliver(self, payload: bytes | memoryview) -> None:
+    def _deliver_batch(self, batch: list[Any]) -> None:
+        if batch:
+            self._deliver(batch[0] if len(batch) == 1 else list(batch))
+            batch.clear()
+
+    def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
+        """Write ``payload`` (or a list of payloads, in order) to the plain end, whole."""
         with self.plain_lock:
             if self.plain is None or self.aborted:
                 return
             try:
-                self.plain.sendall(payload)
+                if isinstance(payload, list):
+                    _sendall_views(self.plain, payload)
+                else:
+                    self.plain.sendall(payload)
             except OSError as exc:
                 failed: OSError | None = exc
             else:
@@ -548,8 +606,9 @@ class _RelaySession(_Carrier):
     def count_plain(self, n: int) -> None:
         self.relay.counters["bytes_down"] += n
 
-    def _deliver(self, payload: bytes | memoryview) -> None:
-        self.relay.counters["bytes_up"] += len(payload)
+    def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
+        self.relay.counters["bytes_up"] += (sum(map(len, payload)) if isinstance(payload, list)
+                                            else len(payload))
         super()._deliver(payload)
 
     def on_finished(self) -> None:

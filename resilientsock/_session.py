@@ -561,7 +561,8 @@ class Link:
                     self._cpos = end
                     if end == len(chunk):
                         self._chunk = None
-                    return Data(chunk[cpos + HEADER_LEN:end])
+                    # A view, not a copy: the bytes go on to a socket and are not kept.
+                    return Data(memoryview(chunk)[cpos + HEADER_LEN:end])
             if cpos == len(chunk):
                 self._chunk = None
             else:
