@@ -1266,6 +1266,7 @@ def _socket_pair(unix: bool = False) -> tuple[Any, Any]:
 
 
 _direct_sockets: weakref.WeakSet[Any] = weakref.WeakSet()
+_client_sessions: weakref.WeakSet[Any] = weakref.WeakSet()  # open_session's, for the exit
 
 
 def set_direct(sock: Any, session: Any) -> None:
@@ -1279,13 +1280,13 @@ def _direct_off_in_child() -> None:
     # descriptor it inherited, as it would on a plain shared connection.
     for sock in list(_direct_sockets):
         sock.__dict__["_rs_direct"] = None
+    _client_sessions.clear()  # nor does its exit end the parent's sessions
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_direct_off_in_child)
 
 
-_client_sessions: weakref.WeakSet[Any] = weakref.WeakSet()
 EXIT_FLUSH = 2.0  # seconds process exit may spend ending its sessions, all of them together
 
 

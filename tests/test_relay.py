@@ -233,6 +233,9 @@ def test_a_child_after_fork_writes_through_the_pair_not_the_parents_link(
         try:
             if app.__dict__.get("_rs_direct") is None:
                 app.sendall(b"MSG 4 reading=child\n")
+                from resilientsock._relay import _end_sessions_at_exit
+
+                _end_sessions_at_exit()  # the child's exit hook: ends none of the parent's
                 code = 0
         finally:
             os._exit(code)
