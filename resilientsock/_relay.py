@@ -108,10 +108,16 @@ def _nodelay(sock: Any) -> None:
         pass
 
 
+_IOV_BATCH = 64  # at most this many buffers to one sendmsg (IOV_MAX is 1024 on Linux)
+
+
 def _sendall_views(sock: Any, parts: list[Any]) -> None:
     """``sendall`` of several buffers, in order: one ``sendmsg`` where the socket has it (no
     copy, one syscall), a joined copy otherwise (a TLS socket)."""
     if hasattr(sock, "cipher") or not hasattr(sock, "sendmsg"):
+        sock.sendall(b"".join(parts))
+        return
+    if len(parts) > _IOV_BATCH:  # many small frames: one copy beats IOV_MAX slices
         sock.sendall(b"".join(parts))
         return
     bufs = [memoryview(p) for p in parts]
@@ -125,19 +131,30 @@ def _sendall_views(sock: Any, parts: list[Any]) -> None:
                 n = 0
 
 
+class _Interrupted(BaseException):
+    """Internal: a write was interrupted after its frames were handed to a greenlet that
+    finishes them and releases the link's lock; ``exc`` is re-raised to the caller."""
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__()
+        self.exc = exc
+
+
 class _LinkIO:
     """One connection between client and relay: its socket, its protocol ``Link``, and the
     lock that keeps one frame from interleaving with another (two greenlets write)."""
 
-    __slots__ = ("sock", "link", "wlock", "alive", "more")
+    __slots__ = ("sock", "link", "wlock", "alive", "more", "tls")
 
     def __init__(self, sock: Any, link: sp.Link) -> None:
         self.sock = sock
         self.link = link
         self.wlock = gevent.lock.Semaphore()
         self.alive = True
+        # Read once, while the socket is open (a closed one raises from __getattr__).
+        self.tls = hasattr(sock, "cipher")
         # TLS sockets take no send flags; a plain TCP one corks a header for its payload.
-        self.more = 0 if hasattr(sock, "cipher") else getattr(gsocket, "MSG_MORE", 0)
+        self.more = 0 if self.tls else getattr(gsocket, "MSG_MORE", 0)
 
     def close(self, rst: bool = False) -> None:
         self.alive = False
@@ -190,13 +207,14 @@ class _Carrier:
 
     def direct_write(self, data: Any, timeout: float | None, whole: bool) -> int:
         """The application's bytes framed straight onto the link (rule 7): no trip through
-        the local pair. Returns how many bytes were taken (all of them when ``whole``), or -1
-        when this end of the session is over (or its END is out): the caller then writes
-        to its socket, which shows what a plain socket would (the pair's other end is closed
-        or reset). Bytes taken are in the stream: carried exactly once, whatever the link
-        does next. Blocks while ``limit`` bytes are unacknowledged (backpressure) or another
-        write holds the link, at most ``timeout`` seconds: then ``TimeoutError`` (a partial
-        ``send`` returns what it took instead)."""
+        the local pair. Returns how many bytes were taken (for ``whole``, all of them or what
+        was taken before this end of the session was over), or -1 when it was over before any
+        byte: the caller then writes the rest to its socket, which shows what a plain socket
+        would (EPIPE after a shutdown, a reset when the session is gone: the pair's other end
+        is closed or reset). Bytes taken are in the stream: carried exactly once, whatever the
+        link does next. Blocks while ``limit`` bytes are unacknowledged (backpressure) or
+        another write holds the link, at most ``timeout`` seconds: then ``TimeoutError`` (a
+        partial ``send`` returns what it took instead)."""
         view = data if isinstance(data, memoryview) else memoryview(data)
         if view.format != "B" or view.ndim != 1:
             view = view.cast("B")
@@ -207,7 +225,7 @@ class _Carrier:
         end = None if timeout is None else time.monotonic() + timeout
         done = 0
         while done < total:
-            if self.finished or self.aborted or stream.end_sent is not None:
+            if self._over():
                 return done if done else -1
             room = stream.room()
             left = None if end is None else end - time.monotonic()
@@ -220,24 +238,53 @@ class _Carrier:
                 self.room_ev.wait(left)
                 continue
             n = min(total - done, room, sp.MAX_DATA)
-            if not self._send_data(view[done:done + n], end):
+            taken = self._send_data(view[done:done + n], end)
+            if taken is None:
+                return done if done else -1
+            if not taken:
                 continue  # the link stayed busy past the time left: the check above raises
             done += n
             if not whole:
                 break
         return done
 
+    def _over(self) -> bool:
+        return self.finished or self.aborted is not None or self.stream.end_sent is not None
+
     def direct_end(self) -> None:
-        """The application closed (or shut down) its writing end: END, behind its bytes."""
-        if not (self.finished or self.aborted or self.stream.end_sent is not None):
+        """The application shut down its writing end: END, behind its bytes."""
+        if not self._over():
             self._end_here(False, "")
 
-    def _send_data(self, chunk: memoryview, end: float | None) -> bool:
+    def _send_built(self, build: Any) -> None:
+        """Send the frames ``build()`` returns on the current link, built under its lock so
+        that the stream's order is the wire's (rule 7); with no link, build only (the resume
+        sends them)."""
+        while True:
+            lio = self.cur
+            if lio is None or not lio.alive:
+                build()
+                return
+            with lio.wlock:
+                if lio is not self.cur or not lio.alive:
+                    continue
+                frames = build()
+                if frames:
+                    try:
+                        lio.sock.sendall(frames)
+                    except (OSError, ValueError):
+                        self._link_lost(lio, "send failed")
+                return
+
+    def _send_data(self, chunk: memoryview, end: float | None) -> bool | None:
         """``chunk`` into the stream and onto the current link, framed under the link's lock
         (rule 7); with no link, into the stream only (the resume sends it). False: the link's
-        lock was not free before ``end`` (monotonic; nothing taken)."""
+        lock was not free before ``end`` (monotonic; nothing taken); None: this end of the
+        session is over (nothing taken)."""
         stream = self.stream
         while True:
+            if self._over():
+                return None
             lio = self.cur
             if lio is None or not lio.alive:
                 stream.data(chunk)
@@ -249,11 +296,18 @@ class _Carrier:
             try:
                 if lio is not self.cur or not lio.alive:
                     continue  # replaced while we waited: the new link (or none)
+                if self._over():
+                    return None
                 if len(chunk) >= BIG_WRITE:
                     parts = [stream.data_header(chunk), chunk]
                 else:
                     parts = [stream.data(chunk)]
-                handed = self._push(lio, parts, end)
+                try:
+                    handed = self._push(lio, parts, end)
+                except _Interrupted as interrupted:
+                    handed = True  # a greenlet finishes the frame and releases the lock
+                    raise interrupted.exc.with_traceback(interrupted.exc.__traceback__) \
+                        from None
                 return True
             finally:
                 if not handed:
@@ -262,54 +316,60 @@ class _Carrier:
     def _push(self, lio: _LinkIO, parts: list[Any], end: float | None) -> bool:
         """Send ``parts`` on ``lio`` (its lock held) in the caller's greenlet, waiting for the
         link while the caller's time lasts (``end``, monotonic; None: no limit) and a link
-        silent for a heartbeat is lost. When the time runs out in the middle of a frame, what
-        is left is copied and finished by a greenlet that then releases the lock (True): the
-        application's call returns in time, its bytes being in the stream. A TLS link is
-        written whole here (bounded by the heartbeat)."""
-        raw = None if hasattr(lio.sock, "cipher") else getattr(lio.sock, "_sock", None)
-        last = len(parts) - 1
-        if raw is None:
+        silent for a heartbeat is lost. When the time runs out, or the wait is interrupted
+        (``gevent.Timeout``, a kill), with frames not wholly sent, the rest is copied and
+        finished by a greenlet that then releases the lock (True): a frame is never left half
+        sent, and the bytes are in the stream whatever the caller does next. A TLS link is
+        written by that greenlet, which the caller waits for while its time lasts."""
+        if lio.tls:
+            worker = gevent.spawn(self._finish_push, lio, [bytes(p) for p in parts])
             try:
-                for i, part in enumerate(parts):
-                    lio.sock.sendall(part, lio.more if i < last else 0)
-            except (OSError, ValueError):  # the units are kept: the resume re-sends them
-                self._link_lost(lio, "send failed")
-            return False
+                worker.join(None if end is None else max(0.0, end - time.monotonic()))
+            except BaseException as exc:
+                raise _Interrupted(exc) from None  # the worker carries on, releases the lock
+            return True
+        raw = lio.sock._sock
         heartbeat = lio.sock.timeout
         bufs = [memoryview(p) for p in parts]
-        while True:
-            try:
-                # One syscall for a header and its payload, and no copy of either.
-                n = raw.sendmsg(bufs) if len(bufs) > 1 else raw.send(bufs[0])
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                self._link_lost(lio, "send failed")
-                return False
-            while n and bufs:
-                if n >= len(bufs[0]):
-                    n -= len(bufs.pop(0))
-                else:
-                    bufs[0] = bufs[0][n:]
+        try:
+            while True:
+                try:
+                    # One syscall for a header and its payload, and no copy of either.
+                    n = raw.sendmsg(bufs) if len(bufs) > 1 else raw.send(bufs[0])
+                except BlockingIOError:
                     n = 0
-            if not bufs:
-                return False
-            left = None if end is None else end - time.monotonic()
-            if left is not None and left <= 0:
+                except OSError:
+                    self._link_lost(lio, "send failed")
+                    return False
+                while n and bufs:
+                    if n >= len(bufs[0]):
+                        n -= len(bufs.pop(0))
+                    else:
+                        bufs[0] = bufs[0][n:]
+                        n = 0
+                if not bufs:
+                    return False
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    gevent.spawn(self._finish_push, lio, [bytes(b) for b in bufs])
+                    return True
+                wait = heartbeat if left is None else (
+                    left if heartbeat is None else min(left, heartbeat))
+                try:
+                    gsocket.wait_write(raw.fileno(), timeout=wait)
+                except TimeoutError:
+                    if left is not None and left <= wait:
+                        continue  # the caller's time is up: the check above hands over
+                    self._link_lost(lio, f"send: link silent for {wait:g} s")
+                    return False
+                except (OSError, ValueError):  # closed under us by another greenlet
+                    self._link_lost(lio, "send failed")
+                    return False
+        except BaseException as exc:
+            if bufs and lio.alive:  # interrupted mid-frame: finish it, then release the lock
                 gevent.spawn(self._finish_push, lio, [bytes(b) for b in bufs])
-                return True
-            wait = heartbeat if left is None else (
-                left if heartbeat is None else min(left, heartbeat))
-            try:
-                gsocket.wait_write(raw.fileno(), timeout=wait)
-            except TimeoutError:
-                if left is not None and left <= wait:
-                    continue  # the caller's time is up: the check above hands over
-                self._link_lost(lio, f"send: link silent for {wait:g} s")
-                return False
-            except (OSError, ValueError):  # closed under us by another greenlet
-                self._link_lost(lio, "send failed")
-                return False
+                raise _Interrupted(exc) from None
+            raise
 
     def _finish_push(self, lio: _LinkIO, rest: list[bytes]) -> None:
         try:
@@ -353,23 +413,18 @@ class _Carrier:
                 return
             if stream.end_sent is not None:
                 return
-            lio = self.cur
             if not data:
                 self._end_here(False, "")
                 return
             self.count_plain(len(data))
-            if len(data) >= BIG_WRITE:
-                self._send(lio, stream.data_header(data), data)
-            else:
-                self._send(lio, stream.data(data))
+            # Framed under the link's lock, as the application's direct writes are (rule 7).
+            self._send_data(memoryview(data), None)
 
     def count_plain(self, n: int) -> None:  # overridden
         pass
 
     def _end_here(self, reset: bool, reason: str) -> None:
-        lio = self.cur
-        frames = self.stream.end(reset, reason)
-        self._send(lio, frames)
+        self._send_built(lambda: self.stream.end(reset, reason))
         self.plain_ended(reset)
         self._maybe_finish()
 
@@ -1179,6 +1234,11 @@ class _ClientSession(_Carrier):
                 self.cur = lio
                 sock.settimeout(self.heartbeat)
                 sock.sendall(frames)
+            except BaseException:
+                if self.cur is lio:  # a link that failed its resume is nobody's current one
+                    self.cur = None
+                lio.alive = False
+                raise
             finally:
                 lio.wlock.release()
         except BaseException:
@@ -1305,21 +1365,28 @@ def _pair_pending(sock: Any) -> int:
 def _end_sessions_at_exit() -> None:
     """Process exit closes every connection: a FIN to each peer. A session's FIN is its END
     frame, which only this process can send: sent here for each session still open, behind
-    what the application wrote (what the pair still holds goes first), at most ``EXIT_FLUSH``
-    seconds in all. Otherwise the relay would hold the upstream connection open until
+    what the application wrote (the pump first carries what the pair holds, and the EOF of
+    a pair already closed), at most ``EXIT_FLUSH`` seconds in all. A pair that could not be
+    drained in that time ends with a reset, never a clean EOF on a stream cut short. The pair
+    is then reset, so a write after this (another exit hook's) fails, as on a closed socket,
+    instead of vanishing. Otherwise the relay would hold the upstream connection open until
     ``session_timeout``, as if the client had only lost its link."""
     deadline = time.monotonic() + EXIT_FLUSH
-    try:
-        for session in list(_client_sessions):
-            if session.finished or session.stream.end_sent is not None:
-                continue
+    for session in list(_client_sessions):
+        try:
             plain = session.plain
-            while (plain is not None and _pair_pending(plain) > 0
-                   and time.monotonic() < deadline):
+            while (not session._over() and plain is not None and time.monotonic() < deadline
+                   and _pair_pending(plain) > 0):
                 gevent.sleep(0.01)  # the pump carries them (bounded by the deadline)
-            session.direct_end()
-    except Exception:  # pragma: no cover - never in the way of the process's exit
-        pass
+            if not session._over():
+                if plain is not None and _pair_pending(plain) > 0:
+                    session._end_here(True, "the application's process exited")
+                else:
+                    session._end_here(False, "")
+            if plain is not None and session.plain is plain:
+                _abort(plain)
+        except Exception:  # pragma: no cover - never in the way of the process's exit
+            continue
 
 
 atexit.register(_end_sessions_at_exit)
@@ -1335,6 +1402,13 @@ def direct_methods(base: Any) -> dict[str, Any]:
     def off(self: Any) -> None:
         self.__dict__["_rs_direct"] = None
 
+    def ended(session: Any) -> None:
+        # Our END is out (a shutdown, or the process's exit) and the session still carries
+        # the other direction: a write now fails as after SHUT_WR, never into the void.
+        if (session.stream.end_sent is not None and not session.finished
+                and session.aborted is None):
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
     def send(self: Any, data: Any, flags: int = 0, *args: Any, **kw: Any) -> int:
         session = self.__dict__.get("_rs_direct")
         if session is not None:
@@ -1342,6 +1416,7 @@ def direct_methods(base: Any) -> dict[str, Any]:
                 n = session.direct_write(data, self.timeout, whole=False)
                 if n >= 0:
                     return n  # type: ignore[no-any-return]
+                ended(session)
             off(self)
         # gevent's own sendall calls send(chunk, flags, timeout=...): passed on as given.
         return b_send(self, data, flags, *args, **kw)  # type: ignore[no-any-return]
@@ -1350,27 +1425,34 @@ def direct_methods(base: Any) -> dict[str, Any]:
         session = self.__dict__.get("_rs_direct")
         if session is not None:
             if not flags and self.timeout != 0.0:
-                n = session.direct_write(data, self.timeout, whole=True)
-                if n >= 0:
+                view = data if isinstance(data, memoryview) else memoryview(data)
+                if view.format != "B" or view.ndim != 1:
+                    view = view.cast("B")
+                n = session.direct_write(view, self.timeout, whole=True)
+                if n >= len(view):
                     return
-            off(self)  # a session over with nothing taken: the pair shows its end
+                # The session ended at this end before all of it was taken: the rest goes
+                # to the pair, which raises what a plain socket would (EPIPE, a reset).
+                ended(session)
+                off(self)
+                b_sendall(self, view[max(n, 0):], flags)
+                return
+            off(self)
         b_sendall(self, data, flags)
 
     def sendmsg(self: Any, *args: Any) -> int:
         off(self)
         return b_sendmsg(self, *args)  # type: ignore[misc, no-any-return]
 
-    def end(self: Any) -> None:
-        # The session's END goes out now, behind every byte written, not later from the pump
-        # (which may never run again: a script that closes and exits).
-        session = self.__dict__.get("_rs_direct")
-        off(self)
-        if session is not None:
-            session.direct_end()
-
     def shutdown(self: Any, how: int) -> None:
+        session = self.__dict__.get("_rs_direct")
         if how != gsocket.SHUT_RD:
-            end(self)
+            off(self)
+            if session is not None:
+                # The END goes out now, behind every byte written (a shutdown is the
+                # connection's, whatever descriptor says it); the pair's own EOF then finds
+                # it sent.
+                session.direct_end()
         b_shutdown(self, how)
 
     def dup(self: Any) -> Any:
@@ -1382,8 +1464,10 @@ def direct_methods(base: Any) -> dict[str, Any]:
         return b_detach(self)  # type: ignore[no-any-return]
 
     def close(self: Any) -> None:
-        if getattr(self, "_io_refs", 0) <= 0:  # no makefile() object still uses it
-            end(self)
+        # No END here: another descriptor of the pair's end (a dup, a forked child, a
+        # makefile() object) may still write; the pump sends the END at the pair's EOF, when
+        # the last one closes, as the kernel sends a FIN.
+        off(self)
         b_close(self)
 
     methods = {"send": send, "sendall": sendall, "shutdown": shutdown, "dup": dup,

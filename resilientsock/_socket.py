@@ -1146,7 +1146,7 @@ class ResilientSocket(_GeventSocket):
             text += (f"; the server reset the connection each time the unanswered request(s) "
                      f"were re-sent ({POISON_CAP} times): that is its answer")
         if library:
-            text += f"; left to {library}'s own retries"
+            text += f"; left to {library} (its own retries, or its caller's)"
         add_note(exc, f"resilientsock: {text}")
         _stats.bump("gave_up")
         self._rs_bump("surfaced")
@@ -1364,9 +1364,13 @@ RETRYING_LIBRARIES = ("redis.", "urllib3.", "pymysql.", "pymemcache.", "httpcore
 
 def _retrying_library(start: int = 2, depth: int = 40) -> str | None:
     """The retrying library (its module's top-level name) whose call this is, or None: none
-    on the stack, or the application turned that library's own retries off."""
+    on the stack, or the application turned that library's own retries off. Every frame of
+    the stack counts: retries turned off on an inner object (a redis-py ``Connection``) do
+    not matter when an outer one retries (a ``RedisCluster``, whose node connections have
+    ``Retry(0)`` because the cluster client does the retrying)."""
     frame = sys._getframe(start)
     found = None
+    off = False
     for _ in range(depth):
         if frame is None:
             break
@@ -1374,11 +1378,12 @@ def _retrying_library(start: int = 2, depth: int = 40) -> str | None:
         if isinstance(name, str) and name.startswith(RETRYING_LIBRARIES):
             if found is None:
                 found = name.split(".", 1)[0]
-            off = _library_retries_off(name, frame)
-            if off is not None:
-                return None if off else found
+            said = _library_retries_off(name, frame)
+            if said is False:
+                return found  # an object up the stack retries
+            off = off or bool(said)
         frame = frame.f_back  # type: ignore[assignment]
-    return found
+    return None if off else found
 
 
 def _connect_from_retrying_library(depth: int = 40) -> bool:

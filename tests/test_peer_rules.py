@@ -705,3 +705,45 @@ def test_a_request_reset_on_every_connection_is_not_replayed_under_each_client_r
     assert plain["outcome"] == "redis.ConnectionError"
     assert got["outcome"] == plain["outcome"], (plain, got)
     assert got["elapsed"] <= bound, (plain, got)
+
+
+# -- the retrying-library check reads the whole stack ------------------------------------------
+
+_FAKE_REDIS = '''
+class Retry:
+    def __init__(self, n):
+        self._retries = n
+
+class Connection:
+    def __init__(self, n):
+        self.retry = Retry(n)
+    def read(self, probe):
+        return probe()
+
+class Cluster:
+    def __init__(self, n, conn):
+        self.retry = Retry(n)
+        self.conn = conn
+    def execute(self, probe):
+        return self.conn.read(probe)
+'''
+
+
+def test_retries_on_further_up_the_stack_win_over_an_inner_retry_0() -> None:
+    """redis-py's ``RedisCluster`` retries at the cluster level, its node ``Connection``s
+    have ``Retry(0)``: a call through it is a retrying library's. A plain ``Redis(retry=None)``
+    (only the connection's ``Retry(0)`` on the stack) is not: resilientsock retries there."""
+    import types
+
+    from resilientsock._socket import _retrying_library
+
+    mod = types.ModuleType("redis.fake_for_test")
+    exec(compile(_FAKE_REDIS, "redis/fake_for_test.py", "exec"), mod.__dict__)
+
+    def probe() -> str | None:
+        return _retrying_library(start=1)
+
+    assert mod.Cluster(3, mod.Connection(0)).execute(probe) == "redis"
+    assert mod.Connection(0).read(probe) is None
+    assert mod.Connection(3).read(probe) == "redis"
+    assert probe() is None  # no library on the stack

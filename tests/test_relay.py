@@ -279,6 +279,202 @@ def test_the_runners_session_socket_writes_onto_the_link(upstream: MessageServer
     assert_exactly_once(upstream, 50)
 
 
+# Found by review of the direct write path (each failed before its fix).
+
+
+def test_a_gevent_timeout_inside_a_write_never_leaves_half_a_frame_on_the_link() -> None:
+    """``gevent.Timeout`` lands while a 1 MiB write waits for the link: the frame it began
+    is finished by a greenlet, so the relay never reads payload as a header (it had sent
+    header bytes upstream, then failed with a protocol error)."""
+    gate = Gate()
+    try:
+        with Relay(("127.0.0.1", 0), gate.address, plain_after=2.0) as relay:
+            app = session(relay.address, policy=RetryPolicy(
+                deadline=20, backoff_initial=0.01, backoff_max=0.1, journal_limit=64 << 20),
+                heartbeat=10.0)
+            app.settimeout(None)
+            taken = 0
+            with pytest.raises(gevent.Timeout):
+                with gevent.Timeout(1.0):
+                    for _ in range(64):
+                        app.sendall(b"A" * (1 << 20))
+                        taken += 1 << 20
+            gate.open()
+            app.settimeout(20)
+            app.sendall(b"B" * 100000)
+            app.shutdown(socket.SHUT_WR)
+            wait_until(lambda: relay.stats()["upstream_eofs"] == 1
+                       or relay.stats()["sessions_active"] == 0, timeout=30, what="the end")
+            data = bytes(gate.received)
+            assert set(data) <= {ord("A"), ord("B")}, sorted(set(data) - {65, 66})[:10]
+            assert data.endswith(b"B" * 100000) and data.rstrip(b"B") == b"A" * (len(data) -
+                                                                                  100000)
+            assert len(data) - 100000 >= taken  # the interrupted write's bytes too, once
+            assert relay.stats()["sessions_resumed"] == 0 and gate.connections == 1
+            app.close()
+    finally:
+        gate.stop()
+
+
+def test_thousands_of_small_frames_in_one_chunk_reach_the_upstream_in_order() -> None:
+    """30,000 one-byte writes behind an upstream that reads nothing yet: every byte arrives,
+    in order, with the relay delivering the frames of each chunk it reads in one write."""
+    gate = Gate()
+    try:
+        with Relay(("127.0.0.1", 0), gate.address, plain_after=2.0) as relay:
+            app = session(relay.address)
+            count = 30000
+            want = bytes(random.Random(5).randbytes(count))
+            for i in range(count):
+                app.sendall(want[i:i + 1])  # one byte: one 14-byte frame each
+            gate.open()
+            wait_until(lambda: len(gate.received) >= len(want), timeout=30, what="every byte")
+            assert bytes(gate.received) == want
+            assert relay.stats()["upstream_resets"] == 0
+            app.close()
+    finally:
+        gate.stop()
+
+
+def test_writers_meeting_a_shutdown_get_epipe_never_a_silent_partial_write() -> None:
+    """W1 writes 12 MiB; W2 waits; another greenlet shuts the write side down. What was
+    taken arrives whole, in order; each writer either finished or got an OSError (EPIPE), as
+    on a plain socket. Before: W1 returned as if all was sent, W2 got a ValueError."""
+    gate = Gate()
+    try:
+        with Relay(("127.0.0.1", 0), gate.address, plain_after=2.0) as relay:
+            app = session(relay.address, heartbeat=10.0)
+            app.settimeout(None)
+            w1 = gevent.spawn(app.sendall, b"A" * (12 << 20))
+            wait_until(lambda: relay.stats()["bytes_up"] > 0, what="w1 under way")
+            gevent.sleep(0.3)  # W1 blocked on a full path (a cadence, not a sync)
+            w2 = gevent.spawn(app.sendall, b"B" * 1000)
+            gevent.sleep(0.05)
+            app.shutdown(socket.SHUT_WR)
+            gate.open()
+            gevent.joinall([w1, w2], timeout=20)
+            assert w1.ready() and w2.ready()
+            for w in (w1, w2):
+                assert w.exception is None or isinstance(w.exception, OSError), repr(w.exception)
+            wait_until(lambda: relay.stats()["upstream_eofs"] == 1, timeout=20,
+                       what="the upstream's EOF")
+            data = bytes(gate.received)
+            assert data.rstrip(b"B") == b"A" * len(data.rstrip(b"B"))
+            if w1.exception is None:
+                assert data.count(b"A") == 12 << 20
+            else:
+                assert data.count(b"A") < 12 << 20
+            assert data.count(b"B") in (0, 1000) and (w2.exception is None) == (b"B" in data)
+            app.close()
+    finally:
+        gate.stop()
+
+
+def test_many_payloads_go_out_in_one_write_beyond_iov_max() -> None:
+    """The DATA of one received chunk (thousands of small frames) is written to the plain
+    end at once: more buffers than IOV_MAX (1024) in one sendmsg failed with EMSGSIZE, which
+    the relay took for its upstream gone and reset the session (found by review)."""
+    from resilientsock._relay import _sendall_views
+
+    a, b = gsocket.socketpair()
+    try:
+        parts = [bytes([i % 256]) * (1 + i % 7) for i in range(5000)]
+        want = b"".join(parts)
+        reader = gevent.spawn(lambda: b"".join(iter(lambda: b.recv(65536), b"")))
+        _sendall_views(a, [memoryview(p) for p in parts])
+        a.shutdown(socket.SHUT_WR)
+        assert reader.get(timeout=10) == want
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_sendall_into_a_session_that_ends_raises() -> None:
+    """The relay stops under a 64 MiB ``sendall``: it raises (a reset), as a plain socket's
+    would; before it returned as if everything had been sent."""
+    gate = Gate()
+    relay = Relay(("127.0.0.1", 0), gate.address, plain_after=2.0,
+                  buffer_limit=256 * 1024).start()
+    try:
+        app = session(relay.address, policy=RetryPolicy(
+            deadline=1.0, backoff_initial=0.01, backoff_max=0.1, journal_limit=256 * 1024))
+        app.settimeout(None)
+        writer = gevent.spawn(app.sendall, b"x" * (64 << 20))
+        wait_until(lambda: relay.stats()["bytes_up"] > 0, what="the relay writing upstream")
+        relay.stop()
+        writer.join(timeout=20)
+        assert writer.ready() and isinstance(writer.exception, OSError), repr(writer.exception)
+        app.close()
+    finally:
+        relay.stop()
+        gate.stop()
+
+
+def test_closing_one_of_two_descriptors_keeps_the_session(upstream: MessageServer,
+                                                           relay: Relay) -> None:
+    """``close()`` of one descriptor while another (a dup, a handed-over fd, a forked
+    child's) still holds the connection does not end the session: the END waits for the
+    last close, as the kernel's FIN does."""
+    app = session(relay.address)
+    converse(app, 1, 3)
+    other = gsocket.socket(fileno=os.dup(app.fileno()))
+    app.close()
+    other.settimeout(5)
+    other.sendall(b"MSG 4 reading=other\n")
+    assert Lines(other).readline() == b"ACK 4"
+    other.close()
+    wait_until(lambda: relay.stats()["upstream_eofs"] == 1, what="the upstream's EOF")
+    assert_exactly_once(upstream, 4)
+
+
+def test_a_write_after_the_exit_hook_fails_instead_of_vanishing(upstream: MessageServer,
+                                                                relay: Relay) -> None:
+    from resilientsock._relay import _end_sessions_at_exit
+
+    app = session(relay.address)
+    converse(app, 1, 3)
+    _end_sessions_at_exit()  # as atexit runs it, before logging's own exit flush
+    with pytest.raises(BrokenPipeError):
+        app.sendall(b"MSG 4 reading=late\n")
+    wait_until(lambda: relay.stats()["upstream_eofs"] == 1, what="the upstream's EOF")
+    assert_exactly_once(upstream, 3)
+    app.close()
+
+
+def test_a_tls_link_write_honours_the_application_timeout() -> None:
+    """TLS between client and relay, an upstream that reads nothing: every ``sendall`` with
+    a 0.5 s timeout returns or raises within about that (before: the heartbeat's 4 s)."""
+    trustme = pytest.importorskip("trustme")
+    import gevent.ssl as gssl
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    gate = Gate()
+    with cert.cert_chain_pems[0].tempfile() as crt, cert.private_key_pem.tempfile() as key:
+        relay = Relay(("127.0.0.1", 0), gate.address, tls_cert=crt, tls_key=key,
+                      plain_after=2.0).start()
+    try:
+        ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_CLIENT)
+        ca.configure_trust(ctx)
+        app = open_session(relay.address, timeout=0.5, heartbeat=4.0, ssl_context=ctx,
+                           policy=RetryPolicy(deadline=20, backoff_initial=0.01,
+                                              backoff_max=0.1))
+        block = b"y" * 65536
+        calls = []
+        with pytest.raises(OSError):  # TimeoutError once the buffers are full
+            for _ in range(2000):
+                t0 = time.monotonic()
+                try:
+                    app.sendall(block)
+                finally:
+                    calls.append(time.monotonic() - t0)
+        assert max(calls) < 1.0, (max(calls), len(calls))
+        app.close()
+    finally:
+        relay.stop()
+        gate.stop()
+
+
 # -- a full-duplex pipelined stream -------------------------------------------------------------
 
 
@@ -447,13 +643,17 @@ class Gate:
 
         def serve(conn: Any) -> None:
             conn.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_RCVBUF, 65536)
-            self.opened.wait()
-            while True:
-                data = conn.recv(262144)
-                if not data:
-                    conn.close()
-                    return
-                self.received += data
+            try:
+                self.opened.wait()
+                while True:
+                    data = conn.recv(262144)
+                    if not data:
+                        return
+                    self.received += data
+            except OSError:  # the relay reset it: the tests count what arrived before
+                return
+            finally:
+                conn.close()
 
         def accept() -> None:
             while True:
