@@ -832,10 +832,10 @@ class ResilientSocket(_GeventSocket):
         done = self._rs_done = Event()
         episode = m.begin_episode(exc)
         if not first and not episode.attempts:
-            # A drop (or a broken socket used again) inside a client library with its own
-            # retry layer: a reconnect that finds nobody listening is its to retry (in
-            # _rs_attempts), as its own connects are.
-            episode.library = _retrying_library()
+            # A drop (or a broken socket used again) inside a call that the client library's
+            # own retry layer will retry: a reconnect that finds nobody listening is its to
+            # retry (in _rs_attempts), so layered retries do not multiply.
+            episode.library = _library_retrying_now()
         if exc is not None:
             info = classify(exc, phase="read")
             _emit("drop", logging.INFO, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
@@ -1146,7 +1146,7 @@ class ResilientSocket(_GeventSocket):
             text += (f"; the server reset the connection each time the unanswered request(s) "
                      f"were re-sent ({POISON_CAP} times): that is its answer")
         if library:
-            text += f"; left to {library} (its own retries, or its caller's)"
+            text += f"; left to {library}'s own retries"
         add_note(exc, f"resilientsock: {text}")
         _stats.bump("gave_up")
         self._rs_bump("surfaced")
@@ -1384,6 +1384,33 @@ def _retrying_library(start: int = 2, depth: int = 40) -> str | None:
             off = off or bool(said)
         frame = frame.f_back  # type: ignore[assignment]
     return None if off else found
+
+
+def _library_retrying_now(start: int = 2, depth: int = 60) -> str | None:
+    """The client library whose call this is, when its own retry layer will retry it: redis-py
+    with a ``Retry`` of more than 0 retries on an object up the stack (the default; a
+    ``RedisCluster``), urllib3 with retries left in the ``Retry`` of its ``urlopen`` (a
+    ``PoolManager``'s default ``Retry(3)``; not requests' ``max_retries=0``). None otherwise:
+    a library without retries of its own (PyMySQL, pymemcache's ``Client``) or with them off
+    leaves the waiting to resilientsock's policy."""
+    frame = sys._getframe(start)
+    for _ in range(depth):
+        if frame is None:
+            break
+        name = frame.f_globals.get("__name__", "")
+        if isinstance(name, str):
+            if name.startswith("redis."):
+                retry = getattr(frame.f_locals.get("self"), "retry", None)
+                left = getattr(retry, "_retries", None)
+                if isinstance(left, int) and left > 0:
+                    return "redis"
+            elif name.startswith("urllib3.") and frame.f_code.co_name == "urlopen":
+                retries = frame.f_locals.get("retries")
+                total = getattr(retries, "total", None)
+                if isinstance(total, int) and not isinstance(total, bool) and total > 0:
+                    return "urllib3"
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def _connect_from_retrying_library(depth: int = 40) -> bool:

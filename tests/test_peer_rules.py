@@ -489,13 +489,16 @@ def _resp_command(buf: bytes) -> tuple[list[bytes] | None, bytes]:
     return parts, rest
 
 
-@pytest.mark.parametrize("client", ["redis", "requests", "urllib3"])
+@pytest.mark.parametrize("client", ["redis", "urllib3"])
 def test_a_server_gone_for_good_mid_call_fails_as_fast_as_the_clients_own_retries(
         tmp_path, make_server, client):
     """The server-down row with an established connection: the server answers once, then goes
     away for good under the next call. The reconnect after the drop is refused; the client's
     own retries give up in T plain, and under resilientsock within about T too (the refused
-    reconnect is surfaced at once, inside a retrying library), with the same exception.
+    reconnect is surfaced at once inside a call the library's own retries will retry: redis-py's
+    default ``Retry``, urllib3's ``Retry(3)``), with the same exception. requests (its
+    ``max_retries=0``) is not here: nothing of its own retries that call, so resilientsock's
+    policy waits for the server (a restart mid-call is recovered).
     Before: the refusals were retried for the whole deadline, then the client's own retries
     began (urllib3's suite: test_tunnel_sets_http_11_alpn, 30 s instead of 0.3 s)."""
     pytest.importorskip(client)
@@ -754,3 +757,40 @@ def test_retries_on_further_up_the_stack_win_over_an_inner_retry_0() -> None:
     assert mod.Connection(0).read(probe) is None
     assert mod.Connection(3).read(probe) == "redis"
     assert probe() is None  # no library on the stack
+
+
+_FAKE_URLLIB3 = '''
+class Retry:
+    def __init__(self, total):
+        self.total = total
+
+def urlopen(probe, retries):
+    return probe()
+'''
+
+
+def test_the_drop_rule_applies_only_where_the_library_will_retry_the_call() -> None:
+    """A refused reconnect after a drop is left to the library only when its own retries
+    will retry that call: redis-py with retries left (any object up the stack), urllib3 with
+    retries left in ``urlopen``'s ``Retry`` (not requests' ``Retry(0)``, not PyMySQL or
+    pymemcache, which have none: there resilientsock's policy waits for the server)."""
+    import types
+
+    from resilientsock._socket import _library_retrying_now
+
+    redis_mod = types.ModuleType("redis.fake_for_test")
+    exec(compile(_FAKE_REDIS, "redis/fake_for_test.py", "exec"), redis_mod.__dict__)
+    urllib3_mod = types.ModuleType("urllib3.fake_for_test")
+    urllib3_mod.__dict__["__name__"] = "urllib3.connectionpool"
+    exec(compile(_FAKE_URLLIB3, "urllib3/fake_for_test.py", "exec"), urllib3_mod.__dict__)
+
+    def probe() -> str | None:
+        return _library_retrying_now(start=1)
+
+    assert redis_mod.Cluster(3, redis_mod.Connection(0)).execute(probe) == "redis"
+    assert redis_mod.Connection(3).read(probe) == "redis"
+    assert redis_mod.Connection(0).read(probe) is None  # Redis(retry=None)
+    assert urllib3_mod.urlopen(probe, urllib3_mod.Retry(3)) == "urllib3"
+    assert urllib3_mod.urlopen(probe, urllib3_mod.Retry(0)) is None  # requests' default
+    assert urllib3_mod.urlopen(probe, urllib3_mod.Retry(False)) is None
+    assert probe() is None
