@@ -53,7 +53,7 @@ __all__ = ["Relay", "open_session", "set_session_targets", "is_session_target",
 log = logging.getLogger("resilientsock")
 
 RECV_SIZE = 256 * 1024  # big reads: fewer frames, fewer syscalls (picked, measured in bench)
-BIG_WRITE = 16 * 1024  # from here on a header and its payload go out separately (no copy)
+BIG_WRITE = 16 * 1024  # from here on a header and its payload go out as two buffers (no copy)
 ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (picked)
 ACK_DELAY = 0.02  # ... or this long after data arrived with nothing to piggyback on (picked)
 HANDSHAKE_TIMEOUT = 10.0  # DESIGN §11
@@ -122,13 +122,17 @@ def _sendall_views(sock: Any, parts: list[Any]) -> None:
         return
     bufs = [memoryview(p) for p in parts]
     while bufs:
-        n = sock.sendmsg(bufs)  # gevent's: waits for the socket, under its timeout
-        while n and bufs:
-            if n >= len(bufs[0]):
-                n -= len(bufs.pop(0))
-            else:
-                bufs[0] = bufs[0][n:]
-                n = 0
+        _advance(bufs, sock.sendmsg(bufs))  # gevent's: waits for the socket, its timeout
+
+
+def _advance(bufs: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes a ``sendmsg`` sent from the front of ``bufs``."""
+    while n and bufs:
+        if n >= len(bufs[0]):
+            n -= len(bufs.pop(0))
+        else:
+            bufs[0] = bufs[0][n:]
+            n = 0
 
 
 class _Interrupted(BaseException):
@@ -144,7 +148,7 @@ class _LinkIO:
     """One connection between client and relay: its socket, its protocol ``Link``, and the
     lock that keeps one frame from interleaving with another (two greenlets write)."""
 
-    __slots__ = ("sock", "link", "wlock", "alive", "more", "tls")
+    __slots__ = ("sock", "link", "wlock", "alive", "tls")
 
     def __init__(self, sock: Any, link: sp.Link) -> None:
         self.sock = sock
@@ -153,8 +157,6 @@ class _LinkIO:
         self.alive = True
         # Read once, while the socket is open (a closed one raises from __getattr__).
         self.tls = hasattr(sock, "cipher")
-        # TLS sockets take no send flags; a plain TCP one corks a header for its payload.
-        self.more = 0 if self.tls else getattr(gsocket, "MSG_MORE", 0)
 
     def close(self, rst: bool = False) -> None:
         self.alive = False
@@ -187,8 +189,8 @@ class _Carrier:
 
     # -- sending on the current link (rule 2) ----------------------------------------------
 
-    def _send(self, lio: _LinkIO | None, frames: bytes, tail: bytes = b"") -> None:
-        """Send ``frames`` (then ``tail``, a DATA payload after its header) on ``lio`` if it
+    def _send(self, lio: _LinkIO | None, frames: bytes) -> None:
+        """Send ``frames`` (control frames: DATA goes through ``_send_data``) on ``lio`` if it
         is still the current link (rule 2)."""
         if lio is None or not lio.alive or not frames:
             return
@@ -196,12 +198,7 @@ class _Carrier:
             if lio is not self.cur or not lio.alive:
                 return
             try:
-                if tail:
-                    # MSG_MORE: the header waits for its payload (one segment, not two).
-                    lio.sock.sendall(frames, lio.more)
-                    lio.sock.sendall(tail)
-                else:
-                    lio.sock.sendall(frames)
+                lio.sock.sendall(frames)
             except (OSError, ValueError):  # ValueError: an SSL socket closed under us
                 self._link_lost(lio, "send failed")
 
@@ -341,12 +338,7 @@ class _Carrier:
                 except OSError:
                     self._link_lost(lio, "send failed")
                     return False
-                while n and bufs:
-                    if n >= len(bufs[0]):
-                        n -= len(bufs.pop(0))
-                    else:
-                        bufs[0] = bufs[0][n:]
-                        n = 0
+                _advance(bufs, n)
                 if not bufs:
                     return False
                 left = None if end is None else end - time.monotonic()

@@ -1568,37 +1568,40 @@ def _sendmsg_raw(sock: Any, data: bytes, flags: int) -> int:
     return _GeventSocket.sendmsg(sock, [data], (), flags)  # type: ignore[no-any-return]
 
 
-def _guarded_twin(cls: type) -> type:
-    """The guarded subclass of ``cls`` (rule 2), built once per class. Its raw calls are
-    ``cls``'s own methods, so a subclass's overrides still run under the guard."""
-    twin = cls.__dict__.get("_rs_twin")
+def _twin(cls: type, attr: str, methods: dict[str, Any]) -> type:
+    """The subclass of ``cls`` with ``methods`` over its own, built once and kept on ``cls``
+    as ``attr``."""
+    twin = cls.__dict__.get(attr)
     if twin is None:
         twin = type(cls.__name__, (cls,), {
             "__module__": cls.__module__,
             "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__,
-            "_rs_is_guarded": True,
-            **cls._rs_guard_methods(),  # type: ignore[attr-defined]
+            **methods,
         })
-        type.__setattr__(cls, "_rs_twin", twin)
+        type.__setattr__(cls, attr, twin)
     return twin
+
+
+def _guarded_twin(cls: type) -> type:
+    """The guarded subclass of ``cls`` (rule 2). Its raw calls are ``cls``'s own methods, so a
+    subclass's overrides still run under the guard."""
+    twin = cls.__dict__.get("_rs_twin")
+    if twin is not None:
+        return twin
+    return _twin(cls, "_rs_twin", {"_rs_is_guarded": True,
+                                   **cls._rs_guard_methods()})  # type: ignore[attr-defined]
 
 
 def _session_twin(cls: type) -> type:
     """The subclass of ``cls`` whose writes frame onto a session's link (session mode, DESIGN
-    §11; ``_relay.direct_methods``), built once per class."""
+    §11; ``_relay.direct_methods``)."""
     twin = cls.__dict__.get("_rs_session_twin")
-    if twin is None:
-        from ._relay import direct_methods
+    if twin is not None:
+        return twin
+    from ._relay import direct_methods
 
-        twin = type(cls.__name__, (cls,), {
-            "__module__": cls.__module__,
-            "__qualname__": cls.__qualname__,
-            "__doc__": cls.__doc__,
-            **direct_methods(cls),
-        })
-        type.__setattr__(cls, "_rs_session_twin", twin)
-    return twin
+    return _twin(cls, "_rs_session_twin", direct_methods(cls))
 
 
 # Addresses this process listens on (for the internal-connection count).
