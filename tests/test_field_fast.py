@@ -48,13 +48,7 @@ def test_redis_db2_every_key_in_db2(redis_db2_server: Redis, tmp_path: Path) -> 
     assert_never_worse(result)
 
 
-@pytest.mark.xfail(reason="the loop does not always finish (#14): a FIN that lands in the "
-                          "middle of an answer is passed on as EOF, as a plain socket shows "
-                          "it (http.client raises IncompleteRead, plain gets the same; docs/"
-                          "decisions.md: one-shot servers), seen 2026-12-01 at a731ded; "
-                          "and 92e820d, e71d401: in 2 runs of 5 one resumed call gave up "
-                          "when the app's 5 s ran out. Never worse held in the runs seen",
-                   strict=False)
+@pytest.mark.xfail(reason=rows.HTTP_SERVER_LOOP_XFAIL, strict=False)
 def test_http_client_loop_vs_http_server_finishes(http_server_proc: HTTPServer,
                                                   tmp_path: Path) -> None:
     row = rows.http_server(http_server_proc, faults=FAST_FAULTS, timeout=25)

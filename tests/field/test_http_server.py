@@ -14,13 +14,7 @@ from .matrix import assert_never_worse, check, run_row
 pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 
 
-@pytest.mark.xfail(reason="the loop does not always finish (#14): a FIN that lands in the "
-                          "middle of an answer is passed on as EOF, as a plain socket shows "
-                          "it (http.client raises IncompleteRead, plain gets the same; docs/"
-                          "decisions.md: one-shot servers), seen 2026-12-01 at a731ded; "
-                          "and 92e820d, e71d401: in 2 runs of 5 one resumed call gave up "
-                          "when the app's 5 s ran out. Never worse held in the runs seen",
-                   strict=False)
+@pytest.mark.xfail(reason=rows.HTTP_SERVER_LOOP_XFAIL, strict=False)
 def test_http_client_vs_http_server(http_server, field_dir: Path) -> None:
     result = run_row(rows.http_server(http_server, faults=15), field_dir)
     check(result, "the loop finishes (no operation fails)", result["rs"]["failed"] == 0)
