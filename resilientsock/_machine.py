@@ -91,6 +91,18 @@ TLS_TRANSPORT_CAP = 3  # "retry, small cap" (DESIGN §3); picked, not measured
 # connections in a row before their first answer byte; a server that resets every request
 # (a TLS-only port, a crashing handler) does, at once.
 POISON_CAP = 3
+# An EOF that cut an answer (the dialect's framing wants more) is resumed softly: one attempt,
+# whose connect and the new answer's first byte each get this long (or the application's
+# timeout, if shorter); on any failure the caller gets the EOF, as without resilientsock.
+# Picked: a server that is there answers a re-sent GET in milliseconds on a LAN, and a
+# server that closed for good (a one-shot test server's backlog accepts, then nobody reads)
+# then costs at most this, once per cut answer.
+CUT_WAIT = 1.0
+# When the next backoff wait would outlast the budget, one last attempt is made this long
+# before the budget ends (not none after sleeping it out): a server back 1 s into a 5 s
+# timeout is still found when the schedule's wait has grown past what is left. Picked: a
+# loopback or LAN connect with its replay fits in it; a slower one gets what is left anyway.
+FINAL_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -112,6 +124,7 @@ class Drop:
 
     info: ErrorInfo
     phase: str  # "read" | "write" | "eof"
+    cut: bool = False  # an EOF that the dialect's framing says cut the answer (§5b)
     writing: bool = False  # the interrupted call is a write (its record is not yet journaled)
     peer_not_reading: bool = False  # a write timeout, and the peer's TCP acknowledged all
     early_answer: bool = False  # a failed write, and the peer's bytes are waiting to be read
@@ -143,7 +156,7 @@ class Episode:
     """The budget of one recovery episode (rule 5)."""
 
     __slots__ = ("policy", "clock", "start", "attempts", "original", "last", "tls_transport",
-                 "up_since", "timeout_hit", "library")
+                 "up_since", "timeout_hit", "library", "base", "gone", "restarts", "final")
 
     def __init__(self, policy: RetryPolicy, clock: Clock, original: BaseException | None) -> None:
         self.policy = policy
@@ -156,6 +169,13 @@ class Episode:
         self.up_since: float | None = None  # when the last reconnect succeeded
         self.timeout_hit: float | None = None  # the socket timeout that ran out, if it did
         self.library: str | None = None  # the retrying client library whose call dropped
+        # The backoff schedule counts attempts from ``base``: it restarts when an attempt
+        # reaches the server after attempts that found nobody (the outage is over), at most
+        # POISON_CAP times an episode.
+        self.base = 0
+        self.gone = False  # the last failed attempt found nobody (refused, no route, no name)
+        self.restarts = 0
+        self.final = False  # the last attempt the budget allows has been scheduled
 
     def end(self, call_end: float | None) -> float:
         deadline = self.policy.deadline
@@ -181,8 +201,18 @@ class Episode:
 
     def delay(self, bucket: TokenBucket, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait before the next attempt (full jitter; the first is immediate)."""
-        backoff = self.policy.backoff(self.attempts, rand)
+        backoff = self.policy.backoff(self.attempts - self.base, rand)
         return max(backoff, bucket.delay(self.policy.reconnect_rate))
+
+    def attempted(self, reached: bool, gone: bool) -> None:
+        """An attempt ended (failed, or the connection was published); ``reached``: its
+        connect succeeded (the server is there); ``gone``: it found nobody. A server back
+        after an outage restarts the schedule, so the backoff grown while it was away (up to
+        5 s) is not slept once it is there."""
+        if reached and self.gone and self.restarts < POISON_CAP:
+            self.restarts += 1
+            self.base = self.attempts
+        self.gone = gone
 
     def healthy(self) -> bool:
         """Has the connection stayed up longer than a whole deadline since the reconnect?"""
@@ -280,7 +310,7 @@ def _server_session(m: Machine, d: Drop) -> str | None:
 
 
 def _mid_answer(m: Machine, d: Drop) -> str | None:
-    if not m.answered or not (d.phase == "read" or m.holding()):
+    if not m.answered or not (d.phase == "read" or d.cut or m.holding()):
         return None
     why = m.resume_refusal()
     if why is None:
@@ -360,6 +390,9 @@ class Machine:
         # An unanswered EOF that repeats for the same re-sent records (§5): the mark of the
         # journal when an EOF recovery replayed, and whether anything was read since.
         self.eof_mark: int | None = None
+        # An EOF that cut the answer in progress was resumed when the caller had this many of
+        # its bytes: the same cut again, with no byte more, is the server's answer (§5b).
+        self.cut_at: int | None = None
         # Drops that met the same re-sent records before any answer (POISON_CAP).
         self.poison = 0
         self.poison_mark: int | None = None
@@ -389,6 +422,7 @@ class Machine:
             if dialect is None or not dialect.hold():
                 self.answered = 0
                 self.digest.reset()
+                self.cut_at = None
                 journal.end_answer()
         if self.dialect is not None:
             self.dialect.wrote(bytes(data))
@@ -451,21 +485,29 @@ class Machine:
         """The connection's read returned EOF. A verdict, or a Drop to judge with ``drop``."""
         from ._errors import classify
 
-        def unanswered() -> Drop:
+        def unanswered(cut: bool = False) -> Drop:
             from ._errors import UnansweredEOFError
 
             exc = UnansweredEOFError("peer closed the connection without answering")
             info = classify(exc, phase="read")
             assert info is not None
-            return Drop(info, "eof")
+            return Drop(info, "eof", cut=cut)
 
         if others_active:
             return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
-        # An EOF after part of an answer ends it, as a plain socket shows it, even where the
-        # framing wants more (the caller's parser says IncompleteRead): a server that closes
-        # mid-answer may be done for good (urllib3's one-shot test servers), and waiting for a
-        # new answer would be worse than plain. Only an error mid-answer is resumed (§5b).
-        if self.policy.eof == "pass" or not self.journal.pending or self.answered or not nbytes:
+        if self.answered:
+            # An EOF after part of an answer ends it, as a plain socket shows it, unless the
+            # dialect's framing says the answer is cut (a body shorter than its length): then
+            # it is resumed as a reset mid-answer is (§5b), but softly — one attempt, a short
+            # wait for the new answer, and on any failure the caller gets this EOF after all,
+            # so a server that closed for good (urllib3's one-shot test servers) costs a
+            # moment, never a different error (docs/decisions.md).
+            if nbytes and self.policy.eof != "pass" and self.cut_at != self.answered:
+                dialect = self.dialect
+                if dialect is not None and dialect.truncated():
+                    return unanswered(cut=True)
+            return Verdict(PASS_EOF, "end")
+        if self.policy.eof == "pass" or not self.journal.pending or not nbytes:
             return Verdict(PASS_EOF, "end")
         if self.eof_mark is not None and self.eof_mark == self.journal.mark():
             self.journal.clear()
@@ -479,12 +521,16 @@ class Machine:
         for name, condition, kind, discard, quiet in RULES:
             note = condition(self, d)
             if note is not None:
+                if d.cut and kind == SURFACE:
+                    return Verdict(PASS_EOF, "end", note)  # the EOF ends the answer, as before
                 if d.phase == "eof" and kind == SURFACE:
                     # Not recoverable: the EOF itself goes to the caller, as a plain socket
                     # gives it, so the protocol's own "closed without an answer" handling runs.
                     return Verdict(PASS_EOF, name, note)
                 return Verdict(kind, name, note, discard=discard, quiet=quiet)
-        if d.phase == "eof":
+        if d.cut:
+            self.cut_at = self.answered
+        elif d.phase == "eof":
             self.eof_mark = self.journal.mark()
         elif self.journal.pending and not self.conn_answered and self.episode is not None:
             mark = self.journal.mark()
@@ -497,7 +543,7 @@ class Machine:
                                "in between): that is its answer", discard=True)
         # A read cut mid-answer resumes it; so does any drop inside an exchange the dialect
         # holds whole (MULTI...EXEC: re-sent whole, its answers so far checked).
-        resume = self.answered if d.phase == "read" or self.holding() else 0
+        resume = self.answered if d.phase == "read" or d.cut or self.holding() else 0
         return Verdict(RECOVER, "recover", resume=resume)
 
     def holding(self) -> bool:
@@ -538,8 +584,10 @@ class Machine:
         if not resumed:
             self.answered = 0
             self.digest.reset()
+            self.cut_at = None
         if self.episode is not None:
             self.episode.up_since = self.clock()
+            self.episode.attempted(True, False)
         if self.dialect is not None:
             self.dialect.new_connection()
         if self.state is not CLOSED:
@@ -554,6 +602,7 @@ class Machine:
             self.dialect.discard()
         self.answered = 0
         self.digest.reset()
+        self.cut_at = None
         self.episode = None
         self.eof_mark = None
         self.poison = 0

@@ -40,7 +40,10 @@ class RetryPolicy:
         (then ``max_attempts`` must be set).
     max_attempts (None): reconnect attempts per call; None means "until the deadline".
     backoff_initial (0.05 s), backoff_multiplier (2.0), backoff_max (5.0 s): the exponential
-        schedule before full jitter. 0.05 s reaches the 5 s cap after ~7 attempts.
+        schedule before full jitter. 0.05 s reaches the 5 s cap after ~7 attempts. The
+        schedule restarts once an attempt reaches the server after attempts that found
+        nobody, and a wait that would outlast the budget becomes one last attempt just
+        before the budget ends.
     connect_timeout (10 s): per reconnect attempt (TCP connect + TLS handshake), also bounded
         by what is left of the deadline.
     retry_connect (True): the application's own first connect is retried too (a server that

@@ -54,7 +54,9 @@ from ._machine import (
     BROKEN,
     CLOSED,
     CONNECTED,
+    CUT_WAIT,
     EARLY_ANSWER,
+    FINAL_MARGIN,
     PASS_EOF,
     POISON_CAP,
     RECOVER,
@@ -567,6 +569,11 @@ class ResilientSocket(_GeventSocket):
                 state = m.state
                 if state is not CONNECTED:
                     if state is CLOSED or self._closed:
+                        if not self._sock and self._io_refs > 0:
+                            # Closed while a makefile() reader lives (http.client closes the
+                            # connection of a will_close response and reads on), after the
+                            # connection was let go: its end, as the plain fd would give.
+                            return _eof_result(kind, args)
                         return raw(self, *args)  # what a closed socket raises (EBADF, ValueError)
                     if state is RECOVERING:
                         if m.owner is gevent.getcurrent():
@@ -628,6 +635,11 @@ class ResilientSocket(_GeventSocket):
                 m.move("surface-discard")
             return outcome
         verdict = m.drop(outcome)
+        if outcome.cut:
+            if verdict.kind == PASS_EOF:  # not resumable: the EOF ends the answer, as before
+                log.debug("%s: EOF mid-answer passed on: %s", self._rs_name(), verdict.note)
+                return verdict
+            return self._rs_resume_cut(m, verdict, t0)
         if verdict.kind == PASS_EOF:
             # Not recoverable under the rules: the EOF itself reaches the caller, as a plain
             # socket gives it; the journal is the caller's now (nothing re-sent twice).
@@ -647,6 +659,40 @@ class ResilientSocket(_GeventSocket):
         self._rs_bump("disconnects")
         _stats.bump(f"disconnects.{outcome.info.category}")
         self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
+        return None
+
+    def _rs_resume_cut(self, m: Machine, verdict: Verdict, t0: float | None) -> Verdict | None:
+        """An EOF cut the answer in progress (§5b): resume it softly — one attempt, CUT_WAIT
+        for the connect and for the new answer's first byte. None once resumed (read on);
+        on any failure the caller gets the EOF, as a plain socket gave it, and the connection
+        is let go (the next write reconnects)."""
+        from ._errors import UnansweredEOFError
+
+        leave = _draining() or _library_retrying_now()
+        if leave is not None:
+            # The library re-requests the call itself (its retries), or is throwing the rest
+            # of this answer away (urllib3's drain_conn): a resume would only spend a request.
+            log.debug("%s: EOF mid-answer passed on: left to %s", self._rs_name(), leave)
+            return Verdict(PASS_EOF, "cut", f"left to {leave}")
+        exc = UnansweredEOFError(
+            f"peer closed the connection {m.answered} byte(s) into an answer that its framing "
+            "says is longer")
+        self._rs_bump("disconnects")
+        _stats.bump(f"disconnects.{ErrorCategory.CONNECTION_LOST}")
+        m.episode = None  # a budget of its own: one attempt
+        self.__dict__["_rs_cut_wait"] = CUT_WAIT
+        try:
+            self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
+        except Exception as failure:
+            if m.state is CLOSED or self._closed:
+                raise
+            _stats.bump("cuts_passed")
+            _emit("surfaced", logging.INFO, "%s: EOF mid-answer passed on: the answer could "
+                  "not be resumed (%s)", self._rs_name(), failure, peer=self._rs_target,
+                  category="connection_lost", error_type="EOF")
+            return Verdict(PASS_EOF, "cut", str(failure))
+        finally:
+            self.__dict__.pop("_rs_cut_wait", None)
         return None
 
     def _rs_write(self, raw: Any, args: tuple, data: Any, partial: bool,
@@ -881,10 +927,14 @@ class ResilientSocket(_GeventSocket):
             if delay > 0:
                 remaining = episode.remaining(call_end)
                 if delay >= remaining:
-                    self._rs_sleep(max(0.0, remaining))
-                    if call_end is not None and _clock() >= call_end:
-                        episode.timeout_hit = self.timeout
-                    self._rs_give_up(m, episode)
+                    if episode.final or remaining <= FINAL_MARGIN:
+                        self._rs_sleep(max(0.0, remaining))
+                        if call_end is not None and _clock() >= call_end:
+                            episode.timeout_hit = self.timeout
+                        self._rs_give_up(m, episode)
+                    # The wait outlasts the budget: one last attempt just before it ends.
+                    episode.final = True
+                    delay = remaining - FINAL_MARGIN
                 self._rs_sleep(delay)
                 if m.state is CLOSED:
                     raise _RecoveryStopped()
@@ -903,8 +953,12 @@ class ResilientSocket(_GeventSocket):
                     episode.original = failure  # a first connect: its first error is the one
                 info = self._rs_classify_attempt(failure)
                 _count_failed_attempt(info)
+                episode.attempted(bool(self.__dict__.get("_rs_reached")),
+                               info is not None and info.category in _SERVER_GONE)
                 log.info("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
                          failure)
+                if self.__dict__.get("_rs_cut_wait") is not None:
+                    raise  # an EOF cut: one attempt, the caller gets the EOF (_rs_resume_cut)
                 if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
                     episode.tls_transport += 1
                 elif info is None or not info.retryable or not (policy.retry_connect or not first):
@@ -966,12 +1020,16 @@ class ResilientSocket(_GeventSocket):
         app = self.timeout
         if app is not None:
             per_address = app if per_address is None else min(per_address, app)
+        cut_wait = self.__dict__.get("_rs_cut_wait")
+        connect_limit = per_address
+        if cut_wait is not None:
+            connect_limit = cut_wait if per_address is None else min(per_address, cut_wait)
         if in_place and self._sock and not self.__dict__.get("_rs_in_place_failed"):
-            attempt = self._rs_connect_in_place(per_address)
+            attempt = self._rs_connect_in_place(connect_limit)
         else:
             addresses = candidates(self._rs_target, int(self.family), self._rs_any_family)
             attempt = open_connection(
-                self._rs_make_raw, addresses, per_address=per_address, end=None,
+                self._rs_make_raw, addresses, per_address=connect_limit, end=None,
                 options=self.__dict__.get("_rs_opts", {}), source=self._rs_source,
                 dead_peer=policy.dead_peer_timeout, pending=self._rs_pending)
         if attempt.raw is None:
@@ -1093,8 +1151,15 @@ class ResilientSocket(_GeventSocket):
             dialect.reset_answer()
         digest = new_digest()
         got = 0
+        cut_wait = self.__dict__.get("_rs_cut_wait")
         while got < k:
-            chunk = self._rs_raw_recv(min(65536, k - got))
+            if cut_wait is not None and not got:
+                # After an EOF cut: the new answer's first bytes within CUT_WAIT, or the EOF
+                # stands (_rs_resume_cut).
+                with gevent.Timeout(cut_wait, _AttemptTimeout()):
+                    chunk = self._rs_raw_recv(min(65536, k))
+            else:
+                chunk = self._rs_raw_recv(min(65536, k - got))
             if not chunk:
                 break
             got += len(chunk)
@@ -1409,6 +1474,21 @@ def _library_retrying_now(start: int = 2, depth: int = 60) -> str | None:
                 total = getattr(retries, "total", None)
                 if isinstance(total, int) and not isinstance(total, bool) and total > 0:
                     return "urllib3"
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
+
+
+def _draining(depth: int = 30) -> str | None:
+    """urllib3 reading the rest of a response only to throw it away (``drain_conn``, before
+    a retry or a release)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "drain_conn":
+            name = frame.f_globals.get("__name__", "")
+            if isinstance(name, str) and name.startswith("urllib3."):
+                return "urllib3's drain_conn"
         frame = frame.f_back  # type: ignore[assignment]
     return None
 

@@ -74,3 +74,30 @@ def test_multi_exec_is_resent_whole(redis_port):
     db2 = redis.Redis(port=redis_port, db=2)
     assert db2.get("n") == b"1" and db2.get("m") == b"1"  # once each, in one transaction
     assert redis.Redis(port=redis_port, db=0).dbsize() == 0
+
+
+def test_a_fin_mid_reply_is_resumed_after_the_setup(redis_port):
+    """§5b for an EOF: a GET's bulk reply cut by a FIN is re-requested on a new connection
+    (SELECT first) and the caller reads one reply, whole; an INCR's is not re-sent."""
+    import redis
+
+    value = bytes(range(256)) * 256  # 64 KiB
+    redis.Redis(port=redis_port, db=2).set("big", value)
+    want = b"$%d\r\n%s\r\n" % (len(value), value)
+    with FaultProxy(("127.0.0.1", redis_port)) as proxy:
+        with ResilientSocket.connect(proxy.address, FAST, timeout=5) as s:
+            s.sendall(cmd(b"SELECT", b"2"))
+            assert reply(s) == b"+OK\r\n"
+            proxy.cut_after(10_000, "down", how="close")
+            s.sendall(cmd(b"GET", b"big"))
+            got = b""
+            while len(got) < len(want):
+                chunk = s.recv(65536)
+                assert chunk, "EOF mid-reply was passed on"
+                got += chunk
+            assert got == want
+            assert s.reconnects == 1 and s.stats().answers_resumed == 1
+            s.sendall(cmd(b"SET", b"k", b"v"))  # still db 2 on the new connection
+            assert reply(s) == b"+OK\r\n"
+    assert redis.Redis(port=redis_port, db=2).get("k") == b"v"
+    assert redis.Redis(port=redis_port, db=0).dbsize() == 0

@@ -259,3 +259,90 @@ def test_a_reset_that_meets_the_same_resent_records_again_is_the_servers_answer(
         m.reconnected(resumed=False)
     assert [v.kind for v in verdicts[:POISON_CAP]] == [RECOVER] * POISON_CAP
     assert verdicts[-1].kind == SURFACE and verdicts[-1].rule == "poison"
+
+
+def http_machine(**fields: object) -> Machine:
+    """A machine whose dialect is HTTP (detected from the first write)."""
+    m = Machine(RetryPolicy(**fields), Clock())  # type: ignore[arg-type]
+    return m
+
+
+GET = b"GET /blob HTTP/1.1\r\nHost: x\r\n\r\n"
+HEAD_100 = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+
+
+def test_an_eof_that_cuts_a_framed_answer_is_resumed_once_per_cut_point():
+    """§5b for an EOF: the dialect's framing says the answer is longer, so the EOF cut it."""
+    m = http_machine()
+    m.wrote_data(GET)
+    assert m.dialect is not None and m.dialect.name == "http"
+    m.read_data(HEAD_100 + b"x" * 40, m.journal.mark())
+    outcome = m.eof(65536, others_active=False)
+    assert isinstance(outcome, Drop) and outcome.cut
+    verdict = m.drop(outcome)
+    assert verdict.kind == RECOVER and verdict.resume == len(HEAD_100) + 40
+    # the same cut again with no byte more is the server's answer: the EOF is passed on
+    again = m.eof(65536, others_active=False)
+    assert again.kind == PASS_EOF and again.rule == "end"
+    # a byte more, then a cut: resumed again
+    m.read_data(b"y", m.journal.mark())
+    assert isinstance(m.eof(65536, others_active=False), Drop)
+
+
+def test_an_eof_after_a_complete_or_close_delimited_answer_ends_it():
+    m = http_machine()
+    m.wrote_data(GET)
+    m.read_data(HEAD_100 + b"x" * 100, m.journal.mark())
+    assert m.eof(65536, others_active=False).kind == PASS_EOF  # complete: the normal end
+    m = http_machine()
+    m.wrote_data(GET)
+    m.read_data(b"HTTP/1.0 200 OK\r\n\r\nbody until close", m.journal.mark())
+    assert m.eof(65536, others_active=False).kind == PASS_EOF  # RFC 9112 §6.3 rule 8
+
+
+@pytest.mark.parametrize("fields, write", [
+    ({"resume_answers": False}, GET),
+    ({"replay": "safe"}, GET),
+    ({"eof": "pass"}, GET),
+    ({}, b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"),
+])
+def test_a_cut_answer_that_may_not_be_resumed_ends_with_the_eof_as_before(fields, write):
+    m = http_machine(**fields)
+    m.wrote_data(write)
+    m.read_data(HEAD_100 + b"x" * 40, m.journal.mark())
+    outcome = m.eof(65536, others_active=False)
+    if isinstance(outcome, Drop):
+        outcome = m.drop(outcome)
+    assert outcome.kind == PASS_EOF and outcome.rule == "end"
+
+
+def test_unknown_protocols_keep_the_eof_after_an_answer_byte():
+    m = machine()
+    m.wrote_data(b"GET 1\n")
+    m.read_data(b"ANS", m.journal.mark())
+    assert m.eof(100, others_active=False).kind == PASS_EOF
+
+
+def test_the_backoff_restarts_when_the_server_is_back_after_an_outage():
+    """A 1 s refusal grew the schedule to uniform(0, 3.2 s); the server is back (the next
+    attempt connected, then met a reset): the next wait is the schedule's first again, not
+    up to backoff_max (found by the http.server row: 5 s app timeout spent asleep)."""
+    ep = Episode(RetryPolicy(), Clock(), ConnectionResetError())
+
+    class Bucket:
+        def delay(self, rate: float) -> float:
+            return 0.0
+
+    ep.attempts = 7
+    for _ in range(7):
+        ep.attempted(reached=False, gone=True)
+    assert ep.delay(Bucket(), rand=lambda: 1.0) == pytest.approx(3.2)  # attempt 7's ceiling
+    ep.attempted(reached=True, gone=False)
+    assert ep.delay(Bucket(), rand=lambda: 1.0) == 0.0  # restarted: immediate
+    ep.attempts += 1
+    ep.attempted(reached=True, gone=False)  # reached again: no second restart for that
+    assert ep.delay(Bucket(), rand=lambda: 1.0) == 0.05
+    for _ in range(5):  # a server flapping: at most POISON_CAP restarts an episode
+        ep.attempted(reached=False, gone=True)
+        ep.attempted(reached=True, gone=False)
+    assert ep.restarts == 3

@@ -712,3 +712,23 @@ def test_socket_stats_describe_what_one_socket_went_through(server, proxy):
     assert (st.connects, st.reconnects, st.drops, st.replayed_records) == (2, 1, 1, 1)
     assert st.replayed_bytes == len(b"MSG 2 x\n") and st.surfaced == 0
     assert st.peer == proxy.address and not st.internal
+
+
+def test_a_wait_longer_than_the_budget_still_makes_one_last_attempt(server, proxy):
+    """A 1 s outage, and a backoff wait grown past what is left of the application's 3 s
+    timeout: the socket makes one last attempt just before the timeout ends (the server is
+    back by then) rather than sleeping the timeout out and giving up untried (found by the
+    http.server row: 7 refusals in a 1 s outage, then 5 s asleep)."""
+    slow = RetryPolicy(deadline=30, backoff_initial=1000, backoff_max=1000)
+    with ResilientSocket.connect(proxy.address, slow, timeout=3) as s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.refuse(1.0)
+        proxy.reset_all()
+        t0 = time.monotonic()
+        s.sendall(b"MSG 2 x\n")
+        assert readline(s) == b"ACK 2\n"
+        elapsed = time.monotonic() - t0
+        assert s.reconnects == 1
+    assert 1.0 <= elapsed < 3.0, elapsed
+    assert server.received == [1, 2]

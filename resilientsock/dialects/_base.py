@@ -5,7 +5,7 @@ Rules of this package:
 1. Sans-IO. A dialect never touches a socket, a clock or a thread. The core feeds it the bytes
    the application wrote (``wrote``, one call per record) and read (``read``, one call per
    chunk), in order, and asks it questions (``refusal``, ``restore``, ``hold``,
-   ``resumable``, ``mask``).
+   ``resumable``, ``truncated``, ``mask``).
 2. Never raise on the peer's or the application's bytes. Garbage, a protocol error, a parser
    that gives up: the dialect falls back to "unknown" (``refusal() is None``,
    ``resumable() is False``, ``restore() is None`` unless setup was already recorded), so the
@@ -78,6 +78,12 @@ class Dialect:
 
     def resumable(self) -> bool:
         """True if the answer being read (or the held exchange) may be re-requested (§5b)."""
+        return False
+
+    def truncated(self) -> bool:
+        """True if the protocol's framing says the answer being read is not complete: an EOF
+        now cuts it (a body shorter than its length, a reply begun and not ended, a request
+        whose answer has not come). False where an EOF is a normal end, or not known."""
         return False
 
     def mask(self, data: bytes) -> bytes:

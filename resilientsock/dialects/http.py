@@ -19,9 +19,12 @@ Rules of this module (DESIGN §5a, §5b; RFC 9110 semantics, RFC 9112 message sy
    the answer began at a response boundary. ``mask`` blanks every ``Date`` header's value
    (RFC 9110 §6.6.1; IMF-fixdate is 29 bytes, so offsets line up; a different length shifts
    the rest of the answer and the comparison fails, which is the safe side).
-5. ``hold()`` while a request has had an interim (1xx) response and its final response is not
+5. ``truncated()`` (an EOF cuts the answer, §5b) while a response head, a body framed by
+   ``Content-Length`` or chunked encoding, or a request still awaiting its response is
+   incomplete; never for a body delimited by the connection's close (RFC 9112 §6.3 rule 8).
+6. ``hold()`` while a request has had an interim (1xx) response and its final response is not
    complete (``Expect: 100-continue``): the core keeps its head for a whole re-send.
-6. Any parse error: parsing stops and the dialect is "unknown" (no refusal, no resume), except
+7. Any parse error: parsing stops and the dialect is "unknown" (no refusal, no resume), except
    that a tunnel or connection-bound authentication already seen stays refused.
 """
 
@@ -401,6 +404,14 @@ class HttpDialect(Dialect):
         if not self._aligned or not self._group:
             return False
         return all(r.safe for r in self._group)
+
+    def truncated(self) -> bool:
+        if self._tunnel is not None or self.lost is not None:
+            return False
+        body = self._rbody
+        if body is not None:
+            return body.mode != _Body.CLOSE  # a body read until close ends at the EOF
+        return bool(self._rhead_buf) or bool(self._inflight)
 
     def mask(self, data: bytes) -> bytes:
         n = len(data)

@@ -25,6 +25,8 @@ reference/protocol-spec/):
    commands are not idempotent.
 6. Lost: parsing stops. With no connection state recorded, that is "unknown" (byte rules);
    with state recorded, a refusal (the setup can no longer be known to be right).
+7. ``truncated()`` (an EOF cuts the answer, §5b) while a reply has begun and not ended, or a
+   command still awaits its reply; never while subscribed or under MONITOR.
 """
 
 from __future__ import annotations
@@ -665,6 +667,11 @@ class RespDialect(Dialect):
             elif not in_multi and not cmd.safe:
                 return False
         return True
+
+    def truncated(self) -> bool:
+        if self.lost is not None or self._monitor or self._subscribed:
+            return False
+        return self._replies.in_value or bool(self._fifo)
 
     def new_connection(self) -> None:
         # A recovered connection carries on the same command stream (restored, replayed);

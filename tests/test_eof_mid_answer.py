@@ -1,0 +1,287 @@
+"""DESIGN §5b for an EOF: a FIN in the middle of an answer whose framing says it is longer.
+
+The answer is resumed as a reset mid-answer is, but softly: one attempt, ``CUT_WAIT`` for the
+connect and for the new answer's first byte; on any failure the caller gets the EOF, exactly
+as a plain socket gave it (docs/decisions.md). Real sockets on loopback, real FINs."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import resilientsock
+from resilientsock import ResilientSocket, RetryPolicy
+from resilientsock._machine import CUT_WAIT
+from resilientsock.testing import FaultProxy
+
+pytestmark = pytest.mark.timeout(30)
+
+POLICY = RetryPolicy(deadline=10, backoff_initial=0.01, backoff_max=0.1)
+BODY = bytes(range(256)) * 64  # 16 KiB
+GET = b"GET /blob HTTP/1.1\r\nHost: x\r\n\r\n"
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY)
+
+
+class Server:
+    """Answers every GET on every connection with HEAD + BODY, except that ``answer(n)``
+    (n: the connection's number, from 1) may send something else and close."""
+
+    def __init__(self, answer: Callable[[int], bytes | None] = lambda n: None,
+                 once: bool = False) -> None:
+        self.answer = answer
+        self.once = once  # accept one connection, then close the listener
+        self.connections = 0
+        self.requests = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.address = self.listener.getsockname()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            n = self.connections
+            if self.once:
+                self.listener.close()
+            threading.Thread(target=self._handle, args=(conn, n), daemon=True).start()
+            if self.once:
+                return
+
+    def _handle(self, conn: socket.socket, n: int) -> None:
+        with conn:
+            buf = b""
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                _, buf = buf.split(b"\r\n\r\n", 1)
+                self.requests += 1
+                special = self.answer(n)
+                if special is not None:
+                    conn.sendall(special)
+                    return  # close: a FIN
+                conn.sendall(HEAD + BODY)
+
+    def close(self) -> None:
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+
+def get(sock: socket.socket) -> tuple[bytes, str]:
+    """One GET: what arrived and how it ended ("eof" or the exception's name)."""
+    sock.sendall(GET)
+    got = b""
+    try:
+        while True:
+            if b"\r\n\r\n" in got and len(got) >= len(HEAD) + len(BODY):
+                return got, "complete"
+            data = sock.recv(65536)
+            if not data:
+                return got, "eof"
+            got += data
+    except OSError as e:
+        return got, type(e).__name__
+
+
+def open_rs(address: tuple[str, int], timeout: float | None = 10) -> ResilientSocket:
+    return ResilientSocket.connect(address, POLICY, timeout=timeout)
+
+
+def test_a_fin_mid_body_is_resumed_and_the_caller_sees_one_answer():
+    srv = Server()
+    try:
+        with FaultProxy(srv.address) as proxy:
+            proxy.cut_after(len(HEAD) + 5000, "down", how="close")
+            with open_rs(proxy.address) as s:
+                got, how = get(s)
+                assert (how, got) == ("complete", HEAD + BODY)
+                assert s.stats().answers_resumed == 1 and s.reconnects == 1
+                again, how = get(s)  # the connection carries on
+                assert (how, again) == ("complete", HEAD + BODY)
+            assert proxy.faults["cut"] == 1
+    finally:
+        srv.close()
+    assert srv.requests == 3  # the cut request was executed twice (a GET: idempotent)
+
+
+def test_a_fin_inside_the_head_is_resumed():
+    srv = Server()
+    try:
+        with FaultProxy(srv.address) as proxy:
+            proxy.cut_after(20, "down", how="close")
+            with open_rs(proxy.address) as s:
+                assert get(s) == (HEAD + BODY, "complete")
+                assert s.stats().answers_resumed == 1
+    finally:
+        srv.close()
+
+
+def test_a_server_that_cuts_every_copy_at_the_same_byte_gets_one_retry_then_the_eof():
+    part = HEAD + BODY[:3000]
+    srv = Server(answer=lambda n: part)
+    try:
+        with open_rs(srv.address) as s:
+            t0 = time.monotonic()
+            got = get(s)
+            elapsed = time.monotonic() - t0
+    finally:
+        srv.close()
+    assert got == (part, "eof")  # what a plain socket gives
+    assert srv.connections == 2 and srv.requests == 2
+    assert elapsed < 1.0
+
+
+def test_a_changed_answer_after_a_fin_passes_the_eof_on():
+    """The re-sent GET's answer differs from what the caller has: the caller gets the EOF
+    it would have had without resilientsock, not another error."""
+    other = HEAD + bytes(len(BODY))
+    srv = Server(answer=lambda n: (HEAD + BODY[:3000]) if n == 1 else other)
+    try:
+        with open_rs(srv.address) as s:
+            got = get(s)
+            assert s.stats().answers_changed == 1
+    finally:
+        srv.close()
+    assert got == (HEAD + BODY[:3000], "eof")
+
+
+@pytest.mark.parametrize("timeout", [None, 10])
+def test_a_one_shot_server_gone_after_the_cut_gives_the_eof_at_once(timeout):
+    """The server closed its listener: the reconnect is refused and the EOF stands."""
+    part = HEAD + BODY[:3000]
+    srv = Server(answer=lambda n: part, once=True)
+    try:
+        with open_rs(srv.address, timeout=timeout) as s:
+            t0 = time.monotonic()
+            got = get(s)
+            elapsed = time.monotonic() - t0
+    finally:
+        srv.close()
+    assert got == (part, "eof")
+    assert elapsed < 0.5, elapsed
+    assert resilientsock.stats().get("cuts_passed") == 1
+
+
+def test_a_one_shot_server_whose_backlog_accepts_costs_at_most_cut_wait():
+    """urllib3's socket-level servers: one connection served, the listener left open, so the
+    kernel accepts the reconnect and nobody answers. The EOF after CUT_WAIT, not a hang."""
+    part = HEAD + BODY[:3000]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def one_shot() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(part)
+
+    t = threading.Thread(target=one_shot, daemon=True)
+    t.start()
+    try:
+        with open_rs(listener.getsockname(), timeout=None) as s:
+            t0 = time.monotonic()
+            got = get(s)
+            elapsed = time.monotonic() - t0
+            # the EOF is passed on and the connection let go: a read gives EOF again
+            assert s.recv(10) == b""
+    finally:
+        listener.close()
+        t.join(5)
+    assert got == (part, "eof")
+    assert CUT_WAIT * 0.9 <= elapsed < CUT_WAIT + 1.0, elapsed
+
+
+def test_the_application_timeout_bounds_the_wait_for_the_new_answer():
+    """A socket timeout shorter than CUT_WAIT: the whole call stays inside it."""
+    part = HEAD + BODY[:3000]
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def one_shot() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(part)
+
+    t = threading.Thread(target=one_shot, daemon=True)
+    t.start()
+    try:
+        with open_rs(listener.getsockname(), timeout=0.3) as s:
+            t0 = time.monotonic()
+            got = get(s)
+            elapsed = time.monotonic() - t0
+    finally:
+        listener.close()
+        t.join(5)
+    assert got[0] == part and got[1] in ("eof", "TimeoutError"), got
+    assert elapsed < 0.3 + 0.2, elapsed
+
+
+def test_a_post_cut_by_a_fin_is_not_re_sent():
+    post = b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+    part = HEAD + BODY[:3000]
+    srv = Server(answer=lambda n: part)
+    try:
+        with open_rs(srv.address) as s:
+            s.sendall(post)
+            got = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                got += data
+    finally:
+        srv.close()
+    assert got == part
+    assert srv.connections == 1 and srv.requests == 1
+
+
+def test_resume_answers_off_passes_the_cut_on():
+    part = HEAD + BODY[:3000]
+    srv = Server(answer=lambda n: part)
+    try:
+        policy = RetryPolicy(deadline=10, resume_answers=False)
+        with ResilientSocket.connect(srv.address, policy, timeout=10) as s:
+            assert get(s) == (part, "eof")
+    finally:
+        srv.close()
+    assert srv.connections == 1
+
+
+def test_http_client_reads_on_after_closing_a_connection_that_was_let_go():
+    """urllib3's test_response_headers_are_returned_in_the_original_order: a head without its
+    blank line, then close. http.client takes the EOF as the head's end, closes the
+    connection of the will_close response and reads the body through its makefile(). The
+    cut could not be resumed (the server is gone) and the connection was let go: the body
+    read gives the EOF, as the plain socket's fd does (it raised EBADF)."""
+    import http.client
+
+    head = b"HTTP/1.1 200 OK\r\nX-B: 2\r\nX-A: 1\r\n"
+    srv = Server(answer=lambda n: head, once=True)
+    try:
+        conn = http.client.HTTPConnection(*srv.address, timeout=10)
+        conn.sock = open_rs(srv.address)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert [(k, v) for k, v in resp.getheaders()] == [("X-B", "2"), ("X-A", "1")]
+        assert resp.read() == b""
+        conn.close()
+    finally:
+        srv.close()
+    assert srv.connections == 1
