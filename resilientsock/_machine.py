@@ -91,12 +91,13 @@ TLS_TRANSPORT_CAP = 3  # "retry, small cap" (DESIGN §3); picked, not measured
 # connections in a row before their first answer byte; a server that resets every request
 # (a TLS-only port, a crashing handler) does, at once.
 POISON_CAP = 3
-# An EOF that cut an answer (the dialect's framing wants more) is resumed softly: one attempt,
-# whose connect and the new answer's first byte each get this long (or the application's
-# timeout, if shorter); on any failure the caller gets the EOF, as without resilientsock.
-# Picked: a server that is there answers a re-sent GET in milliseconds on a LAN, and a
-# server that closed for good (a one-shot test server's backlog accepts, then nobody reads)
-# then costs at most this, once per cut answer.
+# An EOF that cut an answer (the dialect's framing wants more) is resumed softly: refused
+# reconnects are retried for this long, and the connect and the new answer's first byte
+# each get this long too (or the application's timeout, if shorter); on any other failure,
+# or when the time is up, the caller gets the EOF, as without resilientsock. Picked: a
+# server that is there answers a re-sent GET in milliseconds on a LAN, a proxy or a server
+# reloading is back within it, and a server that closed for good (a one-shot test server
+# whose backlog accepts, then nobody reads) then costs at most this, once per cut answer.
 CUT_WAIT = 1.0
 # When the next backoff wait would outlast the budget, one last attempt is made this long
 # before the budget ends (not none after sleeping it out): a server back 1 s into a 5 s
@@ -498,8 +499,8 @@ class Machine:
         if self.answered:
             # An EOF after part of an answer ends it, as a plain socket shows it, unless the
             # dialect's framing says the answer is cut (a body shorter than its length): then
-            # it is resumed as a reset mid-answer is (§5b), but softly — one attempt, a short
-            # wait for the new answer, and on any failure the caller gets this EOF after all,
+            # it is resumed as a reset mid-answer is (§5b), but softly — CUT_WAIT for the
+            # server to be back and to answer, and on any failure the caller gets this EOF,
             # so a server that closed for good (urllib3's one-shot test servers) costs a
             # moment, never a different error (docs/decisions.md).
             if nbytes and self.policy.eof != "pass" and self.cut_at != self.answered:

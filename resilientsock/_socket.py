@@ -662,10 +662,11 @@ class ResilientSocket(_GeventSocket):
         return None
 
     def _rs_resume_cut(self, m: Machine, verdict: Verdict, t0: float | None) -> Verdict | None:
-        """An EOF cut the answer in progress (§5b): resume it softly — one attempt, CUT_WAIT
-        for the connect and for the new answer's first byte. None once resumed (read on);
-        on any failure the caller gets the EOF, as a plain socket gave it, and the connection
-        is let go (the next write reconnects)."""
+        """An EOF cut the answer in progress (§5b): resume it softly — refusals retried for
+        CUT_WAIT, and CUT_WAIT each for the connect and the new answer's first byte. None
+        once resumed (read on); on any other failure, or when the time is up, the caller
+        gets the EOF, as a plain socket gave it, and the connection is let go (the next
+        write reconnects)."""
         from ._errors import UnansweredEOFError
 
         leave = _draining() or _library_retrying_now()
@@ -916,16 +917,21 @@ class ResilientSocket(_GeventSocket):
     def _rs_attempts(self, m: Machine, episode: Episode, call_end: float | None, resume: int,
                      first: bool, in_place: bool) -> None:
         policy = m.policy
+        soft = self.__dict__.get("_rs_cut_wait")
+        end = call_end  # when attempts must stop
+        if soft is not None:  # an EOF cut (_rs_resume_cut): refusals are retried this long
+            end = episode.start + soft if call_end is None else min(call_end,
+                                                                    episode.start + soft)
         while True:
             if m.state is CLOSED:
                 raise _RecoveryStopped()
             # At least one attempt, whatever the time: "within the application's timeout
             # plus at most one connect attempt" (DESIGN §4).
-            if episode.attempts and episode.spent(call_end, self.timeout):
+            if episode.attempts and episode.spent(end, self.timeout):
                 self._rs_give_up(m, episode)
             delay = 0.0 if first and not episode.attempts else episode.delay(_bucket)
             if delay > 0:
-                remaining = episode.remaining(call_end)
+                remaining = episode.remaining(end)
                 if delay >= remaining:
                     if episode.final or remaining <= FINAL_MARGIN:
                         self._rs_sleep(max(0.0, remaining))
@@ -957,8 +963,8 @@ class ResilientSocket(_GeventSocket):
                                info is not None and info.category in _SERVER_GONE)
                 log.info("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
                          failure)
-                if self.__dict__.get("_rs_cut_wait") is not None:
-                    raise  # an EOF cut: one attempt, the caller gets the EOF (_rs_resume_cut)
+                if soft is not None and (info is None or info.category not in _SERVER_GONE):
+                    raise  # an EOF cut: the caller gets the EOF (_rs_resume_cut)
                 if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
                     episode.tls_transport += 1
                 elif info is None or not info.retryable or not (policy.retry_connect or not first):
@@ -1201,6 +1207,13 @@ class ResilientSocket(_GeventSocket):
 
     def _rs_give_up(self, m: Machine, episode: Episode, permanent: bool = False,
                     poison: bool = False, library: str | None = None) -> None:
+        if self.__dict__.get("_rs_cut_wait") is not None:
+            # An EOF cut that could not be resumed: no error for the caller, who gets the EOF
+            # (_rs_resume_cut); the connection is let go.
+            self._rs_discard(m)
+            m.move("gave-up")
+            m.owner = None
+            raise _CutNotResumed(episode.describe())
         exc = episode.original or episode.last
         if exc is None:
             exc = ConnectionError("resilientsock: could not connect")
@@ -1305,6 +1318,10 @@ class ResilientSocket(_GeventSocket):
 
 class _SetupMismatch(ConnectionError):
     """The connection's setup (a dialect's restore) got a different answer: not retried."""
+
+
+class _CutNotResumed(Exception):
+    """An EOF cut could not be resumed in CUT_WAIT (internal): the caller gets the EOF."""
 
 
 class _AnswerChanged(ConnectionError):

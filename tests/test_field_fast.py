@@ -48,7 +48,6 @@ def test_redis_db2_every_key_in_db2(redis_db2_server: Redis, tmp_path: Path) -> 
     assert_never_worse(result)
 
 
-@pytest.mark.xfail(reason=rows.HTTP_SERVER_LOOP_XFAIL, strict=False)
 def test_http_client_loop_vs_http_server_finishes(http_server_proc: HTTPServer,
                                                   tmp_path: Path) -> None:
     row = rows.http_server(http_server_proc, faults=FAST_FAULTS, timeout=25)

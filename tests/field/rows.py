@@ -72,15 +72,6 @@ def redis_down_for_good(server: Redis, **kw: Any) -> Row:
                                        "redis.exceptions.TimeoutError"}), **kw)
 
 
-# Why the http.server row (full and fast) is xfail(strict=False) (#14).
-HTTP_SERVER_LOOP_XFAIL = (
-    "the loop does not always finish (#14): a FIN that lands in the middle of an answer is "
-    "passed on as EOF, as a plain socket shows it (http.client raises IncompleteRead, plain "
-    "gets the same; docs/decisions.md: one-shot servers), seen 2026-12-01 at a731ded; and "
-    "92e820d, e71d401: in 2 runs of 5 one resumed call gave up when the app's 5 s ran out. "
-    "Never worse held in the runs seen")
-
-
 def http_server(server: HTTPServer, **kw: Any) -> Row:
     return Row(slug="httpclient-httpserver", title="http.client vs Python's http.server",
                server=server,

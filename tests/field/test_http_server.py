@@ -14,7 +14,6 @@ from .matrix import assert_never_worse, check, run_row
 pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 
 
-@pytest.mark.xfail(reason=rows.HTTP_SERVER_LOOP_XFAIL, strict=False)
 def test_http_client_vs_http_server(http_server, field_dir: Path) -> None:
     result = run_row(rows.http_server(http_server, faults=15), field_dir)
     check(result, "the loop finishes (no operation fails)", result["rs"]["failed"] == 0)

@@ -15,14 +15,8 @@ pytestmark = [pytest.mark.field, pytest.mark.timeout(300)]
 MID_ANSWER = {"requests.exceptions.ChunkedEncodingError"}
 
 
-FIN_MID_ANSWER = ("a FIN that lands in the middle of an answer is passed on as EOF, as a "
-                  "plain socket shows it (docs/decisions.md: one-shot servers): requests "
-                  "raises ChunkedEncodingError, as plain does; seen at ada63c1 in 1 run of 2 "
-                  "(IncompleteRead(32768 bytes read, 16384 more expected)) (#14)")
-
-
 @pytest.mark.parametrize("tls", [
-    pytest.param(False, marks=pytest.mark.xfail(reason=FIN_MID_ANSWER, strict=False)),
+    pytest.param(False),
     pytest.param(True, marks=pytest.mark.xfail(
         reason="cuts over TLS are resumed, but in 1 run of 3 (fccebf4, da347d8) one "
                "resume gave up after 8 attempts, all reset, in the app's 5 s: "
