@@ -680,7 +680,7 @@ class ResilientSocket(_GeventSocket):
             "says is longer")
         self._rs_bump("disconnects")
         _stats.bump(f"disconnects.{ErrorCategory.CONNECTION_LOST}")
-        m.episode = None  # a budget of its own: one attempt
+        m.episode = None  # a budget of its own: CUT_WAIT
         self.__dict__["_rs_cut_wait"] = CUT_WAIT
         try:
             self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
