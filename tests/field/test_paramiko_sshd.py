@@ -21,11 +21,6 @@ GARBLED = re.compile(r"Invalid packet blocking|Mismatched MAC|[Bb]ad packet|[Dd]
 AT_ONCE_S = 3.0  # "at once": well under the app's 5 s timeout (picked: 2 cores, shared)
 
 
-@pytest.mark.xfail(reason="paramiko raises its own exceptions from its transport thread: "
-                          "the note reaches the app only when a socket error passes through "
-                          "(so in 4 runs of 5 on c118e12..da347d8; a WARNING naming SSH "
-                          "counts too, since 5f55d78) (#14)",
-                   strict=False)
 def test_paramiko_vs_openssh(sshd_server, field_dir: Path) -> None:
     result = run_row(rows.paramiko_sshd(sshd_server, faults=10), field_dir)
     rs = result["rs"]

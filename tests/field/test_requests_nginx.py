@@ -17,10 +17,7 @@ MID_ANSWER = {"requests.exceptions.ChunkedEncodingError"}
 
 @pytest.mark.parametrize("tls", [
     pytest.param(False),
-    pytest.param(True, marks=pytest.mark.xfail(
-        reason="cuts over TLS are resumed, but in 1 run of 3 (fccebf4, da347d8) one "
-               "resume gave up after 8 attempts, all reset, in the app's 5 s: "
-               "ChunkedEncodingError (#14)", strict=False)),
+    pytest.param(True),
 ], ids=["http", "https"])
 def test_requests_vs_nginx(nginx_server, field_dir: Path, tls: bool) -> None:
     result = run_row(rows.requests_nginx(nginx_server, tls=tls, faults=15), field_dir)
