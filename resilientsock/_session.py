@@ -36,8 +36,10 @@ import hashlib
 import hmac
 import os
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "PREAMBLE", "VERSION", "HANDSHAKE_LIMIT", "MAX_DATA", "ProtocolError", "Refused",
@@ -226,6 +228,83 @@ def _mac(secret: bytes, who: bytes, session_id: bytes, relay_nonce: bytes, clien
 # -- the stream ---------------------------------------------------------------------------------
 
 
+_KEEP_BY_REF = 4096  # an immutable payload this large is kept by reference, not copied
+
+
+class Unacked:
+    """The bytes sent and not yet acknowledged, in order, as a list of chunks.
+
+    A large payload the caller cannot change (``bytes``, or a read-only view of them) is kept
+    by reference: no copy of a big write. Anything else is copied, small payloads coalesced
+    into one ``bytearray`` so many tiny writes cost no object each. Acknowledged bytes are
+    dropped from the front without moving the rest.
+    """
+
+    __slots__ = ("_chunks", "_len")
+
+    def __init__(self) -> None:
+        self._chunks: deque[Any] | None = None  # made on the first write (an idle session
+        self._len = 0                           # holds none: a deque is 760 bytes)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def append(self, payload: bytes | bytearray | memoryview) -> None:
+        n = len(payload)
+        if not n:
+            return
+        self._len += n
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = deque()
+        if n >= _KEEP_BY_REF and (type(payload) is bytes or (
+                type(payload) is memoryview and payload.readonly
+                and type(payload.obj) is bytes)):
+            chunks.append(memoryview(payload).cast("B") if type(payload) is memoryview
+                          else payload)
+            return
+        last = chunks[-1] if chunks else None
+        if type(last) is bytearray and len(last) < (1 << 20):
+            last += payload
+        else:
+            chunks.append(bytearray(payload))
+
+    def drop(self, n: int) -> None:
+        """Forget the first ``n`` bytes (acknowledged)."""
+        if not n:
+            return
+        self._len -= n
+        chunks = self._chunks
+        assert chunks is not None
+        while n:
+            first = chunks[0]
+            size = len(first)
+            if size <= n:
+                chunks.popleft()
+                n -= size
+            elif type(first) is bytearray:
+                del first[:n]  # O(1): bytearray drops a prefix in place
+                n = 0
+            else:
+                chunks[0] = memoryview(first)[n:]
+                n = 0
+        if not self._len:
+            self._chunks = None
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self._chunks) if self._chunks else b""
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (bytes, bytearray, memoryview)):
+            return bytes(self) == bytes(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class Stream:
     """One session's byte stream, both directions, as seen from one end.
 
@@ -244,7 +323,7 @@ class Stream:
         self.limit = limit
         self.data_sent = 0
         self.acked = 0
-        self.unacked = bytearray()
+        self.unacked = Unacked()
         self.end_sent: Ended | None = None
         self.received = 0
         self.end_received: Ended | None = None
@@ -279,7 +358,7 @@ class Stream:
         """Frames carrying ``payload`` (kept in ``unacked`` until acknowledged)."""
         if self.end_sent is not None:
             raise ValueError("data after the end marker")
-        self.unacked += payload
+        self.unacked.append(payload)
         self.data_sent += len(payload)
         return self._data_frames(payload)
 
@@ -290,7 +369,7 @@ class Stream:
             raise ValueError("data after the end marker")
         if not 0 < len(payload) <= MAX_DATA:
             raise ValueError(f"one frame carries 1..{MAX_DATA} bytes, not {len(payload)}")
-        self.unacked += payload
+        self.unacked.append(payload)
         self.data_sent += len(payload)
         self.ack_sent = self.received
         return HEADER.pack(DATA, len(payload), self.received)
@@ -349,7 +428,7 @@ class Stream:
                                 f"{self.sent})", E_IMPOSSIBLE_COUNTS)
         drop = min(n, self.data_sent) - min(self.acked, self.data_sent)
         if drop:
-            del self.unacked[:drop]
+            self.unacked.drop(drop)
         self.acked = n
 
     def on_data(self, size: int) -> None:
@@ -382,7 +461,7 @@ class Stream:
         """After a verified resume: acknowledge up to ``peer_received`` and return the frames
         re-sending every unit beyond it (data, then the end marker if one was sent)."""
         self.on_ack(peer_received)
-        out = self._data_frames(self.unacked) if self.unacked else b""
+        out = self._data_frames(bytes(self.unacked)) if self.unacked else b""
         if self.end_sent is not None and self.acked <= self.data_sent:
             out += self._end_frame()
         if not out:

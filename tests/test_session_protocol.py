@@ -385,3 +385,24 @@ def test_a_stale_ticket_falls_back_to_the_challenge() -> None:
     assert isinstance(client.next_event(), sp.Resumed)
     client.finish_resume(p.secret)
     assert client.state == sp.OPEN
+
+
+def test_unacked_keeps_big_immutable_writes_by_reference_and_drops_acked_bytes_in_order():
+    from resilientsock._session import Unacked
+
+    big = bytes(range(256)) * 64  # 16 KiB, bytes: kept by reference
+    u = Unacked()
+    u.append(b"ab")
+    u.append(bytearray(b"cd"))  # small: coalesced with the previous copy
+    u.append(memoryview(big))
+    u.append(memoryview(bytearray(b"x" * 5000)))  # mutable: copied
+    assert len(u) == 4 + len(big) + 5000
+    assert len(u._chunks) == 3
+    assert u._chunks[1].obj is big  # no copy of the big write
+    want = b"abcd" + big + b"x" * 5000
+    for n in (1, 3, 100, len(big), 4000, 500):
+        u.drop(n)
+        want = want[n:]
+        assert bytes(u) == want and len(u) == len(want)
+    u.drop(len(want))
+    assert not u and u == b"" and u._chunks is None
