@@ -169,8 +169,8 @@ class _LinkIO:
 class _Carrier:
     """A session's stream between a plain end and the current link (rule 1)."""
 
-    __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "finished", "aborted",
-                 "plain_reader", "plain_lock", "__weakref__")
+    __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "ack_timer", "finished",
+                 "aborted", "plain_reader", "plain_lock", "__weakref__")
 
     side = "?"
 
@@ -180,6 +180,7 @@ class _Carrier:
         self.cur: _LinkIO | None = None
         self.room_ev = gevent.event.Event()
         self.ack_armed = False
+        self.ack_timer: Any = None  # the hub's timer for a delayed ACK (made on first use)
         self.finished = False
         self.aborted: str | None = None  # an ABORT to (re)send until the session is gone
         self.plain_reader: Any = None
@@ -473,8 +474,13 @@ class _Carrier:
             if due >= ACK_EVERY:
                 self._send(lio, stream.ack())
             elif due and not self.ack_armed:
+                # A timer in the hub, not a greenlet per chunk: in a ping-pong the answer
+                # usually carries the ack first, and the timer then finds nothing due.
                 self.ack_armed = True
-                gevent.spawn_later(ACK_DELAY, self._delayed_ack)
+                timer = self.ack_timer
+                if timer is None:
+                    timer = self.ack_timer = gevent.get_hub().loop.timer(ACK_DELAY)
+                timer.start(self._ack_timer_fired)
             if self._maybe_finish() or not lio.alive:
                 return
             try:
@@ -490,8 +496,13 @@ class _Carrier:
     def recv_link(self, lio: _LinkIO) -> bytes:
         return lio.sock.recv(RECV_SIZE)  # type: ignore[no-any-return]
 
-    def _delayed_ack(self) -> None:
+    def _ack_timer_fired(self) -> None:
+        """In the hub (no I/O here): a greenlet sends the ACK only if one is still due."""
         self.ack_armed = False
+        if self.stream.ack_due() and not self.finished:
+            gevent.spawn(self._delayed_ack)
+
+    def _delayed_ack(self) -> None:
         if self.stream.ack_due() and not self.finished:
             self._send(self.cur, self.stream.ack())
 

@@ -273,7 +273,8 @@ class Unacked:
             chunks.append(bytearray(payload))
 
     def drop(self, n: int) -> None:
-        """Forget the first ``n`` bytes (acknowledged)."""
+        """Forget the first ``n`` bytes (acknowledged; at most what is held)."""
+        n = min(n, self._len)
         if not n:
             return
         self._len -= n
@@ -675,6 +676,16 @@ class Link:
         end = pos + HEADER_LEN + length
         if len(buf) < end:
             return NEED_DATA
+        if ftype == DATA and length and end == len(buf) and self.state == OPEN:
+            # A DATA frame that straddled two chunks, completed in _buf (receive_data copies
+            # only its bytes there): hand _buf itself on as the payload's view, no second copy.
+            self._buf = bytearray()
+            self._pos = 0
+            stream = self.stream
+            assert stream is not None
+            stream.on_ack(ack)
+            stream.on_data(length)
+            return Data(memoryview(buf)[pos + HEADER_LEN:end])
         with memoryview(buf) as view:
             body = bytes(view[pos + HEADER_LEN:end])
         self._pos = end
