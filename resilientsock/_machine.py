@@ -92,13 +92,15 @@ TLS_TRANSPORT_CAP = 3  # "retry, small cap" (DESIGN §3); picked, not measured
 # (a TLS-only port, a crashing handler) does, at once.
 POISON_CAP = 3
 # An EOF that cut an answer (the dialect's framing wants more) is resumed softly: refused
-# reconnects are retried for this long, and the connect and the new answer's first byte
-# each get this long too (or the application's timeout, if shorter); on any other failure,
-# or when the time is up, the caller gets the EOF, as without resilientsock. Picked: a
-# server that is there answers a re-sent GET in milliseconds on a LAN, a proxy or a server
-# reloading is back within it, and a server that closed for good (a one-shot test server
-# whose backlog accepts, then nobody reads) then costs at most this, once per cut answer.
+# reconnects (no route, no name) are retried for CUT_RETRY, and the connect and the new
+# answer's first byte get CUT_WAIT each (or what the application's timeout leaves); on any
+# other failure, or when the time is up, the caller gets the EOF, as without resilientsock.
+# Picked: a server that is there answers a re-sent GET in milliseconds on a LAN, a proxy
+# flapping is back within half a second, and a server closed for good costs at most this
+# once per cut answer — urllib3's one-shot test servers close their listener (CUT_RETRY
+# each: 4 of its tests), or leave it open with nobody reading (CUT_WAIT).
 CUT_WAIT = 1.0
+CUT_RETRY = 0.5
 # When the next backoff wait would outlast the budget, one last attempt is made this long
 # before the budget ends (not none after sleeping it out): a server back 1 s into a 5 s
 # timeout is still found when the schedule's wait has grown past what is left. Picked: a

@@ -54,6 +54,7 @@ from ._machine import (
     BROKEN,
     CLOSED,
     CONNECTED,
+    CUT_RETRY,
     CUT_WAIT,
     EARLY_ANSWER,
     FINAL_MARGIN,
@@ -663,7 +664,7 @@ class ResilientSocket(_GeventSocket):
 
     def _rs_resume_cut(self, m: Machine, verdict: Verdict, t0: float | None) -> Verdict | None:
         """An EOF cut the answer in progress (§5b): resume it softly — refusals retried for
-        CUT_WAIT, and CUT_WAIT each for the connect and the new answer's first byte. None
+        CUT_RETRY, and CUT_WAIT each for the connect and the new answer's first byte. None
         once resumed (read on); on any other failure, or when the time is up, the caller
         gets the EOF, as a plain socket gave it, and the connection is let go (the next
         write reconnects)."""
@@ -680,7 +681,7 @@ class ResilientSocket(_GeventSocket):
             "says is longer")
         self._rs_bump("disconnects")
         _stats.bump(f"disconnects.{ErrorCategory.CONNECTION_LOST}")
-        m.episode = None  # a budget of its own: CUT_WAIT
+        m.episode = None  # a budget of its own: CUT_RETRY for refusals
         self.__dict__["_rs_cut_wait"] = CUT_WAIT
         try:
             self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
@@ -919,9 +920,9 @@ class ResilientSocket(_GeventSocket):
         policy = m.policy
         soft = self.__dict__.get("_rs_cut_wait")
         end = call_end  # when attempts must stop
-        if soft is not None:  # an EOF cut (_rs_resume_cut): refusals are retried this long
-            end = episode.start + soft if call_end is None else min(call_end,
-                                                                    episode.start + soft)
+        if soft is not None:  # an EOF cut (_rs_resume_cut): refusals are retried CUT_RETRY
+            cap = episode.start + CUT_RETRY
+            end = cap if call_end is None else min(call_end, cap)
         while True:
             if m.state is CLOSED:
                 raise _RecoveryStopped()

@@ -15,7 +15,7 @@ import pytest
 
 import resilientsock
 from resilientsock import ResilientSocket, RetryPolicy
-from resilientsock._machine import CUT_WAIT
+from resilientsock._machine import CUT_RETRY, CUT_WAIT
 from resilientsock.testing import FaultProxy
 
 pytestmark = pytest.mark.timeout(30)
@@ -160,8 +160,8 @@ def test_a_changed_answer_after_a_fin_passes_the_eof_on():
 
 
 @pytest.mark.parametrize("timeout", [None, 10])
-def test_a_one_shot_server_gone_after_the_cut_gives_the_eof_after_cut_wait(timeout):
-    """The server closed its listener: reconnects are refused for CUT_WAIT, then the EOF
+def test_a_one_shot_server_gone_after_the_cut_gives_the_eof_after_cut_retry(timeout):
+    """The server closed its listener: reconnects are refused for CUT_RETRY, then the EOF
     stands, with no error of ours."""
     part = HEAD + BODY[:3000]
     srv = Server(answer=lambda n: part, once=True)
@@ -173,7 +173,7 @@ def test_a_one_shot_server_gone_after_the_cut_gives_the_eof_after_cut_wait(timeo
     finally:
         srv.close()
     assert got == (part, "eof")
-    assert CUT_WAIT * 0.9 <= elapsed < CUT_WAIT + 0.5, elapsed
+    assert CUT_RETRY * 0.9 <= elapsed < CUT_RETRY + 0.5, elapsed
     assert resilientsock.stats().get("cuts_passed") == 1
 
 
@@ -290,13 +290,13 @@ def test_http_client_reads_on_after_closing_a_connection_that_was_let_go():
 
 def test_a_fin_while_the_server_refuses_for_a_moment_is_resumed_once_it_is_back():
     """A server reloading: the FIN lands mid-answer and new connects are refused for a
-    moment shorter than CUT_WAIT. Refusals are retried within it (found by the HTTPS row)."""
+    moment shorter than CUT_RETRY. Refusals are retried within it (found by the HTTPS row)."""
     srv = Server()
     try:
         with FaultProxy(srv.address) as proxy:
             with open_rs(proxy.address) as s:
                 assert get(s) == (HEAD + BODY, "complete")
-                proxy.refuse(CUT_WAIT / 2)
+                proxy.refuse(CUT_RETRY / 2)
                 proxy.cut_after(len(HEAD) + 5000, "down", how="close")
                 t0 = time.monotonic()
                 assert get(s) == (HEAD + BODY, "complete")
@@ -304,10 +304,10 @@ def test_a_fin_while_the_server_refuses_for_a_moment_is_resumed_once_it_is_back(
                 assert s.stats().answers_resumed == 1
     finally:
         srv.close()
-    assert CUT_WAIT / 2 * 0.8 <= elapsed < CUT_WAIT + 0.5, elapsed
+    assert CUT_RETRY / 2 * 0.8 <= elapsed < CUT_RETRY + 0.5, elapsed
 
 
-def test_a_fin_while_the_server_stays_away_gives_the_eof_after_cut_wait():
+def test_a_fin_while_the_server_stays_away_gives_the_eof_after_cut_retry():
     srv = Server()
     try:
         with FaultProxy(srv.address) as proxy:
@@ -322,6 +322,6 @@ def test_a_fin_while_the_server_stays_away_gives_the_eof_after_cut_wait():
                 assert s.recv(10) == b""  # let go: the EOF again, the next write reconnects
     finally:
         srv.close()
-    assert CUT_WAIT * 0.9 <= elapsed < CUT_WAIT + 0.5, elapsed
+    assert CUT_RETRY * 0.9 <= elapsed < CUT_RETRY + 0.5, elapsed
     stats = resilientsock.stats()
     assert stats.get("cuts_passed") == 1 and not stats.get("gave_up")
