@@ -685,7 +685,9 @@ class ResilientSocket(_GeventSocket):
         self.__dict__["_rs_cut_wait"] = CUT_WAIT
         try:
             self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
-        except Exception as failure:
+        except (Exception, gevent.Timeout) as failure:
+            # A gevent.Timeout of the application's that fires while we wait: plain would
+            # have returned this EOF at once, so the EOF it is (the connection is let go).
             if m.state is CLOSED or self._closed:
                 raise
             _stats.bump("cuts_passed")
@@ -913,6 +915,9 @@ class ResilientSocket(_GeventSocket):
             raise
         finally:
             m.owner = None
+            # An EOF cut's soft mode ends with this recovery, before anyone waiting for it
+            # wakes (their own recovery, if any, runs under the policy).
+            self.__dict__.pop("_rs_cut_wait", None)
             done.set()
 
     def _rs_attempts(self, m: Machine, episode: Episode, call_end: float | None, resume: int,
@@ -936,6 +941,8 @@ class ResilientSocket(_GeventSocket):
                 if delay >= remaining:
                     if episode.final or remaining <= FINAL_MARGIN:
                         self._rs_sleep(max(0.0, remaining))
+                        if m.state is CLOSED:
+                            raise _RecoveryStopped()
                         if call_end is not None and _clock() >= call_end:
                             episode.timeout_hit = self.timeout
                         self._rs_give_up(m, episode)
@@ -1055,10 +1062,22 @@ class ResilientSocket(_GeventSocket):
             limit = left if limit is None else min(limit, left)
         if limit is not None:
             limit = max(limit, 0.001)
-        with gevent.Timeout(limit, _AttemptTimeout()):
-            if fresh:
-                self._rs_after_install(limit)
-            return self._rs_restore(m, episode, call_end, resume, first)
+        cut_timer = None
+        if cut_wait is not None:
+            # After an EOF cut: CUT_WAIT from here (TLS handshake, setup, replay) to the new
+            # answer's first byte, which cancels it (_rs_resume); or the EOF stands.
+            cut_timer = gevent.Timeout(cut_wait, _AttemptTimeout())
+            cut_timer.start()
+            self.__dict__["_rs_cut_timer"] = cut_timer
+        try:
+            with gevent.Timeout(limit, _AttemptTimeout()):
+                if fresh:
+                    self._rs_after_install(limit)
+                return self._rs_restore(m, episode, call_end, resume, first)
+        finally:
+            if cut_timer is not None:
+                cut_timer.close()
+                self.__dict__.pop("_rs_cut_timer", None)
 
     def _rs_connect_in_place(self, timeout: float | None) -> Attempt:
         """The application's own ``sock.connect(addr)`` on this very socket (first attempt),
@@ -1158,15 +1177,12 @@ class ResilientSocket(_GeventSocket):
             dialect.reset_answer()
         digest = new_digest()
         got = 0
-        cut_wait = self.__dict__.get("_rs_cut_wait")
         while got < k:
-            if cut_wait is not None and not got:
-                # After an EOF cut: the new answer's first bytes within CUT_WAIT, or the EOF
-                # stands (_rs_resume_cut).
-                with gevent.Timeout(cut_wait, _AttemptTimeout()):
-                    chunk = self._rs_raw_recv(min(65536, k))
-            else:
-                chunk = self._rs_raw_recv(min(65536, k - got))
+            chunk = self._rs_raw_recv(min(65536, k - got))
+            if not got:
+                cut_timer = self.__dict__.pop("_rs_cut_timer", None)
+                if cut_timer is not None:
+                    cut_timer.cancel()  # the new answer is coming: the normal budget now
             if not chunk:
                 break
             got += len(chunk)

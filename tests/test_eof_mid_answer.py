@@ -325,3 +325,110 @@ def test_a_fin_while_the_server_stays_away_gives_the_eof_after_cut_retry():
     assert CUT_RETRY * 0.9 <= elapsed < CUT_RETRY + 0.5, elapsed
     stats = resilientsock.stats()
     assert stats.get("cuts_passed") == 1 and not stats.get("gave_up")
+
+
+def _listener_left_open(answers: list[bytes]) -> tuple[socket.socket, threading.Thread]:
+    """A server that serves one connection — each request read gets the next of
+    ``answers``, the last one followed by a FIN — and leaves its listener open, unaccepted."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for answer in answers:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return listener, t
+
+
+def test_the_soft_wait_also_bounds_the_setup_redone_on_the_new_connection():
+    """Review of the soft resume: CUT_WAIT bounded only the connect and the first read, so a
+    RESP connection with a SELECT to redo waited the 10 s connect_timeout for an EOF plain
+    gets at once (the kernel accepts; nobody reads)."""
+    select = b"*2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n"
+    part = b"$100\r\n" + b"x" * 10
+    listener, t = _listener_left_open([b"+OK\r\n", part])
+    try:
+        with open_rs(listener.getsockname(), timeout=None) as s:
+            s.sendall(select)
+            assert s.recv(100) == b"+OK\r\n"
+            assert s.dialect == "resp"
+            s.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
+            t0 = time.monotonic()
+            got = b""
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                got += data
+            elapsed = time.monotonic() - t0
+    finally:
+        listener.close()
+        t.join(5)
+    assert got == part
+    assert elapsed < CUT_WAIT + 0.5, elapsed
+
+
+def test_a_gevent_timeout_of_the_app_during_the_soft_wait_gives_the_eof():
+    """Plain gevent returns the EOF at once; the app's own gevent.Timeout must not replace
+    it with a Timeout because resilientsock was waiting."""
+    import gevent
+
+    part = HEAD + BODY[:3000]
+    listener, t = _listener_left_open([part])
+    try:
+        with open_rs(listener.getsockname(), timeout=None) as s:
+            s.sendall(GET)
+            got = b""
+            with gevent.Timeout(0.3):
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    got += data
+            assert s.recv(10) == b""
+    finally:
+        listener.close()
+        t.join(5)
+    assert got == part
+
+
+def test_the_soft_mode_ends_with_its_recovery():
+    """Review: the soft-mode flag outlived the recovery, so a write made while the EOF was
+    being passed on (here: from a logging handler, as a yielding handler lets another
+    greenlet do) ran its own recovery in soft mode and raised an internal exception. It
+    gets the policy's own recovery and the original error type."""
+    import logging
+
+    part = HEAD + BODY[:3000]
+    srv = Server(answer=lambda n: part, once=True)
+    outcome: list[str] = []
+    policy = RetryPolicy(deadline=0.3, backoff_initial=0.01, backoff_max=0.05)
+
+    class WriteOnPassedOn(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "mid-answer passed on" in record.getMessage() and not outcome:
+                try:
+                    s.sendall(GET)
+                    outcome.append("ok")
+                except BaseException as e:  # noqa: BLE001 - the test reports any of them
+                    outcome.append(type(e).__name__)
+
+    handler = WriteOnPassedOn(logging.INFO)
+    log = logging.getLogger("resilientsock")
+    saved = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(handler)
+    try:
+        with ResilientSocket.connect(srv.address, policy, timeout=10) as s:
+            assert get(s) == (part, "eof")
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved)
+        srv.close()
+    assert outcome == ["ConnectionRefusedError"]
