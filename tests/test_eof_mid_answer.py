@@ -97,8 +97,36 @@ def get(sock: socket.socket) -> tuple[bytes, str]:
         return got, type(e).__name__
 
 
+def read_to_eof(sock: socket.socket) -> bytes:
+    got = b""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return got
+        got += data
+
+
 def open_rs(address: tuple[str, int], timeout: float | None = 10) -> ResilientSocket:
     return ResilientSocket.connect(address, POLICY, timeout=timeout)
+
+
+def _listener_left_open(answers: list[bytes]) -> tuple[socket.socket, threading.Thread]:
+    """A server that serves one connection — each request read gets the next of
+    ``answers``, the last one followed by a FIN — and leaves its listener open, unaccepted."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            for answer in answers:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return listener, t
 
 
 def test_a_fin_mid_body_is_resumed_and_the_caller_sees_one_answer():
@@ -181,18 +209,7 @@ def test_a_one_shot_server_whose_backlog_accepts_costs_at_most_cut_wait():
     """urllib3's socket-level servers: one connection served, the listener left open, so the
     kernel accepts the reconnect and nobody answers. The EOF after CUT_WAIT, not a hang."""
     part = HEAD + BODY[:3000]
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-
-    def one_shot() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(part)
-
-    t = threading.Thread(target=one_shot, daemon=True)
-    t.start()
+    listener, t = _listener_left_open([part])
     try:
         with open_rs(listener.getsockname(), timeout=None) as s:
             t0 = time.monotonic()
@@ -210,18 +227,7 @@ def test_a_one_shot_server_whose_backlog_accepts_costs_at_most_cut_wait():
 def test_the_application_timeout_bounds_the_wait_for_the_new_answer():
     """A socket timeout shorter than CUT_WAIT: the whole call stays inside it."""
     part = HEAD + BODY[:3000]
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-
-    def one_shot() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(part)
-
-    t = threading.Thread(target=one_shot, daemon=True)
-    t.start()
+    listener, t = _listener_left_open([part])
     try:
         with open_rs(listener.getsockname(), timeout=0.3) as s:
             t0 = time.monotonic()
@@ -241,12 +247,7 @@ def test_a_post_cut_by_a_fin_is_not_re_sent():
     try:
         with open_rs(srv.address) as s:
             s.sendall(post)
-            got = b""
-            while True:
-                data = s.recv(65536)
-                if not data:
-                    break
-                got += data
+            got = read_to_eof(s)
     finally:
         srv.close()
     assert got == part
@@ -327,25 +328,6 @@ def test_a_fin_while_the_server_stays_away_gives_the_eof_after_cut_retry():
     assert stats.get("cuts_passed") == 1 and not stats.get("gave_up")
 
 
-def _listener_left_open(answers: list[bytes]) -> tuple[socket.socket, threading.Thread]:
-    """A server that serves one connection — each request read gets the next of
-    ``answers``, the last one followed by a FIN — and leaves its listener open, unaccepted."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-
-    def serve() -> None:
-        conn, _ = listener.accept()
-        with conn:
-            for answer in answers:
-                conn.recv(65536)
-                conn.sendall(answer)
-
-    t = threading.Thread(target=serve, daemon=True)
-    t.start()
-    return listener, t
-
-
 def test_the_soft_wait_also_bounds_the_setup_redone_on_the_new_connection():
     """Review of the soft resume: CUT_WAIT bounded only the connect and the first read, so a
     RESP connection with a SELECT to redo waited the 10 s connect_timeout for an EOF plain
@@ -360,12 +342,7 @@ def test_the_soft_wait_also_bounds_the_setup_redone_on_the_new_connection():
             assert s.dialect == "resp"
             s.sendall(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n")
             t0 = time.monotonic()
-            got = b""
-            while True:
-                data = s.recv(65536)
-                if not data:
-                    break
-                got += data
+            got = read_to_eof(s)
             elapsed = time.monotonic() - t0
     finally:
         listener.close()
@@ -384,13 +361,8 @@ def test_a_gevent_timeout_of_the_app_during_the_soft_wait_gives_the_eof():
     try:
         with open_rs(listener.getsockname(), timeout=None) as s:
             s.sendall(GET)
-            got = b""
             with gevent.Timeout(0.3):
-                while True:
-                    data = s.recv(65536)
-                    if not data:
-                        break
-                    got += data
+                got = read_to_eof(s)
             assert s.recv(10) == b""
     finally:
         listener.close()
