@@ -664,10 +664,11 @@ class ResilientSocket(_GeventSocket):
 
     def _rs_resume_cut(self, m: Machine, verdict: Verdict, t0: float | None) -> Verdict | None:
         """An EOF cut the answer in progress (§5b): resume it softly — refusals retried for
-        CUT_RETRY, and CUT_WAIT each for the connect and the new answer's first byte. None
-        once resumed (read on); on any other failure, or when the time is up, the caller
-        gets the EOF, as a plain socket gave it, and the connection is let go (the next
-        write reconnects)."""
+        CUT_RETRY, CUT_WAIT for the connect, and CUT_WAIT from the new connection to the new
+        answer's first byte (TLS, setup, replay included). None once resumed (read on); on
+        any other failure, an application's gevent.Timeout, or when the time is up, the
+        caller gets the EOF, as a plain socket gave it, and the connection is let go (the
+        next write reconnects)."""
         from ._errors import UnansweredEOFError
 
         leave = _draining() or _library_retrying_now()
