@@ -93,7 +93,7 @@ TLS_TRANSPORT_CAP = 3  # "retry, small cap" (DESIGN §3); picked, not measured
 POISON_CAP = 3
 # An EOF that cut an answer (the dialect's framing wants more) is resumed softly: refused
 # reconnects (no route, no name) are retried for CUT_RETRY, and the connect and the new
-# answer's first byte get CUT_WAIT each (or what the application's timeout leaves); on any
+# answer's first byte get CUT_WAIT each (within what the application's timeout leaves); on any
 # other failure, or when the time is up, the caller gets the EOF, as without resilientsock.
 # Picked: a server that is there answers a re-sent GET in milliseconds on a LAN, a proxy
 # flapping is back within half a second, and a server closed for good costs at most this
@@ -214,7 +214,7 @@ class Episode:
         5 s) is not slept once it is there."""
         if reached and self.gone and self.restarts < POISON_CAP:
             self.restarts += 1
-            self.base = self.attempts
+            self.base = self.attempts - 1  # the schedule's first jittered wait (DESIGN §4)
         self.gone = gone
 
     def healthy(self) -> bool:
@@ -501,8 +501,8 @@ class Machine:
         if self.answered:
             # An EOF after part of an answer ends it, as a plain socket shows it, unless the
             # dialect's framing says the answer is cut (a body shorter than its length): then
-            # it is resumed as a reset mid-answer is (§5b), but softly — CUT_WAIT for the
-            # server to be back and to answer, and on any failure the caller gets this EOF,
+            # it is resumed as a reset mid-answer is (§5b), but softly — CUT_RETRY for the
+            # server to be back, CUT_WAIT to answer, and on any failure the caller gets this EOF,
             # so a server that closed for good (urllib3's one-shot test servers) costs a
             # moment, never a different error (docs/decisions.md).
             if nbytes and self.policy.eof != "pass" and self.cut_at != self.answered:

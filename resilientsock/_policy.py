@@ -55,7 +55,9 @@ class RetryPolicy:
     journal_limit (16 MiB): unconfirmed bytes kept for replay; beyond it, a drop is surfaced.
     dead_peer_timeout (30 s): kernel keepalive + TCP_USER_TIMEOUT so a silently dead link
         surfaces as ETIMEDOUT; None leaves the kernel defaults (hours).
-    eof ("unanswered-is-drop"): EOF while writes are unanswered is a drop; "pass" returns b"".
+    eof ("unanswered-is-drop"): EOF while writes are unanswered is a drop, and an EOF that the
+        protocol's framing says cut an answer is resumed softly (docs/decisions.md); "pass"
+        returns b"" in both cases.
     retry_read_timeouts (False): a read timeout is surfaced (the peer is probably busy).
     reconnect_rate (200/s): process-wide token bucket for reconnect attempts, burst of
         ``reconnect_rate / 10`` so a lone drop never waits. A loopback server accepts far more;

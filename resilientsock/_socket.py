@@ -1039,6 +1039,12 @@ class ResilientSocket(_GeventSocket):
         connect_limit = per_address
         if cut_wait is not None:
             connect_limit = cut_wait if per_address is None else min(per_address, cut_wait)
+        left = episode.remaining(call_end)
+        if left != float("inf"):
+            # Each connect attempt gets at most what is left of the budget (DESIGN §4), the
+            # last one too (made FINAL_MARGIN before the end).
+            left = max(left, 0.001)
+            connect_limit = left if connect_limit is None else min(connect_limit, left)
         if in_place and self._sock and not self.__dict__.get("_rs_in_place_failed"):
             attempt = self._rs_connect_in_place(connect_limit)
         else:
@@ -1339,7 +1345,8 @@ class _SetupMismatch(ConnectionError):
 
 
 class _CutNotResumed(Exception):
-    """An EOF cut could not be resumed in CUT_WAIT (internal): the caller gets the EOF."""
+    """An EOF cut could not be resumed: refused for CUT_RETRY (internal); the caller gets
+    the EOF."""
 
 
 class _AnswerChanged(ConnectionError):

@@ -338,10 +338,11 @@ def test_the_backoff_restarts_when_the_server_is_back_after_an_outage():
         ep.attempted(reached=False, gone=True)
     assert ep.delay(Bucket(), rand=lambda: 1.0) == pytest.approx(3.2)  # attempt 7's ceiling
     ep.attempted(reached=True, gone=False)
-    assert ep.delay(Bucket(), rand=lambda: 1.0) == 0.0  # restarted: immediate
+    # restarted: the schedule's first jittered wait (every wait after a failure is jittered)
+    assert ep.delay(Bucket(), rand=lambda: 1.0) == pytest.approx(0.05)
     ep.attempts += 1
     ep.attempted(reached=True, gone=False)  # reached again: no second restart for that
-    assert ep.delay(Bucket(), rand=lambda: 1.0) == 0.05
+    assert ep.delay(Bucket(), rand=lambda: 1.0) == pytest.approx(0.1)
     for _ in range(5):  # a server flapping: at most POISON_CAP restarts an episode
         ep.attempted(reached=False, gone=True)
         ep.attempted(reached=True, gone=False)
