@@ -683,7 +683,7 @@ class ResilientSocket(_GeventSocket):
         self._rs_bump("disconnects")
         _stats.bump(f"disconnects.{ErrorCategory.CONNECTION_LOST}")
         m.episode = None  # a budget of its own: CUT_RETRY for refusals
-        self.__dict__["_rs_cut_wait"] = CUT_WAIT
+        self.__dict__["_rs_cut"] = True  # soft mode, for this recovery (_rs_attempts)
         try:
             self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
         except (Exception, gevent.Timeout) as failure:
@@ -697,7 +697,7 @@ class ResilientSocket(_GeventSocket):
                   category="connection_lost", error_type="EOF")
             return Verdict(PASS_EOF, "cut", str(failure))
         finally:
-            self.__dict__.pop("_rs_cut_wait", None)
+            self.__dict__.pop("_rs_cut", None)
         return None
 
     def _rs_write(self, raw: Any, args: tuple, data: Any, partial: bool,
@@ -918,15 +918,15 @@ class ResilientSocket(_GeventSocket):
             m.owner = None
             # An EOF cut's soft mode ends with this recovery, before anyone waiting for it
             # wakes (their own recovery, if any, runs under the policy).
-            self.__dict__.pop("_rs_cut_wait", None)
+            self.__dict__.pop("_rs_cut", None)
             done.set()
 
     def _rs_attempts(self, m: Machine, episode: Episode, call_end: float | None, resume: int,
                      first: bool, in_place: bool) -> None:
         policy = m.policy
-        soft = self.__dict__.get("_rs_cut_wait")
+        soft = self.__dict__.get("_rs_cut", False)
         end = call_end  # when attempts must stop
-        if soft is not None:  # an EOF cut (_rs_resume_cut): refusals are retried CUT_RETRY
+        if soft:  # an EOF cut (_rs_resume_cut): refusals are retried CUT_RETRY
             cap = episode.start + CUT_RETRY
             end = cap if call_end is None else min(call_end, cap)
         while True:
@@ -968,17 +968,17 @@ class ResilientSocket(_GeventSocket):
                     episode.original = failure  # a first connect: its first error is the one
                 info = self._rs_classify_attempt(failure)
                 _count_failed_attempt(info)
-                episode.attempted(bool(self.__dict__.get("_rs_reached")),
-                               info is not None and info.category in _SERVER_GONE)
+                gone = info is not None and info.category in _SERVER_GONE
+                episode.attempted(bool(self.__dict__.get("_rs_reached")), gone)
                 log.info("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
                          failure)
-                if soft is not None and (info is None or info.category not in _SERVER_GONE):
+                if soft and not gone:
                     raise  # an EOF cut: the caller gets the EOF (_rs_resume_cut)
                 if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
                     episode.tls_transport += 1
                 elif info is None or not info.retryable or not (policy.retry_connect or not first):
                     self._rs_give_up(m, episode, permanent=info is None or not info.retryable)
-                elif episode.library and info.category in _SERVER_GONE:
+                elif episode.library and gone:
                     # The server is not there (refused, no route, no name): the library's own
                     # retries decide whether to wait for it, as they do without resilientsock,
                     # so layered retries do not multiply into minutes (DESIGN §9).
@@ -1035,10 +1035,10 @@ class ResilientSocket(_GeventSocket):
         app = self.timeout
         if app is not None:
             per_address = app if per_address is None else min(per_address, app)
-        cut_wait = self.__dict__.get("_rs_cut_wait")
+        soft = self.__dict__.get("_rs_cut", False)
         connect_limit = per_address
-        if cut_wait is not None:
-            connect_limit = cut_wait if per_address is None else min(per_address, cut_wait)
+        if soft:
+            connect_limit = CUT_WAIT if per_address is None else min(per_address, CUT_WAIT)
         left = episode.remaining(call_end)
         if left != float("inf"):
             # Each connect attempt gets at most what is left of the budget (DESIGN §4), the
@@ -1070,10 +1070,10 @@ class ResilientSocket(_GeventSocket):
         if limit is not None:
             limit = max(limit, 0.001)
         cut_timer = None
-        if cut_wait is not None:
+        if soft:
             # After an EOF cut: CUT_WAIT from here (TLS handshake, setup, replay) to the new
             # answer's first byte, which cancels it (_rs_resume); or the EOF stands.
-            cut_timer = gevent.Timeout(cut_wait, _AttemptTimeout())
+            cut_timer = gevent.Timeout(CUT_WAIT, _AttemptTimeout())
             cut_timer.start()
             self.__dict__["_rs_cut_timer"] = cut_timer
         try:
@@ -1231,7 +1231,7 @@ class ResilientSocket(_GeventSocket):
 
     def _rs_give_up(self, m: Machine, episode: Episode, permanent: bool = False,
                     poison: bool = False, library: str | None = None) -> None:
-        if self.__dict__.get("_rs_cut_wait") is not None:
+        if self.__dict__.get("_rs_cut"):
             # An EOF cut that could not be resumed: no error for the caller, who gets the EOF
             # (_rs_resume_cut); the connection is let go.
             self._rs_discard(m)
