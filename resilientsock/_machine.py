@@ -28,7 +28,9 @@ Rules of this module:
 4. A drop is judged by ``RULES``, in order: the first rule whose condition holds decides
    (each condition returns the note's text, or None). No rule holds: recover — unless the
    same re-sent records met a drop ``POISON_CAP`` times on connections that never carried an
-   answer byte (a poison request: surfaced), or an unanswered EOF repeats (passed on).
+   answer byte (a poison request: surfaced, and remembered for the peer, so a client's own
+   retry of the same bytes on a new socket surfaces at once), or an unanswered EOF repeats
+   (passed on).
 5. A budget (``Episode``) belongs to one recovery episode: it starts at a drop and ends when
    the connection has carried an answer again, or has stayed up longer than a whole deadline
    (so a long call that meets a second drop much later starts afresh, review r20, while a
@@ -58,7 +60,7 @@ from ._errors import ErrorCategory, ErrorInfo
 from ._journal import Journal
 from ._policy import RetryPolicy
 
-__all__ = ["Machine", "Episode", "TokenBucket", "Verdict", "Drop", "RULES", "TRANSITIONS",
+__all__ = ["Machine", "Episode", "TokenBucket", "PoisonMemory", "POISONED", "Verdict", "Drop", "RULES", "TRANSITIONS",
            "CONNECTED", "RECOVERING", "BROKEN", "CLOSED"]
 
 Clock = Callable[[], float]
@@ -153,6 +155,39 @@ class TokenBucket:
         self.stamp = now
         self.tokens -= 1.0  # reserve, even if we must wait for it
         return 0.0 if self.tokens >= 0 else -self.tokens / rate
+
+
+class PoisonMemory:
+    """Process-wide memory of poison requests (rule 4): the peer and the digest of the
+    unanswered bytes a server reset after every re-send. A client library's own retry sends
+    the same bytes on a new socket; its drop then surfaces at once, as it would without us,
+    instead of being re-sent POISON_CAP times more for each of the library's attempts (layered
+    retries do not multiply, DESIGN §9). An entry lasts one deadline (30 s without one);
+    at most ``size`` are kept, the oldest forgotten first. Cooperative (gevent): no lock."""
+
+    def __init__(self, clock: Clock = time.monotonic, size: int = 64) -> None:
+        self.clock = clock
+        self.size = size
+        self.seen: dict[tuple[Any, int], float] = {}  # key -> until when it is remembered
+
+    def remember(self, key: tuple[Any, int], span: float) -> None:
+        seen = self.seen
+        seen.pop(key, None)
+        seen[key] = self.clock() + span
+        while len(seen) > self.size:
+            del seen[next(iter(seen))]
+
+    def recalls(self, key: tuple[Any, int]) -> bool:
+        until = self.seen.get(key)
+        if until is None:
+            return False
+        if self.clock() >= until:
+            del self.seen[key]
+            return False
+        return True
+
+
+POISONED = PoisonMemory()
 
 
 class Episode:
@@ -363,9 +398,12 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
 class Machine:
     """The recovery state of one protected socket (see the module docstring)."""
 
-    def __init__(self, policy: RetryPolicy, clock: Clock = time.monotonic) -> None:
+    def __init__(self, policy: RetryPolicy, clock: Clock = time.monotonic,
+                 poisoned: PoisonMemory = POISONED) -> None:
         self.policy = policy
         self.clock = clock
+        self.poisoned = poisoned
+        self.target: Any = None  # the peer, for the poison memory (set by the socket)
         self.state = CONNECTED
         self.gen = 0  # connection generation: moves at every new connection
         self.journal = Journal(policy.journal_limit, keep_data=policy.replay != "none")
@@ -535,19 +573,37 @@ class Machine:
             self.cut_at = self.answered
         elif d.phase == "eof":
             self.eof_mark = self.journal.mark()
-        elif self.journal.pending and not self.conn_answered and self.episode is not None:
-            mark = self.journal.mark()
-            self.poison = self.poison + 1 if self.poison_mark == mark else 1
-            self.poison_mark = mark
-            if self.poison > POISON_CAP:
+        elif self.journal.pending and not self.conn_answered:
+            key = self.poison_key()
+            if key is not None and self.poisoned.recalls(key):
                 return Verdict(SURFACE, "poison",
-                               f"the server reset the connection each time the unanswered "
-                               f"request(s) were re-sent ({POISON_CAP} times, no answer byte "
-                               "in between): that is its answer", discard=True)
+                               "the server reset the connection each time these unanswered "
+                               f"bytes were re-sent, on an earlier connection to it ({POISON_CAP}"
+                               " times, no answer byte in between): that is its answer, so "
+                               "they are not re-sent again", discard=True)
+            if self.episode is not None:
+                mark = self.journal.mark()
+                self.poison = self.poison + 1 if self.poison_mark == mark else 1
+                self.poison_mark = mark
+                if self.poison > POISON_CAP:
+                    if key is not None:
+                        deadline = self.policy.deadline
+                        self.poisoned.remember(key, 30.0 if deadline is None else deadline)
+                    return Verdict(SURFACE, "poison",
+                                   f"the server reset the connection each time the unanswered "
+                                   f"request(s) were re-sent ({POISON_CAP} times, no answer "
+                                   "byte in between): that is its answer", discard=True)
         # A read cut mid-answer resumes it; so does any drop inside an exchange the dialect
         # holds whole (MULTI...EXEC: re-sent whole, its answers so far checked).
         resume = self.answered if d.phase == "read" or d.cut or self.holding() else 0
         return Verdict(RECOVER, "recover", resume=resume)
+
+    def poison_key(self) -> tuple[Any, int] | None:
+        """The poison memory's key for the unanswered bytes (None: not kept, or no peer)."""
+        journal = self.journal
+        if self.target is None or not journal.keep_data or journal.overflowed:
+            return None
+        return (self.target, _crc32(journal.unconfirmed()))
 
     def holding(self) -> bool:
         return self.dialect is not None and bool(self.dialect.hold())

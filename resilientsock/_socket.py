@@ -385,6 +385,7 @@ class ResilientSocket(_GeventSocket):
             # Its established connections are still recovered.
             policy = policy.replace(retry_connect=False)
         m = Machine(policy, _clock)
+        m.target = address
         m.state = BROKEN  # not connected yet: the first connect is a recovery without a drop
         self.__dict__["_rs_m"] = m
         call_end = self._rs_call_end(None)

@@ -90,6 +90,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
         self.__dict__["_rs_opts"] = dict(carried["opts"])
         self._rs_target = carried["target"]
         m = Machine(carried["policy"], _clock)
+        m.target = carried["target"]
         m.state = state
         self.__dict__["_rs_m"] = m
         if m.policy.confirm == "tcp-ack":

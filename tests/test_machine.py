@@ -261,6 +261,55 @@ def test_a_reset_that_meets_the_same_resent_records_again_is_the_servers_answer(
     assert verdicts[-1].kind == SURFACE and verdicts[-1].rule == "poison"
 
 
+def test_a_poison_request_is_remembered_so_a_clients_own_retry_is_not_resent_again():
+    """redis-py's own Retry sends the same bytes on a new socket after we surfaced a poison
+    reset: that drop surfaces at once (layered retries do not multiply, DESIGN §9), for the
+    same peer and bytes only, for one deadline."""
+    from resilientsock._machine import POISON_CAP, PoisonMemory
+
+    clock = Clock()
+    memory = PoisonMemory(clock)
+
+    def fresh(target: object, data: bytes) -> Machine:
+        m = Machine(RetryPolicy(deadline=8), clock, memory)
+        m.detected = True
+        m.target = target
+        m.wrote_data(data)
+        return m
+
+    first = fresh(("db", 6379), b"PING\r\n")
+    first.begin_episode(ConnectionResetError())
+    for _ in range(POISON_CAP + 1):
+        verdict = first.drop(drop(ConnectionResetError(104, "reset")))
+        first.move("recover")
+        first.reconnected(resumed=False)
+    assert verdict.rule == "poison"
+
+    retry = fresh(("db", 6379), b"PING\r\n")  # the library's retry: a new socket
+    verdict = retry.drop(drop(ConnectionResetError(104, "reset")))
+    assert (verdict.kind, verdict.rule, verdict.discard) == (SURFACE, "poison", True)
+    assert "earlier connection" in verdict.note
+    # Other bytes, another peer, or an answer byte on the connection: recovered as before.
+    assert fresh(("db", 6379), b"GET k\r\n").drop(drop(ConnectionResetError())).kind == RECOVER
+    assert fresh(("db", 6380), b"PING\r\n").drop(drop(ConnectionResetError())).kind == RECOVER
+    answered = fresh(("db", 6379), b"PING\r\n")
+    answered.read_data(b"+PONG\r\n", answered.journal.mark())
+    answered.wrote_data(b"PING\r\n")
+    assert answered.drop(drop(ConnectionResetError())).kind == RECOVER
+    clock.now += 8.0  # one deadline later the server may have been fixed
+    assert fresh(("db", 6379), b"PING\r\n").drop(drop(ConnectionResetError())).kind == RECOVER
+
+
+def test_the_poison_memory_is_bounded():
+    from resilientsock._machine import PoisonMemory
+
+    memory = PoisonMemory(Clock(), size=4)
+    for i in range(10):
+        memory.remember(("h", i), 30.0)
+    assert len(memory.seen) == 4
+    assert not memory.recalls(("h", 0)) and memory.recalls(("h", 9))
+
+
 def http_machine(**fields: object) -> Machine:
     """A machine whose dialect is HTTP (detected from the first write)."""
     m = Machine(RetryPolicy(**fields), Clock())  # type: ignore[arg-type]
