@@ -60,8 +60,8 @@ from ._errors import ErrorCategory, ErrorInfo
 from ._journal import Journal
 from ._policy import RetryPolicy
 
-__all__ = ["Machine", "Episode", "TokenBucket", "PoisonMemory", "POISONED", "Verdict", "Drop", "RULES", "TRANSITIONS",
-           "CONNECTED", "RECOVERING", "BROKEN", "CLOSED"]
+__all__ = ["Machine", "Episode", "TokenBucket", "PoisonMemory", "POISONED", "Verdict", "Drop",
+           "RULES", "TRANSITIONS", "CONNECTED", "RECOVERING", "BROKEN", "CLOSED"]
 
 Clock = Callable[[], float]
 
