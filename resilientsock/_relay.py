@@ -23,6 +23,18 @@ Rules of this module:
    the wire's. Once anything is written through the pair's descriptor instead (TLS the
    application runs, ``sendmsg``, a ``dup``, a non-blocking write, the session's end), the
    socket writes through the pair for good: one path at a time, never two interleaved.
+8. The application's reads may skip the pair too (a *handoff*): when its socket waits in its
+   own ``recv``/``recv_into`` and every byte the pump wrote to the pair has been read through
+   that socket's own methods (counted: ``pair_written == pair_read``, so the pair is empty,
+   whatever the kernel still has in flight), the pump hands what it parsed (at most what the
+   call asked for, at most ``HANDOFF_MAX``) to the waiting call as the socket's *front* and
+   wakes it as its readable descriptor would. The front is read before the pair; while it is
+   there the pump writes nothing to the pair without putting the front in first, so the
+   order is the stream's. A front left by a call that ended otherwise (killed, or a socket
+   timeout that raced it) is returned by the next read, or written to the pair first (so
+   ``select()`` sees it); ``close()``, ``detach()`` and ``dup()`` write it to the pair before
+   they act. Any read the socket does not count (``recvmsg``, flags, a TLS layer, a dup,
+   ``os.read``) leaves ``pair_written > pair_read`` for good: no handoff after it.
 """
 
 from __future__ import annotations
@@ -108,6 +120,7 @@ def _nodelay(sock: Any) -> None:
         pass
 
 
+HANDOFF_MAX = 16 * 1024  # a front this small fits an empty pair whole (rule 8; picked)
 _IOV_BATCH = 64  # at most this many buffers to one sendmsg (IOV_MAX is 1024 on Linux)
 
 
@@ -170,7 +183,8 @@ class _Carrier:
     """A session's stream between a plain end and the current link (rule 1)."""
 
     __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "ack_timer", "finished",
-                 "aborted", "plain_reader", "plain_lock", "__weakref__")
+                 "aborted", "plain_reader", "plain_lock", "front", "waiting", "pair_written",
+                 "pair_read", "__weakref__")
 
     side = "?"
 
@@ -187,6 +201,12 @@ class _Carrier:
         # One writer at a time on the plain end, in stream order: a link replaced while its
         # delivery blocked finishes that delivery before the new link's first byte.
         self.plain_lock = gevent.lock.Semaphore()
+        # The handoff to a waiting read (rule 8): the bytes handed, the read waiting (its
+        # socket, its size), and the bytes written to and read from the pair.
+        self.front: bytes | None = None
+        self.waiting: tuple[Any, int] | None = None
+        self.pair_written = 0
+        self.pair_read = 0
 
     # -- sending on the current link (rule 2) ----------------------------------------------
 
@@ -1124,6 +1144,46 @@ class _ClientSession(_Carrier):
         self.runner: Any = None
         self.ticket = b""
 
+    def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
+        size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
+        waiting = self.waiting
+        if (waiting is not None and self.front is None and self.pair_written == self.pair_read
+                and 0 < size <= waiting[1] and size <= HANDOFF_MAX and self.plain is not None
+                and not self.aborted):
+            watcher = waiting[0]._read_event
+            callback = None if watcher is None else watcher.callback
+            if callback is not None:  # the read is blocked on its descriptor: hand it over
+                self.front = b"".join(payload) if isinstance(payload, list) else bytes(payload)
+                self.waiting = None
+                gevent.get_hub().loop.run_callback(callback, *watcher.args)
+                return
+        if self.front is not None:
+            self.flush_front()
+        self.pair_written += size
+        super()._deliver(payload)
+
+    def flush_front(self) -> None:
+        """Write a front no read took to the pair, before anything after it (rule 8)."""
+        with self.plain_lock:
+            front, self.front = self.front, None
+            plain = self.plain
+            if front is None or plain is None or self.aborted:
+                return
+            self.pair_written += len(front)
+            try:
+                plain.sendall(front)
+            except OSError as exc:
+                failed: OSError | None = exc
+            else:
+                failed = None
+        if failed is not None:
+            self.plain_write_failed(failed)
+
+    def _peer_ended(self, ev: sp.Ended) -> None:
+        if self.front is not None and not ev.reset:
+            self.flush_front()  # the EOF goes behind it, for select() too
+        super()._peer_ended(ev)
+
     def recv_link(self, lio: _LinkIO) -> bytes:
         # The heartbeat: a link silent for one interval gets a PING; silent for another, it
         # is a drop (a black hole reveals itself only this way).
@@ -1335,6 +1395,7 @@ _client_sessions: weakref.WeakSet[Any] = weakref.WeakSet()  # open_session's, fo
 def set_direct(sock: Any, session: Any) -> None:
     """``sock``'s writes frame onto ``session``'s link from now on (rule 7)."""
     sock.__dict__["_rs_direct"] = session
+    sock.__dict__["_rs_reader"] = session if isinstance(session, _ClientSession) else None
     _direct_sockets.add(sock)
 
 
@@ -1343,6 +1404,7 @@ def _direct_off_in_child() -> None:
     # descriptor it inherited, as it would on a plain shared connection.
     for sock in list(_direct_sockets):
         sock.__dict__["_rs_direct"] = None
+        sock.__dict__["_rs_reader"] = None
     _client_sessions.clear()  # nor does its exit end the parent's sessions
 
 
@@ -1401,9 +1463,84 @@ def direct_methods(base: Any) -> dict[str, Any]:
     session is the instance's ``_rs_direct`` (None: the pair, as any socket)."""
     b_send, b_sendall, b_sendmsg = base.send, base.sendall, getattr(base, "sendmsg", None)
     b_shutdown, b_dup, b_detach, b_close = base.shutdown, base.dup, base.detach, base.close
+    b_recv, b_recv_into = base.recv, base.recv_into
 
     def off(self: Any) -> None:
         self.__dict__["_rs_direct"] = None
+
+    def reads_off(self: Any) -> None:
+        # Rule 8: what was handed and not read goes to the pair first.
+        reader = self.__dict__.get("_rs_reader")
+        if reader is not None:
+            self.__dict__["_rs_reader"] = None
+            if reader.front is not None:
+                reader.flush_front()
+
+    def wait(self: Any, reader: Any, n: int) -> None:
+        """Wait as gevent's own read does (its timeout, its cancel on close), open to a
+        handoff of at most ``n`` bytes (rule 8)."""
+        reader.waiting = (self, n)
+        try:
+            self._wait(self._read_event)
+        except BaseException as exc:
+            if reader.front is not None:
+                if isinstance(exc, TimeoutError):
+                    return  # the bytes came before the timeout's turn: the read gets them
+                gevent.spawn(reader.flush_front)  # killed: the next read or select() has it
+            raise
+        finally:
+            if reader.waiting is not None and reader.waiting[0] is self:
+                reader.waiting = None
+
+    def take_front(reader: Any, n: int) -> bytes:
+        front = reader.front
+        if len(front) <= n:
+            reader.front = None
+            return front  # type: ignore[no-any-return]
+        reader.front = front[n:]
+        return front[:n]  # type: ignore[no-any-return]
+
+    def recv(self: Any, bufsize: int, flags: int = 0) -> bytes:
+        reader = self.__dict__.get("_rs_reader")
+        if reader is None or flags or bufsize <= 0:
+            return b_recv(self, bufsize, flags)  # type: ignore[no-any-return]
+        while True:
+            if reader.front is not None:
+                return take_front(reader, bufsize)
+            try:
+                data = self._sock.recv(bufsize)
+            except BlockingIOError:
+                if self.timeout == 0.0:
+                    raise
+            else:
+                reader.pair_read += len(data)
+                return data  # type: ignore[no-any-return]
+            wait(self, reader, bufsize)
+
+    def recv_into(self: Any, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        reader = self.__dict__.get("_rs_reader")
+        if reader is None or flags:
+            return b_recv_into(self, buffer, nbytes, flags)  # type: ignore[no-any-return]
+        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        n = nbytes or len(view)
+        if n <= 0 or n > len(view):
+            return b_recv_into(self, buffer, nbytes, flags)  # type: ignore[no-any-return]
+        while True:
+            if reader.front is not None:
+                data = take_front(reader, n)
+                view[:len(data)] = data
+                return len(data)
+            try:
+                k = self._sock.recv_into(view, n)
+            except BlockingIOError:
+                if self.timeout == 0.0:
+                    raise
+            else:
+                reader.pair_read += k
+                return k  # type: ignore[no-any-return]
+            wait(self, reader, n)
 
     def ended(session: Any) -> None:
         # Our END is out (a shutdown, or the process's exit) and the session still carries
@@ -1460,10 +1597,12 @@ def direct_methods(base: Any) -> dict[str, Any]:
 
     def dup(self: Any) -> Any:
         off(self)
+        reads_off(self)
         return b_dup(self)
 
     def detach(self: Any) -> int:
         off(self)
+        reads_off(self)
         return b_detach(self)  # type: ignore[no-any-return]
 
     def close(self: Any) -> None:
@@ -1471,10 +1610,11 @@ def direct_methods(base: Any) -> dict[str, Any]:
         # makefile() object) may still write; the pump sends the END at the pair's EOF, when
         # the last one closes, as the kernel sends a FIN.
         off(self)
+        reads_off(self)
         b_close(self)
 
     methods = {"send": send, "sendall": sendall, "shutdown": shutdown, "dup": dup,
-               "detach": detach, "close": close}
+               "detach": detach, "close": close, "recv": recv, "recv_into": recv_into}
     if b_sendmsg is not None:
         methods["sendmsg"] = sendmsg
     return methods
