@@ -534,7 +534,7 @@ class Link:
 
     __slots__ = ("role", "state", "_buf", "_pos", "_handshake_bytes", "stream", "session_id",
                  "client_nonce", "relay_nonce", "version", "_rand", "_error", "peer_counts",
-                 "_peer_mac", "_proof_counts", "_chunk", "_cpos", "next_ticket",
+                 "_peer_mac", "_proof_counts", "_chunk", "_cpos", "_data_left", "next_ticket",
                  "_peer_ticket")
 
     def __init__(self, role: str, rand: Callable[[int], bytes] = os.urandom) -> None:
@@ -561,6 +561,10 @@ class Link:
         # no copy) until a frame straddles its end; then the rest goes to _buf.
         self._chunk: memoryview | None = None
         self._cpos = 0
+        # Payload bytes of a DATA frame still to come: a frame that straddles a chunk's end is
+        # handed on as it arrives (counts are per byte: a drop mid-frame resumes mid-frame),
+        # never gathered into _buf first.
+        self._data_left = 0
 
     # input ----------------------------------------------------------------------------------
 
@@ -630,19 +634,37 @@ class Link:
         chunk = self._chunk
         if chunk is not None and self._pos >= len(self._buf):
             cpos = self._cpos
+            left = self._data_left
+            if left:  # the rest of a DATA frame begun in an earlier chunk
+                stream = self.stream
+                assert stream is not None
+                end = min(len(chunk), cpos + left)
+                stream.on_data(end - cpos)
+                self._data_left = left - (end - cpos)
+                self._cpos = end
+                if end == len(chunk):
+                    self._chunk = None
+                return Data(chunk[cpos:end])
             if len(chunk) - cpos >= HEADER_LEN:
                 ftype, length, ack = HEADER.unpack_from(chunk, cpos)
-                end = cpos + HEADER_LEN + length
-                if ftype == DATA and 0 < length <= MAX_DATA and end <= len(chunk):
+                if ftype == DATA and 0 < length <= MAX_DATA:
                     stream = self.stream
                     assert stream is not None
                     stream.on_ack(ack)
-                    stream.on_data(length)
+                    start = cpos + HEADER_LEN
+                    end = start + length
+                    if end > len(chunk):  # it straddles: what is here now, the rest later
+                        end = len(chunk)
+                        self._data_left = start + length - end
+                    if end > start:
+                        stream.on_data(end - start)
                     self._cpos = end
                     if end == len(chunk):
                         self._chunk = None
+                    if end == start:
+                        return _CONSUMED
                     # A view, not a copy: the bytes go on to a socket and are not kept.
-                    return Data(memoryview(chunk)[cpos + HEADER_LEN:end])
+                    return Data(chunk[start:end])
             if cpos == len(chunk):
                 self._chunk = None
             else:
@@ -658,6 +680,19 @@ class Link:
             self._handshake_bytes = len(PREAMBLE)
             self.state = AWAIT_HELLO
             return self._next_event()
+        left = self._data_left
+        if left:  # the rest of a DATA frame, fed while a chunk was still being parsed
+            take = min(left, len(buf) - pos)
+            if take <= 0:
+                return NEED_DATA
+            with memoryview(buf) as view:
+                body = bytes(view[pos:pos + take])
+            self._pos = pos + take
+            self._data_left = left - take
+            stream = self.stream
+            assert stream is not None
+            stream.on_data(take)
+            return Data(body)
         if len(buf) - pos < HEADER_LEN:
             return NEED_DATA
         ftype, length, ack = HEADER.unpack_from(buf, pos)

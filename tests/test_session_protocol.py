@@ -406,3 +406,32 @@ def test_unacked_keeps_big_immutable_writes_by_reference_and_drops_acked_bytes_i
         assert bytes(u) == want and len(u) == len(want)
     u.drop(len(want))
     assert not u and u == b"" and u._chunks is None
+
+
+def test_a_frame_split_across_reads_is_handed_on_as_it_arrives_and_resumed_mid_frame() -> None:
+    """No gathering of a straddling DATA frame: its bytes are Data at once, counted per byte;
+    a drop mid-frame resumes from the byte received, so nothing is delivered twice."""
+    p = Pair()
+    blob = bytes(range(256)) * 400  # 102,400 bytes: one DATA frame
+    wire = p.r_stream.data(blob)
+    assert len(wire) == sp.HEADER_LEN + len(blob)
+    first = events(p.client, wire[:30_000])
+    assert payloads(first) == blob[:30_000 - sp.HEADER_LEN]
+    assert all(type(e.payload) is memoryview for e in first)  # views of the read, no copy
+    assert p.c_stream.received == 30_000 - sp.HEADER_LEN
+    second = events(p.client, wire[30_000:60_000])
+    assert payloads(second) == blob[30_000 - sp.HEADER_LEN:60_000 - sp.HEADER_LEN]
+    # The link drops here; the relay re-sends what the client had not received, mid-frame.
+    relay_resent, _ = p.resume()
+    rest = payloads(events(p.client, b""))
+    assert relay_resent.startswith(sp.HEADER.pack(sp.DATA, len(blob) - (60_000 - sp.HEADER_LEN),
+                                                  0))
+    assert payloads(first) + payloads(second) + rest == blob
+    assert p.c_stream.received == p.r_stream.sent == len(blob)
+
+
+def test_a_header_at_the_very_end_of_a_read_then_its_payload() -> None:
+    p = Pair()
+    wire = p.r_stream.data(b"z" * 5000) + p.r_stream.data(b"after")
+    assert events(p.client, wire[:sp.HEADER_LEN]) == []
+    assert payloads(events(p.client, wire[sp.HEADER_LEN:])) == b"z" * 5000 + b"after"
