@@ -48,7 +48,7 @@ import socket as _stdsocket
 import struct
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import gevent
@@ -881,7 +881,7 @@ class Relay:
         timer = gevent.Timeout(self.handshake_timeout)
         timer.start()
         try:
-            self._handshake(sock, link)
+            serve = self._handshake(sock, link)
         except gevent.Timeout as t:
             if t is not timer:
                 raise
@@ -889,8 +889,13 @@ class Relay:
             log.info("resilientsock: relay: handshake not finished in %.0f s; closed",
                      self.handshake_timeout)
             sock.close()
+            return
         finally:
             timer.close()
+        # The handshake timer bounds the handshake only: a session or a plain connection is
+        # then served in this greenlet for as long as it lasts.
+        if serve is not None:
+            serve()
 
     def _read_event(self, sock: Any, link: sp.Link) -> Any:
         while True:
@@ -911,16 +916,20 @@ class Relay:
             pass
         sock.close()
 
-    def _handshake(self, sock: Any, link: sp.Link) -> None:
+    def _handshake(self, sock: Any, link: sp.Link) -> Callable[[], None] | None:
+        """The handshake on a new connection; returns what serves it afterwards (None: it
+        was rejected or closed)."""
         try:
             ev = self._read_event(sock, link)
         except sp.ProtocolError as exc:
-            return self._reject(sock, link, exc.code, exc.reason)
+            self._reject(sock, link, exc.code, exc.reason)
+            return None
         except OSError:
             sock.close()
-            return
+            return None
         if ev is sp.NOT_SESSION:
-            return self._proxy_plainly(sock, link.unconsumed())
+            rest = link.unconsumed()
+            return lambda: self._proxy_plainly(sock, rest)
         if isinstance(ev, sp.HelloNew):
             return self._create(sock, link)
         session = self.sessions.get(link.session_id)
@@ -937,10 +946,11 @@ class Relay:
                 sock.sendall(link.send_challenge())
                 ev = self._read_event(sock, link)
             except sp.ProtocolError as exc:
-                return self._reject(sock, link, exc.code, exc.reason)
+                self._reject(sock, link, exc.code, exc.reason)
+                return None
             except OSError:
                 sock.close()
-                return
+                return None
             assert isinstance(ev, sp.ProofReceived)
             session = self.sessions.get(link.session_id)
             # Rule 3: the proof first, against a dummy secret when the id is unknown.
@@ -951,27 +961,32 @@ class Relay:
                 sock.sendall(link.send_challenge())
                 ev = self._read_event(sock, link)
             except sp.ProtocolError as exc:
-                return self._reject(sock, link, exc.code, exc.reason)
+                self._reject(sock, link, exc.code, exc.reason)
+                return None
             except OSError:
                 sock.close()
-                return
+                return None
             link.check_proof(_DUMMY_SECRET)
         if session is None:
             self.counters["unknown_sessions"] += 1
-            return self._reject(sock, link, sp.E_UNKNOWN_SESSION,
-                                "the relay holds no such session (expired, ended, or the "
-                                "relay restarted)")
+            self._reject(sock, link, sp.E_UNKNOWN_SESSION,
+                         "the relay holds no such session (expired, ended, or the "
+                         "relay restarted)")
+            return None
         if not ok:
             self.counters["failed_proofs"] += 1
-            return self._reject(sock, link, sp.E_BAD_PROOF,
-                                f"wrong proof for session {link.session_id.hex()[:8]}")
+            self._reject(sock, link, sp.E_BAD_PROOF,
+                         f"wrong proof for session {link.session_id.hex()[:8]}")
+            return None
         assert isinstance(ev, sp.ProofReceived | sp.HelloTicket)
         why = session.stream.check_peer_counts(ev.received, ev.sent)
         if why is not None:
             self.counters["impossible_counts"] += 1
-            return self._reject(sock, link, sp.E_IMPOSSIBLE_COUNTS, why)
+            self._reject(sock, link, sp.E_IMPOSSIBLE_COUNTS, why)
+            return None
         if session.finished:
-            return self._reject(sock, link, sp.E_UNKNOWN_SESSION, "the session has ended")
+            self._reject(sock, link, sp.E_UNKNOWN_SESSION, "the session has ended")
+            return None
         # The ticket is spent now, before anything can yield: a replay racing this resume
         # finds it gone (the new one goes out in RESUMED).
         session.ticket = os.urandom(sp.NONCE_LEN)
@@ -981,20 +996,18 @@ class Relay:
         log.info("resilientsock: relay: session %s resumed (client had %d, relay had %d)",
                  session.sid.hex()[:8], ev.received, session.stream.received)
         lio = _LinkIO(sock, link)
-        self._serve(session, lio, lambda: link.send_resumed(session.secret, session.stream))
+        return lambda: session.attach(
+            lio, lambda: link.send_resumed(session.secret, session.stream))
 
-    def _serve(self, session: _RelaySession, lio: _LinkIO, first: Any) -> None:
-        # Leave the handshake timer behind: serving is bounded by the link, not by 10 s.
-        gevent.spawn(session.attach, lio, first)
-
-    def _create(self, sock: Any, link: sp.Link) -> None:
+    def _create(self, sock: Any, link: sp.Link) -> Callable[[], None] | None:
         try:
             upstream = gsocket.create_connection(self.upstream, timeout=UPSTREAM_CONNECT_TIMEOUT)
         except OSError as exc:
             self.counters["upstream_failures"] += 1
-            return self._reject(sock, link, sp.E_UPSTREAM,
-                                f"cannot connect to {self.upstream[0]}:{self.upstream[1]}: "
-                                f"{exc}")
+            self._reject(sock, link, sp.E_UPSTREAM,
+                         f"cannot connect to {self.upstream[0]}:{self.upstream[1]}: "
+                         f"{exc}")
+            return None
         upstream.settimeout(None)
         _nodelay(upstream)
         sid, secret = sp.new_credentials()
@@ -1005,7 +1018,7 @@ class Relay:
         self._pending.discard(sock)
         log.info("resilientsock: relay: session %s created", sid.hex()[:8])
         lio = _LinkIO(sock, link)
-        self._serve(session, lio, lambda: link.send_created(sid, secret, stream))
+        return lambda: session.attach(lio, lambda: link.send_created(sid, secret, stream))
 
     # -- plain clients -----------------------------------------------------------------------
 

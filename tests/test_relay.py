@@ -1045,6 +1045,30 @@ def test_plain_clients_are_proxied_plainly(upstream: MessageServer, relay: Relay
         banner.shutdown()
 
 
+def test_connections_outlive_the_handshake_timeout(upstream: MessageServer,
+                                                   relay: Relay) -> None:
+    """The handshake timer bounds the handshake only: a client-first plain connection (its
+    first bytes decide 'plain' inside the handshake) was cut at handshake_timeout (1 s here,
+    10 s by default) before 2026-12-01."""
+    plain = gsocket.create_connection(relay.address, timeout=5)
+    app = session(relay.address)
+    try:
+        plain_lines, app_lines = Lines(plain), Lines(app)
+        plain.sendall(b"MSG 1 plain\n")
+        app.sendall(b"MSG 2 session\n")
+        assert plain_lines.readline() == b"ACK 1"
+        assert app_lines.readline() == b"ACK 2"
+        gevent.sleep(relay.handshake_timeout + 0.5)  # the duration under test, not a sync
+        plain.sendall(b"MSG 3 plain\n")
+        app.sendall(b"MSG 4 session\n")
+        assert plain_lines.readline() == b"ACK 3"
+        assert app_lines.readline() == b"ACK 4"
+        assert relay.stats()["handshake_timeouts"] == 0
+    finally:
+        plain.close()
+        app.close()
+
+
 def test_first_connect_failures_raise_what_a_plain_connect_would() -> None:
     free = socket.socket()
     free.bind(("127.0.0.1", 0))
