@@ -55,6 +55,7 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.socket as gsocket
+from gevent._hub_primitives import wait_on_watcher as _wait_on_watcher
 
 from . import _session as sp
 from ._policy import RetryPolicy
@@ -368,8 +369,12 @@ class _Carrier:
                     return True
                 wait = heartbeat if left is None else (
                     left if heartbeat is None else min(left, heartbeat))
+                watcher = lio.sock._write_event  # the socket's own (wait_write makes one)
+                if watcher is None:  # closed under us by another greenlet
+                    self._link_lost(lio, "send failed")
+                    return False
                 try:
-                    gsocket.wait_write(raw.fileno(), timeout=wait)
+                    _wait_on_watcher(watcher, wait, hub=lio.sock.hub)
                 except TimeoutError:
                     if left is not None and left <= wait:
                         continue  # the caller's time is up: the check above hands over
