@@ -638,9 +638,10 @@ class _RelaySession(_Carrier):
         self.resumes = 0
         self.ticket = b""  # the one-round-trip resume's challenge, issued in advance
 
-    def attach(self, lio: _LinkIO, first_frames: Any) -> None:
+    def attach(self, lio: _LinkIO, first_frames: Any, early: bytes = b"") -> None:
         """Make ``lio`` the session's link (closing a previous one), send ``first_frames()``
-        on it before anything else, then serve it in this greenlet."""
+        on it before anything else, deliver ``early`` (a resume's early data, counted
+        already) upstream, then serve the link in this greenlet."""
         old = self.cur
         if self.expiry is not None:
             self.expiry.kill(block=False)
@@ -665,6 +666,8 @@ class _RelaySession(_Carrier):
             self.plain_reader = gevent.spawn(self.pump_plain)
         if self.aborted:
             self._send(lio, self.stream.abort(self.aborted))
+        if early:
+            self._deliver(early)  # behind a delivery the old link left blocked (plain_lock)
         self.pump_link(lio)
 
     def on_detached(self, why: str) -> None:
@@ -748,7 +751,7 @@ class Relay:
         self.counters: dict[str, int] = dict.fromkeys(
             ("connections", "plain_connections", "sessions_created", "sessions_resumed",
              "sessions_ended", "sessions_expired", "failed_proofs", "unknown_sessions",
-             "stale_tickets",
+             "stale_tickets", "early_bytes",
              "impossible_counts", "rejected_handshakes", "handshake_timeouts",
              "upstream_failures", "upstream_eofs", "upstream_resets", "bytes_up",
              "bytes_down"), 0)
@@ -992,6 +995,19 @@ class Relay:
         if session.finished:
             self._reject(sock, link, sp.E_UNKNOWN_SESSION, "the session has ended")
             return None
+        early = b""
+        if isinstance(ev, sp.HelloTicket) and ev.early:
+            # The ticket's proof covered them: the part not received yet is counted now (the
+            # RESUMED counts include it) and delivered before anything the new link carries.
+            taken = session.stream.take_early(ev.early_from, ev.early)
+            if taken is None:
+                self.counters["impossible_counts"] += 1
+                self._reject(sock, link, sp.E_IMPOSSIBLE_COUNTS,
+                             f"early data from {ev.early_from}, but only "
+                             f"{session.stream.received} received")
+                return None
+            early = taken
+            self.counters["early_bytes"] += len(early)
         # The ticket is spent now, before anything can yield: a replay racing this resume
         # finds it gone (the new one goes out in RESUMED).
         session.ticket = os.urandom(sp.NONCE_LEN)
@@ -1002,7 +1018,7 @@ class Relay:
                  session.sid.hex()[:8], ev.received, session.stream.received)
         lio = _LinkIO(sock, link)
         return lambda: session.attach(
-            lio, lambda: link.send_resumed(session.secret, session.stream))
+            lio, lambda: link.send_resumed(session.secret, session.stream), early)
 
     def _create(self, sock: Any, link: sp.Link) -> Callable[[], None] | None:
         try:
@@ -1143,7 +1159,7 @@ class SessionClosedError(ConnectionResetError):
 
 class _ClientSession(_Carrier):
     __slots__ = ("address", "policy", "sid", "secret", "heartbeat", "ssl_context",
-                 "waiting_pong", "reconnects", "runner", "ticket")
+                 "waiting_pong", "reconnects", "runner", "ticket", "version")
 
     side = "application"
 
@@ -1161,6 +1177,7 @@ class _ClientSession(_Carrier):
         self.reconnects = 0
         self.runner: Any = None
         self.ticket = b""
+        self.version = 1  # the session's protocol version (from CREATED)
 
     def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
         size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
@@ -1297,8 +1314,10 @@ class _ClientSession(_Carrier):
         try:
             link = sp.Link(sp.CLIENT)
             if self.ticket:  # one round trip, or two if the relay no longer holds the ticket
+                # From version 2 a small unacknowledged request rides the HELLO (early
+                # data): the relay delivers it before it answers, a round trip sooner.
                 sock.sendall(link.send_hello_ticket(self.sid, self.stream, self.ticket,
-                                                    self.secret))
+                                                    self.secret, version=self.version))
             else:
                 sock.sendall(link.send_hello_resume(self.sid, self.stream))
             ev = _client_event(sock, link)
@@ -1740,6 +1759,7 @@ def open_session(address: tuple[Any, ...], *, timeout: float | None = None,
     set_direct(app, session)
     _client_sessions.add(session)
     session.ticket = link.next_ticket
+    session.version = link.version
     lio = _LinkIO(sock, link)
     session.cur = lio
     session.runner = gevent.spawn(session.run, lio)

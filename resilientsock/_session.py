@@ -49,7 +49,7 @@ __all__ = [
 # Eight bytes no text protocol starts with (a NUL first, as PNG's signature does it); a TLS
 # ClientHello starts with 0x16, HTTP/2 with "PRI", SSH with "SSH-".
 PREAMBLE = b"\x00RSSN\r\n\x1a"
-VERSION = 1
+VERSION = 2  # 2: a resume's HELLO may carry early data (kind 3)
 MIN_VERSION = 1
 HANDSHAKE_LIMIT = 4096  # bytes a handshake may use, frames included (DESIGN §11)
 MAX_DATA = 1 << 20  # largest DATA payload accepted (1 MiB, picked: a few big reads' worth)
@@ -68,7 +68,12 @@ FRAME_NAMES = {HELLO: "HELLO", CREATED: "CREATED", CHALLENGE: "CHALLENGE", PROOF
                PING: "PING", PONG: "PONG", ABORT: "ABORT"}
 
 _HELLO = struct.Struct(f"!BBB{NONCE_LEN}s")  # min version, max version, kind, client nonce
-_HELLO_KIND_NEW, _HELLO_KIND_RESUME, _HELLO_KIND_TICKET = 0, 1, 2
+_HELLO_KIND_NEW, _HELLO_KIND_RESUME, _HELLO_KIND_TICKET, _HELLO_KIND_EARLY = 0, 1, 2, 3
+_EARLY = struct.Struct("!Q")  # kind 3: the stream offset of the early data that follows
+# Early data: at most this many unacknowledged bytes ride a ticket HELLO (version 2), so a
+# resume that re-sends a small request costs no round trip more; the HELLO stays well inside
+# HANDSHAKE_LIMIT. Picked: a request or a keystroke, not a transfer (that is not latency-bound).
+EARLY_MAX = 2048
 # version, session id, secret, the first resume ticket
 _CREATED = struct.Struct(f"!B{ID_LEN}s{SECRET_LEN}s{NONCE_LEN}s")
 _CHALLENGE = struct.Struct(f"!B{NONCE_LEN}s")  # version, relay nonce
@@ -147,6 +152,8 @@ class HelloTicket:
     session_id: bytes
     received: int
     sent: int
+    early_from: int = 0  # version 2: the stream offset of ``early`` (bytes re-sent with it)
+    early: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -445,6 +452,21 @@ class Stream:
 
     # resuming -----------------------------------------------------------------------------
 
+    def take_early(self, offset: int, data: bytes) -> bytes | None:
+        """Relay, after a ticket HELLO's proof checked: the part of its early data (``data``
+        from stream offset ``offset``) not received yet, now counted as received — to be
+        delivered before anything the new link carries. None: impossible (a gap before it,
+        or data after the end marker); nothing is counted then."""
+        got = self.received - (1 if self.end_received is not None else 0)
+        if offset > got:
+            return None
+        new = data[got - offset:]
+        if new and self.end_received is not None:
+            return None
+        if new:
+            self.on_data(len(new))
+        return new
+
     def check_peer_counts(self, peer_received: int, peer_sent: int) -> str | None:
         """None when the peer's claimed counts can be true, else why not (rule 4)."""
         if peer_received < self.acked:
@@ -535,7 +557,7 @@ class Link:
     __slots__ = ("role", "state", "_buf", "_pos", "_handshake_bytes", "stream", "session_id",
                  "client_nonce", "relay_nonce", "version", "_rand", "_error", "peer_counts",
                  "_peer_mac", "_proof_counts", "_chunk", "_cpos", "_data_left", "next_ticket",
-                 "_peer_ticket")
+                 "_peer_ticket", "_early")
 
     def __init__(self, role: str, rand: Callable[[int], bytes] = os.urandom) -> None:
         if role not in (CLIENT, RELAY):
@@ -565,6 +587,7 @@ class Link:
         # handed on as it arrives (counts are per byte: a drop mid-frame resumes mid-frame),
         # never gathered into _buf first.
         self._data_left = 0
+        self._early: tuple[int, bytes] | None = None  # a ticket HELLO's early data (kind 3)
 
     # input ----------------------------------------------------------------------------------
 
@@ -793,6 +816,25 @@ class Link:
                 self._peer_mac = mac
                 self.state = VERIFYING
                 return HelloTicket(self.version, self.session_id, received, sent)
+            if kind == _HELLO_KIND_EARLY:
+                head = _HELLO.size + ID_LEN + _COUNTS.size + _EARLY.size
+                if self.version < 2:
+                    raise ProtocolError("HELLO(ticket, early data) needs version 2")
+                if not head < len(body) <= head + EARLY_MAX:
+                    raise ProtocolError(f"HELLO(ticket, early data) must carry an id, counts, "
+                                        f"a proof, an offset and 1..{EARLY_MAX} bytes")
+                self.session_id = body[_HELLO.size:_HELLO.size + ID_LEN]
+                received, sent, mac = _COUNTS.unpack_from(body, _HELLO.size + ID_LEN)
+                (offset,) = _EARLY.unpack_from(body, head - _EARLY.size)
+                early = body[head:]
+                if offset + len(early) > sent:
+                    raise ProtocolError(f"early data {offset}+{len(early)} beyond the "
+                                        f"{sent} units sent", E_IMPOSSIBLE_COUNTS)
+                self.peer_counts = (received, sent)
+                self._peer_mac = mac
+                self._early = (offset, early)
+                self.state = VERIFYING
+                return HelloTicket(self.version, self.session_id, received, sent, offset, early)
             raise ProtocolError(f"HELLO kind {kind}")
         if ftype == CREATED:
             if len(body) != _CREATED.size:
@@ -852,10 +894,16 @@ class Link:
         return PREAMBLE + HEADER.pack(HELLO, len(body), 0) + body
 
     def send_hello_ticket(self, session_id: bytes, stream: Stream, ticket: bytes,
-                          secret: bytes) -> bytes:
+                          secret: bytes, version: int = 1) -> bytes:
         """Client: the preamble and a resume in one round trip, proved over ``ticket`` (the
         relay's last ``next_ticket``). If the relay no longer holds that ticket it answers
-        with a CHALLENGE and the resume takes the two-trip path (``send_proof``)."""
+        with a CHALLENGE and the resume takes the two-trip path (``send_proof``).
+
+        ``version`` is the session's (from CREATED): from 2 on, up to ``EARLY_MAX``
+        unacknowledged bytes ride the HELLO as early data (kind 3), proved with it. The relay
+        counts what it had not received of them before it answers, so its RESUMED counts
+        include them and ``finish_resume`` re-sends only what follows; if it answers with a
+        CHALLENGE instead, it took none of them and they are re-sent after RESUMED as usual."""
         if len(session_id) != ID_LEN or len(ticket) != NONCE_LEN:
             raise ValueError("session id and ticket must be 16 bytes")
         self._move("hello_ticket")
@@ -865,9 +913,18 @@ class Link:
         self.relay_nonce = ticket
         counts = (stream.received, stream.sent)
         self._proof_counts = counts
-        mac = _mac(secret, b"client", session_id, ticket, self.client_nonce, counts)
-        body = (_HELLO.pack(MIN_VERSION, VERSION, _HELLO_KIND_TICKET, self.client_nonce)
-                + session_id + _COUNTS.pack(*counts, mac))
+        unacked = stream.unacked
+        if version >= 2 and 0 < len(unacked) <= EARLY_MAX:
+            early = bytes(unacked)
+            offset = stream.data_sent - len(early)
+            mac = _mac(secret, b"client early", session_id, ticket, self.client_nonce,
+                       (*counts, offset), early)
+            body = (_HELLO.pack(MIN_VERSION, VERSION, _HELLO_KIND_EARLY, self.client_nonce)
+                    + session_id + _COUNTS.pack(*counts, mac) + _EARLY.pack(offset) + early)
+        else:
+            mac = _mac(secret, b"client", session_id, ticket, self.client_nonce, counts)
+            body = (_HELLO.pack(MIN_VERSION, VERSION, _HELLO_KIND_TICKET, self.client_nonce)
+                    + session_id + _COUNTS.pack(*counts, mac))
         return PREAMBLE + HEADER.pack(HELLO, len(body), 0) + body
 
     def check_ticket_proof(self, ticket: bytes, secret: bytes) -> bool:
@@ -889,6 +946,7 @@ class Link:
     def send_challenge(self) -> bytes:
         """Relay: a fresh challenge for the resume the client asked for."""
         self._move("challenge")
+        self._early = None  # a stale ticket's early data is not taken: re-sent after RESUMED
         self.relay_nonce = self._rand(NONCE_LEN)
         body = _CHALLENGE.pack(self.version, self.relay_nonce)
         return HEADER.pack(CHALLENGE, len(body), 0) + body
@@ -911,8 +969,13 @@ class Link:
         """Relay: does the PROOF received prove ``secret``? Constant time (rule 5). For an
         unknown id pass any 32-byte secret: the cost is the same and the answer False."""
         assert self.peer_counts is not None
-        expected = _mac(secret, b"client", self.session_id, self.relay_nonce,
-                        self.client_nonce, self.peer_counts)
+        early = self._early
+        if early is not None:  # a ticket HELLO with early data (a CHALLENGE drops it)
+            expected = _mac(secret, b"client early", self.session_id, self.relay_nonce,
+                            self.client_nonce, (*self.peer_counts, early[0]), early[1])
+        else:
+            expected = _mac(secret, b"client", self.session_id, self.relay_nonce,
+                            self.client_nonce, self.peer_counts)
         return hmac.compare_digest(expected, self._peer_mac)
 
     def send_resumed(self, secret: bytes, stream: Stream) -> bytes:

@@ -1069,6 +1069,30 @@ def test_connections_outlive_the_handshake_timeout(upstream: MessageServer,
         app.close()
 
 
+def test_a_request_cut_by_a_drop_rides_the_resume_as_early_data(upstream: MessageServer,
+                                                                 relay: Relay) -> None:
+    """Version 2: the unacknowledged request goes with the resume's HELLO; delivered once,
+    one upstream connection, counted in stats()["early_bytes"]."""
+    app = session(relay.address)
+    try:
+        carrier = app.__dict__["_rs_direct"]
+        lines = Lines(app)
+        for n in range(1, 21):
+            lio = carrier.cur
+            assert lio is not None
+            if n > 1:
+                lio.sock.shutdown(socket.SHUT_RDWR)  # the link dies under the next request
+            app.sendall(b"MSG %d early\n" % n)
+            assert lines.readline() == b"ACK %d" % n
+        assert_exactly_once(upstream, 20)
+        stats = relay.stats()
+        assert stats["sessions_resumed"] == 19
+        # Each request rode its resume (a stale ticket would re-send it after RESUMED).
+        assert stats["early_bytes"] == sum(len(b"MSG %d early\n" % n) for n in range(2, 21))
+    finally:
+        app.close()
+
+
 def test_first_connect_failures_raise_what_a_plain_connect_would() -> None:
     free = socket.socket()
     free.bind(("127.0.0.1", 0))

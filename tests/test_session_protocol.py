@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import struct
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,7 @@ class Pair:
         self.client = sp.Link(sp.CLIENT)
         self.relay = sp.Link(sp.RELAY)
         hello = self.client.send_hello_new(self.c_stream)
-        assert events(self.relay, hello) == [sp.HelloNew(1)]
+        assert events(self.relay, hello) == [sp.HelloNew(sp.VERSION)]
         self.sid, self.secret = sp.new_credentials()
         created = self.relay.send_created(self.sid, self.secret, self.r_stream)
         assert events(self.client, created) == [sp.Created(self.sid, self.secret)]
@@ -47,7 +48,7 @@ class Pair:
         self.client = sp.Link(sp.CLIENT)
         self.relay = sp.Link(sp.RELAY)
         hello = self.client.send_hello_resume(self.sid, self.c_stream)
-        assert events(self.relay, hello) == [sp.HelloResume(1, self.sid)]
+        assert events(self.relay, hello) == [sp.HelloResume(sp.VERSION, self.sid)]
         assert events(self.client, self.relay.send_challenge()) == [sp.Challenged()]
         (proof,) = events(self.relay, self.client.send_proof(self.secret))
         assert isinstance(proof, sp.ProofReceived)
@@ -435,3 +436,86 @@ def test_a_header_at_the_very_end_of_a_read_then_its_payload() -> None:
     wire = p.r_stream.data(b"z" * 5000) + p.r_stream.data(b"after")
     assert events(p.client, wire[:sp.HEADER_LEN]) == []
     assert payloads(events(p.client, wire[sp.HEADER_LEN:])) == b"z" * 5000 + b"after"
+
+
+def _early_resume(p: Pair, version: int = 2) -> tuple[sp.Link, sp.Link, Any]:
+    client, relay = sp.Link(sp.CLIENT), sp.Link(sp.RELAY)
+    hello = client.send_hello_ticket(p.sid, p.c_stream, p.relay.next_ticket, p.secret,
+                                     version=version)
+    (ev,) = events(relay, hello)
+    assert isinstance(ev, sp.HelloTicket)
+    return client, relay, ev
+
+
+def test_early_data_rides_the_ticket_hello_and_is_not_resent() -> None:
+    """Version 2: a small unacknowledged request goes with the resume's HELLO; the relay
+    counts it before answering, so RESUMED covers it and the client re-sends nothing."""
+    p = Pair()
+    events(p.relay, p.c_stream.data(b"seen "))  # arrived; not acknowledged yet
+    p.c_stream.data(b"lost request")  # never arrived
+    client, relay, ev = _early_resume(p)
+    assert (ev.early_from, ev.early) == (0, b"seen lost request")  # all that is unacked
+    assert relay.check_ticket_proof(p.relay.next_ticket, p.secret)
+    taken = p.r_stream.take_early(ev.early_from, ev.early)
+    assert taken == b"lost request"  # the part the relay had not received
+    assert p.r_stream.received == p.c_stream.sent == 17
+    client.receive_data(relay.send_resumed(p.secret, p.r_stream))
+    assert isinstance(client.next_event(), sp.Resumed)
+    resent = client.finish_resume(p.secret)
+    assert payloads(events(relay, resent)) == b""  # nothing twice
+    assert p.c_stream.unacked == b""
+
+
+def test_early_data_is_dropped_with_a_stale_ticket_and_resent_after_resumed() -> None:
+    p = Pair()
+    p.c_stream.data(b"request")
+    client, relay, ev = _early_resume(p)
+    assert ev.early == b"request"
+    assert not relay.check_ticket_proof(b"s" * 16, p.secret)  # the relay holds another
+    assert events(client, relay.send_challenge()) == [sp.Challenged()]
+    (proof,) = events(relay, client.send_proof(p.secret))
+    assert relay.check_proof(p.secret)  # the PROOF's own mac, not the early one
+    client.receive_data(relay.send_resumed(p.secret, p.r_stream))
+    assert isinstance(client.next_event(), sp.Resumed)
+    assert payloads(events(relay, client.finish_resume(p.secret))) == b"request"
+
+
+def test_early_data_is_proved_with_the_hello() -> None:
+    p = Pair()
+    p.c_stream.data(b"transfer 10")
+    client = sp.Link(sp.CLIENT)
+    hello = bytearray(client.send_hello_ticket(p.sid, p.c_stream, p.relay.next_ticket,
+                                               p.secret, version=2))
+    hello[-2:] = b"99"  # tampered in flight
+    relay = sp.Link(sp.RELAY)
+    (ev,) = events(relay, bytes(hello))
+    assert ev.early == b"transfer 99"
+    assert not relay.check_ticket_proof(p.relay.next_ticket, p.secret)
+
+
+def test_impossible_early_offsets_are_refused() -> None:
+    p = Pair()
+    p.c_stream.data(b"abc")
+    assert p.r_stream.take_early(5, b"xyz") is None  # a gap before it
+    assert p.r_stream.received == 0
+    relay = sp.Link(sp.RELAY)
+    body = (struct.pack("!BBB16s", 1, 2, 3, b"n" * 16) + p.sid
+            + struct.pack("!QQ32s", 0, 2, b"m" * 32) + struct.pack("!Q", 0) + b"abc")
+    with pytest.raises(sp.ProtocolError) as info:  # 3 bytes of early data, 2 sent
+        events(relay, sp.PREAMBLE + sp.HEADER.pack(sp.HELLO, len(body), 0) + body)
+    assert info.value.code == sp.E_IMPOSSIBLE_COUNTS
+
+
+def test_version_1_sessions_and_big_requests_resume_without_early_data() -> None:
+    p = Pair()
+    p.c_stream.data(b"r")
+    _, _, ev = _early_resume(p, version=1)  # a relay that speaks version 1 only
+    assert ev.early == b""
+    p.c_stream.data(b"x" * sp.EARLY_MAX)
+    _, _, ev = _early_resume(p)
+    assert ev.early == b""  # more than EARLY_MAX unacknowledged: the two-step re-send
+    relay = sp.Link(sp.RELAY)
+    body = (struct.pack("!BBB16s", 1, 1, 3, b"n" * 16) + p.sid
+            + struct.pack("!QQ32s", 0, 2, b"m" * 32) + struct.pack("!Q", 0) + b"a")
+    with pytest.raises(sp.ProtocolError, match="needs version 2"):
+        events(relay, sp.PREAMBLE + sp.HEADER.pack(sp.HELLO, len(body), 0) + body)
