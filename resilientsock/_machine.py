@@ -175,14 +175,17 @@ class PoisonMemory:
         seen.pop(key, None)
         seen[key] = self.clock() + span
         while len(seen) > self.size:
-            del seen[next(iter(seen))]
+            try:
+                seen.pop(next(iter(seen)), None)
+            except (StopIteration, RuntimeError):  # another thread changed it (no patch())
+                break
 
     def recalls(self, key: tuple[Any, int]) -> bool:
         until = self.seen.get(key)
         if until is None:
             return False
         if self.clock() >= until:
-            del self.seen[key]
+            self.seen.pop(key, None)
             return False
         return True
 
@@ -574,7 +577,9 @@ class Machine:
         elif d.phase == "eof":
             self.eof_mark = self.journal.mark()
         elif self.journal.pending and not self.conn_answered:
-            key = self.poison_key()
+            # The key costs a CRC of the unanswered bytes: only when it can matter.
+            key = self.poison_key() if self.poisoned.seen or (
+                self.episode is not None and self.poison >= POISON_CAP) else None
             if key is not None and self.poisoned.recalls(key):
                 return Verdict(SURFACE, "poison",
                                "the server reset the connection each time these unanswered "

@@ -121,6 +121,11 @@ def _nodelay(sock: Any) -> None:
         pass
 
 
+class _ReadTimedOut(Exception):
+    """Internal: the session socket's own timeout ran out in a read open to a handoff (told
+    apart from any TimeoutError the application's own gevent.Timeout throws)."""
+
+
 HANDOFF_MAX = 16 * 1024  # a front this small fits an empty pair whole (rule 8; picked)
 _IOV_BATCH = 64  # at most this many buffers to one sendmsg (IOV_MAX is 1024 on Linux)
 
@@ -662,12 +667,16 @@ class _RelaySession(_Carrier):
                 return
         finally:
             lio.wlock.release()
+            if early:
+                # Counted as received at the handshake, so delivered whatever this link does
+                # next: behind a delivery the old link left blocked and before anything a
+                # later link carries (plain_lock wakes its waiters in order, and nothing has
+                # yielded since the send).
+                self._deliver(early)
         if self.plain_reader is None:  # a new session: upstream bytes go after CREATED
             self.plain_reader = gevent.spawn(self.pump_plain)
         if self.aborted:
             self._send(lio, self.stream.abort(self.aborted))
-        if early:
-            self._deliver(early)  # behind a delivery the old link left blocked (plain_lock)
         self.pump_link(lio)
 
     def on_detached(self, why: str) -> None:
@@ -1200,10 +1209,10 @@ class _ClientSession(_Carrier):
     def flush_front(self) -> None:
         """Write a front no read took to the pair, before anything after it (rule 8)."""
         with self.plain_lock:
-            front, self.front = self.front, None
-            plain = self.plain
+            front, plain = self.front, self.plain
             if front is None or plain is None or self.aborted:
-                return
+                return  # no pair to write to: the next read returns it, then the end
+            self.front = None
             self.pair_written += len(front)
             try:
                 plain.sendall(front)
@@ -1518,12 +1527,14 @@ def direct_methods(base: Any) -> dict[str, Any]:
         handoff of at most ``n`` bytes (rule 8)."""
         reader.waiting = (self, n)
         try:
-            self._wait(self._read_event)
-        except BaseException as exc:
+            self._wait(self._read_event, _ReadTimedOut)
+        except _ReadTimedOut:
             if reader.front is not None:
-                if isinstance(exc, TimeoutError):
-                    return  # the bytes came before the timeout's turn: the read gets them
-                gevent.spawn(reader.flush_front)  # killed: the next read or select() has it
+                return  # the bytes came before the socket timeout's turn: the read gets them
+            raise TimeoutError("timed out") from None
+        except BaseException:
+            if reader.front is not None:  # killed, or the application's own timeout: the
+                gevent.spawn(reader.flush_front)  # next read or select() has the bytes
             raise
         finally:
             if reader.waiting is not None and reader.waiting[0] is self:

@@ -1093,6 +1093,91 @@ def test_a_request_cut_by_a_drop_rides_the_resume_as_early_data(upstream: Messag
         app.close()
 
 
+def test_early_data_is_delivered_even_when_the_link_drops_while_the_relay_resends() -> None:
+    """Early data is counted as received when the proof checks: it must reach the upstream
+    even if the new link drops during the relay's own re-send (review of 2026-12-01: the
+    relay's counts then said it had the request, the client dropped it, the upstream never
+    saw it). A hand-driven protocol client, so the drop lands exactly there."""
+    import struct
+    import threading
+
+    got = bytearray()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+
+    def upstream_server() -> None:  # sends 4 MiB the client never acknowledges
+        conn, _ = listener.accept()
+        with conn:
+            try:
+                conn.sendall(b"D" * (4 << 20))
+                while data := conn.recv(65536):
+                    got.extend(data)
+            except OSError:  # the relay resets it when it stops
+                pass
+
+    thread = threading.Thread(target=upstream_server, daemon=True)
+    thread.start()
+
+    def rst(sock: socket.socket) -> None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def event(sock: socket.socket, link: sp.Link) -> Any:
+        while (ev := link.next_event()) is sp.NEED_DATA:
+            data = sock.recv(4096)
+            assert data, "closed"
+            link.receive_data(data)
+        return ev
+
+    try:
+        with Relay(("127.0.0.1", 0), listener.getsockname(), buffer_limit=8 << 20) as relay:
+            stream = sp.Stream()
+            first = socket.create_connection(relay.address, timeout=10)
+            link = sp.Link(sp.CLIENT)
+            first.sendall(link.send_hello_new(stream))
+            created = event(first, link)
+            sid, secret, ticket = created.session_id, created.secret, link.next_ticket
+            assert link.version == 2
+            wait_until(lambda: relay.stats()["bytes_down"] >= 4 << 20, what="the backlog")
+            rst(first)
+            wait_until(lambda: relay.stats()["sessions_detached"] == 1, what="detached")
+            stream.data(b"REQUEST\n")  # written while the link is down
+            second = socket.socket()
+            second.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # read nothing
+            second.settimeout(10)
+            second.connect(relay.address)
+            second.sendall(sp.Link(sp.CLIENT).send_hello_ticket(sid, stream, ticket, secret,
+                                                                version=2))
+            wait_until(lambda: relay.stats()["early_bytes"] == 8, what="the early data taken")
+            rst(second)  # while the relay is re-sending its 4 MiB backlog
+            wait_until(lambda: b"REQUEST\n" in got, what="the request upstream")
+            third = socket.create_connection(relay.address, timeout=10)
+            link = sp.Link(sp.CLIENT)
+            third.sendall(link.send_hello_resume(sid, stream))
+            assert isinstance(event(third, link), sp.Challenged)
+            third.sendall(link.send_proof(secret))
+            resumed = event(third, link)
+            assert isinstance(resumed, sp.Resumed) and resumed.received == stream.sent == 8
+            assert payloads_resent(link.finish_resume(secret)) == b""
+            third.close()
+        assert bytes(got) == b"REQUEST\n"  # once
+    finally:
+        listener.close()
+        thread.join(10)
+
+
+def payloads_resent(frames: bytes) -> bytes:
+    """The DATA payloads in ``frames`` (what a client re-sends after RESUMED)."""
+    out, pos = b"", 0
+    while pos < len(frames):
+        ftype, length, _ = sp.HEADER.unpack_from(frames, pos)
+        if ftype == sp.DATA:
+            out += frames[pos + sp.HEADER_LEN:pos + sp.HEADER_LEN + length]
+        pos += sp.HEADER_LEN + length
+    return out
+
+
 def test_first_connect_failures_raise_what_a_plain_connect_would() -> None:
     free = socket.socket()
     free.bind(("127.0.0.1", 0))

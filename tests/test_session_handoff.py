@@ -191,15 +191,36 @@ def test_a_read_killed_after_the_handoff_leaves_its_bytes_for_the_next_read_and_
 
 
 def test_a_socket_timeout_racing_the_handoff_returns_the_bytes(relay: Relay) -> None:
+    from resilientsock._relay import _ReadTimedOut
+
     with gevent.Timeout(30):
         sock = open_session(relay.address, timeout=10, policy=POLICY)
         try:
             reader = reader_of(sock)
             g = waiting_read(sock, 100)
-            g.kill(TimeoutError("timed out"), block=False)
+            g.kill(_ReadTimedOut, block=False)  # the socket's own timeout, in this turn
             reader._deliver(b"in time")
             assert g.get(timeout=5) == b"in time"
             assert reader.front is None
+        finally:
+            sock.close()
+
+
+def test_the_applications_own_timeout_racing_the_handoff_is_raised_not_swallowed(
+        relay: Relay) -> None:
+    """A gevent.Timeout(t, TimeoutError) of the application's fires once: swallowing it
+    (taking it for the socket's own) left the next read unbounded (review of 2026-12-01)."""
+    with gevent.Timeout(30):
+        sock = open_session(relay.address, timeout=None, policy=POLICY)
+        try:
+            reader = reader_of(sock)
+            g = waiting_read(sock, 100)
+            g.kill(TimeoutError("the application's deadline"), block=False)
+            reader._deliver(b"handed")
+            g.join(5)
+            assert isinstance(g.exception, TimeoutError)
+            assert str(g.exception) == "the application's deadline"
+            assert sock.recv(100) == b"handed"  # kept for the next read, in order
         finally:
             sock.close()
 
