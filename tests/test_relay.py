@@ -1167,6 +1167,39 @@ def test_early_data_is_delivered_even_when_the_link_drops_while_the_relay_resend
         thread.join(10)
 
 
+def test_early_data_with_a_gap_before_it_is_refused_and_the_session_kept(
+        upstream: MessageServer, relay: Relay) -> None:
+    """A client with the secret claiming early data beyond what the relay received (a gap):
+    ERROR 3, nothing delivered, the session still resumable."""
+    def event(sock: socket.socket, link: sp.Link) -> Any:
+        while (ev := link.next_event()) is sp.NEED_DATA:
+            data = sock.recv(4096)
+            if not data:
+                raise EOFError
+            link.receive_data(data)
+        return ev
+
+    stream = sp.Stream()
+    with socket.create_connection(relay.address, timeout=10) as first:
+        link = sp.Link(sp.CLIENT)
+        first.sendall(link.send_hello_new(stream))
+        created = event(first, link)
+        sid, secret, ticket = created.session_id, created.secret, link.next_ticket
+        first.sendall(stream.data(b"MSG 1 sent\n"))
+        wait_until(lambda: upstream.received == [1], what="MSG 1 upstream")
+    wait_until(lambda: relay.stats()["sessions_detached"] == 1, what="detached")
+    stream.data(b"MSG 2 unsent\n")
+    stream.unacked.drop(len(b"MSG 1 sent\n") + 4)  # claims 4 bytes more acknowledged
+    with socket.create_connection(relay.address, timeout=10) as second:
+        link = sp.Link(sp.CLIENT)
+        second.sendall(link.send_hello_ticket(sid, stream, ticket, secret, version=2))
+        with pytest.raises(sp.Refused) as refused:
+            event(second, link)
+        assert refused.value.code == sp.E_IMPOSSIBLE_COUNTS
+    assert relay.stats()["impossible_counts"] == 1 and relay.stats()["early_bytes"] == 0
+    assert upstream.received == [1] and relay.stats()["sessions_detached"] == 1
+
+
 def payloads_resent(frames: bytes) -> bytes:
     """The DATA payloads in ``frames`` (what a client re-sends after RESUMED)."""
     out, pos = b"", 0
