@@ -862,11 +862,17 @@ class Relay:
         _nodelay(sock)
         self._pending.add(sock)
         try:
-            self._handle_inner(sock)
+            serve = self._handle_inner(sock)
         finally:
             self._pending.discard(sock)
+        # The handshake (and its timer) is over: a session or a plain connection is served in
+        # this greenlet for as long as it lasts, the handshake's frame and buffers gone.
+        if serve is not None:
+            serve()
 
-    def _handle_inner(self, raw: Any) -> None:
+    def _handle_inner(self, raw: Any) -> Callable[[], None] | None:
+        """The TLS and protocol handshakes; returns what serves the connection after them
+        (None: refused, closed, or already served plainly)."""
         sock = raw
         if self._ssl is not None:
             try:
@@ -876,7 +882,7 @@ class Relay:
                 self.counters["rejected_handshakes"] += 1
                 log.info("resilientsock: relay: TLS handshake failed: %s", exc)
                 raw.close()
-                return
+                return None
         link = sp.Link(sp.RELAY)
         first = b""
         # Plain or session? Wait plain_after for the client's first bytes (server-first
@@ -886,14 +892,14 @@ class Relay:
                 first = sock.recv(RECV_SIZE)
                 if not first:
                     sock.close()
-                    return
+                    return None
         except gevent.Timeout:
             pass
         except OSError:
             sock.close()
-            return
+            return None
         if not first:
-            return self._proxy_plainly(sock, b"")
+            return lambda: self._proxy_plainly(sock, b"")
         link.receive_data(first)
         timer = gevent.Timeout(self.handshake_timeout)
         timer.start()
@@ -906,13 +912,10 @@ class Relay:
             log.info("resilientsock: relay: handshake not finished in %.0f s; closed",
                      self.handshake_timeout)
             sock.close()
-            return
+            return None
         finally:
             timer.close()
-        # The handshake timer bounds the handshake only: a session or a plain connection is
-        # then served in this greenlet for as long as it lasts.
-        if serve is not None:
-            serve()
+        return serve
 
     def _read_event(self, sock: Any, link: sp.Link) -> Any:
         while True:
