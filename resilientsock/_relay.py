@@ -927,7 +927,11 @@ class Relay:
                 raise ConnectionResetError("closed during the handshake")
             link.receive_data(data)
 
-    def _reject(self, sock: Any, link: sp.Link, code: int, reason: str) -> None:
+    def _reject(self, sock: Any, link: sp.Link, code: int, reason: str,
+                counter: str | None = None) -> None:
+        """ERROR ``code`` to the client, the connection closed, counted (and in ``counter``)."""
+        if counter is not None:
+            self.counters[counter] += 1
         self.counters["rejected_handshakes"] += 1
         log.warning("resilientsock: relay: session handshake rejected: %s", reason)
         try:
@@ -988,21 +992,20 @@ class Relay:
                 return None
             link.check_proof(_DUMMY_SECRET)
         if session is None:
-            self.counters["unknown_sessions"] += 1
             self._reject(sock, link, sp.E_UNKNOWN_SESSION,
                          "the relay holds no such session (expired, ended, or the "
-                         "relay restarted)")
+                         "relay restarted)",
+                         counter="unknown_sessions")
             return None
         if not ok:
-            self.counters["failed_proofs"] += 1
             self._reject(sock, link, sp.E_BAD_PROOF,
-                         f"wrong proof for session {link.session_id.hex()[:8]}")
+                         f"wrong proof for session {link.session_id.hex()[:8]}",
+                         counter="failed_proofs")
             return None
         assert isinstance(ev, sp.ProofReceived | sp.HelloTicket)
         why = session.stream.check_peer_counts(ev.received, ev.sent)
         if why is not None:
-            self.counters["impossible_counts"] += 1
-            self._reject(sock, link, sp.E_IMPOSSIBLE_COUNTS, why)
+            self._reject(sock, link, sp.E_IMPOSSIBLE_COUNTS, why, counter="impossible_counts")
             return None
         if session.finished:
             self._reject(sock, link, sp.E_UNKNOWN_SESSION, "the session has ended")
@@ -1013,10 +1016,10 @@ class Relay:
             # RESUMED counts include it) and delivered before anything the new link carries.
             taken = session.stream.take_early(ev.early_from, ev.early)
             if taken is None:
-                self.counters["impossible_counts"] += 1
                 self._reject(sock, link, sp.E_IMPOSSIBLE_COUNTS,
                              f"early data from {ev.early_from}, but only "
-                             f"{session.stream.received} received")
+                             f"{session.stream.received} received",
+                             counter="impossible_counts")
                 return None
             early = taken
             self.counters["early_bytes"] += len(early)
@@ -1036,10 +1039,10 @@ class Relay:
         try:
             upstream = gsocket.create_connection(self.upstream, timeout=UPSTREAM_CONNECT_TIMEOUT)
         except OSError as exc:
-            self.counters["upstream_failures"] += 1
             self._reject(sock, link, sp.E_UPSTREAM,
                          f"cannot connect to {self.upstream[0]}:{self.upstream[1]}: "
-                         f"{exc}")
+                         f"{exc}",
+                         counter="upstream_failures")
             return None
         upstream.settimeout(None)
         _nodelay(upstream)
