@@ -74,7 +74,7 @@ class _Flow:
 
 class _Conn:
     __slots__ = ("client", "upstream", "greenlets", "closed", "eofs", "serial", "flows",
-                 "plan", "watchers")
+                 "plan", "watchers", "holed")
 
     def __init__(self, client: Any, upstream: Any, serial: int,
                  plan: ConnPlanState | None = None) -> None:
@@ -87,6 +87,10 @@ class _Conn:
         self.flows: list[_Flow] = []
         self.plan = plan or ConnPlanState(serial)
         self.watchers: list[Any] = []  # libev read watchers of the callback fast path
+        # Bytes of this connection fell into a black hole: nothing of it is forwarded again,
+        # either way. A TCP stream never goes on after a gap (the peer would retransmit the
+        # lost bytes first); this one stays silent until an end times it out.
+        self.holed = False
 
 
 class FaultProxy(ListenerService):
@@ -167,7 +171,9 @@ class FaultProxy(ListenerService):
         self._loop.call(self._listen)
 
     def blackhole(self, on: bool = True) -> None:
-        """While on, connections are accepted but nothing is forwarded either way."""
+        """While on, connections are accepted but nothing is forwarded either way. A
+        connection that lost bytes to the hole stays silent for good after it is off (its
+        stream cannot go on after a gap, as TCP's would not); new connections work again."""
         def set_flag() -> None:
             self._blackhole = on
             if on:
@@ -573,6 +579,8 @@ class FaultProxy(ListenerService):
                 else:  # behind the data still queued, and through slow_close
                     self._queue(flow, _EOF)
                 return
+            if conn.holed:
+                continue  # a stream with a gap is never forwarded again
             if fast[direction] and not flow.queued:
                 try:
                     sendall(view[:n])
@@ -644,7 +652,8 @@ class FaultProxy(ListenerService):
 
     def _classic(self, flow: _Flow, ts: float, data: bytes) -> bool:
         conn, direction = flow.conn, flow.direction
-        if self._blackhole:
+        if self._blackhole or conn.holed:
+            conn.holed = True
             return True
         if self._latency:
             gevent.sleep(self._latency)
