@@ -189,8 +189,7 @@ class _Carrier:
     """A session's stream between a plain end and the current link (rule 1)."""
 
     __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "ack_timer", "finished",
-                 "aborted", "plain_reader", "plain_lock", "front", "waiting", "pair_written",
-                 "pair_read", "__weakref__")
+                 "aborted", "plain_reader", "plain_lock", "__weakref__")
 
     side = "?"
 
@@ -207,12 +206,6 @@ class _Carrier:
         # One writer at a time on the plain end, in stream order: a link replaced while its
         # delivery blocked finishes that delivery before the new link's first byte.
         self.plain_lock = gevent.lock.Semaphore()
-        # The handoff to a waiting read (rule 8): the bytes handed, the read waiting (its
-        # socket, its size), and the bytes written to and read from the pair.
-        self.front: bytes | None = None
-        self.waiting: tuple[Any, int] | None = None
-        self.pair_written = 0
-        self.pair_read = 0
 
     # -- sending on the current link (rule 2) ----------------------------------------------
 
@@ -1174,7 +1167,8 @@ class SessionClosedError(ConnectionResetError):
 
 class _ClientSession(_Carrier):
     __slots__ = ("address", "policy", "sid", "secret", "heartbeat", "ssl_context",
-                 "waiting_pong", "reconnects", "runner", "ticket", "version")
+                 "waiting_pong", "reconnects", "runner", "ticket", "version", "front",
+                 "waiting", "pair_written", "pair_read")
 
     side = "application"
 
@@ -1193,6 +1187,12 @@ class _ClientSession(_Carrier):
         self.runner: Any = None
         self.ticket = b""
         self.version = 1  # the session's protocol version (from CREATED)
+        # The handoff to a waiting read (rule 8): the bytes handed, the read waiting (its
+        # socket, its size), and the bytes written to and read from the pair.
+        self.front: bytes | None = None
+        self.waiting: tuple[Any, int] | None = None
+        self.pair_written = 0
+        self.pair_read = 0
 
     def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
         size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
