@@ -1,0 +1,479 @@
+"""Never worse, judged (issue #23, DESIGN §5): a request that may have reached the server is
+re-sent after a drop only if running it twice leaves the server as once would, and a
+surfaced error leaves the socket as dead as a plain one.
+
+Real clients (http.client, xmlrpc.client, redis-py, pymemcache, ftplib) against real servers
+on loopback (http.server, SimpleXMLRPCServer, redis-server, memcached, pyftpdlib), through a
+FaultProxy that lets the request reach the server and resets the client at the answer's first
+byte (``plan.on_response``). Every count is taken on the server side.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import os
+import http.client
+import http.server
+import select
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import types
+import warnings
+import xmlrpc.client
+import xmlrpc.server
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from resilientsock import ResilientSocket, RetryPolicy
+from resilientsock.testing import FaultProxy
+
+from conftest import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = RetryPolicy(deadline=5, backoff_initial=0.01, backoff_max=0.1)
+AT_LEAST_ONCE = FAST.replace(replay="unanswered")
+
+
+def notes(exc: BaseException | None) -> str:
+    """Every PEP 678 note on ``exc`` and the exceptions it was raised from."""
+    out = []
+    while exc is not None:
+        out += getattr(exc, "__notes__", [])
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            try:
+                proc.wait(timeout=0.05)
+            except subprocess.TimeoutExpired:
+                pass
+    raise AssertionError(f"{what} did not start")
+
+
+def _reset_seen(sock: Any) -> None:
+    """Wait (bounded) until the proxy's RST has reached this client socket."""
+    wait_until(lambda: bool(select.select([sock], [], [], 0)[0]), 5, "the RST to arrive")
+
+
+# -- HTTP (http.client) against http.server -----------------------------------------------------
+
+class CountingHTTP:
+    """http.server (HTTP/1.1, keep-alive) counting every request by method and path."""
+
+    def __init__(self) -> None:
+        counts: Counter[str] = Counter()
+        self.counts = counts
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                if size:
+                    self.rfile.read(size)
+                counts[f"{self.command} {self.path}"] += 1
+                body = b"ok\n"
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = do_PATCH = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = self.server.server_address[:2]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def http_server() -> Iterator[CountingHTTP]:
+    srv = CountingHTTP()
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+class RsHTTPConnection(http.client.HTTPConnection):
+    """http.client over a resilient socket (what ``patch()`` gives every HTTPConnection)."""
+
+    policy = FAST
+
+    def connect(self) -> None:
+        self.sock = ResilientSocket.connect((self.host, self.port), self.policy, timeout=10)
+
+
+def _http(proxy: FaultProxy, policy: RetryPolicy = FAST) -> RsHTTPConnection:
+    conn = RsHTTPConnection(*proxy.address, timeout=10)
+    conn.policy = policy
+    conn.request("GET", "/warm")  # a kept-alive connection, as a real client has
+    assert conn.getresponse().read() == b"ok\n"
+    return conn
+
+
+def test_a_post_whose_answer_is_lost_runs_once_and_is_surfaced(http_server):
+    with FaultProxy(http_server.address) as proxy:
+        conn = _http(proxy)
+        proxy.plan.on_response(1, "reset")
+        conn.request("POST", "/orders", body=b'{"item": 1}')
+        with pytest.raises(ConnectionResetError) as caught:  # as the plain client gets it
+            conn.getresponse()
+        text = notes(caught.value)
+        assert "POST /orders" in text and "session mode" in text
+        assert "replay='unanswered'" in text
+        assert conn.sock is None or conn.sock.reconnects == 0
+        conn.close()
+    assert http_server.counts["POST /orders"] == 1
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT"])
+def test_an_idempotent_request_whose_answer_is_lost_is_recovered(http_server, method):
+    with FaultProxy(http_server.address) as proxy:
+        conn = _http(proxy)
+        proxy.plan.on_response(1, "reset")
+        conn.request(method, "/items/7", body=b"x" if method == "PUT" else None)
+        response = conn.getresponse()
+        assert (response.status, response.read()) == (200, b"ok\n")
+        assert conn.sock.reconnects == 1
+        conn.close()
+    assert http_server.counts[f"{method} /items/7"] == 2  # at-least-once: idempotent
+
+
+def test_a_post_with_an_idempotency_key_is_recovered(http_server):
+    with FaultProxy(http_server.address) as proxy:
+        conn = _http(proxy)
+        proxy.plan.on_response(1, "reset")
+        conn.request("POST", "/payments", body=b"{}", headers={"Idempotency-Key": "k-1"})
+        assert conn.getresponse().read() == b"ok\n"
+        conn.close()
+    assert http_server.counts["POST /payments"] == 2  # the server dedups by the key
+
+
+def test_replay_unanswered_opts_in_to_at_least_once(http_server):
+    with FaultProxy(http_server.address) as proxy:
+        conn = _http(proxy, AT_LEAST_ONCE)
+        proxy.plan.on_response(1, "reset")
+        conn.request("PATCH", "/orders/1", body=b"{}")
+        assert conn.getresponse().read() == b"ok\n"
+        conn.close()
+    assert http_server.counts["PATCH /orders/1"] == 2
+
+
+def test_http_socket_reconnects_lazily_after_a_surfaced_post(http_server):
+    """HTTP is stateless between requests: after the surfaced POST the same socket may carry
+    the next request on a new connection (a fresh one is equivalent, DESIGN §5)."""
+    with FaultProxy(http_server.address) as proxy:
+        with ResilientSocket.connect(proxy.address, FAST, timeout=10) as sock:
+            proxy.plan.on_response(1, "reset")
+            sock.sendall(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            with pytest.raises(ConnectionResetError) as caught:
+                sock.recv(4096)
+            assert "POST /orders" in notes(caught.value)
+            sock.sendall(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    assert http_server.counts["POST /orders"] == 1 and http_server.counts["GET /next"] == 1
+
+
+# -- xmlrpc.client: its own retry is not multiplied ---------------------------------------------
+
+def test_xmlrpc_incr_never_runs_more_often_than_plain():
+    """xmlrpc.client re-sends once on its own after a reset. Both answers lost: plain runs
+    ``incr`` twice and raises; so must we (it ran 3+ times: our re-sends stacked on it)."""
+    calls = Counter[str]()
+
+    def incr() -> int:
+        calls["incr"] += 1
+        return calls["incr"]
+
+    server = xmlrpc.server.SimpleXMLRPCServer(("127.0.0.1", 0), logRequests=False)
+    server.register_function(incr)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+
+    class Transport(xmlrpc.client.Transport):
+        def make_connection(self, host: Any) -> http.client.HTTPConnection:
+            if self._connection and host == self._connection[0]:
+                return self._connection[1]
+            chost, self._extra_headers, x509 = self.get_host_info(host)
+            self._connection = host, RsHTTPConnection(chost, timeout=10)
+            return self._connection[1]
+
+    try:
+        with FaultProxy(server.server_address[:2]) as proxy:
+            proxy.plan.on_response({1, 2}, "reset")
+            client = xmlrpc.client.ServerProxy("http://%s:%d/" % proxy.address,
+                                               transport=Transport())
+            with pytest.raises(ConnectionResetError) as caught:
+                client.incr()
+            assert "POST /" in notes(caught.value)
+            client("close")()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert calls["incr"] == 2  # plain: xmlrpc.client's own retry, once
+
+
+# -- redis-py against redis-server ---------------------------------------------------------------
+
+def _redis(port: int, proxy: FaultProxy) -> Any:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    class RsConnection(redis.Connection):
+        def _connect(self) -> Any:
+            sock = ResilientSocket.connect((self.host, self.port), FAST, timeout=5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.socket_timeout)
+            return sock
+
+    host, pport = proxy.address
+    pool = redis.ConnectionPool(connection_class=RsConnection, host=host, port=pport,
+                                socket_timeout=5, retry=Retry(NoBackoff(), 0))
+    return redis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))  # retries off
+
+
+def test_redis_incr_whose_answer_is_lost_runs_once(redis_server):
+    import redis
+
+    port = redis_server[1]
+    direct = redis.Redis(port=port)
+    direct.set("counter", 0)
+    with FaultProxy(("127.0.0.1", port)) as proxy:
+        r = _redis(port, proxy)
+        assert r.ping()
+        proxy.plan.on_response(1, "reset")
+        with pytest.raises(redis.ConnectionError) as caught:
+            r.incr("counter")
+        assert "INCRBY counter" in notes(caught.value)
+        assert r.get("counter") == b"1"  # the client carries on (redis-py reconnects)
+        r.close()
+    assert direct.get("counter") == b"1"
+    direct.close()
+
+
+def test_redis_multi_exec_whose_answer_is_lost_runs_once(redis_server):
+    import redis
+
+    port = redis_server[1]
+    direct = redis.Redis(port=port)
+    with FaultProxy(("127.0.0.1", port)) as proxy:
+        r = _redis(port, proxy)
+        assert r.ping()
+        pipe = r.pipeline(transaction=True)
+        pipe.incr("a").incr("b")
+        proxy.plan.on_response(1, "reset")
+        with pytest.raises(redis.ConnectionError) as caught:
+            pipe.execute()
+        assert "MULTI ... EXEC (INCRBY a)" in notes(caught.value)
+        r.close()
+    assert (direct.get("a"), direct.get("b")) == (b"1", b"1")
+    direct.close()
+
+
+def test_redis_reads_and_sets_are_still_recovered(redis_server):
+    import redis
+
+    port = redis_server[1]
+    with FaultProxy(("127.0.0.1", port)) as proxy:
+        r = _redis(port, proxy)
+        assert r.ping()
+        proxy.plan.on_response(1, "reset")
+        assert r.set("k", "v") is True  # SET is idempotent: re-sent, answered
+        proxy.plan.on_response(1, "reset")
+        assert r.get("k") == b"v"
+        r.close()
+    direct = redis.Redis(port=port)
+    assert direct.get("k") == b"v"
+    direct.close()
+
+
+# -- pymemcache against memcached ---------------------------------------------------------------
+
+@pytest.fixture
+def memcached_port() -> Iterator[int]:
+    exe = shutil.which("memcached")
+    if exe is None:
+        pytest.skip("memcached is not installed (make test installs it as root)")
+    pytest.importorskip("pymemcache")
+    port = _free_port()
+    user = ["-u", "root"] if os.geteuid() == 0 else []  # memcached refuses root without it
+    proc = subprocess.Popen([exe, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "16",
+                             *user],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port, proc, "memcached")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _rs_socket_module(policy: RetryPolicy = FAST) -> Any:
+    """pymemcache's ``socket_module``: sockets are resilient ones."""
+    module = types.SimpleNamespace(**{k: getattr(socket, k) for k in dir(socket)
+                                      if not k.startswith("__")})
+    module.socket = lambda *a: ResilientSocket(*a, policy=policy)
+    return module
+
+
+def test_memcached_incr_whose_answer_is_lost_runs_once(memcached_port):
+    from pymemcache.client.base import Client
+
+    direct = Client(("127.0.0.1", memcached_port))
+    direct.set("hits", "10", noreply=False)
+    with FaultProxy(("127.0.0.1", memcached_port)) as proxy:
+        client = Client(proxy.address, socket_module=_rs_socket_module(), timeout=5,
+                        connect_timeout=5)
+        assert client.get("hits") == b"10"
+        proxy.plan.on_response(1, "reset")
+        with pytest.raises(ConnectionResetError) as caught:
+            client.incr("hits", 1)
+        assert "incr hits" in notes(caught.value)
+        client.close()
+    assert direct.get("hits") == b"11"
+    direct.close()
+
+
+def test_memcached_gets_are_recovered(memcached_port):
+    from pymemcache.client.base import Client
+
+    direct = Client(("127.0.0.1", memcached_port))
+    direct.set("g", "v", noreply=False)
+    direct.close()
+    with FaultProxy(("127.0.0.1", memcached_port)) as proxy:
+        client = Client(proxy.address, socket_module=_rs_socket_module(), timeout=5)
+        assert client.get("g") == b"v"
+        proxy.plan.on_response(1, "reset")
+        assert client.get("g") == b"v"
+        assert client.sock.reconnects == 1 and client.sock.dialect == "memcached"
+        client.close()
+
+
+def test_a_noreply_set_is_not_replayed_over_a_newer_value(memcached_port):
+    """pymemcache's set is noreply by default: no answer ever confirms it. It used to stay in
+    the journal and be replayed after a later drop, over another client's newer value."""
+    from pymemcache.client.base import Client
+
+    direct = Client(("127.0.0.1", memcached_port))
+    with FaultProxy(("127.0.0.1", memcached_port)) as proxy:
+        client = Client(proxy.address, socket_module=_rs_socket_module(), timeout=5)
+        client.set("k", "old")  # noreply
+        wait_until(lambda: direct.get("k") == b"old", 5, "the first set")
+        direct.set("k", "new", noreply=False)  # another client's newer value
+        proxy.reset_all()
+        _reset_seen(client.sock)
+        client.set("j", "x")  # meets the reset: recovered (a set is idempotent)
+        wait_until(lambda: direct.get("j") == b"x", 5, "the second set")
+        assert client.sock.reconnects == 1
+        client.close()
+    assert direct.get("k") == b"new"
+    direct.close()
+
+
+# -- ftplib against pyftpdlib: a surfaced error leaves the socket dead --------------------------
+
+class RsFTP(ftplib.FTP):
+    def connect(self, host: str = "", port: int = 0, timeout: float = 10,
+                source_address: Any = None) -> str:
+        self.host, self.port, self.timeout = host, port, timeout
+        self.sock = ResilientSocket.connect((host, port), FAST, timeout=timeout)
+        self.af = self.sock.family
+        self.file = self.sock.makefile("r", encoding=self.encoding)
+        self.welcome = self.getresp()
+        return self.welcome
+
+
+@pytest.fixture
+def ftp_server(tmp_path) -> Iterator[tuple[str, int]]:
+    pytest.importorskip("pyftpdlib")
+    with warnings.catch_warnings():  # pyftpdlib 1.x imports asyncore / asynchat
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from pyftpdlib.authorizers import DummyAuthorizer
+        from pyftpdlib.handlers import FTPHandler
+        from pyftpdlib.servers import FTPServer
+
+    authorizer = DummyAuthorizer()
+    authorizer.add_user("robot", "secret", str(tmp_path), perm="elr")
+    handler = type("Handler", (FTPHandler,), {"authorizer": authorizer})
+    server = FTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield server.address[:2]
+    finally:
+        server.close_all()
+        thread.join(5)
+
+
+@pytest.mark.filterwarnings("ignore:The asyncore module:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:The asynchat module:DeprecationWarning")
+def test_ftplib_noop_liveness_loop_never_gets_530(ftp_server):
+    """The legacy loop: a command fails, NOOP checks whether the connection lives, log in
+    again if not. A lazily opened connection answered NOOP with its greeting (220), so the
+    check passed and the next command met "530 Log in with USER and PASS first"."""
+    dead = (OSError, EOFError, ftplib.Error)
+
+    def login(address: tuple[str, int]) -> RsFTP:
+        ftp = RsFTP()
+        ftp.connect(*address)
+        ftp.login("robot", "secret")
+        return ftp
+
+    answers: Counter[str] = Counter()
+    with FaultProxy(ftp_server) as proxy:
+        ftp = login(proxy.address)
+        for _ in range(5):
+            proxy.reset_all()
+            _reset_seen(ftp.sock)
+            with pytest.raises(dead):
+                ftp.pwd()
+            try:
+                ftp.voidcmd("NOOP")
+                alive = True
+            except dead as e:
+                alive = False
+                assert isinstance(e, OSError | EOFError), e  # as a plain dead socket
+            if not alive:
+                ftp.close()
+                ftp = login(proxy.address)
+            try:
+                answers[ftp.sendcmd("PWD")[:3]] += 1
+            except ftplib.error_perm as e:
+                answers[str(e)[:3]] += 1
+        ftp.close()
+    assert answers == {"257": 5}, answers
