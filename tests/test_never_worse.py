@@ -477,3 +477,132 @@ def test_ftplib_noop_liveness_loop_never_gets_530(ftp_server):
                 answers[str(e)[:3]] += 1
         ftp.close()
     assert answers == {"257": 5}, answers
+
+
+# -- the dialects' verdicts, sans-IO ------------------------------------------------------------
+
+def _resp(*args: str) -> bytes:
+    from resilientsock.dialects.resp import encode
+
+    return encode([a.encode() for a in args])
+
+
+def test_http_unsafe_names_a_non_idempotent_request_written_whole():
+    from resilientsock.dialects.http import HttpDialect
+
+    d = HttpDialect()
+    d.wrote(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")
+    assert d.unsafe() is None  # the body is not written yet: it cannot have run
+    d.wrote(b"{}{}")
+    assert d.unsafe() == "POST /orders"
+    d.read(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert d.unsafe() is None  # answered
+    for head, verdict in [
+        (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", None),
+        (b"DELETE /a HTTP/1.1\r\nHost: x\r\n\r\n", None),
+        (b"PUT /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", None),
+        (b"POST /p HTTP/1.1\r\nHost: x\r\nIdempotency-Key: 7\r\nContent-Length: 0\r\n\r\n",
+         None),
+        (b"PATCH /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", "PATCH /a"),
+        (b"PURGE /a HTTP/1.1\r\nHost: x\r\n\r\n", "PURGE /a"),
+    ]:
+        d = HttpDialect()
+        d.wrote(head)
+        assert d.unsafe() == verdict, head
+        assert d.fresh_ok()
+
+
+def test_resp_unsafe_table_and_transactions():
+    from resilientsock.dialects.resp import RespDialect
+
+    for args, verdict in [
+        (("GET", "k"), None), (("SET", "k", "v"), None), (("DEL", "k"), None),
+        (("SET", "k", "v", "NX"), "SET k"), (("INCR", "n"), "INCR n"),
+        (("LPUSH", "q", "x"), "LPUSH q"), (("FOO.BAR", "k"), "FOO.BAR k"),
+    ]:
+        d = RespDialect()
+        d.wrote(_resp(*args))
+        assert d.unsafe() == verdict, args
+    d = RespDialect()
+    d.wrote(_resp("MULTI") + _resp("INCR", "n"))
+    assert d.unsafe() is None  # queued, not run: re-sent whole with its EXEC
+    d.wrote(_resp("EXEC"))
+    assert d.unsafe() == "MULTI ... EXEC (INCR n)"
+    d = RespDialect()
+    d.wrote(_resp("MULTI") + _resp("GET", "n") + _resp("EXEC"))
+    assert d.unsafe() is None
+    d = RespDialect()
+    d.wrote(_resp("GET", "a") + _resp("INCR", "n"))  # a pipeline: judged by its worst
+    d.read(b"$-1\r\n")
+    assert d.unsafe() == "INCR n"
+    assert d.fresh_ok()
+
+
+def test_memcached_unsafe_and_write_only():
+    from resilientsock.dialects.memcached import MemcachedDialect
+
+    for line, verdict in [
+        (b"get a b\r\n", None), (b"set k 0 0 1\r\nx\r\n", None), (b"delete k\r\n", None),
+        (b"incr hits 1\r\n", "incr hits"), (b"decr hits 1 noreply\r\n", "decr hits noreply"),
+        (b"add k 0 0 1\r\nx\r\n", "add k"), (b"cas k 0 0 1 9\r\nx\r\n", "cas k"),
+        (b"append k 0 0 1\r\nx\r\n", "append k"), (b"mg k v\r\n", None),
+        (b"ms k 1 T0\r\nx\r\n", None), (b"ms k 1 MA\r\nx\r\n", "ms k"),
+        (b"ma k\r\n", "ma k"), (b"md k C5\r\n", "md k"), (b"md k\r\n", None),
+    ]:
+        d = MemcachedDialect()
+        d.wrote(line)
+        assert d.unsafe() == verdict, line
+    d = MemcachedDialect()
+    d.wrote(b"set k 0 0 3 noreply\r\n")
+    assert not d.write_only()  # its data block is still to come
+    d.wrote(b"abc\r\n")
+    assert d.write_only() and d.unsafe() is None
+    d.wrote(b"get k\r\n")
+    assert not d.write_only() and d.truncated()
+    d.read(b"VALUE k 0 3\r\nab")
+    assert d.truncated() and d.resumable()
+    d.read(b"c\r\nEND\r\n")
+    assert not d.truncated() and d.write_only()
+
+
+def test_the_machine_surfaces_a_non_idempotent_drop_unless_opted_in():
+    from resilientsock import ErrorCategory
+    from resilientsock._errors import classify
+    from resilientsock._machine import RECOVER, SURFACE, Drop, Machine
+
+    post = b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    info = classify(ConnectionResetError(), phase="read")
+    assert info is not None and info.category is ErrorCategory.CONNECTION_LOST
+    verdicts = {}
+    for replay in ("idempotent", "unanswered"):
+        m = Machine(RetryPolicy(replay=replay))
+        m.wrote_data(post)
+        verdicts[replay] = m.drop(Drop(info, "read"))
+    assert verdicts["idempotent"].kind == SURFACE
+    assert verdicts["idempotent"].rule == "not-idempotent" and verdicts["idempotent"].discard
+    assert "POST /orders" in verdicts["idempotent"].note
+    assert verdicts["unanswered"].kind == RECOVER
+    m = Machine(RetryPolicy())
+    m.wrote_data(b"MSG 1 hello\n")  # an unknown protocol keeps at-least-once
+    assert m.dialect is None and m.drop(Drop(info, "read")).kind == RECOVER
+
+
+def test_after_a_surfaced_error_only_a_known_stateless_protocol_reconnects_lazily():
+    from resilientsock._machine import Machine
+
+    for first, lazy in [(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),
+                        (_resp("GET", "k"), True), (b"get k\r\n", True),
+                        (b"AUTH robot-7 secret\n", False)]:
+        m = Machine(RetryPolicy())
+        m.wrote_data(first)
+        assert m.lazy_refusal() is None  # nothing surfaced yet
+        m.discarded()
+        m.move("surface-discard")
+        assert (m.lazy_refusal() is None) is lazy, first
+    m = Machine(RetryPolicy())
+    m.read_data(b"220 ftp ready\r\n", m.journal.mark())  # a greeting: server-first
+    m.wrote_data(b"USER robot\r\n")
+    m.read_data(b"331 password\r\n", m.journal.mark())
+    m.discarded()
+    m.move("surface-discard")
+    assert "server spoke first" in (m.lazy_refusal() or "")
