@@ -345,10 +345,12 @@ def _dialect(m: Machine, d: Drop) -> str | None:
 
 
 def _not_idempotent(m: Machine, d: Drop) -> str | None:
-    """DESIGN §5 (wave 3): under the default replay="idempotent", a request the dialect
-    knows is not idempotent, and that may have reached the server, is not re-sent."""
+    """DESIGN §5 (wave 3): under the default replay="idempotent" (and the stricter "safe"),
+    a request the dialect knows is not idempotent, and that may have reached the server, is
+    not re-sent (measured: a MULTI ... EXEC ran twice under replay="safe", the first write
+    on a reused connection)."""
     dialect = m.dialect
-    if dialect is None or m.policy.replay != "idempotent":
+    if dialect is None or m.policy.replay not in ("idempotent", "safe"):
         return None
     if not (m.journal.pending or d.writing or m.holding()):
         return None

@@ -574,7 +574,7 @@ def test_the_machine_surfaces_a_non_idempotent_drop_unless_opted_in():
     info = classify(ConnectionResetError(), phase="read")
     assert info is not None and info.category is ErrorCategory.CONNECTION_LOST
     verdicts = {}
-    for replay in ("idempotent", "unanswered"):
+    for replay in ("idempotent", "unanswered", "safe"):
         m = Machine(RetryPolicy(replay=replay))
         m.wrote_data(post)
         verdicts[replay] = m.drop(Drop(info, "read"))
@@ -582,6 +582,11 @@ def test_the_machine_surfaces_a_non_idempotent_drop_unless_opted_in():
     assert verdicts["idempotent"].rule == "not-idempotent" and verdicts["idempotent"].discard
     assert "POST /orders" in verdicts["idempotent"].note
     assert verdicts["unanswered"].kind == RECOVER
+    m = Machine(RetryPolicy(replay="safe"))  # the first write on an idle reused connection
+    m.wrote_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    m.read_data(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", m.journal.mark())
+    m.wrote_data(post)
+    assert m.drop(Drop(info, "read")).rule == "not-idempotent"  # "safe" never re-sends it
     m = Machine(RetryPolicy())
     m.wrote_data(b"MSG 1 hello\n")  # an unknown protocol keeps at-least-once
     assert m.dialect is None and m.drop(Drop(info, "read")).kind == RECOVER
