@@ -126,6 +126,70 @@ def http_server() -> Iterator[CountingHTTP]:
         srv.close()
 
 
+class CountingHTTPS(CountingHTTP):
+    """The same server over TLS (a trustme CA; the client trusts it)."""
+
+    def __init__(self) -> None:
+        import ssl
+
+        import trustme
+
+        super().__init__()
+        self.ca = trustme.CA()
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ca.issue_cert("localhost", "127.0.0.1").configure_cert(ctx)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+
+
+class RsHTTPSConnection(http.client.HTTPConnection):
+    """http.client over TLS over a resilient socket: the dialect sees the plaintext."""
+
+    policy = FAST
+    ca: Any = None
+
+    def connect(self) -> None:
+        import gevent.ssl
+
+        from resilientsock import ResilientSSLSocket
+
+        ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+        self.ca.configure_trust(ctx)
+        ctx.sslsocket_class = ResilientSSLSocket
+        raw = ResilientSocket.connect((self.host, self.port), self.policy, timeout=10)
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def test_a_post_over_tls_whose_answer_is_lost_runs_once():
+    srv = CountingHTTPS()
+    try:
+        with FaultProxy(srv.address) as proxy:
+            conn = RsHTTPSConnection(*proxy.address, timeout=10)
+            conn.ca = srv.ca
+            conn.request("GET", "/warm")
+            assert conn.getresponse().read() == b"ok\n"
+            proxy.plan.on_response(1, "reset")
+            conn.request("POST", "/orders", body=b"{}")
+            with pytest.raises(ConnectionResetError) as caught:
+                conn.getresponse()
+            # The TLS layer reads the reset as the end of the stream: the EOF is passed on
+            # as a plain socket gives it (the note goes to the log), and http.client raises
+            # RemoteDisconnected, a ConnectionResetError.
+            assert isinstance(caught.value, http.client.RemoteDisconnected) or \
+                "POST /orders" in notes(caught.value)
+            conn.close()
+            conn = RsHTTPSConnection(*proxy.address, timeout=10)  # GET: recovered
+            conn.ca = srv.ca
+            conn.request("GET", "/warm")
+            assert conn.getresponse().read() == b"ok\n"
+            proxy.plan.on_response(1, "reset")
+            conn.request("GET", "/items")
+            assert conn.getresponse().read() == b"ok\n"
+            conn.close()
+    finally:
+        srv.close()
+    assert srv.counts["POST /orders"] == 1 and srv.counts["GET /items"] == 2
+
+
 class RsHTTPConnection(http.client.HTTPConnection):
     """http.client over a resilient socket (what ``patch()`` gives every HTTPConnection)."""
 
