@@ -663,6 +663,8 @@ class Machine:
             return ("the server spoke first (a greeting, then a login, as in SMTP, FTP, POP3, "
                     "IMAP): a new connection would start a session the application never "
                     "opened")
+        if self.policy.on_reconnect is not None:
+            return None  # the application's hook restores the session on a new connection
         return ("the protocol is not known, so a new connection cannot be known to be "
                 "equivalent (it could lack a login or a handshake the application did)")
 

@@ -675,3 +675,17 @@ def test_after_a_surfaced_error_only_a_known_stateless_protocol_reconnects_lazil
     m.discarded()
     m.move("surface-discard")
     assert "server spoke first" in (m.lazy_refusal() or "")
+
+
+def test_a_declared_setup_lets_an_unknown_protocol_reconnect_lazily():
+    """prelude=N or an on_reconnect hook say how to restore a new connection: equivalent."""
+    from resilientsock._machine import Machine
+
+    for policy in (RetryPolicy(prelude=1), RetryPolicy(on_reconnect=lambda s, a: None)):
+        m = Machine(policy)
+        m.wrote_data(b"AUTH robot-7 secret\n")
+        m.read_data(b"OK\n", m.journal.mark())
+        m.wrote_data(b"MSG 1 x\n")
+        m.discarded()
+        m.move("surface-discard")
+        assert m.lazy_refusal() is None, policy
