@@ -275,8 +275,9 @@ FIELDS: dict[str, FieldSpec] = {
     "retry_connect": FieldSpec("also retry the application's first connect (default 1)",
                                _bool, "BOOL"),
     "replay": FieldSpec("re-send unanswered writes after a reconnect: idempotent (not a "
-                        "request a dialect knows is not idempotent) | unanswered (at-least-once) "
-                        "| safe | none (default idempotent)", _choice(REPLAY_MODES), "MODE", REPLAY_MODES),
+                        "request a dialect knows is not idempotent) | unanswered "
+                        "(at-least-once) | safe | none (default idempotent)",
+                        _choice(REPLAY_MODES), "MODE", REPLAY_MODES),
     "confirm": FieldSpec("when a write counts as delivered: answer | tcp-ack | explicit "
                          "(default answer)", _choice(CONFIRM_MODES), "MODE", CONFIRM_MODES),
     "journal_limit": FieldSpec("unconfirmed bytes kept for replay, e.g. 16MiB (default 16MiB)",

@@ -11,9 +11,9 @@ byte (``plan.on_response``). Every count is taken on the server side.
 from __future__ import annotations
 
 import ftplib
-import os
 import http.client
 import http.server
+import os
 import select
 import shutil
 import socket
@@ -29,11 +29,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import wait_until
 
 from resilientsock import ResilientSocket, RetryPolicy
 from resilientsock.testing import FaultProxy
-
-from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

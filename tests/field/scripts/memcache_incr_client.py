@@ -4,7 +4,8 @@
 
 Each operation adds a fresh key as 0 (noreply, pymemcache's default: no answer) and incr's it:
 the incr must answer 1 (a 2 means it ran twice: Garbage; None means the add was lost). An
-add, not a set: a re-sent set would reset the counter and hide a second incr. The server counts each key's executions (its value).
+add, not a set: a re-sent set would reset the counter and hide a second incr. The server
+counts each key's executions (its value).
 pymemcache closes its socket after an error and reconnects on the next call.
 """
 import sys
