@@ -554,7 +554,7 @@ class Machine:
         except Exception:  # a dialect must never break the connection  # pragma: no cover
             self.dialect = None
         if self.dialect is not None:
-            if getattr(self.dialect, "acks", False):
+            if getattr(self.dialect, "acks", False) and self.policy.confirm == "answer":
                 self.tcp_ack = True  # requests without answers: look at TCP acknowledgements
             if first_write is not None:
                 self.dialect.wrote(first_write)
