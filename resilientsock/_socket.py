@@ -1284,6 +1284,8 @@ class ResilientSocket(_GeventSocket):
         acked = self._rs_tcp_acked()
         if acked is not None:
             m.journal.confirm_acked(acked)
+            if not m.journal.pending and m.dialect is not None:
+                m.dialect.acked()
 
     def _rs_tcp_info(self, need: int) -> bytes | None:
         """Linux ``TCP_INFO`` of the current connection, if it has at least ``need`` bytes."""

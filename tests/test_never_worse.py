@@ -688,3 +688,128 @@ def test_a_declared_setup_lets_an_unknown_protocol_reconnect_lazily():
         m.discarded()
         m.move("surface-discard")
         assert m.lazy_refusal() is None, policy
+
+
+# -- STOMP: the CONNECT is the connection's login -----------------------------------------------
+
+class MiniStomp:
+    """A minimal STOMP 1.2 broker (CONNECT, SEND, DISCONNECT) counting, per connection,
+    what arrived before a CONNECT (a real broker answers those with ERROR and closes)."""
+
+    def __init__(self, refuse_after: int = 0) -> None:
+        import socketserver
+
+        self.sends: list[bytes] = []
+        self.unauthenticated = 0
+        self.connects = 0
+        self.refuse_after = refuse_after  # refuse every CONNECT after this many (0: never)
+        broker = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                buf = b""
+                logged_in = False
+                while True:
+                    try:
+                        data = self.request.recv(65536)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buf += data
+                    while b"\x00" in buf:
+                        frame, _, buf = buf.partition(b"\x00")
+                        frame = frame.lstrip(b"\r\n")
+                        cmd = frame.split(b"\n", 1)[0].strip()
+                        if cmd in (b"CONNECT", b"STOMP"):
+                            broker.connects += 1
+                            if broker.refuse_after and broker.connects > broker.refuse_after:
+                                self.request.sendall(b"ERROR\nmessage:Access refused\n\n\x00")
+                                return
+                            logged_in = True
+                            self.request.sendall(b"CONNECTED\nversion:1.2\nsession:s-%d\n\n\x00"
+                                                 % broker.connects)
+                        elif not logged_in:
+                            broker.unauthenticated += 1
+                            self.request.sendall(b"ERROR\nmessage:You must log in using "
+                                                 b"CONNECT first\n\n\x00")
+                            return
+                        elif cmd == b"SEND":
+                            broker.sends.append(frame.split(b"\n\n", 1)[1])
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = self.server.server_address[:2]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+STOMP_CONNECT = b"CONNECT\naccept-version:1.2\nhost:/\nlogin:robot\npasscode:secret\n\n\x00"
+
+
+def _stomp_login(address: Any) -> ResilientSocket:
+    sock = ResilientSocket.connect(address, FAST, timeout=5)
+    sock.sendall(STOMP_CONNECT)
+    got = b""
+    while b"\x00" not in got:
+        chunk = sock.recv(4096)
+        assert chunk, "closed"
+        got += chunk
+    assert got.startswith(b"CONNECTED") and sock.dialect == "stomp"
+    return sock
+
+
+def test_stomp_connect_is_redone_before_anything_is_sent_on_a_new_connection():
+    """issue #23: a SEND went out alone on a new connection that never sent CONNECT (ERROR
+    frames "You must log in using CONNECT first"). Now the CONNECT is redone and checked."""
+    broker = MiniStomp()
+    try:
+        with FaultProxy(broker.address) as proxy:
+            with _stomp_login(proxy.address) as sock:
+                proxy.reset_all()
+                _reset_seen(sock)
+                sock.sendall(b"SEND\ndestination:/queue/a\n\nhello\x00")
+                sock.sendall(b"DISCONNECT\nreceipt:9\n\n\x00")  # flush, as a client does
+                assert sock.reconnects == 1
+                wait_until(lambda: len(broker.sends) == 1, 5, "the SEND")
+    finally:
+        broker.close()
+    assert broker.sends == [b"hello"] and broker.unauthenticated == 0
+    assert broker.connects == 2
+
+
+def test_stomp_login_refused_on_the_new_connection_is_surfaced():
+    broker = MiniStomp(refuse_after=1)
+    try:
+        with FaultProxy(broker.address) as proxy:
+            with _stomp_login(proxy.address) as sock:
+                proxy.reset_all()
+                _reset_seen(sock)
+                with pytest.raises(ConnectionResetError) as caught:
+                    sock.sendall(b"SEND\ndestination:/queue/a\n\nhello\x00")
+                assert "CONNECT was answered ERROR" in notes(caught.value)
+    finally:
+        broker.close()
+    assert broker.sends == [] and broker.unauthenticated == 0
+
+
+def test_stomp_send_and_subscribe_verdicts():
+    from resilientsock.dialects.stomp import StompDialect
+
+    d = StompDialect()
+    d.wrote(STOMP_CONNECT)
+    d.read(b"CONNECTED\nversion:1.2\n\n\x00")
+    assert d.fresh_ok() and d.write_only() and d.unsafe() is None
+    d.wrote(b"SEND\ndestination:/queue/a\n\nx\x00")
+    assert d.unsafe() == "SEND /queue/a"  # a message delivered twice: never re-sent
+    d.acked()  # the peer's TCP acknowledged it: confirmed, nothing left to re-send
+    assert d.unsafe() is None
+    d.wrote(b"SUBSCRIBE\nid:1\ndestination:/queue/b\n\n\x00")
+    assert "SUBSCRIBE" in (d.refusal() or "")
+    d.discard()
+    assert d.refusal() is None and d.restore() is not None

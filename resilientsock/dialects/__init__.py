@@ -50,6 +50,10 @@ def _detect(first_write: bytes | None, first_read: bytes | None, prelude: int) -
 
         if memcached.looks_like(first_write):
             return memcached.MemcachedDialect()
+        from . import stomp
+
+        if stomp.looks_like(first_write):
+            return stomp.StompDialect()
     elif first_read:
         first_read = bytes(first_read)
     found = handshake.detect(first_write or None, first_read or None)

@@ -91,6 +91,10 @@ class Dialect:
         these records), so it is never replayed later over a newer value."""
         return False
 
+    def acked(self) -> None:
+        """Every record written so far is confirmed (the peer's TCP acknowledged what no
+        answer will ever confirm): nothing written before now can be re-sent."""
+
     def restore(self) -> Restore | None:
         """Setup to redo on a new connection (a fresh object on every call), or None."""
         return None

@@ -252,6 +252,9 @@ class MemcachedDialect(Dialect):
         if self._fifo:
             self._fifo.popleft()
 
+    def acked(self) -> None:
+        self._since_read = []
+
     def _lose(self, why: str) -> None:
         self.lost = why
         self._fifo.clear()
