@@ -37,6 +37,8 @@ def test_tls_robot_loop_through_resets(tls_server):
         sock = tls_connect(proxy.address, tls_server)
         with sock, sock.makefile("rb") as reader, RandomResets(proxy, seed=3):
             for n in range(1, 301):
+                if n == 150:
+                    proxy.reset_all()  # at least one reset inside the loop (idle machine)
                 sock.sendall(b"MSG %d reading\n" % n)
                 assert reader.readline() == b"ACK %d\n" % n
     assert_in_order_no_loss(tls_server.received, 300)
