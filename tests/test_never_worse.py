@@ -813,3 +813,146 @@ def test_stomp_send_and_subscribe_verdicts():
     assert "SUBSCRIBE" in (d.refusal() or "")
     d.discard()
     assert d.refusal() is None and d.restore() is not None
+
+
+# -- LDAP (ldap3): the BIND is the connection's login; ADD is not re-sent -----------------------
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    if n < 0x80:
+        return bytes((tag, n)) + value
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + value
+
+
+def _ber(data: bytes, i: int = 0) -> tuple[int, int, int] | None:
+    """(tag, header length, value length) of the BER TLV at ``data[i]`` (None: incomplete)."""
+    if len(data) < i + 2:
+        return None
+    tag, first = data[i], data[i + 1]
+    if first < 0x80:
+        return tag, 2, first
+    n = first & 0x7F
+    if len(data) < i + 2 + n:
+        return None
+    return tag, 2 + n, int.from_bytes(data[i + 2:i + 2 + n], "big")
+
+
+def _ldap_op(msg: bytes) -> tuple[int, int, bytes]:
+    """(message ID, operation tag, operation value) of an LDAPMessage (RFC 4511 §4.1.1)."""
+    _, hl, _ = _ber(msg)  # type: ignore[misc]
+    _, il, iv = _ber(msg, hl)  # type: ignore[misc]
+    msgid = int.from_bytes(msg[hl + il:hl + il + iv], "big")
+    at = hl + il + iv
+    tag, ol, ov = _ber(msg, at)  # type: ignore[misc]
+    return msgid, tag, msg[at + ol:at + ol + ov]
+
+
+class MiniLdap:
+    """A minimal LDAPv3 server (simple BIND, ADD, UNBIND) counting each ADD by DN, and the
+    writes that arrive on a connection that never bound (answered strongerAuthRequired)."""
+
+    def __init__(self) -> None:
+        import socketserver
+
+        self.adds: Counter[str] = Counter()
+        self.unbound_writes = 0
+        self.binds = 0
+        server = self
+
+        def message(sock: socket.socket, buf: bytearray) -> bytes | None:
+            while True:
+                h = _ber(bytes(buf))
+                if h is not None and len(buf) >= h[1] + h[2]:
+                    msg = bytes(buf[:h[1] + h[2]])
+                    del buf[:h[1] + h[2]]
+                    return msg
+                data = sock.recv(65536)
+                if not data:
+                    return None
+                buf += data
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                buf = bytearray()
+                bound = False
+                while True:
+                    try:
+                        msg = message(self.request, buf)
+                    except OSError:
+                        return
+                    if msg is None:
+                        return
+                    msgid, op, value = _ldap_op(msg)
+
+                    def answer(tag: int, code: int, msgid: int = msgid) -> None:
+                        result = _tlv(0x0A, bytes((code,))) + _tlv(0x04, b"") + _tlv(0x04, b"")
+                        self.request.sendall(_tlv(0x30, _tlv(0x02, bytes((msgid,)))
+                                                  + _tlv(tag, result)))
+
+                    if op == 0x60:  # BindRequest: version, name, simple password
+                        server.binds += 1
+                        bound = b"secret" in value
+                        answer(0x61, 0 if bound else 49)
+                    elif op == 0x68:  # AddRequest
+                        if not bound:
+                            server.unbound_writes += 1
+                            answer(0x69, 8)  # strongerAuthRequired
+                        else:
+                            _, dl, dv = _ber(value)  # type: ignore[misc]
+                            server.adds[value[dl:dl + dv].decode()] += 1
+                            answer(0x69, 0)
+                    elif op == 0x42:  # UnbindRequest
+                        return
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.address = self.server.server_address[:2]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def ldap_conn(monkeypatch) -> Iterator[Any]:
+    ldap3 = pytest.importorskip("ldap3")
+    base = pytest.importorskip("ldap3.strategy.base")
+
+    monkeypatch.setattr(base, "socket", _rs_socket_module())
+    server = MiniLdap()
+    with FaultProxy(server.address) as proxy:
+        host, port = proxy.address
+        conn = ldap3.Connection(ldap3.Server(host, port=port, get_info=ldap3.NONE),
+                                user="cn=admin,dc=x", password="secret", auto_bind=True,
+                                receive_timeout=5)
+        try:
+            yield conn, proxy, server
+        finally:
+            conn.unbind()
+            server.close()
+
+
+def test_ldap_add_whose_answer_is_lost_runs_once(ldap_conn):
+    conn, proxy, server = ldap_conn
+    assert conn.add("cn=a,dc=x", "person", {"sn": "a"})
+    proxy.plan.on_response(1, "reset")
+    with pytest.raises(Exception) as caught:
+        conn.add("cn=b,dc=x", "person", {"sn": "b"})
+    assert server.adds == {"cn=a,dc=x": 1, "cn=b,dc=x": 1}
+    assert "ADD cn=b,dc=x" in notes(caught.value)
+
+
+def test_ldap_bind_is_redone_before_a_write_on_a_new_connection(ldap_conn):
+    """issue #23: an ADD re-sent on a new connection that never did the BIND met
+    strongerAuthRequired (10 writes on unbound connections with ldap3 against slapd)."""
+    conn, proxy, server = ldap_conn
+    proxy.reset_all()
+    _reset_seen(conn.socket)
+    assert conn.add("cn=c,dc=x", "person", {"sn": "c"})
+    assert conn.socket.reconnects == 1
+    assert server.adds == {"cn=c,dc=x": 1} and server.unbound_writes == 0
+    assert server.binds == 2

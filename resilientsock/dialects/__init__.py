@@ -54,6 +54,10 @@ def _detect(first_write: bytes | None, first_read: bytes | None, prelude: int) -
 
         if stomp.looks_like(first_write):
             return stomp.StompDialect()
+        from . import ldap
+
+        if ldap.looks_like(first_write):
+            return ldap.LdapDialect()
     elif first_read:
         first_read = bytes(first_read)
     found = handshake.detect(first_write or None, first_read or None)
