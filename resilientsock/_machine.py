@@ -21,7 +21,8 @@ Rules of this module:
    recovering  reconnected              connected   restored, replayed: published
    recovering  gave-up                  broken      the budget is spent (error shown)
    recovering  interrupted              broken      BaseException inside the recovery
-   broken      recover                  recovering  the next call reconnects lazily
+   broken      recover                  recovering  the next write reconnects lazily,
+                                                   where ``lazy_refusal`` allows
    any         close                    closed      the application closed it (sticky)
    ==========  =======================  ==========  ====================================
 
@@ -66,6 +67,8 @@ __all__ = ["Machine", "Episode", "TokenBucket", "PoisonMemory", "POISONED", "Ver
 Clock = Callable[[], float]
 
 CONNECTED, RECOVERING, BROKEN, CLOSED = "connected", "recovering", "broken", "closed"
+# Replay modes that re-send unanswered records (and resume answers, §5b).
+REPLAYING = ("idempotent", "unanswered")
 
 TRANSITIONS: dict[tuple[str, str], str] = {
     (CONNECTED, "recover"): RECOVERING,
@@ -341,6 +344,25 @@ def _dialect(m: Machine, d: Drop) -> str | None:
     return None if dialect is None else dialect.refusal()
 
 
+def _not_idempotent(m: Machine, d: Drop) -> str | None:
+    """DESIGN §5 (wave 3): under the default replay="idempotent" (and the stricter "safe"),
+    a request the dialect knows is not idempotent, and that may have reached the server, is
+    not re-sent (measured: a MULTI ... EXEC ran twice under replay="safe", the first write
+    on a reused connection)."""
+    dialect = m.dialect
+    if dialect is None or m.policy.replay not in ("idempotent", "safe"):
+        return None
+    if not (m.journal.pending or d.writing or m.holding()):
+        return None
+    what = dialect.unsafe()
+    if what is None:
+        return None
+    return (f"{dialect.name}: {what} may have reached the server (written whole, no answer "
+            "yet) and is not idempotent, so it is not re-sent: running it twice could leave "
+            "the server otherwise than once (session mode re-sends it exactly once; "
+            "replay='unanswered' opts in to at-least-once)")
+
+
 def _server_session(m: Machine, d: Drop) -> str | None:
     if m.session and m.policy.on_reconnect is None:
         return ("the server spoke first (a banner, as in SMTP, FTP, POP3, IMAP) and a session "
@@ -390,6 +412,7 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
     ("early-answer", _early_answer, EARLY_ANSWER, False, False),
     ("not-retryable", _not_retryable, SURFACE, True, False),
     ("dialect", _dialect, SURFACE, True, False),
+    ("not-idempotent", _not_idempotent, SURFACE, True, False),
     ("server-session", _server_session, SURFACE, True, False),
     ("mid-answer", _mid_answer, SURFACE, True, False),
     ("journal-overflow", _overflow, SURFACE, True, False),
@@ -410,7 +433,7 @@ class Machine:
         self.state = CONNECTED
         self.gen = 0  # connection generation: moves at every new connection
         self.journal = Journal(policy.journal_limit, keep_data=policy.replay != "none")
-        self.journal.keeping = policy.resume_answers and policy.replay == "unanswered"
+        self.journal.keeping = policy.resume_answers and policy.replay in REPLAYING
         self.episode: Episode | None = None
         self.owner: Any = None  # the greenlet running the recovery
         self.explicit = policy.confirm == "explicit"
@@ -431,6 +454,10 @@ class Machine:
         # Protocol knowledge (§5a).
         self.dialect: Any = None
         self.detected = False
+        # An error was surfaced and the connection let go (surface-discard, gave-up): the
+        # socket is as dead as a plain one, unless the dialect says a new connection is
+        # equivalent (``lazy_refusal``, DESIGN §5). A new connection published clears it.
+        self.dead = False
         # An unanswered EOF that repeats for the same re-sent records (§5): the mark of the
         # journal when an EOF recovery replayed, and whether anything was read since.
         self.eof_mark: int | None = None
@@ -447,6 +474,10 @@ class Machine:
         if event == "close":
             self.state = CLOSED
             return CLOSED
+        if event in ("surface-discard", "gave-up"):
+            self.dead = True
+        elif event == "reconnected":
+            self.dead = False
         try:
             self.state = TRANSITIONS[(self.state, event)]
         except KeyError:
@@ -522,8 +553,11 @@ class Machine:
             self.dialect = dialects.detect(first_write, first_read, prelude=self.policy.prelude)
         except Exception:  # a dialect must never break the connection  # pragma: no cover
             self.dialect = None
-        if self.dialect is not None and first_write is not None:
-            self.dialect.wrote(first_write)
+        if self.dialect is not None:
+            if getattr(self.dialect, "acks", False) and self.policy.confirm == "answer":
+                self.tcp_ack = True  # requests without answers: look at TCP acknowledgements
+            if first_write is not None:
+                self.dialect.wrote(first_write)
 
     def eof(self, nbytes: int, others_active: bool) -> Verdict | Drop:
         """The connection's read returned EOF. A verdict, or a Drop to judge with ``drop``."""
@@ -610,6 +644,30 @@ class Machine:
             return None
         return (self.target, _crc32(journal.unconfirmed()))
 
+    def lazy_refusal(self) -> str | None:
+        """Why a call after a surfaced error may not open a new connection lazily (None: it
+        may). DESIGN §5: a surfaced error leaves the socket as dead as a plain one, unless the
+        dialect knows a fresh connection is equivalent (no greeting, no login, no handshake)."""
+        if not self.dead:
+            return None
+        dialect = self.dialect
+        if dialect is not None:
+            why = dialect.refusal()
+            if why is not None:
+                return why
+            if dialect.fresh_ok():
+                return None
+            return (f"{dialect.name}: a new connection would lack this one's state (a "
+                    "greeting, a login or a handshake the application did)")
+        if self.server_first:
+            return ("the server spoke first (a greeting, then a login, as in SMTP, FTP, POP3, "
+                    "IMAP): a new connection would start a session the application never "
+                    "opened")
+        if self.policy.on_reconnect is not None:
+            return None  # the application's hook restores the session on a new connection
+        return ("the protocol is not known, so a new connection cannot be known to be "
+                "equivalent (it could lack a login or a handshake the application did)")
+
     def holding(self) -> bool:
         return self.dialect is not None and bool(self.dialect.hold())
 
@@ -618,7 +676,7 @@ class Machine:
         policy = self.policy
         if not policy.resume_answers:
             return "resume_answers is off, so it is surfaced"
-        if policy.replay != "unanswered":
+        if policy.replay not in REPLAYING:
             return f"replay={policy.replay!r} never resumes an answer"
         if not self.journal.kept_bytes and self.wrote:
             return ("its request is no longer kept (larger than journal_limit, or confirmed), "

@@ -26,7 +26,7 @@ from typing import Any
 
 __all__ = ["RetryPolicy", "FIELDS"]
 
-REPLAY_MODES = ("unanswered", "safe", "none")
+REPLAY_MODES = ("idempotent", "unanswered", "safe", "none")
 CONFIRM_MODES = ("answer", "tcp-ack", "explicit")
 EOF_MODES = ("unanswered-is-drop", "pass")
 
@@ -48,8 +48,13 @@ class RetryPolicy:
         by what is left of the deadline.
     retry_connect (True): the application's own first connect is retried too (a server that
         is restarting when the script starts).
-    replay ("unanswered"): re-send unconfirmed records after a reconnect ("safe": only the
-        first write on an idle reused connection; "none": never re-send).
+    replay ("idempotent"): re-send unconfirmed records after a reconnect, except a request
+        that may have reached the server and that the protocol's dialect knows is not
+        idempotent (HTTP POST / PATCH without ``Idempotency-Key``, RESP INCR, memcached incr,
+        ...): that drop is surfaced with a note naming the request, as the plain client sees
+        it. Unknown protocols: every unconfirmed record (at-least-once). "unanswered": opt in
+        to at-least-once for every request, idempotent or not; "safe": only the first write
+        on an idle reused connection; "none": never re-send. (docs/decisions.md, wave 3.)
     confirm ("answer"): when a record counts as delivered ("tcp-ack": once the peer's TCP
         acknowledged it, for write-only streams; "explicit": only ``sock.confirm()``).
     journal_limit (16 MiB): unconfirmed bytes kept for replay; beyond it, a drop is surfaced.
@@ -86,7 +91,7 @@ class RetryPolicy:
     backoff_max: float = 5.0
     connect_timeout: float | None = 10.0
     retry_connect: bool = True
-    replay: str = "unanswered"
+    replay: str = "idempotent"
     confirm: str = "answer"
     journal_limit: int = 16 * 1024 * 1024
     dead_peer_timeout: float | None = 30.0
@@ -269,8 +274,10 @@ FIELDS: dict[str, FieldSpec] = {
                                  "(default 10)", _seconds_or_none, "SECONDS"),
     "retry_connect": FieldSpec("also retry the application's first connect (default 1)",
                                _bool, "BOOL"),
-    "replay": FieldSpec("re-send unanswered writes after a reconnect: unanswered | safe | none "
-                        "(default unanswered)", _choice(REPLAY_MODES), "MODE", REPLAY_MODES),
+    "replay": FieldSpec("re-send unanswered writes after a reconnect: idempotent (not a "
+                        "request a dialect knows is not idempotent) | unanswered "
+                        "(at-least-once) | safe | none (default idempotent)",
+                        _choice(REPLAY_MODES), "MODE", REPLAY_MODES),
     "confirm": FieldSpec("when a write counts as delivered: answer | tcp-ack | explicit "
                          "(default answer)", _choice(CONFIRM_MODES), "MODE", CONFIRM_MODES),
     "journal_limit": FieldSpec("unconfirmed bytes kept for replay, e.g. 16MiB (default 16MiB)",

@@ -582,11 +582,11 @@ class ResilientSocket(_GeventSocket):
                             return raw(self, *args)  # the hook's own I/O
                         self._rs_wait_recovery(m, call_end)
                         continue
-                    # Broken (an error was surfaced and the connection let go). A server-first
-                    # protocol's next read reconnects (the new banner is the application's to
-                    # read); otherwise the read finds the connection's end, as a plain socket
-                    # would after the error, and the next write reconnects.
-                    if not m.server_first or self.timeout == 0.0:
+                    # Broken (an error was surfaced and the connection let go): the read
+                    # finds the connection's end, as a plain socket would after the error
+                    # (DESIGN §5). Only a server-first protocol whose connection was let go
+                    # without a surfaced error (an interrupted write) reconnects here.
+                    if not m.server_first or self.timeout == 0.0 or m.dead:
                         return _eof_result(kind, args)
                     self._rs_recover(None, call_end)
                     continue
@@ -741,24 +741,25 @@ class ResilientSocket(_GeventSocket):
             self._rs_handle_error(failure, "write", gen, call_end, writing=True)
 
     def _rs_lazy_reconnect(self, m: Machine, call_end: float | None) -> None:
-        """A write on a broken socket reconnects, unless the lineage cannot continue on a new
-        connection (a refusal that survives the discard: a tunnel, a handshake that began):
-        then the write fails as it would on the plain dead socket."""
-        dialect = m.dialect
-        why = dialect.refusal() if dialect is not None else None
+        """A write on a broken socket reconnects, unless an error was surfaced on it and the
+        dialect does not know a new connection to be equivalent (``Machine.lazy_refusal``,
+        DESIGN §5): then the write fails as it would on the plain dead socket (EPIPE)."""
+        why = m.lazy_refusal()
         if why is not None:
             exc = BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
-            add_note(exc, f"resilientsock: not reconnected: {why}")
+            add_note(exc, f"resilientsock: not reconnected: an error was surfaced on this "
+                     f"connection and {why}; open a new connection, as without resilientsock")
             raise exc
         self._rs_recover(None, call_end)
 
     def _rs_after_write(self, m: Machine) -> None:
         policy = m.policy
-        if policy.confirm == "tcp-ack":
+        if m.tcp_ack:  # confirm="tcp-ack", or a dialect with requests that get no answer
             now = _clock()
             if now - self._rs_ack_checked > _ACK_CHECK_INTERVAL:
                 self._rs_ack_checked = now
-                self._rs_confirm_acked(m)
+                if policy.confirm == "tcp-ack" or m.dialect.write_only():
+                    self._rs_confirm_acked(m)
         elif not self._rs_warned and policy.confirm == "answer":
             journal = m.journal
             if journal.overflowed or journal.size > max(1 << 20, policy.journal_limit // 4):
@@ -811,6 +812,8 @@ class ResilientSocket(_GeventSocket):
     def _rs_facts(self, m: Machine, info: ErrorInfo, phase: str, writing: bool) -> Drop:
         """The I/O the machine cannot do itself, done before it judges."""
         peer_not_reading = early = False
+        if m.tcp_ack and (m.policy.confirm == "tcp-ack" or m.dialect.write_only()):
+            self._rs_confirm_acked(m)  # what the peer's TCP acknowledged is not re-sent
         if phase == "write" and info.category is ErrorCategory.TIMEOUT:
             peer_not_reading = self._rs_peer_not_reading()
         elif phase == "write" and info.category is ErrorCategory.CONNECTION_LOST:
@@ -1281,6 +1284,8 @@ class ResilientSocket(_GeventSocket):
         acked = self._rs_tcp_acked()
         if acked is not None:
             m.journal.confirm_acked(acked)
+            if not m.journal.pending and m.dialect is not None:
+                m.dialect.acked()
 
     def _rs_tcp_info(self, need: int) -> bytes | None:
         """Linux ``TCP_INFO`` of the current connection, if it has at least ``need`` bytes."""

@@ -64,12 +64,25 @@ def test_detect_recognises(first_write, first_read, kind) -> None:
     assert type(detect(first_write, first_read)) is kind
 
 
+@pytest.mark.parametrize("first_write", [
+    b"get foo\r\n",                 # memcached text protocol (pymemcache)
+    b"set foo 0 0 3\r\nbar\r\n",
+    b"incr hits 1 noreply\r\n",
+    b"mg foo v\r\n",                # memcached meta protocol
+    b"ms foo 3 T0\r\nbar\r\n",
+])
+def test_detect_knows_memcached(first_write) -> None:
+    """Wave 3 (issue #23): memcached has a dialect now (it was left to the byte rules)."""
+    from resilientsock.dialects.memcached import MemcachedDialect
+
+    assert isinstance(detect(first_write, None), MemcachedDialect)
+
+
 @pytest.mark.parametrize("first_write, first_read", [
     (b"AUTH robot-7 secret\n", None),       # the robot's line protocol (examples/)
     (b"MSG 1 hello\n", None),
-    (b"get foo\r\n", None),                  # memcached text protocol (pymemcache)
-    (b"set foo 0 0 3\r\nbar\r\n", None),
-    (b"mg foo v\r\n", None),                 # memcached meta protocol
+    (b"get\r\n", None),                      # not a whole memcached command
+    (b"set foo 0 0 x\r\nbar\r\n", None),
     (b"EHLO me\r\n", None),                  # SMTP without waiting for the banner
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", None),
     (b"GET / HTTP/2\r\n", None),

@@ -13,7 +13,7 @@ def test_defaults_and_repr():
     assert (p.deadline, p.max_attempts, p.backoff_initial, p.backoff_multiplier,
             p.backoff_max) == (30.0, None, 0.05, 2.0, 5.0)
     assert (p.replay, p.confirm, p.journal_limit, p.dead_peer_timeout, p.eof) == (
-        "unanswered", "answer", 16 * 1024 * 1024, 30.0, "unanswered-is-drop")
+        "idempotent", "answer", 16 * 1024 * 1024, 30.0, "unanswered-is-drop")
     assert p.retry_connect is True and p.retry_read_timeouts is False
     assert "deadline=30.0" in repr(p)
     with pytest.raises(AttributeError):

@@ -46,6 +46,18 @@ def _detect(first_write: bytes | None, first_read: bytes | None, prelude: int) -
             return HttpDialect()
         if resp.looks_like(first_write):
             return resp.RespDialect()
+        from . import memcached
+
+        if memcached.looks_like(first_write):
+            return memcached.MemcachedDialect()
+        from . import stomp
+
+        if stomp.looks_like(first_write):
+            return stomp.StompDialect()
+        from . import ldap
+
+        if ldap.looks_like(first_write):
+            return ldap.LdapDialect()
     elif first_read:
         first_read = bytes(first_read)
     found = handshake.detect(first_write or None, first_read or None)

@@ -68,6 +68,33 @@ class Dialect:
         """
         return None
 
+    def unsafe(self) -> str | None:
+        """If the connection dropped now, under ``replay="idempotent"`` (DESIGN §5,
+        "Idempotency decides where a dialect knows it"): the name of an unanswered request
+        that may have reached the server (all of its bytes were written, no answer yet) and
+        that is not idempotent (running it twice leaves the server otherwise than once would),
+        such as ``"POST /orders"`` or ``"INCR counter"``; None if every such request may run
+        again. A request not yet written whole cannot have run, so it does not count."""
+        return None
+
+    def fresh_ok(self) -> bool:
+        """True if a new connection is equivalent to this one for what the application
+        writes next (no greeting, login or handshake it would lack, or the setup ``restore``
+        redoes): after a surfaced error the core may then open one lazily on the next write.
+        False (the default, and for every unknown protocol): the socket stays as dead as a
+        plain one (DESIGN §5)."""
+        return False
+
+    def write_only(self) -> bool:
+        """True while no request written awaits an answer (memcached ``noreply``): then a
+        record the peer's TCP acknowledged counts as delivered (``confirm="tcp-ack"`` for
+        these records), so it is never replayed later over a newer value."""
+        return False
+
+    def acked(self) -> None:
+        """Every record written so far is confirmed (the peer's TCP acknowledged what no
+        answer will ever confirm): nothing written before now can be re-sent."""
+
     def restore(self) -> Restore | None:
         """Setup to redo on a new connection (a fresh object on every call), or None."""
         return None

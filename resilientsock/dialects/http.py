@@ -100,20 +100,26 @@ class _Body:
 
 
 class _Req:
-    __slots__ = ("method", "target", "host", "upgrade", "safe", "interim")
+    __slots__ = ("method", "target", "host", "upgrade", "safe", "interim", "whole")
 
     def __init__(self, event: h11.Request) -> None:
         self.method = event.method
         self.target = event.target
         self.host = b"x"
         self.upgrade = None
+        keyed = False
         for name, value in event.headers:
             if name == b"host":
                 self.host = value
             elif name == b"upgrade":
                 self.upgrade = value
-        self.safe = self.method in IDEMPOTENT
+            elif name == b"idempotency-key":
+                keyed = True
+        # RFC 9110 §9.2.2, and the IETF httpapi Idempotency-Key header: the server makes a
+        # keyed request run once, however often it arrives.
+        self.safe = self.method in IDEMPOTENT or keyed
         self.interim = False  # an interim (1xx) response was read for it
+        self.whole = False  # every byte of it (head and body) was written
 
     def label(self) -> str:
         return f"{self.method.decode('latin-1')} {self.target[:60].decode('latin-1')}"
@@ -186,6 +192,7 @@ class HttpDialect(Dialect):
         # write side
         self._whead: h11.Connection | None = None
         self._wbody: _Body | None = None
+        self._wreq: _Req | None = None  # the request whose body is being written
         self._wpaused: _Req | None = None  # an Upgrade / CONNECT awaiting its answer
         # read side
         self._inflight: deque[_Req] = deque()  # requests whose response is not complete
@@ -227,6 +234,9 @@ class HttpDialect(Dialect):
                 i = self._wbody.feed(data, i)
                 if self._wbody.done:
                     self._wbody = None
+                    if self._wreq is not None:
+                        self._wreq.whole = True
+                        self._wreq = None
                 continue
             conn = self._whead
             if conn is None:
@@ -244,11 +254,16 @@ class HttpDialect(Dialect):
             body = None if req.method == b"CONNECT" else _body_of(event.headers, response=False)
             data, i, n = bytes(rest), 0, len(rest)
             if req.upgrade is not None or req.method == b"CONNECT":
+                req.whole = True
                 self._wpaused = req
                 if n:
                     raise ValueError("bytes written after an Upgrade / CONNECT request")
                 return
             self._wbody = body
+            if body is None:
+                req.whole = True
+            else:
+                self._wreq = req
 
     def _request(self, req: _Req, headers: Iterable[tuple[bytes, bytes]]) -> None:
         self._inflight.append(req)
@@ -397,6 +412,19 @@ class HttpDialect(Dialect):
 
     def hold(self) -> bool:
         return any(r.interim for r in self._inflight) and self.lost is None
+
+    def unsafe(self) -> str | None:
+        if self._tunnel is not None or self.lost is not None:
+            return None  # refused already, or unknown (byte rules)
+        for req in self._inflight:
+            if req.whole and not req.safe:
+                return req.label()
+        return None
+
+    def fresh_ok(self) -> bool:
+        # Stateless between requests (RFC 9110 §3.3), unless a tunnel or a connection-bound
+        # authentication is under way (both refused) or the stream could not be followed.
+        return self._tunnel is None and self._bound is None and self.lost is None
 
     def resumable(self) -> bool:
         if self._tunnel is not None or self._bound is not None or self.lost is not None:

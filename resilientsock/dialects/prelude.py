@@ -117,6 +117,10 @@ class PreludeDialect(Dialect):
     def resumable(self) -> bool:
         return True  # an unknown protocol: the bytes decide (§5b)
 
+    def fresh_ok(self) -> bool:
+        # The user declared the setup: restore() redoes it on any new connection.
+        return not self._too_big
+
     def discard(self) -> None:
         # In-flight bytes are gone; the recorded prelude stays (it is every connection's).
         if self._counting:

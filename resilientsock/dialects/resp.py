@@ -451,6 +451,15 @@ def _idempotent(name: bytes, args: list[bytes]) -> bool:
     return sub is not None and len(args) > 1 and args[1].upper() in sub
 
 
+def _name(cmd: _Cmd) -> str:
+    """A command for a note: its name and first key, e.g. ``INCR counter``."""
+    name = cmd.name.decode("latin-1")
+    if len(cmd.args) > 1:
+        key = cmd.args[1][:40].decode("latin-1", "replace")
+        return f"{name} {key}"
+    return name
+
+
 def _setup_key(cmd: _Cmd) -> str | None:
     name, args = cmd.name, cmd.args
     if name == b"AUTH":
@@ -641,6 +650,27 @@ class RespDialect(Dialect):
             return (f"RESP: a reply was cut mid-way and its command(s) ({names}) are not "
                     "idempotent, so they are not re-sent")
         return None
+
+    def unsafe(self) -> str | None:
+        if self.lost is not None:
+            return None  # refused already when state was recorded; else unknown (byte rules)
+        for cmd in self._fifo:
+            kind = cmd.kind
+            if kind in ("multi", "queued", "discard", "error"):
+                continue  # queued commands run only at EXEC; these run nothing
+            if kind == "exec":
+                bad = next((q for q in cmd.queued if not q.safe), None)
+                if bad is not None:
+                    return f"MULTI ... EXEC ({_name(bad)})"
+                continue
+            if not cmd.safe:
+                return _name(cmd)
+        return None
+
+    def fresh_ok(self) -> bool:
+        # A new connection gets the recorded setup back (restore); nothing else in RESP is
+        # connection state the refusals do not cover.
+        return self.lost is None and self.refusal() is None
 
     def restore(self) -> Restore | None:
         if not self._setup or self.lost is not None:

@@ -14,8 +14,10 @@ Rules of this module:
    resilientsock loses no more (silently: the client was told ok, the server has nothing),
    writes nothing to the wrong place, raises no error type the plain client would not have
    had (its observed types plus the row's documented ones), and never hangs past the
-   application's own timeout. Duplicates and recovery time are measured and reported, not
-   judged here (at-least-once re-sending is the documented contract of §5).
+   application's own timeout. Duplicates and recovery time are measured and reported; for a
+   row whose operations are not idempotent (``Row.idempotent`` False: INCR, incr) each key's
+   executions are counted on the server, and more duplicates than the plain run is worse
+   (issue #23: such a request is never re-sent where a dialect knows it, DESIGN §5).
 4. Every run is saved as JSON under ``$FIELD_RESULTS`` (default build/field/) for
    ``tests/field/report.py``, which writes docs/field.md's table; the client's op log and
    output and the server's log are kept beside it (``runs/<row>/``).
@@ -45,6 +47,8 @@ RESULTS = Path(os.environ.get("FIELD_RESULTS", ROOT / "build" / "field"))
 # The fault kinds of a plan. cutup:K / cutdown:K arm FaultProxy.cut_after(K, "up"/"down"):
 # the next connection to move K more bytes that way is reset there (mid-request / mid-answer);
 # a ":new" suffix spares the connections already open (a cut inside the next handshake).
+# answer-lost arms FaultProxy.plan.on_response: the next request is handled by the server
+# and the client is reset at its answer's first byte (issue #23).
 DEFAULT_KINDS = ("reset", "close", "refuse1.0", "cutup:20", "cutdown:200")
 
 
@@ -70,6 +74,10 @@ class Row:
     timeout: float = 90.0
     upstream_port: int | None = None  # default: server.port
     at_start: str | None = None  # a fault kind fired before the client starts (e.g. refuse1.0)
+    # The row's operations are not idempotent (INCR): the server counts how often each ran
+    # (``server.count_counters``), and a key run more often than in the plain run is a worse
+    # verdict (issue #23: duplicates are judged, not only measured).
+    idempotent: bool = True
 
     def plan(self) -> list[tuple[float, str]]:
         """``faults`` (time after start, kind): kinds in a seeded round-robin shuffle."""
@@ -97,6 +105,9 @@ def fire(proxy: FaultProxy, kind: str) -> Any:
     if kind.startswith("refuse"):
         proxy.refuse(float(kind[6:] or 1.0))
         return proxy.reset_all()
+    if kind == "answer-lost":  # the next request reaches the server; its answer is reset
+        proxy.plan.on_response(1, "reset")
+        return "armed"
     if kind.startswith(("cutup:", "cutdown:")):
         name, n, *new = kind.split(":")
         proxy.cut_after(int(n), name[3:], new_only=bool(new))
@@ -219,7 +230,8 @@ def run_mode(row: Row, mode: str, workdir: Path) -> dict[str, Any]:
             err.close()
         wall = time.monotonic() - start
         proxy_info = {"connections": proxy.connections, "faults": dict(proxy.faults)}
-    counts = row.server.count(prefix, before)
+    counts = (row.server.count(prefix, before) if row.idempotent else
+              row.server.count_counters(prefix, before))
     ops = [json.loads(ln) for ln in oplog.read_text().splitlines() if ln.strip()] \
         if oplog.exists() else []
     stderr = (folder / "stderr.txt").read_text(errors="replace")
@@ -301,6 +313,9 @@ def compare(row: Row, plain: dict[str, Any], rs: dict[str, Any]) -> dict[str, An
     if rs["hang"] or rs["max_op_s"] > limit:
         worse.append(f"hangs: slowest operation {rs['max_op_s']} s, limit {limit:.1f} s "
                      f"(app timeout {row.app_timeout} s), killed={rs['hang']}")
+    if not row.idempotent and rs["duplicates"] > plain["duplicates"]:
+        worse.append(f"non-idempotent operations run more than once: {rs['duplicates']} "
+                     f"(plain {plain['duplicates']})")
     if rs["ops"] == 0:
         worse.append(f"the client did nothing (rc={rs['rc']}): {rs['stderr_tail'][-300:]}")
     recovered = plain["failed"] - rs["failed"]

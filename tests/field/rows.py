@@ -176,3 +176,24 @@ def requests_nginx_tls_after_retried_connect(server: Nginx, **kw: Any) -> Row:
                        server.cafile],
                upstream_port=server.tls_port, at_start="refuse1.0", kinds=("reset",),
                faults=6, plain_errors=REQUESTS_ERRORS | {"requests.exceptions.SSLError"}, **kw)
+
+
+def redis_incr(server: Redis, **kw: Any) -> Row:
+    """Issue #23: INCR with redis-py's own retries off. A lost answer must not make it run
+    twice (it did: the counter went up by 2 where plain raised and it ran once)."""
+    return Row(slug="redis-incr", title="redis-py INCR (retries off) vs redis-server",
+               server=server,
+               client=["redis_incr_client.py", "127.0.0.1", "{port}", server.password, "2"],
+               kinds=("answer-lost", "reset", "answer-lost", "close", "cutup:10"),
+               idempotent=False,
+               plain_errors=frozenset({"redis.exceptions.ConnectionError",
+                                       "redis.exceptions.TimeoutError"}), **kw)
+
+
+def pymemcache_incr(server: Memcached, **kw: Any) -> Row:
+    """Issue #23: pymemcache incr. A lost answer must not make it run twice."""
+    return Row(slug="pymemcache-incr", title="pymemcache incr vs memcached", server=server,
+               client=["memcache_incr_client.py", "127.0.0.1", "{port}"],
+               kinds=("answer-lost", "reset", "answer-lost", "close", "cutup:10"),
+               idempotent=False, plain_errors=OS_ERRORS | {
+                   "pymemcache.exceptions.MemcacheUnexpectedCloseError"}, **kw)

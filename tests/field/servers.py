@@ -199,6 +199,24 @@ class Redis(Server):
         return c
 
 
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        """An INCR row (db 2): each key's value is how often its INCR ran."""
+        c = Counts()
+        for db in range(16):
+            client = self._client(db)
+            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if db == 2:
+                for k in keys:
+                    v = client.get(k)
+                    if v is not None and v.isdigit() and int(v):
+                        c.seen[k.decode()] = int(v)
+            elif keys:
+                c.wrong_place += len(keys)
+                c.other[f"keys_in_db{db}"] = len(keys)
+        c.extra_executions = sum(n - 1 for n in c.seen.values())
+        return c
+
+
 # ----------------------------------------------------------------------------- MariaDB ----
 
 class MariaDB(Server):
@@ -311,6 +329,20 @@ class Memcached(Server):
         sets = self._stats()["cmd_set"] - before["cmd_set"]
         return Counts(seen=found, extra_executions=max(0, sets - len(found)),
                       other={"set_calls": sets})
+
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        """An incr row: each key's value is how often its incr ran."""
+        from pymemcache.client.base import Client
+        c = Client(("127.0.0.1", self.port), timeout=5)
+        keys = [f"{prefix}{i}" for i in range(int(os.environ.get("FIELD_MAX_OPS", "4000")))]
+        found: Counter[str] = Counter()
+        for i in range(0, len(keys), 200):
+            for k, v in c.get_many(keys[i:i + 200]).items():
+                if v.strip().isdigit() and int(v):
+                    found[k] = int(v)
+        c.close()
+        return Counts(seen=found, extra_executions=sum(n - 1 for n in found.values()))
 
 
 # ------------------------------------------------------------------------------- exim ----
