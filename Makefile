@@ -2,7 +2,7 @@
 #
 #   make test                 create .venv (python3), install, run the default suite
 #   make test PY=python3.13   the same on another interpreter (own venv: .venv-python3.13)
-#   make lint                 ruff + mypy
+#   make lint                 ruff + mypy --strict (its settings: pyproject.toml)
 #   make demo                 the main job, shown: a legacy robot client through injected faults
 #   make stress               make test + make demo with a busy loop holding one core
 #   make soak                 the long tests (marker `slow`)

@@ -22,13 +22,50 @@ import os
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
-__all__ = ["RetryPolicy", "FIELDS"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-REPLAY_MODES = ("unanswered", "safe", "none")
-CONFIRM_MODES = ("answer", "tcp-ack", "explicit")
-EOF_MODES = ("unanswered-is-drop", "pass")
+__all__ = ["RetryPolicy", "FIELDS", "ReplayMode", "ConfirmMode", "EofMode", "PolicyFields",
+           "PatchFields"]
+
+# The mode options as types: ``mypy --strict`` flags a misspelled mode in a user's script.
+ReplayMode = Literal["unanswered", "safe", "none"]
+ConfirmMode = Literal["answer", "tcp-ack", "explicit"]
+EofMode = Literal["unanswered-is-drop", "pass"]
+REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
+CONFIRM_MODES: tuple[str, ...] = get_args(ConfirmMode)
+EOF_MODES: tuple[str, ...] = get_args(EofMode)
+
+
+class PatchFields(TypedDict, total=False):
+    """The policy keywords of ``patch()`` (for type checkers; ``session`` is patch's own)."""
+
+    deadline: float | None
+    max_attempts: int | None
+    backoff_initial: float
+    backoff_multiplier: float
+    backoff_max: float
+    connect_timeout: float | None
+    retry_connect: bool
+    replay: ReplayMode
+    confirm: ConfirmMode
+    journal_limit: int
+    dead_peer_timeout: float | None
+    eof: EofMode
+    retry_read_timeouts: bool
+    reconnect_rate: float
+    resume_answers: bool
+    prelude: int
+    on_disconnect: Callable[..., Any] | None
+    on_reconnect: Callable[..., Any] | None
+
+
+class PolicyFields(PatchFields, total=False):
+    """The keywords of ``RetryPolicy.replace`` (for type checkers)."""
+
+    session: bool
 
 
 @dataclass(frozen=True)
@@ -86,11 +123,11 @@ class RetryPolicy:
     backoff_max: float = 5.0
     connect_timeout: float | None = 10.0
     retry_connect: bool = True
-    replay: str = "unanswered"
-    confirm: str = "answer"
+    replay: ReplayMode = "unanswered"
+    confirm: ConfirmMode = "answer"
     journal_limit: int = 16 * 1024 * 1024
     dead_peer_timeout: float | None = 30.0
-    eof: str = "unanswered-is-drop"
+    eof: EofMode = "unanswered-is-drop"
     retry_read_timeouts: bool = False
     reconnect_rate: float = 200.0
     resume_answers: bool = True
@@ -148,11 +185,12 @@ class RetryPolicy:
             if value is not None and not callable(value):
                 raise bad(field, "must be callable or None")
 
-    def replace(self, **changes: Any) -> RetryPolicy:
-        """A copy with ``changes`` applied (validated; unknown names are a ValueError)."""
+    def replace(self, **changes: Unpack[PolicyFields]) -> RetryPolicy:
+        """A copy with ``changes`` applied, validated. An unknown name is a TypeError naming
+        it (as for any Python call); a bad value a ValueError naming the field."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"RetryPolicy has no field(s): {', '.join(sorted(unknown))}")
+            raise TypeError(f"RetryPolicy has no field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
 
     def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
