@@ -797,6 +797,8 @@ class Relay:
         finally:
             loop.stop()
 
+    close = stop  # the one name every service has (FaultProxy, MessageServer, ToxiproxyAPI)
+
     def __enter__(self) -> Relay:
         return self.start()
 

@@ -29,9 +29,9 @@ def _fresh_stats() -> Iterator[None]:
 
 
 @pytest.fixture
-def server(message_server: MessageServer) -> MessageServer:
+def server(resilientsock_message_server: MessageServer) -> MessageServer:
     """The plugin's fixture (resilientsock.testing.plugin, loaded through pytest11)."""
-    return message_server
+    return resilientsock_message_server
 
 
 @pytest.fixture

@@ -119,6 +119,7 @@ class ListenerService:
         self._listener: Any = None
         self._acceptor: Any = None
         self._handlers: dict[Any, Any] = {}  # handler greenlet -> the socket it was given
+        self._shut = False
         self.connections = 0
         self.address: tuple[str, int] = (host, port)
 
@@ -129,12 +130,21 @@ class ListenerService:
         return self
 
     def shutdown(self) -> None:
-        """Close everything; stop the loop thread if it is this service's own."""
+        """Close everything; stop the loop thread if it is this service's own. A second
+        call does nothing."""
+        if self._shut:
+            return
+        self._shut = True
         try:
             self._loop.call(self._shutdown_here)
         finally:
             if self._own_loop:
                 self._loop.stop()
+
+    def close(self) -> None:
+        """The same as ``shutdown()``: the one way to stop any service (FaultProxy,
+        MessageServer, ToxiproxyAPI; Relay has it too). Safe to call twice."""
+        self.shutdown()
 
     def __enter__(self: S) -> S:
         return self.start()
