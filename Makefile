@@ -77,6 +77,7 @@ bench: $(STAMP)
 	$(VPY) benchmarks/bench.py --write benchmarks/RESULTS.md $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_proxy.py --append benchmarks/RESULTS.md
 	$(VPY) benchmarks/bench_session.py --append benchmarks/RESULTS.md
+	$(VPY) benchmarks/bench_modes.py --append benchmarks/RESULTS.md
 
 conformance: $(STAMP)
 	$(VPY) conformance/run.py --write docs/conformance/ $(CONFORMANCE_ARGS)
