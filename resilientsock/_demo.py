@@ -159,7 +159,7 @@ def _one_run(label: str, resilient: bool, count: int, interval: float,
         "unique": len(set(received)), "duplicates": len(received) - len(set(received)),
         "lost": count - len(set(received)), "faults": counts, "stats": stats,
         "error": last_line, "stdout": out.strip(), "connections": connections,
-        "relay": relay_stats, "stderr_all": err,
+        "relay": relay_stats,
     }
 
 
