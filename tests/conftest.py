@@ -59,6 +59,11 @@ class RandomResets:
             gevent.sleep(self.rng.uniform(*self.period))
             self.proxy.reset_all()
 
+    def at_least(self, count: int) -> None:
+        """Wait (bounded) until ``count`` resets have fired: a client loop on a fast machine
+        can otherwise finish before the first one (then it proved nothing)."""
+        wait_until(lambda: self.proxy.faults["reset"] >= count, what=f"{count} reset(s)")
+
     def __enter__(self) -> RandomResets:
         import gevent
 

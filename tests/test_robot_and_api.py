@@ -13,8 +13,10 @@ def test_robot_loop_2000_messages_through_random_resets(server):
     policy = RetryPolicy(deadline=10, backoff_initial=0.01, backoff_max=0.1)
     with FaultProxy(server.address) as proxy:
         sock = ResilientSocket.connect(proxy.address, policy, timeout=10)
-        with sock, sock.makefile("rb") as reader, RandomResets(proxy, seed=42):
+        with sock, sock.makefile("rb") as reader, RandomResets(proxy, seed=42) as resets:
             for n in range(1, 2001):
+                if n == 1000:
+                    resets.at_least(1)
                 sock.sendall(b"MSG %d reading\n" % n)
                 assert reader.readline() == b"ACK %d\n" % n
     got = server.received

@@ -35,8 +35,10 @@ def tls_connect(address, tls_server, policy=FAST) -> ResilientSSLSocket:  # type
 def test_tls_robot_loop_through_resets(tls_server):
     with FaultProxy(tls_server.address) as proxy:
         sock = tls_connect(proxy.address, tls_server)
-        with sock, sock.makefile("rb") as reader, RandomResets(proxy, seed=3):
+        with sock, sock.makefile("rb") as reader, RandomResets(proxy, seed=3) as resets:
             for n in range(1, 301):
+                if n == 150:
+                    resets.at_least(1)
                 sock.sendall(b"MSG %d reading\n" % n)
                 assert reader.readline() == b"ACK %d\n" % n
     assert_in_order_no_loss(tls_server.received, 300)
