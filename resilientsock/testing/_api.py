@@ -232,8 +232,11 @@ class ToxiproxyAPI(ListenerService):
                     # Toxiproxy keeps a proxy only when both addresses are the same; one given
                     # without `listen` is replaced (on a new free port).
                     same_up = _join(old.upstream) == fields["upstream"]
-                    same_listen = bool(fields["listen"]) and \
-                        _resolve(parse_address(fields["listen"])) == tuple(old.address)
+                    try:
+                        same_listen = bool(fields["listen"]) and \
+                            _resolve(parse_address(fields["listen"])) == tuple(old.address)
+                    except ValueError as exc:
+                        raise ToxicError(f"bad request body: {exc}") from None
                     if same_up and same_listen:
                         done.append(old)
                         continue
