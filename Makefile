@@ -2,8 +2,9 @@
 #
 #   make test                 create .venv (python3), install, run the default suite
 #   make test PY=python3.13   the same on another interpreter (own venv: .venv-python3.13)
-#   make lint                 ruff + mypy
+#   make lint                 ruff + mypy --strict (its settings: pyproject.toml)
 #   make demo                 the main job, shown: a legacy robot client through injected faults
+#   make stress               make test + make demo with a busy loop holding one core
 #   make soak                 the long tests (marker `slow`)
 #   make field                the real-client matrix against real servers -> docs/field.md
 #   make bench                benchmarks against the plain gevent socket -> benchmarks/RESULTS.md
@@ -22,7 +23,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test field lint demo soak bench conformance conformance-quick system-deps clean docs peer-suites
+.PHONY: test field lint demo stress soak bench conformance conformance-quick system-deps clean docs peer-suites
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
@@ -31,15 +32,18 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VPY) -m pip install -q -e '.[test,lint,docs]'
 	touch $(STAMP)
 
-# Servers that the client-library tests and the real-client matrix (make field) talk to.
-# Best effort and idempotent: only what is missing is installed, in one apt-get call, as
-# root; otherwise the tests that need a server skip with a reason. (On a machine whose
-# init system runs, apt starts these as system services too; the tests never use those:
-# they start their own on free loopback ports.)
-SYSTEM_DEPS := redis-server:redis-server nginx:nginx mariadb-server:mariadbd \
-               memcached:memcached exim4:exim4 openssh-server:sshd
+# Servers the tests talk to, as apt-package:executable pairs. Best effort and idempotent:
+# only what is missing is installed, in one apt-get call, as root; otherwise the tests that
+# need a server skip with a reason. (On a machine whose init system runs, apt starts these
+# as system services too; the tests never use those: they start their own on free loopback
+# ports.) `make test` installs what its tests use (TEST_DEPS: redis-server for the redis-py
+# tests, memcached for the memcached dialect, sshd for SSH through the session relay);
+# `make field` installs the rest of the real-client matrix's servers too (FIELD_DEPS).
+TEST_DEPS := redis-server:redis-server memcached:memcached openssh-server:sshd
+FIELD_DEPS := $(TEST_DEPS) nginx:nginx mariadb-server:mariadbd exim4:exim4
+DEPS ?= $(TEST_DEPS)
 system-deps:
-	@missing=""; for pair in $(SYSTEM_DEPS); do exe=$${pair##*:}; \
+	@missing=""; for pair in $(DEPS); do exe=$${pair##*:}; \
 	  command -v $$exe >/dev/null 2>&1 || test -x /usr/sbin/$$exe || missing="$$missing $${pair%%:*}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -61,7 +65,8 @@ $(FIELD_STAMP): $(STAMP)
 	$(VPY) -m pip install -q -e '.[test,lint,field]'
 	touch $(FIELD_STAMP)
 
-field: $(FIELD_STAMP) system-deps
+field: $(FIELD_STAMP)
+	@$(MAKE) --no-print-directory system-deps DEPS="$(FIELD_DEPS)"
 	$(VPY) -m pytest $(PYTEST_ARGS) -m field -p no:randomly tests/field; status=$$?; \
 	  $(VPY) tests/field/report.py --write docs/field.md; exit $$status
 
@@ -72,6 +77,7 @@ bench: $(STAMP)
 	$(VPY) benchmarks/bench.py --write benchmarks/RESULTS.md $(BENCH_ARGS)
 	$(VPY) benchmarks/bench_proxy.py --append benchmarks/RESULTS.md
 	$(VPY) benchmarks/bench_session.py --append benchmarks/RESULTS.md
+	$(VPY) benchmarks/bench_modes.py --append benchmarks/RESULTS.md
 
 conformance: $(STAMP)
 	$(VPY) conformance/run.py --write docs/conformance/ $(CONFORMANCE_ARGS)
@@ -95,6 +101,19 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(VPY) -m resilientsock demo $(DEMO_ARGS)
+
+# Flakiness made visible: `make test` and `make demo` while a busy loop holds one core (the
+# loaded CI box). The hog is killed however the runs end; the status is non-zero if either
+# failed. STRESS_RUNS=5 repeats both.
+STRESS_RUNS ?= 1
+stress: $(STAMP) system-deps
+	@python3 -c 'while True: pass' & hog=$$!; trap 'kill $$hog 2>/dev/null' EXIT INT TERM; \
+	status=0; for i in $$(seq 1 $(STRESS_RUNS)); do \
+	  echo "::: stress run $$i/$(STRESS_RUNS): make test + make demo, one core busy (pid $$hog)"; \
+	  $(MAKE) --no-print-directory test || { echo "::: stress run $$i: make test FAILED"; status=1; }; \
+	  $(MAKE) --no-print-directory demo || { echo "::: stress run $$i: make demo FAILED"; status=1; }; \
+	done; \
+	echo "::: stress: $$( [ $$status = 0 ] && echo green || echo FAILED )"; exit $$status
 
 # pdoc renders self-contained HTML (no CDN, no network); its assets are in the wheel.
 docs: $(STAMP)

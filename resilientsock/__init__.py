@@ -1,19 +1,26 @@
 """resilientsock: make legacy blocking network code survive a flaky network.
 
-Three ways in::
+A socket that notices a dropped connection, reconnects (a new DNS lookup, a new TLS
+handshake), re-sends the writes that were never answered and carries on; when it cannot, the
+caller gets the original exception type with a note saying what was tried. Three ways in::
 
     import resilientsock
-    resilientsock.patch()                       # 1. at startup
-    sock = resilientsock.ResilientSocket.connect(("hub", 9000))   # 2. directly
-    # 3. python -m resilientsock script.py      (unchanged scripts)
+    resilientsock.patch()                       # 1. at startup: every client socket
+    sock = resilientsock.ResilientSocket.connect(("hub", 9000))   # 2. one socket
+    # 3. python -m resilientsock script.py      (unchanged scripts; also `resilientsock ...`)
 
-PYTEST_DONT_REWRITE: under ``python -m resilientsock -m pytest`` this package is imported
-before pytest starts, and its assertion rewriting must not warn about it.
+How hard it tries is a ``RetryPolicy`` (``patch(deadline=60)``, ``RetryPolicy(replay="safe")``);
+``Relay`` and ``patch(session=[...])`` give exactly-once sessions through a relay next to the
+server. ``resilientsock.testing`` has the fault proxy and pytest fixtures for your own tests.
+Guides: docs/choosing-a-mode.md (which mode for which client), docs/api.md (every option),
+docs/troubleshooting.md.
 
-Import rule (DESIGN §7): this module imports none of ssl, asyncio or wrapt, and not gevent's
-socket module, so ``patch()`` can run gevent's monkey-patching first. Everything heavy is
-loaded on first use (PEP 562 ``__getattr__``).
+PYTEST_DONT_REWRITE (this marker keeps pytest's assertion rewriting away from the package).
 """
+
+# Import rule (docs/design.md §7): this module imports none of ssl, asyncio or wrapt, and not
+# gevent's socket module, so patch() can run gevent's monkey-patching first. Everything heavy
+# is loaded on first use (PEP 562 __getattr__).
 
 from __future__ import annotations
 

@@ -68,9 +68,14 @@ def _fire(proxy: FaultProxy, kind: str, counts: Counter[str]) -> None:
 
 
 def _run_fault_plan(proxy: FaultProxy, plan: list[tuple[float, str]], counts: Counter[str],
-                    stop: list[bool]) -> None:
+                    stop: list[bool], server: MessageServer) -> None:
     import gevent
 
+    # The plan's clock starts at the client's first reading, not at its launch: on a loaded
+    # machine the interpreter's start can take seconds, and faults fired before the client
+    # has connected would test its start-up (a session's handshake), not the run.
+    while not server.received and not stop[0]:
+        gevent.sleep(0.01)
     start = time.monotonic()
     for at, kind in plan:
         delay = at - (time.monotonic() - start)
@@ -116,7 +121,7 @@ def _one_run(label: str, resilient: bool, count: int, interval: float,
         env["RESILIENTSOCK_STATS_FILE"] = stats_path
     cmd += [CLIENT, proxy.address[0], str(proxy.address[1]), str(count), str(interval)]
     started = time.monotonic()
-    loop.spawn(_run_fault_plan, proxy, plan, counts, stop)
+    loop.spawn(_run_fault_plan, proxy, plan, counts, stop, server)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     last_print = 0.0

@@ -20,9 +20,14 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._policy import RetryPolicy
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ._policy import PatchFields
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
@@ -53,15 +58,16 @@ def session_targets() -> list[str]:
 
 
 def patch(policy: RetryPolicy | None = None, *, session: Any = None,
-          **policy_fields: Any) -> None:
+          **policy_fields: Unpack[PatchFields]) -> None:
     """Monkey-patch with gevent, then make every client stream socket resilient.
 
     ``policy`` (default: ``RetryPolicy.from_env()``, i.e. the defaults overridden by
     ``RESILIENTSOCK_*`` variables) with ``policy_fields`` applied on top becomes the policy of
     every socket created afterwards. ``session`` (a list of ``"HOST:PORT"``, or one string with
     commas; default: ``RESILIENTSOCK_SESSION``) names the targets whose connections become
-    sessions through a relay (DESIGN §11); only those speak the session protocol. Unknown or
-    invalid fields or targets are a ``ValueError`` raised before anything is patched.
+    sessions through a relay (DESIGN §11); only those speak the session protocol. An unknown
+    keyword is a ``TypeError`` naming it, an invalid field or target a ``ValueError``: both
+    raised before anything is patched.
     """
     global _patched, _subscriber
     if policy is not None and not isinstance(policy, RetryPolicy):

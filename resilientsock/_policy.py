@@ -22,87 +22,145 @@ import os
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
-__all__ = ["RetryPolicy", "FIELDS"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-REPLAY_MODES = ("idempotent", "unanswered", "safe", "none")
-CONFIRM_MODES = ("answer", "tcp-ack", "explicit")
-EOF_MODES = ("unanswered-is-drop", "pass")
+__all__ = ["RetryPolicy", "FIELDS", "ReplayMode", "ConfirmMode", "EofMode", "PolicyFields",
+           "PatchFields"]
+
+# The mode options as types: ``mypy --strict`` flags a misspelled mode in a user's script.
+ReplayMode = Literal["idempotent", "unanswered", "safe", "none"]
+ConfirmMode = Literal["answer", "tcp-ack", "explicit"]
+EofMode = Literal["unanswered-is-drop", "pass"]
+REPLAY_MODES: tuple[str, ...] = get_args(ReplayMode)
+CONFIRM_MODES: tuple[str, ...] = get_args(ConfirmMode)
+EOF_MODES: tuple[str, ...] = get_args(EofMode)
+
+
+class PatchFields(TypedDict, total=False):
+    """The policy keywords of ``patch()`` (for type checkers; ``session`` is patch's own)."""
+
+    deadline: float | None
+    max_attempts: int | None
+    backoff_initial: float
+    backoff_multiplier: float
+    backoff_max: float
+    connect_timeout: float | None
+    retry_connect: bool
+    replay: ReplayMode
+    confirm: ConfirmMode
+    journal_limit: int
+    dead_peer_timeout: float | None
+    eof: EofMode
+    retry_read_timeouts: bool
+    reconnect_rate: float
+    resume_answers: bool
+    prelude: int
+    on_disconnect: Callable[..., Any] | None
+    on_reconnect: Callable[..., Any] | None
+
+
+class PolicyFields(PatchFields, total=False):
+    """The keywords of ``RetryPolicy.replace`` (for type checkers)."""
+
+    session: bool
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How a resilient socket recovers. Defaults, and why:
-
-    deadline (30 s): seconds one call may spend recovering. Long enough for a server restart
-        or a DHCP renewal, short enough that a script does not hang silently. None: no limit
-        (then ``max_attempts`` must be set).
-    max_attempts (None): reconnect attempts per call; None means "until the deadline".
-    backoff_initial (0.05 s), backoff_multiplier (2.0), backoff_max (5.0 s): the exponential
-        schedule before full jitter. 0.05 s reaches the 5 s cap after ~7 attempts. The
-        schedule restarts once an attempt reaches the server after attempts that found
-        nobody, and a wait that would outlast the budget becomes one last attempt just
-        before the budget ends.
-    connect_timeout (10 s): per reconnect attempt (TCP connect + TLS handshake), also bounded
-        by what is left of the deadline.
-    retry_connect (True): the application's own first connect is retried too (a server that
-        is restarting when the script starts).
-    replay ("idempotent"): re-send unconfirmed records after a reconnect, except a request
-        that may have reached the server and that the protocol's dialect knows is not
-        idempotent (HTTP POST / PATCH without ``Idempotency-Key``, RESP INCR, memcached incr,
-        ...): that drop is surfaced with a note naming the request, as the plain client sees
-        it. Unknown protocols: every unconfirmed record (at-least-once). "unanswered": opt in
-        to at-least-once for every request, idempotent or not; "safe": only the first write
-        on an idle reused connection; "none": never re-send. (docs/decisions.md, wave 3.)
-    confirm ("answer"): when a record counts as delivered ("tcp-ack": once the peer's TCP
-        acknowledged it, for write-only streams; "explicit": only ``sock.confirm()``).
-    journal_limit (16 MiB): unconfirmed bytes kept for replay; beyond it, a drop is surfaced.
-    dead_peer_timeout (30 s): kernel keepalive + TCP_USER_TIMEOUT so a silently dead link
-        surfaces as ETIMEDOUT; None leaves the kernel defaults (hours).
-    eof ("unanswered-is-drop"): EOF while writes are unanswered is a drop, and an EOF that the
-        protocol's framing says cut an answer is resumed softly (docs/decisions.md); "pass"
-        returns b"" in both cases.
-    retry_read_timeouts (False): a read timeout is surfaced (the peer is probably busy).
-    reconnect_rate (200/s): process-wide token bucket for reconnect attempts, burst of
-        ``reconnect_rate / 10`` so a lone drop never waits. A loopback server accepts far more;
-        a real one after a mass drop often cannot, and 200/s clears 2,000 clients in ~10 s.
-        (Picked, not measured against a particular server.)
-    resume_answers (True): a drop in the middle of an answer is resumed (DESIGN §5b): the
-        request is re-sent on a new connection and the new answer's first K bytes (K = what
-        the caller already got) are checked against a digest of what the caller got; equal,
-        the caller continues at byte K; different, the drop is surfaced. Only for requests a
-        dialect calls idempotent (HTTP methods of RFC 9110 §9.2.2, read-only RESP commands);
-        for an unknown protocol the bytes decide (at-least-once, as for unanswered writes).
-    prelude (0): the first N exchanges (requests up to the first answer byte, and that answer)
-        of every connection of an unknown protocol are its setup: re-sent first on each new
-        connection, and their answers must equal the originals byte for byte (DESIGN §5a).
-    session (False): this socket speaks the session protocol to a relay (DESIGN §11);
-        ``patch(session=[...])`` / ``--session`` choose targets by address instead.
-    on_disconnect(sock, info) / on_reconnect(sock, attempt): hooks. ``on_reconnect`` runs on
-        the new connection before the replay (re-authenticate, re-subscribe); its own I/O is
-        not journaled, and an exception from it fails that attempt.
+    """How a resilient socket recovers: an immutable value, validated at construction (a
+    bad value is a ValueError naming the field, an unknown keyword a TypeError). Each field
+    below says its type, default and effect, with an example; ``replace(**changes)`` makes a
+    modified copy. Every field is also a runner option ``--field-name`` and an environment
+    variable ``RESILIENTSOCK_FIELD_NAME`` (``from_env``).
     """
 
     deadline: float | None = 30.0
+    """Seconds one call may spend recovering from a drop (one recovery episode). Long enough
+    for a server restart or a DHCP renewal, short enough that a script does not hang
+    silently. ``None``: no limit (then ``max_attempts`` must be set). A socket's own timeout
+    still wins: a call never takes longer than ``settimeout()`` allows.
+    Example: ``RetryPolicy(deadline=120)`` for a server that takes two minutes to restart."""
     max_attempts: int | None = None
+    """Reconnect attempts per recovery episode; ``None``: until the deadline.
+    Example: ``RetryPolicy(max_attempts=3)`` to give up after three attempts."""
     backoff_initial: float = 0.05
+    """Seconds: the ceiling of the wait before the second reconnect attempt (the first is
+    immediate). Each later ceiling is ``backoff_multiplier`` times larger, capped at
+    ``backoff_max``; the wait is uniform between 0 and the ceiling (full jitter). The schedule
+    restarts once an attempt reaches the server after attempts that found nobody.
+    Example: ``RetryPolicy(backoff_initial=0.5)`` for a server that dislikes quick retries."""
     backoff_multiplier: float = 2.0
+    """The growth of the backoff ceiling per attempt (>= 1). 0.05 s doubling reaches the 5 s
+    cap after about 7 attempts. Example: ``RetryPolicy(backoff_multiplier=1.5)``."""
     backoff_max: float = 5.0
+    """Seconds: the cap of the backoff ceiling (>= ``backoff_initial``).
+    Example: ``RetryPolicy(backoff_max=30)`` for a fleet that must not hammer a server."""
     connect_timeout: float | None = 10.0
+    """Seconds per reconnect attempt and per address (TCP connect + TLS handshake), also
+    bounded by what is left of the deadline. Example: ``RetryPolicy(connect_timeout=2)``."""
     retry_connect: bool = True
-    replay: str = "idempotent"
-    confirm: str = "answer"
+    """Retry the application's own first connect too (a server that is restarting when the
+    script starts). ``False``: a failed first connect raises at once, as without us.
+    Example: ``RetryPolicy(retry_connect=False)``."""
+    replay: ReplayMode = "idempotent"
+    """What is re-sent after a reconnect. ``"idempotent"`` (default): every write whose answer
+    never came, except a request that may have reached the server and that the protocol's
+    dialect knows is not idempotent (HTTP POST / PATCH without ``Idempotency-Key``, RESP
+    INCR, memcached incr, ...): that drop is surfaced with a note naming the request, as the
+    plain client sees it; unknown protocols get at-least-once. ``"unanswered"``: opt in to
+    at-least-once for every request, idempotent or not (a request whose answer was lost
+    arrives twice). ``"safe"``: only the first write on an idle reused connection (a request
+    the server cannot have seen). ``"none"``: nothing (the error is surfaced instead).
+    docs/choosing-a-mode.md compares them.
+    Example: ``RetryPolicy(replay="unanswered")`` for a queue whose consumers dedupe."""
+    confirm: ConfirmMode = "answer"
+    """When a written record counts as delivered (and leaves the journal). ``"answer"``: when
+    the peer answers after it. ``"tcp-ack"``: when the peer's TCP acknowledged it (for
+    write-only streams: logs, metrics). ``"explicit"``: only when the application calls
+    ``sock.confirm()``. Example: ``RetryPolicy(confirm="tcp-ack")`` for a log shipper."""
     journal_limit: int = 16 * 1024 * 1024
+    """Bytes of unconfirmed writes kept for re-sending (16 MiB); beyond it, a drop is surfaced
+    instead of recovered. ``0``: keep nothing. Example: ``RetryPolicy(journal_limit=1 << 20)``."""
     dead_peer_timeout: float | None = 30.0
-    eof: str = "unanswered-is-drop"
+    """Seconds: kernel keepalive and ``TCP_USER_TIMEOUT`` set on every connection, so a
+    silently dead link surfaces as a drop (ETIMEDOUT); ``None`` leaves the kernel's defaults
+    (hours). Example: ``RetryPolicy(dead_peer_timeout=10)`` on a roaming robot."""
+    eof: EofMode = "unanswered-is-drop"
+    """An EOF while writes are unanswered: ``"unanswered-is-drop"`` treats it as a drop
+    (reconnect, re-send), and an EOF that the protocol's framing says cut an answer is
+    resumed; ``"pass"`` returns ``b""`` to the application in both cases, as without us.
+    Example: ``RetryPolicy(eof="pass")`` for a protocol where the server closes to answer."""
     retry_read_timeouts: bool = False
+    """``True``: a read that times out is treated as a drop (reconnect, re-send). Off by
+    default: a read timeout usually means a busy peer, not a dead link.
+    Example: ``RetryPolicy(retry_read_timeouts=True)`` behind a link that black-holes."""
     reconnect_rate: float = 200.0
+    """Reconnect attempts per second, process-wide (a token bucket with a burst of
+    ``reconnect_rate / 10``), so a mass drop does not become a herd; a lone drop never waits.
+    Example: ``RetryPolicy(reconnect_rate=20)`` for a server that accepts few connections."""
     resume_answers: bool = True
+    """Resume an answer cut in the middle (docs/design.md §5b): the request is re-sent and the
+    new answer's first bytes must equal what the caller already got, else the drop is
+    surfaced. Only for requests a dialect calls idempotent (HTTP GET, read-only redis
+    commands). Example: ``RetryPolicy(resume_answers=False)``."""
     prelude: int = 0
+    """The first N exchanges of every connection of an unknown protocol are its setup (a login,
+    a ``USE db``): re-sent first on each new connection, their answers checked byte for byte.
+    Example: ``RetryPolicy(prelude=1)`` for a protocol that opens with an AUTH exchange."""
     session: bool = False
+    """This socket speaks the session protocol to a ``Relay`` (exactly-once; docs/design.md
+    §11). ``patch(session=["HOST:PORT"])`` or ``--session`` choose targets by address instead.
+    Example: ``ResilientSocket.connect(relay, RetryPolicy(session=True))``."""
     on_disconnect: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
+    """Hook ``on_disconnect(sock, info)``: called when a drop is noticed (``info`` is an
+    ``ErrorInfo``). Example: ``RetryPolicy(on_disconnect=lambda s, i: print(i.category))``."""
     on_reconnect: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
+    """Hook ``on_reconnect(sock, attempt)``: runs on the new connection before the re-send
+    (re-authenticate, re-subscribe); its own I/O is not journaled, and an exception from it
+    fails that attempt. Example: ``RetryPolicy(on_reconnect=login)``."""
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -153,11 +211,12 @@ class RetryPolicy:
             if value is not None and not callable(value):
                 raise bad(field, "must be callable or None")
 
-    def replace(self, **changes: Any) -> RetryPolicy:
-        """A copy with ``changes`` applied (validated; unknown names are a ValueError)."""
+    def replace(self, **changes: Unpack[PolicyFields]) -> RetryPolicy:
+        """A copy with ``changes`` applied, validated. An unknown name is a TypeError naming
+        it (as for any Python call); a bad value a ValueError naming the field."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ValueError(f"RetryPolicy has no field(s): {', '.join(sorted(unknown))}")
+            raise TypeError(f"RetryPolicy has no field(s): {', '.join(sorted(unknown))}")
         return dataclasses.replace(self, **changes)
 
     def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:

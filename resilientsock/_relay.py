@@ -797,6 +797,8 @@ class Relay:
         finally:
             loop.stop()
 
+    close = stop  # the one name every service has (FaultProxy, MessageServer, ToxiproxyAPI)
+
     def __enter__(self) -> Relay:
         return self.start()
 
@@ -1289,7 +1291,7 @@ class _ClientSession(_Carrier):
         """A new link with the session resumed on it (the caller serves it), or raise."""
         policy = self.policy
         started = time.monotonic()
-        attempt = 0
+        attempt = restarts = 0
         last: BaseException | None = None
         while not self.finished:
             elapsed = time.monotonic() - started
@@ -1319,6 +1321,12 @@ class _ClientSession(_Carrier):
                 raise SessionClosedError(f"the relay failed the resume: {exc.reason}") from None
             except OSError as exc:
                 last = exc
+                # Met the relay's path (a reset, not a refusal) after attempts that found
+                # nobody: the outage is over and the schedule restarts, as RetryPolicy's does
+                # (at most 3 times a resume); a grown backoff would outlast the app's timeout.
+                if attempt > 1 and restarts < 3 and \
+                        not isinstance(exc, (ConnectionRefusedError, TimeoutError)):
+                    attempt, restarts = 1, restarts + 1
                 continue
             self.reconnects += 1
             return lio

@@ -117,6 +117,14 @@ def main(argv: list[str]) -> int:
         _fail(f"--log-level: unknown level {args.log_level!r}")
     if (args.tls_cert is None) != (args.tls_key is None):
         _fail("--tls-cert and --tls-key go together")
+    if args.tls_cert is not None:  # said as such, not as "cannot listen" (an OSError too)
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.tls_cert, args.tls_key)
+        except OSError as exc:
+            _fail(f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: cannot load a PEM "
+                  f"certificate and its key from them ({exc.strerror or exc})")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     from ._relay import Relay

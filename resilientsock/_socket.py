@@ -41,10 +41,14 @@ import struct
 import sys
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any, overload
 
 import gevent
-from gevent._socket3 import socket as _GeventSocket
+
+if TYPE_CHECKING:  # gevent ships no types: a type checker sees the stdlib socket it mirrors
+    from socket import socket as _GeventSocket
+else:
+    from gevent._socket3 import socket as _GeventSocket
 from gevent._socketcommon import timeout_default as _timeout_default
 
 from . import _stats
@@ -179,6 +183,9 @@ class _AttemptTimeout(Exception):
         return "timed out restoring the connection (TLS handshake, hook or replay)"
 
 
+_GEVENT_SOCKET: Any = _GeventSocket  # for isinstance where self is Any (connect)
+
+
 class ResilientSocket(_GeventSocket):
     """A gevent socket that survives connection drops (see the module docstring).
 
@@ -206,6 +213,17 @@ class ResilientSocket(_GeventSocket):
     _rs_any_family = False
     _rs_tls = False
     _sock: Any  # set by gevent's socket (a slot); declared for type checkers
+    if TYPE_CHECKING:  # the rest of gevent's socket internals used here (gevent is untyped)
+        _closed: bool
+        _io_refs: int
+        _read_event: Any
+        _write_event: Any
+        hub: Any
+        _gevent_sock_class: Any
+        def _accept(self) -> tuple[int, Any]: ...
+        def _wait(self, watcher: Any, timeout_exc: Any = None) -> None: ...
+        def _detach_socket(self, reason: str) -> None: ...
+        def _drop_events_and_close(self, closefd: bool = True) -> None: ...
     _rs_raw_connect = staticmethod(_GeventSocket.connect)
     _rs_raw_connect_ex = staticmethod(_GeventSocket.connect_ex)
 
@@ -312,6 +330,12 @@ class ResilientSocket(_GeventSocket):
             raise
         return sock
 
+    @overload
+    def connect(self, address: Any, /) -> None: ...
+    @overload
+    def connect(self: object, policy: RetryPolicy | None = None, *,
+                timeout: float | None = None,
+                source_address: tuple[str, int] | None = None) -> ResilientSocket: ...
     def connect(self: Any, *args: Any, **kwargs: Any) -> Any:
         """``sock.connect(address)``: connect, resiliently for a client stream socket.
 
@@ -320,7 +344,7 @@ class ResilientSocket(_GeventSocket):
         A plain function (not a descriptor), so that reading ``socket.socket.connect`` from
         the class and writing it back leaves it working (DESIGN §7; pytest-socket does this).
         """
-        if not isinstance(self, _GeventSocket):  # called on the class: self is the address
+        if not isinstance(self, _GEVENT_SOCKET):  # called on the class: self is the address
             return ResilientSocket._connect_new(self, *args, **kwargs)
         if kwargs or len(args) != 1:
             raise TypeError("connect() takes exactly one argument (the address)")

@@ -29,9 +29,9 @@ def _fresh_stats() -> Iterator[None]:
 
 
 @pytest.fixture
-def server(message_server: MessageServer) -> MessageServer:
+def server(resilientsock_message_server: MessageServer) -> MessageServer:
     """The plugin's fixture (resilientsock.testing.plugin, loaded through pytest11)."""
-    return message_server
+    return resilientsock_message_server
 
 
 @pytest.fixture
@@ -66,6 +66,11 @@ class RandomResets:
             if not self.stopped:
                 self.proxy._kill_all(True)
                 self.fired += 1
+
+    def at_least(self, count: int) -> None:
+        """Wait (bounded) until ``count`` resets have fired: a client loop on a fast machine
+        can otherwise finish before the first one (then it proved nothing)."""
+        wait_until(lambda: self.proxy.faults["reset"] >= count, what=f"{count} reset(s)")
 
     def __enter__(self) -> RandomResets:
         import gevent

@@ -259,3 +259,18 @@ def test_runner_prints_buried_notes_of_a_thread_that_dies(tmp_path):
     assert out.stdout.strip() == "main done"
     lines = out.stderr.rstrip("\n").splitlines()
     assert lines[-1] == "resilientsock: gave up in a thread", out.stderr
+
+
+@pytest.mark.parametrize("what", ["not pem", "missing"])
+def test_relay_with_a_bad_tls_certificate_says_so(tmp_path, what):
+    """A certificate that does not load is named as such, not as "cannot listen"."""
+    cert = tmp_path / "cert.pem"
+    if what == "not pem":
+        cert.write_text("this is not a certificate\n")
+    key = tmp_path / "key.pem"
+    key.write_text("nor a key\n")
+    out = run_py(["-m", "resilientsock", "relay", "--listen", "127.0.0.1:0", "--upstream",
+                  "127.0.0.1:9", "--tls-cert", str(cert), "--tls-key", str(key)])
+    assert out.returncode == 2, out.stderr
+    assert "cannot listen" not in out.stderr
+    assert f"--tls-cert {cert}" in out.stderr and "certificate" in out.stderr, out.stderr

@@ -543,3 +543,38 @@ def test_blackhole_and_latency_then_back_to_the_fast_path(echo):
             c.recv(10)
         c.settimeout(5)
         assert proxy._fast == {"up": True, "down": True}
+
+
+def test_shutdown_closes_a_connection_still_connecting_upstream() -> None:
+    """A connection accepted while the proxy still connects upstream (its handler not yet
+    holding it as a connection) is closed by shutdown: not left to the garbage collector,
+    which reported it as a ResourceWarning in whatever ran next (test_r05a under load)."""
+    import gc
+    import warnings
+
+    full = socket.socket()  # an upstream whose accept queue is full: connects to it hang
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(full.getsockname())
+            fillers.append(f)
+        proxy = FaultProxy(full.getsockname(), connect_timeout=30).start()
+        client = connect(proxy)
+        try:
+            wait_for(lambda: proxy.connections == 1)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                proxy.shutdown()
+                gc.collect()
+            assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+            assert recv_all(client) == (b"", None)  # closed by the proxy, not left dangling
+        finally:
+            client.close()
+    finally:
+        for f in fillers:
+            f.close()
+        full.close()

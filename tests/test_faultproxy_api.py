@@ -281,3 +281,112 @@ def test_moving_a_proxy_to_another_listen_address(api, echo):
     assert rtt(("127.0.0.1", new_port)) < 0.1
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(addr(proxy["listen"]), timeout=5)
+
+
+# -- wave 3: Toxiproxy's behaviour where clients notice it -------------------------------------
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """tcpi_data_segs_in of struct tcp_info (Linux >= 4.6): segments with data received."""
+    import struct
+
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    if len(info) < 156:
+        pytest.skip("this kernel's tcp_info has no tcpi_data_segs_in")
+    return int(struct.unpack_from("I", info, 152)[0])
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "closed"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed"
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def test_each_response_is_one_write_on_a_keep_alive_connection(api):
+    """Headers and body in one write: two writes on a keep-alive connection meet Nagle's
+    algorithm and a delayed ACK (~40 ms a request, measured with requests.Session)."""
+    with socket.create_connection(api.address, timeout=10) as c:
+        for _ in range(3):
+            before = _data_segments_in(c)
+            c.sendall(b"GET /version HTTP/1.1\r\nHost: toxiproxy\r\n\r\n")
+            assert b'"version"' in _read_response(c)
+            assert _data_segments_in(c) - before == 1  # one segment: one write
+
+
+@pytest.mark.parametrize(("method", "path", "status"), [
+    ("PUT", "/proxies", 405), ("OPTIONS", "/version", 405), ("HEAD", "/proxies", 405),
+    ("PUT", "/reset", 405), ("PUT", "/nothing/here", 404), ("OPTIONS", "/", 404),
+])
+def test_other_methods_get_405_on_a_known_path_and_404_elsewhere(api, method, path, status):
+    conn = http.client.HTTPConnection(*api.address, timeout=10)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == status
+        conn.request("GET", "/version")  # the connection is still usable
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+
+
+def test_a_listen_host_name_comes_back_resolved(api, echo):
+    status, proxy = call(api.address, "POST", "/proxies",
+                         {"name": "p", "listen": "localhost:0",
+                          "upstream": f"127.0.0.1:{echo.address[1]}"})
+    assert status == 201 and proxy["listen"].startswith("127.0.0.1:"), proxy
+    assert rtt(addr(proxy["listen"])) < 1.0
+
+
+def test_populate_without_listen_replaces_an_existing_proxy(api, echo):
+    up = f"127.0.0.1:{echo.address[1]}"
+    _, body = call(api.address, "POST", "/populate", [{"name": "a", "upstream": up}])
+    old = body["proxies"][0]["listen"]
+    call(api.address, "POST", "/proxies/a/toxics", {"type": "latency",
+                                                    "attributes": {"latency": 100}})
+    status, body = call(api.address, "POST", "/populate", [{"name": "a", "upstream": up}])
+    assert status == 201
+    new = body["proxies"][0]
+    assert new["listen"] != old and new["toxics"] == []  # a new proxy, as Toxiproxy makes
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(addr(old), timeout=5)
+
+
+def test_runtime_errors_name_the_address_or_file_and_exit_2(echo, tmp_path):
+    up = f"127.0.0.1:{echo.address[1]}"
+    taken = f"127.0.0.1:{echo.address[1]}"  # the echo server listens there already
+    out = run_cmd("proxy", "--listen", taken, "--upstream", up)
+    assert out.returncode == 2, out.stderr
+    assert taken in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    missing = tmp_path / "no-such-config.json"
+    out = run_cmd("proxy", "--config", str(missing))
+    assert out.returncode == 2, out.stderr
+    assert str(missing) in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = run_cmd("proxy", "--api", taken)
+    assert out.returncode == 2 and taken in out.stderr, out.stderr
+
+
+def test_every_service_has_close_and_is_a_context_manager(echo):
+    from resilientsock import Relay
+    from resilientsock.testing import FaultProxy
+
+    services = [MessageServer().start(), FaultProxy(echo.address).start(),
+                ToxiproxyAPI(port=0).start(), Relay(("127.0.0.1", 0), echo.address).start()]
+    for service in services:
+        address = service.address
+        service.close()
+        service.close()  # twice is harmless
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(address, timeout=5)
+    with MessageServer() as a, FaultProxy(echo.address) as b, ToxiproxyAPI(port=0) as c, \
+            Relay(("127.0.0.1", 0), echo.address) as d:
+        assert all(s.address[1] for s in (a, b, c, d))

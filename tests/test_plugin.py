@@ -59,7 +59,8 @@ def test_importing_the_plugin_imports_no_gevent():
             "('resilientsock._socket', 'resilientsock.testing._proxy', "
             "'resilientsock.testing._servers'))\n"
             "assert not heavy, heavy\n"
-            "assert callable(plugin.message_server) and callable(plugin.fault_proxy)\n"
+            "assert callable(plugin.resilientsock_message_server)\n"
+            "assert callable(plugin.resilientsock_fault_proxy)\n"
             "print('light')\n")
     out = run_py(["-c", code])
     assert out.returncode == 0, out.stderr
@@ -74,11 +75,25 @@ def test_a_pytest_session_that_uses_no_fixture_never_imports_gevent(tmp_path):
 
 def test_the_fixtures_still_work_when_used(tmp_path):
     source = ("import socket\n\n"
-              "def test_through_the_proxy(message_server, fault_proxy):\n"
-              "    proxy = fault_proxy(message_server.address)\n"
+              "def test_through_the_proxy(resilientsock_message_server,\n"
+              "                           resilientsock_fault_proxy):\n"
+              "    proxy = resilientsock_fault_proxy(resilientsock_message_server.address)\n"
               "    with socket.create_connection(proxy.address, timeout=10) as s:\n"
               "        s.sendall(b'MSG 1 hello\\n')\n"
               "        assert s.recv(100).startswith(b'ACK 1')\n")
     out, report = _pytest_in(tmp_path, source)
     assert out.returncode == 0, out.stdout + out.stderr
     assert report.split() == ["plugin=True", "configure=False", "collected=False", "end=True"]
+
+
+def test_the_old_fixture_names_still_work_and_warn(tmp_path):
+    source = ("import socket\n\n"
+              "def test_old_names(message_server, fault_proxy):\n"
+              "    proxy = fault_proxy(message_server.address)\n"
+              "    with socket.create_connection(proxy.address, timeout=10) as s:\n"
+              "        s.sendall(b'MSG 1 hello\\n')\n"
+              "        assert s.recv(100).startswith(b'ACK 1')\n")
+    out, _ = _pytest_in(tmp_path, source)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "'message_server' fixture is deprecated" in out.stdout, out.stdout
+    assert "'fault_proxy' fixture is deprecated" in out.stdout, out.stdout

@@ -124,16 +124,21 @@ def run_proxies(args: Any) -> int:
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
+    # A runtime error is one line naming the address or file it concerns, and status 2.
+    what = ""
     try:
         if args.api is not None:
+            what = f"--api {_join(args.api)}"
             api.start()
         else:
             api._loop.start()  # the proxies' loop, without the HTTP listener
         names = args.name + [f"proxy{i}" for i in range(len(args.name) + 1,
                                                          len(args.listen) + 1)]
         for name, listen, upstream in zip(names, args.listen, args.upstream):
+            what = f"proxy {name} (--listen {_join(listen)})"
             api.create_proxy(name, _join(listen), _join(upstream))
         if args.config:
+            what = f"--config {args.config}"
             with open(args.config, encoding="utf-8") as fh:
                 config = json.load(fh)
             status, body = api._loop.call(api._populate, config)
@@ -147,8 +152,8 @@ def run_proxies(args: Any) -> int:
         while not stopping.wait(1.0):
             pass
     except (OSError, ValueError) as exc:
-        sys.stderr.write(f"{PROG} proxy: error: {exc}\n")
-        return 1
+        sys.stderr.write(f"{PROG} proxy: error: {what}: {exc}\n")
+        return 2
     finally:
         api.shutdown()
     return 0

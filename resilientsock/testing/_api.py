@@ -37,6 +37,8 @@ import logging
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+import gevent.socket as gsocket
+
 from .._version import __version__
 from ._loop import ListenerService, LoopThread
 from ._proxy import FaultProxy, _join, parse_address
@@ -77,7 +79,7 @@ class ToxiproxyAPI(ListenerService):
 
     def _new_proxy(self, name: str, listen: str, upstream: str, enabled: bool) -> FaultProxy:
         try:
-            host, port = parse_address(listen) if listen else ("127.0.0.1", 0)
+            host, port = _resolve(parse_address(listen)) if listen else ("127.0.0.1", 0)
             up = parse_address(upstream)
         except ValueError as exc:
             raise ToxicError(f"bad request body: {exc}") from None
@@ -98,6 +100,9 @@ class ToxiproxyAPI(ListenerService):
 
     def _handle(self, client: Any) -> None:
         try:
+            # Each response is one write (_Handler._reply); without Nagle's delay, a request
+            # on a keep-alive connection is answered as fast as one on a new connection.
+            client.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
             _Handler(client, client.getpeername(), self)  # type: ignore[arg-type]
         except OSError:
             pass
@@ -191,7 +196,7 @@ class ToxiproxyAPI(ListenerService):
         if not isinstance(enabled, bool):
             raise ToxicError("bad request body: enabled must be true or false")
         try:
-            new_listen = parse_address(listen)
+            new_listen = _resolve(parse_address(listen))
             new_up = parse_address(upstream)
         except (ValueError, TypeError) as exc:
             raise ToxicError(f"bad request body: {exc}") from None
@@ -224,9 +229,14 @@ class ToxiproxyAPI(ListenerService):
                 name = fields["name"]
                 old = self.proxies.get(name)
                 if old is not None:
+                    # Toxiproxy keeps a proxy only when both addresses are the same; one given
+                    # without `listen` is replaced (on a new free port).
                     same_up = _join(old.upstream) == fields["upstream"]
-                    same_listen = not fields["listen"] or \
-                        parse_address(fields["listen"]) == tuple(old.address)
+                    try:
+                        same_listen = bool(fields["listen"]) and \
+                            _resolve(parse_address(fields["listen"])) == tuple(old.address)
+                    except ValueError as exc:
+                        raise ToxicError(f"bad request body: {exc}") from None
                     if same_up and same_listen:
                         done.append(old)
                         continue
@@ -240,6 +250,17 @@ class ToxiproxyAPI(ListenerService):
             return status, {"error": str(exc), "status": status,
                             "proxies": [p.to_json() for p in done]}
         return 201, {"proxies": [p.to_json() for p in done]}
+
+
+def _resolve(address: tuple[str, int]) -> tuple[str, int]:
+    """A listen address with its host name resolved to the IPv4 address the proxy binds (as
+    Toxiproxy answers ``127.0.0.1:26379`` for ``localhost:26379``). Raises ValueError."""
+    host, port = address
+    try:
+        infos = gsocket.getaddrinfo(host, port, gsocket.AF_INET, gsocket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f"cannot resolve {host!r}: {exc}") from None
+    return (infos[0][4][0], port)
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -289,14 +310,23 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(status, value)
 
     def _reply(self, status: int, value: Any) -> None:
+        """The status line, headers and body in one write (two writes on a connection
+        without TCP_NODELAY cost a delayed-ACK stall, ~40 ms, per keep-alive request)."""
         data = b"" if value is None else json.dumps(value).encode() + b"\n"
         self.send_response(status)
         if value is not None:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if data:
-            self.wfile.write(data)
+        # end_headers() would write the headers now, and the body in a second write.
+        self._headers_buffer.append(b"\r\n" + (b"" if self.command == "HEAD" else data))
+        self.flush_headers()
+
+    def __getattr__(self, name: str) -> Any:
+        # Any other method (PUT, OPTIONS, HEAD, ...): routed too, so a known path answers 405
+        # and an unknown one 404, as Toxiproxy does (http.server would answer 501).
+        if name.startswith("do_") and name[3:].isupper():
+            return lambda: self._serve(name[3:])
+        raise AttributeError(name)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._serve("GET")

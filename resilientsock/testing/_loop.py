@@ -118,6 +118,8 @@ class ListenerService:
         self._port = port
         self._listener: Any = None
         self._acceptor: Any = None
+        self._handlers: dict[Any, Any] = {}  # handler greenlet -> the socket it was given
+        self._shut = False
         self.connections = 0
         self.address: tuple[str, int] = (host, port)
 
@@ -128,12 +130,21 @@ class ListenerService:
         return self
 
     def shutdown(self) -> None:
-        """Close everything; stop the loop thread if it is this service's own."""
+        """Close everything; stop the loop thread if it is this service's own. A second
+        call does nothing."""
+        if self._shut:
+            return
+        self._shut = True
         try:
-            self._loop.call(self._teardown)
+            self._loop.call(self._shutdown_here)
         finally:
             if self._own_loop:
                 self._loop.stop()
+
+    def close(self) -> None:
+        """The same as ``shutdown()``: the one way to stop any service (FaultProxy,
+        MessageServer, ToxiproxyAPI; Relay has it too). Safe to call twice."""
+        self.shutdown()
 
     def __enter__(self: S) -> S:
         return self.start()
@@ -142,6 +153,27 @@ class ListenerService:
         self.shutdown()
 
     # -- inside the loop thread ---------------------------------------------------------------
+
+    def _shutdown_here(self) -> None:
+        self._teardown()
+        self._drop_handlers()
+
+    def _spawn_handler(self, func: Callable[..., Any], client: Any, *args: Any) -> None:
+        """Run ``func(client, *args)`` in a greenlet that ``_drop_handlers`` can end: a
+        connection accepted just before shutdown is closed then, not left to the garbage
+        collector (a ResourceWarning, under load, in whatever code runs next)."""
+        g = gevent.spawn(func, client, *args)
+        self._handlers[g] = client
+        g.link(lambda done: self._handlers.pop(done, None))
+
+    def _drop_handlers(self) -> None:
+        """End every handler greenlet still running and close the socket each was given."""
+        current = gevent.getcurrent()
+        for g, client in list(self._handlers.items()):
+            if g is not current:
+                g.kill(block=True, timeout=5)
+            client.close()
+        self._handlers.clear()
 
     def _listen(self) -> None:
         """Listen (again) on the same port: SO_REUSEADDR, so a restart finds it free."""
@@ -176,7 +208,7 @@ class ListenerService:
             except OSError:
                 return
             self.connections += 1
-            gevent.spawn(self._handle, client)
+            self._spawn_handler(self._handle, client)
 
     def _handle(self, client: Any) -> None:
         raise NotImplementedError

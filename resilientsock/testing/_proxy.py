@@ -441,7 +441,7 @@ class FaultProxy(ListenerService):
                 return
             self.connections += 1
             serial = self.connections
-            gevent.spawn(self._serve, client, serial)
+            self._spawn_handler(self._serve, client, serial)
             if self.plan.rules:
                 # A refusal planned for the next attempt: close the listener before it comes.
                 seconds = self.plan.refuse_after(serial)

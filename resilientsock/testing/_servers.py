@@ -42,7 +42,7 @@ class MessageServer(ListenerService):
 
     def stop(self) -> None:
         """Close the listener and every client connection (the server 'goes down')."""
-        self._loop.call(self._teardown)
+        self._loop.call(self._shutdown_here)
 
     def restart(self) -> None:
         """Listen again on the same port after ``stop()``."""

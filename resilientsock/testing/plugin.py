@@ -1,7 +1,11 @@
-"""pytest fixtures: ``fault_proxy`` and ``message_server`` (registered via ``pytest11``).
+"""pytest fixtures: ``resilientsock_fault_proxy`` and ``resilientsock_message_server``
+(registered via ``pytest11``).
 
-``fault_proxy(upstream)`` starts a FaultProxy in front of ``upstream`` and stops it at the end
-of the test; ``message_server`` is a started MessageServer in "ack" mode.
+``resilientsock_fault_proxy(upstream)`` starts a FaultProxy in front of ``upstream`` and stops
+it at the end of the test; ``resilientsock_message_server`` is a started MessageServer in "ack"
+mode. The prefix keeps them from clashing with a project's own fixtures; the old names
+``fault_proxy`` and ``message_server`` still work and warn (DeprecationWarning): a fixture of
+the same name in the project's own conftest.py takes precedence over them, as pytest does.
 
 Rule of this module: it imports nothing heavy. The ``pytest11`` entry point loads it into every
 pytest session of an environment where resilientsock is installed, so gevent, the servers and
@@ -11,6 +15,7 @@ proves it in a fresh process).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -22,7 +27,7 @@ if TYPE_CHECKING:
 
 
 @pytest.fixture
-def message_server() -> Iterator[MessageServer]:
+def resilientsock_message_server() -> Iterator[MessageServer]:
     """A started MessageServer ("ack" mode) on loopback, shut down after the test."""
     from ._servers import MessageServer
 
@@ -34,7 +39,7 @@ def message_server() -> Iterator[MessageServer]:
 
 
 @pytest.fixture
-def fault_proxy() -> Iterator[Callable[[tuple[str, int]], FaultProxy]]:
+def resilientsock_fault_proxy() -> Iterator[Callable[[tuple[str, int]], FaultProxy]]:
     """A factory: ``fault_proxy(upstream)`` starts a FaultProxy in front of ``upstream``;
     every proxy it made is stopped after the test, even when the test failed."""
     from ._proxy import FaultProxy
@@ -51,3 +56,24 @@ def fault_proxy() -> Iterator[Callable[[tuple[str, int]], FaultProxy]]:
     finally:
         for proxy in proxies:
             proxy.stop()
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"the {old!r} fixture is deprecated: use {new!r} (resilientsock's fixtures "
+                  "are prefixed so that they never clash with a project's own)",
+                  DeprecationWarning, stacklevel=2)
+
+
+@pytest.fixture
+def message_server(resilientsock_message_server: MessageServer) -> MessageServer:
+    """Deprecated alias of ``resilientsock_message_server``."""
+    _deprecated("message_server", "resilientsock_message_server")
+    return resilientsock_message_server
+
+
+@pytest.fixture
+def fault_proxy(resilientsock_fault_proxy: Callable[[tuple[str, int]], FaultProxy]
+                ) -> Callable[[tuple[str, int]], FaultProxy]:
+    """Deprecated alias of ``resilientsock_fault_proxy``."""
+    _deprecated("fault_proxy", "resilientsock_fault_proxy")
+    return resilientsock_fault_proxy
