@@ -793,6 +793,17 @@ class ResilientSocket(_GeventSocket):
             # connection and journal stay, as a plain socket keeps them; during a write part
             # of a record may be out, so the connection is discarded.
             if phase == "write":
+                if self._rs_reader_waiting():
+                    # Another greenlet waits in a read on this connection, and a plain
+                    # socket would hand it the answer when it comes (DESIGN §5: one
+                    # greenlet's interruption never kills another's call). The connection
+                    # stays, as the plain one would; part of a record may be out, so nothing
+                    # on it can be replayed any more: protection ends for this socket.
+                    _emit("surfaced", logging.DEBUG, "%s: write interrupted (%s) while "
+                          "another greenlet reads: connection kept, protection off",
+                          self._rs_name(), type(exc).__name__, peer=self._rs_target)
+                    self._rs_unprotect()
+                    raise exc
                 self._rs_discard(m)
                 m.move("interrupted")
             raise exc
@@ -807,6 +818,12 @@ class ResilientSocket(_GeventSocket):
             self._rs_recover(exc, call_end, resume=verdict.resume)
             return
         self._rs_surface(m, exc, info, verdict)
+
+    def _rs_reader_waiting(self) -> bool:
+        """Is a greenlet blocked in a read on the current connection? (gevent starts the
+        read watcher while one waits on it; nothing is added to the read path for this.)"""
+        event = getattr(self, "_read_event", None)
+        return bool(self._sock) and event is not None and bool(getattr(event, "active", False))
 
     def _rs_facts(self, m: Machine, info: ErrorInfo, phase: str, writing: bool) -> Drop:
         """The I/O the machine cannot do itself, done before it judges."""
