@@ -325,6 +325,14 @@ def _early_answer(m: Machine, d: Drop) -> str | None:
     return None
 
 
+def _half_closed(m: Machine, d: Drop) -> str | None:
+    if m.half_closed and d.phase != "eof":
+        return ("the server half-closed this connection (it sent its end of the stream and "
+                "went on reading, as nginx's lingering close does) and has now stopped "
+                "reading: a plain socket gets this error, and nothing is re-sent")
+    return None
+
+
 def _not_retryable(m: Machine, d: Drop) -> str | None:
     if d.info.category is ErrorCategory.TIMEOUT and d.phase == "write":
         return None  # a write timeout discards the connection and re-sends (§3)
@@ -388,6 +396,7 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
     ("read-timeout", _read_timeout, SURFACE, False, True),
     ("peer-not-reading", _peer_not_reading, SURFACE, False, False),
     ("early-answer", _early_answer, EARLY_ANSWER, False, False),
+    ("half-closed", _half_closed, SURFACE, True, False),
     ("not-retryable", _not_retryable, SURFACE, True, False),
     ("dialect", _dialect, SURFACE, True, False),
     ("server-session", _server_session, SURFACE, True, False),
@@ -440,6 +449,9 @@ class Machine:
         # Drops that met the same re-sent records before any answer (POISON_CAP).
         self.poison = 0
         self.poison_mark: int | None = None
+        # The peer half-closed this connection and still takes our bytes (§5: a half-close
+        # is not a drop): its EOF is passed on, and a write error on it later is surfaced.
+        self.half_closed = False
 
     # -- state --------------------------------------------------------------------------------
 
@@ -525,8 +537,14 @@ class Machine:
         if self.dialect is not None and first_write is not None:
             self.dialect.wrote(first_write)
 
-    def eof(self, nbytes: int, others_active: bool) -> Verdict | Drop:
-        """The connection's read returned EOF. A verdict, or a Drop to judge with ``drop``."""
+    def eof(self, nbytes: int, others_active: bool,
+            peer_alive: bool | None = None) -> Verdict | Drop:
+        """The connection's read returned EOF. A verdict, or a Drop to judge with ``drop``.
+
+        ``others_active``: another greenlet is inside a write on this connection.
+        ``peer_alive``: what the socket found out about the peer after this EOF (None: not
+        asked) — True when the peer's TCP went on acknowledging our bytes after its FIN (a
+        half-close, §5), False when the connection is gone (a reset arrived)."""
         from ._errors import classify
 
         def unanswered(cut: bool = False) -> Drop:
@@ -537,6 +555,11 @@ class Machine:
             assert info is not None
             return Drop(info, "eof", cut=cut)
 
+        if self.half_closed or peer_alive:
+            # A half-close (§5): the reader gets the EOF, as a plain socket gives it, and
+            # nothing is re-sent for it; the writer goes on until the peer stops reading.
+            self.half_closed = True
+            return Verdict(PASS_EOF, "half-close")
         if others_active:
             return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
         if self.answered:
@@ -645,6 +668,7 @@ class Machine:
         """A new connection is ready (restored, replayed): publish it."""
         self.gen += 1
         self.conn_answered = False
+        self.half_closed = False
         if not resumed:
             self.answered = 0
             self.digest.reset()
@@ -662,6 +686,7 @@ class Machine:
         and the next connection starts a new conversation."""
         self.journal.clear()
         self.gen += 1
+        self.half_closed = False
         if self.dialect is not None:
             self.dialect.discard()
         self.answered = 0

@@ -83,6 +83,7 @@ _ACK_CHECK_INTERVAL = 0.05  # seconds between TCP_INFO queries under confirm="tc
 _TCP_INFO = getattr(_std, "TCP_INFO", None)
 _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux struct tcp_info
 _TCPI_UNACKED = 24  # offset of tcpi_unacked (u32): segments sent and not yet acknowledged
+_TCP_STATE_CLOSE = 7  # tcpi_state (the first byte of struct tcp_info) after a reset
 _TCPI_RTT = 68  # offset of tcpi_rtt (u32, microseconds): smoothed round-trip time
 _PEEK = _std.MSG_PEEK | getattr(_std, "MSG_DONTWAIT", 0)
 _CHUNK = 1 << 20
@@ -626,7 +627,15 @@ class ResilientSocket(_GeventSocket):
             return None  # the connection moved under this read: read again on the new one
         nbytes = _requested(kind, args)
         others = m.writing > 0 or m.state is RECOVERING
-        outcome = m.eof(nbytes, others)
+        alive = None
+        if m.writing > 0 and nbytes and not m.half_closed:
+            # Full duplex: a writer is mid-call. This EOF is either the peer's half-close
+            # (it still reads our upload) or the end of a connection whose reset the writer
+            # consumed: ask the connection (DESIGN §5).
+            alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0))
+            if m.gen != gen or m.state is not CONNECTED:
+                return None  # the writer met the drop and recovered: read again there
+        outcome = m.eof(nbytes, others, alive)
         if isinstance(outcome, Verdict):
             if outcome.rule == "eof-repeat":
                 # The server's answer is to close: the caller gets the EOF, the connection
@@ -818,6 +827,44 @@ class ResilientSocket(_GeventSocket):
             self._rs_recover(exc, call_end, resume=verdict.resume)
             return
         self._rs_surface(m, exc, info, verdict)
+
+    def _rs_peer_alive_after_eof(self, m: Machine, gen: int,
+                                 call_end: float | None) -> bool | None:
+        """After an EOF while another greenlet writes: is the peer's socket still there?
+
+        True: it half-closed and still takes our bytes — its TCP acknowledged data after its
+        FIN (Linux ``TCP_INFO``), or, on a Unix socket, a write succeeded after the EOF (a Unix
+        peer that closed fails every write at once). False: a reset arrived (TCP state CLOSE:
+        a peer that closed its socket answers our data with RST), or nothing could be learnt
+        within about a second (the earlier rule: a drop). None: the connection moved while
+        waiting (the writer recovered). Polls, as ``_rs_peer_not_reading`` does."""
+        unix = self.family == _AF_UNIX
+        journal = m.journal
+        if unix:
+            start = journal._total
+        else:
+            buf = self._rs_tcp_info(_TCPI_BYTES_ACKED + 8)
+            if buf is None:
+                return False
+            start = struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0]
+        limit = _clock() + 1.0
+        if call_end is not None:
+            limit = min(limit, call_end)
+        while True:
+            if m.gen != gen or m.state is not CONNECTED or self._closed:
+                return None
+            if unix:
+                if journal._total > start:
+                    return True
+            else:
+                buf = self._rs_tcp_info(_TCPI_BYTES_ACKED + 8)
+                if buf is None or buf[0] == _TCP_STATE_CLOSE:
+                    return False
+                if struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0] > start:
+                    return True
+            if m.writing == 0 or _clock() >= limit:
+                return False
+            gevent.sleep(0.002)
 
     def _rs_reader_waiting(self) -> bool:
         """Is a greenlet blocked in a read on the current connection? (gevent starts the

@@ -396,3 +396,20 @@ def test_the_backoff_restarts_when_the_server_is_back_after_an_outage():
         ep.attempted(reached=False, gone=True)
         ep.attempted(reached=True, gone=False)
     assert ep.restarts == 3
+
+
+def test_a_half_close_under_a_writer_is_passed_on_and_its_later_write_error_surfaced():
+    """DESIGN §5: a half-close is not a drop (w7). The socket found the peer alive after its
+    FIN: the EOF goes to the reader, and the writer's error when the peer stops reading is
+    the plain one (the connection discarded, nothing re-sent)."""
+    m = machine()
+    m.wrote_data(b"PUT /big\n")
+    assert isinstance(m.eof(100, others_active=True), Drop)  # not asked: a drop, as before
+    assert isinstance(m.eof(100, others_active=True, peer_alive=False), Drop)  # a reset
+    verdict = m.eof(100, others_active=True, peer_alive=True)
+    assert verdict.kind == PASS_EOF and verdict.rule == "half-close"
+    assert m.eof(100, others_active=False).rule == "half-close"  # every later read too
+    v = m.drop(drop(BrokenPipeError(32, "Broken pipe"), "write", writing=True))
+    assert v.kind == SURFACE and v.rule == "half-closed" and v.discard
+    m.discarded()  # the connection goes; the next one starts afresh
+    assert not m.half_closed
