@@ -56,6 +56,8 @@ try:  # xxHash's XXH3 runs at ~45 GB/s here, CRC-32 at ~4: the digest is on the 
 except ImportError:  # pragma: no cover - the declared dependency is missing
     _xxh3 = None
 
+from greenlet import getcurrent as _getcurrent
+
 from ._errors import ErrorCategory, ErrorInfo
 from ._journal import Journal
 from ._policy import RetryPolicy
@@ -133,6 +135,7 @@ class Drop:
     writing: bool = False  # the interrupted call is a write (its record is not yet journaled)
     peer_not_reading: bool = False  # a write timeout, and the peer's TCP acknowledged all
     early_answer: bool = False  # a failed write, and the peer's bytes are waiting to be read
+    duplex: bool = False  # another greenlet reads this socket (its answers are not early)
 
 
 class TokenBucket:
@@ -318,7 +321,10 @@ def _peer_not_reading(m: Machine, d: Drop) -> str | None:
 
 
 def _early_answer(m: Machine, d: Drop) -> str | None:
-    if d.writing and d.early_answer:
+    # Full duplex (another greenlet reads): unread bytes are answers to earlier records that
+    # its reader will get on the new connection (their records are re-sent), not an early
+    # answer to the write that failed.
+    if d.writing and d.early_answer and not d.duplex:
         return ("the server answered before the write failed (an early answer such as 413 or "
                 "404 from a server that closed without reading the rest): that answer is "
                 "delivered and nothing is re-sent")
@@ -452,6 +458,10 @@ class Machine:
         # The peer half-closed this connection and still takes our bytes (§5: a half-close
         # is not a drop): its EOF is passed on, and a write error on it later is surfaced.
         self.half_closed = False
+        # The client library that opened this socket in its own connect function, if any
+        # (``_libraries.Owner``, decided at the first connect): its retries come first.
+        self.library: Any = None
+        self.reader: Any = None  # the greenlet that read last
 
     # -- state --------------------------------------------------------------------------------
 
@@ -491,6 +501,7 @@ class Machine:
         """The application read ``data`` (>= 1 byte); ``mark`` was the journal's mark when
         the read began: every record before it is answered."""
         journal = self.journal
+        self.reader = _getcurrent()  # who reads (full duplex, rule early-answer)
         if journal._head < len(journal._ends) or journal.overflowed:
             if not self.explicit:
                 journal.confirm_before(mark)

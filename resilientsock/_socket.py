@@ -47,7 +47,7 @@ import gevent
 from gevent._socket3 import socket as _GeventSocket
 from gevent._socketcommon import timeout_default as _timeout_default
 
-from . import _stats
+from . import _libraries, _stats
 from ._connect import INET, Attempt, candidates, dead_peer_options, open_connection, try_setsockopt
 from ._errors import ErrorCategory, ErrorInfo, classify
 from ._machine import (
@@ -379,13 +379,15 @@ class ResilientSocket(_GeventSocket):
             return
         self._rs_target = address
         self.__dict__.pop("_rs_in_place_failed", None)
-        if policy.retry_connect and _connect_from_retrying_library():
+        owner = _libraries.owner_now()  # set while a known library's connect runs
+        if policy.retry_connect and _libraries.connect_retried_by_library(owner):
             # The client library has its own retry layer for connecting (redis-py's Retry,
             # urllib3's Retry): it gets a failed first connect at once, as without us, so
             # layered retries do not multiply into minutes (DESIGN §9, docs/decisions.md).
             # Its established connections are still recovered.
             policy = policy.replace(retry_connect=False)
         m = Machine(policy, _clock)
+        m.library = owner
         m.target = address
         m.state = BROKEN  # not connected yet: the first connect is a recovery without a drop
         self.__dict__["_rs_m"] = m
@@ -681,7 +683,7 @@ class ResilientSocket(_GeventSocket):
         next write reconnects)."""
         from ._errors import UnansweredEOFError
 
-        leave = _draining() or _library_retrying_now()
+        leave = _libraries.draining() or _libraries.retrying_now(m.library)
         if leave is not None:
             # The library re-requests the call itself (its retries), or is throwing the rest
             # of this answer away (urllib3's drain_conn): a resume would only spend a request.
@@ -882,8 +884,10 @@ class ResilientSocket(_GeventSocket):
                 early = bool(self._sock.recv(1, _PEEK))
             except OSError:
                 early = False
+        duplex = self._rs_reader_waiting() or (
+            m.reader is not None and m.reader is not gevent.getcurrent() and not m.reader.dead)
         return Drop(info, phase, writing=writing, peer_not_reading=peer_not_reading,
-                    early_answer=early)
+                    early_answer=early, duplex=duplex)
 
     def _rs_surface(self, m: Machine, exc: BaseException, info: ErrorInfo,
                     verdict: Verdict) -> None:
@@ -951,7 +955,7 @@ class ResilientSocket(_GeventSocket):
             # A drop (or a broken socket used again) inside a call that the client library's
             # own retry layer will retry: a reconnect that finds nobody listening is its to
             # retry (in _rs_attempts), so layered retries do not multiply.
-            episode.library = _library_retrying_now()
+            episode.library = _libraries.retrying_now(m.library)
         if exc is not None:
             info = classify(exc, phase="read")
             _emit("drop", logging.INFO, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
@@ -1525,97 +1529,6 @@ def _sendall_with(send: Any, sock: Any, data: Any, flags: int) -> None:
 # surfaced at the first attempt.
 _SERVER_GONE = frozenset({ErrorCategory.REFUSED, ErrorCategory.UNREACHABLE,
                           ErrorCategory.DNS_TEMPORARY, ErrorCategory.DNS_PERMANENT})
-
-
-# Client libraries that retry their own connects (or hand the failure to a caller that does).
-# A first connect made from inside one of them is not retried by resilientsock, and a
-# reconnect refused after a drop inside one of them is surfaced at once (docs/decisions.md).
-RETRYING_LIBRARIES = ("redis.", "urllib3.", "pymysql.", "pymemcache.", "httpcore.", "kombu.",
-                      "pika.", "psycopg.", "elasticsearch.", "botocore.")
-
-
-def _retrying_library(start: int = 2, depth: int = 40) -> str | None:
-    """The retrying library (its module's top-level name) whose call this is, or None: none
-    on the stack, or the application turned that library's own retries off. Every frame of
-    the stack counts: retries turned off on an inner object (a redis-py ``Connection``) do
-    not matter when an outer one retries (a ``RedisCluster``, whose node connections have
-    ``Retry(0)`` because the cluster client does the retrying)."""
-    frame = sys._getframe(start)
-    found = None
-    off = False
-    for _ in range(depth):
-        if frame is None:
-            break
-        name = frame.f_globals.get("__name__", "")
-        if isinstance(name, str) and name.startswith(RETRYING_LIBRARIES):
-            if found is None:
-                found = name.split(".", 1)[0]
-            said = _library_retries_off(name, frame)
-            if said is False:
-                return found  # an object up the stack retries
-            off = off or bool(said)
-        frame = frame.f_back  # type: ignore[assignment]
-    return None if off else found
-
-
-def _library_retrying_now(start: int = 2, depth: int = 60) -> str | None:
-    """The client library whose call this is, when its own retry layer will retry it: redis-py
-    with a ``Retry`` of more than 0 retries on an object up the stack (the default; a
-    ``RedisCluster``), urllib3 with retries left in the ``Retry`` of its ``urlopen`` (a
-    ``PoolManager``'s default ``Retry(3)``; not requests' ``max_retries=0``). None otherwise:
-    a library without retries of its own (PyMySQL, pymemcache's ``Client``) or with them off
-    leaves the waiting to resilientsock's policy."""
-    frame = sys._getframe(start)
-    for _ in range(depth):
-        if frame is None:
-            break
-        name = frame.f_globals.get("__name__", "")
-        if isinstance(name, str):
-            if name.startswith("redis."):
-                retry = getattr(frame.f_locals.get("self"), "retry", None)
-                left = getattr(retry, "_retries", None)
-                if isinstance(left, int) and left > 0:
-                    return "redis"
-            elif name.startswith("urllib3.") and frame.f_code.co_name == "urlopen":
-                retries = frame.f_locals.get("retries")
-                total = getattr(retries, "total", None)
-                if isinstance(total, int) and not isinstance(total, bool) and total > 0:
-                    return "urllib3"
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
-
-
-def _draining(depth: int = 30) -> str | None:
-    """urllib3 reading the rest of a response only to throw it away (``drain_conn``, before
-    a retry or a release)."""
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "drain_conn":
-            name = frame.f_globals.get("__name__", "")
-            if isinstance(name, str) and name.startswith("urllib3."):
-                return "urllib3's drain_conn"
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
-
-
-def _connect_from_retrying_library(depth: int = 40) -> bool:
-    return _retrying_library(3, depth) is not None
-
-
-def _library_retries_off(module: str, frame: Any) -> bool | None:
-    """The application turned the library's own retry layer off: then resilientsock is the
-    layer that retries (the README's advice: ``redis.Redis(retry=None)`` keeps one layer).
-    None: this frame does not say (the first frame whose owner holds a ``retry`` decides:
-    a redis-py ``Connection`` above its parser and socket buffer)."""
-    if module.startswith("redis."):
-        owner = frame.f_locals.get("self")
-        retry = getattr(owner, "retry", None)
-        if retry is None:
-            return None
-        return getattr(retry, "_retries", None) == 0
-    return None
 
 
 def _count_failed_attempt(info: ErrorInfo | None) -> None:
