@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,12 @@ CUT_RETRY = 0.5
 # timeout is still found when the schedule's wait has grown past what is left. Picked: a
 # loopback or LAN connect with its replay fits in it; a slower one gets what is left anyway.
 FINAL_MARGIN = 0.05
+# Full duplex, an EOF while the writer greenlet is between two writes and every record is
+# answered: the EOF waits up to this long for the writer's next write to tell a cut path
+# (a reset comes back: recovered) from the stream's end (passed on). Picked: a streaming
+# writer writes again within milliseconds, even on a loaded machine within a few hundred;
+# a server that ends a duplex conversation costs its reader this once.
+DUPLEX_EOF_WAIT = 0.5
 
 
 @dataclass(frozen=True)
@@ -324,7 +331,7 @@ def _early_answer(m: Machine, d: Drop) -> str | None:
     # Full duplex (another greenlet reads): unread bytes are answers to earlier records that
     # its reader will get on the new connection (their records are re-sent), not an early
     # answer to the write that failed.
-    if d.writing and d.early_answer and not d.duplex:
+    if d.writing and d.early_answer and not (d.duplex or m.duplex):
         return ("the server answered before the write failed (an early answer such as 413 or "
                 "404 from a server that closed without reading the rest): that answer is "
                 "delivered and nothing is re-sent")
@@ -365,6 +372,8 @@ def _server_session(m: Machine, d: Drop) -> str | None:
 
 
 def _mid_answer(m: Machine, d: Drop) -> str | None:
+    if m.duplex:
+        return None  # full duplex: the reader's stream goes on, nothing is resumed
     if not m.answered or not (d.phase == "read" or d.cut or m.holding()):
         return None
     why = m.resume_refusal()
@@ -411,6 +420,27 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
     ("replay-none", _replay_none, SURFACE, True, False),
     ("replay-safe", _replay_safe, SURFACE, True, False),
 )
+
+
+class _Lines:
+    """Full duplex on a line protocol (rule 6): which request lines have been answered.
+
+    Request records end with a newline; answer lines are counted as they are read. Record
+    ``r`` (cumulative request lines ``c``) is confirmed once ``c`` answer lines were read:
+    one answer line per request line, the robot's and most line protocols' shape. ``partial``
+    is the answer line the reader has begun (resumed on a new connection)."""
+
+    __slots__ = ("req", "ans", "marks", "partial", "confirmed")
+
+    def __init__(self) -> None:
+        self.req = 0  # request lines written since line counting began
+        self.ans = 0  # answer lines read (on the current connection's count)
+        self.marks: deque[tuple[int, int]] = deque()  # (journal mark after a record, req)
+        self.partial = bytearray()  # bytes of the answer line in progress
+        self.confirmed = 0  # request lines whose answers were read
+
+
+_PARTIAL_MAX = 65536  # an answer line longer than this is no line protocol: counting stops
 
 
 class Machine:
@@ -461,7 +491,18 @@ class Machine:
         # The client library that opened this socket in its own connect function, if any
         # (``_libraries.Owner``, decided at the first connect): its retries come first.
         self.library: Any = None
-        self.reader: Any = None  # the greenlet that read last
+        # Read calls under way (counted by the socket's read paths), and whether a read and
+        # a write of different greenlets ever overlapped on this socket: full duplex. Its
+        # answers cannot be matched to its requests by timing, so no answer is resumed or
+        # taken for early (§5b), and an EOF with unconfirmed records is a drop even after
+        # answer bytes (the reader's stream must go on, DESIGN §5).
+        self.reading = 0
+        self.duplex = False
+        self.writer: Any = None  # the greenlet that wrote last (duplex only)
+        self.lines: _Lines | None = None  # full duplex on a line protocol (rule 6)
+        self.lines_off = False  # the stream is not one answer line per request line
+        self.read_eol = False  # the last read ended with a newline (duplex only)
+        self.eof_repeats = 0  # unanswered EOFs in a row for the same records (duplex)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -481,7 +522,15 @@ class Machine:
     def wrote_data(self, data: Any) -> None:
         """The application wrote ``data`` (one record)."""
         journal = self.journal
+        if self.reading:
+            self.duplex = True  # another greenlet is inside a read while this one wrote
+        if self.duplex:
+            self.writer = _getcurrent()
+            if not self.lines_off and not self.explicit:
+                self._wrote_lines(data, journal)
         journal.append(data)
+        if self.lines is not None:
+            self.lines.marks.append((journal.mark(), self.lines.req))
         self.eof_mark = None
         if self.answered or journal._keep != journal._done:
             dialect = self.dialect
@@ -497,11 +546,59 @@ class Machine:
             if not self.detected:
                 self.detect(bytes(data), None)
 
+    def _wrote_lines(self, data: Any, journal: Journal) -> None:
+        """Full duplex: count the request lines of a record (rule 6). Counting begins at a
+        clean point — nothing unconfirmed, and no answer line half read."""
+        lines = self.lines
+        if lines is None:
+            if journal.pending or not (self.read_eol or not self.conn_answered):
+                return
+            lines = self.lines = _Lines()
+        chunk = bytes(data)
+        if not chunk.endswith(b"\n"):
+            self._lines_stop()  # records are not lines
+            return
+        lines.req += chunk.count(b"\n")
+
+    def _lines_stop(self) -> None:
+        self.lines = None
+        self.lines_off = True
+
+    def _read_lines(self, data: Any, lines: _Lines) -> None:
+        chunk = bytes(data)
+        n = chunk.count(b"\n")
+        if not n:
+            lines.partial += chunk
+            if len(lines.partial) > _PARTIAL_MAX:
+                self._lines_stop()
+            return
+        lines.ans += n
+        lines.partial[:] = chunk[chunk.rindex(b"\n") + 1:]
+        if lines.ans > lines.req:
+            self._lines_stop()  # more answer lines than request lines: not this shape
+            return
+        marks = lines.marks
+        upto = None
+        while marks and marks[0][1] <= lines.ans:
+            upto, lines.confirmed = marks.popleft()
+        if upto is not None:
+            self.journal.confirm_before(upto)
+            self.journal.drop_kept()
+
     def read_data(self, data: Any, mark: int) -> None:
         """The application read ``data`` (>= 1 byte); ``mark`` was the journal's mark when
         the read began: every record before it is answered."""
         journal = self.journal
-        self.reader = _getcurrent()  # who reads (full duplex, rule early-answer)
+        if self.writing:
+            self.duplex = True  # another greenlet is inside a write while this one read
+        if self.duplex:
+            self.read_eol = data[-1:] == b"\n"
+            self.eof_repeats = 0
+            lines = self.lines
+            if lines is not None:
+                self._read_lines(data, lines)
+                if self.lines is not None:
+                    mark = journal._base + journal._head  # confirmed by lines alone
         if journal._head < len(journal._ends) or journal.overflowed:
             if not self.explicit:
                 journal.confirm_before(mark)
@@ -571,8 +668,15 @@ class Machine:
             # nothing is re-sent for it; the writer goes on until the peer stops reading.
             self.half_closed = True
             return Verdict(PASS_EOF, "half-close")
-        if others_active:
+        if others_active or (peer_alive is False and self.duplex):
             return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
+        if self.duplex and nbytes and self.journal.pending and self.policy.eof != "pass":
+            # The answers so far were to earlier records: a drop, unless it repeats for the
+            # same re-sent records POISON_CAP times with no answer byte in between.
+            if self.eof_mark == self.journal.mark():
+                self.eof_repeats += 1
+            if self.eof_repeats < POISON_CAP:
+                return unanswered()
         if self.answered:
             # An EOF after part of an answer ends it, as a plain socket shows it, unless the
             # dialect's framing says the answer is cut (a body shorter than its length): then
@@ -635,6 +739,16 @@ class Machine:
         # A read cut mid-answer resumes it; so does any drop inside an exchange the dialect
         # holds whole (MULTI...EXEC: re-sent whole, its answers so far checked).
         resume = self.answered if d.phase == "read" or d.cut or self.holding() else 0
+        if self.duplex:
+            # Full duplex: the unconfirmed records only; the reader's stream goes on. On a
+            # line protocol the answer line it has begun is resumed (its bytes checked).
+            resume = 0
+            lines = self.lines
+            if lines is not None and lines.partial and self.journal.pending:
+                resume = len(lines.partial)
+                self.digest.reset()
+                self.digest.update(bytes(lines.partial))
+            self.journal.drop_kept()
         return Verdict(RECOVER, "recover", resume=resume)
 
     def poison_key(self) -> tuple[Any, int] | None:
@@ -680,6 +794,12 @@ class Machine:
         self.gen += 1
         self.conn_answered = False
         self.half_closed = False
+        lines = self.lines
+        if lines is not None:
+            # The new connection answers the re-sent records from the first unconfirmed one.
+            lines.ans = lines.confirmed
+            if not resumed:
+                lines.partial.clear()
         if not resumed:
             self.answered = 0
             self.digest.reset()
@@ -698,6 +818,9 @@ class Machine:
         self.journal.clear()
         self.gen += 1
         self.half_closed = False
+        self.lines = None  # counting begins again at the next clean point
+        self.lines_off = False
+        self.eof_repeats = 0
         if self.dialect is not None:
             self.dialect.discard()
         self.answered = 0

@@ -56,6 +56,7 @@ from ._machine import (
     CONNECTED,
     CUT_RETRY,
     CUT_WAIT,
+    DUPLEX_EOF_WAIT,
     EARLY_ANSWER,
     FINAL_MARGIN,
     PASS_EOF,
@@ -630,11 +631,14 @@ class ResilientSocket(_GeventSocket):
         nbytes = _requested(kind, args)
         others = m.writing > 0 or m.state is RECOVERING
         alive = None
-        if m.writing > 0 and nbytes and not m.half_closed:
-            # Full duplex: a writer is mid-call. This EOF is either the peer's half-close
-            # (it still reads our upload) or the end of a connection whose reset the writer
-            # consumed: ask the connection (DESIGN §5).
-            alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0))
+        idle = (m.writing == 0 and m.duplex and not m.journal.pending
+                and m.writer is not None and not m.writer.dead)
+        if (m.writing > 0 or idle) and nbytes and not m.half_closed:
+            # Full duplex: a writer is mid-call, or between calls with everything answered.
+            # This EOF is either the peer's half-close (it still reads our upload), the end
+            # of a connection whose reset the writer consumed, or the path cut between two
+            # writes: ask the connection (DESIGN §5).
+            alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0), idle)
             if m.gen != gen or m.state is not CONNECTED:
                 return None  # the writer met the drop and recovered: read again there
         outcome = m.eof(nbytes, others, alive)
@@ -830,8 +834,8 @@ class ResilientSocket(_GeventSocket):
             return
         self._rs_surface(m, exc, info, verdict)
 
-    def _rs_peer_alive_after_eof(self, m: Machine, gen: int,
-                                 call_end: float | None) -> bool | None:
+    def _rs_peer_alive_after_eof(self, m: Machine, gen: int, call_end: float | None,
+                                 idle: bool = False) -> bool | None:
         """After an EOF while another greenlet writes: is the peer's socket still there?
 
         True: it half-closed and still takes our bytes — its TCP acknowledged data after its
@@ -839,7 +843,11 @@ class ResilientSocket(_GeventSocket):
         peer that closed fails every write at once). False: a reset arrived (TCP state CLOSE:
         a peer that closed its socket answers our data with RST), or nothing could be learnt
         within about a second (the earlier rule: a drop). None: the connection moved while
-        waiting (the writer recovered). Polls, as ``_rs_peer_not_reading`` does."""
+        waiting (the writer recovered). Polls, as ``_rs_peer_not_reading`` does.
+
+        ``idle``: the writer greenlet is between calls and nothing is unconfirmed; wait up
+        to ``DUPLEX_EOF_WAIT`` for its next write to tell (None if it does not: the EOF is
+        then the stream's end, as without a writer)."""
         unix = self.family == _AF_UNIX
         journal = m.journal
         if unix:
@@ -849,7 +857,7 @@ class ResilientSocket(_GeventSocket):
             if buf is None:
                 return False
             start = struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0]
-        limit = _clock() + 1.0
+        limit = _clock() + (DUPLEX_EOF_WAIT if idle else 1.0)
         if call_end is not None:
             limit = min(limit, call_end)
         while True:
@@ -864,8 +872,10 @@ class ResilientSocket(_GeventSocket):
                     return False
                 if struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0] > start:
                     return True
-            if m.writing == 0 or _clock() >= limit:
-                return False
+            if _clock() >= limit or (m.writing == 0 and not idle):
+                return None if idle else False
+            if idle and (m.writer is None or m.writer.dead):
+                return None  # the writer is done: nothing more will tell
             gevent.sleep(0.002)
 
     def _rs_reader_waiting(self) -> bool:
@@ -884,8 +894,7 @@ class ResilientSocket(_GeventSocket):
                 early = bool(self._sock.recv(1, _PEEK))
             except OSError:
                 early = False
-        duplex = self._rs_reader_waiting() or (
-            m.reader is not None and m.reader is not gevent.getcurrent() and not m.reader.dead)
+        duplex = self._rs_reader_waiting() or m.reading > 0
         return Drop(info, phase, writing=writing, peer_not_reading=peer_not_reading,
                     early_answer=early, duplex=duplex)
 
@@ -1557,14 +1566,22 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         mark = journal._base + len(journal._ends)
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
+        m.reading += 1
         try:
             data = recv(self, *args)
         except BaseException as exc:
-            return self._rs_read(recv, args, RECV, t0, exc, gen)
+            try:
+                return self._rs_read(recv, args, RECV, t0, exc, gen)
+            finally:
+                m.reading -= 1
         if data:
+            m.reading -= 1
             m.read_data(data, mark)
             return data
-        return self._rs_read_eof(recv, args, RECV, data, t0, gen)
+        try:
+            return self._rs_read_eof(recv, args, RECV, data, t0, gen)
+        finally:
+            m.reading -= 1
 
     def recv_into_(self: Any, *args: Any) -> Any:
         m = self._rs_m
@@ -1574,17 +1591,25 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         mark = journal._base + len(journal._ends)
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
+        m.reading += 1
         try:
             n = recv_into(self, *args)
         except BaseException as exc:
-            return self._rs_read(recv_into, args, RECV_INTO, t0, exc, gen)
+            try:
+                return self._rs_read(recv_into, args, RECV_INTO, t0, exc, gen)
+            finally:
+                m.reading -= 1
         if n:
+            m.reading -= 1
             view = args[0]
             if type(view) is not memoryview or view.format != "B":
                 view = memoryview(view).cast("B")
             m.read_data(view[:n], mark)
             return n
-        return self._rs_read_eof(recv_into, args, RECV_INTO, n, t0, gen)
+        try:
+            return self._rs_read_eof(recv_into, args, RECV_INTO, n, t0, gen)
+        finally:
+            m.reading -= 1
 
     def send_(self: Any, data: Any, flags: int = 0, timeout: Any = _timeout_default) -> Any:
         m = self._rs_m

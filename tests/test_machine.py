@@ -413,3 +413,36 @@ def test_a_half_close_under_a_writer_is_passed_on_and_its_later_write_error_surf
     assert v.kind == SURFACE and v.rule == "half-closed" and v.discard
     m.discarded()  # the connection goes; the next one starts afresh
     assert not m.half_closed
+
+
+def test_full_duplex_on_a_line_protocol_confirms_by_answer_lines():
+    """Issue 24: a writer streams lines while another greenlet reads per-line answers. A read
+    that returns answer line k confirms the first k request lines only (not every record
+    written before the read began: those may still be in flight), and a drop resumes the
+    answer line the reader has begun."""
+    m = machine()
+    m.reading = 1  # a reader waits while the writer writes: full duplex
+    m.wrote_data(b"L 1\n")
+    m.wrote_data(b"L 2\n")
+    m.wrote_data(b"L 3\n")
+    assert m.duplex and m.lines is not None
+    m.reading = 0
+    mark = m.journal.mark()  # this read began after all three writes
+    m.read_data(b"A 1\n", mark)
+    assert len(m.journal) == 2  # lines 2 and 3 are unanswered
+    m.read_data(b"A ", m.journal.mark())  # half of answer line 2
+    v = m.drop(drop(ConnectionResetError(104, "reset"), "read"))
+    assert v.kind == RECOVER and v.resume == 2  # its first 2 bytes are checked, not re-read
+    assert m.journal.unconfirmed() == b"L 2\nL 3\n"
+    outcome = m.eof(100, others_active=False)  # duplex: an EOF with records unanswered
+    assert isinstance(outcome, Drop)  # is a drop even after answer bytes
+
+
+def test_more_answer_lines_than_request_lines_stops_line_counting():
+    m = machine()
+    m.reading = 1
+    m.wrote_data(b"GET\n")
+    m.reading = 0
+    m.read_data(b"line 1\nline 2\n", m.journal.mark())
+    assert m.lines is None and m.lines_off  # not one answer line per request line
+    assert not m.journal.pending  # the answer rule confirmed it
