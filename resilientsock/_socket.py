@@ -967,7 +967,7 @@ class ResilientSocket(_GeventSocket):
             episode.library = _libraries.retrying_now(m.library)
         if exc is not None:
             info = classify(exc, phase="read")
-            _emit("drop", logging.INFO, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
+            _emit("drop", logging.DEBUG, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
                   self._rs_name(), type(exc).__name__, info.category if info else "?",
                   len(m.journal), peer=self._rs_target,
                   category=str(info.category) if info else None, error_type=type(exc).__name__)
@@ -1048,8 +1048,8 @@ class ResilientSocket(_GeventSocket):
                 _count_failed_attempt(info)
                 gone = info is not None and info.category in _SERVER_GONE
                 episode.attempted(bool(self.__dict__.get("_rs_reached")), gone)
-                log.info("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
-                         failure)
+                log.debug("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
+                          failure)
                 if soft and not gone:
                     raise  # an EOF cut: the caller gets the EOF (_rs_resume_cut)
                 if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
@@ -1080,7 +1080,7 @@ class ResilientSocket(_GeventSocket):
             self._rs_bump("reconnects")
             if first:
                 m.episode = None
-            _emit("reconnect", logging.INFO, "%s: reconnected (attempt %d)", self._rs_name(),
+            _emit("reconnect", logging.DEBUG, "%s: reconnected (attempt %d)", self._rs_name(),
                   episode.attempts, peer=self._rs_target, attempts=episode.attempts,
                   seconds=_clock() - episode.start)
             return
@@ -1243,7 +1243,7 @@ class ResilientSocket(_GeventSocket):
             self._rs_raw_sendall(payload)
             self._rs_bump("replayed_records", len(journal))
             self._rs_bump("replayed_bytes", len(payload))
-            _emit("replay", logging.INFO, "%s: replayed %d record(s), %d bytes",
+            _emit("replay", logging.DEBUG, "%s: replayed %d record(s), %d bytes",
                   self._rs_name(), len(journal), len(payload), peer=self._rs_target,
                   records=len(journal), nbytes=len(payload))
         journal.restart_stream(len(payload))
@@ -1274,13 +1274,13 @@ class ResilientSocket(_GeventSocket):
             digest.update(dialect.mask(chunk) if dialect is not None else chunk)
         if got < k or digest.intdigest() != m.digest.intdigest():
             self._rs_bump("answers_changed")
-            _emit("answer_changed", logging.WARNING, "%s: the re-sent request's answer changed "
+            _emit("answer_changed", logging.INFO, "%s: the re-sent request's answer changed "
                   "after %d byte(s)", self._rs_name(), k, peer=self._rs_target, nbytes=k)
             raise _AnswerChanged(
                 f"the re-sent request's new answer differs from the {k} byte(s) the caller "
                 "already has, so it cannot be continued")
         self._rs_bump("answers_resumed")
-        _emit("answer_resumed", logging.INFO, "%s: answer resumed at byte %d", self._rs_name(),
+        _emit("answer_resumed", logging.DEBUG, "%s: answer resumed at byte %d", self._rs_name(),
               k, peer=self._rs_target, nbytes=k)
 
     def _rs_skip_banner(self, m: Machine) -> None:
