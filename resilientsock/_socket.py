@@ -826,6 +826,10 @@ class ResilientSocket(_GeventSocket):
         if info is None:
             raise exc  # not a connection problem: unchanged, connection kept
         drop = self._rs_facts(m, info, phase, writing)
+        if m.gen != gen or m.state is not CONNECTED:  # moved while the facts were found
+            if m.state is BROKEN:
+                raise exc
+            return
         verdict = m.drop(drop)
         if verdict.kind == RECOVER:
             self._rs_bump("disconnects")
@@ -894,6 +898,16 @@ class ResilientSocket(_GeventSocket):
                 early = bool(self._sock.recv(1, _PEEK))
             except OSError:
                 early = False
+            if early and not (self._rs_reader_waiting() or m.reading > 0):
+                # Unread bytes and no reader in sight: let a reader greenlet that is ready
+                # to run show itself (a full duplex client whose reader has not started yet)
+                # before taking them for an early answer to this write. This write counts as
+                # under way meanwhile: what the reader meets is part of its drop.
+                m.writing += 1
+                try:
+                    gevent.sleep(0)
+                finally:
+                    m.writing -= 1
         duplex = self._rs_reader_waiting() or m.reading > 0
         return Drop(info, phase, writing=writing, peer_not_reading=peer_not_reading,
                     early_answer=early, duplex=duplex)

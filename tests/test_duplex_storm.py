@@ -130,7 +130,8 @@ class CuttingProxy(ListenerService):
             self._close(pair, False, 0)
 
 
-def run_storm(lines: int, seed: int, limit: float) -> dict[str, Any]:
+def run_storm(lines: int, seed: int, limit: float, writer_first: bool = False,
+              use_makefile: bool = False) -> dict[str, Any]:
     snaps: list[tuple[float, int]] = []  # (when, highest ACK read two reads before)
     hist = [0, 0]  # highest ACK after the read before the last one, after the last one
 
@@ -154,12 +155,14 @@ def run_storm(lines: int, seed: int, limit: float) -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001 - reported
                 out["writer"] = exc
 
+        stream = sock.makefile("rb") if use_makefile else None
+
         def reader() -> None:
             top = 0
             buf = b""
             try:
                 while top < lines:
-                    d = sock.recv(65536)
+                    d = stream.readline() if stream is not None else sock.recv(65536)
                     if not d:
                         out["reader"] = f"premature EOF after ACK {top}"
                         return
@@ -173,9 +176,13 @@ def run_storm(lines: int, seed: int, limit: float) -> dict[str, Any]:
                 out["reader"] = exc
 
         t0 = time.monotonic()
-        gr = gevent.spawn(reader)
-        gevent.sleep(0)  # the reader waits in recv() before the first line goes out
-        gw = gevent.spawn(writer)
+        if writer_first:  # the reader starts once the writer first yields
+            gw = gevent.spawn(writer)
+            gr = gevent.spawn(reader)
+        else:
+            gr = gevent.spawn(reader)
+            gevent.sleep(0)  # the reader waits in recv() before the first line goes out
+            gw = gevent.spawn(writer)
         gevent.joinall([gw, gr], timeout=limit)
         out["seconds"] = time.monotonic() - t0
         proxy.stopped = True
@@ -183,6 +190,8 @@ def run_storm(lines: int, seed: int, limit: float) -> dict[str, Any]:
         gr.kill()
         out["reconnects"] = sock.reconnects
         out["cuts"] = proxy.cuts
+        if stream is not None:
+            stream.close()
         sock.close()
         with srv.lock:
             out["conns"] = [(t, list(ls)) for t, ls in srv.conns]
@@ -218,10 +227,18 @@ def test_full_duplex_storm_small(seed: int) -> None:
     check(out, 5000)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", [4, 5])
+def test_full_duplex_storm_writer_first_reader_on_makefile(seed: int) -> None:
+    out = run_storm(5000, seed, limit=60, writer_first=True, use_makefile=True)
+    check(out, 5000)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_full_duplex_storm_20000_lines_ten_runs() -> None:
     for seed in range(10):
-        out = run_storm(20000, 100 + seed, limit=60)
+        out = run_storm(20000, 100 + seed, limit=60, writer_first=seed % 2 == 1,
+                        use_makefile=seed % 3 == 2)
         check(out, 20000)
         assert out["seconds"] <= 60, out["seconds"]
