@@ -1062,8 +1062,8 @@ class ResilientSocket(_GeventSocket):
                 _count_failed_attempt(info)
                 gone = info is not None and info.category in _SERVER_GONE
                 episode.attempted(bool(self.__dict__.get("_rs_reached")), gone)
-                log.debug("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
-                          failure)
+                log.info("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
+                         failure)
                 if soft and not gone:
                     raise  # an EOF cut: the caller gets the EOF (_rs_resume_cut)
                 if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
