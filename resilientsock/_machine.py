@@ -328,10 +328,11 @@ def _peer_not_reading(m: Machine, d: Drop) -> str | None:
 
 
 def _early_answer(m: Machine, d: Drop) -> str | None:
-    # Full duplex (another greenlet reads): unread bytes are answers to earlier records that
-    # its reader will get on the new connection (their records are re-sent), not an early
-    # answer to the write that failed.
-    if d.writing and d.early_answer and not (d.duplex or m.duplex):
+    # Full duplex on a line protocol (another greenlet reads one answer line per request
+    # line): unread bytes are answers to earlier lines, re-sent and answered again on the new
+    # connection, not an early answer to the write that failed. Elsewhere (an upload the
+    # server answered early and closed on, with a reader greenlet) they are one.
+    if d.writing and d.early_answer and not ((d.duplex or m.duplex) and m.line_stream()):
         return ("the server answered before the write failed (an early answer such as 413 or "
                 "404 from a server that closed without reading the rest): that answer is "
                 "delivered and nothing is re-sent")
@@ -441,6 +442,7 @@ class _Lines:
 
 
 _PARTIAL_MAX = 65536  # an answer line longer than this is no line protocol: counting stops
+_MARKS_MAX = 1 << 16  # request records awaiting their answer line: more, and counting stops
 
 
 class Machine:
@@ -526,11 +528,14 @@ class Machine:
             self.duplex = True  # another greenlet is inside a read while this one wrote
         if self.duplex:
             self.writer = _getcurrent()
-            if not self.lines_off and not self.explicit:
-                self._wrote_lines(data, journal)
+        if not self.lines_off and not self.explicit and self.dialect is None:
+            self._wrote_lines(data, journal)
         journal.append(data)
-        if self.lines is not None:
-            self.lines.marks.append((journal.mark(), self.lines.req))
+        lines = self.lines
+        if lines is not None:
+            lines.marks.append((journal.mark(), lines.req))
+            if len(lines.marks) > _MARKS_MAX:
+                self._lines_stop()  # far more requests than answer lines: not this shape
         self.eof_mark = None
         if self.answered or journal._keep != journal._done:
             dialect = self.dialect
@@ -545,6 +550,8 @@ class Machine:
             self.wrote = True
             if not self.detected:
                 self.detect(bytes(data), None)
+                if self.dialect is not None and self.lines is not None:
+                    self._lines_stop()  # a known protocol: its dialect knows better
 
     def _wrote_lines(self, data: Any, journal: Journal) -> None:
         """Full duplex: count the request lines of a record (rule 6). Counting begins at a
@@ -560,11 +567,21 @@ class Machine:
             return
         lines.req += chunk.count(b"\n")
 
+    def line_stream(self) -> bool:
+        """Full duplex on a line protocol (rule 6): counted, or — before counting began —
+        by the look of what is unconfirmed (it ends with a newline)."""
+        if not self.duplex or self.lines_off:
+            return False
+        if self.lines is not None:
+            return True
+        journal = self.journal
+        return journal.keep_data and journal.pending and journal._data[-1:] == b"\n"
+
     def _lines_stop(self) -> None:
         self.lines = None
         self.lines_off = True
 
-    def _read_lines(self, data: Any, lines: _Lines) -> None:
+    def _read_lines(self, data: Any, lines: _Lines, confirm: bool) -> None:
         chunk = bytes(data)
         n = chunk.count(b"\n")
         if not n:
@@ -581,9 +598,18 @@ class Machine:
         upto = None
         while marks and marks[0][1] <= lines.ans:
             upto, lines.confirmed = marks.popleft()
-        if upto is not None:
+        if upto is not None and confirm:
             self.journal.confirm_before(upto)
             self.journal.drop_kept()
+
+    def _lines_realign(self, lines: _Lines) -> None:
+        """Forget the marks of records the journal confirmed otherwise (the answer rule
+        before full duplex): the answer lines still to come for them are theirs."""
+        head = self.journal._base + self.journal._head
+        marks = lines.marks
+        while marks and marks[0][0] <= head:
+            _, cum = marks.popleft()
+            lines.confirmed = max(lines.confirmed, cum)
 
     def read_data(self, data: Any, mark: int) -> None:
         """The application read ``data`` (>= 1 byte); ``mark`` was the journal's mark when
@@ -591,17 +617,22 @@ class Machine:
         journal = self.journal
         if self.writing:
             self.duplex = True  # another greenlet is inside a write while this one read
-        if self.duplex:
+        lines = self.lines
+        if lines is not None:
+            # Line counting (rule 6) from the first write on: in full duplex it alone
+            # confirms; otherwise it follows the answer rule.
+            self._read_lines(data, lines, self.duplex)
+            if self.duplex and self.lines is not None:
+                mark = journal._base + journal._head  # confirmed by lines alone
+        elif not self.lines_off:
             self.read_eol = data[-1:] == b"\n"
+        if self.duplex:
             self.eof_repeats = 0
-            lines = self.lines
-            if lines is not None:
-                self._read_lines(data, lines)
-                if self.lines is not None:
-                    mark = journal._base + journal._head  # confirmed by lines alone
         if journal._head < len(journal._ends) or journal.overflowed:
             if not self.explicit:
                 journal.confirm_before(mark)
+                if lines is not None and not self.duplex:
+                    self._lines_realign(lines)
         self.conn_answered = True
         self.eof_mark = None
         self.poison = 0
@@ -670,7 +701,7 @@ class Machine:
             return Verdict(PASS_EOF, "half-close")
         if others_active or (peer_alive is False and self.duplex):
             return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
-        if self.duplex and nbytes and self.journal.pending and self.policy.eof != "pass":
+        if nbytes and self.journal.pending and self.policy.eof != "pass" and self.line_stream():
             # The answers so far were to earlier records: a drop, unless it repeats for the
             # same re-sent records POISON_CAP times with no answer byte in between.
             if self.eof_mark == self.journal.mark():
@@ -797,6 +828,7 @@ class Machine:
         lines = self.lines
         if lines is not None:
             # The new connection answers the re-sent records from the first unconfirmed one.
+            self._lines_realign(lines)
             lines.ans = lines.confirmed
             if not resumed:
                 lines.partial.clear()

@@ -631,7 +631,7 @@ class ResilientSocket(_GeventSocket):
         nbytes = _requested(kind, args)
         others = m.writing > 0 or m.state is RECOVERING
         alive = None
-        idle = (m.writing == 0 and m.duplex and not m.journal.pending
+        idle = (m.writing == 0 and m.lines is not None and not m.journal.pending
                 and m.writer is not None and not m.writer.dead)
         if (m.writing > 0 or idle) and nbytes and not m.half_closed:
             # Full duplex: a writer is mid-call, or between calls with everything answered.

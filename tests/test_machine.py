@@ -446,3 +446,24 @@ def test_more_answer_lines_than_request_lines_stops_line_counting():
     m.read_data(b"line 1\nline 2\n", m.journal.mark())
     assert m.lines is None and m.lines_off  # not one answer line per request line
     assert not m.journal.pending  # the answer rule confirmed it
+
+
+def test_a_writer_started_first_has_its_lines_counted_before_duplex_is_seen():
+    """The writer hands lines to the kernel before the reader runs; the reader's first read
+    (the writer blocked in a write) shows full duplex. The answer rule would confirm all
+    five lines there (the read began after them): line counting, on from the first write,
+    confirms the one answered."""
+    m = machine()
+    for n in range(1, 6):
+        m.wrote_data(b"L %d\n" % n)
+    assert not m.duplex and m.lines is not None
+    m.writing = 1  # the writer is blocked in its next write
+    m.read_data(b"A 1\n", m.journal.mark())
+    assert m.duplex
+    assert len(m.journal) == 4  # lines 2-5 are still unanswered
+
+
+def test_lines_are_not_counted_for_a_binary_stream():
+    m = machine()
+    m.wrote_data(b"\x00\x01binary")
+    assert m.lines is None and m.lines_off
