@@ -200,3 +200,39 @@ def test_half_close_after_a_greeting_lets_the_upload_finish():
         while len(srv.got[0]) < 128 * 65536 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert len(srv.got[0]) == 128 * 65536
+
+
+class AnswerAndClose(ListenerService):
+    """Reads one line, answers it and closes at once (an early 413 without lingering)."""
+
+    def __init__(self) -> None:
+        super().__init__("answer-and-close", "127.0.0.1", 0, None)
+        self.requests = 0
+
+    def _handle(self, c) -> None:
+        got = b""
+        while b"\n" not in got:
+            d = c.recv(4096)
+            if not d:
+                c.close()
+                return
+            got += d
+        self.requests += 1
+        c.sendall(b"ERR 413 upload too large\n")
+        c.close()
+
+    def _teardown(self) -> None:
+        self._close_listener()
+
+
+def test_an_early_answer_with_a_reader_greenlet_is_delivered_once_and_nothing_re_sent():
+    """A regression guard for the full duplex rules: an upload (not a line protocol) that
+    the server answers and closes on while a reader greenlet waits stays an early answer:
+    the reader gets the answer, the writer the plain error, the request ran once."""
+    with AnswerAndClose() as srv:
+        sock = ResilientSocket.connect(srv.address, POLICY, timeout=10)
+        out = _duplex(sock, 160, b"PUT /big\n")
+        assert out["reader"][0] == b"ERR 413 upload too large\n", out
+        assert isinstance(out["writer"], (BrokenPipeError, ConnectionResetError)), out
+        assert srv.requests == 1 and srv.connections == 1
+        sock.close()
