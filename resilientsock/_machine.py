@@ -561,10 +561,10 @@ class Machine:
             if journal.pending or not (self.read_eol or not self.conn_answered):
                 return
             lines = self.lines = _Lines()
-        chunk = bytes(data)
-        if not chunk.endswith(b"\n"):
+        if data[-1:] != b"\n":
             self._lines_stop()  # records are not lines
             return
+        chunk = data if isinstance(data, bytes | bytearray) else bytes(data)
         lines.req += chunk.count(b"\n")
 
     def line_stream(self) -> bool:
@@ -582,7 +582,7 @@ class Machine:
         self.lines_off = True
 
     def _read_lines(self, data: Any, lines: _Lines, confirm: bool) -> None:
-        chunk = bytes(data)
+        chunk = data if isinstance(data, bytes | bytearray) else bytes(data)
         n = chunk.count(b"\n")
         if not n:
             lines.partial += chunk
