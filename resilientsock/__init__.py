@@ -24,6 +24,7 @@ PYTEST_DONT_REWRITE (this marker keeps pytest's assertion rewriting away from th
 
 from __future__ import annotations
 
+import logging as _logging
 from typing import TYPE_CHECKING, Any
 
 from ._errors import (
@@ -99,3 +100,7 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+# A library's logger (logging HOWTO): the application decides what is shown; the runner
+# shows our warnings on stderr (rate-limited per target, _events).
+_logging.getLogger("resilientsock").addHandler(_logging.NullHandler())

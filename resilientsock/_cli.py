@@ -270,6 +270,14 @@ def _run(argv: list[str]) -> None:
         logger = logging.getLogger("resilientsock")
         logger.addHandler(handler)
         logger.setLevel(level)
+    elif not logging.getLogger().handlers:
+        # The library logger has a NullHandler; the runner is an application and shows our
+        # warnings (rate-limited per target, _events) unless the script configures logging.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        handler.addFilter(lambda record: not logging.getLogger().handlers)
+        logging.getLogger("resilientsock").addHandler(handler)
     want_stats = options.stats or os.environ.get("RESILIENTSOCK_STATS", "") not in ("", "0")
     stats_file = os.environ.get("RESILIENTSOCK_STATS_FILE")
 
@@ -359,6 +367,62 @@ def _linked(exc: BaseException) -> Iterator[BaseException]:
             yield from (x for x in item if isinstance(x, BaseException))
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _ours(filename: str) -> bool:
+    """A frame of resilientsock itself (its runner included) or of runpy."""
+    return (os.path.abspath(filename).startswith(_PACKAGE_DIR) or filename == "<frozen runpy>"
+            or os.path.basename(filename) == "runpy.py")
+
+
+def _trim(tb: Any) -> Any:
+    """The traceback as ``python script.py`` would show it: without the runner's frames
+    before the script's, and without resilientsock's frames after the application's last."""
+    frames = []
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    keep = [not _ours(f.tb_frame.f_code.co_filename) for f in frames]
+    if not any(keep):
+        return None
+    first = keep.index(True)
+    last = len(keep) - 1 - keep[::-1].index(True)
+    frames[last].tb_next = None
+    return frames[first]
+
+
+def _plain_traceback(value: BaseException, tb: Any) -> Any:
+    """Trim the traceback of an uncaught exception and of its chain (rule 5: the plain
+    traceback plus our note, not 40 lines of ours). A cause or context raised entirely inside
+    resilientsock (the give-up's last attempt, already named in the note) is hidden."""
+    seen: set[int] = set()
+    current: BaseException | None = value
+    while current is not None and id(current) not in seen and len(seen) < _MAX_WALK:
+        seen.add(id(current))
+        if current is not value and current.__traceback__ is not None:
+            current.__traceback__ = _trim(current.__traceback__)
+        linked = current.__cause__ or (None if current.__suppress_context__
+                                        else current.__context__)
+        if linked is not None and linked.__traceback__ is not None and all(
+                _ours(f.f_code.co_filename) for f, _ in _walk_tb(linked.__traceback__)):
+            current.__cause__ = None
+            current.__suppress_context__ = True
+            linked = None
+        current = linked
+    trimmed = _trim(tb)
+    if trimmed is None:
+        return tb
+    value.__traceback__ = trimmed  # what the default hook prints (3.11+ reads it there)
+    return trimmed
+
+
+def _walk_tb(tb: Any) -> Any:
+    import traceback
+
+    return traceback.walk_tb(tb)
+
+
 def resilientsock_notes(exc: BaseException) -> list[str]:
     """Every PEP 678 note starting with ``resilientsock:`` found in ``exc``'s chain, in the
     order found (``exc`` first, then breadth-first), each once. Cycle-safe, bounded (at most
@@ -403,6 +467,10 @@ def _install_note_printer() -> None:
             pass
 
     def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        try:
+            tb = _plain_traceback(value, tb)
+        except Exception:  # noqa: BLE001 - never mask the application's error
+            pass
         previous(kind, value, tb)
         print_notes(value)
 

@@ -15,6 +15,8 @@ Rules of this module:
 4. Internal sockets (the process's own socketpairs and wake-up connections to itself,
    ``internal=True``) are logged but never counted in metrics: they are not connections to a
    server.
+6. A WARNING about a target repeats at most once a minute (``RATE_WINDOW``) per event; the
+   repeats in between are DEBUG records, counted in the next WARNING's text.
 5. Advice names the knob the way the user can set it: ``--confirm tcp-ack`` under the runner
    (``python -m resilientsock``), ``RetryPolicy(confirm="tcp-ack")`` in code (``advice``).
 
@@ -67,13 +69,13 @@ EVENTS = frozenset({
 
 # The level each event is meant to be logged at (the caller passes it; a surfaced read
 # timeout the application asked for is DEBUG, not INFO: it is not an error).
-LEVELS: dict[str, int] = {
+LEVELS: dict[str, int] = {  # a recovered episode is DEBUG only; one given up, one WARNING
     "connect": logging.DEBUG,
-    "drop": logging.INFO,
-    "reconnect": logging.INFO,
-    "replay": logging.INFO,
-    "answer_resumed": logging.INFO,
-    "answer_changed": logging.WARNING,
+    "drop": logging.DEBUG,
+    "reconnect": logging.DEBUG,
+    "replay": logging.DEBUG,
+    "answer_resumed": logging.DEBUG,
+    "answer_changed": logging.INFO,
     "surfaced": logging.INFO,
     "gave_up": logging.WARNING,
 }
@@ -179,6 +181,8 @@ def emit(event: str, level: int, message: str, **fields: object) -> None:
     global _instruments
     if event not in EVENTS:
         raise ValueError(f"unknown resilientsock event {event!r}")
+    if level >= logging.WARNING and fields.get("peer") is not None:
+        level, message = _limit(event, fields.get("peer"), level, message)
     if log.isEnabledFor(level):
         extra: dict[str, object] = {_PREFIX + "event": event}
         for name, value in fields.items():
@@ -200,6 +204,42 @@ def emit(event: str, level: int, message: str, **fields: object) -> None:
         with _lock:
             _instruments = None
         log.warning("resilientsock: OpenTelemetry metrics switched off after an error: %r", exc)
+
+
+# -- rate limit: one warning per target and event, then a summary (rule 6) ----------------------
+
+RATE_WINDOW = 60.0  # seconds: one WARNING per (event, target) in this window
+_RATE_KEYS = 1024  # targets remembered (the oldest forgotten first)
+_recent: dict[tuple[str, Any], list[float]] = {}  # key -> [window start, repeats in it]
+
+
+def _limit(event: str, peer: object, level: int, message: str,
+           clock: Any = None) -> tuple[int, str]:
+    """The level and message for a WARNING about ``peer``: the first in a window as is, the
+    repeats at DEBUG, counted; the first after the window carries the count ("N more like
+    this in the last 60 s"). An application that polls a dead server does not flood its
+    log, and the first warning still shows at once."""
+    import time
+
+    now = (clock or time.monotonic)()
+    try:
+        key = (event, peer)
+        hash(key)
+    except TypeError:
+        key = (event, repr(peer))
+    with _lock:
+        entry = _recent.get(key)
+        if entry is not None and now - entry[0] < RATE_WINDOW:
+            entry[1] += 1
+            return logging.DEBUG, message
+        _recent.pop(key, None)
+        _recent[key] = [now, 0.0]
+        while len(_recent) > _RATE_KEYS:
+            _recent.pop(next(iter(_recent)))
+    if entry is not None and entry[1]:
+        message = (f"{message} ({int(entry[1])} more like this in the last "
+                   f"{now - entry[0]:.0f} s)")
+    return level, message
 
 
 # -- advice: name the knob the way the user sets it ----------------------------------------------

@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,8 @@ try:  # xxHash's XXH3 runs at ~45 GB/s here, CRC-32 at ~4: the digest is on the 
     _xxh3: Any = _xxh3_64
 except ImportError:  # pragma: no cover - the declared dependency is missing
     _xxh3 = None
+
+from greenlet import getcurrent as _getcurrent
 
 from ._errors import ErrorCategory, ErrorInfo
 from ._journal import Journal
@@ -111,6 +114,12 @@ CUT_RETRY = 0.5
 # timeout is still found when the schedule's wait has grown past what is left. Picked: a
 # loopback or LAN connect with its replay fits in it; a slower one gets what is left anyway.
 FINAL_MARGIN = 0.05
+# Full duplex, an EOF while the writer greenlet is between two writes and every record is
+# answered: the EOF waits up to this long for the writer's next write to tell a cut path
+# (a reset comes back: recovered) from the stream's end (passed on). Picked: a streaming
+# writer writes again within milliseconds, even on a loaded machine within a few hundred;
+# a server that ends a duplex conversation costs its reader this once.
+DUPLEX_EOF_WAIT = 0.5
 
 
 @dataclass(frozen=True)
@@ -136,6 +145,7 @@ class Drop:
     writing: bool = False  # the interrupted call is a write (its record is not yet journaled)
     peer_not_reading: bool = False  # a write timeout, and the peer's TCP acknowledged all
     early_answer: bool = False  # a failed write, and the peer's bytes are waiting to be read
+    duplex: bool = False  # another greenlet reads this socket (its answers are not early)
 
 
 class TokenBucket:
@@ -321,10 +331,22 @@ def _peer_not_reading(m: Machine, d: Drop) -> str | None:
 
 
 def _early_answer(m: Machine, d: Drop) -> str | None:
-    if d.writing and d.early_answer:
+    # Full duplex on a line protocol (another greenlet reads one answer line per request
+    # line): unread bytes are answers to earlier lines, re-sent and answered again on the new
+    # connection, not an early answer to the write that failed. Elsewhere (an upload the
+    # server answered early and closed on, with a reader greenlet) they are one.
+    if d.writing and d.early_answer and not ((d.duplex or m.duplex) and m.line_stream()):
         return ("the server answered before the write failed (an early answer such as 413 or "
                 "404 from a server that closed without reading the rest): that answer is "
                 "delivered and nothing is re-sent")
+    return None
+
+
+def _half_closed(m: Machine, d: Drop) -> str | None:
+    if m.half_closed and d.phase != "eof":
+        return ("the server half-closed this connection (it sent its end of the stream and "
+                "went on reading, as nginx's lingering close does) and has now stopped "
+                "reading: a plain socket gets this error, and nothing is re-sent")
     return None
 
 
@@ -373,6 +395,8 @@ def _server_session(m: Machine, d: Drop) -> str | None:
 
 
 def _mid_answer(m: Machine, d: Drop) -> str | None:
+    if m.duplex:
+        return None  # full duplex: the reader's stream goes on, nothing is resumed
     if not m.answered or not (d.phase == "read" or d.cut or m.holding()):
         return None
     why = m.resume_refusal()
@@ -410,6 +434,7 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
     ("read-timeout", _read_timeout, SURFACE, False, True),
     ("peer-not-reading", _peer_not_reading, SURFACE, False, False),
     ("early-answer", _early_answer, EARLY_ANSWER, False, False),
+    ("half-closed", _half_closed, SURFACE, True, False),
     ("not-retryable", _not_retryable, SURFACE, True, False),
     ("dialect", _dialect, SURFACE, True, False),
     ("not-idempotent", _not_idempotent, SURFACE, True, False),
@@ -419,6 +444,28 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
     ("replay-none", _replay_none, SURFACE, True, False),
     ("replay-safe", _replay_safe, SURFACE, True, False),
 )
+
+
+class _Lines:
+    """Full duplex on a line protocol (rule 6): which request lines have been answered.
+
+    Request records end with a newline; answer lines are counted as they are read. Record
+    ``r`` (cumulative request lines ``c``) is confirmed once ``c`` answer lines were read:
+    one answer line per request line, the robot's and most line protocols' shape. ``partial``
+    is the answer line the reader has begun (resumed on a new connection)."""
+
+    __slots__ = ("req", "ans", "marks", "partial", "confirmed")
+
+    def __init__(self) -> None:
+        self.req = 0  # request lines written since line counting began
+        self.ans = 0  # answer lines read (on the current connection's count)
+        self.marks: deque[tuple[int, int]] = deque()  # (journal mark after a record, req)
+        self.partial = bytearray()  # bytes of the answer line in progress
+        self.confirmed = 0  # request lines whose answers were read
+
+
+_PARTIAL_MAX = 65536  # an answer line longer than this is no line protocol: counting stops
+_MARKS_MAX = 1 << 16  # request records awaiting their answer line: more, and counting stops
 
 
 class Machine:
@@ -467,6 +514,24 @@ class Machine:
         # Drops that met the same re-sent records before any answer (POISON_CAP).
         self.poison = 0
         self.poison_mark: int | None = None
+        # The peer half-closed this connection and still takes our bytes (§5: a half-close
+        # is not a drop): its EOF is passed on, and a write error on it later is surfaced.
+        self.half_closed = False
+        # The client library that opened this socket in its own connect function, if any
+        # (``_libraries.Owner``, decided at the first connect): its retries come first.
+        self.library: Any = None
+        # Read calls under way (counted by the socket's read paths), and whether a read and
+        # a write of different greenlets ever overlapped on this socket: full duplex. Its
+        # answers cannot be matched to its requests by timing, so no answer is resumed or
+        # taken for early (§5b), and an EOF with unconfirmed records is a drop even after
+        # answer bytes (the reader's stream must go on, DESIGN §5).
+        self.reading = 0
+        self.duplex = False
+        self.writer: Any = None  # the greenlet that wrote last (duplex only)
+        self.lines: _Lines | None = None  # full duplex on a line protocol (rule 6)
+        self.lines_off = False  # the stream is not one answer line per request line
+        self.read_eol = False  # the last read ended with a newline (duplex only)
+        self.eof_repeats = 0  # unanswered EOFs in a row for the same records (duplex)
 
     # -- state --------------------------------------------------------------------------------
 
@@ -490,7 +555,18 @@ class Machine:
     def wrote_data(self, data: Any) -> None:
         """The application wrote ``data`` (one record)."""
         journal = self.journal
+        if self.reading:
+            self.duplex = True  # another greenlet is inside a read while this one wrote
+        if self.duplex:
+            self.writer = _getcurrent()
+        if not self.lines_off and not self.explicit and self.dialect is None:
+            self._wrote_lines(data, journal)
         journal.append(data)
+        lines = self.lines
+        if lines is not None:
+            lines.marks.append((journal.mark(), lines.req))
+            if len(lines.marks) > _MARKS_MAX:
+                self._lines_stop()  # far more requests than answer lines: not this shape
         self.eof_mark = None
         if self.answered or journal._keep != journal._done:
             dialect = self.dialect
@@ -505,14 +581,89 @@ class Machine:
             self.wrote = True
             if not self.detected:
                 self.detect(bytes(data), None)
+                if self.dialect is not None and self.lines is not None:
+                    self._lines_stop()  # a known protocol: its dialect knows better
+
+    def _wrote_lines(self, data: Any, journal: Journal) -> None:
+        """Full duplex: count the request lines of a record (rule 6). Counting begins at a
+        clean point — nothing unconfirmed, and no answer line half read."""
+        lines = self.lines
+        if lines is None:
+            if journal.pending or not (self.read_eol or not self.conn_answered):
+                return
+            lines = self.lines = _Lines()
+        if data[-1:] != b"\n":
+            self._lines_stop()  # records are not lines
+            return
+        chunk = data if isinstance(data, bytes | bytearray) else bytes(data)
+        lines.req += chunk.count(b"\n")
+
+    def line_stream(self) -> bool:
+        """Full duplex on a line protocol (rule 6): counted, or — before counting began —
+        by the look of what is unconfirmed (it ends with a newline)."""
+        if not self.duplex or self.lines_off:
+            return False
+        if self.lines is not None:
+            return True
+        journal = self.journal
+        return journal.keep_data and journal.pending and journal._data[-1:] == b"\n"
+
+    def _lines_stop(self) -> None:
+        self.lines = None
+        self.lines_off = True
+
+    def _read_lines(self, data: Any, lines: _Lines, confirm: bool) -> None:
+        chunk = data if isinstance(data, bytes | bytearray) else bytes(data)
+        n = chunk.count(b"\n")
+        if not n:
+            lines.partial += chunk
+            if len(lines.partial) > _PARTIAL_MAX:
+                self._lines_stop()
+            return
+        lines.ans += n
+        lines.partial[:] = chunk[chunk.rindex(b"\n") + 1:]
+        if lines.ans > lines.req:
+            self._lines_stop()  # more answer lines than request lines: not this shape
+            return
+        marks = lines.marks
+        upto = None
+        while marks and marks[0][1] <= lines.ans:
+            upto, lines.confirmed = marks.popleft()
+        if upto is not None and confirm:
+            self.journal.confirm_before(upto)
+            self.journal.drop_kept()
+
+    def _lines_realign(self, lines: _Lines) -> None:
+        """Forget the marks of records the journal confirmed otherwise (the answer rule
+        before full duplex): the answer lines still to come for them are theirs."""
+        head = self.journal._base + self.journal._head
+        marks = lines.marks
+        while marks and marks[0][0] <= head:
+            _, cum = marks.popleft()
+            lines.confirmed = max(lines.confirmed, cum)
 
     def read_data(self, data: Any, mark: int) -> None:
         """The application read ``data`` (>= 1 byte); ``mark`` was the journal's mark when
         the read began: every record before it is answered."""
         journal = self.journal
+        if self.writing:
+            self.duplex = True  # another greenlet is inside a write while this one read
+        lines = self.lines
+        if lines is not None:
+            # Line counting (rule 6) from the first write on: in full duplex it alone
+            # confirms; otherwise it follows the answer rule.
+            self._read_lines(data, lines, self.duplex)
+            if self.duplex and self.lines is not None:
+                mark = journal._base + journal._head  # confirmed by lines alone
+        elif not self.lines_off:
+            self.read_eol = data[-1:] == b"\n"
+        if self.duplex:
+            self.eof_repeats = 0
         if journal._head < len(journal._ends) or journal.overflowed:
             if not self.explicit:
                 journal.confirm_before(mark)
+                if lines is not None and not self.duplex:
+                    self._lines_realign(lines)
         self.conn_answered = True
         self.eof_mark = None
         self.poison = 0
@@ -559,8 +710,14 @@ class Machine:
             if first_write is not None:
                 self.dialect.wrote(first_write)
 
-    def eof(self, nbytes: int, others_active: bool) -> Verdict | Drop:
-        """The connection's read returned EOF. A verdict, or a Drop to judge with ``drop``."""
+    def eof(self, nbytes: int, others_active: bool,
+            peer_alive: bool | None = None) -> Verdict | Drop:
+        """The connection's read returned EOF. A verdict, or a Drop to judge with ``drop``.
+
+        ``others_active``: another greenlet is inside a write on this connection.
+        ``peer_alive``: what the socket found out about the peer after this EOF (None: not
+        asked) — True when the peer's TCP went on acknowledging our bytes after its FIN (a
+        half-close, §5), False when the connection is gone (a reset arrived)."""
         from ._errors import classify
 
         def unanswered(cut: bool = False) -> Drop:
@@ -571,8 +728,20 @@ class Machine:
             assert info is not None
             return Drop(info, "eof", cut=cut)
 
-        if others_active:
+        if self.half_closed or peer_alive:
+            # A half-close (§5): the reader gets the EOF, as a plain socket gives it, and
+            # nothing is re-sent for it; the writer goes on until the peer stops reading.
+            self.half_closed = True
+            return Verdict(PASS_EOF, "half-close")
+        if others_active or (peer_alive is False and self.duplex):
             return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
+        if nbytes and self.journal.pending and self.policy.eof != "pass" and self.line_stream():
+            # The answers so far were to earlier records: a drop, unless it repeats for the
+            # same re-sent records POISON_CAP times with no answer byte in between.
+            if self.eof_mark == self.journal.mark():
+                self.eof_repeats += 1
+            if self.eof_repeats < POISON_CAP:
+                return unanswered()
         if self.answered:
             # An EOF after part of an answer ends it, as a plain socket shows it, unless the
             # dialect's framing says the answer is cut (a body shorter than its length): then
@@ -635,6 +804,16 @@ class Machine:
         # A read cut mid-answer resumes it; so does any drop inside an exchange the dialect
         # holds whole (MULTI...EXEC: re-sent whole, its answers so far checked).
         resume = self.answered if d.phase == "read" or d.cut or self.holding() else 0
+        if self.duplex:
+            # Full duplex: the unconfirmed records only; the reader's stream goes on. On a
+            # line protocol the answer line it has begun is resumed (its bytes checked).
+            resume = 0
+            lines = self.lines
+            if lines is not None and lines.partial and self.journal.pending:
+                resume = len(lines.partial)
+                self.digest.reset()
+                self.digest.update(bytes(lines.partial))
+            self.journal.drop_kept()
         return Verdict(RECOVER, "recover", resume=resume)
 
     def poison_key(self) -> tuple[Any, int] | None:
@@ -703,6 +882,14 @@ class Machine:
         """A new connection is ready (restored, replayed): publish it."""
         self.gen += 1
         self.conn_answered = False
+        self.half_closed = False
+        lines = self.lines
+        if lines is not None:
+            # The new connection answers the re-sent records from the first unconfirmed one.
+            self._lines_realign(lines)
+            lines.ans = lines.confirmed
+            if not resumed:
+                lines.partial.clear()
         if not resumed:
             self.answered = 0
             self.digest.reset()
@@ -720,6 +907,10 @@ class Machine:
         and the next connection starts a new conversation."""
         self.journal.clear()
         self.gen += 1
+        self.half_closed = False
+        self.lines = None  # counting begins again at the next clean point
+        self.lines_off = False
+        self.eof_repeats = 0
         if self.dialect is not None:
             self.dialect.discard()
         self.answered = 0

@@ -99,6 +99,9 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
     if _patched:
         return
     _apply()
+    from . import _libraries
+
+    _libraries.install()  # which sockets a retrying client library opens (wrapt hooks)
     _warn_early_bindings()
     if _subscriber is None:
         import zope.event

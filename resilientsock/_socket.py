@@ -51,7 +51,7 @@ else:
     from gevent._socket3 import socket as _GeventSocket
 from gevent._socketcommon import timeout_default as _timeout_default
 
-from . import _stats
+from . import _libraries, _stats
 from ._connect import INET, Attempt, candidates, dead_peer_options, open_connection, try_setsockopt
 from ._errors import ErrorCategory, ErrorInfo, classify
 from ._machine import (
@@ -60,6 +60,7 @@ from ._machine import (
     CONNECTED,
     CUT_RETRY,
     CUT_WAIT,
+    DUPLEX_EOF_WAIT,
     EARLY_ANSWER,
     FINAL_MARGIN,
     PASS_EOF,
@@ -87,6 +88,7 @@ _ACK_CHECK_INTERVAL = 0.05  # seconds between TCP_INFO queries under confirm="tc
 _TCP_INFO = getattr(_std, "TCP_INFO", None)
 _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux struct tcp_info
 _TCPI_UNACKED = 24  # offset of tcpi_unacked (u32): segments sent and not yet acknowledged
+_TCP_STATE_CLOSE = 7  # tcpi_state (the first byte of struct tcp_info) after a reset
 _TCPI_RTT = 68  # offset of tcpi_rtt (u32, microseconds): smoothed round-trip time
 _PEEK = _std.MSG_PEEK | getattr(_std, "MSG_DONTWAIT", 0)
 _CHUNK = 1 << 20
@@ -402,13 +404,15 @@ class ResilientSocket(_GeventSocket):
             return
         self._rs_target = address
         self.__dict__.pop("_rs_in_place_failed", None)
-        if policy.retry_connect and _connect_from_retrying_library():
+        owner = _libraries.owner_now()  # set while a known library's connect runs
+        if policy.retry_connect and _libraries.connect_retried_by_library(owner):
             # The client library has its own retry layer for connecting (redis-py's Retry,
             # urllib3's Retry): it gets a failed first connect at once, as without us, so
             # layered retries do not multiply into minutes (DESIGN §9, docs/decisions.md).
             # Its established connections are still recovered.
             policy = policy.replace(retry_connect=False)
         m = Machine(policy, _clock)
+        m.library = owner
         m.target = address
         m.state = BROKEN  # not connected yet: the first connect is a recovery without a drop
         self.__dict__["_rs_m"] = m
@@ -650,7 +654,18 @@ class ResilientSocket(_GeventSocket):
             return None  # the connection moved under this read: read again on the new one
         nbytes = _requested(kind, args)
         others = m.writing > 0 or m.state is RECOVERING
-        outcome = m.eof(nbytes, others)
+        alive = None
+        idle = (m.writing == 0 and m.lines is not None and not m.journal.pending
+                and m.writer is not None and not m.writer.dead)
+        if (m.writing > 0 or idle) and nbytes and not m.half_closed:
+            # Full duplex: a writer is mid-call, or between calls with everything answered.
+            # This EOF is either the peer's half-close (it still reads our upload), the end
+            # of a connection whose reset the writer consumed, or the path cut between two
+            # writes: ask the connection (DESIGN §5).
+            alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0), idle)
+            if m.gen != gen or m.state is not CONNECTED:
+                return None  # the writer met the drop and recovered: read again there
+        outcome = m.eof(nbytes, others, alive)
         if isinstance(outcome, Verdict):
             if outcome.rule == "eof-repeat":
                 # The server's answer is to close: the caller gets the EOF, the connection
@@ -696,7 +711,7 @@ class ResilientSocket(_GeventSocket):
         next write reconnects)."""
         from ._errors import UnansweredEOFError
 
-        leave = _draining() or _library_retrying_now()
+        leave = _libraries.draining() or _libraries.retrying_now(m.library)
         if leave is not None:
             # The library re-requests the call itself (its retries), or is throwing the rest
             # of this answer away (urllib3's drain_conn): a resume would only spend a request.
@@ -818,6 +833,17 @@ class ResilientSocket(_GeventSocket):
             # connection and journal stay, as a plain socket keeps them; during a write part
             # of a record may be out, so the connection is discarded.
             if phase == "write":
+                if self._rs_reader_waiting():
+                    # Another greenlet waits in a read on this connection, and a plain
+                    # socket would hand it the answer when it comes (DESIGN §5: one
+                    # greenlet's interruption never kills another's call). The connection
+                    # stays, as the plain one would; part of a record may be out, so nothing
+                    # on it can be replayed any more: protection ends for this socket.
+                    _emit("surfaced", logging.DEBUG, "%s: write interrupted (%s) while "
+                          "another greenlet reads: connection kept, protection off",
+                          self._rs_name(), type(exc).__name__, peer=self._rs_target)
+                    self._rs_unprotect()
+                    raise exc
                 self._rs_discard(m)
                 m.move("interrupted")
             raise exc
@@ -825,6 +851,10 @@ class ResilientSocket(_GeventSocket):
         if info is None:
             raise exc  # not a connection problem: unchanged, connection kept
         drop = self._rs_facts(m, info, phase, writing)
+        if m.gen != gen or m.state is not CONNECTED:  # moved while the facts were found
+            if m.state is BROKEN:
+                raise exc
+            return
         verdict = m.drop(drop)
         if verdict.kind == RECOVER:
             self._rs_bump("disconnects")
@@ -832,6 +862,56 @@ class ResilientSocket(_GeventSocket):
             self._rs_recover(exc, call_end, resume=verdict.resume)
             return
         self._rs_surface(m, exc, info, verdict)
+
+    def _rs_peer_alive_after_eof(self, m: Machine, gen: int, call_end: float | None,
+                                 idle: bool = False) -> bool | None:
+        """After an EOF while another greenlet writes: is the peer's socket still there?
+
+        True: it half-closed and still takes our bytes — its TCP acknowledged data after its
+        FIN (Linux ``TCP_INFO``), or, on a Unix socket, a write succeeded after the EOF (a Unix
+        peer that closed fails every write at once). False: a reset arrived (TCP state CLOSE:
+        a peer that closed its socket answers our data with RST), or nothing could be learnt
+        within about a second (the earlier rule: a drop). None: the connection moved while
+        waiting (the writer recovered). Polls, as ``_rs_peer_not_reading`` does.
+
+        ``idle``: the writer greenlet is between calls and nothing is unconfirmed; wait up
+        to ``DUPLEX_EOF_WAIT`` for its next write to tell (None if it does not: the EOF is
+        then the stream's end, as without a writer)."""
+        unix = self.family == _AF_UNIX
+        journal = m.journal
+        if unix:
+            start = journal._total
+        else:
+            buf = self._rs_tcp_info(_TCPI_BYTES_ACKED + 8)
+            if buf is None:
+                return False
+            start = struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0]
+        limit = _clock() + (DUPLEX_EOF_WAIT if idle else 1.0)
+        if call_end is not None:
+            limit = min(limit, call_end)
+        while True:
+            if m.gen != gen or m.state is not CONNECTED or self._closed:
+                return None
+            if unix:
+                if journal._total > start:
+                    return True
+            else:
+                buf = self._rs_tcp_info(_TCPI_BYTES_ACKED + 8)
+                if buf is None or buf[0] == _TCP_STATE_CLOSE:
+                    return False
+                if struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0] > start:
+                    return True
+            if _clock() >= limit or (m.writing == 0 and not idle):
+                return None if idle else False
+            if idle and (m.writer is None or m.writer.dead):
+                return None  # the writer is done: nothing more will tell
+            gevent.sleep(0.002)
+
+    def _rs_reader_waiting(self) -> bool:
+        """Is a greenlet blocked in a read on the current connection? (gevent starts the
+        read watcher while one waits on it; nothing is added to the read path for this.)"""
+        event = getattr(self, "_read_event", None)
+        return bool(self._sock) and event is not None and bool(getattr(event, "active", False))
 
     def _rs_facts(self, m: Machine, info: ErrorInfo, phase: str, writing: bool) -> Drop:
         """The I/O the machine cannot do itself, done before it judges."""
@@ -845,8 +925,19 @@ class ResilientSocket(_GeventSocket):
                 early = bool(self._sock.recv(1, _PEEK))
             except OSError:
                 early = False
+            if early and not (self._rs_reader_waiting() or m.reading > 0):
+                # Unread bytes and no reader in sight: let a reader greenlet that is ready
+                # to run show itself (a full duplex client whose reader has not started yet)
+                # before taking them for an early answer to this write. This write counts as
+                # under way meanwhile: what the reader meets is part of its drop.
+                m.writing += 1
+                try:
+                    gevent.sleep(0)
+                finally:
+                    m.writing -= 1
+        duplex = self._rs_reader_waiting() or m.reading > 0
         return Drop(info, phase, writing=writing, peer_not_reading=peer_not_reading,
-                    early_answer=early)
+                    early_answer=early, duplex=duplex)
 
     def _rs_surface(self, m: Machine, exc: BaseException, info: ErrorInfo,
                     verdict: Verdict) -> None:
@@ -914,10 +1005,10 @@ class ResilientSocket(_GeventSocket):
             # A drop (or a broken socket used again) inside a call that the client library's
             # own retry layer will retry: a reconnect that finds nobody listening is its to
             # retry (in _rs_attempts), so layered retries do not multiply.
-            episode.library = _library_retrying_now()
+            episode.library = _libraries.retrying_now(m.library)
         if exc is not None:
             info = classify(exc, phase="read")
-            _emit("drop", logging.INFO, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
+            _emit("drop", logging.DEBUG, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
                   self._rs_name(), type(exc).__name__, info.category if info else "?",
                   len(m.journal), peer=self._rs_target,
                   category=str(info.category) if info else None, error_type=type(exc).__name__)
@@ -1030,7 +1121,7 @@ class ResilientSocket(_GeventSocket):
             self._rs_bump("reconnects")
             if first:
                 m.episode = None
-            _emit("reconnect", logging.INFO, "%s: reconnected (attempt %d)", self._rs_name(),
+            _emit("reconnect", logging.DEBUG, "%s: reconnected (attempt %d)", self._rs_name(),
                   episode.attempts, peer=self._rs_target, attempts=episode.attempts,
                   seconds=_clock() - episode.start)
             return
@@ -1193,7 +1284,7 @@ class ResilientSocket(_GeventSocket):
             self._rs_raw_sendall(payload)
             self._rs_bump("replayed_records", len(journal))
             self._rs_bump("replayed_bytes", len(payload))
-            _emit("replay", logging.INFO, "%s: replayed %d record(s), %d bytes",
+            _emit("replay", logging.DEBUG, "%s: replayed %d record(s), %d bytes",
                   self._rs_name(), len(journal), len(payload), peer=self._rs_target,
                   records=len(journal), nbytes=len(payload))
         journal.restart_stream(len(payload))
@@ -1224,13 +1315,13 @@ class ResilientSocket(_GeventSocket):
             digest.update(dialect.mask(chunk) if dialect is not None else chunk)
         if got < k or digest.intdigest() != m.digest.intdigest():
             self._rs_bump("answers_changed")
-            _emit("answer_changed", logging.WARNING, "%s: the re-sent request's answer changed "
+            _emit("answer_changed", logging.INFO, "%s: the re-sent request's answer changed "
                   "after %d byte(s)", self._rs_name(), k, peer=self._rs_target, nbytes=k)
             raise _AnswerChanged(
                 f"the re-sent request's new answer differs from the {k} byte(s) the caller "
                 "already has, so it cannot be continued")
         self._rs_bump("answers_resumed")
-        _emit("answer_resumed", logging.INFO, "%s: answer resumed at byte %d", self._rs_name(),
+        _emit("answer_resumed", logging.DEBUG, "%s: answer resumed at byte %d", self._rs_name(),
               k, peer=self._rs_target, nbytes=k)
 
     def _rs_skip_banner(self, m: Machine) -> None:
@@ -1492,97 +1583,6 @@ _SERVER_GONE = frozenset({ErrorCategory.REFUSED, ErrorCategory.UNREACHABLE,
                           ErrorCategory.DNS_TEMPORARY, ErrorCategory.DNS_PERMANENT})
 
 
-# Client libraries that retry their own connects (or hand the failure to a caller that does).
-# A first connect made from inside one of them is not retried by resilientsock, and a
-# reconnect refused after a drop inside one of them is surfaced at once (docs/decisions.md).
-RETRYING_LIBRARIES = ("redis.", "urllib3.", "pymysql.", "pymemcache.", "httpcore.", "kombu.",
-                      "pika.", "psycopg.", "elasticsearch.", "botocore.")
-
-
-def _retrying_library(start: int = 2, depth: int = 40) -> str | None:
-    """The retrying library (its module's top-level name) whose call this is, or None: none
-    on the stack, or the application turned that library's own retries off. Every frame of
-    the stack counts: retries turned off on an inner object (a redis-py ``Connection``) do
-    not matter when an outer one retries (a ``RedisCluster``, whose node connections have
-    ``Retry(0)`` because the cluster client does the retrying)."""
-    frame = sys._getframe(start)
-    found = None
-    off = False
-    for _ in range(depth):
-        if frame is None:
-            break
-        name = frame.f_globals.get("__name__", "")
-        if isinstance(name, str) and name.startswith(RETRYING_LIBRARIES):
-            if found is None:
-                found = name.split(".", 1)[0]
-            said = _library_retries_off(name, frame)
-            if said is False:
-                return found  # an object up the stack retries
-            off = off or bool(said)
-        frame = frame.f_back  # type: ignore[assignment]
-    return None if off else found
-
-
-def _library_retrying_now(start: int = 2, depth: int = 60) -> str | None:
-    """The client library whose call this is, when its own retry layer will retry it: redis-py
-    with a ``Retry`` of more than 0 retries on an object up the stack (the default; a
-    ``RedisCluster``), urllib3 with retries left in the ``Retry`` of its ``urlopen`` (a
-    ``PoolManager``'s default ``Retry(3)``; not requests' ``max_retries=0``). None otherwise:
-    a library without retries of its own (PyMySQL, pymemcache's ``Client``) or with them off
-    leaves the waiting to resilientsock's policy."""
-    frame = sys._getframe(start)
-    for _ in range(depth):
-        if frame is None:
-            break
-        name = frame.f_globals.get("__name__", "")
-        if isinstance(name, str):
-            if name.startswith("redis."):
-                retry = getattr(frame.f_locals.get("self"), "retry", None)
-                left = getattr(retry, "_retries", None)
-                if isinstance(left, int) and left > 0:
-                    return "redis"
-            elif name.startswith("urllib3.") and frame.f_code.co_name == "urlopen":
-                retries = frame.f_locals.get("retries")
-                total = getattr(retries, "total", None)
-                if isinstance(total, int) and not isinstance(total, bool) and total > 0:
-                    return "urllib3"
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
-
-
-def _draining(depth: int = 30) -> str | None:
-    """urllib3 reading the rest of a response only to throw it away (``drain_conn``, before
-    a retry or a release)."""
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "drain_conn":
-            name = frame.f_globals.get("__name__", "")
-            if isinstance(name, str) and name.startswith("urllib3."):
-                return "urllib3's drain_conn"
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
-
-
-def _connect_from_retrying_library(depth: int = 40) -> bool:
-    return _retrying_library(3, depth) is not None
-
-
-def _library_retries_off(module: str, frame: Any) -> bool | None:
-    """The application turned the library's own retry layer off: then resilientsock is the
-    layer that retries (the README's advice: ``redis.Redis(retry=None)`` keeps one layer).
-    None: this frame does not say (the first frame whose owner holds a ``retry`` decides:
-    a redis-py ``Connection`` above its parser and socket buffer)."""
-    if module.startswith("redis."):
-        owner = frame.f_locals.get("self")
-        retry = getattr(owner, "retry", None)
-        if retry is None:
-            return None
-        return getattr(retry, "_retries", None) == 0
-    return None
-
-
 def _count_failed_attempt(info: ErrorInfo | None) -> None:
     if info is None:
         _stats.bump("attempt_failed.unclassified")
@@ -1609,14 +1609,22 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         mark = journal._base + len(journal._ends)
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
+        m.reading += 1
         try:
             data = recv(self, *args)
         except BaseException as exc:
-            return self._rs_read(recv, args, RECV, t0, exc, gen)
+            try:
+                return self._rs_read(recv, args, RECV, t0, exc, gen)
+            finally:
+                m.reading -= 1
         if data:
+            m.reading -= 1
             m.read_data(data, mark)
             return data
-        return self._rs_read_eof(recv, args, RECV, data, t0, gen)
+        try:
+            return self._rs_read_eof(recv, args, RECV, data, t0, gen)
+        finally:
+            m.reading -= 1
 
     def recv_into_(self: Any, *args: Any) -> Any:
         m = self._rs_m
@@ -1626,17 +1634,25 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         mark = journal._base + len(journal._ends)
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
+        m.reading += 1
         try:
             n = recv_into(self, *args)
         except BaseException as exc:
-            return self._rs_read(recv_into, args, RECV_INTO, t0, exc, gen)
+            try:
+                return self._rs_read(recv_into, args, RECV_INTO, t0, exc, gen)
+            finally:
+                m.reading -= 1
         if n:
+            m.reading -= 1
             view = args[0]
             if type(view) is not memoryview or view.format != "B":
                 view = memoryview(view).cast("B")
             m.read_data(view[:n], mark)
             return n
-        return self._rs_read_eof(recv_into, args, RECV_INTO, n, t0, gen)
+        try:
+            return self._rs_read_eof(recv_into, args, RECV_INTO, n, t0, gen)
+        finally:
+            m.reading -= 1
 
     def send_(self: Any, data: Any, flags: int = 0, timeout: Any = _timeout_default) -> Any:
         m = self._rs_m

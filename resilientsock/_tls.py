@@ -92,6 +92,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
         m = Machine(carried["policy"], _clock)
         m.target = carried["target"]
         m.state = state
+        m.library = carried.get("library")
         self.__dict__["_rs_m"] = m
         if m.policy.confirm == "tcp-ack":
             log.warning("confirm='tcp-ack' counts TCP bytes, which are ciphertext under TLS; "
@@ -213,6 +214,7 @@ def _carry_over(sock: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
         "any_family": sock._rs_any_family,
         "source": sock._rs_source,
         "opts": sock.__dict__.get("_rs_opts", {}),
+        "library": m.library,
         "call_end": None if timeout is None else _clock() + timeout,
     }
     sock._rs_unprotect()  # the TLS socket owns the connection from here on

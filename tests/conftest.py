@@ -67,11 +67,6 @@ class RandomResets:
                 self.proxy._kill_all(True)
                 self.fired += 1
 
-    def at_least(self, count: int) -> None:
-        """Wait (bounded) until ``count`` resets have fired: a client loop on a fast machine
-        can otherwise finish before the first one (then it proved nothing)."""
-        wait_until(lambda: self.proxy.faults["reset"] >= count, what=f"{count} reset(s)")
-
     def __enter__(self) -> RandomResets:
         import gevent
 

@@ -396,3 +396,74 @@ def test_the_backoff_restarts_when_the_server_is_back_after_an_outage():
         ep.attempted(reached=False, gone=True)
         ep.attempted(reached=True, gone=False)
     assert ep.restarts == 3
+
+
+def test_a_half_close_under_a_writer_is_passed_on_and_its_later_write_error_surfaced():
+    """DESIGN §5: a half-close is not a drop (w7). The socket found the peer alive after its
+    FIN: the EOF goes to the reader, and the writer's error when the peer stops reading is
+    the plain one (the connection discarded, nothing re-sent)."""
+    m = machine()
+    m.wrote_data(b"PUT /big\n")
+    assert isinstance(m.eof(100, others_active=True), Drop)  # not asked: a drop, as before
+    assert isinstance(m.eof(100, others_active=True, peer_alive=False), Drop)  # a reset
+    verdict = m.eof(100, others_active=True, peer_alive=True)
+    assert verdict.kind == PASS_EOF and verdict.rule == "half-close"
+    assert m.eof(100, others_active=False).rule == "half-close"  # every later read too
+    v = m.drop(drop(BrokenPipeError(32, "Broken pipe"), "write", writing=True))
+    assert v.kind == SURFACE and v.rule == "half-closed" and v.discard
+    m.discarded()  # the connection goes; the next one starts afresh
+    assert not m.half_closed
+
+
+def test_full_duplex_on_a_line_protocol_confirms_by_answer_lines():
+    """Issue 24: a writer streams lines while another greenlet reads per-line answers. A read
+    that returns answer line k confirms the first k request lines only (not every record
+    written before the read began: those may still be in flight), and a drop resumes the
+    answer line the reader has begun."""
+    m = machine()
+    m.reading = 1  # a reader waits while the writer writes: full duplex
+    m.wrote_data(b"L 1\n")
+    m.wrote_data(b"L 2\n")
+    m.wrote_data(b"L 3\n")
+    assert m.duplex and m.lines is not None
+    m.reading = 0
+    mark = m.journal.mark()  # this read began after all three writes
+    m.read_data(b"A 1\n", mark)
+    assert len(m.journal) == 2  # lines 2 and 3 are unanswered
+    m.read_data(b"A ", m.journal.mark())  # half of answer line 2
+    v = m.drop(drop(ConnectionResetError(104, "reset"), "read"))
+    assert v.kind == RECOVER and v.resume == 2  # its first 2 bytes are checked, not re-read
+    assert m.journal.unconfirmed() == b"L 2\nL 3\n"
+    outcome = m.eof(100, others_active=False)  # duplex: an EOF with records unanswered
+    assert isinstance(outcome, Drop)  # is a drop even after answer bytes
+
+
+def test_more_answer_lines_than_request_lines_stops_line_counting():
+    m = machine()
+    m.reading = 1
+    m.wrote_data(b"GET\n")
+    m.reading = 0
+    m.read_data(b"line 1\nline 2\n", m.journal.mark())
+    assert m.lines is None and m.lines_off  # not one answer line per request line
+    assert not m.journal.pending  # the answer rule confirmed it
+
+
+def test_a_writer_started_first_has_its_lines_counted_before_duplex_is_seen():
+    """The writer hands lines to the kernel before the reader runs; the reader's first read
+    (the writer blocked in a write) shows full duplex. The answer rule would confirm all
+    five lines there (the read began after them): line counting, on from the first write,
+    confirms the one answered."""
+    m = machine()
+    for n in range(1, 6):
+        m.wrote_data(b"L %d\n" % n)
+    assert not m.duplex and m.lines is not None
+    m.writing = 1  # the writer is blocked in its next write
+    m.read_data(b"A 1\n", m.journal.mark())
+    assert m.duplex
+    assert len(m.journal) == 4  # lines 2-5 are still unanswered
+
+
+def test_lines_are_not_counted_for_a_binary_stream():
+    m = machine()
+    m.wrote_data(b"\x00\x01binary")
+    assert m.lines is None and m.lines_off

@@ -717,80 +717,55 @@ def test_a_request_reset_on_every_connection_is_not_replayed_under_each_client_r
     assert got["elapsed"] <= bound, (plain, got)
 
 
-# -- the retrying-library check reads the whole stack ------------------------------------------
+# -- which sockets a retrying library owns (decided when the socket connects) -----------------
 
-_FAKE_REDIS = '''
-class Retry:
-    def __init__(self, n):
+class _Retry:
+    def __init__(self, n: Any) -> None:
         self._retries = n
-
-class Connection:
-    def __init__(self, n):
-        self.retry = Retry(n)
-    def read(self, probe):
-        return probe()
-
-class Cluster:
-    def __init__(self, n, conn):
-        self.retry = Retry(n)
-        self.conn = conn
-    def execute(self, probe):
-        return self.conn.read(probe)
-'''
+        self.total = n
 
 
-def test_retries_on_further_up_the_stack_win_over_an_inner_retry_0() -> None:
+class _Conn:
+    def __init__(self, n: int) -> None:
+        self.retry = _Retry(n)
+
+
+def test_retries_on_a_cluster_client_win_over_a_node_connections_retry_0() -> None:
     """redis-py's ``RedisCluster`` retries at the cluster level, its node ``Connection``s
     have ``Retry(0)``: a call through it is a retrying library's. A plain ``Redis(retry=None)``
-    (only the connection's ``Retry(0)`` on the stack) is not: resilientsock retries there."""
-    import types
+    (only the connection's ``Retry(0)``) is not: resilientsock retries there. Nothing owned
+    by no library is ever the library's."""
+    from resilientsock import _libraries as lib
 
-    from resilientsock._socket import _retrying_library
-
-    mod = types.ModuleType("redis.fake_for_test")
-    exec(compile(_FAKE_REDIS, "redis/fake_for_test.py", "exec"), mod.__dict__)
-
-    def probe() -> str | None:
-        return _retrying_library(start=1)
-
-    assert mod.Cluster(3, mod.Connection(0)).execute(probe) == "redis"
-    assert mod.Connection(0).read(probe) is None
-    assert mod.Connection(3).read(probe) == "redis"
-    assert probe() is None  # no library on the stack
-
-
-_FAKE_URLLIB3 = '''
-class Retry:
-    def __init__(self, total):
-        self.total = total
-
-def urlopen(probe, retries):
-    return probe()
-'''
+    assert lib.connect_retried_by_library(lib.Owner("redis", _Conn(3)))
+    assert not lib.connect_retried_by_library(lib.Owner("redis", _Conn(0)))
+    assert not lib.connect_retried_by_library(None)
+    assert lib.connect_retried_by_library(lib.Owner("pymysql"))
+    token = lib._cluster_retry.set(_Retry(3))
+    try:
+        assert lib.connect_retried_by_library(lib.Owner("redis", _Conn(0)))
+        assert lib.retrying_now(lib.Owner("redis", _Conn(0))) == "redis"
+        assert lib.retrying_now(None) is None  # the application's own socket
+    finally:
+        lib._cluster_retry.reset(token)
 
 
 def test_the_drop_rule_applies_only_where_the_library_will_retry_the_call() -> None:
     """A refused reconnect after a drop is left to the library only when its own retries
-    will retry that call: redis-py with retries left (any object up the stack), urllib3 with
-    retries left in ``urlopen``'s ``Retry`` (not requests' ``Retry(0)``, not PyMySQL or
+    will retry that call: redis-py with retries left, urllib3 with retries left in the
+    ``Retry`` of the ``urlopen`` in progress (not requests' ``Retry(0)``, not PyMySQL or
     pymemcache, which have none: there resilientsock's policy waits for the server)."""
-    import types
+    from resilientsock import _libraries as lib
 
-    from resilientsock._socket import _library_retrying_now
-
-    redis_mod = types.ModuleType("redis.fake_for_test")
-    exec(compile(_FAKE_REDIS, "redis/fake_for_test.py", "exec"), redis_mod.__dict__)
-    urllib3_mod = types.ModuleType("urllib3.fake_for_test")
-    urllib3_mod.__dict__["__name__"] = "urllib3.connectionpool"
-    exec(compile(_FAKE_URLLIB3, "urllib3/fake_for_test.py", "exec"), urllib3_mod.__dict__)
-
-    def probe() -> str | None:
-        return _library_retrying_now(start=1)
-
-    assert redis_mod.Cluster(3, redis_mod.Connection(0)).execute(probe) == "redis"
-    assert redis_mod.Connection(3).read(probe) == "redis"
-    assert redis_mod.Connection(0).read(probe) is None  # Redis(retry=None)
-    assert urllib3_mod.urlopen(probe, urllib3_mod.Retry(3)) == "urllib3"
-    assert urllib3_mod.urlopen(probe, urllib3_mod.Retry(0)) is None  # requests' default
-    assert urllib3_mod.urlopen(probe, urllib3_mod.Retry(False)) is None
-    assert probe() is None
+    assert lib.retrying_now(lib.Owner("redis", _Conn(3))) == "redis"
+    assert lib.retrying_now(lib.Owner("redis", _Conn(0))) is None  # Redis(retry=None)
+    assert lib.retrying_now(lib.Owner("pymysql")) is None
+    urllib3_owner = lib.Owner("urllib3")
+    assert lib.retrying_now(urllib3_owner) is None  # no urlopen in progress
+    for retries, expected in ((_Retry(3), "urllib3"), (_Retry(0), None), (_Retry(False), None),
+                              (3, "urllib3"), (None, None)):
+        token = lib._urlopen_retries.set(retries)
+        try:
+            assert lib.retrying_now(urllib3_owner) == expected, retries
+        finally:
+            lib._urlopen_retries.reset(token)
