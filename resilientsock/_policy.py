@@ -74,6 +74,8 @@ class RetryPolicy:
         connection, and their answers must equal the originals byte for byte (DESIGN §5a).
     session (False): this socket speaks the session protocol to a relay (DESIGN §11);
         ``patch(session=[...])`` / ``--session`` choose targets by address instead.
+    session_key (None): the relay's creation key, for a relay started with
+        ``--creation-key-file`` (else the ``RESILIENTSOCK_SESSION_KEY`` variable); never shown.
     on_disconnect(sock, info) / on_reconnect(sock, attempt): hooks. ``on_reconnect`` runs on
         the new connection before the replay (re-authenticate, re-subscribe); its own I/O is
         not journaled, and an exception from it fails that attempt.
@@ -96,6 +98,9 @@ class RetryPolicy:
     resume_answers: bool = True
     prelude: int = 0
     session: bool = False
+    # The relay's creation key (``relay --creation-key-file``; else RESILIENTSOCK_SESSION_KEY):
+    # a secret, so never shown (repr=False) and not a runner option.
+    session_key: str | bytes | None = dataclasses.field(default=None, repr=False, compare=False)
     on_disconnect: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
     on_reconnect: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
 
@@ -143,6 +148,9 @@ class RetryPolicy:
         for field in ("retry_connect", "retry_read_timeouts", "resume_answers", "session"):
             if not isinstance(getattr(self, field), bool):
                 raise bad(field, "must be True or False")
+        if self.session_key is not None and (
+                not isinstance(self.session_key, str | bytes) or not self.session_key):
+            raise ValueError("RetryPolicy.session_key: must be a non-empty str or bytes, or None")
         for field in ("on_disconnect", "on_reconnect"):
             value = getattr(self, field)
             if value is not None and not callable(value):
