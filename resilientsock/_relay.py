@@ -1218,6 +1218,9 @@ class Relay:
             return None
         if not first:
             return lambda: self._proxy_plainly(sock, b"", sniff=True)
+        if sp.preamble_verdict(first) is not False and not self._pace(source):
+            sock.close()  # a session handshake from a source that failed too often
+            return None
         link.receive_data(first)
         timer = gevent.Timeout(self.handshake_timeout)
         timer.start()
@@ -1282,9 +1285,6 @@ class Relay:
         if ev is sp.NOT_SESSION:
             rest = link.unconsumed()
             return lambda: self._proxy_plainly(sock, rest)
-        if not self._pace(source):
-            sock.close()
-            return None
         if isinstance(ev, sp.HelloNew):
             return self._create(sock, link, ev, source)
         sid = link.session_id
