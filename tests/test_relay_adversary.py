@@ -611,3 +611,28 @@ def test_a_recorded_resume_replayed_later_gets_no_session_byte(upstream: Message
         finally:
             rec.close()
     assert upstream.received == list(range(1, 11)), upstream.received
+
+
+def test_the_cli_takes_a_creation_key_file(upstream: MessageServer, tmp_path: Any) -> None:
+    keyfile = tmp_path / "key"
+    keyfile.write_text("s3cret-creation-key-0123456789\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resilientsock", "relay", "--listen", "127.0.0.1:0",
+         "--upstream", f"127.0.0.1:{upstream.address[1]}", "--plain-after", "2",
+         "--creation-key-file", str(keyfile), "--max-sessions", "5", "--stats"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        port = int(line.rsplit(" -> ", 1)[0].rsplit(":", 1)[1])
+        quick = RetryPolicy(deadline=0.5, backoff_initial=0.01, backoff_max=0.05)
+        with pytest.raises(PermissionError):
+            open_session(("127.0.0.1", port), timeout=5, policy=quick)
+        app = open_session(("127.0.0.1", port), timeout=5,
+                           policy=POLICY.replace(session_key="s3cret-creation-key-0123456789"))
+        converse(app, 1, 2)
+        app.close()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert '"forbidden_creations": 1' in err and '"sessions_created": 1' in err, err
