@@ -646,6 +646,7 @@ class _RelayStream(sp.Stream):
 
     ``room()`` is asked before every read of the upstream and after every chunk from the link,
     so the relay's total is brought up to date there (each session at most one read behind).
+    A session whose client has not shown it got CREATED holds at most ``_FLOOR``.
     Over budget, a session may still hold ``_FLOOR`` bytes (interactive sessions keep working
     while bulk ones wait: backpressure on their upstream, nothing dropped); the ones that had
     to wait are woken when acknowledgements anywhere free room."""
@@ -662,6 +663,11 @@ class _RelayStream(sp.Stream):
         own = super().room()
         relay = self.relay
         held = len(self.unacked)
+        owner = self.owner
+        if owner is not None and owner.unproven():
+            # Until its client shows it got CREATED (an ack, a byte, a resume), a session
+            # holds at most _FLOOR: HELLO-and-gone pins no buffers (#26).
+            own = min(own, max(0, _FLOOR - held))
         if held != self.counted:
             freed = held < self.counted
             relay.buffered += held - self.counted

@@ -271,6 +271,8 @@ def test_abandoned_creations_are_released_within_seconds() -> None:
                 assert s.recv(100)[:1] == bytes([sp.CREATED])
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
                 s.close()
+            # Until its client shows it got CREATED, a session buffers at most 64 KiB.
+            assert relay.stats()["buffered_bytes"] <= 12 * (64 << 10)
             wait_until(lambda: relay.stats()["sessions_active"] == 0, 20,
                        "the abandoned sessions to go")
             wait_until(lambda: feed.open == 0, 10, "their upstream connections to close")
@@ -315,7 +317,11 @@ def test_buffered_bytes_across_sessions_stay_within_the_budget() -> None:
                 s = socket.create_connection(relay.address, timeout=5)
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 s.sendall(_hello(0))
+                assert s.recv(sp.HEADER_LEN + sp._CREATED.size)[:1] == bytes([sp.CREATED])
                 socks.append(s)
+            for s in socks:
+                # A byte from the client: it got CREATED (until then a session holds 64 KiB).
+                s.sendall(sp.HEADER.pack(sp.DATA, 1, 0) + b"x")
             wait_until(lambda: relay.stats()["buffered_bytes"] >= budget, 10, "the budget")
             peak = 0
             end = time.monotonic() + 1.5  # an observation window, not a synchronisation
