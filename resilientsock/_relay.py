@@ -694,10 +694,11 @@ class _RelayStream(sp.Stream):
 class _Source:
     """What the relay knows about one client address (admission, failures)."""
 
-    __slots__ = ("sessions", "fresh", "failures", "window", "slow_until")
+    __slots__ = ("sessions", "fresh", "failures", "window", "slow_until", "connecting")
 
     def __init__(self) -> None:
         self.sessions = 0  # sessions created from here and not finished
+        self.connecting = 0  # creations admitted, their upstream connect under way
         self.fresh: list[_RelaySession] = []  # creations not yet shown alive (oldest first)
         self.failures = 0  # failed handshakes in the current window
         self.window = 0.0
@@ -923,6 +924,7 @@ class Relay:
         self._sources: dict[str, _Source] = {}
         self._throttle: dict[str, list[Any]] = {}
         self._slowed = 0
+        self._connecting = 0
         self._fd_limit = 0
         self._loop: Any = None
         self._listener: Any = None
@@ -1001,8 +1003,8 @@ class Relay:
     def _prune_sources(self) -> None:
         now = time.monotonic()
         for key, src in list(self._sources.items()):
-            if not src.sessions and not src.fresh and now - src.window >= FAIL_WINDOW \
-                    and now >= src.slow_until:
+            if not src.sessions and not src.fresh and not src.connecting \
+                    and now - src.window >= FAIL_WINDOW and now >= src.slow_until:
                 del self._sources[key]
 
     def wake_starved(self) -> None:
@@ -1041,12 +1043,15 @@ class Relay:
         """None if a new session from ``source`` fits, else why not (for ERROR E_BUSY)."""
         src = self._src(source)
         src.fresh = [s for s in src.fresh if s.fresh()]
-        if len(src.fresh) >= self.max_fresh_per_source and not self._evict(source):
+        # Creations admitted whose upstream connect is under way count too (they yield).
+        if len(src.fresh) + src.connecting >= self.max_fresh_per_source \
+                and not self._evict(source):
             return (f"too many new sessions from {source} whose client has not shown up yet "
                     f"({self.max_fresh_per_source})")
-        if src.sessions >= self.max_sessions_per_source and not self._evict(source):
+        if src.sessions + src.connecting >= self.max_sessions_per_source \
+                and not self._evict(source):
             return f"too many sessions from {source} ({self.max_sessions_per_source})"
-        if len(self.sessions) >= self.max_sessions and not self._evict():
+        if len(self.sessions) + self._connecting >= self.max_sessions and not self._evict():
             return f"the relay holds its maximum of {self.max_sessions} sessions"
         if self._fd_limit and _fileno(sock) >= self._fd_limit - self.fd_reserve \
                 and not self._evict():
@@ -1407,7 +1412,14 @@ class Relay:
             self._reject(sock, link, sp.E_BUSY, busy, counter="busy_refusals", source=source,
                          blame=False)
             return None
-        upstream, code, why = self._connect_upstream()
+        src = self._src(source)
+        src.connecting += 1
+        self._connecting += 1
+        try:
+            upstream, code, why = self._connect_upstream()
+        finally:
+            src.connecting -= 1
+            self._connecting -= 1
         if upstream is None:
             self._reject(sock, link, code, why,
                          counter="upstream_failures" if code == sp.E_UPSTREAM
@@ -1420,7 +1432,6 @@ class Relay:
         self.sessions[sid] = session
         if ev.nonce:
             self._creating[ev.nonce] = session
-        src = self._src(source)
         src.sessions += 1
         src.fresh.append(session)
         self.counters["sessions_created"] += 1

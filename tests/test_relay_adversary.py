@@ -6,6 +6,7 @@ repro scripts in ../shared/repro/wave3/) and fails on c94b32e.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -642,3 +643,121 @@ def test_the_cli_takes_a_creation_key_file(upstream: MessageServer, tmp_path: An
         proc.terminate()
         _, err = proc.communicate(timeout=20)
     assert '"forbidden_creations": 1' in err and '"sessions_created": 1' in err, err
+
+
+class LinesOrStream(ListenerService):
+    """MSG n -> ACK n; STREAM -> an endless stream (what a flood's sessions ask for)."""
+
+    def __init__(self) -> None:
+        super().__init__("lines-or-stream", "127.0.0.1", 0, None)
+
+    def _handle(self, client: Any) -> None:
+        buf = b""
+        try:
+            while True:
+                data = client.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line == b"STREAM":
+                        while True:
+                            client.sendall(b"s" * 65536)
+                    if line.startswith(b"MSG "):
+                        client.sendall(b"ACK %s\n" % line.split()[1])
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def _teardown(self) -> None:
+        self._close_listener()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_a_flood_of_anonymous_creations_from_one_and_many_sources_is_bounded() -> None:
+    """#26: 10,000 anonymous creations from one source and from many (loopback aliases):
+    the relay's RSS stays within its buffer budget (plus bookkeeping), a legitimate session
+    keeps working throughout, and E_BUSY is sent and counted."""
+    up = LinesOrStream().start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "resilientsock", "relay", "--listen", "127.0.0.1:0",
+         "--upstream", f"127.0.0.1:{up.address[1]}", "--plain-after", "2",
+         "--max-buffered", "32MiB", "--stats", "--log-level", "ERROR"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    holders: list[Any] = []
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().rsplit(" -> ", 1)[0].rsplit(":", 1)[1])
+        addr = ("127.0.0.1", port)
+        app = open_session(addr, timeout=10, policy=POLICY, heartbeat=0.5)
+        converse(app, 1, 1)
+        base = _rss_kib(proc.pid)
+        busy = [0]
+
+        def hello_and_close(source: str, n: int) -> None:
+            for _ in range(n):
+                s = gsocket.socket()
+                try:
+                    s.bind((source, 0))
+                    s.settimeout(5)
+                    s.connect(addr)
+                    s.sendall(_hello(0))
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+
+        def hold_and_stream(source: str, n: int) -> None:
+            for _ in range(n):  # proven sessions that never read: they fill buffers
+                s = gsocket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                holders.append(s)
+                try:
+                    s.bind((source, 0))
+                    s.settimeout(5)
+                    s.connect(addr)
+                    s.sendall(_hello(0))
+                    head = s.recv(sp.HEADER_LEN + sp._CREATED.size)
+                    if head[:1] != bytes([sp.CREATED]):
+                        busy[0] += 1
+                        continue
+                    s.sendall(sp.HEADER.pack(sp.DATA, 7, 0) + b"STREAM\n")
+                except OSError:
+                    pass
+
+        jobs = [gevent.spawn(hello_and_close, "127.0.0.2", 250) for _ in range(20)]
+        jobs += [gevent.spawn(hello_and_close, f"127.0.1.{i}", 250) for i in range(1, 21)]
+        jobs += [gevent.spawn(hold_and_stream, "127.0.0.3", 40)]
+        jobs += [gevent.spawn(hold_and_stream, f"127.0.2.{i}", 10) for i in range(1, 11)]
+        peak, n = 0, 1
+        while not all(job.dead for job in jobs):
+            n += 1
+            converse(app, n, n)  # the legitimate session keeps working
+            peak = max(peak, _rss_kib(proc.pid))
+        gevent.joinall(jobs, timeout=120, raise_error=True)
+        for _ in range(20):
+            n += 1
+            converse(app, n, n)
+            peak = max(peak, _rss_kib(proc.pid))
+        app.close()
+        assert busy[0] > 0, "no creation was refused as busy"
+        # 32 MiB of buffers plus bookkeeping (sessions, sockets, greenlets).
+        assert peak - base <= 32 * 1024 + 48 * 1024, (base, peak)
+    finally:
+        for s in holders:
+            s.close()
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        up.shutdown()
+    stats = json.loads(err.strip().splitlines()[-1])
+    assert stats["busy_refusals"] >= busy[0] > 0, stats
+    assert stats["connections"] >= 10_000, stats
