@@ -2224,7 +2224,8 @@ def _create_session(addr: tuple[str, int], timeout: float | None, policy: RetryP
     nonce = os.urandom(sp.NONCE_LEN)
     while True:
         spent = time.monotonic() - started
-        budget = HANDSHAKE_TIMEOUT
+        # The session handshake is bounded like a TLS handshake is: by connect_timeout.
+        budget = min(HANDSHAKE_TIMEOUT, policy.connect_timeout or HANDSHAKE_TIMEOUT)
         connect_timeout = timeout if timeout is not None else policy.connect_timeout
         if policy.deadline is not None:
             left = max(policy.deadline - spent, 0.01)

@@ -206,6 +206,23 @@ def test_a_lost_created_is_retried_and_finds_the_same_session(upstream: MessageS
     assert_exactly_once(upstream, 20)
 
 
+def test_a_creation_lost_in_a_black_hole_is_retried_after_connect_timeout(
+        upstream: MessageServer) -> None:
+    with Relay(("127.0.0.1", 0), upstream.address, plain_after=30.0) as relay, \
+            FaultProxy(relay.address) as proxy:
+        proxy.blackhole(True)
+        policy = POLICY.replace(connect_timeout=0.5)
+        opener = gevent.spawn(open_session, proxy.address, timeout=10, policy=policy,
+                              heartbeat=0.5)
+        wait_until(lambda: proxy.connections >= 1, 10, "the first attempt")
+        proxy.blackhole(False)
+        app = opener.get(timeout=15)
+        converse(app, 1, 5)
+        app.close()
+        assert relay.stats()["sessions_created"] == 1
+    assert_exactly_once(upstream, 5)
+
+
 def test_a_refused_connect_during_creation_is_retried(upstream: MessageServer) -> None:
     with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0) as relay, \
             FaultProxy(relay.address) as proxy:
@@ -761,3 +778,24 @@ def test_a_flood_of_anonymous_creations_from_one_and_many_sources_is_bounded() -
     stats = json.loads(err.strip().splitlines()[-1])
     assert stats["busy_refusals"] >= busy[0] > 0, stats
     assert stats["connections"] >= 10_000, stats
+
+
+def test_a_version_2_client_is_served_or_refused_with_a_clear_error(
+        upstream: MessageServer) -> None:
+    """Version 3 (creation key, creation retries): an old client's HELLO(new) (versions 1..2,
+    no key proof) still gets a session, at version 2; from a relay that requires a creation
+    key it gets ERROR 8 naming the reason."""
+    with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0) as relay:
+        s = socket.create_connection(relay.address, timeout=5)
+        s.sendall(_hello(0))  # min 1, max 2: what a version-2 client sends
+        head = s.recv(sp.HEADER_LEN + sp._CREATED.size)
+        assert head[0] == sp.CREATED and head[sp.HEADER_LEN] == 2
+        s.close()
+    with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0,
+               creation_key=b"k" * 16) as relay:
+        s = socket.create_connection(relay.address, timeout=5)
+        s.sendall(_hello(0))
+        frames = _frames(_read_all(s))
+        s.close()
+        assert frames[0][0] == sp.ERROR_FRAME and frames[0][1][0] == sp.E_FORBIDDEN
+        assert b"creation key" in frames[0][1]
