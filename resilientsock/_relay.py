@@ -1029,13 +1029,24 @@ class Relay:
     def _evict(self, source: str | None = None) -> bool:
         """Finish the oldest detached session whose client never showed it got CREATED (from
         ``source``, or any); False if there is none."""
-        for nonce, session in list(self._creating.items()):
-            if not session.unproven():
-                del self._creating[nonce]  # shown alive since: no longer a candidate
-                continue
-            if session.cur is None and (source is None or session.source == source):
+        src = self._sources.get(source) if source is not None else None
+        # A source's own recent creations first (at most max_fresh_per_source of them), then
+        # every unproven session, oldest first; stops at the first one found.
+        for candidates in ([] if src is None else list(src.fresh), self._creating.values()):
+            victim = None
+            stale = []
+            for session in candidates:
+                if not session.unproven():
+                    stale.append(session)  # shown alive since: no longer a candidate
+                elif session.cur is None and (source is None or session.source == source):
+                    victim = session
+                    break
+            for session in stale:
+                if self._creating.get(session.nonce) is session:
+                    del self._creating[session.nonce]
+            if victim is not None:
                 self.counters["evictions"] += 1
-                session.finish(abort_plain=False)
+                victim.finish(abort_plain=False)
                 return True
         return False
 
