@@ -1356,6 +1356,12 @@ class Relay:
                          f"wrong proof for session {sid.hex()[:8]}")
             return None
         assert isinstance(ev, sp.ProofReceived | sp.HelloTicket)
+        # The proof checked: the ticket is spent now, before anything can yield and whatever
+        # the checks below say (a replay of this HELLO, now or later, finds it gone; the
+        # new one goes out in RESUMED). Two authentic resumes racing: the later one to get
+        # here wins, the earlier link is closed (attach).
+        session.prev_ticket = session.ticket
+        session.ticket = os.urandom(sp.NONCE_LEN)
         why = session.stream.check_peer_counts(ev.received, ev.sent)
         if why is not None:
             self._reject(sock, link, sp.E_IMPOSSIBLE_COUNTS, why, counter="impossible_counts",
@@ -1378,11 +1384,6 @@ class Relay:
                 return None
             early = taken
             self.counters["early_bytes"] += len(early)
-        # The ticket is spent now, before anything can yield: a replay racing this resume
-        # finds it gone (the new one goes out in RESUMED). Two authentic resumes racing: the
-        # later one to get here wins, the earlier link is closed (attach).
-        session.prev_ticket = session.ticket
-        session.ticket = os.urandom(sp.NONCE_LEN)
         self._pending.discard(sock)
         self.counters["sessions_resumed"] += 1
         session.resumes += 1
