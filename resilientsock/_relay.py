@@ -635,6 +635,9 @@ class _Carrier:
 
 
 _FLOOR = 64 * 1024  # bytes a session may always hold, whatever the relay's budget (picked)
+# ... and at most this many until its client shows it got CREATED (picked: a greeting, a
+# first answer; a client whose link dropped at once still finds what the upstream sent).
+_UNPROVEN_MAX = 1024 * 1024
 FAIL_WINDOW = 10.0  # seconds over which a source's failed handshakes are counted
 SLOW_DELAY = 1.0  # a source over its failure limit waits this long before its handshake...
 SLOW_MAX = 64  # ... at most this many at once; beyond, its connections are closed at once
@@ -646,7 +649,7 @@ class _RelayStream(sp.Stream):
 
     ``room()`` is asked before every read of the upstream and after every chunk from the link,
     so the relay's total is brought up to date there (each session at most one read behind).
-    A session whose client has not shown it got CREATED holds at most ``_FLOOR``.
+    A session whose client has not shown it got CREATED holds at most ``_UNPROVEN_MAX``.
     Over budget, a session may still hold ``_FLOOR`` bytes (interactive sessions keep working
     while bulk ones wait: backpressure on their upstream, nothing dropped); the ones that had
     to wait are woken when acknowledgements anywhere free room."""
@@ -666,8 +669,8 @@ class _RelayStream(sp.Stream):
         owner = self.owner
         if owner is not None and owner.unproven():
             # Until its client shows it got CREATED (an ack, a byte, a resume), a session
-            # holds at most _FLOOR: HELLO-and-gone pins no buffers (#26).
-            own = min(own, max(0, _FLOOR - held))
+            # holds at most _UNPROVEN_MAX: HELLO-and-gone pins little (#26).
+            own = min(own, max(0, _UNPROVEN_MAX - held))
         if held != self.counted:
             freed = held < self.counted
             relay.buffered += held - self.counted
@@ -2256,7 +2259,7 @@ def _create_session(addr: tuple[str, int], timeout: float | None, policy: RetryP
                 raise sp.ProtocolError(f"expected CREATED, got {ev!r}")
             return sock, link, ev
         except sp.Refused as exc:
-            sock.close()
+            sock.close()  # type: ignore[union-attr]
             if exc.code == sp.E_UPSTREAM:
                 if "timed out" in exc.reason:
                     raise TimeoutError(errno.ETIMEDOUT,

@@ -289,8 +289,8 @@ def test_abandoned_creations_are_released_within_seconds() -> None:
                 assert s.recv(100)[:1] == bytes([sp.CREATED])
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
                 s.close()
-            # Until its client shows it got CREATED, a session buffers at most 64 KiB.
-            assert relay.stats()["buffered_bytes"] <= 12 * (64 << 10)
+            # Until its client shows it got CREATED, a session buffers at most 1 MiB.
+            assert relay.stats()["buffered_bytes"] <= 12 * (1 << 20)
             wait_until(lambda: relay.stats()["sessions_active"] == 0, 20,
                        "the abandoned sessions to go")
             wait_until(lambda: feed.open == 0, 10, "their upstream connections to close")
@@ -326,35 +326,41 @@ def test_buffered_bytes_across_sessions_stay_within_the_budget() -> None:
     """Sessions whose clients never acknowledge (attached or not) hold the relay's memory:
     max_buffered bounds them all together (each may keep 64 KiB beyond it)."""
     feed = Feed().start()
-    budget = 2 << 20
+    budget = 8 << 20
     try:
         with Relay(("127.0.0.1", 0), feed.address, plain_after=2.0,
                    max_buffered=budget) as relay:
-            socks = []
-            for _ in range(6):
-                s = socket.create_connection(relay.address, timeout=5)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                s.sendall(_hello(0))
-                assert s.recv(sp.HEADER_LEN + sp._CREATED.size)[:1] == bytes([sp.CREATED])
-                socks.append(s)
-            for s in socks:
-                # A byte from the client: it got CREATED (until then a session holds 64 KiB).
-                s.sendall(sp.HEADER.pack(sp.DATA, 1, 0) + b"x")
-            wait_until(lambda: relay.stats()["buffered_bytes"] >= budget, 10, "the budget")
-            peak = 0
-            end = time.monotonic() + 1.5  # an observation window, not a synchronisation
-            while time.monotonic() < end:
-                peak = max(peak, relay.stats()["buffered_bytes"])
-                gevent.sleep(0.05)
-            assert peak <= budget + 6 * (64 << 10) + (256 << 10), peak
-            with pytest.raises(ConnectionRefusedError, match="busy"):
-                open_session(relay.address, timeout=5,
-                             policy=RetryPolicy(deadline=0.3, backoff_initial=0.01,
-                                                backoff_max=0.05))
-            for s in socks:
-                s.close()
+            socks: list[Any] = []
+            try:
+                _fill_budget(relay, socks, budget)
+            finally:
+                for s in socks:
+                    s.close()
     finally:
         feed.shutdown()
+
+
+def _fill_budget(relay: Relay, socks: list[Any], budget: int) -> None:
+    for _ in range(6):
+        s = socket.create_connection(relay.address, timeout=5)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(_hello(0))
+        assert s.recv(sp.HEADER_LEN + sp._CREATED.size)[:1] == bytes([sp.CREATED])
+        socks.append(s)
+    for s in socks:
+        # A byte from the client: it got CREATED (until then a session holds 1 MiB).
+        s.sendall(sp.HEADER.pack(sp.DATA, 1, 0) + b"x")
+    wait_until(lambda: relay.stats()["buffered_bytes"] >= budget, 10, "the budget")
+    peak = 0
+    end = time.monotonic() + 1.5  # an observation window, not a synchronisation
+    while time.monotonic() < end:
+        peak = max(peak, relay.stats()["buffered_bytes"])
+        gevent.sleep(0.05)
+    assert peak <= budget + 6 * (64 << 10) + (256 << 10), peak
+    with pytest.raises(ConnectionRefusedError, match="busy"):
+        open_session(relay.address, timeout=5,
+                     policy=RetryPolicy(deadline=0.3, backoff_initial=0.01,
+                                        backoff_max=0.05))
 
 
 _FD_RELAY = textwrap.dedent("""
@@ -373,8 +379,8 @@ def test_hello_and_close_flood_under_a_low_fd_limit_leaves_room_for_a_new_sessio
     """#26: HELLO-and-close connections under `ulimit -n 256` left the relay at 255 fds and
     every new session refused for 300 s. Now such sessions are evicted first when
     descriptors run short, and a new session is served within 1 s after the flood."""
-    proc = subprocess.Popen([sys.executable, "-c", _FD_RELAY, str(upstream.address[1])], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", _FD_RELAY, str(upstream.address[1])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert proc.stdout is not None and proc.stdin is not None
         port = int(proc.stdout.readline())
@@ -382,11 +388,10 @@ def test_hello_and_close_flood_under_a_low_fd_limit_leaves_room_for_a_new_sessio
 
         def hello_and_close(n: int) -> None:
             for _ in range(n):
+                s = gsocket.socket()
                 try:
-                    s = gsocket.create_connection(addr, timeout=5)
-                except OSError:
-                    continue
-                try:
+                    s.settimeout(5)
+                    s.connect(addr)
                     s.sendall(_hello(0))
                 except OSError:
                     pass
@@ -473,13 +478,15 @@ def test_a_flood_of_rejected_handshakes_writes_few_log_lines(
     with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0) as relay:
         addr = relay.address
 
+        made = [0]
+
         def attack(n: int) -> None:
             for _ in range(n):
+                s = gsocket.socket()
                 try:
-                    s = gsocket.create_connection(addr, timeout=5)
-                except OSError:
-                    continue
-                try:
+                    s.settimeout(10)
+                    s.connect(addr)
+                    made[0] += 1
                     s.sendall(bad)
                 except OSError:
                     pass
@@ -488,9 +495,10 @@ def test_a_flood_of_rejected_handshakes_writes_few_log_lines(
 
         gevent.joinall([gevent.spawn(attack, 100) for _ in range(200)], timeout=180,
                        raise_error=True)
-        wait_until(lambda: relay.stats()["connections"] >= 20_000, 30, "every connection")
+        assert made[0] >= 19_000, made
+        wait_until(lambda: relay.stats()["connections"] >= made[0], 30, "every connection")
         wait_until(lambda: (relay.stats()["rejected_handshakes"]
-                            + relay.stats()["slowed_connections"]) >= 20_000, 30,
+                            + relay.stats()["slowed_connections"]) >= made[0], 30,
                    "every rejection")
         st = relay.stats()
         assert st["slowed_connections"] > 0, st
