@@ -641,6 +641,7 @@ _UNPROVEN_MAX = 1024 * 1024
 FAIL_WINDOW = 10.0  # seconds over which a source's failed handshakes are counted
 SLOW_DELAY = 1.0  # a source over its failure limit waits this long before its handshake...
 SLOW_MAX = 64  # ... at most this many at once; beyond, its connections are closed at once
+_OLD_TICKETS = 3  # tickets remembered after replacement, to count stale ones apart
 
 
 class _RelayStream(sp.Stream):
@@ -709,7 +710,7 @@ class _Source:
 
 
 class _RelaySession(_Carrier):
-    __slots__ = ("relay", "sid", "secret", "expiry", "resumes", "ticket", "prev_ticket",
+    __slots__ = ("relay", "sid", "secret", "expiry", "resumes", "ticket", "old_tickets",
                  "source", "nonce", "born")
 
     side = "upstream"
@@ -723,7 +724,7 @@ class _RelaySession(_Carrier):
         self.expiry: Any = None
         self.resumes = 0
         self.ticket = b""  # the one-round-trip resume's challenge, issued in advance
-        self.prev_ticket = b""  # the last ticket spent (a resume with it again is stale)
+        self.old_tickets: tuple[bytes, ...] = ()  # replaced lately (a resume with one: stale)
         self.source = source  # the creating client's address (per-source accounting)
         self.nonce = nonce  # the creating HELLO's client nonce: a retry of it finds us
         self.born = time.monotonic()
@@ -1320,13 +1321,13 @@ class Relay:
             # known id and an unknown one take the same work and get the same answer (a
             # CHALLENGE) until the proof: no oracle (rule 3).
             secret = session.secret if session is not None else _DUMMY_SECRET
-            ok = link.check_ticket_proof(session.ticket if session is not None else _DUMMY_ID,
-                                         secret)
+            ok = link.check_ticket_proof(
+                session.ticket if session is not None else _DUMMY_ID, secret)
             if not ok:
-                # The previous ticket (its RESUMED was lost, or a replay) or a wrong proof.
-                stale = link.check_ticket_proof(
-                    session.prev_ticket if session is not None and session.prev_ticket
-                    else _DUMMY_ID, secret)
+                # A ticket replaced lately (stale) or a wrong proof: the same work either way.
+                old = session.old_tickets if session is not None else ()
+                stale = sum(link.check_ticket_proof(old[i] if i < len(old) else _DUMMY_ID,
+                                                    secret) for i in range(_OLD_TICKETS)) > 0
                 if session is not None:
                     if stale:
                         self.counters["stale_tickets"] += 1
@@ -1363,7 +1364,9 @@ class Relay:
         # the checks below say (a replay of this HELLO, now or later, finds it gone; the
         # new one goes out in RESUMED). Two authentic resumes racing: the later one to get
         # here wins, the earlier link is closed (attach).
-        session.prev_ticket = session.ticket
+        # Tickets replaced lately: a resume with one is stale (a lost RESUMED, a resume that
+        # took the link meanwhile, a replay), not a wrong proof; for the counters only.
+        session.old_tickets = (session.ticket, *session.old_tickets)[:_OLD_TICKETS]
         session.ticket = os.urandom(sp.NONCE_LEN)
         why = session.stream.check_peer_counts(ev.received, ev.sent)
         if why is not None:

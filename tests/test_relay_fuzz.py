@@ -107,7 +107,7 @@ def replayed(draw: Any, world: World) -> bytes:
     link = sp.Link(sp.CLIENT)
     stream = sp.Stream()
     stream.received, stream.data_sent = live.stream.sent, live.stream.received
-    ticket = live.prev_ticket or os.urandom(16)
+    ticket = live.old_tickets[0] if live.old_tickets else os.urandom(16)
     if draw(st.booleans()):
         return link.send_hello_ticket(live.sid, stream, ticket, live.secret, version=2)[
             len(sp.PREAMBLE):]
