@@ -807,3 +807,29 @@ def test_a_version_2_client_is_served_or_refused_with_a_clear_error(
         s.close()
         assert frames[0][0] == sp.ERROR_FRAME and frames[0][1][0] == sp.E_FORBIDDEN
         assert b"creation key" in frames[0][1]
+
+
+def test_a_slow_resume_to_a_server_first_upstream_is_refused_and_retried() -> None:
+    """The plain attempt a late resume meets has the upstream's greeting sent to it at once
+    (server-first protocols need that): the client takes it for a failed attempt (no session
+    frame), the relay resets the connection when the preamble shows, and the resume succeeds
+    on the next attempt. The greeting of the session itself arrives once."""
+    with MessageServer(banner=b"HI\n") as srv, \
+            Relay(("127.0.0.1", 0), srv.address) as relay, \
+            FaultProxy(relay.address) as proxy:
+        app = open_session(proxy.address, timeout=10, policy=POLICY, heartbeat=0.5)
+        lines = Lines(app)
+        assert lines.readline() == b"HI"
+        app.sendall(b"MSG 1 a\n")
+        assert lines.readline() == b"ACK 1"
+        proxy.add_toxic("latency", stream="upstream", latency=200)
+        proxy.cut_after(0, "up", how="reset")
+        app.sendall(b"MSG 2 b\n")
+        wait_until(lambda: relay.stats()["plain_connections"] >= 1, 10, "a plain attempt")
+        proxy.remove_toxic("latency_upstream")
+        assert lines.readline() == b"ACK 2"
+        app.sendall(b"MSG 3 c\n")
+        assert lines.readline() == b"ACK 3"
+        app.close()
+        assert relay.stats()["late_preambles"] >= 1
+        assert srv.received == [1, 2, 3]
