@@ -831,5 +831,7 @@ def test_a_slow_resume_to_a_server_first_upstream_is_refused_and_retried() -> No
         app.sendall(b"MSG 3 c\n")
         assert lines.readline() == b"ACK 3"
         app.close()
-        assert relay.stats()["late_preambles"] >= 1
         assert srv.received == [1, 2, 3]
+        # Not a byte of the session went to the refused plain attempt's upstream connection.
+        assert srv.bytes_received == len(b"MSG 1 a\nMSG 2 b\nMSG 3 c\n")
+        assert relay.stats()["late_preambles"] >= 1
