@@ -635,9 +635,10 @@ class _Carrier:
 
 
 _FLOOR = 64 * 1024  # bytes a session may always hold, whatever the relay's budget (picked)
-# ... and at most this many until its client shows it got CREATED (picked: a greeting, a
-# first answer; a client whose link dropped at once still finds what the upstream sent).
-_UNPROVEN_MAX = 1024 * 1024
+# ... and at most this many until its client shows it got CREATED (picked: half the default
+# buffer_limit; a client whose link dropped at once still finds what the upstream sent, and
+# the creation hold and the relay's budget bound the rest).
+_UNPROVEN_MAX = 8 * 1024 * 1024
 FAIL_WINDOW = 10.0  # seconds over which a source's failed handshakes are counted
 SLOW_DELAY = 1.0  # a source over its failure limit waits this long before its handshake...
 SLOW_MAX = 64  # ... at most this many at once; beyond, its connections are closed at once
