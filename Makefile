@@ -23,7 +23,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test field lint demo stress soak bench conformance conformance-quick system-deps clean docs peer-suites
+.PHONY: test fuzz field lint demo stress soak bench conformance conformance-quick system-deps clean docs peer-suites
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
@@ -69,6 +69,11 @@ field: $(FIELD_STAMP)
 	@$(MAKE) --no-print-directory system-deps DEPS="$(FIELD_DEPS)"
 	$(VPY) -m pytest $(PYTEST_ARGS) -m field -p no:randomly tests/field; status=$$?; \
 	  $(VPY) tests/field/report.py --write docs/field.md; exit $$status
+
+# The relay fuzz test with many more examples than `make test` runs (a few minutes).
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	RESILIENTSOCK_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VPY) -m pytest $(PYTEST_ARGS) -p no:randomly tests/test_relay_fuzz.py
 
 soak: $(STAMP) system-deps
 	$(VPY) -m pytest $(PYTEST_ARGS) -m slow

@@ -66,6 +66,7 @@ class PolicyFields(PatchFields, total=False):
     """The keywords of ``RetryPolicy.replace`` (for type checkers)."""
 
     session: bool
+    session_key: str | bytes | None
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,11 @@ class RetryPolicy:
     """This socket speaks the session protocol to a ``Relay`` (exactly-once; docs/design.md
     §11). ``patch(session=["HOST:PORT"])`` or ``--session`` choose targets by address instead.
     Example: ``ResilientSocket.connect(relay, RetryPolicy(session=True))``."""
+    session_key: str | bytes | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The relay's creation key, for a relay started with ``--creation-key-file`` (else the
+    ``RESILIENTSOCK_SESSION_KEY`` environment variable): only clients that hold it may create
+    sessions. A secret: never shown in ``repr`` and not a runner option.
+    Example: ``RetryPolicy(session=True, session_key=open("relay.key", "rb").read())``."""
     on_disconnect: Callable[..., Any] | None = dataclasses.field(default=None, compare=False)
     """Hook ``on_disconnect(sock, info)``: called when a drop is noticed (``info`` is an
     ``ErrorInfo``). Example: ``RetryPolicy(on_disconnect=lambda s, i: print(i.category))``."""
@@ -206,6 +212,9 @@ class RetryPolicy:
         for field in ("retry_connect", "retry_read_timeouts", "resume_answers", "session"):
             if not isinstance(getattr(self, field), bool):
                 raise bad(field, "must be True or False")
+        if self.session_key is not None and (
+                not isinstance(self.session_key, str | bytes) or not self.session_key):
+            raise ValueError("RetryPolicy.session_key: must be a non-empty str or bytes, or None")
         for field in ("on_disconnect", "on_reconnect"):
             value = getattr(self, field)
             if value is not None and not callable(value):

@@ -36,7 +36,9 @@ Move the server to a private port and give the relay the public one:
 _EPILOG = """\
 Without --tls-cert/--tls-key, the link between client and relay is plain TCP: an on-path
 attacker who saw a session being created could resume it (no worse than the plain TCP it
-replaces). Sizes accept KiB/MiB/GiB suffixes. Stop with SIGTERM or Ctrl-C.
+replaces); see docs/threat-model.md. Without --creation-key-file anyone who can reach
+the relay may create sessions, within the caps above. Sizes accept KiB/MiB/GiB suffixes.
+Stop with SIGTERM or Ctrl-C.
 """
 
 
@@ -72,6 +74,20 @@ def _bytes(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _count0(text: str) -> int:
+    return 0 if text.strip() == "0" else _count(text)
+
+
 def _address(text: str) -> tuple[str, int]:
     from ._relay import parse_address
 
@@ -101,6 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", metavar="FILE",
                         help="TLS between clients and the relay: certificate chain (PEM)")
     parser.add_argument("--tls-key", metavar="FILE", help="... and its private key (PEM)")
+    parser.add_argument("--upstream-timeout", type=_seconds, default=5.0, metavar="S",
+                        help="bound on connecting to the upstream, below the 10 s handshake "
+                             "bound: the client is told which failed (default 5)")
+    parser.add_argument("--creation-key-file", metavar="FILE",
+                        help="only clients holding this key (its first line; at least 16 "
+                             "bytes) may create sessions: RESILIENTSOCK_SESSION_KEY or "
+                             "RetryPolicy(session_key=...) on the client")
+    parser.add_argument("--max-sessions", type=_count, default=10_000, metavar="N",
+                        help="sessions held at once, attached or not; then new ones get "
+                             "ERROR busy (default 10000)")
+    parser.add_argument("--max-sessions-per-source", type=_count, default=1_000, metavar="N",
+                        help="sessions per client address (default 1000)")
+    parser.add_argument("--max-new-per-source", type=_count, default=32, metavar="N",
+                        help="sessions per client address whose client has not yet shown "
+                             "it received CREATED (default 32)")
+    parser.add_argument("--creation-hold", type=_seconds, default=5.0, metavar="S",
+                        help="how long such a session is held once its client is gone "
+                             "(default 5)")
+    parser.add_argument("--max-buffered", type=_bytes, default=256 * 1024 * 1024,
+                        metavar="BYTES",
+                        help="unacknowledged bytes across all sessions, detached ones "
+                             "included; beyond it upstream reads pause (default 256MiB)")
+    parser.add_argument("--fd-reserve", type=_count0, default=32, metavar="N",
+                        help="file descriptors kept free to accept and refuse cleanly "
+                             "(default 32)")
     parser.add_argument("--log-level", default="WARNING", metavar="LEVEL",
                         help="DEBUG, INFO (every session created, resumed, expired), WARNING "
                              "(rejected handshakes, expiries) or ERROR (default WARNING)")
@@ -129,9 +170,27 @@ def main(argv: list[str]) -> int:
                         stream=sys.stderr)
     from ._relay import Relay
 
-    relay = Relay(args.listen, args.upstream, session_timeout=args.session_timeout,
-                  buffer_limit=args.buffer_limit, plain_after=args.plain_after,
-                  tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=level)
+    key = None
+    if args.creation_key_file:
+        try:
+            with open(args.creation_key_file, "rb") as f:
+                key = f.readline().strip()
+        except OSError as exc:
+            _fail(f"--creation-key-file: {exc.strerror or exc}")
+        if len(key) < 16:
+            _fail("--creation-key-file: the key (its first line) must be at least 16 bytes")
+    try:
+        relay = Relay(args.listen, args.upstream, session_timeout=args.session_timeout,
+                      buffer_limit=args.buffer_limit, plain_after=args.plain_after,
+                      tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=level,
+                      upstream_timeout=args.upstream_timeout, creation_key=key,
+                      max_sessions=args.max_sessions,
+                      max_sessions_per_source=args.max_sessions_per_source,
+                      max_fresh_per_source=args.max_new_per_source,
+                      creation_hold=args.creation_hold, max_buffered=args.max_buffered,
+                      fd_reserve=args.fd_reserve)
+    except ValueError as exc:
+        _fail(str(exc))
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     # Blocked before the relay's thread starts (it inherits the mask), so sigwait gets them.
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)

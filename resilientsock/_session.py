@@ -38,18 +38,20 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "PREAMBLE", "VERSION", "HANDSHAKE_LIMIT", "MAX_DATA", "ProtocolError", "Refused",
     "Stream", "Link", "NEED_DATA", "NOT_SESSION", "new_credentials", "preamble_verdict",
+    "creation_proof",
 ]
 
 # Eight bytes no text protocol starts with (a NUL first, as PNG's signature does it); a TLS
 # ClientHello starts with 0x16, HTTP/2 with "PRI", SSH with "SSH-".
 PREAMBLE = b"\x00RSSN\r\n\x1a"
-VERSION = 2  # 2: a resume's HELLO may carry early data (kind 3)
+VERSION = 3  # 2: a resume's HELLO may carry early data (kind 3); 3: HELLO(new) may carry a
+# creation-key proof, and its client nonce names the creation (a retry finds it)
 MIN_VERSION = 1
 HANDSHAKE_LIMIT = 4096  # bytes a handshake may use, frames included (DESIGN §11)
 MAX_DATA = 1 << 20  # largest DATA payload accepted (1 MiB, picked: a few big reads' worth)
@@ -89,11 +91,12 @@ E_IMPOSSIBLE_COUNTS = 3
 E_VERSION = 4
 E_PROTOCOL = 5
 E_UPSTREAM = 6  # the relay could not connect to its upstream
-E_BUSY = 7
+E_BUSY = 7  # the relay is full (sessions, descriptors or buffers): retry later
+E_FORBIDDEN = 8  # version 3: this relay creates sessions only for holders of its creation key
 ERROR_NAMES = {E_UNKNOWN_SESSION: "unknown session", E_BAD_PROOF: "bad proof",
                E_IMPOSSIBLE_COUNTS: "impossible counts", E_VERSION: "no common version",
                E_PROTOCOL: "protocol error", E_UPSTREAM: "upstream unreachable",
-               E_BUSY: "relay busy"}
+               E_BUSY: "relay busy", E_FORBIDDEN: "creation key required"}
 
 
 class ProtocolError(Exception):
@@ -135,6 +138,9 @@ _CONSUMED = _Sentinel("CONSUMED")  # internal: a frame with no event of its own 
 @dataclass(frozen=True)
 class HelloNew:
     version: int
+    key_proof: bytes = b""  # version 3: HMAC(creation key, nonce), see ``creation_proof``
+    # the client's nonce (a retry of this creation sends the same one); random: not compared
+    nonce: bytes = field(default=b"", compare=False)
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,12 @@ Event = (HelloNew | HelloResume | HelloTicket | Created | Challenged | ProofRece
 def new_credentials(rand: Callable[[int], bytes] = os.urandom) -> tuple[bytes, bytes]:
     """A fresh (session id: 128 bits, secret: 256 bits)."""
     return rand(ID_LEN), rand(SECRET_LEN)
+
+
+def creation_proof(key: bytes, nonce: bytes) -> bytes:
+    """Version 3: the proof that a HELLO(new) comes from a holder of the relay's creation
+    key, bound to that HELLO's client nonce."""
+    return hmac.new(key, b"resilientsock create v3\0" + nonce, hashlib.sha256).digest()
 
 
 def preamble_verdict(first: bytes) -> bool | None:
@@ -728,12 +740,15 @@ class Link:
         if length > cap:
             raise ProtocolError(f"{FRAME_NAMES[ftype]} frame of {length} bytes (limit {cap})")
         if self.state != OPEN:
-            self._handshake_bytes += HEADER_LEN + length
-            if self._handshake_bytes > HANDSHAKE_LIMIT:
+            # Checked on every call, counted once: a frame split across reads comes back here
+            # with NEED_DATA as often as it takes to arrive (each byte counts once).
+            if self._handshake_bytes + HEADER_LEN + length > HANDSHAKE_LIMIT:
                 raise ProtocolError(f"handshake longer than {HANDSHAKE_LIMIT} bytes")
         end = pos + HEADER_LEN + length
         if len(buf) < end:
             return NEED_DATA
+        if self.state != OPEN:
+            self._handshake_bytes += HEADER_LEN + length
         if ftype == DATA and length and end == len(buf) and self.state == OPEN:
             # A DATA frame that straddled two chunks, completed in _buf (receive_data copies
             # only its bytes there): hand _buf itself on as the payload's view, no second copy.
@@ -797,10 +812,11 @@ class Link:
             self.version = min(high, VERSION)
             self.client_nonce = nonce
             if kind == _HELLO_KIND_NEW:
-                if len(body) != _HELLO.size:
+                proof = body[_HELLO.size:]
+                if proof and (len(proof) != MAC_LEN or self.version < 3):
                     raise ProtocolError("HELLO(new) with trailing bytes")
                 self.state = CREATING
-                return HelloNew(self.version)
+                return HelloNew(self.version, proof, nonce)
             if kind == _HELLO_KIND_RESUME:
                 if len(body) != _HELLO.size + ID_LEN:
                     raise ProtocolError("HELLO(resume) must carry a 16-byte session id")
@@ -873,12 +889,20 @@ class Link:
             raise RuntimeError(f"cannot send {action} in state {self.state} ({self.role})")
         self.state = nxt
 
-    def send_hello_new(self, stream: Stream) -> bytes:
-        """Client: the preamble and a request for a new session, to be carried by ``stream``."""
+    def send_hello_new(self, stream: Stream, nonce: bytes | None = None,
+                       key: bytes | None = None) -> bytes:
+        """Client: the preamble and a request for a new session, to be carried by ``stream``.
+
+        ``nonce``: a retry of a creation whose CREATED never arrived passes the first
+        attempt's (``client_nonce``): a version-3 relay answers with the session it created
+        then, so the upstream sees one connection. ``key``: the relay's creation key (a proof
+        of it rides the HELLO; only a version-3 relay understands it)."""
         self._move("hello_new")
         self.stream = stream
-        self.client_nonce = self._rand(NONCE_LEN)
+        self.client_nonce = nonce if nonce is not None else self._rand(NONCE_LEN)
         body = _HELLO.pack(MIN_VERSION, VERSION, _HELLO_KIND_NEW, self.client_nonce)
+        if key:
+            body += creation_proof(key, self.client_nonce)
         return PREAMBLE + HEADER.pack(HELLO, len(body), 0) + body
 
     def send_hello_resume(self, session_id: bytes, stream: Stream) -> bytes:

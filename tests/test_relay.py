@@ -931,7 +931,8 @@ def test_attacks_are_rejected_and_the_live_session_stays_intact(
 
     # A wrong proof, an unknown id, impossible counts: each an ERROR, the session untouched.
     sock, _, answer = _resume_handshake(addr, sid, b"\x00" * 32)
-    assert _error_code(answer) == sp.E_BAD_PROOF
+    # A wrong proof is answered as an unknown id is: no oracle (#26).
+    assert _error_code(answer) == sp.E_UNKNOWN_SESSION
     sock.close()
     sock, _, answer = _resume_handshake(addr, os.urandom(16), b"\x00" * 32)
     assert _error_code(answer) == sp.E_UNKNOWN_SESSION
@@ -1138,7 +1139,7 @@ def test_early_data_is_delivered_even_when_the_link_drops_while_the_relay_resend
             first.sendall(link.send_hello_new(stream))
             created = event(first, link)
             sid, secret, ticket = created.session_id, created.secret, link.next_ticket
-            assert link.version == 2
+            assert link.version >= 2
             # Read (raw, never acknowledged) until the relay holds the whole 4 MiB as its
             # backlog: it may hold up to buffer_limit unacknowledged, whatever the kernel's
             # socket buffers would have held back had we not read.
