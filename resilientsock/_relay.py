@@ -68,7 +68,12 @@ log = logging.getLogger("resilientsock")
 RECV_SIZE = 256 * 1024  # big reads: fewer frames, fewer syscalls (picked, measured in bench)
 BIG_WRITE = 16 * 1024  # from here on a header and its payload go out as two buffers (no copy)
 ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (picked)
-ACK_DELAY = 0.02  # ... or this long after data arrived with nothing to piggyback on (picked)
+# ... or this long after data arrived with nothing to piggyback on: TCP's own delayed ACK (200
+# ms, RFC 1122's bound). Short delays cost more than they save: a standalone ACK followed
+# within the path's delayed-ACK time (40 ms on Linux) by a DATA frame holds that DATA behind
+# Nagle's algorithm on any forwarder without TCP_NODELAY (measured: 0.02x ping-pong at 20 ms,
+# whose timer also fired at once on the loop's stale clock). Acks ride on data otherwise.
+ACK_DELAY = 0.2
 HANDSHAKE_TIMEOUT = 10.0  # DESIGN §11
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -188,7 +193,8 @@ class _LinkIO:
 class _Carrier:
     """A session's stream between a plain end and the current link (rule 1)."""
 
-    __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "ack_timer", "finished",
+    __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "ack_mark", "ack_timer",
+                 "finished",
                  "aborted", "plain_reader", "plain_lock", "__weakref__")
 
     side = "?"
@@ -199,6 +205,7 @@ class _Carrier:
         self.cur: _LinkIO | None = None
         self.room_ev = gevent.event.Event()
         self.ack_armed = False
+        self.ack_mark = 0  # the count received when the delayed-ACK timer was armed
         self.ack_timer: Any = None  # the hub's timer for a delayed ACK (made on first use)
         self.finished = False
         self.aborted: str | None = None  # an ABORT to (re)send until the session is gone
@@ -497,13 +504,7 @@ class _Carrier:
             if due >= ACK_EVERY:
                 self._send(lio, stream.ack())
             elif due and not self.ack_armed:
-                # A timer in the hub, not a greenlet per chunk: in a ping-pong the answer
-                # usually carries the ack first, and the timer then finds nothing due.
-                self.ack_armed = True
-                timer = self.ack_timer
-                if timer is None:
-                    timer = self.ack_timer = gevent.get_hub().loop.timer(ACK_DELAY)
-                timer.start(self._ack_timer_fired)
+                self._arm_ack()
             if self._maybe_finish() or not lio.alive:
                 return
             try:
@@ -519,11 +520,37 @@ class _Carrier:
     def recv_link(self, lio: _LinkIO) -> bytes:
         return lio.sock.recv(RECV_SIZE)  # type: ignore[no-any-return]
 
+    def _arm_ack(self) -> None:
+        """The delayed ACK: a timer in the hub, not a greenlet per chunk; in a conversation
+        the answer carries the ack first, and the timer then finds nothing to send."""
+        self.ack_armed = True
+        self.ack_mark = self.stream.received
+        # A new timer each time: gevent's libev timer restarted after it fired fires again at
+        # once (measured, gevent 26.9), and update=True: the loop's cached clock may be stale
+        # by however long this greenlet ran (a timer started on it fires early).
+        if self.ack_timer is not None:
+            self.ack_timer.close()
+        timer = self.ack_timer = gevent.get_hub().loop.timer(ACK_DELAY)
+        timer.start(self._ack_timer_fired, update=True)
+
     def _ack_timer_fired(self) -> None:
-        """In the hub (no I/O here): a greenlet sends the ACK only if one is still due."""
+        """In the hub (no I/O here): a standalone ACK only for data that waited ACK_DELAY
+        unacknowledged. Data that came since (the ack for the older rode an answer) gets a
+        timer of its own: an ACK right behind fresh data would hold the answer to it behind
+        Nagle's algorithm on a forwarder without TCP_NODELAY."""
         self.ack_armed = False
-        if self.stream.ack_due() and not self.finished:
+        if self.finished:
+            return
+        stream = self.stream
+        if stream.ack_sent < self.ack_mark:
             gevent.spawn(self._delayed_ack)
+        elif stream.ack_due():
+            # Re-armed from a loop callback, outside this timer's own.
+            gevent.get_hub().loop.run_callback(self._rearm_ack)
+
+    def _rearm_ack(self) -> None:
+        if not self.ack_armed and not self.finished and self.stream.ack_due():
+            self._arm_ack()
 
     def _delayed_ack(self) -> None:
         if self.stream.ack_due() and not self.finished:
@@ -602,6 +629,9 @@ class _Carrier:
             return
         self.finished = True
         self.room_ev.set()
+        timer, self.ack_timer = self.ack_timer, None
+        if timer is not None:
+            timer.close()
         lio, self.cur = self.cur, None
         if lio is not None:
             lio.close()

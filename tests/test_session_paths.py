@@ -1,0 +1,96 @@
+"""Session mode on real paths (DESIGN §11 "Real paths (wave 3)", issue 25): what one
+application write becomes on the wire through a forwarder without TCP_NODELAY, backpressure
+that is not taken for death, vanished clients and clean ends.
+
+Topology: the client (``open_session``, gevent, the pytest process's hub) -> a forwarder
+(``sessionkit.Recorder``, no TCP_NODELAY, or the FaultProxy) -> Relay (its own hub and
+thread) -> an upstream server; counts are taken on the server's side.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import wait_until
+from sessionkit import Recorder
+
+from resilientsock import RetryPolicy
+from resilientsock import _relay
+from resilientsock import _session as sp
+from resilientsock._relay import Relay, open_session
+from resilientsock.testing import MessageServer
+
+POLICY = RetryPolicy(deadline=20, backoff_initial=0.01, backoff_max=0.1)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def upstream() -> Iterator[MessageServer]:
+    server = MessageServer().start()
+    yield server
+    server.shutdown()
+
+
+class _Lines:
+    def __init__(self, sock: object) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def readline(self) -> bytes:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)  # type: ignore[attr-defined]
+            if not data:
+                raise EOFError(f"EOF after {self.buf!r}")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+
+# -- Nagle-safe framing ----------------------------------------------------------------------
+
+
+def test_one_application_write_is_one_frame_in_one_segment_through_a_nagle_forwarder(
+        upstream: MessageServer) -> None:
+    """Request/answer through a forwarder without TCP_NODELAY: each request and each answer
+    crosses it as one whole DATA frame in one read, and no standalone ACK goes out sooner than
+    the delayed-ACK time after the data it acknowledges (an ACK there, followed by the next
+    DATA, holds that DATA behind Nagle's algorithm for the path's delayed ACK: 40 ms)."""
+    with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0) as relay:
+        fwd = Recorder(relay.address)
+        try:
+            app = open_session(fwd.address, timeout=10, policy=POLICY)
+            lines = _Lines(app)
+            # Several delayed-ACK intervals (the timer must not fire behind fresh data),
+            # bounded in count.
+            start = time.monotonic()
+            count = 0
+            while count < 5000 and (count < 200 or time.monotonic() - start < 1.2):
+                count += 1
+                app.sendall(b"MSG %d\n" % count)
+                assert lines.readline() == b"ACK %d" % count
+            stop = time.monotonic()
+            chunks = [c for c in fwd.chunks if start <= c[0] <= stop]
+            assert upstream.received == list(range(1, count + 1))
+            assert upstream.connections == 1
+            last = {"up": 0.0, "down": 0.0}
+            early_acks = []
+            data_chunks = {"up": 0, "down": 0}
+            for at, direction, size, types, partial in chunks:
+                if sp.DATA in types:
+                    data_chunks[direction] += 1
+                    # One write, one frame, one read: never a frame split in two writes
+                    # (the second would wait for the first's TCP ACK) nor two frames.
+                    assert types == [sp.DATA] and not partial, (direction, size, types)
+                    last[direction] = at
+                elif sp.ACK in types:
+                    other = "down" if direction == "up" else "up"
+                    if at - last[other] < _relay.ACK_DELAY * 0.9:
+                        early_acks.append((direction, round(at - last[other], 4)))
+            assert not early_acks, f"standalone ACKs right behind data: {early_acks[:5]}"
+            assert data_chunks == {"up": count, "down": count}
+            app.close()
+        finally:
+            fwd.stop()
