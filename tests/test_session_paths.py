@@ -13,11 +13,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import wait_until
 from sessionkit import Recorder
 
-from resilientsock import RetryPolicy
-from resilientsock import _relay
+from resilientsock import RetryPolicy, _relay
 from resilientsock import _session as sp
 from resilientsock._relay import Relay, open_session
 from resilientsock.testing import MessageServer
