@@ -48,6 +48,7 @@ import socket as _stdsocket
 import struct
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -75,6 +76,7 @@ ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (pic
 # whose timer also fired at once on the loop's stale clock). Acks ride on data otherwise.
 ACK_DELAY = 0.2
 HANDSHAKE_TIMEOUT = 10.0  # DESIGN §11
+LINK_TIMEOUT = 30.0  # the relay's liveness bound for a silent client link (DESIGN §11)
 UPSTREAM_CONNECT_TIMEOUT = 10.0
 _LINGER_RST = struct.pack("ii", 1, 0)
 _DUMMY_SECRET = os.urandom(sp.SECRET_LEN)  # for unknown ids: same cost, always False
@@ -194,8 +196,8 @@ class _Carrier:
     """A session's stream between a plain end and the current link (rule 1)."""
 
     __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "ack_mark", "ack_timer",
-                 "finished",
-                 "aborted", "plain_reader", "plain_lock", "__weakref__")
+                 "finished", "aborted", "plain_reader", "plain_lock", "outq", "outq_bytes",
+                 "writer", "drained_ev", "heartbeat", "waiting_pong", "__weakref__")
 
     side = "?"
 
@@ -210,9 +212,18 @@ class _Carrier:
         self.finished = False
         self.aborted: str | None = None  # an ABORT to (re)send until the session is gone
         self.plain_reader: Any = None
-        # One writer at a time on the plain end, in stream order: a link replaced while its
-        # delivery blocked finishes that delivery before the new link's first byte.
+        # One writer at a time on the plain end, in stream order.
         self.plain_lock = gevent.lock.Semaphore()
+        # The delivery queue (rule 9): what the plain end did not take at once, in stream
+        # order (payloads, and an Ended marker last), written by ``writer`` while the link
+        # goes on being read. Its units are ``stream.held``: not acknowledged until written.
+        self.outq: deque[Any] = deque()
+        self.outq_bytes = 0
+        self.writer: Any = None
+        self.drained_ev = gevent.event.Event()
+        # Liveness of the link: PING after ``heartbeat`` s of silence, a drop after two.
+        self.heartbeat: float | None = None
+        self.waiting_pong = False
 
     # -- sending on the current link (rule 2) ----------------------------------------------
 
@@ -394,10 +405,16 @@ class _Carrier:
                 raise _Interrupted(exc) from None
             raise
 
-    def _finish_push(self, lio: _LinkIO, rest: list[bytes]) -> None:
+    def _finish_push(self, lio: _LinkIO, rest: list[Any]) -> None:
+        """Send ``rest`` on ``lio`` (its lock held; released here) at the link's pace: each
+        ``send`` waits at most the socket's timeout (the heartbeat) for room, so a big
+        re-send on a slow path is progress, never a deadline."""
         try:
             for part in rest:
-                lio.sock.sendall(part)
+                view = memoryview(part)
+                while len(view):
+                    n = lio.sock.send(view[:RECV_SIZE])
+                    view = view[n:]
         except (OSError, ValueError):
             self._link_lost(lio, "send failed")
         finally:
@@ -405,6 +422,7 @@ class _Carrier:
 
     def _link_lost(self, lio: _LinkIO, why: str) -> None:
         """The link broke: forget it (the session waits for, or makes, a new one)."""
+        self.drained_ev.set()  # a pump_link waiting for the queue to drain returns
         if self.cur is lio:
             self.cur = None
             lio.close()
@@ -462,13 +480,14 @@ class _Carrier:
         link = lio.link
         stream = self.stream
         # The DATA of one received chunk goes to the plain end in one write (the payloads are
-        # views of that chunk): counted as received when parsed, so delivered before any
-        # other event is obeyed and before anything else can return.
+        # views of that chunk), or to the delivery queue behind what waits there (rule 9):
+        # counted as received when parsed, so handed on before any other event is obeyed
+        # and before anything else can return.
         batch: list[Any] = []
         while lio.alive and not self.finished:
             while True:
                 if lio is not self.cur:
-                    # Replaced by a resume while a delivery blocked: the frames still buffered
+                    # Replaced by a resume while this pump waited: the frames still buffered
                     # here are the new link's to re-send (counted from the resume's numbers);
                     # parsing them now would deliver them twice (rule 2).
                     return
@@ -491,8 +510,11 @@ class _Carrier:
                 if ev is sp.NEED_DATA:
                     break
                 if isinstance(ev, sp.Ended):
-                    self._peer_ended(ev)
-                    self._send(lio, stream.ack())
+                    stream.held += 1  # the end marker's unit, acknowledged once obeyed
+                    if self.outq or self.writer is not None:
+                        self.outq.append(ev)  # behind the bytes before it
+                    else:
+                        self._apply_end(ev)
                 elif isinstance(ev, sp.Aborted):
                     self.on_aborted(ev.reason)
                     return
@@ -507,6 +529,15 @@ class _Carrier:
                 self._arm_ack()
             if self._maybe_finish() or not lio.alive:
                 return
+            # Read on while the plain end is stalled (PINGs answered, ENDs and ABORTs seen:
+            # rule 9), unless the queue outgrew the limit (a peer that ignores acks): then
+            # wait for it to drain, or for this link to be lost or replaced.
+            while (self.outq_bytes > stream.limit and lio is self.cur and lio.alive
+                   and not self.finished):
+                self.drained_ev.clear()
+                self.drained_ev.wait()
+            if lio is not self.cur or not lio.alive or self.finished:
+                return
             try:
                 data = self.recv_link(lio)
             except (OSError, ValueError) as exc:  # ValueError: an SSL socket closed under us
@@ -518,13 +549,28 @@ class _Carrier:
             link.receive_data(data)
 
     def recv_link(self, lio: _LinkIO) -> bytes:
-        return lio.sock.recv(RECV_SIZE)  # type: ignore[no-any-return]
+        """The next bytes of the link. The heartbeat (``heartbeat``, the link socket's
+        timeout): a link silent for one interval gets a PING; silent for another, it is a
+        drop (a black hole, or a peer stopped without FIN or RST, reveals itself only this
+        way). Any bytes count as life: a big re-send or a stalled plain end is not death."""
+        while True:
+            try:
+                data = lio.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                if self.waiting_pong:
+                    raise TimeoutError(f"peer silent for {2 * (self.heartbeat or 0):.1f} s"
+                                       ) from None
+                self.waiting_pong = True
+                self._send(lio, self.stream.ping())
+                continue
+            self.waiting_pong = False
+            return data  # type: ignore[no-any-return]
 
     def _arm_ack(self) -> None:
         """The delayed ACK: a timer in the hub, not a greenlet per chunk; in a conversation
         the answer carries the ack first, and the timer then finds nothing to send."""
         self.ack_armed = True
-        self.ack_mark = self.stream.received
+        self.ack_mark = self.stream.ack_point
         # A new timer each time: gevent's libev timer restarted after it fired fires again at
         # once (measured, gevent 26.9), and update=True: the loop's cached clock may be stale
         # by however long this greenlet ran (a timer started on it fires early).
@@ -558,29 +604,118 @@ class _Carrier:
 
     def _deliver_batch(self, batch: list[Any]) -> None:
         if batch:
-            self._deliver(batch[0] if len(batch) == 1 else list(batch))
+            payload = batch[0] if len(batch) == 1 else list(batch)
             batch.clear()
+            size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
+            self.stream.held += size
+            self._hand_on(payload, size)
 
-    def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
-        """Write ``payload`` (or a list of payloads, in order) to the plain end, whole."""
-        with self.plain_lock:
-            if self.plain is None or self.aborted:
+    def _hand_on(self, payload: Any, size: int) -> None:
+        """``payload`` (``size`` units, counted in ``stream.held``) to the plain end: at once
+        what it takes without waiting when nothing is queued, the rest behind the queue,
+        written by the writer greenlet (rule 9). Never blocks."""
+        if not self.outq and self.writer is None:
+            done = self._deliver(payload, block=False)
+            if done:
+                self._delivered(done)
+            if done >= size:
                 return
+            if done:
+                payload = memoryview(b"".join(payload) if isinstance(payload, list)
+                                     else payload)[done:]
+                size -= done
+        # A view of a received chunk stays valid: the parser never reuses a chunk's memory.
+        self.outq.append(payload)
+        self.outq_bytes += size
+        if self.writer is None:
+            self.writer = gevent.spawn(self._write_queue)
+
+    def _write_queue(self) -> None:
+        """The writer greenlet: the queue to the plain end, in order, blocking as the plain
+        end does; each payload acknowledged once written."""
+        outq = self.outq
+        try:
+            while outq and not self.finished:
+                item = outq[0]
+                if isinstance(item, sp.Ended):
+                    outq.popleft()
+                    self._apply_end(item)
+                    continue
+                size = sum(map(len, item)) if isinstance(item, list) else len(item)
+                self._deliver(item)
+                if outq and outq[0] is item:
+                    outq.popleft()
+                    self.outq_bytes -= size
+                self._delivered(size)
+                self._ack_if_due()
+        finally:
+            self.writer = None
+            self.drained_ev.set()
+
+    def _delivered(self, n: int) -> None:
+        self.stream.held -= n
+        if self.outq_bytes <= self.stream.limit:
+            self.drained_ev.set()
+
+    def _ack_if_due(self) -> None:
+        due = self.stream.ack_due()
+        if due >= ACK_EVERY:
+            self._send(self.cur, self.stream.ack())
+        elif due and not self.ack_armed and not self.finished:
+            self._arm_ack()
+
+    def _apply_end(self, ev: sp.Ended) -> None:
+        """The peer's end marker, obeyed after every byte before it, then acknowledged."""
+        self._peer_ended(ev)
+        self.stream.held -= 1
+        self._send(self.cur, self.stream.ack())
+        self._maybe_finish()
+
+    def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
+        """Write ``payload`` (or a list of payloads, in order) to the plain end: whole
+        (``block``), or what it takes without waiting. Returns the bytes taken; all of them
+        when the plain end is gone (they are dropped: its failure is handled here)."""
+        size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
+        if not block and not self.plain_lock.acquire(blocking=False):
+            return 0
+        if block:
+            self.plain_lock.acquire()
+        failed: OSError | None = None
+        try:
+            plain = self.plain
+            if plain is None or self.aborted:
+                return size
             try:
-                if isinstance(payload, list):
-                    _sendall_views(self.plain, payload)
-                else:
-                    self.plain.sendall(payload)
+                if block:
+                    if isinstance(payload, list):
+                        _sendall_views(plain, payload)
+                    else:
+                        plain.sendall(payload)
+                    return size
+                raw = getattr(plain, "_sock", None)
+                if raw is None:
+                    return 0
+                try:
+                    if isinstance(payload, list):
+                        if len(payload) > _IOV_BATCH:
+                            return 0
+                        return raw.sendmsg(payload)  # type: ignore[no-any-return]
+                    return raw.send(payload)  # type: ignore[no-any-return]
+                except BlockingIOError:
+                    return 0
             except OSError as exc:
-                failed: OSError | None = exc
-            else:
-                failed = None
-        if failed is not None:
-            self.plain_write_failed(failed)
+                failed = exc
+                return size
+        finally:
+            self.plain_lock.release()
+            if failed is not None:
+                self.plain_write_failed(failed)
 
     def plain_write_failed(self, exc: OSError) -> None:
         """The plain end cannot take more: it is gone. End our direction with a reset if it is
         still open; otherwise abort the session (the peer must stop feeding it)."""
+        if self.finished:
+            return
         reason = f"{self.side} end closed ({exc.__class__.__name__})"
         if self.stream.end_sent is None:
             self._end_here(True, reason)
@@ -615,7 +750,7 @@ class _Carrier:
     def _maybe_finish(self) -> bool:
         stream = self.stream
         if stream.end_sent is not None and stream.end_received is not None \
-                and self.plain is not None:
+                and not stream.held and self.plain is not None:
             plain, self.plain = self.plain, None  # both directions over at the plain end
             plain.close()
         if stream.done and not self.finished:
@@ -629,6 +764,9 @@ class _Carrier:
             return
         self.finished = True
         self.room_ev.set()
+        self.drained_ev.set()
+        self.outq.clear()
+        self.outq_bytes = 0
         timer, self.ack_timer = self.ack_timer, None
         if timer is not None:
             timer.close()
@@ -678,28 +816,32 @@ class _RelaySession(_Carrier):
         # waits behind the resume's re-sent units (rule 2).
         lio.wlock.acquire()
         self.cur = lio
+        self.waiting_pong = False
+        self.drained_ev.set()  # a pump_link of the old link waiting on the queue returns
         if old is not None:
             old.close()
         try:
-            try:
-                frames = first_frames()
-                self.ticket = lio.link.next_ticket
-                lio.sock.sendall(frames)
-            except (OSError, ValueError):
-                self._link_lost(lio, "send failed")
-                return
-        finally:
+            frames = first_frames()
+            self.ticket = lio.link.next_ticket
+            if self.aborted:
+                frames += self.stream.abort(self.aborted)
+            self.heartbeat = self.relay.link_timeout / 2
+            lio.sock.settimeout(self.heartbeat)
+        except BaseException:
             lio.wlock.release()
-            if early:
-                # Counted as received at the handshake, so delivered whatever this link does
-                # next: behind a delivery the old link left blocked and before anything a
-                # later link carries (plain_lock wakes its waiters in order, and nothing has
-                # yielded since the send).
-                self._deliver(early)
+            raise
+        if early:
+            # Counted as received at the handshake, so delivered whatever this link does
+            # next: behind what the old link queued, before anything this one carries.
+            self.stream.held += len(early)
+            self._hand_on(early, len(early))
+        # CREATED or RESUMED and the re-sent units go out at the link's own pace in a greenlet
+        # that then releases the lock; this one reads the link at once (PINGs answered, the
+        # client's re-sent units taken while ours go out: neither waits for the other's
+        # backlog, rule 9).
+        gevent.spawn(self._finish_push, lio, [frames])
         if self.plain_reader is None:  # a new session: upstream bytes go after CREATED
             self.plain_reader = gevent.spawn(self.pump_plain)
-        if self.aborted:
-            self._send(lio, self.stream.abort(self.aborted))
         self.pump_link(lio)
 
     def on_detached(self, why: str) -> None:
@@ -724,10 +866,10 @@ class _RelaySession(_Carrier):
     def count_plain(self, n: int) -> None:
         self.relay.counters["bytes_down"] += n
 
-    def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
-        self.relay.counters["bytes_up"] += (sum(map(len, payload)) if isinstance(payload, list)
-                                            else len(payload))
-        super()._deliver(payload)
+    def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
+        done = super()._deliver(payload, block)
+        self.relay.counters["bytes_up"] += done
+        return done
 
     def on_finished(self) -> None:
         if self.expiry is not None:
@@ -749,7 +891,10 @@ class Relay:
     Options: ``session_timeout`` (300 s a detached session is held), ``buffer_limit`` (16 MiB
     unacknowledged per direction per session; then upstream reads pause), ``plain_after``
     (0.05 s of client silence means a plain, server-first client), ``tls_cert``/``tls_key``
-    (TLS between client and relay), ``log_level``, ``handshake_timeout`` (10 s).
+    (TLS between client and relay), ``log_level``, ``handshake_timeout`` (10 s),
+    ``link_timeout`` (30 s: a client link silent this long, PINGed at half of it, is a drop:
+    a client stopped or cut off without FIN or RST is detached within it, and its session
+    is then held ``session_timeout``).
     After ``stop()``, every upstream connection is closed and every session is gone.
     """
 
@@ -757,11 +902,13 @@ class Relay:
                  session_timeout: float = 300.0, buffer_limit: int = 16 * 1024 * 1024,
                  plain_after: float = 0.05, tls_cert: str | None = None,
                  tls_key: str | None = None, log_level: str | int | None = None,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT, backlog: int = 1024) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, backlog: int = 1024,
+                 link_timeout: float = LINK_TIMEOUT) -> None:
         self.listen = _addr(listen)
         self.upstream = _addr(upstream)
         for name, value in (("session_timeout", session_timeout), ("plain_after", plain_after),
-                            ("handshake_timeout", handshake_timeout)):
+                            ("handshake_timeout", handshake_timeout),
+                            ("link_timeout", link_timeout)):
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"Relay {name}: must be a positive number of seconds "
                                  f"(got {value!r})")
@@ -775,6 +922,7 @@ class Relay:
         self.buffer_limit = buffer_limit
         self.plain_after = float(plain_after)
         self.handshake_timeout = float(handshake_timeout)
+        self.link_timeout = float(link_timeout)
         self.tls_cert, self.tls_key = tls_cert, tls_key
         self.backlog = backlog
         if log_level is not None:
@@ -1196,9 +1344,8 @@ class SessionClosedError(ConnectionResetError):
 
 
 class _ClientSession(_Carrier):
-    __slots__ = ("address", "policy", "sid", "secret", "heartbeat", "ssl_context",
-                 "waiting_pong", "reconnects", "runner", "ticket", "version", "front",
-                 "waiting", "pair_written", "pair_read")
+    __slots__ = ("address", "policy", "sid", "secret", "ssl_context", "reconnects", "runner",
+                 "ticket", "version", "front", "waiting", "pair_written", "pair_read")
 
     side = "application"
 
@@ -1212,7 +1359,6 @@ class _ClientSession(_Carrier):
         self.secret = secret
         self.heartbeat = heartbeat
         self.ssl_context = ssl_context
-        self.waiting_pong = False
         self.reconnects = 0
         self.runner: Any = None
         self.ticket = b""
@@ -1224,7 +1370,7 @@ class _ClientSession(_Carrier):
         self.pair_written = 0
         self.pair_read = 0
 
-    def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
+    def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
         size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
         waiting = self.waiting
         if (waiting is not None and self.front is None and self.pair_written == self.pair_read
@@ -1236,11 +1382,12 @@ class _ClientSession(_Carrier):
                 self.front = b"".join(payload) if isinstance(payload, list) else bytes(payload)
                 self.waiting = None
                 gevent.get_hub().loop.run_callback(callback, *watcher.args)
-                return
+                return size
         if self.front is not None:
             self.flush_front()
-        self.pair_written += size
-        super()._deliver(payload)
+        done = super()._deliver(payload, block)
+        self.pair_written += done
+        return done
 
     def flush_front(self) -> None:
         """Write a front no read took to the pair, before anything after it (rule 8)."""
@@ -1263,21 +1410,6 @@ class _ClientSession(_Carrier):
         if self.front is not None and not ev.reset:
             self.flush_front()  # the EOF goes behind it, for select() too
         super()._peer_ended(ev)
-
-    def recv_link(self, lio: _LinkIO) -> bytes:
-        # The heartbeat: a link silent for one interval gets a PING; silent for another, it
-        # is a drop (a black hole reveals itself only this way).
-        while True:
-            try:
-                data = lio.sock.recv(RECV_SIZE)
-            except TimeoutError:
-                if self.waiting_pong:
-                    raise TimeoutError(f"relay silent for {2 * self.heartbeat:.1f} s") from None
-                self.waiting_pong = True
-                self._send(lio, self.stream.ping())
-                continue
-            self.waiting_pong = False
-            return data  # type: ignore[no-any-return]
 
     def run(self, lio: _LinkIO) -> None:
         """The session's life: serve the link, resume after every drop, until it ends."""
@@ -1377,20 +1509,22 @@ class _ClientSession(_Carrier):
                 frames = link.finish_resume(self.secret)
                 self.ticket = link.next_ticket
                 self.cur = lio
+                self.waiting_pong = False
                 sock.settimeout(self.heartbeat)
-                sock.sendall(frames)
+                if self.aborted:
+                    frames += self.stream.abort(self.aborted)
             except BaseException:
                 if self.cur is lio:  # a link that failed its resume is nobody's current one
                     self.cur = None
                 lio.alive = False
-                raise
-            finally:
                 lio.wlock.release()
+                raise
         except BaseException:
             sock.close()
             raise
-        if self.aborted:
-            self._send(lio, self.stream.abort(self.aborted))
+        # The re-sent units go out at the link's pace in a greenlet that then releases the
+        # lock, outside this attempt's time: a backlog never has to fit in one attempt.
+        gevent.spawn(self._finish_push, lio, [frames])
         if self.stream.room() > 0:
             self.room_ev.set()
         log.info("resilientsock: session %s resumed (relay had %d of %d sent)",

@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import gevent
+import gevent.event
+import gevent.socket as gsocket
 import pytest
+from conftest import wait_until
 from sessionkit import Recorder
 
 from resilientsock import RetryPolicy, _relay
 from resilientsock import _session as sp
 from resilientsock._relay import Relay, open_session
-from resilientsock.testing import MessageServer
+from resilientsock.testing import LoopThread, MessageServer
 
 POLICY = RetryPolicy(deadline=20, backoff_initial=0.01, backoff_max=0.1)
 
@@ -92,3 +97,86 @@ def test_one_application_write_is_one_frame_in_one_segment_through_a_nagle_forwa
             app.close()
         finally:
             fwd.stop()
+
+
+# -- backpressure is not death ------------------------------------------------------------------
+
+
+class StallServer:
+    """An upstream that reads nothing until ``release()`` (a GC pause, a slow disk), then
+    reads to EOF and answers ``done <bytes>``."""
+
+    def __init__(self) -> None:
+        self.loop = LoopThread("stall").start()
+        self.connections = 0
+        self.got = 0
+        self.address = self.loop.call(self._listen)
+
+    def _listen(self) -> tuple[str, int]:
+        self.released = gevent.event.Event()
+        sock = gsocket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        self.listener = sock
+        gevent.spawn(self._accept, sock)
+        return sock.getsockname()  # type: ignore[no-any-return]
+
+    def _accept(self, sock: Any) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            gevent.spawn(self._serve, conn)
+
+    def _serve(self, conn: Any) -> None:
+        try:
+            conn.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_RCVBUF, 65536)
+            self.released.wait()
+            while data := conn.recv(262144):
+                self.got += len(data)
+            conn.sendall(b"done %d\n" % self.got)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+    def release(self) -> None:
+        self.loop.call(self.released.set)
+
+    def stop(self) -> None:
+        self.loop.call(self.listener.close)
+        self.loop.stop()
+
+
+def test_a_stalled_upstream_is_backpressure_not_a_dead_link() -> None:
+    """w3: the upstream stops reading for several heartbeats while the client uploads. The
+    relay goes on reading the link (the bytes wait in its delivery queue, unacknowledged, so
+    the client's own limit bounds them) and answers PINGs: no drop, no resume, and the upload
+    completes as a plain one does. At c94b32e the PINGs waited behind the blocked delivery,
+    the client declared the link dead, and every resume had to re-send the backlog inside one
+    attempt: the session was reset."""
+    heartbeat = 0.3
+    policy = RetryPolicy(deadline=1.0, backoff_initial=0.01, backoff_max=0.1)
+    server = StallServer()
+    try:
+        with Relay(("127.0.0.1", 0), server.address, plain_after=2.0) as relay:
+            app = open_session(relay.address, timeout=30, policy=policy, heartbeat=heartbeat)
+            total = 4 << 20
+            app.sendall(b"u" * total)
+            app.shutdown(gsocket.SHUT_WR)
+            # Stalled for well over two heartbeats plus the policy's deadline after the relay
+            # has it all (a scenario's duration, not a synchronisation).
+            wait_until(lambda: sum(s.stream.received for s in list(relay.sessions.values()))
+                       >= total + 1, what="the upload and its END in the relay's queue")
+            gevent.sleep(3 * heartbeat + policy.deadline)
+            assert relay.stats()["sessions_resumed"] == 0, "a stall was taken for a drop"
+            server.release()
+            answer = _Lines(app).readline()
+            assert answer == b"done %d" % total
+            assert server.connections == 1
+            assert relay.stats()["sessions_resumed"] == 0
+            app.close()
+    finally:
+        server.stop()
