@@ -1629,6 +1629,7 @@ if hasattr(os, "register_at_fork"):
 
 
 EXIT_FLUSH = 2.0  # seconds process exit may spend ending its sessions, all of them together
+EXIT_WAIT = 1.0  # ... of which waiting for the relay's END (picked: a loopback-to-WAN round trip)
 
 
 def _pair_pending(sock: Any) -> int:
@@ -1666,6 +1667,24 @@ def _end_sessions_at_exit() -> None:
                     session._end_here(False, "")
             if plain is not None and session.plain is plain:
                 _abort(plain)
+        except Exception:  # pragma: no cover - never in the way of the process's exit
+            continue
+    # Then wait, briefly, for each session's end on the relay's side too (the upstream's EOF,
+    # the acknowledgements): a session whose link just vanishes is, for the relay, a client
+    # away, held for the session timeout and then reported as expired. One still open when
+    # the time is up is torn down with ABORT, at once and quietly.
+    runners = [s.runner for s in list(_client_sessions)
+               if not s.finished and s.runner is not None and s.cur is not None]
+    if runners:
+        try:
+            gevent.joinall(runners, timeout=max(0.0, min(EXIT_WAIT,
+                                                          deadline - time.monotonic())))
+        except Exception:  # pragma: no cover - never in the way of the process's exit
+            pass
+    for session in list(_client_sessions):
+        try:
+            if not session.finished:
+                session._send_abort("the application's process exited")
         except Exception:  # pragma: no cover - never in the way of the process's exit
             continue
 

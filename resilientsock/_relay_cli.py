@@ -91,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-timeout", type=_seconds, default=300.0, metavar="S",
                         help="seconds a session is held while its client is away; then its "
                              "upstream connection is reset (default 300)")
+    parser.add_argument("--link-timeout", type=_seconds, default=30.0, metavar="S",
+                        help="a client link silent this long (PINGed at half of it) is a "
+                             "drop: a client stopped or cut off without FIN or RST is "
+                             "detached within it, then held --session-timeout (default 30)")
     parser.add_argument("--buffer-limit", type=_bytes, default=16 * 1024 * 1024,
                         metavar="BYTES",
                         help="unacknowledged bytes kept per direction per session; when full, "
@@ -124,6 +128,7 @@ def main(argv: list[str]) -> int:
     relay = Relay(args.listen, args.upstream, session_timeout=args.session_timeout,
                   buffer_limit=args.buffer_limit, plain_after=args.plain_after,
                   tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=level)
+    relay.link_timeout = args.link_timeout
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     # Blocked before the relay's thread starts (it inherits the mask), so sigwait gets them.
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)

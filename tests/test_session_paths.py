@@ -9,6 +9,8 @@ thread) -> an upstream server; counts are taken on the server's side.
 
 from __future__ import annotations
 
+import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -17,7 +19,7 @@ import gevent
 import gevent.event
 import gevent.socket as gsocket
 import pytest
-from conftest import wait_until
+from conftest import run_py, wait_until
 from sessionkit import Recorder
 
 from resilientsock import RetryPolicy, _relay
@@ -180,3 +182,80 @@ def test_a_stalled_upstream_is_backpressure_not_a_dead_link() -> None:
             app.close()
     finally:
         server.stop()
+
+
+# -- vanished clients, clean ends -------------------------------------------------------------
+
+
+def test_a_client_that_goes_silent_is_detached_within_the_link_timeout_then_expires(
+        upstream: MessageServer) -> None:
+    """A client that completes the handshake and then neither reads nor answers (a process
+    stopped, a cable pulled: no FIN, no RST) is found by the relay's own PINGs: detached
+    within ``link_timeout``, expired ``session_timeout`` later, its upstream connection
+    closed. A live idle client next to it answers the PINGs and keeps its link. At c94b32e
+    the relay never noticed: the session and its buffers were held for good."""
+    link_timeout, session_timeout = 1.0, 1.0
+    with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0,
+               link_timeout=link_timeout, session_timeout=session_timeout) as relay:
+        live = open_session(relay.address, timeout=10, policy=POLICY)  # heartbeat 15 s
+        live.sendall(b"MSG 1\n")
+        assert _Lines(live).readline() == b"ACK 1"
+        silent = socket.create_connection(relay.address, timeout=10)
+        link = sp.Link(sp.CLIENT)
+        silent.sendall(link.send_hello_new(sp.Stream()))
+        while (ev := link.next_event()) is sp.NEED_DATA:
+            link.receive_data(silent.recv(4096))
+        assert isinstance(ev, sp.Created)
+        wait_until(lambda: relay.stats()["sessions_active"] == 2, what="two sessions")
+        start = time.monotonic()
+        wait_until(lambda: relay.stats()["sessions_detached"] == 1,
+                   timeout=link_timeout + 5, what="the silent client detached")
+        detached_after = time.monotonic() - start
+        wait_until(lambda: relay.stats()["sessions_expired"] == 1,
+                   timeout=session_timeout + 5, what="its session expired")
+        assert detached_after <= link_timeout + 2  # the documented bound, with load's slack
+        stats = relay.stats()
+        assert stats["sessions_active"] == 1 and stats["sessions_detached"] == 0
+        assert stats["sessions_resumed"] == 0  # the live client's link was never dropped
+        live.sendall(b"MSG 2\n")
+        assert _Lines(live).readline() == b"ACK 2"
+        live.close()
+        silent.close()
+
+
+_CLOSE_AND_EXIT = """
+import sys
+from resilientsock import RetryPolicy
+from resilientsock._relay import open_session
+app = open_session(("127.0.0.1", int(sys.argv[1])), timeout=10,
+                   policy=RetryPolicy(deadline=5))
+app.sendall(b"MSG 1\\n")
+got = b""
+while not got.endswith(b"\\n"):
+    got += app.recv(100)
+assert got == b"ACK 1\\n", got
+if sys.argv[2] == "close":
+    app.close()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["close", "exit"])
+def test_a_session_closed_by_its_client_is_gone_from_the_relay_at_once_and_quietly(
+        upstream: MessageServer, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A client process that calls close() and exits, or just exits with the session open,
+    ends its session on the relay within a second of its exit, with no WARNING: the exit
+    waits (bounded) for the relay's END. At c94b32e the exit returned once its own END was
+    sent; the relay held the session for the whole session timeout and then logged it as
+    expired without its client."""
+    caplog.set_level(logging.INFO, logger="resilientsock")
+    with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0) as relay:
+        proc = run_py(["-c", _CLOSE_AND_EXIT, str(relay.address[1]), how], timeout=30)
+        assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr
+        wait_until(lambda: relay.stats()["sessions_active"] == 0, timeout=1.0,
+                   what="the session gone from the relay")
+        stats = relay.stats()
+        assert stats["sessions_ended"] == 1 and stats["sessions_expired"] == 0
+        assert upstream.received == [1] and upstream.connections == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
