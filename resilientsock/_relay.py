@@ -17,7 +17,7 @@ Rules of this module:
    application as a reset and logged at WARNING, never re-sent into a new session.
 6. Every wait is bounded: handshakes by ``HANDSHAKE_TIMEOUT``, a detached session by
    ``session_timeout``, a client's reconnecting by its ``RetryPolicy``, a silent link by the
-   client's heartbeat.
+   heartbeat of each end (the client's ``heartbeat``; the relay's ``link_timeout``).
 7. The application's writes skip the local pair (``direct_write``): its socket frames them
    onto the link itself, the frames built under the link's lock so that the stream's order is
    the wire's. Once anything is written through the pair's descriptor instead (TLS the
@@ -35,6 +35,15 @@ Rules of this module:
    ``select()`` sees it); ``close()``, ``detach()`` and ``dup()`` write it to the pair before
    they act. Any read the socket does not count (``recvmsg``, flags, a TLS layer, a dup,
    ``os.read``) leaves ``pair_written > pair_read`` for good: no handoff after it.
+9. A link is read at all times: what the plain end does not take at once waits in the
+   carrier's delivery queue (``outq``, in stream order, an END marker behind the bytes before
+   it), written by one writer greenlet, so control frames (PING, END, ABORT) never wait behind
+   a stalled plain end. Acknowledgements cover only units handed on (``Stream.held`` are
+   not), so the peer's limit bounds the queue; past this end's own limit the link is not
+   read until it drains. Frames go out whole and in as few writes as the stream allows:
+   acks ride on data, a standalone ACK only for data that waited ``ACK_DELAY`` or after
+   ``ACK_EVERY`` bytes (a forwarder without TCP_NODELAY holds a small write behind an
+   unacknowledged one for its delayed ACK).
 """
 
 from __future__ import annotations
