@@ -259,3 +259,73 @@ def test_a_session_closed_by_its_client_is_gone_from_the_relay_at_once_and_quiet
         assert upstream.received == [1] and upstream.connections == 1
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert not warnings, warnings
+
+
+class _Source:
+    """An upstream that writes ``total`` bytes at once, then waits for the client's EOF."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.connections = 0
+        self.loop = LoopThread("source").start()
+        self.address = self.loop.call(self._listen)
+
+    def _listen(self) -> tuple[str, int]:
+        sock = gsocket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        self.listener = sock
+
+        def serve(conn: Any) -> None:
+            try:
+                conn.sendall(b"d" * self.total)
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                return
+            finally:
+                conn.close()
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                self.connections += 1
+                gevent.spawn(serve, conn)
+
+        gevent.spawn(accept)
+        return sock.getsockname()  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        self.loop.call(self.listener.close)
+        self.loop.stop()
+
+
+def test_an_application_that_stops_reading_still_answers_the_relays_pings() -> None:
+    """The other direction of w3: the upstream sends megabytes the application does not read
+    for several of the relay's link timeouts. The client keeps reading its link (the bytes
+    wait in its delivery queue, unacknowledged), so the relay's PINGs are answered: no drop,
+    no resume, every byte delivered once the application reads."""
+    total = 6 << 20
+    source = _Source(total)
+    try:
+        with Relay(("127.0.0.1", 0), source.address, plain_after=2.0, link_timeout=0.6) as relay:
+            app = open_session(relay.address, timeout=30, policy=POLICY, heartbeat=0.3)
+            carrier = app.__dict__["_rs_direct"]
+            wait_until(lambda: carrier.stream.received >= total, timeout=20,
+                       what="the download in the client's queue")
+            gevent.sleep(3 * 0.6)  # the application busy for three link timeouts
+            assert relay.stats()["sessions_resumed"] == 0, "a stalled reader was taken as dead"
+            assert relay.stats()["sessions_detached"] == 0
+            got = 0
+            while got < total:
+                data = app.recv(1 << 20)
+                assert data and set(data) == {ord("d")}
+                got += len(data)
+            assert got == total
+            assert relay.stats()["sessions_resumed"] == 0 and source.connections == 1
+            app.close()
+    finally:
+        source.stop()
