@@ -414,6 +414,28 @@ class _Carrier:
                 raise _Interrupted(exc) from None
             raise
 
+    def _send_now(self, lio: _LinkIO, frames: bytes) -> bool:
+        """``frames`` on ``lio`` (its lock held) if the socket takes them whole without
+        waiting: then the lock is released and True. Otherwise nothing is sent (False)."""
+        raw = None if lio.tls else getattr(lio.sock, "_sock", None)
+        if raw is None or len(frames) > BIG_WRITE:
+            return False
+        try:
+            n = raw.send(frames)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            lio.wlock.release()
+            self._link_lost(lio, "send failed")
+            return True
+        if n < len(frames):
+            if n:  # the rest behind it, at the link's pace
+                gevent.spawn(self._finish_push, lio, [frames[n:]])
+                return True
+            return False
+        lio.wlock.release()
+        return True
+
     def _finish_push(self, lio: _LinkIO, rest: list[Any]) -> None:
         """Send ``rest`` on ``lio`` (its lock held; released here) at the link's pace: each
         ``send`` waits at most the socket's timeout (the heartbeat) for room, so a big
@@ -844,11 +866,13 @@ class _RelaySession(_Carrier):
             # next: behind what the old link queued, before anything this one carries.
             self.stream.held += len(early)
             self._hand_on(early, len(early))
-        # CREATED or RESUMED and the re-sent units go out at the link's own pace in a greenlet
-        # that then releases the lock; this one reads the link at once (PINGs answered, the
-        # client's re-sent units taken while ours go out: neither waits for the other's
-        # backlog, rule 9).
-        gevent.spawn(self._finish_push, lio, [frames])
+        # CREATED or RESUMED and the re-sent units: a few frames at once, here (the usual
+        # case: no greenlet between the handshake and the stream); a backlog at the link's
+        # own pace in a greenlet that then releases the lock, while this one reads the link
+        # (PINGs answered, the client's re-sent units taken while ours go out: neither waits
+        # for the other's backlog, rule 9).
+        if not self._send_now(lio, frames):
+            gevent.spawn(self._finish_push, lio, [frames])
         if self.plain_reader is None:  # a new session: upstream bytes go after CREATED
             self.plain_reader = gevent.spawn(self.pump_plain)
         self.pump_link(lio)
@@ -1531,9 +1555,11 @@ class _ClientSession(_Carrier):
         except BaseException:
             sock.close()
             raise
-        # The re-sent units go out at the link's pace in a greenlet that then releases the
-        # lock, outside this attempt's time: a backlog never has to fit in one attempt.
-        gevent.spawn(self._finish_push, lio, [frames])
+        # The re-sent units: a few frames at once; a backlog at the link's pace in a greenlet
+        # that then releases the lock, outside this attempt's time (it never has to fit in
+        # one attempt).
+        if not self._send_now(lio, frames):
+            gevent.spawn(self._finish_push, lio, [frames])
         if self.stream.room() > 0:
             self.room_ev.set()
         log.info("resilientsock: session %s resumed (relay had %d of %d sent)",
