@@ -1815,10 +1815,11 @@ def direct_methods(base: Any) -> dict[str, Any]:
             wait(self, reader, n)
 
     def ended(session: Any) -> None:
-        # Our END is out (a shutdown, or the process's exit) and the session still carries
-        # the other direction: a write now fails as after SHUT_WR, never into the void.
-        if (session.stream.end_sent is not None and not session.finished
-                and session.aborted is None):
+        # Our END (EOF) is out (a shutdown, or the process's exit): a write now fails as after
+        # SHUT_WR, never into the void, whether or not the session has carried the other
+        # direction to its end since (the exit hook waits for that).
+        end = session.stream.end_sent
+        if end is not None and not end.reset and session.aborted is None:
             raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
     def send(self: Any, data: Any, flags: int = 0, *args: Any, **kw: Any) -> int:
