@@ -10,6 +10,7 @@ thread) -> an upstream server; counts are taken on the server's side.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -329,3 +330,57 @@ def test_an_application_that_stops_reading_still_answers_the_relays_pings() -> N
             app.close()
     finally:
         source.stop()
+
+
+_HOLD = """
+import sys
+from resilientsock import RetryPolicy
+from resilientsock._relay import open_session
+app = open_session(("127.0.0.1", int(sys.argv[1])), timeout=10,
+                   policy=RetryPolicy(deadline=5))
+app.sendall(b"MSG 1\\n")
+got = b""
+while not got.endswith(b"\\n"):
+    got += app.recv(100)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_stopped_client_process_is_detached_and_its_session_expires(
+        upstream: MessageServer) -> None:
+    """The issue's case: client processes stopped (SIGSTOP: sockets open, nothing read,
+    nothing answered). Their sessions are detached within the relay's link timeout and
+    expire after the session timeout; the upstream connections are closed."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs: list[subprocess.Popen[str]] = []
+    with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0, link_timeout=1.0,
+               session_timeout=1.0) as relay:
+        try:
+            for _ in range(3):
+                proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(relay.address[1])],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, env=env)
+                procs.append(proc)
+                assert proc.stdout is not None
+                assert proc.stdout.readline().strip() == "ready"
+            assert relay.stats()["sessions_active"] == 3
+            for proc in procs:
+                proc.send_signal(signal.SIGSTOP)
+            wait_until(lambda: relay.stats()["sessions_detached"] == 3, timeout=1.0 + 5,
+                       what="the stopped clients detached")
+            wait_until(lambda: relay.stats()["sessions_expired"] == 3, timeout=1.0 + 5,
+                       what="their sessions expired")
+            assert relay.stats()["sessions_active"] == 0
+            assert upstream.received == [1, 1, 1] and upstream.connections == 3
+        finally:
+            for proc in procs:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.communicate(timeout=10)
