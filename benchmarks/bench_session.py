@@ -13,13 +13,18 @@ bulk      64 KiB ``sendall`` of 1 GiB (256 MiB with --quick) to the sink, until 
 resume    a FaultProxy (in this process) between client and relay: RST every connection, then
           time one 64-byte round trip; resume cost = that minus the median round trip through
           the same path, in round trips (target ≤ 2).
+nagle     pingpong through a forwarder without TCP_NODELAY (``_forwarder``: a gevent process
+          that sets it on neither side, as socat without ``nodelay`` and many home-made
+          forwarders): plain and session connections alternating through the same forwarder
+          and relay. A frame split into two writes, or a standalone ACK followed by DATA,
+          waits for the path's delayed ACK (40 ms) there (target ≥ 0.8×; 0.04× at c94b32e).
 idle      Python-heap bytes per idle connection held by the relay (tracemalloc in a relay
           process of its own; clients and upstream in others), sessions against plain
           proxying; the difference is what a session costs (target ≤ 8 KiB).
 
 Targets: pingpong and bulk ≥ 0.8× plain. The report is a Markdown section on stdout;
 ``--append PATH`` also appends it to PATH (``make bench`` does, after bench.py writes it).
-Internal entry points: ``_server``, ``_idle_clients``, ``_idle_relay``.
+Internal entry points: ``_server``, ``_forwarder``, ``_idle_clients``, ``_idle_relay``.
 """
 
 from __future__ import annotations
@@ -98,6 +103,44 @@ def _server() -> None:
             sock.recv(1)
         else:
             sock.recv(1)
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), handle, backlog=4096)
+    server.start()
+    print(server.address[1], flush=True)
+    gevent.get_hub().threadpool.spawn(sys.stdin.read).get()
+
+
+def _forwarder(host: str, port: int) -> None:
+    """Forward every connection to (host, port) WITHOUT TCP_NODELAY on either side (Nagle's
+    algorithm on, as on many real paths); print the port, run until stdin closes."""
+    import socket
+
+    import gevent
+    import gevent.server
+    import gevent.socket as gsocket
+
+    def pump(src: Any, dst: Any) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                dst.sendall(data)
+        except OSError:
+            return
+
+    def handle(client: Any, _addr: Any) -> None:
+        try:
+            upstream = gsocket.create_connection((host, port))
+        except OSError:
+            client.close()
+            return
+        down = gevent.spawn(pump, upstream, client)
+        pump(client, upstream)
+        down.join()
+        client.close()
+        upstream.close()
 
     server = gevent.server.StreamServer(("127.0.0.1", 0), handle, backlog=4096)
     server.start()
@@ -360,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     from resilientsock._relay import parse_address
 
     address = parse_address(line.split()[3])
-    results: dict[str, dict[str, list[float]]] = {"pingpong": {}, "bulk": {}}
+    fwd, fport = _spawn([__file__, "_forwarder", *map(str, address)])
+    via_fwd = ("127.0.0.1", int(fport))
+    results: dict[str, dict[str, list[float]]] = {"pingpong": {}, "bulk": {}, "nagle": {}}
     try:
         modes = ["plain", "session", "unix", "raw"]
         for run in range(runs):
@@ -370,9 +415,13 @@ def main(argv: list[str] | None = None) -> int:
                 results["pingpong"].setdefault(mode, []).append(
                     pingpong(mode, address, pings))
                 results["bulk"].setdefault(mode, []).append(bulk(mode, address, total))
+            for mode in (["plain", "session"] if run % 2 == 0 else ["session", "plain"]):
+                results["nagle"].setdefault(mode, []).append(
+                    pingpong(mode, via_fwd, pings))
         rt, fault, cost = resume(address, 30 if args.quick else 100)
         drt, dfault, dcost = resume_direct(address, 30 if args.quick else 100)
     finally:
+        _end(fwd)
         _end(relay)
         _end(server)
     idle: dict[str, float] = {}
@@ -404,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{u / p:.2f} | (`unix_pair=True`) |")
         lines.append(f"| {test}, relay only ({unit}) | {fmt.format(p)} | {fmt.format(r)} | "
                      f"{r / p:.2f} | (no application socket pair) |")
+    p = statistics.median(results["nagle"]["plain"])
+    s = statistics.median(results["nagle"]["session"])
+    lines.append(f"| pingpong through a forwarder without TCP_NODELAY (round trips/s) | "
+                 f"{p:,.0f} | {s:,.0f} | {s / p:.2f} | ≥ 0.8 "
+                 f"({'met' if s / p >= 0.8 else 'MISSED'}) |")
     diff = idle["session"] - idle["plain"]
     lines += [
         f"| idle heap per connection ({args.idle:,}) | {idle['plain']:,.0f} B | "
@@ -430,6 +484,8 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "_server":
         _server()
+    elif len(sys.argv) > 1 and sys.argv[1] == "_forwarder":
+        _forwarder(sys.argv[2], int(sys.argv[3]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_idle_clients":
         _idle_clients(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     elif len(sys.argv) > 1 and sys.argv[1] == "_idle_relay":

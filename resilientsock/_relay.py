@@ -17,7 +17,7 @@ Rules of this module:
    application as a reset and logged at WARNING, never re-sent into a new session.
 6. Every wait is bounded: handshakes by ``HANDSHAKE_TIMEOUT``, a detached session by
    ``session_timeout``, a client's reconnecting by its ``RetryPolicy``, a silent link by the
-   client's heartbeat.
+   heartbeat of each end (the client's ``heartbeat``; the relay's ``link_timeout``).
 7. The application's writes skip the local pair (``direct_write``): its socket frames them
    onto the link itself, the frames built under the link's lock so that the stream's order is
    the wire's. Once anything is written through the pair's descriptor instead (TLS the
@@ -35,6 +35,15 @@ Rules of this module:
    ``select()`` sees it); ``close()``, ``detach()`` and ``dup()`` write it to the pair before
    they act. Any read the socket does not count (``recvmsg``, flags, a TLS layer, a dup,
    ``os.read``) leaves ``pair_written > pair_read`` for good: no handoff after it.
+9. A link is read at all times: what the plain end does not take at once waits in the
+   carrier's delivery queue (``outq``, in stream order, an END marker behind the bytes before
+   it), written by one writer greenlet, so control frames (PING, END, ABORT) never wait behind
+   a stalled plain end. Acknowledgements cover only units handed on (``Stream.held`` are
+   not), so the peer's limit bounds the queue; past this end's own limit the link is not
+   read until it drains. Frames go out whole and in as few writes as the stream allows:
+   acks ride on data, a standalone ACK only for data that waited ``ACK_DELAY`` or after
+   ``ACK_EVERY`` bytes (a forwarder without TCP_NODELAY holds a small write behind an
+   unacknowledged one for its delayed ACK).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import socket as _stdsocket
 import struct
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -69,8 +79,14 @@ log = logging.getLogger("resilientsock")
 RECV_SIZE = 256 * 1024  # big reads: fewer frames, fewer syscalls (picked, measured in bench)
 BIG_WRITE = 16 * 1024  # from here on a header and its payload go out as two buffers (no copy)
 ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (picked)
-ACK_DELAY = 0.02  # ... or this long after data arrived with nothing to piggyback on (picked)
+# ... or this long after data arrived with nothing to piggyback on: TCP's own delayed ACK (200
+# ms, RFC 1122's bound). Short delays cost more than they save: a standalone ACK followed
+# within the path's delayed-ACK time (40 ms on Linux) by a DATA frame holds that DATA behind
+# Nagle's algorithm on any forwarder without TCP_NODELAY (measured: 0.02x ping-pong at 20 ms,
+# whose timer also fired at once on the loop's stale clock). Acks ride on data otherwise.
+ACK_DELAY = 0.2
 HANDSHAKE_TIMEOUT = 10.0  # DESIGN §11
+LINK_TIMEOUT = 30.0  # the relay's liveness bound for a silent client link (DESIGN §11)
 # The upstream connect has its own bound, well inside the handshake's: a black-holed upstream
 # reaches the client as an ERROR naming it, not as the handshake's timeout (#26).
 UPSTREAM_CONNECT_TIMEOUT = 5.0
@@ -201,8 +217,9 @@ class _LinkIO:
 class _Carrier:
     """A session's stream between a plain end and the current link (rule 1)."""
 
-    __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "ack_timer", "finished",
-                 "aborted", "plain_reader", "plain_lock", "__weakref__")
+    __slots__ = ("stream", "plain", "cur", "room_ev", "ack_armed", "ack_mark", "ack_timer",
+                 "finished", "aborted", "plain_reader", "plain_lock", "outq", "outq_bytes",
+                 "writer", "drained_ev", "heartbeat", "waiting_pong", "__weakref__")
 
     side = "?"
 
@@ -212,13 +229,23 @@ class _Carrier:
         self.cur: _LinkIO | None = None
         self.room_ev = gevent.event.Event()
         self.ack_armed = False
+        self.ack_mark = 0  # the count received when the delayed-ACK timer was armed
         self.ack_timer: Any = None  # the hub's timer for a delayed ACK (made on first use)
         self.finished = False
         self.aborted: str | None = None  # an ABORT to (re)send until the session is gone
         self.plain_reader: Any = None
-        # One writer at a time on the plain end, in stream order: a link replaced while its
-        # delivery blocked finishes that delivery before the new link's first byte.
+        # One writer at a time on the plain end, in stream order.
         self.plain_lock = gevent.lock.Semaphore()
+        # The delivery queue (rule 9): what the plain end did not take at once, in stream
+        # order (payloads, and an Ended marker last), written by ``writer`` while the link
+        # goes on being read. Its units are ``stream.held``: not acknowledged until written.
+        self.outq: deque[Any] = deque()
+        self.outq_bytes = 0
+        self.writer: Any = None
+        self.drained_ev = gevent.event.Event()
+        # Liveness of the link: PING after ``heartbeat`` s of silence, a drop after two.
+        self.heartbeat: float | None = None
+        self.waiting_pong = False
 
     # -- sending on the current link (rule 2) ----------------------------------------------
 
@@ -400,10 +427,38 @@ class _Carrier:
                 raise _Interrupted(exc) from None
             raise
 
-    def _finish_push(self, lio: _LinkIO, rest: list[bytes]) -> None:
+    def _send_now(self, lio: _LinkIO, frames: bytes) -> bool:
+        """``frames`` on ``lio`` (its lock held) if the socket takes them whole without
+        waiting: then the lock is released and True. Otherwise nothing is sent (False)."""
+        raw = None if lio.tls else getattr(lio.sock, "_sock", None)
+        if raw is None or len(frames) > BIG_WRITE:
+            return False
+        try:
+            n = raw.send(frames)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            lio.wlock.release()
+            self._link_lost(lio, "send failed")
+            return True
+        if n < len(frames):
+            if n:  # the rest behind it, at the link's pace
+                gevent.spawn(self._finish_push, lio, [frames[n:]])
+                return True
+            return False
+        lio.wlock.release()
+        return True
+
+    def _finish_push(self, lio: _LinkIO, rest: list[Any]) -> None:
+        """Send ``rest`` on ``lio`` (its lock held; released here) at the link's pace: each
+        ``send`` waits at most the socket's timeout (the heartbeat) for room, so a big
+        re-send on a slow path is progress, never a deadline."""
         try:
             for part in rest:
-                lio.sock.sendall(part)
+                view = memoryview(part)
+                while len(view):
+                    n = lio.sock.send(view[:RECV_SIZE])
+                    view = view[n:]
         except (OSError, ValueError):
             self._link_lost(lio, "send failed")
         finally:
@@ -411,6 +466,7 @@ class _Carrier:
 
     def _link_lost(self, lio: _LinkIO, why: str) -> None:
         """The link broke: forget it (the session waits for, or makes, a new one)."""
+        self.drained_ev.set()  # a pump_link waiting for the queue to drain returns
         if self.cur is lio:
             self.cur = None
             lio.close()
@@ -452,6 +508,9 @@ class _Carrier:
     def count_plain(self, n: int) -> None:  # overridden
         pass
 
+    def count_queued(self, n: int) -> None:  # overridden: the relay's total of delivery queues
+        pass
+
     def _end_here(self, reset: bool, reason: str) -> None:
         self._send_built(lambda: self.stream.end(reset, reason))
         self.plain_ended(reset)
@@ -468,13 +527,14 @@ class _Carrier:
         link = lio.link
         stream = self.stream
         # The DATA of one received chunk goes to the plain end in one write (the payloads are
-        # views of that chunk): counted as received when parsed, so delivered before any
-        # other event is obeyed and before anything else can return.
+        # views of that chunk), or to the delivery queue behind what waits there (rule 9):
+        # counted as received when parsed, so handed on before any other event is obeyed
+        # and before anything else can return.
         batch: list[Any] = []
         while lio.alive and not self.finished:
             while True:
                 if lio is not self.cur:
-                    # Replaced by a resume while a delivery blocked: the frames still buffered
+                    # Replaced by a resume while this pump waited: the frames still buffered
                     # here are the new link's to re-send (counted from the resume's numbers);
                     # parsing them now would deliver them twice (rule 2).
                     return
@@ -497,8 +557,11 @@ class _Carrier:
                 if ev is sp.NEED_DATA:
                     break
                 if isinstance(ev, sp.Ended):
-                    self._peer_ended(ev)
-                    self._send(lio, stream.ack())
+                    stream.held += 1  # the end marker's unit, acknowledged once obeyed
+                    if self.outq or self.writer is not None:
+                        self.outq.append(ev)  # behind the bytes before it
+                    else:
+                        self._apply_end(ev)
                 elif isinstance(ev, sp.Aborted):
                     self.on_aborted(ev.reason)
                     return
@@ -510,14 +573,17 @@ class _Carrier:
             if due >= ACK_EVERY:
                 self._send(lio, stream.ack())
             elif due and not self.ack_armed:
-                # A timer in the hub, not a greenlet per chunk: in a ping-pong the answer
-                # usually carries the ack first, and the timer then finds nothing due.
-                self.ack_armed = True
-                timer = self.ack_timer
-                if timer is None:
-                    timer = self.ack_timer = gevent.get_hub().loop.timer(ACK_DELAY)
-                timer.start(self._ack_timer_fired)
+                self._arm_ack()
             if self._maybe_finish() or not lio.alive:
+                return
+            # Read on while the plain end is stalled (PINGs answered, ENDs and ABORTs seen:
+            # rule 9), unless the queue outgrew the limit (a peer that ignores acks): then
+            # wait for it to drain, or for this link to be lost or replaced.
+            while (self.outq_bytes > stream.limit and lio is self.cur and lio.alive
+                   and not self.finished):
+                self.drained_ev.clear()
+                self.drained_ev.wait()
+            if lio is not self.cur or not lio.alive or self.finished:
                 return
             try:
                 data = self.recv_link(lio)
@@ -530,13 +596,54 @@ class _Carrier:
             link.receive_data(data)
 
     def recv_link(self, lio: _LinkIO) -> bytes:
-        return lio.sock.recv(RECV_SIZE)  # type: ignore[no-any-return]
+        """The next bytes of the link. The heartbeat (``heartbeat``, the link socket's
+        timeout): a link silent for one interval gets a PING; silent for another, it is a
+        drop (a black hole, or a peer stopped without FIN or RST, reveals itself only this
+        way). Any bytes count as life: a big re-send or a stalled plain end is not death."""
+        while True:
+            try:
+                data = lio.sock.recv(RECV_SIZE)
+            except TimeoutError:
+                if self.waiting_pong:
+                    raise TimeoutError(f"peer silent for {2 * (self.heartbeat or 0):.1f} s"
+                                       ) from None
+                self.waiting_pong = True
+                self._send(lio, self.stream.ping())
+                continue
+            self.waiting_pong = False
+            return data  # type: ignore[no-any-return]
+
+    def _arm_ack(self) -> None:
+        """The delayed ACK: a timer in the hub, not a greenlet per chunk; in a conversation
+        the answer carries the ack first, and the timer then finds nothing to send."""
+        self.ack_armed = True
+        self.ack_mark = self.stream.ack_point
+        # A new timer each time: gevent's libev timer restarted after it fired fires again at
+        # once (measured, gevent 26.9), and update=True: the loop's cached clock may be stale
+        # by however long this greenlet ran (a timer started on it fires early).
+        if self.ack_timer is not None:
+            self.ack_timer.close()
+        timer = self.ack_timer = gevent.get_hub().loop.timer(ACK_DELAY)
+        timer.start(self._ack_timer_fired, update=True)
 
     def _ack_timer_fired(self) -> None:
-        """In the hub (no I/O here): a greenlet sends the ACK only if one is still due."""
+        """In the hub (no I/O here): a standalone ACK only for data that waited ACK_DELAY
+        unacknowledged. Data that came since (the ack for the older rode an answer) gets a
+        timer of its own: an ACK right behind fresh data would hold the answer to it behind
+        Nagle's algorithm on a forwarder without TCP_NODELAY."""
         self.ack_armed = False
-        if self.stream.ack_due() and not self.finished:
+        if self.finished:
+            return
+        stream = self.stream
+        if stream.ack_sent < self.ack_mark:
             gevent.spawn(self._delayed_ack)
+        elif stream.ack_due():
+            # Re-armed from a loop callback, outside this timer's own.
+            gevent.get_hub().loop.run_callback(self._rearm_ack)
+
+    def _rearm_ack(self) -> None:
+        if not self.ack_armed and not self.finished and self.stream.ack_due():
+            self._arm_ack()
 
     def _delayed_ack(self) -> None:
         if self.stream.ack_due() and not self.finished:
@@ -544,29 +651,120 @@ class _Carrier:
 
     def _deliver_batch(self, batch: list[Any]) -> None:
         if batch:
-            self._deliver(batch[0] if len(batch) == 1 else list(batch))
+            payload = batch[0] if len(batch) == 1 else list(batch)
             batch.clear()
+            size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
+            self.stream.held += size
+            self._hand_on(payload, size)
 
-    def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
-        """Write ``payload`` (or a list of payloads, in order) to the plain end, whole."""
-        with self.plain_lock:
-            if self.plain is None or self.aborted:
+    def _hand_on(self, payload: Any, size: int) -> None:
+        """``payload`` (``size`` units, counted in ``stream.held``) to the plain end: at once
+        what it takes without waiting when nothing is queued, the rest behind the queue,
+        written by the writer greenlet (rule 9). Never blocks."""
+        if not self.outq and self.writer is None:
+            done = self._deliver(payload, block=False)
+            if done:
+                self._delivered(done)
+            if done >= size:
                 return
+            if done:
+                payload = memoryview(b"".join(payload) if isinstance(payload, list)
+                                     else payload)[done:]
+                size -= done
+        # A view of a received chunk stays valid: the parser never reuses a chunk's memory.
+        self.outq.append(payload)
+        self.outq_bytes += size
+        self.count_queued(size)
+        if self.writer is None:
+            self.writer = gevent.spawn(self._write_queue)
+
+    def _write_queue(self) -> None:
+        """The writer greenlet: the queue to the plain end, in order, blocking as the plain
+        end does; each payload acknowledged once written."""
+        outq = self.outq
+        try:
+            while outq and not self.finished:
+                item = outq[0]
+                if isinstance(item, sp.Ended):
+                    outq.popleft()
+                    self._apply_end(item)
+                    continue
+                size = sum(map(len, item)) if isinstance(item, list) else len(item)
+                self._deliver(item)
+                if outq and outq[0] is item:
+                    outq.popleft()
+                    self.outq_bytes -= size
+                    self.count_queued(-size)
+                self._delivered(size)
+                self._ack_if_due()
+        finally:
+            self.writer = None
+            self.drained_ev.set()
+
+    def _delivered(self, n: int) -> None:
+        self.stream.held -= n
+        if self.outq_bytes <= self.stream.limit:
+            self.drained_ev.set()
+
+    def _ack_if_due(self) -> None:
+        due = self.stream.ack_due()
+        if due >= ACK_EVERY:
+            self._send(self.cur, self.stream.ack())
+        elif due and not self.ack_armed and not self.finished:
+            self._arm_ack()
+
+    def _apply_end(self, ev: sp.Ended) -> None:
+        """The peer's end marker, obeyed after every byte before it, then acknowledged."""
+        self._peer_ended(ev)
+        self.stream.held -= 1
+        self._send(self.cur, self.stream.ack())
+        self._maybe_finish()
+
+    def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
+        """Write ``payload`` (or a list of payloads, in order) to the plain end: whole
+        (``block``), or what it takes without waiting. Returns the bytes taken; all of them
+        when the plain end is gone (they are dropped: its failure is handled here)."""
+        size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
+        if not block and not self.plain_lock.acquire(blocking=False):
+            return 0
+        if block:
+            self.plain_lock.acquire()
+        failed: OSError | None = None
+        try:
+            plain = self.plain
+            if plain is None or self.aborted:
+                return size
             try:
-                if isinstance(payload, list):
-                    _sendall_views(self.plain, payload)
-                else:
-                    self.plain.sendall(payload)
+                if block:
+                    if isinstance(payload, list):
+                        _sendall_views(plain, payload)
+                    else:
+                        plain.sendall(payload)
+                    return size
+                raw = getattr(plain, "_sock", None)
+                if raw is None:
+                    return 0
+                try:
+                    if isinstance(payload, list):
+                        if len(payload) > _IOV_BATCH:
+                            return 0
+                        return raw.sendmsg(payload)  # type: ignore[no-any-return]
+                    return raw.send(payload)  # type: ignore[no-any-return]
+                except BlockingIOError:
+                    return 0
             except OSError as exc:
-                failed: OSError | None = exc
-            else:
-                failed = None
-        if failed is not None:
-            self.plain_write_failed(failed)
+                failed = exc
+                return size
+        finally:
+            self.plain_lock.release()
+            if failed is not None:
+                self.plain_write_failed(failed)
 
     def plain_write_failed(self, exc: OSError) -> None:
         """The plain end cannot take more: it is gone. End our direction with a reset if it is
         still open; otherwise abort the session (the peer must stop feeding it)."""
+        if self.finished:
+            return
         reason = f"{self.side} end closed ({exc.__class__.__name__})"
         if self.stream.end_sent is None:
             self._end_here(True, reason)
@@ -601,7 +799,7 @@ class _Carrier:
     def _maybe_finish(self) -> bool:
         stream = self.stream
         if stream.end_sent is not None and stream.end_received is not None \
-                and self.plain is not None:
+                and not stream.held and self.plain is not None:
             plain, self.plain = self.plain, None  # both directions over at the plain end
             plain.close()
         if stream.done and not self.finished:
@@ -615,6 +813,13 @@ class _Carrier:
             return
         self.finished = True
         self.room_ev.set()
+        self.drained_ev.set()
+        self.outq.clear()
+        self.count_queued(-self.outq_bytes)
+        self.outq_bytes = 0
+        timer, self.ack_timer = self.ack_timer, None
+        if timer is not None:
+            timer.close()
         lio, self.cur = self.cur, None
         if lio is not None:
             lio.close()
@@ -755,28 +960,34 @@ class _RelaySession(_Carrier):
         # waits behind the resume's re-sent units (rule 2).
         lio.wlock.acquire()
         self.cur = lio
+        self.waiting_pong = False
+        self.drained_ev.set()  # a pump_link of the old link waiting on the queue returns
         if old is not None:
             old.close()
         try:
-            try:
-                frames = first_frames()
-                self.ticket = lio.link.next_ticket
-                lio.sock.sendall(frames)
-            except (OSError, ValueError):
-                self._link_lost(lio, "send failed")
-                return
-        finally:
+            frames = first_frames()
+            self.ticket = lio.link.next_ticket
+            if self.aborted:
+                frames += self.stream.abort(self.aborted)
+            self.heartbeat = self.relay.link_timeout / 2
+            lio.sock.settimeout(self.heartbeat)
+        except BaseException:
             lio.wlock.release()
-            if early:
-                # Counted as received at the handshake, so delivered whatever this link does
-                # next: behind a delivery the old link left blocked and before anything a
-                # later link carries (plain_lock wakes its waiters in order, and nothing has
-                # yielded since the send).
-                self._deliver(early)
+            raise
+        if early:
+            # Counted as received at the handshake, so delivered whatever this link does
+            # next: behind what the old link queued, before anything this one carries.
+            self.stream.held += len(early)
+            self._hand_on(early, len(early))
+        # CREATED or RESUMED and the re-sent units: a few frames at once, here (the usual
+        # case: no greenlet between the handshake and the stream); a backlog at the link's
+        # own pace in a greenlet that then releases the lock, while this one reads the link
+        # (PINGs answered, the client's re-sent units taken while ours go out: neither waits
+        # for the other's backlog, rule 9).
+        if not self._send_now(lio, frames):
+            gevent.spawn(self._finish_push, lio, [frames])
         if self.plain_reader is None:  # a new session: upstream bytes go after CREATED
             self.plain_reader = gevent.spawn(self.pump_plain)
-        if self.aborted:
-            self._send(lio, self.stream.abort(self.aborted))
         self.pump_link(lio)
 
     def on_detached(self, why: str) -> None:
@@ -814,10 +1025,13 @@ class _RelaySession(_Carrier):
     def count_plain(self, n: int) -> None:
         self.relay.counters["bytes_down"] += n
 
-    def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
-        self.relay.counters["bytes_up"] += (sum(map(len, payload)) if isinstance(payload, list)
-                                            else len(payload))
-        super()._deliver(payload)
+    def count_queued(self, n: int) -> None:
+        self.relay.queued += n
+
+    def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
+        done = super()._deliver(payload, block)
+        self.relay.counters["bytes_up"] += done
+        return done
 
     def on_finished(self) -> None:
         if self.expiry is not None:
@@ -840,7 +1054,10 @@ class Relay:
     Options: ``session_timeout`` (300 s a detached session is held), ``buffer_limit`` (16 MiB
     unacknowledged per direction per session; then upstream reads pause), ``plain_after``
     (0.05 s of client silence means a plain, server-first client), ``tls_cert``/``tls_key``
-    (TLS between client and relay), ``log_level``, ``handshake_timeout`` (10 s).
+    (TLS between client and relay), ``log_level``, ``handshake_timeout`` (10 s),
+    ``link_timeout`` (30 s: a client link silent this long, PINGed at half of it, is a drop:
+    a client stopped or cut off without FIN or RST is detached within it, and its session
+    is then held ``session_timeout``).
 
     Admission (docs/threat-model.md): ``upstream_timeout`` (5 s, at most 0.8 x the handshake
     timeout) bounds the upstream connect; ``max_sessions`` (10,000) and
@@ -861,6 +1078,7 @@ class Relay:
                  plain_after: float = 0.05, tls_cert: str | None = None,
                  tls_key: str | None = None, log_level: str | int | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, backlog: int = 1024,
+                 link_timeout: float = LINK_TIMEOUT,
                  upstream_timeout: float = UPSTREAM_CONNECT_TIMEOUT,
                  max_sessions: int = 10_000, max_sessions_per_source: int = 1_000,
                  max_fresh_per_source: int = 32, creation_hold: float = CREATION_HOLD,
@@ -871,6 +1089,7 @@ class Relay:
         self.upstream = _addr(upstream)
         for name, value in (("session_timeout", session_timeout), ("plain_after", plain_after),
                             ("handshake_timeout", handshake_timeout),
+                            ("link_timeout", link_timeout),
                             ("upstream_timeout", upstream_timeout),
                             ("creation_hold", creation_hold), ("log_interval", log_interval)):
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
@@ -899,6 +1118,7 @@ class Relay:
         self.buffer_limit = buffer_limit
         self.plain_after = float(plain_after)
         self.handshake_timeout = float(handshake_timeout)
+        self.link_timeout = float(link_timeout)
         self.upstream_timeout = min(float(upstream_timeout), 0.8 * self.handshake_timeout)
         self.max_sessions = max_sessions
         self.max_sessions_per_source = max_sessions_per_source
@@ -924,6 +1144,7 @@ class Relay:
              "creations_abandoned", "evictions", "late_preambles", "slowed_connections",
              "plain_refusals"), 0)
         self.buffered = 0  # unacknowledged bytes across all sessions (see _RelayStream)
+        self.queued = 0  # bytes from clients waiting in sessions' delivery queues upstream
         self.starved: set[_RelaySession] = set()
         self._creating: dict[bytes, _RelaySession] = {}  # nonce -> unproven session
         self._sources: dict[str, _Source] = {}
@@ -994,7 +1215,7 @@ class Relay:
         sessions = list(self.sessions.values())
         out["sessions_active"] = len(sessions)
         out["sessions_detached"] = sum(1 for s in sessions if s.cur is None)
-        out["buffered_bytes"] = sum(len(s.stream.unacked) for s in sessions)
+        out["buffered_bytes"] = sum(len(s.stream.unacked) for s in sessions) + self.queued
         return out
 
     # -- admission and accounting (inside the relay's hub) ----------------------------------
@@ -1074,7 +1295,7 @@ class Relay:
         if self._fd_limit and _fileno(sock) >= self._fd_limit - self.fd_reserve \
                 and not self._evict():
             return "the relay is out of file descriptors"
-        if self.buffered >= self.max_buffered:
+        if self.buffered + self.queued >= self.max_buffered:
             return (f"the relay's buffers are full ({self.max_buffered} bytes "
                     f"unacknowledged across its sessions)")
         return None
@@ -1634,9 +1855,8 @@ class SessionClosedError(ConnectionResetError):
 
 
 class _ClientSession(_Carrier):
-    __slots__ = ("address", "policy", "sid", "secret", "heartbeat", "ssl_context",
-                 "waiting_pong", "reconnects", "runner", "ticket", "version", "front",
-                 "waiting", "pair_written", "pair_read")
+    __slots__ = ("address", "policy", "sid", "secret", "ssl_context", "reconnects", "runner",
+                 "ticket", "version", "front", "waiting", "pair_written", "pair_read")
 
     side = "application"
 
@@ -1650,7 +1870,6 @@ class _ClientSession(_Carrier):
         self.secret = secret
         self.heartbeat = heartbeat
         self.ssl_context = ssl_context
-        self.waiting_pong = False
         self.reconnects = 0
         self.runner: Any = None
         self.ticket = b""
@@ -1662,7 +1881,7 @@ class _ClientSession(_Carrier):
         self.pair_written = 0
         self.pair_read = 0
 
-    def _deliver(self, payload: bytes | memoryview | list[Any]) -> None:
+    def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
         size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
         waiting = self.waiting
         if (waiting is not None and self.front is None and self.pair_written == self.pair_read
@@ -1674,11 +1893,12 @@ class _ClientSession(_Carrier):
                 self.front = b"".join(payload) if isinstance(payload, list) else bytes(payload)
                 self.waiting = None
                 gevent.get_hub().loop.run_callback(callback, *watcher.args)
-                return
+                return size
         if self.front is not None:
             self.flush_front()
-        self.pair_written += size
-        super()._deliver(payload)
+        done = super()._deliver(payload, block)
+        self.pair_written += done
+        return done
 
     def flush_front(self) -> None:
         """Write a front no read took to the pair, before anything after it (rule 8)."""
@@ -1701,21 +1921,6 @@ class _ClientSession(_Carrier):
         if self.front is not None and not ev.reset:
             self.flush_front()  # the EOF goes behind it, for select() too
         super()._peer_ended(ev)
-
-    def recv_link(self, lio: _LinkIO) -> bytes:
-        # The heartbeat: a link silent for one interval gets a PING; silent for another, it
-        # is a drop (a black hole reveals itself only this way).
-        while True:
-            try:
-                data = lio.sock.recv(RECV_SIZE)
-            except TimeoutError:
-                if self.waiting_pong:
-                    raise TimeoutError(f"relay silent for {2 * self.heartbeat:.1f} s") from None
-                self.waiting_pong = True
-                self._send(lio, self.stream.ping())
-                continue
-            self.waiting_pong = False
-            return data  # type: ignore[no-any-return]
 
     def run(self, lio: _LinkIO) -> None:
         """The session's life: serve the link, resume after every drop, until it ends."""
@@ -1821,20 +2026,24 @@ class _ClientSession(_Carrier):
                 frames = link.finish_resume(self.secret)
                 self.ticket = link.next_ticket
                 self.cur = lio
+                self.waiting_pong = False
                 sock.settimeout(self.heartbeat)
-                sock.sendall(frames)
+                if self.aborted:
+                    frames += self.stream.abort(self.aborted)
             except BaseException:
                 if self.cur is lio:  # a link that failed its resume is nobody's current one
                     self.cur = None
                 lio.alive = False
-                raise
-            finally:
                 lio.wlock.release()
+                raise
         except BaseException:
             sock.close()
             raise
-        if self.aborted:
-            self._send(lio, self.stream.abort(self.aborted))
+        # The re-sent units: a few frames at once; a backlog at the link's pace in a greenlet
+        # that then releases the lock, outside this attempt's time (it never has to fit in
+        # one attempt).
+        if not self._send_now(lio, frames):
+            gevent.spawn(self._finish_push, lio, [frames])
         if self.stream.room() > 0:
             self.room_ev.set()
         log.info("resilientsock: session %s resumed (relay had %d of %d sent)",
@@ -1954,6 +2163,7 @@ if hasattr(os, "register_at_fork"):
 
 
 EXIT_FLUSH = 2.0  # seconds process exit may spend ending its sessions, all of them together
+EXIT_WAIT = 1.0  # ... of which waiting for the relay's END (picked: a loopback-to-WAN round trip)
 
 
 def _pair_pending(sock: Any) -> int:
@@ -1991,6 +2201,24 @@ def _end_sessions_at_exit() -> None:
                     session._end_here(False, "")
             if plain is not None and session.plain is plain:
                 _abort(plain)
+        except Exception:  # pragma: no cover - never in the way of the process's exit
+            continue
+    # Then wait, briefly, for each session's end on the relay's side too (the upstream's EOF,
+    # the acknowledgements): a session whose link just vanishes is, for the relay, a client
+    # away, held for the session timeout and then reported as expired. One still open when
+    # the time is up is torn down with ABORT, at once and quietly.
+    runners = [s.runner for s in list(_client_sessions)
+               if not s.finished and s.runner is not None and s.cur is not None]
+    if runners:
+        try:
+            gevent.joinall(runners, timeout=max(0.0, min(EXIT_WAIT,
+                                                          deadline - time.monotonic())))
+        except Exception:  # pragma: no cover - never in the way of the process's exit
+            pass
+    for session in list(_client_sessions):
+        try:
+            if not session.finished:
+                session._send_abort("the application's process exited")
         except Exception:  # pragma: no cover - never in the way of the process's exit
             continue
 
@@ -2086,10 +2314,11 @@ def direct_methods(base: Any) -> dict[str, Any]:
             wait(self, reader, n)
 
     def ended(session: Any) -> None:
-        # Our END is out (a shutdown, or the process's exit) and the session still carries
-        # the other direction: a write now fails as after SHUT_WR, never into the void.
-        if (session.stream.end_sent is not None and not session.finished
-                and session.aborted is None):
+        # Our END (EOF) is out (a shutdown, or the process's exit): a write now fails as after
+        # SHUT_WR, never into the void, whether or not the session has carried the other
+        # direction to its end since (the exit hook waits for that).
+        end = session.stream.end_sent
+        if end is not None and not end.reset and session.aborted is None:
             raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
     def send(self: Any, data: Any, flags: int = 0, *args: Any, **kw: Any) -> int:

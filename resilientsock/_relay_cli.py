@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-timeout", type=_seconds, default=300.0, metavar="S",
                         help="seconds a session is held while its client is away; then its "
                              "upstream connection is reset (default 300)")
+    parser.add_argument("--link-timeout", type=_seconds, default=30.0, metavar="S",
+                        help="a client link silent this long (PINGed at half of it) is a "
+                             "drop: a client stopped or cut off without FIN or RST is "
+                             "detached within it, then held --session-timeout (default 30)")
     parser.add_argument("--buffer-limit", type=_bytes, default=16 * 1024 * 1024,
                         metavar="BYTES",
                         help="unacknowledged bytes kept per direction per session; when full, "
@@ -188,7 +192,7 @@ def main(argv: list[str]) -> int:
                       max_sessions_per_source=args.max_sessions_per_source,
                       max_fresh_per_source=args.max_new_per_source,
                       creation_hold=args.creation_hold, max_buffered=args.max_buffered,
-                      fd_reserve=args.fd_reserve)
+                      fd_reserve=args.fd_reserve, link_timeout=args.link_timeout)
     except ValueError as exc:
         _fail(str(exc))
     stop_signals = {signal.SIGINT, signal.SIGTERM}

@@ -335,7 +335,7 @@ class Stream:
     """
 
     __slots__ = ("limit", "data_sent", "acked", "unacked", "end_sent", "received",
-                 "end_received", "ack_sent")
+                 "end_received", "ack_sent", "held")
 
     def __init__(self, limit: int = 16 * 1024 * 1024) -> None:
         if limit < 1:
@@ -348,6 +348,12 @@ class Stream:
         self.received = 0
         self.end_received: Ended | None = None
         self.ack_sent = 0  # the highest ack conveyed to the peer
+        # Units received but not yet handed to the plain end (the carrier's delivery queue):
+        # acknowledgements never cover them, so the peer keeps them and its writers block at
+        # its own limit: the queue stays bounded by the peer's limit while this end goes on
+        # reading its link (control frames never wait behind a stalled plain end). Counted in
+        # ``received`` (resume counts): this process holds them.
+        self.held = 0
 
     @property
     def sent(self) -> int:
@@ -356,9 +362,14 @@ class Stream:
     def room(self) -> int:
         return max(0, self.limit - len(self.unacked))
 
+    @property
+    def ack_point(self) -> int:
+        """What an acknowledgement says now: units received and handed on."""
+        return self.received - self.held
+
     def ack_due(self) -> int:
-        """Units received but not yet acknowledged to the peer."""
-        return self.received - self.ack_sent
+        """Units handed on but not yet acknowledged to the peer."""
+        return self.received - self.held - self.ack_sent
 
     @property
     def done(self) -> bool:
@@ -391,12 +402,11 @@ class Stream:
             raise ValueError(f"one frame carries 1..{MAX_DATA} bytes, not {len(payload)}")
         self.unacked.append(payload)
         self.data_sent += len(payload)
-        self.ack_sent = self.received
-        return HEADER.pack(DATA, len(payload), self.received)
+        ack = self.ack_sent = self.received - self.held
+        return HEADER.pack(DATA, len(payload), ack)
 
     def _data_frames(self, payload: bytes | bytearray | memoryview) -> bytes:
-        ack = self.received
-        self.ack_sent = ack
+        ack = self.ack_sent = self.received - self.held
         n = len(payload)
         if n <= MAX_DATA:
             return HEADER.pack(DATA, n, ack) + payload
@@ -414,26 +424,26 @@ class Stream:
     def _end_frame(self) -> bytes:
         assert self.end_sent is not None
         body = _END.pack(1 if self.end_sent.reset else 0) + self.end_sent.reason.encode()[:512]
-        self.ack_sent = self.received
-        return HEADER.pack(END, len(body), self.received) + body
+        ack = self.ack_sent = self.received - self.held
+        return HEADER.pack(END, len(body), ack) + body
 
     def ack(self) -> bytes:
-        self.ack_sent = self.received
-        return HEADER.pack(ACK, 0, self.received)
+        ack = self.ack_sent = self.received - self.held
+        return HEADER.pack(ACK, 0, ack)
 
     def abort(self, reason: str) -> bytes:
         """ABORT: tear the session down now (not sequenced; the caller repeats it after a
         resume until the peer has it)."""
         body = reason.encode()[:512]
-        return HEADER.pack(ABORT, len(body), self.received) + body
+        return HEADER.pack(ABORT, len(body), self.received - self.held) + body
 
     def ping(self) -> bytes:
-        self.ack_sent = self.received
-        return HEADER.pack(PING, 0, self.received)
+        ack = self.ack_sent = self.received - self.held
+        return HEADER.pack(PING, 0, ack)
 
     def pong(self) -> bytes:
-        self.ack_sent = self.received
-        return HEADER.pack(PONG, 0, self.received)
+        ack = self.ack_sent = self.received - self.held
+        return HEADER.pack(PONG, 0, ack)
 
     # receiving ----------------------------------------------------------------------------
 

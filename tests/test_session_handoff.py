@@ -151,6 +151,17 @@ def test_any_mix_of_reads_keeps_the_stream_in_order_exactly_once(relay: Relay) -
                     if len(got) >= written[0]:
                         caught_up.set()
             writer.get(timeout=10)
+            # Whether the reads above met a time-out depends on the machine's timing (a fast
+            # echo leaves none): one of each with nothing due, so both paths always run.
+            sock.settimeout(0.002)
+            with pytest.raises(TimeoutError):
+                sock.recv(10)
+            timeouts += 1
+            sock.settimeout(10)
+            with gevent.Timeout(0.002, False):
+                sock.recv(10)
+                raise AssertionError("a read with nothing due returned")
+            kills += 1
         finally:
             sock.close()
         assert len(got) == total

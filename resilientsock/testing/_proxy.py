@@ -102,7 +102,10 @@ class FaultProxy(ListenerService):
 
     ``connect_timeout`` bounds the connect to ``upstream`` only (a failed connect resets the
     client); ``seed`` makes toxicity, jitter and slicer sizes reproducible; ``name`` is the
-    proxy's name in the Toxiproxy API; ``buffer_size`` is each direction's read size.
+    proxy's name in the Toxiproxy API; ``buffer_size`` is each direction's read size;
+    ``nodelay=False`` leaves Nagle's algorithm on for both of its sockets (socat without its
+    ``nodelay`` option, many appliance forwarders): small writes then wait for the path's
+    delayed ACK.
     """
 
     _backlog = 512
@@ -110,7 +113,7 @@ class FaultProxy(ListenerService):
     def __init__(self, upstream: tuple[str, int], host: str = "127.0.0.1", port: int = 0,
                  loop: LoopThread | None = None, *, connect_timeout: float = 5.0,
                  seed: int | str = 0, name: str = "fault-proxy",
-                 buffer_size: int = 65536) -> None:
+                 buffer_size: int = 65536, nodelay: bool = True) -> None:
         if connect_timeout <= 0:
             raise ValueError(f"connect_timeout must be > 0, got {connect_timeout!r}")
         if buffer_size < 1:
@@ -121,6 +124,7 @@ class FaultProxy(ListenerService):
         self.connect_timeout = connect_timeout
         self.seed = seed
         self._bufsize = buffer_size
+        self.nodelay = nodelay
         self._conns: set[_Conn] = set()
         self._blackhole = False
         self._latency = 0.0
@@ -473,8 +477,9 @@ class FaultProxy(ListenerService):
             client.close()
             return
         upstream.settimeout(None)  # rule 3 (r16): the connect timeout is for the connect only
-        client.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
-        upstream.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+        if self.nodelay:  # False: a middlebox with Nagle's algorithm on, as many are
+            client.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
+            upstream.setsockopt(gsocket.IPPROTO_TCP, gsocket.TCP_NODELAY, 1)
         conn = _Conn(client, upstream, serial, plan_state)
         self._conns.add(conn)
         conn.flows = [_Flow(conn, client, upstream, "up", self.seed),
