@@ -78,6 +78,9 @@ class Row:
     # (``server.count_counters``), and a key run more often than in the plain run is a worse
     # verdict (issue #23: duplicates are judged, not only measured).
     idempotent: bool = True
+    # server-side counts (``Counts.other``) where more under resilientsock than plain is a
+    # worse verdict: e.g. FTP 530 replies, writes arriving on connections that never logged in
+    worse_if_more: tuple[str, ...] = ()
 
     def plan(self) -> list[tuple[float, str]]:
         """``faults`` (time after start, kind): kinds in a seeded round-robin shuffle."""
@@ -264,6 +267,9 @@ def outcome(row: Row, mode: str, ops: list[dict[str, Any]], counts: Counts,
         "applied": sum(1 for k in seen if seen[k] > 0),
         "unknown_keys": sum(1 for k in seen if k not in {o["key"] for o in ops}),
         "duplicates": sum(1 for k in seen if seen[k] > 1),
+        "max_runs": max(seen.values(), default=0),
+        # a key run more than once whose operation the client saw fail: the issue's case
+        "duplicated_and_failed": sum(1 for o in bad if seen.get(o["key"], 0) > 1),
         "extra_executions": counts.extra_executions,
         "wrong_place": counts.wrong_place,
         "server": counts.other,
@@ -316,6 +322,13 @@ def compare(row: Row, plain: dict[str, Any], rs: dict[str, Any]) -> dict[str, An
     if not row.idempotent and rs["duplicates"] > plain["duplicates"]:
         worse.append(f"non-idempotent operations run more than once: {rs['duplicates']} "
                      f"(plain {plain['duplicates']})")
+    if not row.idempotent and rs["max_runs"] > max(plain["max_runs"], 1):
+        worse.append(f"an operation ran {rs['max_runs']} times (plain at most "
+                     f"{plain['max_runs']})")
+    for name in row.worse_if_more:
+        if rs["server"].get(name, 0) > plain["server"].get(name, 0):
+            worse.append(f"server-side {name}: {rs['server'].get(name, 0)} "
+                         f"(plain {plain['server'].get(name, 0)})")
     if rs["ops"] == 0:
         worse.append(f"the client did nothing (rc={rs['rc']}): {rs['stderr_tail'][-300:]}")
     recovered = plain["failed"] - rs["failed"]

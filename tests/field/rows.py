@@ -26,7 +26,10 @@ from .servers import (
     MariaDB,
     Memcached,
     Nginx,
+    NginxPost,
+    PostBackend,
     Redis,
+    XMLRPCServer,
     Sshd,
     WebSockets,
 )
@@ -197,3 +200,58 @@ def pymemcache_incr(server: Memcached, **kw: Any) -> Row:
                kinds=("answer-lost", "reset", "answer-lost", "close", "cutup:10"),
                idempotent=False, plain_errors=OS_ERRORS | {
                    "pymemcache.exceptions.MemcacheUnexpectedCloseError"}, **kw)
+
+
+# HTTP: the fault kinds of a POST row. answer-lost is the issue's case (the order was placed,
+# the answer never came); cutup:60 lands inside the request (never reached: safe to re-send);
+# cutdown:20 inside the answer's headers.
+POST_KINDS = ("answer-lost", "reset", "answer-lost", "close", "cutup:60", "cutdown:20",
+              "refuse1.0")
+URLLIB3_ERRORS = frozenset({"urllib3.exceptions.ProtocolError",
+                            "urllib3.exceptions.MaxRetryError",
+                            "urllib3.exceptions.ReadTimeoutError",
+                            "urllib3.exceptions.SSLError"})
+
+
+def requests_post(server: NginxPost | PostBackend, mode: str = "requests", tls: bool = False,
+                  **kw: Any) -> Row:
+    """Issue #23: a POST (no Idempotency-Key) whose answer was lost ran twice under
+    resilientsock where plain raised and ran it once. ``mode``: requests' defaults, an
+    explicit ``Retry(0)`` adapter, or urllib3's own defaults (``Retry(3)``)."""
+    scheme = "https" if tls else "http"
+    extra = [server.cafile] if tls else []  # type: ignore[union-attr]
+    where = "nginx" if isinstance(server, NginxPost) else "http.server"
+    lib = {"requests": "requests (defaults)", "retry0": "requests, Retry(0)",
+           "urllib3": "urllib3 (defaults, Retry(3))"}[mode]
+    port = (server.tls_port if tls else server.port)  # type: ignore[union-attr]
+    return Row(slug=f"post-{mode}-{where.replace('.', '')}-{scheme}",
+               title=f"POST: {lib} vs {where}, {scheme.upper()}", server=server,
+               client=["requests_post_client.py", f"{scheme}://127.0.0.1:{{port}}/orders",
+                       mode, *extra],
+               upstream_port=port, kinds=POST_KINDS, idempotent=False,
+               plain_errors=REQUESTS_ERRORS | URLLIB3_ERRORS | OS_ERRORS
+               | {"requests.exceptions.SSLError", "http.client.RemoteDisconnected"}, **kw)
+
+
+def xmlrpc_incr(server: XMLRPCServer, **kw: Any) -> Row:
+    """Issue #23: xmlrpc.client re-sends once by itself after a reset; resilientsock's
+    re-send stacked on it (incr ran 3 times where plain ran it at most twice)."""
+    return Row(slug="xmlrpc-incr", title="xmlrpc.client incr vs SimpleXMLRPCServer",
+               server=server, client=["xmlrpc_client.py", "http://127.0.0.1:{port}/"],
+               kinds=("answer-lost", "reset", "answer-lost", "close", "cutup:60"),
+               idempotent=False,
+               plain_errors=OS_ERRORS | {"http.client.RemoteDisconnected",
+                                         "http.client.CannotSendRequest",
+                                         "http.client.ResponseNotReady",
+                                         "xmlrpc.client.ProtocolError"}, **kw)
+
+
+def redis_multi(server: Redis, **kw: Any) -> Row:
+    """Issue #23: a MULTI ... EXEC whose answer was lost ran twice (the app saw [2, 2])."""
+    return Row(slug="redis-multi-exec", title="redis-py MULTI/EXEC (retries off) vs redis-server",
+               server=server,
+               client=["redis_multi_client.py", "127.0.0.1", "{port}", server.password, "2"],
+               kinds=("answer-lost", "reset", "answer-lost", "close", "cutup:30"),
+               idempotent=False,
+               plain_errors=frozenset({"redis.exceptions.ConnectionError",
+                                       "redis.exceptions.TimeoutError"}), **kw)

@@ -539,7 +539,7 @@ http {{
         ssl_certificate {dir}/cert.pem;
         ssl_certificate_key {dir}/key.pem;
         root {dir}/www;
-        location /blob {{ default_type application/octet-stream; }}
+        location /blob {{ default_type application/octet-stream; }}{extra}
     }}
 }}
 """
@@ -564,11 +564,15 @@ class Nginx(Server):
         (self.dir / "www" / "blob").write_bytes(BLOB)
         self.port, self.tls_port = free_port(), free_port()
         conf = self.dir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port, tls_port=self.tls_port))
+        conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port, tls_port=self.tls_port,
+                                          extra=self.extra_locations()))
         self.access = self.dir / "access.log"
         self._spawn([exe, "-p", str(self.dir), "-c", str(conf)])
         wait_port(self.tls_port, self.proc, "nginx (TLS)", 10, self.log)  # type: ignore[arg-type]
         return self
+
+    def extra_locations(self) -> str:
+        return ""
 
     def count(self, prefix: str, before: dict[str, int]) -> Counts:
         lines = _settle(lambda: _read_lines(self.access))
@@ -647,3 +651,93 @@ class WebSockets(Server):
                       other={"garbage_handshakes": failed["garbage"],
                              "handshakes_cut": failed["cut"],
                              "connections_closed_before_a_request": failed["empty"]})
+
+
+# ------------------------------------------- counting backends for non-idempotent calls ----
+
+class CountingScript(Server):
+    """A Python server script (``tests/field/scripts``) that appends "VERB key" to its log
+    before it answers each call: the server's own count of how often each key's call ran
+    (issue #23). ``count_counters`` is that count."""
+
+    name = "counting"
+    script = ""
+    verb = ""
+
+    def start(self) -> CountingScript:
+        self.version = "Python " + sys.version.split()[0]
+        self.calls = self.dir / "calls.log"
+        self.port = free_port()
+        self._spawn([sys.executable, str(SCRIPTS / self.script), str(self.port),
+                     str(self.calls)])
+        return self
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        lines = _settle(lambda: _read_lines(self.calls))
+        seen: Counter[str] = Counter()
+        other: Counter[str] = Counter()
+        for ln in lines:
+            verb, _, key = ln.partition(" ")
+            if verb == self.verb and key.startswith(prefix):
+                seen[key] += 1
+            elif verb != self.verb:
+                other["calls_not_understood"] += 1
+        other["calls"] = sum(seen.values())
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other=dict(other))
+
+
+class PostBackend(CountingScript):
+    """Orders placed by POST /orders?id=KEY (tests/field/scripts/post_server.py)."""
+
+    name = "post-backend"
+    script = "post_server.py"
+    verb = "POST"
+
+    def start(self) -> PostBackend:
+        super().start()
+        self.version = "http.server, Python " + sys.version.split()[0]
+        return self
+
+
+class XMLRPCServer(CountingScript):
+    name = "xmlrpc"
+    script = "xmlrpc_server.py"
+    verb = "INCR"
+
+    def start(self) -> XMLRPCServer:
+        super().start()
+        self.version = "SimpleXMLRPCServer, Python " + sys.version.split()[0]
+        return self
+
+
+class NginxPost(Nginx):
+    """nginx in front of the counting POST backend (``proxy_pass``, HTTP/1.1 keep-alive
+    upstream): nginx cannot count POSTs by itself, the backend does. nginx never re-sends a
+    POST to its upstream (``proxy_next_upstream`` skips non-idempotent requests)."""
+
+    name = "nginx-post"
+
+    def start(self) -> NginxPost:
+        self.backend = PostBackend(self.dir)
+        self.backend.start()
+        try:
+            super().start()
+        except BaseException:
+            self.backend.stop()
+            raise
+        self.version = f"nginx {self.version} -> counting backend"
+        return self
+
+    def extra_locations(self) -> str:
+        return (f"\n        location /orders {{ proxy_pass http://127.0.0.1:{self.backend.port};"
+                f" proxy_http_version 1.1; proxy_set_header Connection \"\"; }}")
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.backend.stop()
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        return self.backend.count_counters(prefix, before)
