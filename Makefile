@@ -22,7 +22,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test field lint demo soak bench conformance conformance-quick system-deps clean docs peer-suites
+.PHONY: test field field-deps lint demo soak bench conformance conformance-quick system-deps clean docs peer-suites
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
@@ -38,6 +38,21 @@ $(STAMP): setup.cfg pyproject.toml
 # they start their own on free loopback ports.)
 SYSTEM_DEPS := redis-server:redis-server nginx:nginx mariadb-server:mariadbd \
                memcached:memcached exim4:exim4 openssh-server:sshd
+# The real-client matrix's own servers (make field only): dovecot for imaplib, slapd for
+# ldap3 (debconf preseeded, noninteractive; the tests run their own slapd, not the service).
+FIELD_DEPS := dovecot-imapd:dovecot slapd:slapd ldap-utils:ldapadd
+field-deps:
+	@missing=""; for pair in $(FIELD_DEPS); do exe=$${pair##*:}; \
+	  command -v $$exe >/dev/null 2>&1 || test -x /usr/sbin/$$exe || missing="$$missing $${pair%%:*}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true \
+	       apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; the field rows that need them will skip"; \
+	  else echo "note: missing$$missing (not root, or no apt-get); the field rows that need them will skip"; fi; \
+	fi
+
 system-deps:
 	@missing=""; for pair in $(SYSTEM_DEPS); do exe=$${pair##*:}; \
 	  command -v $$exe >/dev/null 2>&1 || test -x /usr/sbin/$$exe || missing="$$missing $${pair%%:*}"; \
@@ -61,7 +76,7 @@ $(FIELD_STAMP): $(STAMP)
 	$(VPY) -m pip install -q -e '.[test,lint,field]'
 	touch $(FIELD_STAMP)
 
-field: $(FIELD_STAMP) system-deps
+field: $(FIELD_STAMP) system-deps field-deps
 	$(VPY) -m pytest $(PYTEST_ARGS) -m field -p no:randomly tests/field; status=$$?; \
 	  $(VPY) tests/field/report.py --write docs/field.md; exit $$status
 

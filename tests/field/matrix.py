@@ -48,7 +48,8 @@ RESULTS = Path(os.environ.get("FIELD_RESULTS", ROOT / "build" / "field"))
 # the next connection to move K more bytes that way is reset there (mid-request / mid-answer);
 # a ":new" suffix spares the connections already open (a cut inside the next handshake).
 # answer-lost arms FaultProxy.plan.on_response: the next request is handled by the server
-# and the client is reset at its answer's first byte (issue #23).
+# and the client is reset at its answer's first byte (issue #23); answer-lost2 the next two
+# answers (a client library's own re-send loses its answer too).
 DEFAULT_KINDS = ("reset", "close", "refuse1.0", "cutup:20", "cutdown:200")
 
 
@@ -110,6 +111,9 @@ def fire(proxy: FaultProxy, kind: str) -> Any:
         return proxy.reset_all()
     if kind == "answer-lost":  # the next request reaches the server; its answer is reset
         proxy.plan.on_response(1, "reset")
+        return "armed"
+    if kind == "answer-lost2":  # the next two answers are reset (a re-sent request's too)
+        proxy.plan.on_response([1, 2], "reset")
         return "armed"
     if kind.startswith(("cutup:", "cutdown:")):
         name, n, *new = kind.split(":")

@@ -25,10 +25,13 @@ from .servers import (
     HTTPServer,
     MariaDB,
     Memcached,
+    Dovecot,
     Nginx,
     NginxPost,
+    PyFTPd,
     PostBackend,
     Redis,
+    Slapd,
     XMLRPCServer,
     Sshd,
     WebSockets,
@@ -238,7 +241,8 @@ def xmlrpc_incr(server: XMLRPCServer, **kw: Any) -> Row:
     re-send stacked on it (incr ran 3 times where plain ran it at most twice)."""
     return Row(slug="xmlrpc-incr", title="xmlrpc.client incr vs SimpleXMLRPCServer",
                server=server, client=["xmlrpc_client.py", "http://127.0.0.1:{port}/"],
-               kinds=("answer-lost", "reset", "answer-lost", "close", "cutup:60"),
+               kinds=("answer-lost", "answer-lost2", "reset", "answer-lost2", "close",
+                      "cutup:60"),
                idempotent=False,
                plain_errors=OS_ERRORS | {"http.client.RemoteDisconnected",
                                          "http.client.CannotSendRequest",
@@ -255,3 +259,49 @@ def redis_multi(server: Redis, **kw: Any) -> Row:
                idempotent=False,
                plain_errors=frozenset({"redis.exceptions.ConnectionError",
                                        "redis.exceptions.TimeoutError"}), **kw)
+
+
+# the legacy loops: a command fails, NOOP checks the connection, log in again if NOOP raises
+LOGIN_KINDS = ("reset", "answer-lost", "close", "cutup:8", "cutdown:5", "refuse1.0")
+
+
+def ftplib_noop_loop(server: PyFTPd, **kw: Any) -> Row:
+    """Issue #23: after a surfaced drop, a lazily opened connection's greeting (220) was
+    read as NOOP's answer, and the next command met 530 (6 x in 20 s)."""
+    return Row(slug="ftplib-pyftpdlib-noop-loop",
+               title="ftplib NOOP liveness loop (MKD) vs pyftpdlib", server=server,
+               client=["ftp_client.py", "127.0.0.1", "{port}", server.user, server.password],
+               kinds=LOGIN_KINDS, idempotent=False, worse_if_more=("reply530",),
+               plain_errors=OS_ERRORS | {"EOFError", "ftplib.error_temp", "ftplib.error_reply",
+                                         "TimeoutError", "socket.timeout"}, **kw)
+
+
+def imaplib_noop_loop(server: Dovecot, **kw: Any) -> Row:
+    """Issue #23: the same with imaplib against dovecot: 22 x BAD in 20 s."""
+    return Row(slug="imaplib-dovecot-noop-loop",
+               title="imaplib NOOP liveness loop (APPEND) vs dovecot", server=server,
+               client=["imap_client.py", "127.0.0.1", "{port}", server.user, server.password],
+               kinds=LOGIN_KINDS, idempotent=False,
+               plain_errors=OS_ERRORS | {"EOFError", "imaplib.IMAP4.abort", "TimeoutError",
+                                         "socket.timeout"}, **kw)
+
+
+LDAP_ERRORS = frozenset({"ldap3.core.exceptions.LDAPSocketOpenError",
+                         "ldap3.core.exceptions.LDAPSocketReceiveError",
+                         "ldap3.core.exceptions.LDAPSocketSendError",
+                         "ldap3.core.exceptions.LDAPSessionTerminatedByServerError",
+                         "ldap3.core.exceptions.LDAPSocketCloseError",
+                         "ldap3.core.exceptions.LDAPStartTLSError",
+                         "ldap3.core.exceptions.LDAPBindError",
+                         "ldap3.core.exceptions.LDAPResponseTimeoutError"})
+
+
+def ldap3_bind_add(server: Slapd, **kw: Any) -> Row:
+    """Issue #23: an unanswered ADD was re-sent on a new connection that never did the BIND
+    (10 writes on unbound connections, 4 ADDs received twice)."""
+    return Row(slug="ldap3-slapd-bind-add", title="ldap3 BIND + ADD vs slapd", server=server,
+               client=["ldap_client.py", "127.0.0.1", "{port}", server.rootdn,
+                       server.password, f"ou=orders,{server.suffix}"],
+               kinds=("answer-lost", "reset", "close", "cutup:20", "cutdown:6", "refuse1.0"),
+               idempotent=False, worse_if_more=("writes_unbound",),
+               plain_errors=OS_ERRORS | LDAP_ERRORS, **kw)

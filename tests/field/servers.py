@@ -680,8 +680,8 @@ class CountingScript(Server):
             verb, _, key = ln.partition(" ")
             if verb == self.verb and key.startswith(prefix):
                 seen[key] += 1
-            elif verb != self.verb:
-                other["calls_not_understood"] += 1
+            elif verb != self.verb:  # e.g. "REPLY530 ...": the script's other counts
+                other[verb.lower()] += 1
         other["calls"] = sum(seen.values())
         return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
                       other=dict(other))
@@ -741,3 +741,211 @@ class NginxPost(Nginx):
 
     def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
         return self.backend.count_counters(prefix, before)
+
+
+class PyFTPd(CountingScript):
+    """pyftpdlib (tests/field/scripts/ftp_server.py): each key's MKD, and "530" replies."""
+
+    name = "pyftpdlib"
+    script = "ftp_server.py"
+    verb = "MKD"
+    user, password = "robot", "secret"
+
+    def start(self) -> PyFTPd:
+        try:
+            import pyftpdlib
+        except ImportError:
+            pytest.skip("pyftpdlib is not installed (pip install -e '.[test]')")
+        super().start()
+        self.version = "pyftpdlib " + pyftpdlib.__ver__
+        return self
+
+
+DOVECOT_CONF = """\
+# A loopback-only dovecot for the field matrix: IMAP only, plaintext login, one
+# passwd-file user, maildir under this folder; no system service, no include of /etc.
+base_dir = {dir}/run
+state_dir = {dir}/state
+log_path = {dir}/dovecot.log
+info_log_path = {dir}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:{dir}/mail/%u
+first_valid_uid = 1
+mail_max_userip_connections = 1000
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {dir}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={dir}/mail/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+  process_limit = 1000
+}}
+service imap {{
+  process_limit = 1000
+}}
+"""
+
+
+class Dovecot(Server):
+    """dovecot (imap only) from a folder of its own under /tmp (its auth and mail processes
+    run as other users: pytest's 0700 folders are closed to them). Counting: each Subject
+    in the user's maildir (an APPEND that ran twice is two messages)."""
+
+    name = "dovecot"
+    user, password = "robot", "secret"
+
+    def start(self) -> Dovecot:
+        exe = find("dovecot")
+        if os.geteuid() != 0:
+            pytest.skip("dovecot needs to start as root here")
+        import pwd
+        try:
+            mail = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("no user 'nobody' to own the maildir")
+        self.version = "dovecot " + subprocess.run([exe, "--version"], capture_output=True,
+                                                   text=True).stdout.split()[0]
+        self.own = Path(tempfile.mkdtemp(prefix="resilientsock-field-dovecot-"))
+        os.chmod(self.own, 0o755)
+        (self.own / "mail").mkdir()
+        os.chown(self.own / "mail", mail.pw_uid, mail.pw_gid)
+        (self.own / "passwd").write_text(f"{self.user}:{{PLAIN}}{self.password}::::::\n")
+        os.chmod(self.own / "passwd", 0o644)
+        self.port = free_port()
+        conf = self.own / "dovecot.conf"
+        conf.write_text(DOVECOT_CONF.format(dir=self.own, port=self.port, uid=mail.pw_uid,
+                                            gid=mail.pw_gid))
+        self.maildir = self.own / "mail" / self.user
+        self._spawn([exe, "-F", "-c", str(conf)])
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        own: Path | None = getattr(self, "own", None)
+        if own is not None:
+            for name in ("dovecot.log", "dovecot.conf"):
+                if (own / name).exists():  # kept for a failed run's report
+                    shutil.copy(own / name, self.dir / name)
+            shutil.rmtree(own, ignore_errors=True)
+            del self.own
+
+    def _subjects(self, prefix: str) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for sub in ("new", "cur"):
+            folder = self.maildir / sub
+            if not folder.is_dir():
+                continue
+            for f in folder.iterdir():
+                for ln in f.read_text(errors="replace").splitlines():
+                    if ln.startswith("Subject: " + prefix):
+                        seen[ln[9:].strip()] += 1
+                    if not ln:
+                        break
+        return seen
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        seen = _settle(lambda: self._subjects(prefix))
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()))
+
+
+SLAPD_CONF = """\
+# A loopback-only slapd for the field matrix: one mdb database, a root DN with a password;
+# anonymous users may read but not write (a write on a connection that never did the BIND
+# is refused, and counted from the stats log).
+include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/inetorgperson.schema
+pidfile {dir}/slapd.pid
+argsfile {dir}/slapd.args
+modulepath /usr/lib/ldap
+moduleload back_mdb
+database mdb
+maxsize 104857600
+suffix "{suffix}"
+rootdn "{rootdn}"
+rootpw {password}
+directory {dir}/db
+access to * by users write by anonymous auth by * read
+"""
+
+
+class Slapd(Server):
+    """OpenLDAP's slapd (``-d stats``: every operation logged with its connection), from a
+    folder of its own. Counting, from the log: each key's ADD (a second ADD of a dn is a
+    duplicate), and ``writes_unbound``: writes on a connection with no successful BIND."""
+
+    name = "slapd"
+    suffix = "dc=field,dc=test"
+    rootdn = "cn=admin,dc=field,dc=test"
+    password = "field-secret"
+
+    def start(self) -> Slapd:
+        exe = find("slapd")
+        slapadd = find("slapadd")
+        if not Path("/etc/ldap/schema/inetorgperson.schema").exists():
+            pytest.skip("the OpenLDAP schemas are not installed")
+        self.version = "slapd " + subprocess.run(
+            [exe, "-VV"], capture_output=True, text=True).stderr.split("slapd ")[-1].split()[0]
+        (self.dir / "db").mkdir(exist_ok=True)
+        conf = self.dir / "slapd.conf"
+        conf.write_text(SLAPD_CONF.format(dir=self.dir, suffix=self.suffix, rootdn=self.rootdn,
+                                          password=self.password))
+        base = self.dir / "base.ldif"
+        base.write_text(f"dn: {self.suffix}\nobjectClass: dcObject\nobjectClass: organization\n"
+                        f"dc: field\no: field\n\ndn: ou=orders,{self.suffix}\n"
+                        f"objectClass: organizationalUnit\nou: orders\n")
+        r = subprocess.run([slapadd, "-f", str(conf), "-l", str(base)], capture_output=True,
+                           text=True, timeout=60)
+        if r.returncode:
+            pytest.skip(f"slapadd failed: {r.stderr[-400:]}")
+        self.port = free_port()
+        self._spawn([exe, "-d", "stats", "-f", str(conf), "-h",
+                     f"ldap://127.0.0.1:{self.port}/"])
+        return self
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        lines = _settle(lambda: _read_lines(self.log))
+        bound: set[str] = set()  # connections whose BIND succeeded
+        binds: dict[str, str] = {}  # "conn op" -> dn of a BIND in flight
+        seen: Counter[str] = Counter()
+        other: Counter[str] = Counter()
+        add_re = re.compile(r"conn=(\d+) op=(\d+) (ADD|MOD|DEL|MODRDN) dn=\"([^\"]*)\"")
+        bind_re = re.compile(r"conn=(\d+) op=(\d+) BIND dn=\"([^\"]*)\" method")
+        res_re = re.compile(r"conn=(\d+) op=(\d+) RESULT tag=97 err=(\d+)")
+        for ln in lines:
+            m = bind_re.search(ln)
+            if m:
+                binds[f"{m[1]} {m[2]}"] = m[3]
+                bound.discard(m[1])  # a new BIND resets the connection's identity
+                continue
+            m = res_re.search(ln)
+            if m and f"{m[1]} {m[2]}" in binds:
+                if m[3] == "0" and binds.pop(f"{m[1]} {m[2]}"):
+                    bound.add(m[1])
+                continue
+            m = add_re.search(ln)
+            if m:
+                rdn = m[4].split(",")[0].partition("=")[2]
+                if not rdn.startswith(prefix):
+                    continue
+                if m[3] == "ADD":
+                    seen[rdn] += 1
+                if m[1] not in bound:
+                    other["writes_unbound"] += 1
+        other["adds"] = sum(seen.values())
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other=dict(other))
