@@ -39,8 +39,10 @@ $(STAMP): setup.cfg pyproject.toml
 SYSTEM_DEPS := redis-server:redis-server nginx:nginx mariadb-server:mariadbd \
                memcached:memcached exim4:exim4 openssh-server:sshd
 # The real-client matrix's own servers (make field only): dovecot for imaplib, slapd for
-# ldap3 (debconf preseeded, noninteractive; the tests run their own slapd, not the service).
-FIELD_DEPS := dovecot-imapd:dovecot slapd:slapd ldap-utils:ldapadd
+# ldap3, RabbitMQ (its STOMP plugin) for stomp.py; debconf noninteractive; the tests run
+# their own instances from temp folders, never the system services.
+FIELD_DEPS := dovecot-imapd:dovecot slapd:slapd ldap-utils:ldapadd \
+              rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server
 field-deps:
 	@missing=""; for pair in $(FIELD_DEPS); do exe=$${pair##*:}; \
 	  command -v $$exe >/dev/null 2>&1 || test -x /usr/sbin/$$exe || missing="$$missing $${pair%%:*}"; \

@@ -185,6 +185,8 @@ def run_mode(row: Row, mode: str, workdir: Path) -> dict[str, Any]:
         p.unlink(missing_ok=True)
     prefix = f"{mode}-{row.slug}-".replace(".", "")
     before = row.server.baseline()
+    if hasattr(row.server, "prepare"):  # e.g. the broker declares the mode's queue
+        row.server.prepare(prefix)
     upstream = ("127.0.0.1", row.upstream_port or row.server.port)
     with FaultProxy(upstream) as proxy:
         argv = [a.replace("{port}", str(proxy.address[1])) for a in row.client]
@@ -348,7 +350,7 @@ def compare(row: Row, plain: dict[str, Any], rs: dict[str, Any]) -> dict[str, An
 
 
 CLIENT_DISTS = ("requests", "urllib3", "redis", "PyMySQL", "pymemcache", "paramiko",
-                "websocket-client", "websockets", "gevent")
+                "websocket-client", "websockets", "ldap3", "pyftpdlib", "stomp.py", "gevent")
 
 
 def client_versions() -> dict[str, str]:

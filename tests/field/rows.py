@@ -30,6 +30,7 @@ from .servers import (
     NginxPost,
     PyFTPd,
     PostBackend,
+    RabbitMQ,
     Redis,
     Slapd,
     XMLRPCServer,
@@ -305,3 +306,16 @@ def ldap3_bind_add(server: Slapd, **kw: Any) -> Row:
                kinds=("answer-lost", "reset", "close", "cutup:20", "cutdown:6", "refuse1.0"),
                idempotent=False, worse_if_more=("writes_unbound",),
                plain_errors=OS_ERRORS | LDAP_ERRORS, **kw)
+
+
+def stomp_send(server: RabbitMQ, **kw: Any) -> Row:
+    """Issue #23: a SEND cut before delivery was re-sent alone on a new connection that never
+    sent CONNECT: ERROR frames "You must log in using CONNECT first"."""
+    return Row(slug="stomp-rabbitmq-send", title="stomp.py SEND (receipts) vs RabbitMQ",
+               server=server,
+               client=["stomp_client.py", "127.0.0.1", "{port}", server.user, server.password],
+               kinds=("reset", "answer-lost", "close", "cutup:30", "cutdown:10", "refuse1.0"),
+               idempotent=False, worse_if_more=("error_frames",),
+               plain_errors=OS_ERRORS | {"stomp.exception.NotConnectedException",
+                                         "stomp.exception.ConnectFailedException",
+                                         "NoReceipt"}, **kw)

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -949,3 +950,103 @@ class Slapd(Server):
         other["adds"] = sum(seen.values())
         return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
                       other=dict(other))
+
+
+class RabbitMQ(Server):
+    """RabbitMQ with its STOMP plugin, from a folder of its own (its own node name, Erlang
+    port mapper port, cookie, data and log; stdout is the log). Counting: each mode's queue
+    is drained by a STOMP subscriber of this process after a sentinel message (FIFO, one
+    consumer: the sentinel comes last); ``error_frames``: "STOMP error frame sent" lines."""
+
+    name = "rabbitmq"
+    user, password = "guest", "guest"
+
+    def start(self) -> RabbitMQ:
+        exe = find("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        try:
+            import stomp  # noqa: F401
+        except ImportError:
+            pytest.skip("stomp.py is not installed (pip install -e '.[field]')")
+        self.port, amqp, dist, epmd = free_port(), free_port(), free_port(), free_port()
+        (self.dir / "enabled_plugins").write_text("[rabbitmq_stomp].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"stomp.listeners.tcp.1 = 127.0.0.1:{self.port}\nlisteners.tcp.1 = "
+            f"127.0.0.1:{amqp}\nloopback_users = none\nlog.console = true\n"
+            f"log.console.level = warning\nlog.file = false\n")
+        self.env = {**os.environ, "HOME": str(self.dir),
+                    "RABBITMQ_NODENAME": f"field{self.port}@localhost",
+                    "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(amqp),
+                    "RABBITMQ_DIST_PORT": str(dist), "ERL_EPMD_PORT": str(epmd),
+                    "ERL_EPMD_ADDRESS": "127.0.0.1",
+                    "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+                    "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+                    "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+                    "RABBITMQ_PID_FILE": str(self.dir / "rabbit.pid")}
+        self.version = "RabbitMQ " + (subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "rabbitmq-server"], capture_output=True,
+            text=True).stdout.split("-")[0] or "?") + " (STOMP plugin)"
+        # the broker takes seconds to boot (more on a loaded machine): a generous bound
+        self._spawn([exe], ready_timeout=120, env=self.env, start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None:
+            try:
+                stop_proc(proc, timeout=60)
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # beam and its helpers
+                except ProcessLookupError:
+                    pass
+                self.proc = None
+            epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
+            if os.access(epmd, os.X_OK):
+                subprocess.run([epmd, "-kill"], env=self.env, capture_output=True, timeout=30)
+
+    def baseline(self) -> dict[str, int]:
+        return {"error_frames": sum("error frame" in ln for ln in _read_lines(self.log))}
+
+    def prepare(self, prefix: str) -> None:
+        """Declare the mode's queue (a SEND to a queue nobody declared is dropped by the
+        broker): a SUBSCRIBE to /queue/NAME declares it durable; the subscription ends."""
+        import stomp
+        conn = stomp.Connection([("127.0.0.1", self.port)], heartbeats=(0, 0), timeout=10)
+        conn.connect(self.user, self.password, wait=True, headers={"host": "/"})
+        try:
+            conn.subscribe("/queue/" + prefix, id="declare", ack="auto",
+                           headers={"durable": "true", "auto-delete": "false",
+                                    "exclusive": "false"})
+            conn.unsubscribe(id="declare")
+        finally:
+            conn.disconnect(receipt="declared")
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        import stomp
+        done = threading.Event()
+        got: list[str] = []
+        sentinel = f"sentinel-{prefix}"
+
+        class Drain(stomp.ConnectionListener):
+            def on_message(self, frame: Any) -> None:
+                if frame.body == sentinel:
+                    done.set()
+                else:
+                    got.append(frame.body)
+
+        conn = stomp.Connection([("127.0.0.1", self.port)], heartbeats=(0, 0), timeout=10)
+        conn.set_listener("drain", Drain())
+        conn.connect(self.user, self.password, wait=True, headers={"host": "/"})
+        try:
+            queue = "/queue/" + prefix
+            conn.subscribe(queue, id="drain", ack="auto")
+            conn.send(queue, sentinel)
+            if not done.wait(60):
+                raise AssertionError(f"the sentinel of {queue} did not come back in 60 s")
+        finally:
+            conn.disconnect()
+        seen = Counter(b for b in got if b.startswith(prefix))
+        frames = self.baseline()["error_frames"] - before["error_frames"]
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other={"error_frames": frames, "messages": len(got)})
