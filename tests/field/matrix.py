@@ -286,6 +286,10 @@ def outcome(row: Row, mode: str, ops: list[dict[str, Any]], counts: Counts,
                               for o in bad if o["exc"] not in row.plain_errors][:4],
         "error_messages": dict(Counter(f"{o['exc']}: {o.get('msg', '')[:80]}"
                                        for o in bad).most_common(12)),
+        # the notes resilientsock put on the errors (does the note name the request?)
+        "rs_notes": [n for n, _ in Counter(
+            n[:120] for o in bad for n in o.get("notes", [])
+            if n.startswith("resilientsock")).most_common(6)],
         "failed_with_rs_note": sum(1 for o in bad
                                    if any("resilientsock" in n for n in o.get("notes", []))),
         "max_op_s": max((o["dt"] for o in ops), default=0.0),

@@ -37,7 +37,8 @@ def _errors(errors: dict[str, int]) -> str:
              .replace("pymysql.err.", "").replace("paramiko.ssh_exception.", "paramiko.")
              .replace("websocket._exceptions.", "ws.").replace("resilientsock._errors.", "rs.")
              .replace("pymemcache.exceptions.", "pymemcache.")
-             .replace("ldap3.core.exceptions.", "ldap3.").replace("urllib3.exceptions.", "urllib3."): v for k, v in errors.items()}
+             .replace("ldap3.core.exceptions.", "ldap3.")
+             .replace("urllib3.exceptions.", "urllib3."): v for k, v in errors.items()}
     return ", ".join(f"{k} ×{v}" for k, v in sorted(short.items(), key=lambda kv: -kv[1]))
 
 

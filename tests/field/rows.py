@@ -21,21 +21,21 @@ from typing import Any
 from .matrix import Row
 from .servers import (
     BLOB_SIZE,
+    Dovecot,
     Exim,
     HTTPServer,
     MariaDB,
     Memcached,
-    Dovecot,
     Nginx,
     NginxPost,
-    PyFTPd,
     PostBackend,
+    PyFTPd,
     RabbitMQ,
     Redis,
     Slapd,
-    XMLRPCServer,
     Sshd,
     WebSockets,
+    XMLRPCServer,
 )
 
 # what a refused or failed connect raises: "a drop is surfaced at once" is about sessions
