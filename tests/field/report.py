@@ -26,6 +26,7 @@ ORDER = ["requests-nginx-http", "requests-nginx-https", "requests-nginx-https-re
          "post-requests-nginx-http", "post-retry0-nginx-http", "post-urllib3-nginx-http",
          "post-requests-nginx-https", "post-retry0-nginx-https", "post-requests-httpserver-http",
          "post-retry0-httpserver-http", "redis-incr", "redis-multi-exec", "pymemcache-incr",
+         "pymemcache-noreply",
          "xmlrpc-incr", "ftplib-pyftpdlib-noop-loop", "imaplib-dovecot-noop-loop",
          "ldap3-slapd-bind-add", "stomp-rabbitmq-send"]
 

@@ -26,6 +26,7 @@ from .servers import (
     HTTPServer,
     MariaDB,
     Memcached,
+    MemcachedNoreply,
     Nginx,
     NginxPost,
     PostBackend,
@@ -319,3 +320,14 @@ def stomp_send(server: RabbitMQ, **kw: Any) -> Row:
                plain_errors=OS_ERRORS | {"stomp.exception.NotConnectedException",
                                          "stomp.exception.ConnectFailedException",
                                          "NoReceipt"}, **kw)
+
+
+def pymemcache_noreply(server: MemcachedNoreply, **kw: Any) -> Row:
+    """Issue #23: a noreply set (no answer ever) stayed in the journal and was replayed after
+    a later drop over another client's newer value."""
+    return Row(slug="pymemcache-noreply", title="pymemcache set (noreply) then another "
+               "client's newer value, vs memcached", server=server,
+               client=["memcache_noreply_client.py", "127.0.0.1", "{port}", str(server.port)],
+               kinds=("reset", "close", "cutup:10", "cutdown:6", "answer-lost", "refuse1.0"),
+               plain_errors=OS_ERRORS | {"pymemcache.exceptions.MemcacheUnexpectedCloseError",
+                                         "SetLost"}, **kw)

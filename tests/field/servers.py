@@ -1050,3 +1050,27 @@ class RabbitMQ(Server):
         frames = self.baseline()["error_frames"] - before["error_frames"]
         return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
                       other={"error_frames": frames, "messages": len(got)})
+
+
+class MemcachedNoreply(Memcached):
+    """The noreply row's count: a key is "seen" when it holds "new", the other client's newer
+    value, which it wrote after the operation's own get had read "old" back: an operation the
+    client saw succeed whose key holds "old" (or nothing) lost that newer value (``lost``:
+    an older noreply set replayed over it). ``old`` counts every key left at "old" (also
+    those of failed operations, where the other client never wrote)."""
+
+    name = "memcached-noreply"
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        from pymemcache.client.base import Client
+        c = Client(("127.0.0.1", self.port), timeout=5)
+        keys = [f"{prefix}{i}" for i in range(int(os.environ.get("FIELD_MAX_OPS", "4000")))]
+        found: Counter[str] = Counter()
+        values: Counter[str] = Counter()
+        for i in range(0, len(keys), 200):
+            for k, v in _settle(lambda: c.get_many(keys[i:i + 200])).items():  # noqa: B023
+                if v == b"new":
+                    found[k] = 1
+                values[v.decode(errors="replace")] += 1
+        c.close()
+        return Counts(seen=found, other={"old": values["old"], "new": values["new"]})
