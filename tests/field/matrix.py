@@ -82,6 +82,9 @@ class Row:
     # server-side counts (``Counts.other``) where more under resilientsock than plain is a
     # worse verdict: e.g. FTP 530 replies, writes arriving on connections that never logged in
     worse_if_more: tuple[str, ...] = ()
+    # a string the note of a surfaced request must hold (e.g. "POST /orders"): the failures
+    # whose notes name it are counted (``failed_with_note_naming``)
+    note_names: str | None = None
 
     def plan(self) -> list[tuple[float, str]]:
         """``faults`` (time after start, kind): kinds in a seeded round-robin shuffle."""
@@ -290,6 +293,9 @@ def outcome(row: Row, mode: str, ops: list[dict[str, Any]], counts: Counts,
         "rs_notes": [n for n, _ in Counter(
             n[:120] for o in bad for n in o.get("notes", [])
             if n.startswith("resilientsock")).most_common(6)],
+        "failed_with_note_naming": sum(
+            1 for o in bad if row.note_names and any(row.note_names in n
+                                                     for n in o.get("notes", []))),
         "failed_with_rs_note": sum(1 for o in bad
                                    if any("resilientsock" in n for n in o.get("notes", []))),
         "max_op_s": max((o["dt"] for o in ops), default=0.0),
