@@ -23,7 +23,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test fuzz field lint demo stress soak bench conformance conformance-quick system-deps clean docs peer-suites
+.PHONY: test fuzz field field-deps lint demo stress soak bench conformance conformance-quick system-deps clean docs peer-suites
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -n "$(PYTHON)" || { echo "cannot find an interpreter for PY=$(PY)"; exit 2; }
@@ -42,6 +42,24 @@ $(STAMP): setup.cfg pyproject.toml
 TEST_DEPS := redis-server:redis-server memcached:memcached openssh-server:sshd
 FIELD_DEPS := $(TEST_DEPS) nginx:nginx mariadb-server:mariadbd exim4:exim4
 DEPS ?= $(TEST_DEPS)
+
+# The real-client matrix's own servers (make field only): dovecot for imaplib, slapd for
+# ldap3, RabbitMQ (its STOMP plugin) for stomp.py; debconf noninteractive; the tests run
+# their own instances from temp folders, never the system services.
+FIELD_EXTRA_DEPS := dovecot-imapd:dovecot slapd:slapd ldap-utils:ldapadd \
+              rabbitmq-server:/usr/lib/rabbitmq/bin/rabbitmq-server
+field-deps:
+	@missing=""; for pair in $(FIELD_EXTRA_DEPS); do exe=$${pair##*:}; \
+	  command -v $$exe >/dev/null 2>&1 || test -x /usr/sbin/$$exe || missing="$$missing $${pair%%:*}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true \
+	       apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; the field rows that need them will skip"; \
+	  else echo "note: missing$$missing (not root, or no apt-get); the field rows that need them will skip"; fi; \
+	fi
+
 system-deps:
 	@missing=""; for pair in $(DEPS); do exe=$${pair##*:}; \
 	  command -v $$exe >/dev/null 2>&1 || test -x /usr/sbin/$$exe || missing="$$missing $${pair%%:*}"; \
@@ -65,7 +83,7 @@ $(FIELD_STAMP): $(STAMP)
 	$(VPY) -m pip install -q -e '.[test,lint,field]'
 	touch $(FIELD_STAMP)
 
-field: $(FIELD_STAMP)
+field: $(FIELD_STAMP) field-deps
 	@$(MAKE) --no-print-directory system-deps DEPS="$(FIELD_DEPS)"
 	$(VPY) -m pytest $(PYTEST_ARGS) -m field -p no:randomly tests/field; status=$$?; \
 	  $(VPY) tests/field/report.py --write docs/field.md; exit $$status

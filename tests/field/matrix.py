@@ -48,7 +48,8 @@ RESULTS = Path(os.environ.get("FIELD_RESULTS", ROOT / "build" / "field"))
 # the next connection to move K more bytes that way is reset there (mid-request / mid-answer);
 # a ":new" suffix spares the connections already open (a cut inside the next handshake).
 # answer-lost arms FaultProxy.plan.on_response: the next request is handled by the server
-# and the client is reset at its answer's first byte (issue #23).
+# and the client is reset at its answer's first byte (issue #23); answer-lost2 the next two
+# answers (a client library's own re-send loses its answer too).
 DEFAULT_KINDS = ("reset", "close", "refuse1.0", "cutup:20", "cutdown:200")
 
 
@@ -78,6 +79,12 @@ class Row:
     # (``server.count_counters``), and a key run more often than in the plain run is a worse
     # verdict (issue #23: duplicates are judged, not only measured).
     idempotent: bool = True
+    # server-side counts (``Counts.other``) where more under resilientsock than plain is a
+    # worse verdict: e.g. FTP 530 replies, writes arriving on connections that never logged in
+    worse_if_more: tuple[str, ...] = ()
+    # a string the note of a surfaced request must hold (e.g. "POST /orders"): the failures
+    # whose notes name it are counted (``failed_with_note_naming``)
+    note_names: str | None = None
 
     def plan(self) -> list[tuple[float, str]]:
         """``faults`` (time after start, kind): kinds in a seeded round-robin shuffle."""
@@ -107,6 +114,9 @@ def fire(proxy: FaultProxy, kind: str) -> Any:
         return proxy.reset_all()
     if kind == "answer-lost":  # the next request reaches the server; its answer is reset
         proxy.plan.on_response(1, "reset")
+        return "armed"
+    if kind == "answer-lost2":  # the next two answers are reset (a re-sent request's too)
+        proxy.plan.on_response([1, 2], "reset")
         return "armed"
     if kind.startswith(("cutup:", "cutdown:")):
         name, n, *new = kind.split(":")
@@ -178,6 +188,8 @@ def run_mode(row: Row, mode: str, workdir: Path) -> dict[str, Any]:
         p.unlink(missing_ok=True)
     prefix = f"{mode}-{row.slug}-".replace(".", "")
     before = row.server.baseline()
+    if hasattr(row.server, "prepare"):  # e.g. the broker declares the mode's queue
+        row.server.prepare(prefix)
     upstream = ("127.0.0.1", row.upstream_port or row.server.port)
     with FaultProxy(upstream) as proxy:
         argv = [a.replace("{port}", str(proxy.address[1])) for a in row.client]
@@ -264,6 +276,9 @@ def outcome(row: Row, mode: str, ops: list[dict[str, Any]], counts: Counts,
         "applied": sum(1 for k in seen if seen[k] > 0),
         "unknown_keys": sum(1 for k in seen if k not in {o["key"] for o in ops}),
         "duplicates": sum(1 for k in seen if seen[k] > 1),
+        "max_runs": max(seen.values(), default=0),
+        # a key run more than once whose operation the client saw fail: the issue's case
+        "duplicated_and_failed": sum(1 for o in bad if seen.get(o["key"], 0) > 1),
         "extra_executions": counts.extra_executions,
         "wrong_place": counts.wrong_place,
         "server": counts.other,
@@ -274,6 +289,13 @@ def outcome(row: Row, mode: str, ops: list[dict[str, Any]], counts: Counts,
                               for o in bad if o["exc"] not in row.plain_errors][:4],
         "error_messages": dict(Counter(f"{o['exc']}: {o.get('msg', '')[:80]}"
                                        for o in bad).most_common(12)),
+        # the notes resilientsock put on the errors (does the note name the request?)
+        "rs_notes": [n for n, _ in Counter(
+            n[:120] for o in bad for n in o.get("notes", [])
+            if n.startswith("resilientsock")).most_common(6)],
+        "failed_with_note_naming": sum(
+            1 for o in bad if row.note_names and any(row.note_names in n
+                                                     for n in o.get("notes", []))),
         "failed_with_rs_note": sum(1 for o in bad
                                    if any("resilientsock" in n for n in o.get("notes", []))),
         "max_op_s": max((o["dt"] for o in ops), default=0.0),
@@ -316,6 +338,13 @@ def compare(row: Row, plain: dict[str, Any], rs: dict[str, Any]) -> dict[str, An
     if not row.idempotent and rs["duplicates"] > plain["duplicates"]:
         worse.append(f"non-idempotent operations run more than once: {rs['duplicates']} "
                      f"(plain {plain['duplicates']})")
+    if not row.idempotent and rs["max_runs"] > max(plain["max_runs"], 1):
+        worse.append(f"an operation ran {rs['max_runs']} times (plain at most "
+                     f"{plain['max_runs']})")
+    for name in row.worse_if_more:
+        if rs["server"].get(name, 0) > plain["server"].get(name, 0):
+            worse.append(f"server-side {name}: {rs['server'].get(name, 0)} "
+                         f"(plain {plain['server'].get(name, 0)})")
     if rs["ops"] == 0:
         worse.append(f"the client did nothing (rc={rs['rc']}): {rs['stderr_tail'][-300:]}")
     recovered = plain["failed"] - rs["failed"]
@@ -331,7 +360,7 @@ def compare(row: Row, plain: dict[str, Any], rs: dict[str, Any]) -> dict[str, An
 
 
 CLIENT_DISTS = ("requests", "urllib3", "redis", "PyMySQL", "pymemcache", "paramiko",
-                "websocket-client", "websockets", "gevent")
+                "websocket-client", "websockets", "ldap3", "pyftpdlib", "stomp.py", "gevent")
 
 
 def client_versions() -> dict[str, str]:

@@ -21,7 +21,14 @@ ORDER = ["requests-nginx-http", "requests-nginx-https", "requests-nginx-https-re
          "httpclient-httpserver", "redis-db2",
          "redis-db2-nopass", "redis-down-for-good", "pymysql-mariadb", "pymysql-mariadb-handshake",
          "pymemcache-memcached", "smtplib-exim", "paramiko-openssh",
-         "websocket-client-websockets"]
+         "websocket-client-websockets",
+         # issue #23: non-idempotent requests and logins, judged
+         "post-requests-nginx-http", "post-retry0-nginx-http", "post-urllib3-nginx-http",
+         "post-requests-nginx-https", "post-retry0-nginx-https", "post-requests-httpserver-http",
+         "post-retry0-httpserver-http", "redis-incr", "redis-multi-exec", "pymemcache-incr",
+         "pymemcache-noreply",
+         "xmlrpc-incr", "ftplib-pyftpdlib-noop-loop", "imaplib-dovecot-noop-loop",
+         "ldap3-slapd-bind-add", "stomp-rabbitmq-send"]
 
 
 def _errors(errors: dict[str, int]) -> str:
@@ -30,7 +37,9 @@ def _errors(errors: dict[str, int]) -> str:
     short = {k.replace("requests.exceptions.", "requests.").replace("redis.exceptions.", "redis.")
              .replace("pymysql.err.", "").replace("paramiko.ssh_exception.", "paramiko.")
              .replace("websocket._exceptions.", "ws.").replace("resilientsock._errors.", "rs.")
-             .replace("pymemcache.exceptions.", "pymemcache."): v for k, v in errors.items()}
+             .replace("pymemcache.exceptions.", "pymemcache.")
+             .replace("ldap3.core.exceptions.", "ldap3.")
+             .replace("urllib3.exceptions.", "urllib3."): v for k, v in errors.items()}
     return ", ".join(f"{k} ×{v}" for k, v in sorted(short.items(), key=lambda kv: -kv[1]))
 
 
@@ -107,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no results in {args.results}: run `make field` first", file=sys.stderr)
         return 1
     results = [json.loads(p.read_text()) for p in files]
-    results.sort(key=lambda r: ORDER.index(r["row"]) if r["row"] in ORDER else len(ORDER))
+    results.sort(key=lambda r: (ORDER.index(r["row"]) if r["row"] in ORDER else len(ORDER),
+                                r["row"]))
     table = render(results)
     if not args.write:
         print(table)

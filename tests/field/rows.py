@@ -21,14 +21,22 @@ from typing import Any
 from .matrix import Row
 from .servers import (
     BLOB_SIZE,
+    Dovecot,
     Exim,
     HTTPServer,
     MariaDB,
     Memcached,
+    MemcachedNoreply,
     Nginx,
+    NginxPost,
+    PostBackend,
+    PyFTPd,
+    RabbitMQ,
     Redis,
+    Slapd,
     Sshd,
     WebSockets,
+    XMLRPCServer,
 )
 
 # what a refused or failed connect raises: "a drop is surfaced at once" is about sessions
@@ -197,3 +205,129 @@ def pymemcache_incr(server: Memcached, **kw: Any) -> Row:
                kinds=("answer-lost", "reset", "answer-lost", "close", "cutup:10"),
                idempotent=False, plain_errors=OS_ERRORS | {
                    "pymemcache.exceptions.MemcacheUnexpectedCloseError"}, **kw)
+
+
+# HTTP: the fault kinds of a POST row. answer-lost is the issue's case (the order was placed,
+# the answer never came); cutup:60 lands inside the request (never reached: safe to re-send);
+# cutdown:20 inside the answer's headers.
+POST_KINDS = ("answer-lost", "reset", "answer-lost", "close", "cutup:60", "cutdown:20",
+              "refuse1.0")
+URLLIB3_ERRORS = frozenset({"urllib3.exceptions.ProtocolError",
+                            "urllib3.exceptions.MaxRetryError",
+                            "urllib3.exceptions.ReadTimeoutError",
+                            "urllib3.exceptions.SSLError"})
+
+
+def requests_post(server: NginxPost | PostBackend, mode: str = "requests", tls: bool = False,
+                  **kw: Any) -> Row:
+    """Issue #23: a POST (no Idempotency-Key) whose answer was lost ran twice under
+    resilientsock where plain raised and ran it once. ``mode``: requests' defaults, an
+    explicit ``Retry(0)`` adapter, or urllib3's own defaults (``Retry(3)``)."""
+    scheme = "https" if tls else "http"
+    extra = [server.cafile] if tls else []  # type: ignore[union-attr]
+    where = "nginx" if isinstance(server, NginxPost) else "http.server"
+    lib = {"requests": "requests (defaults)", "retry0": "requests, Retry(0)",
+           "urllib3": "urllib3 (defaults, Retry(3))"}[mode]
+    port = (server.tls_port if tls else server.port)  # type: ignore[union-attr]
+    return Row(slug=f"post-{mode}-{where.replace('.', '')}-{scheme}",
+               title=f"POST: {lib} vs {where}, {scheme.upper()}", server=server,
+               client=["requests_post_client.py", f"{scheme}://127.0.0.1:{{port}}/orders",
+                       mode, *extra],
+               upstream_port=port, kinds=POST_KINDS, idempotent=False,
+               plain_errors=REQUESTS_ERRORS | URLLIB3_ERRORS | OS_ERRORS
+               | {"requests.exceptions.SSLError", "http.client.RemoteDisconnected"}, **kw)
+
+
+def xmlrpc_incr(server: XMLRPCServer, **kw: Any) -> Row:
+    """Issue #23: xmlrpc.client re-sends once by itself after a reset; resilientsock's
+    re-send stacked on it (incr ran 3 times where plain ran it at most twice)."""
+    return Row(slug="xmlrpc-incr", title="xmlrpc.client incr vs SimpleXMLRPCServer",
+               server=server, client=["xmlrpc_client.py", "http://127.0.0.1:{port}/"],
+               kinds=("answer-lost", "answer-lost2", "reset", "answer-lost2", "close",
+                      "cutup:60"),
+               idempotent=False,
+               plain_errors=OS_ERRORS | {"http.client.RemoteDisconnected",
+                                         "http.client.CannotSendRequest",
+                                         "http.client.ResponseNotReady",
+                                         "xmlrpc.client.ProtocolError"}, **kw)
+
+
+def redis_multi(server: Redis, **kw: Any) -> Row:
+    """Issue #23: a MULTI ... EXEC whose answer was lost ran twice (the app saw [2, 2])."""
+    return Row(slug="redis-multi-exec", title="redis-py MULTI/EXEC (retries off) vs redis-server",
+               server=server,
+               client=["redis_multi_client.py", "127.0.0.1", "{port}", server.password, "2"],
+               kinds=("answer-lost", "reset", "answer-lost", "close", "cutup:30"),
+               idempotent=False,
+               plain_errors=frozenset({"redis.exceptions.ConnectionError",
+                                       "redis.exceptions.TimeoutError"}), **kw)
+
+
+# the legacy loops: a command fails, NOOP checks the connection, log in again if NOOP raises
+LOGIN_KINDS = ("reset", "answer-lost", "close", "cutup:8", "cutdown:5", "refuse1.0")
+
+
+def ftplib_noop_loop(server: PyFTPd, **kw: Any) -> Row:
+    """Issue #23: after a surfaced drop, a lazily opened connection's greeting (220) was
+    read as NOOP's answer, and the next command met 530 (6 x in 20 s)."""
+    return Row(slug="ftplib-pyftpdlib-noop-loop",
+               title="ftplib NOOP liveness loop (MKD) vs pyftpdlib", server=server,
+               client=["ftp_client.py", "127.0.0.1", "{port}", server.user, server.password],
+               kinds=LOGIN_KINDS, idempotent=False, worse_if_more=("reply530",),
+               plain_errors=OS_ERRORS | {"EOFError", "ftplib.error_temp", "ftplib.error_reply",
+                                         "TimeoutError", "socket.timeout"}, **kw)
+
+
+def imaplib_noop_loop(server: Dovecot, **kw: Any) -> Row:
+    """Issue #23: the same with imaplib against dovecot: 22 x BAD in 20 s."""
+    return Row(slug="imaplib-dovecot-noop-loop",
+               title="imaplib NOOP liveness loop (APPEND) vs dovecot", server=server,
+               client=["imap_client.py", "127.0.0.1", "{port}", server.user, server.password],
+               kinds=LOGIN_KINDS, idempotent=False,
+               plain_errors=OS_ERRORS | {"EOFError", "imaplib.IMAP4.abort", "TimeoutError",
+                                         "socket.timeout"}, **kw)
+
+
+LDAP_ERRORS = frozenset({"ldap3.core.exceptions.LDAPSocketOpenError",
+                         "ldap3.core.exceptions.LDAPSocketReceiveError",
+                         "ldap3.core.exceptions.LDAPSocketSendError",
+                         "ldap3.core.exceptions.LDAPSessionTerminatedByServerError",
+                         "ldap3.core.exceptions.LDAPSocketCloseError",
+                         "ldap3.core.exceptions.LDAPStartTLSError",
+                         "ldap3.core.exceptions.LDAPBindError",
+                         "ldap3.core.exceptions.LDAPResponseTimeoutError"})
+
+
+def ldap3_bind_add(server: Slapd, **kw: Any) -> Row:
+    """Issue #23: an unanswered ADD was re-sent on a new connection that never did the BIND
+    (10 writes on unbound connections, 4 ADDs received twice)."""
+    return Row(slug="ldap3-slapd-bind-add", title="ldap3 BIND + ADD vs slapd", server=server,
+               client=["ldap_client.py", "127.0.0.1", "{port}", server.rootdn,
+                       server.password, f"ou=orders,{server.suffix}"],
+               kinds=("answer-lost", "reset", "close", "cutup:20", "cutdown:6", "refuse1.0"),
+               idempotent=False, worse_if_more=("writes_unbound",),
+               plain_errors=OS_ERRORS | LDAP_ERRORS, **kw)
+
+
+def stomp_send(server: RabbitMQ, **kw: Any) -> Row:
+    """Issue #23: a SEND cut before delivery was re-sent alone on a new connection that never
+    sent CONNECT: ERROR frames "You must log in using CONNECT first"."""
+    return Row(slug="stomp-rabbitmq-send", title="stomp.py SEND (receipts) vs RabbitMQ",
+               server=server,
+               client=["stomp_client.py", "127.0.0.1", "{port}", server.user, server.password],
+               kinds=("reset", "answer-lost", "close", "cutup:30", "cutdown:10", "refuse1.0"),
+               idempotent=False, worse_if_more=("error_frames",),
+               plain_errors=OS_ERRORS | {"stomp.exception.NotConnectedException",
+                                         "stomp.exception.ConnectFailedException",
+                                         "NoReceipt"}, **kw)
+
+
+def pymemcache_noreply(server: MemcachedNoreply, **kw: Any) -> Row:
+    """Issue #23: a noreply set (no answer ever) stayed in the journal and was replayed after
+    a later drop over another client's newer value."""
+    return Row(slug="pymemcache-noreply", title="pymemcache set (noreply) then another "
+               "client's newer value, vs memcached", server=server,
+               client=["memcache_noreply_client.py", "127.0.0.1", "{port}", str(server.port)],
+               kinds=("reset", "close", "cutup:10", "cutdown:6", "answer-lost", "refuse1.0"),
+               plain_errors=OS_ERRORS | {"pymemcache.exceptions.MemcacheUnexpectedCloseError",
+                                         "SetLost"}, **kw)

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -539,7 +540,7 @@ http {{
         ssl_certificate {dir}/cert.pem;
         ssl_certificate_key {dir}/key.pem;
         root {dir}/www;
-        location /blob {{ default_type application/octet-stream; }}
+        location /blob {{ default_type application/octet-stream; }}{extra}
     }}
 }}
 """
@@ -564,11 +565,15 @@ class Nginx(Server):
         (self.dir / "www" / "blob").write_bytes(BLOB)
         self.port, self.tls_port = free_port(), free_port()
         conf = self.dir / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port, tls_port=self.tls_port))
+        conf.write_text(NGINX_CONF.format(dir=self.dir, port=self.port, tls_port=self.tls_port,
+                                          extra=self.extra_locations()))
         self.access = self.dir / "access.log"
         self._spawn([exe, "-p", str(self.dir), "-c", str(conf)])
         wait_port(self.tls_port, self.proc, "nginx (TLS)", 10, self.log)  # type: ignore[arg-type]
         return self
+
+    def extra_locations(self) -> str:
+        return ""
 
     def count(self, prefix: str, before: dict[str, int]) -> Counts:
         lines = _settle(lambda: _read_lines(self.access))
@@ -647,3 +652,425 @@ class WebSockets(Server):
                       other={"garbage_handshakes": failed["garbage"],
                              "handshakes_cut": failed["cut"],
                              "connections_closed_before_a_request": failed["empty"]})
+
+
+# ------------------------------------------- counting backends for non-idempotent calls ----
+
+class CountingScript(Server):
+    """A Python server script (``tests/field/scripts``) that appends "VERB key" to its log
+    before it answers each call: the server's own count of how often each key's call ran
+    (issue #23). ``count_counters`` is that count."""
+
+    name = "counting"
+    script = ""
+    verb = ""
+
+    def start(self) -> CountingScript:
+        self.version = "Python " + sys.version.split()[0]
+        self.calls = self.dir / "calls.log"
+        self.port = free_port()
+        self._spawn([sys.executable, str(SCRIPTS / self.script), str(self.port),
+                     str(self.calls)])
+        return self
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        lines = _settle(lambda: _read_lines(self.calls))
+        seen: Counter[str] = Counter()
+        other: Counter[str] = Counter()
+        for ln in lines:
+            verb, _, key = ln.partition(" ")
+            if verb == self.verb and key.startswith(prefix):
+                seen[key] += 1
+            elif verb != self.verb:  # e.g. "REPLY530 ...": the script's other counts
+                other[verb.lower()] += 1
+        other["calls"] = sum(seen.values())
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other=dict(other))
+
+
+class PostBackend(CountingScript):
+    """Orders placed by POST /orders?id=KEY (tests/field/scripts/post_server.py)."""
+
+    name = "post-backend"
+    script = "post_server.py"
+    verb = "POST"
+
+    def start(self) -> PostBackend:
+        super().start()
+        self.version = "http.server, Python " + sys.version.split()[0]
+        return self
+
+
+class XMLRPCServer(CountingScript):
+    name = "xmlrpc"
+    script = "xmlrpc_server.py"
+    verb = "INCR"
+
+    def start(self) -> XMLRPCServer:
+        super().start()
+        self.version = "SimpleXMLRPCServer, Python " + sys.version.split()[0]
+        return self
+
+
+class NginxPost(Nginx):
+    """nginx in front of the counting POST backend (``proxy_pass``, HTTP/1.1 keep-alive
+    upstream): nginx cannot count POSTs by itself, the backend does. nginx never re-sends a
+    POST to its upstream (``proxy_next_upstream`` skips non-idempotent requests)."""
+
+    name = "nginx-post"
+
+    def start(self) -> NginxPost:
+        self.backend = PostBackend(self.dir)
+        self.backend.start()
+        try:
+            super().start()
+        except BaseException:
+            self.backend.stop()
+            raise
+        self.version = f"nginx {self.version} -> counting backend"
+        return self
+
+    def extra_locations(self) -> str:
+        return (f"\n        location /orders {{ proxy_pass http://127.0.0.1:{self.backend.port};"
+                f" proxy_http_version 1.1; proxy_set_header Connection \"\"; }}")
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.backend.stop()
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        return self.backend.count_counters(prefix, before)
+
+
+class PyFTPd(CountingScript):
+    """pyftpdlib (tests/field/scripts/ftp_server.py): each key's MKD, and "530" replies."""
+
+    name = "pyftpdlib"
+    script = "ftp_server.py"
+    verb = "MKD"
+    user, password = "robot", "secret"
+
+    def start(self) -> PyFTPd:
+        try:
+            import pyftpdlib
+        except ImportError:
+            pytest.skip("pyftpdlib is not installed (pip install -e '.[test]')")
+        super().start()
+        self.version = "pyftpdlib " + pyftpdlib.__ver__
+        return self
+
+
+DOVECOT_CONF = """\
+# A loopback-only dovecot for the field matrix: IMAP only, plaintext login, one
+# passwd-file user, maildir under this folder; no system service, no include of /etc.
+base_dir = {dir}/run
+state_dir = {dir}/state
+log_path = {dir}/dovecot.log
+info_log_path = {dir}/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+mail_location = maildir:{dir}/mail/%u
+first_valid_uid = 1
+mail_max_userip_connections = 1000
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {dir}/passwd
+}}
+userdb {{
+  driver = static
+  args = uid={uid} gid={gid} home={dir}/mail/%u
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+  process_limit = 1000
+}}
+service imap {{
+  process_limit = 1000
+}}
+"""
+
+
+class Dovecot(Server):
+    """dovecot (imap only) from a folder of its own under /tmp (its auth and mail processes
+    run as other users: pytest's 0700 folders are closed to them). Counting: each Subject
+    in the user's maildir (an APPEND that ran twice is two messages)."""
+
+    name = "dovecot"
+    user, password = "robot", "secret"
+
+    def start(self) -> Dovecot:
+        exe = find("dovecot")
+        if os.geteuid() != 0:
+            pytest.skip("dovecot needs to start as root here")
+        import pwd
+        try:
+            mail = pwd.getpwnam("nobody")
+        except KeyError:
+            pytest.skip("no user 'nobody' to own the maildir")
+        self.version = "dovecot " + subprocess.run([exe, "--version"], capture_output=True,
+                                                   text=True).stdout.split()[0]
+        self.own = Path(tempfile.mkdtemp(prefix="resilientsock-field-dovecot-"))
+        os.chmod(self.own, 0o755)
+        (self.own / "mail").mkdir()
+        os.chown(self.own / "mail", mail.pw_uid, mail.pw_gid)
+        (self.own / "passwd").write_text(f"{self.user}:{{PLAIN}}{self.password}::::::\n")
+        os.chmod(self.own / "passwd", 0o644)
+        self.port = free_port()
+        conf = self.own / "dovecot.conf"
+        conf.write_text(DOVECOT_CONF.format(dir=self.own, port=self.port, uid=mail.pw_uid,
+                                            gid=mail.pw_gid))
+        self.maildir = self.own / "mail" / self.user
+        self._spawn([exe, "-F", "-c", str(conf)])
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        own: Path | None = getattr(self, "own", None)
+        if own is not None:
+            for name in ("dovecot.log", "dovecot.conf"):
+                if (own / name).exists():  # kept for a failed run's report
+                    shutil.copy(own / name, self.dir / name)
+            shutil.rmtree(own, ignore_errors=True)
+            del self.own
+
+    def _subjects(self, prefix: str) -> Counter[str]:
+        seen: Counter[str] = Counter()
+        for sub in ("new", "cur"):
+            folder = self.maildir / sub
+            if not folder.is_dir():
+                continue
+            for f in folder.iterdir():
+                for ln in f.read_text(errors="replace").splitlines():
+                    if ln.startswith("Subject: " + prefix):
+                        seen[ln[9:].strip()] += 1
+                    if not ln:
+                        break
+        return seen
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        seen = _settle(lambda: self._subjects(prefix))
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()))
+
+
+SLAPD_CONF = """\
+# A loopback-only slapd for the field matrix: one mdb database, a root DN with a password;
+# anonymous users may read but not write (a write on a connection that never did the BIND
+# is refused, and counted from the stats log).
+include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/inetorgperson.schema
+pidfile {dir}/slapd.pid
+argsfile {dir}/slapd.args
+modulepath /usr/lib/ldap
+moduleload back_mdb
+database mdb
+maxsize 104857600
+suffix "{suffix}"
+rootdn "{rootdn}"
+rootpw {password}
+directory {dir}/db
+access to * by users write by anonymous auth by * read
+"""
+
+
+class Slapd(Server):
+    """OpenLDAP's slapd (``-d stats``: every operation logged with its connection), from a
+    folder of its own. Counting, from the log: each key's ADD (a second ADD of a dn is a
+    duplicate), and ``writes_unbound``: writes on a connection with no successful BIND."""
+
+    name = "slapd"
+    suffix = "dc=field,dc=test"
+    rootdn = "cn=admin,dc=field,dc=test"
+    password = "field-secret"
+
+    def start(self) -> Slapd:
+        exe = find("slapd")
+        slapadd = find("slapadd")
+        if not Path("/etc/ldap/schema/inetorgperson.schema").exists():
+            pytest.skip("the OpenLDAP schemas are not installed")
+        self.version = "slapd " + subprocess.run(
+            [exe, "-VV"], capture_output=True, text=True).stderr.split("slapd ")[-1].split()[0]
+        (self.dir / "db").mkdir(exist_ok=True)
+        conf = self.dir / "slapd.conf"
+        conf.write_text(SLAPD_CONF.format(dir=self.dir, suffix=self.suffix, rootdn=self.rootdn,
+                                          password=self.password))
+        base = self.dir / "base.ldif"
+        base.write_text(f"dn: {self.suffix}\nobjectClass: dcObject\nobjectClass: organization\n"
+                        f"dc: field\no: field\n\ndn: ou=orders,{self.suffix}\n"
+                        f"objectClass: organizationalUnit\nou: orders\n")
+        r = subprocess.run([slapadd, "-f", str(conf), "-l", str(base)], capture_output=True,
+                           text=True, timeout=60)
+        if r.returncode:
+            pytest.skip(f"slapadd failed: {r.stderr[-400:]}")
+        self.port = free_port()
+        self._spawn([exe, "-d", "stats", "-f", str(conf), "-h",
+                     f"ldap://127.0.0.1:{self.port}/"])
+        return self
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        lines = _settle(lambda: _read_lines(self.log))
+        bound: set[str] = set()  # connections whose BIND succeeded
+        binds: dict[str, str] = {}  # "conn op" -> dn of a BIND in flight
+        seen: Counter[str] = Counter()
+        other: Counter[str] = Counter()
+        add_re = re.compile(r"conn=(\d+) op=(\d+) (ADD|MOD|DEL|MODRDN) dn=\"([^\"]*)\"")
+        bind_re = re.compile(r"conn=(\d+) op=(\d+) BIND dn=\"([^\"]*)\" method")
+        res_re = re.compile(r"conn=(\d+) op=(\d+) RESULT tag=97 err=(\d+)")
+        for ln in lines:
+            m = bind_re.search(ln)
+            if m:
+                binds[f"{m[1]} {m[2]}"] = m[3]
+                bound.discard(m[1])  # a new BIND resets the connection's identity
+                continue
+            m = res_re.search(ln)
+            if m and f"{m[1]} {m[2]}" in binds:
+                if m[3] == "0" and binds.pop(f"{m[1]} {m[2]}"):
+                    bound.add(m[1])
+                continue
+            m = add_re.search(ln)
+            if m:
+                rdn = m[4].split(",")[0].partition("=")[2]
+                if not rdn.startswith(prefix):
+                    continue
+                if m[3] == "ADD":
+                    seen[rdn] += 1
+                if m[1] not in bound:
+                    other["writes_unbound"] += 1
+        other["adds"] = sum(seen.values())
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other=dict(other))
+
+
+class RabbitMQ(Server):
+    """RabbitMQ with its STOMP plugin, from a folder of its own (its own node name, Erlang
+    port mapper port, cookie, data and log; stdout is the log). Counting: each mode's queue
+    is drained by a STOMP subscriber of this process after a sentinel message (FIFO, one
+    consumer: the sentinel comes last); ``error_frames``: "STOMP error frame sent" lines."""
+
+    name = "rabbitmq"
+    user, password = "guest", "guest"
+
+    def start(self) -> RabbitMQ:
+        exe = find("/usr/lib/rabbitmq/bin/rabbitmq-server")
+        try:
+            import stomp  # noqa: F401
+        except ImportError:
+            pytest.skip("stomp.py is not installed (pip install -e '.[field]')")
+        self.port, amqp, dist, epmd = free_port(), free_port(), free_port(), free_port()
+        (self.dir / "enabled_plugins").write_text("[rabbitmq_stomp].\n")
+        (self.dir / "rabbitmq.conf").write_text(
+            f"stomp.listeners.tcp.1 = 127.0.0.1:{self.port}\nlisteners.tcp.1 = "
+            f"127.0.0.1:{amqp}\nloopback_users = none\nlog.console = true\n"
+            f"log.console.level = warning\nlog.file = false\n")
+        self.env = {**os.environ, "HOME": str(self.dir),
+                    "RABBITMQ_NODENAME": f"field{self.port}@localhost",
+                    "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1", "RABBITMQ_NODE_PORT": str(amqp),
+                    "RABBITMQ_DIST_PORT": str(dist), "ERL_EPMD_PORT": str(epmd),
+                    "ERL_EPMD_ADDRESS": "127.0.0.1",
+                    "RABBITMQ_MNESIA_BASE": str(self.dir / "mnesia"),
+                    "RABBITMQ_LOG_BASE": str(self.dir / "log"),
+                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.dir / "enabled_plugins"),
+                    "RABBITMQ_CONFIG_FILE": str(self.dir / "rabbitmq"),
+                    "RABBITMQ_PID_FILE": str(self.dir / "rabbit.pid")}
+        self.version = "RabbitMQ " + (subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", "rabbitmq-server"], capture_output=True,
+            text=True).stdout.split("-")[0] or "?") + " (STOMP plugin)"
+        # the broker takes seconds to boot (more on a loaded machine): a generous bound
+        self._spawn([exe], ready_timeout=120, env=self.env, start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None:
+            try:
+                stop_proc(proc, timeout=60)
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # beam and its helpers
+                except ProcessLookupError:
+                    pass
+                self.proc = None
+            epmd = shutil.which("epmd") or "/usr/lib/erlang/bin/epmd"
+            if os.access(epmd, os.X_OK):
+                subprocess.run([epmd, "-kill"], env=self.env, capture_output=True, timeout=30)
+
+    def baseline(self) -> dict[str, int]:
+        return {"error_frames": sum("error frame" in ln for ln in _read_lines(self.log))}
+
+    def prepare(self, prefix: str) -> None:
+        """Declare the mode's queue (a SEND to a queue nobody declared is dropped by the
+        broker): a SUBSCRIBE to /queue/NAME declares it durable; the subscription ends."""
+        import stomp
+        conn = stomp.Connection([("127.0.0.1", self.port)], heartbeats=(0, 0), timeout=10)
+        conn.connect(self.user, self.password, wait=True, headers={"host": "/"})
+        try:
+            conn.subscribe("/queue/" + prefix, id="declare", ack="auto",
+                           headers={"durable": "true", "auto-delete": "false",
+                                    "exclusive": "false"})
+            conn.unsubscribe(id="declare")
+        finally:
+            conn.disconnect(receipt="declared")
+
+    def count_counters(self, prefix: str, before: dict[str, int]) -> Counts:
+        import stomp
+        done = threading.Event()
+        got: list[str] = []
+        sentinel = f"sentinel-{prefix}"
+
+        class Drain(stomp.ConnectionListener):
+            def on_message(self, frame: Any) -> None:
+                if frame.body == sentinel:
+                    done.set()
+                else:
+                    got.append(frame.body)
+
+        conn = stomp.Connection([("127.0.0.1", self.port)], heartbeats=(0, 0), timeout=10)
+        conn.set_listener("drain", Drain())
+        conn.connect(self.user, self.password, wait=True, headers={"host": "/"})
+        try:
+            queue = "/queue/" + prefix
+            conn.subscribe(queue, id="drain", ack="auto")
+            conn.send(queue, sentinel)
+            if not done.wait(60):
+                raise AssertionError(f"the sentinel of {queue} did not come back in 60 s")
+        finally:
+            conn.disconnect()
+        seen = Counter(b for b in got if b.startswith(prefix))
+        frames = self.baseline()["error_frames"] - before["error_frames"]
+        return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
+                      other={"error_frames": frames, "messages": len(got)})
+
+
+class MemcachedNoreply(Memcached):
+    """The noreply row's count: a key is "seen" when it holds "new", the other client's newer
+    value, which it wrote after the operation's own get had read "old" back: an operation the
+    client saw succeed whose key holds "old" (or nothing) lost that newer value (``lost``:
+    an older noreply set replayed over it). ``old`` counts every key left at "old" (also
+    those of failed operations, where the other client never wrote)."""
+
+    name = "memcached-noreply"
+
+    def count(self, prefix: str, before: dict[str, int]) -> Counts:
+        from pymemcache.client.base import Client
+        c = Client(("127.0.0.1", self.port), timeout=5)
+        keys = [f"{prefix}{i}" for i in range(int(os.environ.get("FIELD_MAX_OPS", "4000")))]
+        found: Counter[str] = Counter()
+        values: Counter[str] = Counter()
+        for i in range(0, len(keys), 200):
+            for k, v in _settle(lambda: c.get_many(keys[i:i + 200])).items():  # noqa: B023
+                if v == b"new":
+                    found[k] = 1
+                values[v.decode(errors="replace")] += 1
+        c.close()
+        return Counts(seen=found, other={"old": values["old"], "new": values["new"]})
