@@ -686,7 +686,10 @@ class ResilientSocket(_GeventSocket):
             # socket gives it; the journal is the caller's now (nothing re-sent twice).
             self._rs_bump("surfaced")
             _stats.bump(f"surfaced.{outcome.info.category}")
-            _emit("surfaced", logging.INFO, "%s: unanswered EOF passed on: %s",
+            # A request not re-sent for want of idempotency reaches the caller as an EOF,
+            # which carries no note (a TLS reset reads as one): the log names it instead.
+            level = logging.WARNING if verdict.rule == "not-idempotent" else logging.INFO
+            _emit("surfaced", level, "%s: unanswered EOF passed on: %s",
                   self._rs_name(), verdict.note, peer=self._rs_target,
                   category=str(outcome.info.category), error_type="EOF")
             self._rs_discard(m)
