@@ -995,10 +995,10 @@ class _RelaySession(_Carrier):
             return
         if self.fresh():
             # HELLO and gone (or CREATED lost): held briefly, for a retry of the creation.
+            hold = min(self.relay.creation_hold, self.relay.session_timeout)
             log.debug("resilientsock: relay: new session %s detached before its client "
-                      "showed it got CREATED (%s); held %.0f s", self.sid.hex()[:8], why,
-                      self.relay.creation_hold)
-            self.expiry = gevent.spawn_later(self.relay.creation_hold, self._expire)
+                      "showed it got CREATED (%s); held %.0f s", self.sid.hex()[:8], why, hold)
+            self.expiry = gevent.spawn_later(hold, self._expire)
             return
         log.info("resilientsock: relay: session %s detached (%s); held for %.0f s",
                  self.sid.hex()[:8], why, self.relay.session_timeout)
