@@ -831,7 +831,7 @@ class Machine:
             return None
         dialect = self.dialect
         if dialect is not None:
-            why = dialect.refusal()
+            why: str | None = dialect.refusal()
             if why is not None:
                 return why
             if dialect.fresh_ok():

@@ -1980,7 +1980,7 @@ class _ClientSession(_Carrier):
             # A resume is two round trips on a live path: an attempt slower than two
             # heartbeats (at least 1 s) met a dead path; try a new connection instead.
             budget = min(policy.connect_timeout or HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT,
-                         max(1.0, 2 * self.heartbeat))
+                         max(1.0, 2 * (self.heartbeat or HANDSHAKE_TIMEOUT)))
             if policy.deadline is not None:
                 budget = max(0.01, min(budget, policy.deadline - (time.monotonic() - started)))
             try:

@@ -10,11 +10,10 @@ byte (``plan.on_response``). Every count is taken on the server side.
 
 from __future__ import annotations
 
-import logging
-
 import ftplib
 import http.client
 import http.server
+import logging
 import os
 import select
 import shutil
