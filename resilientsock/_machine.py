@@ -559,8 +559,10 @@ class Machine:
             self.duplex = True  # another greenlet is inside a read while this one wrote
         if self.duplex:
             self.writer = _getcurrent()
-        if not self.lines_off and not self.explicit and self.dialect is None:
-            self._wrote_lines(data, journal)
+        if not self.lines_off and not self.explicit and self.dialect is None and (
+                self.lines is not None
+                or not (journal._head < len(journal._ends) or journal.overflowed)):
+            self._wrote_lines(data, journal)  # (its first test inlined: a frame less a write)
         journal.append(data)
         lines = self.lines
         if lines is not None:
@@ -606,7 +608,7 @@ class Machine:
         if self.lines is not None:
             return True
         journal = self.journal
-        return journal.keep_data and journal.pending and journal._data[-1:] == b"\n"
+        return journal.keep_data and journal.pending and journal.last_byte() == b"\n"
 
     def _lines_stop(self) -> None:
         self.lines = None
