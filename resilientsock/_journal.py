@@ -16,10 +16,16 @@ Rules of this module (DESIGN §5, §5b, §12):
    overflowed is surfaced, never silently half-replayed.
 5. ``clear`` is for when an error was surfaced and the connection discarded: the caller owns
    recovery from then on.
-6. Memory: the payload lives in one ``bytearray`` and the record boundaries in an
-   ``array('q')`` of end offsets (8 bytes a record), so the heap stays within ~1.2x of the
-   payload whatever the record size (a deque of per-record lists held 5.1x for 63-byte
-   records: review r13).
+6. Memory and speed (DESIGN §12): the payload lives in a deque of chunks. A ``bytes``
+   record of at least ``_BIG`` bytes is held by reference (immutable: no copy on the write
+   path, and the heap it adds is a slot and nothing else), as is a ``bytes`` record written
+   to an empty journal (a request/answer exchange's request); other small records and mutable
+   buffers (``bytearray``, ``memoryview``: the caller may reuse them) are copied into the
+   tail ``bytearray``. Record boundaries are an ``array('q')`` of end offsets (8 bytes a
+   record), so the heap stays within ~1.2x of the payload whatever the record size (a deque
+   of per-record lists held 5.1x for 63-byte records: review r13; a chunk adds <= ~100 bytes
+   per ``_BIG``-byte record). Trimming happens at record ends only, so a referenced record
+   is let go whole or kept whole.
 
 Offsets are absolute: byte ``i`` is the i-th byte ever appended. ``_keep`` <= ``_done`` <=
 ``_total``: ``[_keep, _done)`` is kept for resume, ``[_done, _total)`` is unconfirmed, and the
@@ -29,24 +35,29 @@ buffer holds ``[_keep, _total)``.
 from __future__ import annotations
 
 from array import array
+from collections import deque
 
 __all__ = ["Journal"]
+
+# A ``bytes`` record at least this long is held by reference instead of copied.
+_BIG = 1024
 
 
 class Journal:
     """Unconfirmed write records, in order. Not thread-safe: the socket serialises writers."""
 
-    __slots__ = ("_data", "_ends", "_head", "_base", "_total", "_done", "_keep", "limit",
+    __slots__ = ("_chunks", "_tail", "_ends", "_head", "_base", "_total", "_done", "_keep", "limit",
                  "keep_data", "overflowed", "_overflow_until", "_origin", "keeping")
 
     def __init__(self, limit: int, keep_data: bool = True) -> None:
-        self._data = bytearray()
+        self._chunks: deque[bytes | bytearray] = deque()  # the bytes [_keep, _total)
+        self._tail: bytearray | None = None  # the last chunk, when small records go there
         self._ends = array("q")  # absolute end offset of each record still known
         self._head = 0  # index in _ends of the first unconfirmed record
         self._base = 0  # sequence number of _ends[0]
         self._total = 0  # bytes ever appended
         self._done = 0  # absolute offset of the first unconfirmed byte
-        self._keep = 0  # absolute offset of the first byte still in _data
+        self._keep = 0  # absolute offset of the first byte still in _chunks
         self.limit = limit
         self.keep_data = keep_data
         self.overflowed = False
@@ -99,15 +110,29 @@ class Journal:
             self._overflow()
             return
         if self.keep_data:
-            self._data += data
+            chunks = self._chunks
+            if type(data) is bytes and (n >= _BIG or not chunks):
+                # Immutable: held, not copied. A small one only as the first chunk (the
+                # request/answer case), so small records never cost an object each.
+                chunks.append(data)
+                self._tail = None
+            else:
+                tail = self._tail
+                if tail is None:
+                    tail = self._tail = bytearray()
+                    chunks.append(tail)
+                tail += data
         self._ends.append(self._total)
 
     def end_answer(self) -> None:
         """A write after an answer: the answer is complete, its requests need not be kept."""
         done = self._done
         if self._keep != done:  # _trim(done), inlined: this runs once per exchange
-            if self.keep_data:
-                del self._data[: done - self._keep]
+            if done == self._total:  # everything answered (the request/answer case)
+                self._chunks.clear()
+                self._tail = None
+            elif self.keep_data:
+                self._drop_front(done - self._keep)
             self._keep = done
             head = self._head
             if head > 64 and head * 2 > len(self._ends):
@@ -118,13 +143,32 @@ class Journal:
         self._overflow_until = self.mark()
         self._head = len(self._ends)
         self._done = self._keep = self._total
-        self._data.clear()
+        self._chunks.clear()
+        self._tail = None
         self._compact()
+
+    def _drop_front(self, count: int) -> None:
+        """Let go of the first ``count`` buffered bytes (``count`` ends at a record end)."""
+        chunks = self._chunks
+        while count > 0 and chunks:
+            chunk = chunks[0]
+            n = len(chunk)
+            if n <= count:
+                chunks.popleft()
+                if chunk is self._tail:
+                    self._tail = None
+                count -= n
+            elif type(chunk) is bytearray:
+                del chunk[:count]
+                count = 0
+            else:  # not at a record end: cannot happen (records are trimmed whole); be safe
+                chunks[0] = chunk[count:]
+                count = 0
 
     def _trim(self, upto: int) -> None:
         """Let go of buffered bytes before absolute offset ``upto``."""
         if self.keep_data:
-            del self._data[: upto - self._keep]
+            self._drop_front(upto - self._keep)
         self._keep = upto
         self._compact()
 
@@ -179,7 +223,8 @@ class Journal:
         """Forget everything written so far (an error was surfaced; the caller owns it)."""
         self._head = len(self._ends)
         self._done = self._keep = self._total
-        self._data.clear()
+        self._chunks.clear()
+        self._tail = None
         self.overflowed = False
         self._compact()
 
@@ -192,20 +237,42 @@ class Journal:
     def unconfirmed(self) -> bytes:
         """The unconfirmed bytes, oldest first (empty where data is not kept). A copy: a
         view would pin the buffer, and the next confirmation could not trim it."""
-        return bytes(self._data[self._done - self._keep:])
+        skip = self._done - self._keep
+        if not skip:
+            return self.with_kept()
+        out = []
+        for chunk in self._chunks:
+            n = len(chunk)
+            if skip >= n:
+                skip -= n
+                continue
+            out.append(chunk[skip:] if skip else chunk)
+            skip = 0
+        return b"".join(out)
 
     def with_kept(self) -> bytes:
         """The kept (answered) records followed by the unconfirmed ones: what answer resume
         re-sends (a copy)."""
-        return bytes(self._data)
+        chunks = self._chunks
+        if len(chunks) == 1 and type(chunks[0]) is bytes:
+            return chunks[0]  # type: ignore[return-value]
+        return b"".join(chunks)
+
+    def last_byte(self) -> bytes:
+        """The last byte buffered (``b""`` when nothing is)."""
+        for chunk in reversed(self._chunks):
+            if chunk:
+                return bytes(chunk[-1:])
+        return b""
 
     def records(self) -> list[bytes]:
         """The unconfirmed records, oldest first, one ``bytes`` each (for tests and tools)."""
         out = []
+        data = self.with_kept() if self.keep_data else b""
         start = self._done
         for end in self._ends[self._head:]:
             if self.keep_data:
-                out.append(bytes(self._data[start - self._keep:end - self._keep]))
+                out.append(data[start - self._keep:end - self._keep])
             else:
                 out.append(b"")
             start = end

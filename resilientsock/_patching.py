@@ -99,7 +99,9 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
     if _patched:
         return
     _apply()
-    from . import _libraries
+    from . import _libraries, _machine
+
+    _machine.preload_dialects()  # not on the first write (DESIGN §12)
 
     _libraries.install()  # which sockets a retrying client library opens (wrapt hooks)
     _warn_early_bindings()

@@ -84,6 +84,45 @@ def test_journal_copies_mutable_buffers():
     assert j.records() == [b"abc"]
 
 
+def test_journal_holds_a_large_bytes_record_by_reference_and_copies_mutable_ones():
+    # DESIGN §12 (issue 28): an immutable record is not copied on the write path.
+    big = b"q" * 65536
+    j = Journal(limit=1 << 20)
+    j.append(big)
+    assert j.with_kept() is big and j.unconfirmed() is big
+    buf = bytearray(b"m" * 65536)  # a mutable buffer the caller reuses: copied
+    j.append(buf)
+    j.append(memoryview(buf)[:3000])
+    buf[:] = b"Z" * 65536
+    j.append(b"small\n")
+    assert j.records() == [big, b"m" * 65536, b"m" * 3000, b"small\n"]
+    assert j.last_byte() == b"\n"
+    mark = j.mark()
+    j.append(big)
+    j.confirm_before(mark - 1)  # the first three answered: kept for resume
+    assert j.kept_bytes == 2 * 65536 + 3000
+    assert j.with_kept() == big + b"m" * 65536 + b"m" * 3000 + b"small\n" + big
+    assert j.unconfirmed() == b"small\n" + big
+    j.end_answer()  # trimmed at a record end: referenced records go whole
+    assert j.with_kept() == b"small\n" + big and j.records() == [b"small\n", big]
+    j.confirm_all()
+    assert not j.pending and j.with_kept() == b"" and j.last_byte() == b""
+
+
+def test_journal_heap_with_large_mutable_records_stays_near_the_payload():
+    import tracemalloc
+
+    j = Journal(limit=8 << 20)
+    buf = bytearray(b"r" * 4000)
+    tracemalloc.start()
+    for _ in range(1000):
+        j.append(buf)  # copied (mutable), 4 MB in all
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert j.size == 4_000_000
+    assert held <= 1.5 * j.size
+
+
 def test_journal_overflow_stops_promising_until_everything_is_confirmed():
     j = Journal(limit=10)
     j.append(b"12345")
