@@ -201,3 +201,76 @@ def test_http_post_loop_through_random_resets_never_runs_a_post_twice(tmp_path):
             assert sum(n for k, n in server.counts.items() if k.startswith("POST")) <= 100
     finally:
         server.close()
+
+
+# -- ftplib STOR/RETR against pyftpdlib: a file is stored as often as plain -------------------
+
+FTP_CLIENT = '''\
+import ftplib, io, sys
+port = int(sys.argv[1])
+def login():
+    ftp = ftplib.FTP()
+    ftp.connect("127.0.0.1", port, timeout=10)
+    ftp.login("robot", "secret")
+    return ftp
+ftp = login()
+for i in range(3):
+    data = b"%d" % i * 20000
+    try:
+        ftp.storbinary(f"STOR f{i}", io.BytesIO(data))
+        buf = io.BytesIO()
+        ftp.retrbinary(f"RETR f{i}", buf.write)
+        print("ok", i, buf.getvalue() == data)
+    except Exception as e:
+        print("error", i, type(e).__name__)
+        ftp.close()
+        ftp = login()
+ftp.quit()
+'''
+
+# the control connection is reset where: STOR's final answer lost (the file is stored), PASV
+# lost, the go-ahead for RETR lost, RETR never reaching the server.
+FTP_FAULTS = [("down", b"226 Transfer"), ("up", b"PASV"), ("up", b"RETR f1")]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("direction,pattern", FTP_FAULTS,
+                         ids=[p.decode() for _, p in FTP_FAULTS])
+def test_ftplib_files_stored_as_plain_stores_them(tmp_path, direction, pattern):
+    pytest.importorskip("pyftpdlib")
+    from pyftpdlib.authorizers import DummyAuthorizer
+    from pyftpdlib.handlers import FTPHandler
+    from pyftpdlib.servers import FTPServer
+
+    root = tmp_path / "root"
+    root.mkdir()
+    authorizer = DummyAuthorizer()
+    authorizer.add_user("robot", "secret", str(root), perm="elradfmw")
+    handler = type("Handler", (FTPHandler,), {"authorizer": authorizer})
+    handler.log_prefix = ""
+    server = FTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"timeout": 0.05},
+                              daemon=True)
+    thread.start()
+    script = tmp_path / "ftp_client.py"
+    script.write_text(FTP_CLIENT)
+    seen: dict[str, tuple[dict[str, bytes], list[str]]] = {}
+    try:
+        for mode in MODES:
+            for f in root.iterdir():
+                f.unlink()
+            with FaultProxy(server.address[:2]) as proxy:
+                proxy.plan.on_pattern(pattern, direction, nth=1, action="reset")
+                out = _run(mode, script, proxy.address[1])
+                assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
+            assert out.returncode == 0, out.stderr
+            files = {f.name: f.read_bytes() for f in root.iterdir()}
+            seen[mode] = (files, out.stdout.splitlines())
+            for name, data in files.items():  # never a file with wrong content
+                assert data == name[1:].encode() * 20000, (mode, name)
+    finally:
+        server.close_all()
+        thread.join(5)
+    assert sorted(seen["resilientsock"][0]) == sorted(seen["plain"][0]), seen
+    plain_ok = {line for line in seen["plain"][1] if line.startswith("ok")}
+    assert plain_ok <= set(seen["resilientsock"][1]), seen  # no error plain did not have
