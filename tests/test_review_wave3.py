@@ -274,3 +274,56 @@ def test_ftplib_files_stored_as_plain_stores_them(tmp_path, direction, pattern):
     assert sorted(seen["resilientsock"][0]) == sorted(seen["plain"][0]), seen
     plain_ok = {line for line in seen["plain"][1] if line.startswith("ok")}
     assert plain_ok <= set(seen["resilientsock"][1]), seen  # no error plain did not have
+
+
+# -- redis-py non-transaction pipeline mixing reads and INCR/RPUSH, retries off --------------
+
+REDIS_CLIENT = '''\
+import sys, redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+port = int(sys.argv[1])
+r = redis.Redis(port=port, socket_timeout=5, retry=Retry(NoBackoff(), 0),
+                health_check_interval=0)
+for i in range(4):
+    try:
+        p = r.pipeline(transaction=False)
+        p.set("s", i).get("s").incr(f"c:{i}").rpush(f"l:{i}", "x").get("s")
+        print("ok", i, p.execute() == [True, str(i).encode(), 1, 1, str(i).encode()])
+    except redis.ConnectionError:
+        print("error", i)
+'''
+
+
+@pytest.mark.parametrize("how", ["answer-lost", "answer-cut"])
+def test_redis_pipeline_with_incr_runs_no_more_often_than_plain(redis_server, tmp_path, how):
+    import redis
+
+    port = redis_server[1]
+    script = tmp_path / "redis_client.py"
+    script.write_text(REDIS_CLIENT)
+    direct = redis.Redis(port=port)
+    seen: dict[str, tuple[list[int], list[str]]] = {}
+    try:
+        for mode in MODES:
+            direct.flushall()
+            with FaultProxy(("127.0.0.1", port)) as proxy:
+                if how == "answer-lost":  # the server ran the pipeline of call 2, no answer
+                    proxy.plan.on_pattern(b"+OK\r\n$1\r\n1\r\n", "down", nth=1,
+                                          action="reset")
+                else:  # the answer of call 2 is cut after its first replies
+                    proxy.plan.on_pattern(b":1\r\n$1\r\n1\r\n", "down", nth=1,
+                                          action="reset")
+                out = _run(mode, script, proxy.address[1])
+                assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
+            assert out.returncode == 0, out.stderr
+            runs = [int(direct.get(f"c:{i}") or 0) for i in range(4)]
+            pushes = [int(direct.llen(f"l:{i}")) for i in range(4)]
+            assert runs == pushes, (mode, runs, pushes)
+            seen[mode] = (runs, out.stdout.splitlines())
+            assert "ok 1 False" not in out.stdout and "ok 2 False" not in out.stdout, out.stdout
+    finally:
+        direct.close()
+    assert seen["resilientsock"][0] == seen["plain"][0] == [1, 1, 1, 1], seen  # never twice
+    plain_ok = {line for line in seen["plain"][1] if line.startswith("ok")}
+    assert plain_ok <= set(seen["resilientsock"][1]), seen
