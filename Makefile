@@ -75,7 +75,7 @@ system-deps:
 test: $(STAMP) system-deps
 	$(VPY) -m pytest $(PYTEST_ARGS) -m "not slow and not field"
 
-# The real-client matrix (tests/field, marker `field`; DESIGN §9): each real client, plain
+# The real-client matrix (tests/field, marker `field`; docs/design.md §9): each real client, plain
 # and under resilientsock, against its real server -> build/field/*.json, then the table in
 # docs/field.md. FIELD_RS_COMMIT=<rev> pins the clients' resilientsock to a commit.
 FIELD_STAMP := $(VENV)/.installed-field

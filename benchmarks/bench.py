@@ -5,7 +5,7 @@
 
 Sections (each one table; ratios are against the gevent socket measured in the same run):
 
-sameproc  the DESIGN §12 targets: one process runs both a server and its client, patched by
+sameproc  the docs/design.md §12 targets: one process runs both a server and its client, patched by
           gevent.monkey alone or by resilientsock.patch(); 64 B ping-pong, 64 KiB bulk
           ``sendall`` of 128 MiB to a reader that answers only at the end, and a download
           (one request, a long answer read with recv_into: the read path's cost,
@@ -240,7 +240,7 @@ def bench_overhead(runs: int, quick: bool) -> dict[str, Any]:
     return results
 
 
-# -- overhead with both ends in one patched process (DESIGN §12) --
+# -- overhead with both ends in one patched process (docs/design.md §12) --
 
 def sameproc_main(mode: str, test: str, amount: float) -> None:
     """One process that runs a server and its client, patched by ``mode``: ``gevent``
@@ -336,7 +336,7 @@ def sameproc_main(mode: str, test: str, amount: float) -> None:
 
 
 def recovery_main(mode: str, tls: bool, faults: int) -> None:
-    """Recovery after an RST with the server up, in one process (DESIGN §12): a server
+    """Recovery after an RST with the server up, in one process (docs/design.md §12): a server
     greenlet answers ``MSG n`` lines with ``ACK n``, or resets the connection (SO_LINGER 0)
     instead of answering when told to; the client sends a line and reads its answer. Time
     from the reset to the answer read. ``patched``: resilientsock.patch() recovers by itself;
@@ -738,7 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     if "sameproc" in sections:
         runs = max(args.runs, 11)
         res = bench_sameproc(runs, args.quick)
-        emit("\n## Overhead, both ends in one patched process (DESIGN §12)\n")
+        emit("\n## Overhead, both ends in one patched process (docs/design.md §12)\n")
         emit(f"One process runs the server and its client: `gevent.monkey.patch_all()` alone "
              f"against `resilientsock.patch()` (the accepted socket passes through, the client "
              f"is protected). Alternating runs, median of {runs}.\n")
@@ -764,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
              f"({min(pairs):.2f}-{max(pairs):.2f}) | - |")
         digest_us = _digest_cost_us()
         read_us = CHUNK / (statistics.median(res["download"]["gevent"]) * (1 << 20)) * 1e6
-        emit(f"\nThe answer-resume digest (DESIGN §5b: every byte the caller gets, detection "
+        emit(f"\nThe answer-resume digest (design.md §5b: every byte the caller gets, detection "
              f"except with probability <= 2^-32) costs {digest_us:.2f} µs per 64 KiB read here "
              f"(xxhash XXH3-64), {read_us:.1f} µs being the whole 64 KiB read at gevent's "
              f"median rate: {digest_us / read_us:.1%} of the read path by itself.")
@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds = max(args.runs, 9)
         faults = 40 if args.quick else 100
         rr = bench_recovery_rounds(rounds, faults)
-        emit(f"\nRST with the server up, in one process (DESIGN §12): a server greenlet resets "
+        emit(f"\nRST with the server up, in one process (design.md §12): a server greenlet resets "
              f"the connection instead of answering; time from the reset to the answer read. "
              f"{rounds} alternating rounds of {faults} faults, each round in its own process: "
              f"`resilientsock.patch()` recovering by itself against gevent.monkey alone with "

@@ -1,4 +1,4 @@
-"""Session mode (DESIGN §11/§12): the same relay, sessions against plain proxying, one run.
+"""Session mode (docs/design.md §11/§12): the same relay, sessions against plain proxying, one run.
 
     python benchmarks/bench_session.py [--runs N] [--quick] [--idle N] [--append PATH]
 

@@ -112,7 +112,7 @@ SUITES = {
                   "query to the machine's resolver)"},
         by_design={"test/with_dummyserver/test_socketlevel.py::TestSocketClosing::"
                    "test_release_conn_param_is_respected_after_timeout_retry":
-                   "the server's unanswered EOF is recovered inside recv() (DESIGN §5), so "
+                   "the server's unanswered EOF is recovered inside recv() (docs/design.md §5), so "
                    "urllib3 never sees it and never opens its own second connection"},
         requirements=["anyio[trio]>=4.8.0", "h2>=4.1.0", "httpx>=0.28.1", "hypercorn>=0.15.0",
                       "pysocks>=1.7.1", "pytest>=8.3.4", "pytest-socket>=0.7.0",

@@ -10,7 +10,7 @@
     python -m resilientsock demo [--seconds N] [--seed S] [--faults LIST]
     python -m resilientsock relay --listen HOST:PORT --upstream HOST:PORT [OPTIONS]
 
-Rules of this module (DESIGN §2, §7):
+Rules of this module (docs/design.md §2, §7):
 
 1. The runner patches *before* importing runpy or the script; ``sys.argv`` and ``sys.path[0]``
    are what the script would see under plain ``python`` (``-c`` and ``-`` included); its exit
@@ -93,7 +93,7 @@ def _runner_parser() -> argparse.ArgumentParser:
                             help=f"{spec.help} [env RESILIENTSOCK_{name.upper()}]")
     parser.add_argument("--session", default=None, metavar="HOST:PORT[,HOST:PORT...]",
                         help="connections to these servers become sessions through a relay "
-                             "(exactly-once; DESIGN §11) [env RESILIENTSOCK_SESSION]")
+                             "(exactly-once; docs/design.md §11) [env RESILIENTSOCK_SESSION]")
     parser.add_argument("--log-level", default=None, metavar="LEVEL",
                         help="log level of the 'resilientsock' logger, e.g. INFO to see every "
                              "reconnect (default WARNING) [env RESILIENTSOCK_LOG_LEVEL]")
@@ -202,7 +202,7 @@ def parse_session(text: str) -> list[tuple[str, int]]:
 
     ValueError names the part that is wrong. The runner hands the targets to
     ``patch(session=[...])`` as ``"HOST:PORT"`` strings (``"[::1]:9000"`` for IPv6), as
-    DESIGN §11 spells them."""
+    docs/design.md §11 spells them."""
     servers: list[tuple[str, int]] = []
     for part in text.split(","):
         part = part.strip()

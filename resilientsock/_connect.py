@@ -1,6 +1,6 @@
 """Opening one connection: resolve the name again, try every address with its own timeout.
 
-Rules of this module (DESIGN §4, §6):
+Rules of this module (docs/design.md §4, §6):
 
 1. The host name the caller gave is re-resolved at every attempt (addresses change on DHCP or
    DNS failover), and every address it returns is tried in order, as

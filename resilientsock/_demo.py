@@ -4,7 +4,7 @@ A local message server and a FaultProxy run in this process; an unmodified legac
 (``_scripts/robot_client.py``, plain stdlib) runs twice as a subprocess through the
 proxy while seeded
 faults fire: once plainly (it dies on the first fault) and once under
-``python -m resilientsock``. A third run (DESIGN §10, §11) puts a session relay in front of
+``python -m resilientsock``. A third run (docs/design.md §10, §11) puts a session relay in front of
 the server, with the faults between client and relay, and runs the client under
 ``python -m resilientsock --session``: lost 0, duplicates 0, and the server saw one
 connection. The server counts every reading it receives, so the table at the end is

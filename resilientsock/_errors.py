@@ -1,6 +1,6 @@
 """Error classification: is this exception a dropped connection, and is it worth a retry?
 
-Rules of this module (DESIGN §3):
+Rules of this module (docs/design.md §3):
 
 1. Symbols, never numbers. Every errno is looked up on the running platform with
    ``getattr(errno, name, None)``, so one table serves Linux (ECONNRESET 104), macOS/BSD (54)
@@ -65,7 +65,7 @@ RETRYABLE: dict[ErrorCategory, bool] = {
     ErrorCategory.CONNECTION_LOST: True,
     ErrorCategory.CONNECT_TIMEOUT: True,
     ErrorCategory.DEAD_PEER: True,
-    # The socket retries a *write* timeout (DESIGN §3) but surfaces a read timeout unless
+    # The socket retries a *write* timeout (docs/design.md §3) but surfaces a read timeout unless
     # RetryPolicy(retry_read_timeouts=True); classify() alone reports it as not retryable.
     ErrorCategory.TIMEOUT: False,
     ErrorCategory.TLS_TRANSPORT: True,
@@ -382,7 +382,7 @@ def classify(exc: BaseException, *, phase: str | None = None,
     ``context=False`` classifies the error on its own: the implicit ``__context__`` (the
     exception being handled when it was raised) is not followed. The socket classifies errors
     raised while reconnecting this way, so the original drop cannot make an unrelated error (a
-    ``ValueError`` from a hook, ``EADDRINUSE``) look retryable (DESIGN §3, review r02).
+    ``ValueError`` from a hook, ``EADDRINUSE``) look retryable (docs/design.md §3, review r02).
     """
     if not isinstance(exc, Exception):
         return None

@@ -61,7 +61,7 @@ EVENTS = frozenset({
     "drop",            # a classified connection error noticed
     "reconnect",       # a new connection is up (seconds: time since the drop)
     "replay",          # unconfirmed records re-sent (records, nbytes)
-    "answer_resumed",  # an answer cut mid-way continued on the new connection (DESIGN §5b)
+    "answer_resumed",  # an answer cut mid-way continued on the new connection (docs/design.md §5b)
     "answer_changed",  # ... and the new answer differed: surfaced instead
     "surfaced",        # an error shown to the application instead of recovered
     "gave_up",         # the recovery budget ran out (attempts, seconds): error shown

@@ -1,6 +1,6 @@
 """The journal: what a resilient socket wrote and has not yet seen confirmed.
 
-Rules of this module (DESIGN §5, §5b, §12):
+Rules of this module (docs/design.md §5, §5b, §12):
 
 1. One record per successful write call (``send``, ``sendall``, ``sendmsg``); the record is
    what the kernel took, so a short ``send`` journals only its prefix.
@@ -16,7 +16,7 @@ Rules of this module (DESIGN §5, §5b, §12):
    overflowed is surfaced, never silently half-replayed.
 5. ``clear`` is for when an error was surfaced and the connection discarded: the caller owns
    recovery from then on.
-6. Memory and speed (DESIGN §12): the payload lives in a deque of chunks. A ``bytes``
+6. Memory and speed (docs/design.md §12): the payload lives in a deque of chunks. A ``bytes``
    record of at least ``_BIG`` bytes is held by reference (immutable: no copy on the write
    path, and the heap it adds is a slot and nothing else), as is a ``bytes`` record written
    to an empty journal (a request/answer exchange's request); other small records and mutable

@@ -1,4 +1,4 @@
-"""Which sockets belong to a client library that retries on its own (DESIGN §4, §9).
+"""Which sockets belong to a client library that retries on its own (docs/design.md §4, §9).
 
 Layered retries multiply (the library's × ours), so a socket that a retrying library opens
 is treated differently: its first connect is the library's to retry, and a refused reconnect

@@ -1,4 +1,4 @@
-"""The recovery decision, sans-IO: events in, verdicts out (DESIGN §3-§5b, §8).
+"""The recovery decision, sans-IO: events in, verdicts out (docs/design.md §3-§5b, §8).
 
 Rules of this module:
 
@@ -92,7 +92,7 @@ SURFACE = "surface"  # raise the error with ``note``; ``discard`` says whether t
 EARLY_ANSWER = "early-answer"  # the peer answered before the write failed: deliver, replay nothing
 PASS_EOF = "pass-eof"  # hand the caller b"" (the protocol's end, or the server's answer)
 
-TLS_TRANSPORT_CAP = 3  # "retry, small cap" (DESIGN §3); picked, not measured
+TLS_TRANSPORT_CAP = 3  # "retry, small cap" (docs/design.md §3); picked, not measured
 # A reset that meets the same re-sent records again and again, on connections that never
 # carried an answer, is the server's answer (a poison request): surfaced after this many
 # re-sends, as a repeated EOF is after one. Picked: a flaky path rarely resets three fresh
@@ -149,7 +149,7 @@ class Drop:
 
 
 class TokenBucket:
-    """Process-wide limiter for reconnect attempts (DESIGN §4): a lone drop never waits
+    """Process-wide limiter for reconnect attempts (docs/design.md §4): a lone drop never waits
     (burst of ``rate / 10``), a mass drop is spread out. Cooperative (gevent): no lock."""
 
     def __init__(self, clock: Clock = time.monotonic) -> None:
@@ -175,7 +175,7 @@ class PoisonMemory:
     unanswered bytes a server reset after every re-send. A client library's own retry sends
     the same bytes on a new socket; its drop then surfaces at once, as it would without us,
     instead of being re-sent POISON_CAP times more for each of the library's attempts (layered
-    retries do not multiply, DESIGN §9). An entry lasts one deadline (30 s without one);
+    retries do not multiply, docs/design.md §9). An entry lasts one deadline (30 s without one);
     at most ``size`` are kept, the oldest forgotten first. Cooperative (gevent): no lock."""
 
     def __init__(self, clock: Clock = time.monotonic, size: int = 64) -> None:
@@ -265,7 +265,7 @@ class Episode:
         5 s) is not slept once it is there."""
         if reached and self.gone and self.restarts < POISON_CAP:
             self.restarts += 1
-            self.base = self.attempts - 1  # the schedule's first jittered wait (DESIGN §4)
+            self.base = self.attempts - 1  # the schedule's first jittered wait (docs/design.md §4)
         self.gone = gone
 
     def healthy(self) -> bool:
@@ -316,7 +316,7 @@ def new_digest() -> Any:
 def preload_dialects() -> None:
     """Import the dialect modules now (``patch()`` calls this once gevent has patched): the
     first write of a process would otherwise pay for them (measured here: 15.6 ms, the
-    first 64 KiB ``sendall`` against 0.05 ms for the next, DESIGN §12). Not HTTP's: h11 is
+    first 64 KiB ``sendall`` against 0.05 ms for the next, docs/design.md §12). Not HTTP's: h11 is
     imported only for HTTP (its dialect's rule). Never raises."""
     try:
         from .dialects import handshake, ldap, memcached, resp, stomp  # noqa: F401
@@ -378,7 +378,7 @@ def _dialect(m: Machine, d: Drop) -> str | None:
 
 
 def _not_idempotent(m: Machine, d: Drop) -> str | None:
-    """DESIGN §5 (wave 3): under the default replay="idempotent" (and the stricter "safe"),
+    """docs/design.md §5 (wave 3): under the default replay="idempotent" (and the stricter "safe"),
     a request the dialect knows is not idempotent, and that may have reached the server, is
     not re-sent (measured: a MULTI ... EXEC ran twice under replay="safe", the first write
     on a reused connection)."""
@@ -514,7 +514,7 @@ class Machine:
         self.detected = False
         # An error was surfaced and the connection let go (surface-discard, gave-up): the
         # socket is as dead as a plain one, unless the dialect says a new connection is
-        # equivalent (``lazy_refusal``, DESIGN §5). A new connection published clears it.
+        # equivalent (``lazy_refusal``, docs/design.md §5). A new connection published clears it.
         self.dead = False
         # An unanswered EOF that repeats for the same re-sent records (§5): the mark of the
         # journal when an EOF recovery replayed, and whether anything was read since.
@@ -535,7 +535,7 @@ class Machine:
         # a write of different greenlets ever overlapped on this socket: full duplex. Its
         # answers cannot be matched to its requests by timing, so no answer is resumed or
         # taken for early (§5b), and an EOF with unconfirmed records is a drop even after
-        # answer bytes (the reader's stream must go on, DESIGN §5).
+        # answer bytes (the reader's stream must go on, docs/design.md §5).
         self.reading = 0
         self.duplex = False
         self.writer: Any = None  # the greenlet that wrote last (duplex only)
@@ -838,7 +838,7 @@ class Machine:
 
     def lazy_refusal(self) -> str | None:
         """Why a call after a surfaced error may not open a new connection lazily (None: it
-        may). DESIGN §5: a surfaced error leaves the socket as dead as a plain one, unless the
+        may). design.md §5: a surfaced error leaves the socket as dead as a plain one, unless the
         dialect knows a fresh connection is equivalent (no greeting, no login, no handshake)."""
         if not self.dead:
             return None

@@ -1,6 +1,6 @@
 """patch() / unpatch(): make every client socket in the process resilient.
 
-Rules of this module (DESIGN §7):
+Rules of this module (docs/design.md §7):
 
 1. gevent first: ``gevent.monkey.patch_all()`` (keywords only) runs before anything here
    imports ssl, socket classes or wrapt.
@@ -53,7 +53,7 @@ _session: list[str] = []  # the session targets in force ("HOST:PORT")
 
 
 def session_targets() -> list[str]:
-    """The targets whose connections speak the session protocol (DESIGN §11)."""
+    """The targets whose connections speak the session protocol (docs/design.md §11)."""
     return list(_session)
 
 
@@ -65,7 +65,7 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
     ``RESILIENTSOCK_*`` variables) with ``policy_fields`` applied on top becomes the policy of
     every socket created afterwards. ``session`` (a list of ``"HOST:PORT"``, or one string with
     commas; default: ``RESILIENTSOCK_SESSION``) names the targets whose connections become
-    sessions through a relay (DESIGN §11); only those speak the session protocol. An unknown
+    sessions through a relay (docs/design.md §11); only those speak the session protocol. An unknown
     keyword is a ``TypeError`` naming it, an invalid field or target a ``ValueError``: both
     raised before anything is patched.
     """
@@ -101,7 +101,7 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
     _apply()
     from . import _libraries, _machine
 
-    _machine.preload_dialects()  # not on the first write (DESIGN §12)
+    _machine.preload_dialects()  # not on the first write (docs/design.md §12)
 
     _libraries.install()  # which sockets a retrying client library opens (wrapt hooks)
     _warn_early_bindings()

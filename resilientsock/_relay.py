@@ -1,4 +1,4 @@
-"""Session mode's I/O (DESIGN §11): the ``Relay`` server, and the client side (``open_session``).
+"""Session mode's I/O (design.md §11): the ``Relay`` server, and the client side (``open_session``).
 
 Rules of this module:
 
@@ -85,8 +85,8 @@ ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (pic
 # Nagle's algorithm on any forwarder without TCP_NODELAY (measured: 0.02x ping-pong at 20 ms,
 # whose timer also fired at once on the loop's stale clock). Acks ride on data otherwise.
 ACK_DELAY = 0.2
-HANDSHAKE_TIMEOUT = 10.0  # DESIGN §11
-LINK_TIMEOUT = 30.0  # the relay's liveness bound for a silent client link (DESIGN §11)
+HANDSHAKE_TIMEOUT = 10.0  # docs/design.md §11
+LINK_TIMEOUT = 30.0  # the relay's liveness bound for a silent client link (docs/design.md §11)
 # The upstream connect has its own bound, well inside the handshake's: a black-holed upstream
 # reaches the client as an ERROR naming it, not as the handshake's timeout (#26).
 UPSTREAM_CONNECT_TIMEOUT = 5.0
@@ -1044,7 +1044,7 @@ class _RelaySession(_Carrier):
 
 
 class Relay:
-    """A session relay in front of one upstream server (DESIGN §11).
+    """A session relay in front of one upstream server (docs/design.md §11).
 
     ``Relay("0.0.0.0:9000", "127.0.0.1:9001")``: clients that open with the session preamble
     get sessions (exactly-once byte streams that survive any number of client<->relay drops);

@@ -1,4 +1,4 @@
-"""``python -m resilientsock relay``: run a session relay in front of one server (DESIGN §11).
+"""``python -m resilientsock relay``: run a session relay in front of one server (design.md §11).
 
 Rules of this module:
 

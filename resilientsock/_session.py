@@ -1,4 +1,4 @@
-"""The session protocol (DESIGN §11): one sans-IO implementation shared by client and relay.
+"""The session protocol (docs/design.md §11): one sans-IO implementation shared by client and relay.
 
 Rules of this module (the h11 shape):
 
@@ -53,7 +53,7 @@ PREAMBLE = b"\x00RSSN\r\n\x1a"
 VERSION = 3  # 2: a resume's HELLO may carry early data (kind 3); 3: HELLO(new) may carry a
 # creation-key proof, and its client nonce names the creation (a retry finds it)
 MIN_VERSION = 1
-HANDSHAKE_LIMIT = 4096  # bytes a handshake may use, frames included (DESIGN §11)
+HANDSHAKE_LIMIT = 4096  # bytes a handshake may use, frames included (docs/design.md §11)
 MAX_DATA = 1 << 20  # largest DATA payload accepted (1 MiB, picked: a few big reads' worth)
 MAX_CONTROL = 1024  # largest payload of any other frame in the open state (picked)
 ID_LEN, SECRET_LEN, NONCE_LEN, MAC_LEN = 16, 32, 16, 32

@@ -1,12 +1,12 @@
 """ResilientSocket: guarded I/O on top of gevent's socket, obeying the recovery machine.
 
-Rules of this module (DESIGN §5-§7; the decisions themselves live in ``_machine.py``):
+Rules of this module (docs/design.md §5-§7; the decisions themselves live in ``_machine.py``):
 
 1. Subclass, don't proxy: ``ResilientSocket`` *is* a gevent socket, so ``with``, ``makefile``
    and C-level consumers see a real socket.
 2. Two classes per kind of socket. ``ResilientSocket`` (what ``socket.socket`` is under
    ``patch()``) has gevent's own I/O methods: listening, accepted, UDP, raw, ``fromfd`` and
-   non-blocking sockets pay nothing, not even a Python frame (DESIGN §6, §12). A client stream
+   non-blocking sockets pay nothing, not even a Python frame (design.md §6, §12). A client stream
    socket that this process connects in blocking or timeout mode becomes an instance of its
    class's guarded twin (``_guarded_twin``; its ``__class__`` is switched: same layout, so
    this is safe), whose I/O methods make the raw call first and do the bookkeeping after it.
@@ -23,7 +23,7 @@ Rules of this module (DESIGN §5-§7; the decisions themselves live in ``_machin
    are also classified with ``context=False``.
 5. Every part of a recovery — connect attempts, TLS handshake, restore, banner skip,
    ``on_reconnect``, replay, the answer-resume read — runs under the episode's deadline and
-   the application's own socket timeout (DESIGN §4).
+   the application's own socket timeout (docs/design.md §4).
 6. ``close()`` wins over a recovery in progress: it closes the connection being opened, wakes
    the recovering greenlet, and nothing is replayed after it (review r05).
 7. Reconnecting swaps the wrapped ``_sock`` (so ``fileno()`` changes); the old connection is
@@ -162,7 +162,7 @@ def _advice(field: str, value: str) -> str:
 
 
 def _after_fork_in_child() -> None:
-    """A child never reconnects a connection its parent owns (DESIGN §6)."""
+    """A child never reconnects a connection its parent owns (docs/design.md §6)."""
     for sock in list(_live):
         try:
             sock._rs_unprotect()
@@ -276,7 +276,7 @@ class ResilientSocket(_GeventSocket):
 
     @property
     def dialect(self) -> str | None:
-        """The protocol recognised on this connection (DESIGN §5a), or None."""
+        """The protocol recognised on this connection (docs/design.md §5a), or None."""
         m = self._rs_m
         return None if m is None or m.dialect is None else str(m.dialect.name)
 
@@ -344,7 +344,7 @@ class ResilientSocket(_GeventSocket):
         Also ``ResilientSocket.connect(address, policy=None, *, timeout=None,
         source_address=None)`` called on the class: create and connect a resilient socket.
         A plain function (not a descriptor), so that reading ``socket.socket.connect`` from
-        the class and writing it back leaves it working (DESIGN §7; pytest-socket does this).
+        the class and writing it back leaves it working (design.md §7; pytest-socket does this).
         """
         if not isinstance(self, _GEVENT_SOCKET):  # called on the class: self is the address
             return ResilientSocket._connect_new(self, *args, **kwargs)
@@ -408,7 +408,7 @@ class ResilientSocket(_GeventSocket):
         if policy.retry_connect and _libraries.connect_retried_by_library(owner):
             # The client library has its own retry layer for connecting (redis-py's Retry,
             # urllib3's Retry): it gets a failed first connect at once, as without us, so
-            # layered retries do not multiply into minutes (DESIGN §9, docs/decisions.md).
+            # layered retries do not multiply into minutes (docs/design.md §9, docs/decisions.md).
             # Its established connections are still recovered.
             policy = policy.replace(retry_connect=False)
         m = Machine(policy, _clock)
@@ -447,7 +447,7 @@ class ResilientSocket(_GeventSocket):
         return peer[1] in _own_ports and str(peer[0]).startswith(("127.", "::1", "::ffff:127."))
 
     def _rs_open_session(self, address: Any, policy: RetryPolicy) -> None:
-        """Session mode (DESIGN §11): the byte stream rides a session through a relay, which
+        """Session mode (docs/design.md §11): the byte stream rides a session through a relay, which
         does the recovery; this socket itself passes through."""
         from ._relay import open_session
 
@@ -578,7 +578,7 @@ class ResilientSocket(_GeventSocket):
     # (not connected, another greenlet recovering, an error, EOF) comes here.
 
     def _rs_call_end(self, t0: float | None) -> float | None:
-        """When this call must return or raise (DESIGN §4: the application's timeout bounds
+        """When this call must return or raise (docs/design.md §4: the application's timeout bounds
         one call). With ``retry_read_timeouts=True`` the application opted in to reading its
         timeout as "the link may be dead": the timeout is then a liveness check per wait, and
         recovery runs under the policy's deadline (docs/decisions.md)."""
@@ -612,7 +612,7 @@ class ResilientSocket(_GeventSocket):
                         continue
                     # Broken (an error was surfaced and the connection let go): the read
                     # finds the connection's end, as a plain socket would after the error
-                    # (DESIGN §5). Only a server-first protocol whose connection was let go
+                    # (docs/design.md §5). Only a server-first protocol whose connection was let go
                     # without a surfaced error (an interrupted write) reconnects here.
                     if not m.server_first or self.timeout == 0.0 or m.dead:
                         return _eof_result(kind, args)
@@ -661,7 +661,7 @@ class ResilientSocket(_GeventSocket):
             # Full duplex: a writer is mid-call, or between calls with everything answered.
             # This EOF is either the peer's half-close (it still reads our upload), the end
             # of a connection whose reset the writer consumed, or the path cut between two
-            # writes: ask the connection (DESIGN §5).
+            # writes: ask the connection (docs/design.md §5).
             alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0), idle)
             if m.gen != gen or m.state is not CONNECTED:
                 return None  # the writer met the drop and recovered: read again there
@@ -785,7 +785,7 @@ class ResilientSocket(_GeventSocket):
     def _rs_lazy_reconnect(self, m: Machine, call_end: float | None) -> None:
         """A write on a broken socket reconnects, unless an error was surfaced on it and the
         dialect does not know a new connection to be equivalent (``Machine.lazy_refusal``,
-        DESIGN §5): then the write fails as it would on the plain dead socket (EPIPE)."""
+        docs/design.md §5): then the write fails as it would on the plain dead socket (EPIPE)."""
         why = m.lazy_refusal()
         if why is not None:
             exc = BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
@@ -825,20 +825,20 @@ class ResilientSocket(_GeventSocket):
         if self.timeout == 0.0:
             # Non-blocking for now (a poll such as redis-py's can_read sets timeout 0 for a
             # moment): its caller owns the retry loop, so nothing is recovered while it lasts;
-            # the bookkeeping goes on, so protection resumes with the timeout (DESIGN §6).
+            # the bookkeeping goes on, so protection resumes with the timeout (docs/design.md §6).
             raise exc
         if m.gen != gen or m.state is not CONNECTED:
             if m.state is BROKEN:
                 raise exc  # another greenlet's error discarded the connection: so is this call
             return  # another greenlet recovered, or is recovering: retry there
         if not isinstance(exc, Exception):
-            # gevent.Timeout, GreenletExit, KeyboardInterrupt (DESIGN §3): during a read the
+            # gevent.Timeout, GreenletExit, KeyboardInterrupt (docs/design.md §3): during a read the
             # connection and journal stay, as a plain socket keeps them; during a write part
             # of a record may be out, so the connection is discarded.
             if phase == "write":
                 if self._rs_reader_waiting():
                     # Another greenlet waits in a read on this connection, and a plain
-                    # socket would hand it the answer when it comes (DESIGN §5: one
+                    # socket would hand it the answer when it comes (docs/design.md §5: one
                     # greenlet's interruption never kills another's call). The connection
                     # stays, as the plain one would; part of a record may be out, so nothing
                     # on it can be replayed any more: protection ends for this socket.
@@ -1055,7 +1055,7 @@ class ResilientSocket(_GeventSocket):
             if m.state is CLOSED:
                 raise _RecoveryStopped()
             # At least one attempt, whatever the time: "within the application's timeout
-            # plus at most one connect attempt" (DESIGN §4).
+            # plus at most one connect attempt" (docs/design.md §4).
             if episode.attempts and episode.spent(end, self.timeout):
                 self._rs_give_up(m, episode)
             delay = 0.0 if first and not episode.attempts else episode.delay(_bucket)
@@ -1103,7 +1103,7 @@ class ResilientSocket(_GeventSocket):
                 elif episode.library and gone:
                     # The server is not there (refused, no route, no name): the library's own
                     # retries decide whether to wait for it, as they do without resilientsock,
-                    # so layered retries do not multiply into minutes (DESIGN §9).
+                    # so layered retries do not multiply into minutes (docs/design.md §9).
                     self._rs_give_up(m, episode, library=episode.library)
                 elif (self.__dict__.get("_rs_reached") and m.journal.pending
                       and info.category is ErrorCategory.CONNECTION_LOST):
@@ -1137,7 +1137,7 @@ class ResilientSocket(_GeventSocket):
             gevent.sleep(seconds)
 
     def _rs_classify_attempt(self, failure: BaseException) -> ErrorInfo | None:
-        """Errors raised while reconnecting are classified alone (DESIGN §3)."""
+        """Errors raised while reconnecting are classified alone (docs/design.md §3)."""
         if isinstance(failure, _AttemptTimeout):
             return classify(TimeoutError("timed out"), phase="connect")
         if (self.family == _AF_UNIX and isinstance(failure, OSError)
@@ -1163,7 +1163,7 @@ class ResilientSocket(_GeventSocket):
             connect_limit = CUT_WAIT if per_address is None else min(per_address, CUT_WAIT)
         left = episode.remaining(call_end)
         if left != float("inf"):
-            # Each connect attempt gets at most what is left of the budget (DESIGN §4), the
+            # Each connect attempt gets at most what is left of the budget (docs/design.md §4), the
             # last one too (made FINAL_MARGIN before the end).
             left = max(left, 0.001)
             connect_limit = left if connect_limit is None else min(connect_limit, left)
@@ -1602,7 +1602,7 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
 
     ``recv_`` and ``recv_into_`` (and TLS's ``read_`` in ``_tls.py``) repeat one shape on
     purpose: each is one Python frame over the raw call, and a shared helper would be a second
-    one on every read (DESIGN §12). Everything past the common case is in ``_rs_read``."""
+    one on every read (docs/design.md §12). Everything past the common case is in ``_rs_read``."""
 
     def recv_(self: Any, *args: Any) -> Any:
         m = self._rs_m
@@ -1709,7 +1709,7 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
 
 
 def _plain_extra_methods() -> dict[str, Any]:
-    """Every other read method confirms too (DESIGN §5, review r14); sendmsg is journaled."""
+    """Every other read method confirms too (design.md §5, review r14); sendmsg is journaled."""
 
     def recvfrom(self: Any, *args: Any) -> Any:
         return self._rs_read(_GeventSocket.recvfrom, args, RECVFROM)
@@ -1765,8 +1765,8 @@ def _guarded_twin(cls: type) -> type:
 
 
 def _session_twin(cls: type) -> type:
-    """The subclass of ``cls`` whose writes frame onto a session's link (session mode, DESIGN
-    §11; ``_relay.direct_methods``)."""
+    """The subclass of ``cls`` whose writes frame onto a session's link (session mode,
+    docs/design.md §11; ``_relay.direct_methods``)."""
     twin = cls.__dict__.get("_rs_session_twin")
     if twin is not None:
         return twin

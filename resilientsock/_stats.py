@@ -42,7 +42,7 @@ class SocketStats:
     connections re-established after a drop; ``drops``: classified connection errors noticed;
     ``replayed_records`` / ``replayed_bytes``: unconfirmed writes re-sent; ``surfaced``: errors
     shown to the application; ``answers_resumed`` / ``answers_changed``: answers cut mid-way
-    that continued on the new connection, or differed and were surfaced (DESIGN §5b);
+    that continued on the new connection, or differed and were surfaced (docs/design.md §5b);
     ``internal``: a socket of the process to itself (socketpair, wake-up connection), not a
     connection to a server; ``peer``: the address the caller named (tuple, or a Unix path).
     """

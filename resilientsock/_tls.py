@@ -1,6 +1,6 @@
 """TLS: a resilient socket that redoes its handshake on every new connection.
 
-Rules of this module (DESIGN §3, §6, §7):
+Rules of this module (docs/design.md §3, §6, §7):
 
 1. ``ResilientSSLSocket`` subclasses ``ResilientSocket`` and ``gevent.ssl.SSLSocket`` and is
    installed as ``SSLContext.sslsocket_class``. Like the plain class it passes everything

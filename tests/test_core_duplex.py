@@ -1,4 +1,4 @@
-"""DESIGN §5, full duplex on one socket: one greenlet's interruption never kills another's
+"""docs/design.md §5, full duplex on one socket: one greenlet's interruption never kills another's
 call (w4), and a half-close is not a drop (w7, w7b). Real servers on loopback, counted on the
 server side; each test fails on c94b32e."""
 

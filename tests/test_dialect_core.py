@@ -1,5 +1,5 @@
 """The dialects (resilientsock/dialects) obeyed by the core, against a real redis-server:
-setup restored before the replay, MULTI...EXEC re-sent whole (DESIGN §5a)."""
+setup restored before the replay, MULTI...EXEC re-sent whole (docs/design.md §5a)."""
 
 from __future__ import annotations
 

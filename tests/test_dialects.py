@@ -1,4 +1,4 @@
-"""The dialect layer (DESIGN §5a, §5b): sans-IO, so these tests feed bytes and ask questions.
+"""The dialect layer (design.md §5a, §5b): sans-IO, so these tests feed bytes and ask questions.
 
 No sockets: each rule is checked on the bytes a real client and server exchange, split at
 every byte boundary where framing matters, and against garbage.

@@ -1,4 +1,4 @@
-"""Full duplex under a storm (DESIGN §5, issue 24 item 1): a writer greenlet streams numbered
+"""Full duplex under a storm (design.md §5, issue 24 item 1): a writer greenlet streams numbered
 lines and a reader greenlet reads the server's per-line ACKs on ONE resilient socket, while a
 proxy cuts the path (RST or FIN, the client's side or the server's first) at random, about
 every 50 ms. Counted on the server: nothing lost; duplicates only of lines the client could

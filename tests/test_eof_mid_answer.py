@@ -1,4 +1,4 @@
-"""DESIGN §5b for an EOF: a FIN in the middle of an answer whose framing says it is longer.
+"""docs/design.md §5b for an EOF: a FIN in the middle of an answer whose framing says it is longer.
 
 The answer is resumed as a reset mid-answer is, but softly: one attempt, ``CUT_WAIT`` for the
 connect and for the new answer's first byte; on any failure the caller gets the EOF, exactly

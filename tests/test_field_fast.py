@@ -1,4 +1,4 @@
-"""The fast subset of the real-client matrix (tests/field, DESIGN §9) that `make test` runs:
+"""The fast subset of the real-client matrix (tests/field, docs/design.md §9) that `make test` runs:
 redis-py with db=2 and a password against a real redis-server, and a legacy http.client loop
 against Python's own http.server; each plain and under resilientsock through the same seeded
 fault plan, counted server-side. Fewer faults than `make field`; needs only the `test` extra

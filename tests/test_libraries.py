@@ -1,5 +1,5 @@
 """Which sockets a retrying client library owns is decided when the socket connects, never by
-walking the stack at error time (DESIGN §4, §9; resilientsock/_libraries.py). Real clients,
+walking the stack at error time (docs/design.md §4, §9; resilientsock/_libraries.py). Real clients,
 real servers, under the runner."""
 
 from __future__ import annotations

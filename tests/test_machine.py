@@ -263,7 +263,7 @@ def test_a_reset_that_meets_the_same_resent_records_again_is_the_servers_answer(
 
 def test_a_poison_request_is_remembered_so_a_clients_own_retry_is_not_resent_again():
     """redis-py's own Retry sends the same bytes on a new socket after we surfaced a poison
-    reset: that drop surfaces at once (layered retries do not multiply, DESIGN §9), for the
+    reset: that drop surfaces at once (layered retries do not multiply, docs/design.md §9), for the
     same peer and bytes only, for one deadline."""
     from resilientsock._machine import POISON_CAP, PoisonMemory
 
@@ -399,7 +399,7 @@ def test_the_backoff_restarts_when_the_server_is_back_after_an_outage():
 
 
 def test_a_half_close_under_a_writer_is_passed_on_and_its_later_write_error_surfaced():
-    """DESIGN §5: a half-close is not a drop (w7). The socket found the peer alive after its
+    """docs/design.md §5: a half-close is not a drop (w7). The socket found the peer alive after its
     FIN: the EOF goes to the reader, and the writer's error when the peer stops reading is
     the plain one (the connection discarded, nothing re-sent)."""
     m = machine()

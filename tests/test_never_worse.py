@@ -1,4 +1,4 @@
-"""Never worse, judged (issue #23, DESIGN §5): a request that may have reached the server is
+"""Never worse, judged (issue #23, docs/design.md §5): a request that may have reached the server is
 re-sent after a drop only if running it twice leaves the server as once would, and a
 surfaced error leaves the socket as dead as a plain one.
 
@@ -261,7 +261,7 @@ def test_replay_unanswered_opts_in_to_at_least_once(http_server):
 
 def test_http_socket_reconnects_lazily_after_a_surfaced_post(http_server):
     """HTTP is stateless between requests: after the surfaced POST the same socket may carry
-    the next request on a new connection (a fresh one is equivalent, DESIGN §5)."""
+    the next request on a new connection (a fresh one is equivalent, docs/design.md §5)."""
     with FaultProxy(http_server.address) as proxy:
         with ResilientSocket.connect(proxy.address, FAST, timeout=10) as sock:
             proxy.plan.on_response(1, "reset")

@@ -1,4 +1,4 @@
-"""The rules other projects' own test suites found (issue #18; DESIGN §4, §5, §6, §7, §9).
+"""The rules other projects' own test suites found (issue #18; docs/design.md §4, §5, §6, §7, §9).
 
 Each test runs a small client script in a subprocess — under ``python -m resilientsock`` and,
 where the rule is "behave as a plain socket would", under ``gevent.monkey.patch_all()`` alone as
@@ -156,7 +156,7 @@ def close_at_once(conn: socket.socket) -> None:
     conn.recv(65536)
 
 
-# -- (a) DESIGN §7: class attributes round-trip -------------------------------------------------
+# -- (a) design.md §7: class attributes round-trip -------------------------------------------------
 
 ROUND_TRIP = r"""
 import json, socket, sys
@@ -187,7 +187,7 @@ def test_connect_written_back_on_the_class_still_connects_this_socket(tmp_path, 
     assert srv.accepted == 1
 
 
-# -- (b) DESIGN §6: fork --------------------------------------------------------------------
+# -- (b) design.md §6: fork --------------------------------------------------------------------
 
 FORK = r"""
 import json, os, socket, sys
@@ -245,7 +245,7 @@ def test_child_sees_what_a_plain_socket_shows_after_the_parent_is_done(tmp_path,
     assert srv.accepted == 1  # the child did not reconnect
 
 
-# -- (c) DESIGN §5: an early answer is an answer ----------------------------------------------
+# -- (c) design.md §5: an early answer is an answer ----------------------------------------------
 
 def answer_413_unread(conn: socket.socket) -> None:
     """Read the request head only, answer 413 and close with the body unread (an RST)."""
@@ -288,7 +288,7 @@ def test_early_answer_after_epipe_is_delivered_and_nothing_replayed(tmp_path, ma
     assert srv.accepted == 1  # one connection: the request was not replayed
 
 
-# -- (d) DESIGN §4: a TLS handshake is bounded by the application's timeout ---------------------
+# -- (d) design.md §4: a TLS handshake is bounded by the application's timeout ---------------------
 
 TLS_HANDSHAKE = r"""
 import json, socket, ssl, sys, time
@@ -330,7 +330,7 @@ def test_tls_handshake_is_not_retried_past_the_application_timeout(tmp_path, mak
     assert got["elapsed"] < 0.3 + 0.7, got  # the timeout plus one attempt's slack, not 8 s
 
 
-# -- (e) DESIGN §4: a refused connect gives up within the application's timeout ----------------
+# -- (e) design.md §4: a refused connect gives up within the application's timeout ----------------
 
 REFUSED = r"""
 import json, socket, sys, time
@@ -363,7 +363,7 @@ def test_refused_connect_gives_up_within_the_application_timeout(tmp_path, make_
     assert srv.accepted == 0
 
 
-# -- (f) DESIGN §9, the server-down row: layered retries do not multiply ------------------------
+# -- (f) design.md §9, the server-down row: layered retries do not multiply ------------------------
 
 LAYERED = r"""
 import json, socket, sys, time
@@ -522,7 +522,7 @@ def test_a_server_gone_for_good_mid_call_fails_as_fast_as_the_clients_own_retrie
     assert got["elapsed"] <= bound, (plain, got)
 
 
-# -- (g) DESIGN §4: the robot that starts while its server restarts still connects --------------
+# -- (g) design.md §4: the robot that starts while its server restarts still connects --------------
 
 ROBOT = r"""
 import json, socket, sys, time
@@ -608,7 +608,7 @@ def test_pytest_under_the_runner_starts_with_warnings_as_errors(tmp_path):
     assert "PytestAssertRewriteWarning" not in proc.stdout + proc.stderr
 
 
-# -- (i) DESIGN §5/§5b: an EOF after part of an answer, from a server that answers once ----------
+# -- (i) design.md §5/§5b: an EOF after part of an answer, from a server that answers once ------
 
 def one_shot_partial_head(listener: socket.socket, served: threading.Event) -> None:
     """urllib3's socket-level servers: accept ONE connection, read the request, send part of
@@ -670,7 +670,7 @@ def test_eof_after_part_of_an_answer_from_a_one_shot_server_is_passed_through(tm
     assert got["elapsed"] < 2.0, got
 
 
-# -- (j) DESIGN §5 + §9: a server that resets every copy of a request, under a retrying client ----
+# -- (j) design.md §5 + §9: a server that resets every copy of a request, under a retrying client
 
 def reset_on_request(conn: socket.socket) -> None:
     """Read what the client sends and reset the connection (SO_LINGER 0): what a TLS-only port

@@ -85,7 +85,7 @@ def test_journal_copies_mutable_buffers():
 
 
 def test_journal_holds_a_large_bytes_record_by_reference_and_copies_mutable_ones():
-    # DESIGN §12 (issue 28): an immutable record is not copied on the write path.
+    # docs/design.md §12 (issue 28): an immutable record is not copied on the write path.
     big = b"q" * 65536
     j = Journal(limit=1 << 20)
     j.append(big)

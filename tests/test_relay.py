@@ -1,4 +1,4 @@
-"""Session mode through a real relay (DESIGN §11), with real faults between client and relay.
+"""Session mode through a real relay (design.md §11), with real faults between client and relay.
 
 Topology of every test: the client (``open_session``, gevent, in the pytest process's main
 hub) -> FaultProxy (faults on command) -> Relay (its own hub and thread, or a subprocess) ->

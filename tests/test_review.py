@@ -373,7 +373,7 @@ def test_r10_a_new_banner_with_fewer_lines_is_skipped():
 
 
 def test_r11_pass_through_sockets_take_no_extra_python_frame(server):
-    """Accepted, listening and UDP sockets run gevent's own methods (DESIGN §6, §12)."""
+    """Accepted, listening and UDP sockets run gevent's own methods (docs/design.md §6, §12)."""
     listener = ResilientSocket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen()

@@ -1,4 +1,4 @@
-"""Adversarial review, wave 3: differential tests (DESIGN §5, §5a, §5b).
+"""Adversarial review, wave 3: differential tests (docs/design.md §5, §5a, §5b).
 
 The same real client runs twice, plain (no resilientsock) and under
 ``python -m resilientsock``, against the same real server through the same fault plan;
@@ -180,12 +180,12 @@ def test_http_post_loop_through_random_resets_never_runs_a_post_twice(tmp_path):
                 stop = threading.Event()
                 resets = [0]
 
-                def chaos() -> None:
+                def chaos(stop: threading.Event, resets: list[int], proxy: FaultProxy) -> None:
                     rnd = random.Random(1)
                     while not stop.wait(rnd.uniform(0.05, 0.2)):
                         resets[0] += proxy.reset_all()
 
-                thread = threading.Thread(target=chaos)
+                thread = threading.Thread(target=chaos, args=(stop, resets, proxy))
                 thread.start()
                 try:
                     out = _run(mode, script, proxy.address[1], 200)

@@ -28,7 +28,7 @@ ROBOT = ROOT / "resilientsock" / "_scripts" / "robot_client.py"
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Whole answers in one write. A drop between a header write and a body write would be a
-    # mid-answer drop, which resilientsock surfaces by design (DESIGN §5): not what these
+    # mid-answer drop, which resilientsock surfaces by design (docs/design.md §5): not what these
     # tests are about.
     wbufsize = 65536
 

@@ -1,4 +1,4 @@
-"""Session mode on real paths (DESIGN §11 "Real paths (wave 3)", issue 25): what one
+"""Session mode on real paths (docs/design.md §11 "Real paths (wave 3)", issue 25): what one
 application write becomes on the wire through a forwarder without TCP_NODELAY, backpressure
 that is not taken for death, vanished clients and clean ends.
 

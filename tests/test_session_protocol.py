@@ -1,7 +1,7 @@
 """The session protocol, sans-IO (resilientsock._session): no sockets, microseconds per test.
 
 Both ends are the same two classes; these tests wire a client Link to a relay Link by hand and
-check the handshake, cumulative acks, resume arithmetic, and every rejection DESIGN §11 names.
+check the handshake, cumulative acks, resume arithmetic, and every rejection design.md §11 names.
 """
 
 from __future__ import annotations

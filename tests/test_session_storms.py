@@ -1,4 +1,4 @@
-"""Storms (DESIGN §11 "Real paths (wave 3)", issue 25 item 6): faults every 50-200 ms on
+"""Storms (docs/design.md §11 "Real paths (wave 3)", issue 25 item 6): faults every 50-200 ms on
 average between client and relay (RST both ways, FIN both ways, a chunk cut part-way then
 RST), thousands of messages, with a request/answer client, a full-duplex pipelined one, TLS
 inside the session, a forwarder without TCP_NODELAY in the path, and a 200 ms latency spike

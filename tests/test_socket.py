@@ -1,4 +1,4 @@
-"""DESIGN §5, one rule per test, each with a real fault through FaultProxy or a real server."""
+"""design.md §5, one rule per test, each with a real fault through FaultProxy or a real server."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_eof_with_nothing_unanswered_is_passed_through(server, proxy):
 
 
 def test_drop_mid_answer_is_surfaced_then_the_socket_is_dead(server, proxy):
-    """Wave 3 (DESIGN §5): after a surfaced error the socket is as dead as a plain one (it
+    """Wave 3 (docs/design.md §5): after a surfaced error the socket is as dead as a plain one (it
     reconnected lazily before: a new connection the application never asked for, lacking
     whatever login the old one had)."""
     with connect(proxy, FAST.replace(resume_answers=False)) as s:
@@ -255,7 +255,7 @@ def test_options_and_timeout_are_on_the_new_connection(server, proxy):
 
 
 def test_read_timeout_is_surfaced_not_retried(server, proxy):
-    """The application's own read timeout is no error of ours (DESIGN §3): raised as is,
+    """The application's own read timeout is no error of ours (docs/design.md §3): raised as is,
     without a note, not counted as surfaced; the connection and its journal are kept."""
     with connect(proxy) as s:
         s.settimeout(0.2)
@@ -293,7 +293,7 @@ def test_write_timeout_to_a_peer_that_does_not_read_is_surfaced(family, tmp_path
             notes = "".join(getattr(caught.value, "__notes__", []))
             assert "write timeout: the peer is alive" in notes
             assert s.reconnects == 0 and s.fileno() == fd  # the connection is kept
-            # The connection is kept, so is its journal (DESIGN §5): the failed sendall's
+            # The connection is kept, so is its journal (docs/design.md §5): the failed sendall's
             # record was never journaled.
             assert s.unconfirmed_bytes == sent * 65536
     assert resilientsock.stats()["surfaced.TIMEOUT"] == 1
@@ -410,7 +410,7 @@ def test_drop_in_an_established_session_is_surfaced_not_replayed(banner_server):
                 readline(s)
             assert "server spoke first" in "".join(getattr(caught.value, "__notes__", []))
             assert s.unconfirmed_bytes == 0
-            # Wave 3 (DESIGN §5, issue #23): the socket is as dead as a plain one. It used to
+            # Wave 3 (design.md §5, issue #23): the socket is as dead as a plain one. It used to
             # reconnect lazily, and ftplib's / imaplib's NOOP liveness check read the new
             # greeting as NOOP's answer, then met "530 Log in" / "BAD" on the next command.
             assert s.recv(100) == b""
@@ -457,7 +457,7 @@ def test_sendmsg_rejects_what_is_not_an_iterable_of_buffers(server, proxy):
 
 @pytest.mark.parametrize("confirm", ["tcp-ack", "answer"])
 def test_write_only_stream_with_tcp_ack_does_not_replay_what_the_peer_acknowledged(confirm):
-    """DESIGN §5 `confirm`: a telemetry stream to a server that never answers. Under
+    """docs/design.md §5 `confirm`: a telemetry stream to a server that never answers. Under
     "tcp-ack" the records the peer's TCP acknowledged are not re-sent after a drop (here the
     POISON line that made the server reset); under "answer" they all are, POISON included, so
     the server resets again at every attempt until max_attempts."""
@@ -488,7 +488,7 @@ def test_write_only_stream_with_tcp_ack_does_not_replay_what_the_peer_acknowledg
 
 
 def test_replay_safe_resends_only_the_first_write_on_a_reused_connection(server, proxy):
-    """DESIGN §5 replay="safe" (the RFC 7230 §6.3.1 / xmlrpc.client rule): the first write on
+    """design.md §5 replay="safe" (the RFC 7230 §6.3.1 / xmlrpc.client rule): the first write on
     an idle connection that had already been answered, met by a drop before any answer byte,
     is re-sent; two unanswered writes are not (either may have been acted on)."""
     with connect(proxy, FAST.replace(replay="safe")) as s:
@@ -512,7 +512,7 @@ def test_replay_safe_resends_only_the_first_write_on_a_reused_connection(server,
 
 
 def test_write_after_own_shutdown_is_the_callers_error_not_a_drop(server, proxy):
-    """DESIGN §3: EPIPE after our own shutdown(SHUT_WR) is the caller's doing."""
+    """docs/design.md §3: EPIPE after our own shutdown(SHUT_WR) is the caller's doing."""
     with connect(proxy) as s:
         s.sendall(b"MSG 1 x\n")
         assert readline(s) == b"ACK 1\n"
@@ -525,7 +525,7 @@ def test_write_after_own_shutdown_is_the_callers_error_not_a_drop(server, proxy)
 
 
 def test_gevent_timeout_during_a_read_keeps_the_connection_and_the_late_answer(server, proxy):
-    """DESIGN §3 (review r06): ``with gevent.Timeout(t, False): sock.recv(n)`` is a common
+    """docs/design.md §3 (review r06): ``with gevent.Timeout(t, False): sock.recv(n)`` is a common
     idiom; a plain gevent socket keeps the connection and the late answer arrives."""
     with connect(proxy) as s:
         s.sendall(b"HALF 1\n")  # answered "ACK " only: the rest never comes
@@ -541,7 +541,7 @@ def test_gevent_timeout_during_a_read_keeps_the_connection_and_the_late_answer(s
 
 @pytest.mark.parametrize("how", ["source_address", "bind"])
 def test_source_address_is_bound_again_on_every_new_connection(server, proxy, how):
-    """DESIGN §6: source_address / bind() are re-applied to each new connection."""
+    """docs/design.md §6: source_address / bind() are re-applied to each new connection."""
     if how == "source_address":
         s = connect(proxy, source_address=("127.0.0.2", 0))
     else:

@@ -164,7 +164,7 @@ def test_io_after_close_raises_what_a_closed_socket_raises(tls_server, server):
 
 @pytest.mark.parametrize("how", ["reset", "close"])
 def test_drop_during_the_first_handshake_is_retried(tls_server, how):
-    """A drop in the middle of the server's first handshake flight (DESIGN §3: anything during
+    """A drop in the middle of the server's first handshake flight (design.md §3: anything during
     connect or handshake is not maybe_delivered, and retryable): a new TCP connection and a new
     handshake, then the conversation as if nothing happened."""
     with FaultProxy(tls_server.address) as proxy:

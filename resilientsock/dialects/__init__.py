@@ -1,4 +1,4 @@
-"""Protocol knowledge for the recovery core, as sans-IO modules (DESIGN §5a, §5b).
+"""Protocol knowledge for the recovery core, as sans-IO modules (docs/design.md §5a, §5b).
 
 ``detect(first_write, first_read, prelude=N)`` picks a dialect from a connection lineage's
 first bytes; the core then feeds it every record written and chunk read and asks it whether a

@@ -1,4 +1,4 @@
-"""The dialect interface: what a protocol module tells the recovery core (DESIGN §5a, §5b).
+"""The dialect interface: what a protocol module tells the recovery core (docs/design.md §5a, §5b).
 
 Rules of this package:
 
@@ -69,7 +69,7 @@ class Dialect:
         return None
 
     def unsafe(self) -> str | None:
-        """If the connection dropped now, under ``replay="idempotent"`` (DESIGN §5,
+        """If the connection dropped now, under ``replay="idempotent"`` (docs/design.md §5,
         "Idempotency decides where a dialect knows it"): the name of an unanswered request
         that may have reached the server (all of its bytes were written, no answer yet) and
         that is not idempotent (running it twice leaves the server otherwise than once would),
@@ -82,7 +82,7 @@ class Dialect:
         writes next (no greeting, login or handshake it would lack, or the setup ``restore``
         redoes): after a surfaced error the core may then open one lazily on the next write.
         False (the default, and for every unknown protocol): the socket stays as dead as a
-        plain one (DESIGN §5)."""
+        plain one (docs/design.md §5)."""
         return False
 
     def write_only(self) -> bool:

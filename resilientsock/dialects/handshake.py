@@ -1,4 +1,4 @@
-"""Protocols whose handshake cannot be replayed into a new connection (DESIGN §5a).
+"""Protocols whose handshake cannot be replayed into a new connection (docs/design.md §5a).
 
 Rules of this module:
 

@@ -1,6 +1,6 @@
 """HTTP/1.x: requests written, responses read, paired first in first out (pipelining kept).
 
-Rules of this module (DESIGN §5a, §5b; RFC 9110 semantics, RFC 9112 message syntax):
+Rules of this module (docs/design.md §5a, §5b; RFC 9110 semantics, RFC 9112 message syntax):
 
 1. h11 parses every message head: a fresh SERVER-role ``h11.Connection`` per request head the
    application wrote, a fresh CLIENT-role one per response head it read (sent the request's

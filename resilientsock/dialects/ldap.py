@@ -1,6 +1,6 @@
 """LDAPv3 (BER, RFC 4511): the BIND is the connection's login; writes are not re-sent.
 
-Rules of this module (DESIGN §5 "Idempotency decides where a dialect knows it", §5a):
+Rules of this module (docs/design.md §5 "Idempotency decides where a dialect knows it", §5a):
 
 1. Framing only. Every LDAPMessage is a BER SEQUENCE (tag 0x30, definite length, RFC 4511
    §5.1): its length is read from the header and the rest passed by counting; only the first

@@ -1,6 +1,6 @@
 """memcached, text and meta protocol: commands written, replies read, paired first in first out.
 
-Rules of this module (DESIGN §5 "Idempotency decides where a dialect knows it"; the protocol:
+Rules of this module (design.md §5 "Idempotency decides where a dialect knows it"; the protocol:
 https://github.com/memcached/memcached/blob/master/doc/protocol.txt):
 
 1. Framing only. A command is a line; storage commands (``set add replace append prepend

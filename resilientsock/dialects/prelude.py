@@ -1,6 +1,6 @@
 """``RetryPolicy(prelude=N)``: the first N exchanges of every connection are its setup.
 
-Rules of this module (DESIGN §5a):
+Rules of this module (docs/design.md §5a):
 
 1. An exchange is the records written until the first answer byte, plus the answer bytes read
    until the next write. Exchange k is complete when the first write after its answer begins.

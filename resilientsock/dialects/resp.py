@@ -1,6 +1,6 @@
 """RESP (redis, valkey, keydb, ...): commands written, replies read, paired first in first out.
 
-Rules of this module (DESIGN §5a, §5b; the protocol: https://redis.io/docs/latest/develop/
+Rules of this module (docs/design.md §5a, §5b; the protocol: https://redis.io/docs/latest/develop/
 reference/protocol-spec/):
 
 1. Framing only. Commands are arrays of bulk strings or inline lines; replies are RESP2 or

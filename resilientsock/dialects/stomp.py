@@ -1,6 +1,6 @@
 """STOMP 1.0-1.2 (RabbitMQ, ActiveMQ, Artemis): the CONNECT is the connection's login.
 
-Rules of this module (DESIGN §5 "Idempotency decides where a dialect knows it", §5a; the
+Rules of this module (docs/design.md §5 "Idempotency decides where a dialect knows it", §5a; the
 protocol: https://stomp.github.io/stomp-specification-1.2.html):
 
 1. Framing only. A frame is a command line, header lines, an empty line, a body ended by NUL

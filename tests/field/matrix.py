@@ -1,4 +1,4 @@
-"""The real-client matrix (DESIGN §9, §5a "never worse than without"): one client, its real
+"""The real-client matrix (docs/design.md §9, §5a "never worse than without"): one client, its real
 server, the same seeded fault plan, run plain and under resilientsock, counted server-side.
 
 Rules of this module:
@@ -17,7 +17,7 @@ Rules of this module:
    application's own timeout. Duplicates and recovery time are measured and reported; for a
    row whose operations are not idempotent (``Row.idempotent`` False: INCR, incr) each key's
    executions are counted on the server, and more duplicates than the plain run is worse
-   (issue #23: such a request is never re-sent where a dialect knows it, DESIGN §5).
+   (issue #23: such a request is never re-sent where a dialect knows it, docs/design.md §5).
 4. Every run is saved as JSON under ``$FIELD_RESULTS`` (default build/field/) for
    ``tests/field/report.py``, which writes docs/field.md's table; the client's op log and
    output and the server's log are kept beside it (``runs/<row>/``).

@@ -1,4 +1,4 @@
-"""The rows of the matrix (DESIGN §9): which client, against which server, through which
+"""The rows of the matrix (docs/design.md §9): which client, against which server, through which
 faults, and which errors the plain client raises under them.
 
 Rules of this module:
@@ -67,7 +67,7 @@ def redis_db2_nopass(server: Redis, **kw: Any) -> Row:
 
 
 def redis_down_for_good(server: Redis, **kw: Any) -> Row:
-    """DESIGN §9's "server down for good" row: after a few keys the server is gone; redis-py
+    """docs/design.md §9's "server down for good" row: after a few keys the server is gone; redis-py
     (retries off, 5 s timeouts) fails at once; under resilientsock, with its *default*
     policy, each call must still return within the application's 5 s (§4: the application's
     timeout is honoured), not after the 30 s deadline."""
