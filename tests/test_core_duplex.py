@@ -1,6 +1,7 @@
 """docs/design.md §5, full duplex on one socket: one greenlet's interruption never kills another's
 call (w4), and a half-close is not a drop (w7, w7b). Real servers on loopback, counted on the
-server side; each test fails on c94b32e."""
+server side; each test fails on c94b32e. Repros (../shared/repro/wave3/):
+w4_interrupted_write_kills_reader, w7_halfclose_while_writing, w7b_halfclose_after_banner."""
 
 from __future__ import annotations
 

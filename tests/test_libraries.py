@@ -1,6 +1,6 @@
 """Which sockets a retrying client library owns is decided when the socket connects, never by
 walking the stack at error time (docs/design.md §4, §9; resilientsock/_libraries.py). Real clients,
-real servers, under the runner."""
+real servers, under the runner. Repro: ../shared/repro/wave3/w8_heuristic_misfires_in_callback."""
 
 from __future__ import annotations
 

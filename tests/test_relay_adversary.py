@@ -1,7 +1,9 @@
 """The relay on real paths and under adversaries (wave 3: #25 items 1 and 3, #26).
 
 Real sockets on loopback only; every wait bounded. Each test names the defect it pins (the
-repro scripts in ../shared/repro/wave3/) and fails on c94b32e.
+repro scripts in ../shared/repro/wave3/) and fails on c94b32e: w1_early_data_resume_rejected,
+w2_abandoned_sessions_pin_memory, w5_slow_resume_proxied_plainly, w6_slow_resume_session_lost,
+w9_ticket_oracle.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ that is not taken for death, vanished clients and clean ends.
 
 Topology: the client (``open_session``, gevent, the pytest process's hub) -> a forwarder
 (``sessionkit.Recorder``, no TCP_NODELAY, or the FaultProxy) -> Relay (its own hub and
-thread) -> an upstream server; counts are taken on the server's side.
+thread) -> an upstream server; counts are taken on the server's side. The stalled-upstream
+test is ../shared/repro/wave3/w3_stalled_upstream_resets_session.
 """
 
 from __future__ import annotations
