@@ -78,6 +78,24 @@ class RandomResets:
         self.proxy._loop.call(self.greenlet.kill)
 
 
+class Lines:
+    """Read lines from a socket, buffering across recv calls (the socket's own timeout bounds
+    each read: a test that waits too long fails)."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def readline(self) -> bytes:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError(f"EOF after {self.buf!r}")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
+
+
 def assert_in_order_no_loss(received: list[int], count: int) -> None:
     """Every 1..count arrived, in order, repeats only as immediate duplicates."""
     assert set(received) == set(range(1, count + 1))

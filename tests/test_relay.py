@@ -23,7 +23,7 @@ from typing import Any
 import gevent
 import gevent.socket as gsocket
 import pytest
-from conftest import ROOT, TLSServer, run_py, wait_until
+from conftest import ROOT, Lines, TLSServer, run_py, wait_until
 
 from resilientsock import RetryPolicy
 from resilientsock import _session as sp
@@ -62,22 +62,6 @@ def session(proxy: FaultProxy | tuple[str, int], **kw: Any) -> Any:
     return open_session(address, timeout=10, policy=kw.pop("policy", POLICY),
                         heartbeat=kw.pop("heartbeat", HEARTBEAT), **kw)
 
-
-class Lines:
-    """Read lines from a socket, buffering across recv calls."""
-
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def readline(self) -> bytes:
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(f"EOF after {self.buf!r}")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
 
 
 def converse(app: Any, first: int, last: int, fault: Any = None, every: int = 0) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import gevent
 import gevent.socket as gsocket
 import pytest
-from conftest import ROOT, wait_until
+from conftest import ROOT, Lines, wait_until
 
 from resilientsock import RetryPolicy
 from resilientsock import _session as sp
@@ -34,20 +34,6 @@ from resilientsock.testing._loop import ListenerService
 POLICY = RetryPolicy(deadline=20, backoff_initial=0.01, backoff_max=0.1)
 _RST = struct.pack("ii", 1, 0)
 
-
-class Lines:
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def readline(self) -> bytes:
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(f"EOF after {self.buf!r}")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
 
 
 def converse(app: Any, first: int, last: int) -> None:

@@ -21,7 +21,7 @@ import gevent
 import gevent.event
 import gevent.socket as gsocket
 import pytest
-from conftest import run_py, wait_until
+from conftest import Lines, run_py, wait_until
 from sessionkit import Recorder
 
 from resilientsock import RetryPolicy, _relay
@@ -41,20 +41,6 @@ def upstream() -> Iterator[MessageServer]:
     server.shutdown()
 
 
-class _Lines:
-    def __init__(self, sock: object) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def readline(self) -> bytes:
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)  # type: ignore[attr-defined]
-            if not data:
-                raise EOFError(f"EOF after {self.buf!r}")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
-
 
 # -- Nagle-safe framing ----------------------------------------------------------------------
 
@@ -69,7 +55,7 @@ def test_one_application_write_is_one_frame_in_one_segment_through_a_nagle_forwa
         fwd = Recorder(relay.address)
         try:
             app = open_session(fwd.address, timeout=10, policy=POLICY)
-            lines = _Lines(app)
+            lines = Lines(app)
             # Several delayed-ACK intervals (the timer must not fire behind fresh data),
             # bounded in count.
             start = time.monotonic()
@@ -177,7 +163,7 @@ def test_a_stalled_upstream_is_backpressure_not_a_dead_link() -> None:
             gevent.sleep(3 * heartbeat + policy.deadline)
             assert relay.stats()["sessions_resumed"] == 0, "a stall was taken for a drop"
             server.release()
-            answer = _Lines(app).readline()
+            answer = Lines(app).readline()
             assert answer == b"done %d" % total
             assert server.connections == 1
             assert relay.stats()["sessions_resumed"] == 0
@@ -201,7 +187,7 @@ def test_a_client_that_goes_silent_is_detached_within_the_link_timeout_then_expi
                link_timeout=link_timeout, session_timeout=session_timeout) as relay:
         live = open_session(relay.address, timeout=10, policy=POLICY)  # heartbeat 15 s
         live.sendall(b"MSG 1\n")
-        assert _Lines(live).readline() == b"ACK 1"
+        assert Lines(live).readline() == b"ACK 1"
         silent = socket.create_connection(relay.address, timeout=10)
         link = sp.Link(sp.CLIENT)
         silent.sendall(link.send_hello_new(sp.Stream()))
@@ -224,7 +210,7 @@ def test_a_client_that_goes_silent_is_detached_within_the_link_timeout_then_expi
         assert stats["sessions_active"] == 1 and stats["sessions_detached"] == 0
         assert stats["sessions_resumed"] == 0  # the live client's link was never dropped
         live.sendall(b"MSG 2\n")
-        assert _Lines(live).readline() == b"ACK 2"
+        assert Lines(live).readline() == b"ACK 2"
         live.close()
         silent.close()
 

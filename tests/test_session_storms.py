@@ -22,7 +22,7 @@ import gevent
 import gevent.event
 import gevent.ssl as gssl
 import pytest
-from conftest import TLSServer, wait_until
+from conftest import Lines, TLSServer, wait_until
 
 from resilientsock import RetryPolicy
 from resilientsock._relay import Relay, open_session
@@ -116,20 +116,6 @@ def _session(proxy: FaultProxy) -> Any:
     return open_session(proxy.address, timeout=APP_TIMEOUT, policy=POLICY,
                         heartbeat=HEARTBEAT)
 
-
-class Lines:
-    def __init__(self, sock: Any) -> None:
-        self.sock = sock
-        self.buf = b""
-
-    def readline(self) -> bytes:
-        while b"\n" not in self.buf:
-            data = self.sock.recv(65536)  # raises past APP_TIMEOUT: the test fails
-            if not data:
-                raise EOFError(f"EOF after {self.buf!r}")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\n", 1)
-        return line
 
 
 def request_answer(app: Any, storm: Storm, count: int, faults: int,
