@@ -78,6 +78,28 @@ class RandomResets:
         self.proxy._loop.call(self.greenlet.kill)
 
 
+class ThreadedServer:
+    """A ``socketserver`` server on loopback, served by a daemon thread; ``close()`` stops it.
+    Subclasses build their server and hand it to ``_start``."""
+
+    server: Any
+    address: tuple[str, int]
+
+    def _start(self, server: Any) -> None:
+        import threading
+
+        self.server = server
+        server.daemon_threads = True
+        self.address = server.server_address[:2]
+        self.thread = threading.Thread(target=server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
 class Lines:
     """Read lines from a socket, buffering across recv calls (the socket's own timeout bounds
     each read: a test that waits too long fails)."""

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import ThreadedServer, wait_until
 
 from resilientsock import ResilientSocket, RetryPolicy
 from resilientsock.testing import FaultProxy
@@ -79,7 +79,7 @@ def _reset_seen(sock: Any) -> None:
 
 # -- HTTP (http.client) against http.server -----------------------------------------------------
 
-class CountingHTTP:
+class CountingHTTP(ThreadedServer):
     """http.server (HTTP/1.1, keep-alive) counting every request by method and path."""
 
     def __init__(self) -> None:
@@ -105,16 +105,7 @@ class CountingHTTP:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.address = self.server.server_address[:2]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self._start(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler))
 
 
 @pytest.fixture
@@ -697,7 +688,7 @@ def test_a_declared_setup_lets_an_unknown_protocol_reconnect_lazily():
 
 # -- STOMP: the CONNECT is the connection's login -----------------------------------------------
 
-class MiniStomp:
+class MiniStomp(ThreadedServer):
     """A minimal STOMP 1.2 broker (CONNECT, SEND, DISCONNECT) counting, per connection,
     what arrived before a CONNECT (a real broker answers those with ERROR and closes)."""
 
@@ -742,16 +733,7 @@ class MiniStomp:
                         elif cmd == b"SEND":
                             broker.sends.append(frame.split(b"\n\n", 1)[1])
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.address = self.server.server_address[:2]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self._start(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
 
 
 STOMP_CONNECT = b"CONNECT\naccept-version:1.2\nhost:/\nlogin:robot\npasscode:secret\n\n\x00"
@@ -853,7 +835,7 @@ def _ldap_op(msg: bytes) -> tuple[int, int, bytes]:
     return msgid, tag, msg[at + ol:at + ol + ov]
 
 
-class MiniLdap:
+class MiniLdap(ThreadedServer):
     """A minimal LDAPv3 server (simple BIND, ADD, UNBIND) counting each ADD by DN, and the
     writes that arrive on a connection that never bound (answered strongerAuthRequired)."""
 
@@ -910,16 +892,7 @@ class MiniLdap:
                     elif op == 0x42:  # UnbindRequest
                         return
 
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.address = self.server.server_address[:2]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self._start(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ThreadedServer
 
 from resilientsock.testing import FaultProxy
 
@@ -129,7 +130,7 @@ print("bad", bad, "errors", errors)
 '''
 
 
-class CountingHTTP:
+class CountingHTTP(ThreadedServer):
     """http.server (HTTP/1.1 keep-alive), headers and body in separate writes, counting
     every request by method and path."""
 
@@ -157,16 +158,7 @@ class CountingHTTP:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.address = self.server.server_address[:2]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        self._start(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler))
 
 
 def test_http_post_loop_through_random_resets_never_runs_a_post_twice(tmp_path):
