@@ -345,8 +345,12 @@ def _early_answer(m: Machine, d: Drop) -> str | None:
     # Full duplex on a line protocol (another greenlet reads one answer line per request
     # line): unread bytes are answers to earlier lines, re-sent and answered again on the new
     # connection, not an early answer to the write that failed. Elsewhere (an upload the
-    # server answered early and closed on, with a reader greenlet) they are one.
-    if d.writing and d.early_answer and not ((d.duplex or m.duplex) and m.line_stream()):
+    # server answered early and closed on, with a reader greenlet) they are one — whether
+    # the answer is still unread or a reader greenlet already has it: which one ran first
+    # is the scheduler's choice, not the server's (answered_unconfirmed).
+    if (d.duplex or m.duplex) and m.line_stream():
+        return None
+    if (d.writing and d.early_answer) or m.answered_unconfirmed():
         return ("the server answered before the write failed (an early answer such as 413 or "
                 "404 from a server that closed without reading the rest): that answer is "
                 "delivered and nothing is re-sent")
@@ -543,6 +547,10 @@ class Machine:
         self.lines_off = False  # the stream is not one answer line per request line
         self.read_eol = False  # the last read ended with a newline (duplex only)
         self.eof_repeats = 0  # unanswered EOFs in a row for the same records (duplex)
+        # Full duplex: the journal's mark when the peer's bytes last reached a reader on this
+        # connection (0: none yet). Records before it that are still unconfirmed may have
+        # been answered by those bytes: answered_unconfirmed().
+        self.answered_at = 0
 
     # -- state --------------------------------------------------------------------------------
 
@@ -611,6 +619,14 @@ class Machine:
         chunk = data if isinstance(data, bytes | bytearray) else bytes(data)
         lines.req += chunk.count(b"\n")
 
+    def answered_unconfirmed(self) -> bool:
+        """Full duplex, not a line protocol: the peer sent bytes on this connection after
+        records that are still unconfirmed were written, so they may be its answer to them
+        (an upload answered early — 413 — and closed on, its answer already taken by a
+        reader greenlet). Such records are not re-sent, whatever the scheduler let run
+        first (docs/design.md §5)."""
+        return self.answered_at > self.journal._base + self.journal._head
+
     def line_stream(self) -> bool:
         """Full duplex on a line protocol (rule 6): counted, or — before counting began —
         by the look of what is unconfirmed (it ends with a newline)."""
@@ -672,6 +688,7 @@ class Machine:
             self.read_eol = data[-1:] == b"\n"
         if self.duplex:
             self.eof_repeats = 0
+            self.answered_at = journal._base + len(journal._ends)  # journal.mark(), inlined
         if journal._head < len(journal._ends) or journal.overflowed:
             if not self.explicit:
                 journal.confirm_before(mark)
@@ -746,6 +763,11 @@ class Machine:
             # nothing is re-sent for it; the writer goes on until the peer stops reading.
             self.half_closed = True
             return Verdict(PASS_EOF, "half-close")
+        if self.duplex and self.answered_unconfirmed() and not self.line_stream():
+            # Full duplex, not lines: the peer answered after the unconfirmed records and
+            # closed (an early 413 to an upload): the reader gets the EOF, as a plain socket
+            # gives it, and the writer its own error; nothing is re-sent into a new connection.
+            return Verdict(PASS_EOF, "early-answer")
         if others_active or (peer_alive is False and self.duplex):
             return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
         if nbytes and self.journal.pending and self.policy.eof != "pass" and self.line_stream():
@@ -895,6 +917,7 @@ class Machine:
         """A new connection is ready (restored, replayed): publish it."""
         self.gen += 1
         self.conn_answered = False
+        self.answered_at = 0
         self.half_closed = False
         lines = self.lines
         if lines is not None:
@@ -924,6 +947,7 @@ class Machine:
         self.lines = None  # counting begins again at the next clean point
         self.lines_off = False
         self.eof_repeats = 0
+        self.answered_at = 0
         if self.dialect is not None:
             self.dialect.discard()
         self.answered = 0

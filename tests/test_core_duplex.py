@@ -9,6 +9,7 @@ import threading
 import time
 
 import gevent
+import gevent.event
 import gevent.socket as gsocket
 import pytest
 
@@ -236,4 +237,52 @@ def test_an_early_answer_with_a_reader_greenlet_is_delivered_once_and_nothing_re
         assert out["reader"][0] == b"ERR 413 upload too large\n", out
         assert isinstance(out["writer"], (BrokenPipeError, ConnectionResetError)), out
         assert srv.requests == 1 and srv.connections == 1
+        sock.close()
+
+
+def test_an_early_answer_already_taken_by_the_reader_is_not_re_sent():
+    """The same early answer when the reader takes it before the writer meets the reset
+    (make test met this order under load: the request ran 5 times). The writer sends the
+    request line and two chunks, then stalls (its producer is slow) until the reader has
+    the answer: the reader gets the answer, then the plain reset or EOF; the writer the
+    plain error; the request runs once, on one connection, and nothing is re-sent."""
+    with AnswerAndClose() as srv:
+        sock = ResilientSocket.connect(srv.address, POLICY, timeout=10)
+        answered = gevent.event.Event()
+        out: dict = {}
+
+        def reader():
+            data = b""
+            try:
+                while True:
+                    d = sock.recv(100)
+                    if not d:
+                        break
+                    data += d
+                    answered.set()
+                out["reader"] = (data, "EOF")
+            except Exception as exc:  # noqa: BLE001 - the test reports it
+                out["reader"] = (data, exc)
+
+        def writer():
+            try:
+                sock.sendall(b"PUT /big\n")
+                sock.sendall(b"A" * 65536)
+                sock.sendall(b"B" * 65536)
+                answered.wait(10)  # the producer stalls; the reader takes the answer
+                for _ in range(160):
+                    sock.sendall(b"C" * 65536)
+                out["writer"] = "ok"
+            except Exception as exc:  # noqa: BLE001
+                out["writer"] = exc
+
+        gr, gw = gevent.spawn(reader), gevent.spawn(writer)
+        gevent.joinall([gr, gw], timeout=30)
+        gr.kill()
+        gw.kill()
+        assert out["reader"][0] == b"ERR 413 upload too large\n", out
+        assert out["reader"][1] == "EOF" or isinstance(out["reader"][1], ConnectionResetError), out
+        assert isinstance(out["writer"], (BrokenPipeError, ConnectionResetError)), out
+        assert srv.requests == 1 and srv.connections == 1, (srv.requests, srv.connections)
+        assert sock.stats().replayed_records == 0
         sock.close()

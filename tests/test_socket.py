@@ -737,8 +737,12 @@ def test_a_wait_longer_than_the_budget_still_makes_one_last_attempt(server, prox
         proxy.reset_all()
         t0 = time.monotonic()
         s.sendall(b"MSG 2 x\n")
+        t1 = time.monotonic()
         assert readline(s) == b"ACK 2\n"
-        elapsed = time.monotonic() - t0
+        t2 = time.monotonic()
         assert s.reconnects == 1
-    assert 1.0 <= elapsed < 3.0, elapsed
+    # The outage was waited out, and neither call ran past its own 3 s timeout (the two
+    # together may: each call has the whole timeout, and a loaded machine delays the second).
+    assert t2 - t0 >= 1.0, t2 - t0
+    assert t1 - t0 < 3.0 and t2 - t1 < 3.0, (t1 - t0, t2 - t1)
     assert server.received == [1, 2]
