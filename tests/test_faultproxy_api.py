@@ -107,7 +107,7 @@ def test_toxics_over_http_add_show_update_delete(api, echo):
     assert status == 200  # Toxiproxy answers 200 here, 201 only for a new proxy
     assert toxic == {"attributes": {"latency": 150, "jitter": 0}, "name": "latency_downstream",
                      "type": "latency", "stream": "downstream", "toxicity": 1.0}
-    assert 0.15 <= rtt(listen) < 0.4
+    assert rtt(listen) >= 0.15  # applied (no upper bound: a loaded machine adds its own)
     assert call(api.address, "GET", "/proxies/p/toxics") == (200, [toxic])
     assert call(api.address, "GET", "/proxies/p/toxics/latency_downstream") == (200, toxic)
     assert call(api.address, "GET", "/proxies/p")[1]["toxics"] == [toxic]
@@ -115,11 +115,11 @@ def test_toxics_over_http_add_show_update_delete(api, echo):
                            {"attributes": {"latency": 300}})
     assert status == 200 and changed["attributes"] == {"latency": 300, "jitter": 0}
     assert changed["toxicity"] == 1.0
-    assert 0.3 <= rtt(listen) < 0.55
+    assert rtt(listen) >= 0.3  # the new latency applies
     status, changed = call(api.address, "POST", "/proxies/p/toxics/latency_downstream",
                            {"toxicity": 0})  # POST still works, as in Toxiproxy
     assert status == 200 and changed["toxicity"] == 0
-    assert rtt(listen) < 0.1
+    assert rtt(listen) < 0.3  # the 300 ms toxic no longer applies (a loaded machine: 0.13 s)
     assert call(api.address, "DELETE", "/proxies/p/toxics/latency_downstream") == (204, None)
     assert call(api.address, "GET", "/proxies/p/toxics") == (200, [])
 
@@ -158,7 +158,7 @@ def test_disable_over_http_refuses_then_reset_enables(api, echo):
     assert call(api.address, "POST", "/reset") == (204, None)
     status, body = call(api.address, "GET", "/proxies/p")
     assert body["enabled"] is True and body["toxics"] == []
-    assert rtt(listen) < 0.1
+    assert rtt(listen) < 0.3  # the 300 ms toxic no longer applies (a loaded machine: 0.13 s)
 
 
 def test_a_proxy_created_disabled_and_upstream_changed(api, echo):

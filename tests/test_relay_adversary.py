@@ -491,7 +491,10 @@ def test_a_flood_of_rejected_handshakes_writes_few_log_lines(
                    "every rejection")
         st = relay.stats()
         assert st["slowed_connections"] > 0, st
-    assert 1 <= len(warnings_logged.lines) <= 10, warnings_logged.lines[:20]
+    # The relay's own lines (a client session left behind by an earlier test in this
+    # process may give up meanwhile and log its own WARNING: not this relay's).
+    relay_lines = [line for line in warnings_logged.lines if "relay:" in line]
+    assert 1 <= len(relay_lines) <= 10, relay_lines[:20]
 
 
 # -- errors that name the culprit (#26 item 3) ----------------------------------------------

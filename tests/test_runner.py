@@ -354,7 +354,11 @@ def run_with_banner_faults(args: list[str], proxy: FaultProxy, resilient: bool,
             proxy.cut_after(0, "down", new_only=True)
         else:
             proxy.cut_after(0, "up", how=kind.rsplit("-", 1)[1], new_only=True)
-        # Wait (bounded) for the cut to land before arming the next one.
+        # Wait (bounded) for the cut to land before arming the next one, and then for the
+        # client's next connection (its reconnect), so that the next cut lands on a later
+        # connection, at the start of its own session: armed at once, on a loaded machine it
+        # hit the reconnect of the same session, the same re-sent command closed twice
+        # (which is the server's answer, passed on as EOF: design.md §5).
         limit = time.monotonic() + (0.4 if kind == "refuse" else 5)
         while (proc.poll() is None and time.monotonic() < limit
                and (kind == "refuse" or proxy.faults["cut"] == before)):
@@ -362,6 +366,14 @@ def run_with_banner_faults(args: list[str], proxy: FaultProxy, resilient: bool,
                 proc.wait(timeout=0.02)
             except subprocess.TimeoutExpired:
                 pass
+        if kind != "refuse":
+            landed = proxy.connections
+            limit = time.monotonic() + 5
+            while proc.poll() is None and time.monotonic() < limit and proxy.connections == landed:
+                try:
+                    proc.wait(timeout=0.02)
+                except subprocess.TimeoutExpired:
+                    pass
 
     return _run_driving_faults(args, resilient, step, timeout, seed)
 
