@@ -1224,7 +1224,8 @@ class ResilientSocket(_GeventSocket):
             # As Python does for an exception raised while another is handled: the cause's
             # context chain may lead back to this error (a step failed while the call that
             # caught it was still in its except block), and must not loop back to it.
-            link, hops = cause, 0
+            link: BaseException | None = cause
+            hops = 0
             while link is not None and hops < 64:
                 if link.__context__ is exc:
                     link.__context__ = None
