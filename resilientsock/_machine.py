@@ -362,15 +362,40 @@ def _peer_not_reading(m: Machine, d: Drop) -> str | None:
     return None
 
 
+def _answered_mid_write(m: Machine) -> bool:
+    """A reader greenlet took answer bytes while a write was under way on this connection,
+    and no write has completed since (``Machine.mid_write``): the peer answered before that
+    write was done — an early answer, whichever greenlet meets the drop first."""
+    mid = m.mid_write
+    return mid is not None and mid[0] == m.gen and mid[1] == m.journal._total
+
+
 def _early_answer(m: Machine, d: Drop) -> str | None:
     # Full duplex on a line protocol (another greenlet reads one answer line per request
     # line): unread bytes are answers to earlier lines, re-sent and answered again on the new
     # connection, not an early answer to the write that failed. Elsewhere (an upload the
-    # server answered early and closed on, with a reader greenlet) they are one.
-    if d.writing and d.early_answer and not ((d.duplex or m.duplex) and m.line_stream()):
+    # server answered early and closed on, with a reader greenlet) they are one — still
+    # unread when the write fails, or already taken by the reader during that write.
+    if d.writing and (d.early_answer or _answered_mid_write(m)) \
+            and not ((d.duplex or m.duplex) and m.line_stream()):
         return ("the server answered before the write failed (an early answer such as 413 or "
                 "404 from a server that closed without reading the rest): that answer is "
                 "delivered and nothing is re-sent")
+    return None
+
+
+def _answered_then_dropped(m: Machine, d: Drop) -> str | None:
+    # The same early answer met by the reader: it read the answer during the write, then the
+    # connection's end (the reset or EOF of a server that closed without reading the rest).
+    # Which greenlet meets the drop first is the scheduler's choice; the verdict must not be.
+    # The connection is kept (not discarded): the writer is still inside its write on it and
+    # gets its own error from it, as on a plain socket, not the EBADF of a connection closed
+    # under it (docs/design.md §5: one greenlet's call never kills another's).
+    if not d.writing and _answered_mid_write(m) and not (m.duplex and m.line_stream()):
+        return ("the server answered while the upload was still being written (an early "
+                "answer such as 413 from a server that closed without reading the rest), and "
+                "the reader has that answer: the connection's end is passed on as a plain "
+                "socket gives it, and nothing is re-sent")
     return None
 
 
@@ -466,6 +491,7 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
     ("read-timeout", _read_timeout, SURFACE, False, True),
     ("peer-not-reading", _peer_not_reading, SURFACE, False, False),
     ("early-answer", _early_answer, EARLY_ANSWER, False, False),
+    ("answered-then-dropped", _answered_then_dropped, SURFACE, False, False),
     ("half-closed", _half_closed, SURFACE, True, False),
     ("not-retryable", _not_retryable, SURFACE, True, False),
     ("dialect", _dialect, SURFACE, True, False),
@@ -564,6 +590,9 @@ class Machine:
         self.lines_off = False  # the stream is not one answer line per request line
         self.read_eol = False  # the last read ended with a newline (duplex only)
         self.eof_repeats = 0  # unanswered EOFs in a row for the same records (duplex)
+        # (gen, bytes journaled) when answer bytes were read while another greenlet was inside a
+        # write: an early answer while that connection lives and no write completed since.
+        self.mid_write: tuple[int, int] | None = None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -682,6 +711,8 @@ class Machine:
         journal = self.journal
         if self.writing:
             self.duplex = True  # another greenlet is inside a write while this one read
+            # ... and until that write completes, this answer came before it was done.
+            self.mid_write = (self.gen, journal._total)
         lines = self.lines
         if lines is not None:
             # Line counting (rule 6) from the first write on: in full duplex it alone
@@ -807,7 +838,7 @@ class Machine:
                 if d.phase == "eof" and kind == SURFACE:
                     # Not recoverable: the EOF itself goes to the caller, as a plain socket
                     # gives it, so the protocol's own "closed without an answer" handling runs.
-                    return Verdict(PASS_EOF, name, note)
+                    return Verdict(PASS_EOF, name, note, discard=discard)
                 return Verdict(kind, name, note, discard=discard, quiet=quiet)
         if d.cut:
             self.cut_at = self.answered
@@ -1085,10 +1116,11 @@ class Machine:
             # socket gives it; the journal is the caller's now (nothing re-sent twice). A
             # request not re-sent for want of idempotency reaches the caller as an EOF, which
             # carries no note (a TLS reset reads as one): the log names it at WARNING.
-            self.discarded()
-            self.move("surface-discard")
-            return PassEOF(verdict, discard=True, report="surfaced", info=outcome.info,
-                           warn=verdict.rule == "not-idempotent")
+            if verdict.discard:
+                self.discarded()
+                self.move("surface-discard")
+            return PassEOF(verdict, discard=verdict.discard, report="surfaced",
+                           info=outcome.info, warn=verdict.rule == "not-idempotent")
         return Recover(verdict.resume, outcome.info.category, UnansweredEOFError(
             f"peer closed the connection without answering {len(self.journal) or 'some'} "
             "request(s)"))

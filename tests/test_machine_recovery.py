@@ -550,3 +550,79 @@ def test_an_interruption_inside_a_recovery_lets_the_connection_go():
     assert m.state is BROKEN and not m.abandon(exception=True)
     m.move("close")
     assert m.state is CLOSED
+
+
+# -- an early answer taken by a reader greenlet (the race the faster reconnect exposed) --------
+
+def upload_answered_mid_write() -> Machine:
+    """A reader greenlet blocked in recv before anything was written (its mark is 0); the
+    writer sends a request line and a body; the server answers while the writer is inside
+    its next write, and the reader takes the answer."""
+    m = machine()
+    m.wrote_data(b"PUT /big\n")
+    m.wrote_data(b"A" * 65536)  # not a line protocol (line counting stops here)
+    m.writing = 1  # the writer is inside its next sendall
+    m.read_data(b"ERR 413 upload too large\n", 0)
+    assert m.duplex and m.journal.pending  # the answer rule confirms nothing: read began first
+    return m
+
+
+def test_a_reset_met_by_the_reader_after_it_took_an_early_answer_resends_nothing():
+    """The reader meets the server's reset first: before the fix it was judged a plain drop
+    and the whole upload re-sent (the request ran 5 times: 1 + POISON_CAP + 1)."""
+    m = upload_answered_mid_write()
+    step = m.error(reset(), "read", m.gen, False, closed=False, nonblocking=False,
+                   reader_waiting=False)
+    assert isinstance(step, FindFacts)
+    from dataclasses import replace
+
+    verdict = m.judge(replace(step.drop, duplex=True), m.gen)
+    assert isinstance(verdict, Surface), verdict
+    assert verdict.verdict.rule == "answered-then-dropped"
+    # Kept for the writer still inside its write on it (it gets its own error from it) ...
+    assert not verdict.verdict.discard and m.state is CONNECTED
+    # ... which is the same early answer: surfaced, nothing re-sent
+    verdict = write_error(m, BrokenPipeError(errno.EPIPE, "Broken pipe"), duplex=True)
+    assert isinstance(verdict, Surface) and verdict.verdict.rule == "early-answer"
+    # and every later drop of that connection too, as long as it is the same write's
+    for _ in range(3):
+        step = m.error(reset(), "read", m.gen, False, closed=False, nonblocking=False,
+                       reader_waiting=False)
+        assert isinstance(m.judge(replace(step.drop, duplex=True), m.gen), Surface)
+
+
+def test_a_write_error_after_the_reader_took_the_early_answer_is_that_early_answer():
+    """The writer meets the error first, but the reader already took the answer, so nothing
+    is left to peek at: still the early answer (before the fix: recovered, upload re-sent)."""
+    m = upload_answered_mid_write()
+    m.writing = 0  # the write call failed
+    verdict = write_error(m, reset(), early_answer=False, duplex=True)
+    assert isinstance(verdict, Surface) and verdict.verdict.rule == "early-answer"
+    assert m.state is CONNECTED  # the reader's next read meets the connection's end ...
+    step = m.error(reset(), "read", m.gen, False, closed=False, nonblocking=False,
+                   reader_waiting=False)
+    from dataclasses import replace
+
+    assert isinstance(m.judge(replace(step.drop, duplex=True), m.gen), Surface)  # ... as is
+
+
+def test_an_eof_met_by_the_reader_after_it_took_an_early_answer_is_passed_on():
+    m = upload_answered_mid_write()
+    step = m.eof_seen(m.gen, 100, closed=False, nonblocking=False)
+    assert isinstance(step, AskPeer)
+    verdict = m.eof_judge(m.gen, 100, step.others, alive=False)  # the reset behind the FIN
+    assert isinstance(verdict, PassEOF) and verdict.verdict.rule == "answered-then-dropped"
+    assert not verdict.discard and m.state is CONNECTED  # the writer is still on it
+
+
+def test_an_answer_read_mid_write_stops_counting_once_that_write_completes():
+    """Not an early answer once the write it arrived during is done: a later drop of a
+    streaming (not line-shaped) duplex connection is recovered as before."""
+    m = upload_answered_mid_write()
+    m.writing = 0
+    m.wrote_data(b"B" * 65536)  # that write completed; the stream goes on
+    step = m.error(reset(), "read", m.gen, False, closed=False, nonblocking=False,
+                   reader_waiting=False)
+    from dataclasses import replace
+
+    assert isinstance(m.judge(replace(step.drop, duplex=True), m.gen), Recover)
