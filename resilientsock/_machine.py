@@ -1081,7 +1081,8 @@ class Machine:
             # This EOF is either the peer's half-close (it still reads our upload), the end
             # of a connection whose reset the writer consumed, or the path cut between two
             # writes: ask the connection (docs/design.md §5).
-            return AskPeer(idle, others)
+            # (A second at most to learn it; a writer between calls gets DUPLEX_EOF_WAIT.)
+            return AskPeer(idle, others, DUPLEX_EOF_WAIT if idle else 1.0)
         return self.eof_judge(gen, nbytes, others, None)
 
     def eof_judge(self, gen: int, nbytes: int, others: bool, alive: bool | None) -> Action:
@@ -1476,10 +1477,12 @@ class ReadAgain:
 class AskPeer:
     """Full duplex: find out whether the peer still takes our bytes after its EOF (it
     half-closed), then ``eof_judge``. ``idle``: the writer is between calls (wait up to
-    DUPLEX_EOF_WAIT for its next write); ``others`` goes back to ``eof_judge``."""
+    DUPLEX_EOF_WAIT for its next write); ``others`` goes back to ``eof_judge``; ``wait``: how
+    long to poll for the answer at most (None after it, when idle: the stream's end)."""
 
     idle: bool
     others: bool
+    wait: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,6 @@ from ._machine import (
     BROKEN,
     CLOSED,
     CONNECTED,
-    DUPLEX_EOF_WAIT,
     PASS_EOF,
     RECOVERING,
     Abandon,
@@ -680,7 +679,8 @@ class ResilientSocket(_GeventSocket):
         nbytes = _requested(kind, args)
         step = m.eof_seen(gen, nbytes, closed=self._closed, nonblocking=self.timeout == 0.0)
         if isinstance(step, AskPeer):
-            alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0), step.idle)
+            alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0), step.idle,
+                                                  step.wait)
             step = m.eof_judge(gen, nbytes, step.others, alive)
         if isinstance(step, PassEOF):
             self._rs_pass_eof(step)
@@ -831,7 +831,7 @@ class ResilientSocket(_GeventSocket):
         raise exc
 
     def _rs_peer_alive_after_eof(self, m: Machine, gen: int, call_end: float | None,
-                                 idle: bool = False) -> bool | None:
+                                 idle: bool = False, wait: float = 1.0) -> bool | None:
         """After an EOF while another greenlet writes: is the peer's socket still there?
 
         True: it half-closed and still takes our bytes — its TCP acknowledged data after its
@@ -842,8 +842,8 @@ class ResilientSocket(_GeventSocket):
         waiting (the writer recovered). Polls, as ``_rs_peer_not_reading`` does.
 
         ``idle``: the writer greenlet is between calls and nothing is unconfirmed; wait up
-        to ``DUPLEX_EOF_WAIT`` for its next write to tell (None if it does not: the EOF is
-        then the stream's end, as without a writer)."""
+        to ``wait`` (the machine's ``AskPeer.wait``) for its next write to tell (None if it
+        does not: the EOF is then the stream's end, as without a writer)."""
         unix = self.family == _AF_UNIX
         journal = m.journal
         if unix:
@@ -853,7 +853,7 @@ class ResilientSocket(_GeventSocket):
             if buf is None:
                 return False
             start = struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0]
-        limit = _clock() + (DUPLEX_EOF_WAIT if idle else 1.0)
+        limit = _clock() + wait
         if call_end is not None:
             limit = min(limit, call_end)
         while True:

@@ -355,7 +355,7 @@ def test_an_eof_under_a_writer_asks_the_peer_and_a_half_close_is_passed_on():
     m.wrote_data(b"PUT /big\n")
     m.writing = 1  # another greenlet is inside a write
     step = m.eof_seen(m.gen, 100, closed=False, nonblocking=False)
-    assert step == AskPeer(idle=False, others=True)
+    assert step == AskPeer(idle=False, others=True, wait=1.0)
     half = m.eof_judge(m.gen, 100, step.others, alive=True)
     assert isinstance(half, PassEOF) and half.verdict.rule == "half-close"
     assert m.state is CONNECTED and m.journal.pending  # the writer goes on
