@@ -29,6 +29,11 @@ Rules of this module (docs/design.md §5-§7; the decisions themselves live in `
 7. Reconnecting swaps the wrapped ``_sock`` (so ``fileno()`` changes); the old connection is
    closed first (its io watchers dropped, waking any greenlet blocked on it), so a fixed
    source port can be bound again (review r22).
+8. The socket asks and performs; it decides nothing about a drop. An error goes to
+   ``Machine.error``/``judge``, an EOF to ``Machine.eof_seen``/``eof_judge``; the facts they
+   ask for (TCP_INFO, a peek, whether a reader waits) are found here, and a recovery's steps
+   (``Machine.recover``: wait, connect, handshake, setup, banner, hook, replay, resume, give
+   up) are performed by ``_rs_perform``, which sends each result back.
 """
 
 from __future__ import annotations
