@@ -1068,8 +1068,7 @@ class Machine:
     def eof_seen(self, gen: int, nbytes: int, *, closed: bool, nonblocking: bool) -> Action:
         """A read of connection ``gen`` that asked for ``nbytes`` returned EOF."""
         if self.state is CLOSED or closed or nonblocking:
-            return PassEOF(Verdict(PASS_EOF, "non-blocking" if nonblocking and not closed
-                                   and self.state is not CLOSED else "closed"))
+            return PassEOF(Verdict(PASS_EOF, "non-blocking" if nonblocking else "closed"))
         if self.gen != gen or self.state is not CONNECTED:
             return READ_AGAIN  # the connection moved under this read: read on the new one
         others = self.writing > 0 or self.state is RECOVERING
