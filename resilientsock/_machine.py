@@ -38,6 +38,21 @@ Rules of this module:
    poison record that is reset after every re-send exhausts one budget). A socket timeout set
    by the application bounds every call as well (``call_end``): the caller asked never to wait
    longer (§4).
+6. Full duplex on a line protocol (one greenlet writes request lines, another reads one answer
+   line for each): answer lines are counted and confirm the request lines they answer
+   (``_Lines``); a stream that is not that shape stops the counting for good.
+7. The socket asks, the machine tells. An error in a call: ``error`` answers with an action
+   (raise it as is, call again on the connection another greenlet published, find these
+   facts by I/O), then ``judge`` with the facts (surface with this note, recover). An EOF:
+   ``eof_seen`` (pass it on, read again, ask whether the peer still reads), then
+   ``eof_judge``. A recovery is a generator, ``recover``: it yields what to do next —
+   ``Wait``, ``Connect``, ``Handshake``, ``Restore``, ``SkipBanner``, ``RunHook``,
+   ``Abandon``, ``Replay``, ``Resume`` — and is sent what came of it (``None``: done;
+   ``Connected``; ``Failed`` with the error classified), until it yields one of the three
+   ends: ``Done`` (the new connection is published), ``GiveUp`` (raise this error with this
+   note) or ``Stop`` (``close()`` ended it). Every budget, backoff, final-margin and give-up
+   decision is made here, under the injected clock; the socket only performs the I/O, each
+   step after the connect bounded by the ``until`` the action carries.
 """
 
 from __future__ import annotations
@@ -46,8 +61,8 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, replace
 from typing import Any
 from zlib import crc32 as _crc32
 
@@ -60,12 +75,18 @@ except ImportError:  # pragma: no cover - the declared dependency is missing
 
 from greenlet import getcurrent as _getcurrent
 
-from ._errors import ErrorCategory, ErrorInfo
+from . import _libraries
+from ._answer import _AnswerChanged, _CutNotResumed
+from ._errors import ErrorCategory, ErrorInfo, UnansweredEOFError, classify
 from ._journal import Journal
 from ._policy import RetryPolicy
 
 __all__ = ["Machine", "Episode", "TokenBucket", "PoisonMemory", "POISONED", "Verdict", "Drop",
-           "RULES", "TRANSITIONS", "CONNECTED", "RECOVERING", "BROKEN", "CLOSED"]
+           "RULES", "TRANSITIONS", "CONNECTED", "RECOVERING", "BROKEN", "CLOSED", "SERVER_GONE",
+           "Action", "Raise", "Retry", "HandOver", "FindFacts", "Surface", "Recover", "PassEOF",
+           "ReadAgain", "AskPeer", "Wait", "Connect", "Connected", "Failed", "Handshake",
+           "Restore", "SkipBanner", "RunHook", "Abandon", "CountAcked", "Replay", "Resume",
+           "AnswerCheck", "Done", "GiveUp", "Stop", "Recovery"]
 
 Clock = Callable[[], float]
 
@@ -341,19 +362,40 @@ def _peer_not_reading(m: Machine, d: Drop) -> str | None:
     return None
 
 
+def _answered_mid_write(m: Machine) -> bool:
+    """A reader greenlet took answer bytes while a write was under way on this connection,
+    and no write has completed since (``Machine.mid_write``): the peer answered before that
+    write was done — an early answer, whichever greenlet meets the drop first."""
+    mid = m.mid_write
+    return mid is not None and mid[0] == m.gen and mid[1] == m.journal._total
+
+
 def _early_answer(m: Machine, d: Drop) -> str | None:
     # Full duplex on a line protocol (another greenlet reads one answer line per request
     # line): unread bytes are answers to earlier lines, re-sent and answered again on the new
     # connection, not an early answer to the write that failed. Elsewhere (an upload the
-    # server answered early and closed on, with a reader greenlet) they are one — whether
-    # the answer is still unread or a reader greenlet already has it: which one ran first
-    # is the scheduler's choice, not the server's (answered_unconfirmed).
-    if (d.duplex or m.duplex) and m.line_stream():
-        return None
-    if (d.writing and d.early_answer) or m.answered_unconfirmed():
+    # server answered early and closed on, with a reader greenlet) they are one — still
+    # unread when the write fails, or already taken by the reader during that write.
+    if d.writing and (d.early_answer or _answered_mid_write(m)) \
+            and not ((d.duplex or m.duplex) and m.line_stream()):
         return ("the server answered before the write failed (an early answer such as 413 or "
                 "404 from a server that closed without reading the rest): that answer is "
                 "delivered and nothing is re-sent")
+    return None
+
+
+def _answered_then_dropped(m: Machine, d: Drop) -> str | None:
+    # The same early answer met by the reader: it read the answer during the write, then the
+    # connection's end (the reset or EOF of a server that closed without reading the rest).
+    # Which greenlet meets the drop first is the scheduler's choice; the verdict must not be.
+    # The connection is kept (not discarded): the writer is still inside its write on it and
+    # gets its own error from it, as on a plain socket, not the EBADF of a connection closed
+    # under it (docs/design.md §5: one greenlet's call never kills another's).
+    if not d.writing and _answered_mid_write(m) and not (m.duplex and m.line_stream()):
+        return ("the server answered while the upload was still being written (an early "
+                "answer such as 413 from a server that closed without reading the rest), and "
+                "the reader has that answer: the connection's end is passed on as a plain "
+                "socket gives it, and nothing is re-sent")
     return None
 
 
@@ -449,6 +491,7 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
     ("read-timeout", _read_timeout, SURFACE, False, True),
     ("peer-not-reading", _peer_not_reading, SURFACE, False, False),
     ("early-answer", _early_answer, EARLY_ANSWER, False, False),
+    ("answered-then-dropped", _answered_then_dropped, SURFACE, False, False),
     ("half-closed", _half_closed, SURFACE, True, False),
     ("not-retryable", _not_retryable, SURFACE, True, False),
     ("dialect", _dialect, SURFACE, True, False),
@@ -547,10 +590,9 @@ class Machine:
         self.lines_off = False  # the stream is not one answer line per request line
         self.read_eol = False  # the last read ended with a newline (duplex only)
         self.eof_repeats = 0  # unanswered EOFs in a row for the same records (duplex)
-        # Full duplex: the journal's mark when the peer's bytes last reached a reader on this
-        # connection (0: none yet). Records before it that are still unconfirmed may have
-        # been answered by those bytes: answered_unconfirmed().
-        self.answered_at = 0
+        # (gen, bytes journaled) when answer bytes were read while another greenlet was inside a
+        # write: an early answer while that connection lives and no write completed since.
+        self.mid_write: tuple[int, int] | None = None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -619,14 +661,6 @@ class Machine:
         chunk = data if isinstance(data, bytes | bytearray) else bytes(data)
         lines.req += chunk.count(b"\n")
 
-    def answered_unconfirmed(self) -> bool:
-        """Full duplex, not a line protocol: the peer sent bytes on this connection after
-        records that are still unconfirmed were written, so they may be its answer to them
-        (an upload answered early — 413 — and closed on, its answer already taken by a
-        reader greenlet). Such records are not re-sent, whatever the scheduler let run
-        first (docs/design.md §5)."""
-        return self.answered_at > self.journal._base + self.journal._head
-
     def line_stream(self) -> bool:
         """Full duplex on a line protocol (rule 6): counted, or — before counting began —
         by the look of what is unconfirmed (it ends with a newline)."""
@@ -677,6 +711,8 @@ class Machine:
         journal = self.journal
         if self.writing:
             self.duplex = True  # another greenlet is inside a write while this one read
+            # ... and until that write completes, this answer came before it was done.
+            self.mid_write = (self.gen, journal._total)
         lines = self.lines
         if lines is not None:
             # Line counting (rule 6) from the first write on: in full duplex it alone
@@ -688,7 +724,6 @@ class Machine:
             self.read_eol = data[-1:] == b"\n"
         if self.duplex:
             self.eof_repeats = 0
-            self.answered_at = journal._base + len(journal._ends)  # journal.mark(), inlined
         if journal._head < len(journal._ends) or journal.overflowed:
             if not self.explicit:
                 journal.confirm_before(mark)
@@ -763,11 +798,6 @@ class Machine:
             # nothing is re-sent for it; the writer goes on until the peer stops reading.
             self.half_closed = True
             return Verdict(PASS_EOF, "half-close")
-        if self.duplex and self.answered_unconfirmed() and not self.line_stream():
-            # Full duplex, not lines: the peer answered after the unconfirmed records and
-            # closed (an early 413 to an upload): the reader gets the EOF, as a plain socket
-            # gives it, and the writer its own error; nothing is re-sent into a new connection.
-            return Verdict(PASS_EOF, "early-answer")
         if others_active or (peer_alive is False and self.duplex):
             return unanswered()  # full duplex: a writer consumed the reset; this EOF is it
         if nbytes and self.journal.pending and self.policy.eof != "pass" and self.line_stream():
@@ -808,7 +838,7 @@ class Machine:
                 if d.phase == "eof" and kind == SURFACE:
                     # Not recoverable: the EOF itself goes to the caller, as a plain socket
                     # gives it, so the protocol's own "closed without an answer" handling runs.
-                    return Verdict(PASS_EOF, name, note)
+                    return Verdict(PASS_EOF, name, note, discard=discard)
                 return Verdict(kind, name, note, discard=discard, quiet=quiet)
         if d.cut:
             self.cut_at = self.answered
@@ -917,7 +947,6 @@ class Machine:
         """A new connection is ready (restored, replayed): publish it."""
         self.gen += 1
         self.conn_answered = False
-        self.answered_at = 0
         self.half_closed = False
         lines = self.lines
         if lines is not None:
@@ -947,7 +976,6 @@ class Machine:
         self.lines = None  # counting begins again at the next clean point
         self.lines_off = False
         self.eof_repeats = 0
-        self.answered_at = 0
         if self.dialect is not None:
             self.dialect.discard()
         self.answered = 0
@@ -962,3 +990,666 @@ class Machine:
             self.wrote = False
             self.banner = bytearray()
             self.session = False
+
+    # -- an error in a call (rule 7) ----------------------------------------------------------
+
+    def error(self, exc: BaseException, phase: str, gen: int, writing: bool, *, closed: bool,
+              nonblocking: bool, reader_waiting: bool) -> Action:
+        """An I/O call of connection ``gen`` raised ``exc`` in ``phase`` ("read" or "write").
+
+        ``closed``: the socket object is closed; ``nonblocking``: its timeout is 0 for now (a
+        poll: its caller owns the retry loop, so nothing is recovered while it lasts, and the
+        bookkeeping goes on, docs/design.md §6); ``reader_waiting``: a greenlet is blocked in
+        a read on this connection."""
+        if closed or self.state is CLOSED or nonblocking:
+            return RAISE
+        if self.gen != gen or self.state is not CONNECTED:
+            # Another greenlet's error discarded the connection (so is this call's), or
+            # another greenlet recovered, or is recovering: the call is made again there.
+            return RAISE if self.state is BROKEN else RETRY
+        if not isinstance(exc, Exception):
+            # gevent.Timeout, GreenletExit, KeyboardInterrupt (docs/design.md §3): during a
+            # read the connection and journal stay, as a plain socket keeps them; during a
+            # write part of a record may be out, so the connection is discarded.
+            if phase != "write":
+                return RAISE
+            if reader_waiting:
+                # Another greenlet waits in a read on this connection, and a plain socket
+                # would hand it the answer when it comes (docs/design.md §5: one greenlet's
+                # interruption never kills another's call). The connection stays, as the
+                # plain one would; part of a record may be out, so nothing on it can be
+                # replayed any more: protection ends for this socket.
+                return HAND_OVER
+            self.discarded()
+            self.move("interrupted")
+            return Raise(discard=True)
+        info = classify(exc, phase=phase)
+        if info is None:
+            return RAISE  # not a connection problem: unchanged, connection kept
+        category = info.category
+        return FindFacts(
+            Drop(info, phase, writing=writing),
+            acked=self.tcp_ack and (self.policy.confirm == "tcp-ack"
+                                    or bool(self.dialect.write_only())),
+            not_reading=phase == "write" and category is ErrorCategory.TIMEOUT,
+            early=phase == "write" and category is ErrorCategory.CONNECTION_LOST)
+
+    def judge(self, drop: Drop, gen: int) -> Action:
+        """The facts of ``error``'s ``FindFacts`` are in ``drop``: what to do about it."""
+        if self.gen != gen or self.state is not CONNECTED:  # moved while the facts were found
+            return RAISE if self.state is BROKEN else RETRY
+        verdict = self.drop(drop)
+        if verdict.kind == RECOVER:
+            return Recover(verdict.resume, drop.info.category)
+        if verdict.quiet:
+            return Surface(verdict, drop.info)  # the application's own read timeout
+        if verdict.kind == EARLY_ANSWER:
+            self.journal.end_answer()
+        elif verdict.discard:
+            self.discarded()
+            self.move("surface-discard")
+        else:
+            self.move("surface-keep")
+        # A dialect's refusal is logged at WARNING: some clients swallow the exception (and
+        # its note) in a thread of their own (paramiko's transport).
+        return Surface(verdict, drop.info, warn=verdict.rule == "dialect")
+
+    def lazy_note(self) -> str | None:
+        """A write on a broken socket: None to reconnect, else the note of the EPIPE it gets
+        instead, as on the plain dead socket (``lazy_refusal``, docs/design.md §5)."""
+        why = self.lazy_refusal()
+        if why is None:
+            return None
+        return (f"resilientsock: not reconnected: an error was surfaced on this connection "
+                f"and {why}; open a new connection, as without resilientsock")
+
+    # -- an EOF (rule 7) ----------------------------------------------------------------------
+
+    def eof_seen(self, gen: int, nbytes: int, *, closed: bool, nonblocking: bool) -> Action:
+        """A read of connection ``gen`` that asked for ``nbytes`` returned EOF."""
+        if self.state is CLOSED or closed or nonblocking:
+            return PassEOF(Verdict(PASS_EOF, "non-blocking" if nonblocking else "closed"))
+        if self.gen != gen or self.state is not CONNECTED:
+            return READ_AGAIN  # the connection moved under this read: read on the new one
+        others = self.writing > 0 or self.state is RECOVERING
+        writer = self.writer
+        idle = (self.writing == 0 and self.lines is not None and not self.journal.pending
+                and writer is not None and not writer.dead)
+        if (self.writing > 0 or idle) and nbytes and not self.half_closed:
+            # Full duplex: a writer is mid-call, or between calls with everything answered.
+            # This EOF is either the peer's half-close (it still reads our upload), the end
+            # of a connection whose reset the writer consumed, or the path cut between two
+            # writes: ask the connection (docs/design.md §5).
+            # (A second at most to learn it; a writer between calls gets DUPLEX_EOF_WAIT.)
+            return AskPeer(idle, others, DUPLEX_EOF_WAIT if idle else 1.0)
+        return self.eof_judge(gen, nbytes, others, None)
+
+    def eof_judge(self, gen: int, nbytes: int, others: bool, alive: bool | None) -> Action:
+        """``eof_seen``'s EOF with what ``AskPeer`` found (``alive``; None: not asked)."""
+        if self.gen != gen or self.state is not CONNECTED:
+            return READ_AGAIN  # the writer met the drop and recovered: read again there
+        outcome = self.eof(nbytes, others, alive)
+        if isinstance(outcome, Verdict):
+            if outcome.rule == "eof-repeat":
+                # The server's answer is to close: the caller gets the EOF, the connection
+                # (closed by the peer) is let go and the next write reconnects.
+                self.discarded()
+                self.move("surface-discard")
+                return PassEOF(outcome, discard=True, report="eof-repeat")
+            return PassEOF(outcome)
+        verdict = self.drop(outcome)
+        if outcome.cut:
+            if verdict.kind == PASS_EOF:  # not resumable: the EOF ends the answer, as before
+                return PassEOF(verdict, report="cut")
+            leave = _libraries.draining() or _libraries.retrying_now(self.library)
+            if leave is not None:
+                # The library re-requests the call itself (its retries), or is throwing the
+                # rest of this answer away (urllib3's drain_conn): a resume would only spend
+                # a request.
+                return PassEOF(Verdict(PASS_EOF, "cut", f"left to {leave}"), report="cut")
+            # Resumed softly (``recover(soft=True)``): on any failure the EOF stands.
+            return Recover(verdict.resume, ErrorCategory.CONNECTION_LOST, UnansweredEOFError(
+                f"peer closed the connection {self.answered} byte(s) into an answer that its "
+                "framing says is longer"), cut=True)
+        if verdict.kind == PASS_EOF:
+            # Not recoverable under the rules: the EOF itself reaches the caller, as a plain
+            # socket gives it; the journal is the caller's now (nothing re-sent twice). A
+            # request not re-sent for want of idempotency reaches the caller as an EOF, which
+            # carries no note (a TLS reset reads as one): the log names it at WARNING.
+            if verdict.discard:
+                self.discarded()
+                self.move("surface-discard")
+            return PassEOF(verdict, discard=verdict.discard, report="surfaced",
+                           info=outcome.info, warn=verdict.rule == "not-idempotent")
+        return Recover(verdict.resume, outcome.info.category, UnansweredEOFError(
+            f"peer closed the connection without answering {len(self.journal) or 'some'} "
+            "request(s)"))
+
+    # -- the recovery loop (rule 7) -----------------------------------------------------------
+
+    def recover(self, error: BaseException | None, call_end: float | None,
+                app_timeout: float | None, *, resume: int = 0, first: bool = False,
+                in_place: bool = False, soft: bool = False, bucket: TokenBucket | None = None,
+                rand: Callable[[], float] = random.random) -> Recovery:
+        """Start a recovery (the state moves to recovering now); returns its steps.
+
+        ``error``: the drop (None: a first connect, or a broken socket used again);
+        ``call_end``: when the call must return (the application's timeout, §4);
+        ``app_timeout``: the socket's timeout (it caps every connect too, and names the give
+        up); ``resume``: bytes of the answer the caller already has (§5b); ``first``: the
+        application's own connect; ``in_place``: its first attempt connects the socket the
+        application made; ``soft``: an EOF cut the answer — refusals are retried for
+        CUT_RETRY, the rest of an attempt gets CUT_WAIT, and on any failure the caller gets
+        the EOF (``GiveUp(cut=True)``)."""
+        if soft:
+            self.episode = None  # a budget of its own: CUT_RETRY for refusals
+        self.move("recover")
+        episode = self.begin_episode(error)
+        if not first and not episode.attempts:
+            # A drop (or a broken socket used again) inside a call that the client library's
+            # own retry layer will retry: a reconnect that finds nobody listening is its to
+            # retry, so layered retries do not multiply (docs/design.md §9).
+            episode.library = _libraries.retrying_now(self.library)
+        return self._recovery(episode, error, call_end, app_timeout, resume, first, in_place,
+                              soft, BUCKET if bucket is None else bucket, rand)
+
+    def _recovery(self, episode: Episode, error: BaseException | None, call_end: float | None,
+                  app_timeout: float | None, resume: int, first: bool, in_place: bool,
+                  soft: bool, bucket: TokenBucket, rand: Callable[[], float]) -> Recovery:
+        policy = self.policy
+        if error is not None:
+            if policy.confirm == "tcp-ack":
+                yield COUNT_ACKED  # what the old peer's TCP did get is not re-sent
+            if policy.on_disconnect is not None:
+                yield RunHook(policy.on_disconnect, classify(error, phase="read"),
+                              _until(episode.end(call_end)), fatal=False)
+        if not in_place:
+            # The old connection is abandoned and its unconfirmed bytes re-sent elsewhere: it
+            # goes with an RST, so the kernel does not deliver its unsent bytes late, after
+            # the replay, once the path is back (a duplicate out of order).
+            yield ABANDON
+        end = call_end  # when attempts must stop
+        if soft:
+            cap = episode.start + CUT_RETRY
+            end = cap if call_end is None else min(call_end, cap)
+        while True:
+            if self.state is CLOSED:
+                yield STOP
+                return
+            # At least one attempt, whatever the time: "within the application's timeout
+            # plus at most one connect attempt" (docs/design.md §4).
+            if episode.attempts and episode.spent(end, app_timeout):
+                yield self._give_up(episode, soft)
+                return
+            delay = 0.0 if first and not episode.attempts else episode.delay(bucket, rand)
+            if delay > 0:
+                remaining = episode.remaining(end)
+                if delay >= remaining:
+                    if episode.final or remaining <= FINAL_MARGIN:
+                        yield Wait(max(0.0, remaining))
+                        if self.state is CLOSED:
+                            yield STOP
+                            return
+                        if call_end is not None and self.clock() >= call_end:
+                            episode.timeout_hit = app_timeout
+                        yield self._give_up(episode, soft)
+                        return
+                    # The wait outlasts the budget: one last attempt just before it ends.
+                    episode.final = True
+                    delay = remaining - FINAL_MARGIN
+                yield Wait(delay)
+                if self.state is CLOSED:
+                    yield STOP
+                    return
+            episode.attempts += 1
+            outcome = yield from self._attempt(episode, call_end, app_timeout, resume, first,
+                                               in_place, soft)
+            if outcome is None or self.state is CLOSED:
+                yield STOP
+                return
+            if isinstance(outcome, Failed):
+                failure, info = outcome.error, outcome.info
+                episode.last = failure
+                if episode.original is None:
+                    episode.original = failure  # a first connect: its first error is the one
+                gone = info is not None and info.category in SERVER_GONE
+                episode.attempted(outcome.reached, gone)
+                if soft and not gone:
+                    yield self._let_go(failure)  # an EOF cut: the caller gets the EOF
+                    return
+                if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
+                    episode.tls_transport += 1
+                elif info is None or not info.retryable or not (policy.retry_connect
+                                                                or not first):
+                    yield self._give_up(episode, soft,
+                                        permanent=info is None or not info.retryable)
+                    return
+                elif episode.library and gone:
+                    # The server is not there (refused, no route, no name): the library's own
+                    # retries decide whether to wait for it, as they do without resilientsock,
+                    # so layered retries do not multiply into minutes (docs/design.md §9).
+                    yield self._give_up(episode, soft, library=episode.library)
+                    return
+                elif (outcome.reached and self.journal.pending
+                      and info.category is ErrorCategory.CONNECTION_LOST):
+                    # The server was reached and reset the connection while its setup or the
+                    # replay went out: a poison strike, as a drop after the replay is.
+                    self.poison += 1
+                    if self.poison > POISON_CAP:
+                        yield self._give_up(episode, soft, poison=True)
+                        return
+                continue
+            seconds = self.clock() - episode.start
+            if first and episode.attempts == 1 and episode.original is None:
+                self.episode = None  # a first connect that just worked is no episode
+                self.reconnected(False)
+                yield Done(False, episode.attempts, seconds)
+                return
+            self.reconnected(outcome is True)
+            if first:
+                self.episode = None
+            yield Done(True, episode.attempts, seconds)
+            return
+
+    def _attempt(self, episode: Episode, call_end: float | None, app_timeout: float | None,
+                 resume: int, first: bool, in_place: bool,
+                 soft: bool) -> Generator[Action, Any, Failed | bool | None]:
+        """One attempt: connect, then restore and replay under the time left. Returns
+        whether the answer in progress was resumed, the failure, or None (closed)."""
+        policy = self.policy
+        per_address = policy.connect_timeout
+        if app_timeout is not None:
+            per_address = app_timeout if per_address is None else min(per_address, app_timeout)
+        connect_limit = per_address
+        if soft:
+            connect_limit = CUT_WAIT if per_address is None else min(per_address, CUT_WAIT)
+        left = episode.remaining(call_end)
+        if left != math.inf:
+            # Each connect attempt gets at most what is left of the budget (docs/design.md
+            # §4), the last one too (made FINAL_MARGIN before the end).
+            left = max(left, 0.001)
+            connect_limit = left if connect_limit is None else min(connect_limit, left)
+        result = yield Connect(connect_limit, in_place, counted=episode.attempts > 1 or not first)
+        if self.state is CLOSED:
+            return None
+        if isinstance(result, Failed):
+            return result
+        # Connected: what fails from here met the server.
+        left = episode.remaining(call_end)
+        limit = per_address
+        if left != math.inf:
+            limit = left if limit is None else min(limit, left)
+        now = self.clock()
+        until = None if limit is None else now + max(limit, 0.001)
+        soon = until
+        if soft:
+            # After an EOF cut: CUT_WAIT from here (TLS handshake, setup, replay) to the new
+            # answer's first byte; or the EOF stands.
+            cut = now + CUT_WAIT
+            soon = cut if until is None else min(until, cut)
+        if not isinstance(result, Connected) or result.fresh:
+            # (In place, the raw connect did it all, TLS too.)
+            got = yield Handshake(soon)
+            if self.state is CLOSED:
+                return None
+            if isinstance(got, Failed):
+                return replace(got, reached=True)
+        # The dialect's setup, the banner, the hook, the replay and the answer resume
+        # (§5a, §5b), on the new connection before it is published.
+        dialect = self.dialect
+        setup = dialect.restore() if dialect is not None else None
+        if setup is not None and setup.payload:
+            got = yield Restore(setup, soon)
+            if self.state is CLOSED:
+                return None
+            if isinstance(got, Failed):
+                return replace(got, reached=True)
+        if self.wrote and self.banner and dialect is None:
+            # The application already read a banner, and the new connection's is not the
+            # answer to anything the replay is about to send.
+            got = yield SkipBanner(bytes(self.banner), soon)
+            if self.state is CLOSED:
+                return None
+            if isinstance(got, Failed):
+                return replace(got, reached=True)
+        if policy.on_reconnect is not None and not first:
+            got = yield RunHook(policy.on_reconnect, episode.attempts, soon)
+            if self.state is CLOSED:
+                return None
+            if isinstance(got, Failed):
+                return replace(got, reached=True)
+        journal = self.journal
+        if resume:
+            payload = journal.with_kept()
+        else:
+            journal.drop_kept()
+            payload = journal.unconfirmed()
+        if len(payload):
+            got = yield Replay(payload, len(journal), soon)
+            if self.state is CLOSED:
+                return None
+            if isinstance(got, Failed):
+                return replace(got, reached=True)
+        journal.restart_stream(len(payload))
+        if not resume:
+            return False
+        if dialect is not None:
+            dialect.reset_answer()
+        check = AnswerCheck(resume, self.digest.intdigest(), dialect)
+        got = yield Resume(check, soon, until)
+        if self.state is CLOSED:
+            return None
+        if isinstance(got, Failed):
+            return replace(got, reached=True)
+        if not check.matches():  # (the socket raises check.changed() itself, as a failed step)
+            changed = check.changed()
+            return Failed(changed, classify(changed, phase="connect", context=False), True)
+        return True
+
+    def _give_up(self, episode: Episode, soft: bool, permanent: bool = False,
+                 poison: bool = False, library: str | None = None) -> GiveUp:
+        """The budget is spent: the original error, with a note saying what was tried."""
+        if soft:
+            # An EOF cut that could not be resumed: no error for the caller, who gets the
+            # EOF; the connection is let go.
+            return self._let_go(_CutNotResumed(episode.describe()))
+        exc = episode.original or episode.last
+        if exc is None:
+            exc = ConnectionError("resilientsock: could not connect")
+        text = episode.describe()
+        if permanent:
+            text += "; that error is not retried"
+        if poison:
+            text += (f"; the server reset the connection each time the unanswered request(s) "
+                     f"were re-sent ({POISON_CAP} times): that is its answer")
+        if library:
+            text += f"; left to {library}'s own retries"
+        self.discarded()
+        self.move("gave-up")
+        last = episode.last
+        return GiveUp(exc, text, last if last is not None and last is not exc else None,
+                      False, episode.attempts, self.clock() - episode.start)
+
+    def _let_go(self, error: BaseException) -> GiveUp:
+        """A soft recovery (an EOF cut) ends: the connection is let go, the EOF stands."""
+        self.discarded()
+        self.move("gave-up")
+        episode = self.episode
+        return GiveUp(error, "", None, True, 0 if episode is None else episode.attempts, 0.0)
+
+    def abandon(self, exception: bool) -> bool:
+        """Something was raised inside a recovery (an application's ``gevent.Timeout``, a
+        bug): the connection is let go. Returns whether it was still being recovered."""
+        if self.state is not RECOVERING:
+            return False
+        self.discarded()
+        self.move("gave-up" if exception else "interrupted")
+        return True
+
+
+def _until(end: float) -> float | None:
+    return None if end == math.inf else end
+
+
+# Reconnect failures that say the server is not there (refused, no route, no name): inside a
+# retrying library they are surfaced at the first attempt; after an EOF cut they are retried
+# for CUT_RETRY.
+SERVER_GONE = frozenset({ErrorCategory.REFUSED, ErrorCategory.UNREACHABLE,
+                         ErrorCategory.DNS_TEMPORARY, ErrorCategory.DNS_PERMANENT})
+
+BUCKET = TokenBucket()  # the process-wide reconnect limiter (the socket passes its own)
+
+
+# -- actions: what the machine tells the socket to do (rule 7) -----------------------------------
+
+@dataclass(frozen=True)
+class Raise:
+    """Raise the error as it is (no note). ``discard``: the connection was let go (close it)."""
+
+    discard: bool = False
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Make the call again: another greenlet published (or is publishing) a new connection."""
+
+
+@dataclass(frozen=True)
+class HandOver:
+    """A write was interrupted (a BaseException) while another greenlet reads: the
+    connection stays for the reader, protection ends, the interruption is raised."""
+
+
+@dataclass(frozen=True)
+class FindFacts:
+    """Find out by I/O what the machine cannot know, fill in ``drop``, then ``judge`` it.
+    ``acked``: confirm what the peer's TCP acknowledged; ``not_reading``: is the peer alive
+    but not reading (a write timeout); ``early``: are the peer's bytes waiting (a reset
+    write: an early answer?). The socket always tells whether a reader is there (duplex)."""
+
+    drop: Drop
+    acked: bool = False
+    not_reading: bool = False
+    early: bool = False
+
+
+@dataclass(frozen=True)
+class Surface:
+    """Raise the error with the verdict's note (``quiet``: no note, DEBUG: the application's
+    own read timeout). The machine already let the connection go if ``verdict.discard``."""
+
+    verdict: Verdict
+    info: ErrorInfo
+    warn: bool = False  # log at WARNING (the note may be swallowed by the client)
+
+
+@dataclass(frozen=True)
+class Recover:
+    """Run a recovery (``Machine.recover``) with ``resume``; ``error``: the exception to
+    recover from when it is not the one the call caught (an unanswered EOF); ``cut``: softly,
+    the EOF stands on any failure."""
+
+    resume: int
+    category: ErrorCategory
+    error: BaseException | None = None
+    cut: bool = False
+
+
+@dataclass(frozen=True)
+class PassEOF:
+    """Hand the caller the EOF. ``discard``: the connection was let go (close it);
+    ``report``: "" (nothing to log), "eof-repeat", "cut" or "surfaced" (what to log)."""
+
+    verdict: Verdict
+    discard: bool = False
+    report: str = ""
+    info: ErrorInfo | None = None
+    warn: bool = False
+
+
+@dataclass(frozen=True)
+class ReadAgain:
+    """The connection moved under this read: read again on the new one."""
+
+
+@dataclass(frozen=True)
+class AskPeer:
+    """Full duplex: find out whether the peer still takes our bytes after its EOF (it
+    half-closed), then ``eof_judge``. ``idle``: the writer is between calls (wait up to
+    DUPLEX_EOF_WAIT for its next write); ``others`` goes back to ``eof_judge``; ``wait``: how
+    long to poll for the answer at most (None after it, when idle: the stream's end)."""
+
+    idle: bool
+    others: bool
+    wait: float = 1.0
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Sleep this long (``close()`` ends the wait at once)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Open a connection to the target (every address of its name, each for ``limit``);
+    ``in_place``: the first attempt connects the application's own socket; ``counted``: a
+    reconnect attempt for the process-wide counters. Send back ``Connected`` or ``Failed``."""
+
+    limit: float | None
+    in_place: bool = False
+    counted: bool = True
+
+
+@dataclass(frozen=True)
+class Connected:
+    """A ``Connect`` result: ``fresh``: a new connection replaced the socket's (not the
+    in-place connect, which did its own TLS handshake)."""
+
+    fresh: bool = True
+
+
+@dataclass(frozen=True)
+class Failed:
+    """What any step sends back when it raised: the error and its classification (for a
+    connect: alone, without its context, docs/design.md §3). ``reached``: set by the machine
+    (the connect had succeeded)."""
+
+    error: BaseException
+    info: ErrorInfo | None
+    reached: bool = False
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """TLS: handshake on the new connection, by ``until``."""
+
+    until: float | None
+
+
+@dataclass(frozen=True)
+class Restore:
+    """The dialect's setup (§5a): send ``setup.payload``, feed what comes back to
+    ``setup.feed`` until it returns non-None (an exception from it: a different answer,
+    not retried)."""
+
+    setup: Any
+    until: float | None
+
+
+@dataclass(frozen=True)
+class SkipBanner:
+    """Read the new connection's banner and drop it (``first``: the one the application read;
+    review r10)."""
+
+    first: bytes
+    until: float | None
+
+
+@dataclass(frozen=True)
+class RunHook:
+    """Call ``hook(sock, arg)`` by ``until``. ``fatal``: its exception fails the attempt
+    (``on_reconnect``); otherwise it is logged and the recovery goes on (``on_disconnect``)."""
+
+    hook: Callable[..., Any]
+    arg: Any
+    until: float | None
+    fatal: bool = True
+
+
+@dataclass(frozen=True)
+class Abandon:
+    """Close the old connection (if any) with an RST."""
+
+
+@dataclass(frozen=True)
+class CountAcked:
+    """``confirm="tcp-ack"``: confirm what the old connection's peer acknowledged."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Send ``payload`` (``records`` unconfirmed records) on the new connection by ``until``."""
+
+    payload: Any
+    records: int
+    until: float | None
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Read the re-sent request's new answer into ``check`` while it ``need``s bytes (or to
+    EOF): the first byte by ``first_until``, the rest by ``until`` (§5b)."""
+
+    check: AnswerCheck
+    first_until: float | None
+    until: float | None
+
+
+@dataclass(frozen=True)
+class Done:
+    """The new connection is published. ``reconnected``: count it as a reconnect (not a first
+    connect that just worked)."""
+
+    reconnected: bool
+    attempts: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """The recovery failed: close the connection and raise ``error`` — with ``note`` and
+    ``from cause`` — or, ``cut``, as it is (an EOF cut: the caller gets the EOF)."""
+
+    error: BaseException
+    note: str
+    cause: BaseException | None
+    cut: bool
+    attempts: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Stop:
+    """``close()`` ended the recovery."""
+
+
+class AnswerCheck:
+    """The re-sent request's new answer, compared with what the caller already got of the
+    old one (§5b): ``k`` bytes, through the dialect's mask, against the old digest."""
+
+    __slots__ = ("k", "need", "got", "expected", "dialect", "digest")
+
+    def __init__(self, k: int, expected: int, dialect: Any = None) -> None:
+        self.k = k
+        self.need = k
+        self.got = 0
+        self.expected = expected
+        self.dialect = dialect
+        self.digest = new_digest()
+
+    def feed(self, chunk: bytes) -> None:
+        self.need -= len(chunk)
+        self.got += len(chunk)
+        dialect = self.dialect
+        self.digest.update(dialect.mask(chunk) if dialect is not None else chunk)
+
+    def matches(self) -> bool:
+        return self.need <= 0 and self.digest.intdigest() == self.expected
+
+    def changed(self) -> BaseException:
+        """The error of an answer that cannot be continued (an attempt failure)."""
+        return _AnswerChanged(
+            f"the re-sent request's new answer differs from the {self.k} byte(s) the caller "
+            "already has, so it cannot be continued")
+
+
+RAISE, RETRY, HAND_OVER, READ_AGAIN = Raise(), Retry(), HandOver(), ReadAgain()
+ABANDON, COUNT_ACKED, STOP = Abandon(), CountAcked(), Stop()
+
+Action = (Raise | Retry | HandOver | FindFacts | Surface | Recover | PassEOF | ReadAgain | AskPeer
+          | Wait | Connect | Handshake | Restore | SkipBanner | RunHook | Abandon | CountAcked
+          | Replay | Resume | Done | GiveUp | Stop)
+# A recovery's steps: send None (a step done), Connected or Failed; ends at Done, GiveUp, Stop.
+Recovery = Generator[Action, "Connected | Failed | None", None]

@@ -29,6 +29,11 @@ Rules of this module (docs/design.md §5-§7; the decisions themselves live in `
 7. Reconnecting swaps the wrapped ``_sock`` (so ``fileno()`` changes); the old connection is
    closed first (its io watchers dropped, waking any greenlet blocked on it), so a fixed
    source port can be bound again (review r22).
+8. The socket asks and performs; it decides nothing about a drop. An error goes to
+   ``Machine.error``/``judge``, an EOF to ``Machine.eof_seen``/``eof_judge``; the facts they
+   ask for (TCP_INFO, a peek, whether a reader waits) are found here, and a recovery's steps
+   (``Machine.recover``: wait, connect, handshake, setup, banner, hook, replay, resume, give
+   up) are performed by ``_rs_perform``, which sends each result back.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import struct
 import sys
 import time
 import weakref
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, overload
 
 import gevent
@@ -52,26 +58,58 @@ else:
 from gevent._socketcommon import timeout_default as _timeout_default
 
 from . import _libraries, _stats
+from ._answer import (
+    RECV,
+    RECV_INTO,
+    RECVFROM,
+    RECVFROM_INTO,
+    RECVMSG,
+    RECVMSG_INTO,
+    _eof_result,
+    _extract,
+    _requested,
+    _SetupMismatch,
+)
+from ._answer import (
+    TLS_READ as TLS_READ,  # noqa: F401 - _tls.py imports it from here
+)
 from ._connect import INET, Attempt, candidates, dead_peer_options, open_connection, try_setsockopt
-from ._errors import ErrorCategory, ErrorInfo, classify
+from ._errors import ErrorInfo, classify
 from ._machine import (
     BROKEN,
     CLOSED,
     CONNECTED,
-    CUT_RETRY,
-    CUT_WAIT,
-    DUPLEX_EOF_WAIT,
-    EARLY_ANSWER,
-    FINAL_MARGIN,
     PASS_EOF,
-    POISON_CAP,
-    RECOVER,
     RECOVERING,
+    Abandon,
+    Action,
+    AskPeer,
+    Connect,
+    Connected,
+    CountAcked,
+    Done,
     Drop,
-    Episode,
+    Failed,
+    FindFacts,
+    GiveUp,
+    HandOver,
+    Handshake,
     Machine,
+    PassEOF,
+    Raise,
+    Recover,
+    Recovery,
+    Replay,
+    Restore,
+    Resume,
+    Retry,
+    RunHook,
+    SkipBanner,
+    Stop,
+    Surface,
     TokenBucket,
     Verdict,
+    Wait,
 )
 from ._policy import RetryPolicy
 from ._stats import SocketStats
@@ -94,8 +132,6 @@ _PEEK = _std.MSG_PEEK | getattr(_std, "MSG_DONTWAIT", 0)
 _CHUNK = 1 << 20
 _LINGER_RST = struct.pack("ii", 1, 0)  # sendall's chunk (gevent uses max(SO_SNDBUF, 1 MiB))
 
-# How a read call names its result (for the bookkeeping after it).
-RECV, RECV_INTO, RECVFROM, RECVFROM_INTO, RECVMSG, RECVMSG_INTO, TLS_READ = range(7)
 
 _clock = time.monotonic
 _bucket = TokenBucket()
@@ -172,10 +208,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _RecoveryStopped(Exception):
-    """close() ended a recovery (internal)."""
 
 
 class _AttemptTimeout(Exception):
@@ -647,88 +679,50 @@ class ResilientSocket(_GeventSocket):
     def _rs_on_eof(self, m: Machine, args: tuple, kind: int, gen: int,
                    t0: float | None) -> Verdict | None:
         """EOF on a read: returns the verdict when the caller gets the EOF, None after a
-        recovery, or when another greenlet recovers (read again)."""
-        if m.state is CLOSED or self._closed or self.timeout == 0.0:
-            return Verdict(PASS_EOF, "closed" if self.timeout != 0.0 else "non-blocking")
-        if m.gen != gen or m.state is not CONNECTED:
-            return None  # the connection moved under this read: read again on the new one
+        recovery, or when another greenlet recovers (read again). The machine decides
+        (``eof_seen``, ``eof_judge``); this finds the facts and performs."""
         nbytes = _requested(kind, args)
-        others = m.writing > 0 or m.state is RECOVERING
-        alive = None
-        idle = (m.writing == 0 and m.lines is not None and not m.journal.pending
-                and m.writer is not None and not m.writer.dead)
-        if (m.writing > 0 or idle) and nbytes and not m.half_closed:
-            # Full duplex: a writer is mid-call, or between calls with everything answered.
-            # This EOF is either the peer's half-close (it still reads our upload), the end
-            # of a connection whose reset the writer consumed, or the path cut between two
-            # writes: ask the connection (docs/design.md §5).
-            alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0), idle)
-            if m.gen != gen or m.state is not CONNECTED:
-                return None  # the writer met the drop and recovered: read again there
-        outcome = m.eof(nbytes, others, alive)
-        if isinstance(outcome, Verdict):
-            if outcome.rule == "eof-repeat":
-                # The server's answer is to close: the caller gets the EOF, the connection
-                # (closed by the peer) is let go and the next write reconnects.
-                _emit("surfaced", logging.INFO, "%s: EOF passed on: %s", self._rs_name(),
-                      outcome.note, peer=self._rs_target, category="connection_lost")
-                self._rs_discard(m)
-                m.move("surface-discard")
-            return outcome
-        verdict = m.drop(outcome)
-        if outcome.cut:
-            if verdict.kind == PASS_EOF:  # not resumable: the EOF ends the answer, as before
-                log.debug("%s: EOF mid-answer passed on: %s", self._rs_name(), verdict.note)
-                return verdict
-            return self._rs_resume_cut(m, verdict, t0)
-        if verdict.kind == PASS_EOF:
-            # Not recoverable under the rules: the EOF itself reaches the caller, as a plain
-            # socket gives it; the journal is the caller's now (nothing re-sent twice).
-            self._rs_bump("surfaced")
-            _stats.bump(f"surfaced.{outcome.info.category}")
-            # A request not re-sent for want of idempotency reaches the caller as an EOF,
-            # which carries no note (a TLS reset reads as one): the log names it instead.
-            level = logging.WARNING if verdict.rule == "not-idempotent" else logging.INFO
-            _emit("surfaced", level, "%s: unanswered EOF passed on: %s",
-                  self._rs_name(), verdict.note, peer=self._rs_target,
-                  category=str(outcome.info.category), error_type="EOF")
-            self._rs_discard(m)
-            m.move("surface-discard")
-            return verdict
-        from ._errors import UnansweredEOFError
-
-        exc = UnansweredEOFError(
-            f"peer closed the connection without answering {len(m.journal) or 'some'} "
-            "request(s)")
+        step = m.eof_seen(gen, nbytes, closed=self._closed, nonblocking=self.timeout == 0.0)
+        if isinstance(step, AskPeer):
+            alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0), step.idle,
+                                                  step.wait)
+            step = m.eof_judge(gen, nbytes, step.others, alive)
+        if isinstance(step, PassEOF):
+            self._rs_pass_eof(step)
+            return step.verdict
+        if not isinstance(step, Recover):
+            return None  # ReadAgain: the connection moved under this read
         self._rs_bump("disconnects")
-        _stats.bump(f"disconnects.{outcome.info.category}")
-        self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
+        _stats.bump(f"disconnects.{step.category}")
+        if step.cut:
+            return self._rs_resume_cut(m, step, t0)
+        self._rs_recover(step.error, self._rs_call_end(t0), resume=step.resume)
         return None
 
-    def _rs_resume_cut(self, m: Machine, verdict: Verdict, t0: float | None) -> Verdict | None:
-        """An EOF cut the answer in progress (§5b): resume it softly — refusals retried for
-        CUT_RETRY, CUT_WAIT for the connect, and CUT_WAIT from the new connection to the new
-        answer's first byte (TLS, setup, replay included). None once resumed (read on); on
-        any other failure, an application's gevent.Timeout, or when the time is up, the
-        caller gets the EOF, as a plain socket gave it, and the connection is let go (the
-        next write reconnects)."""
-        from ._errors import UnansweredEOFError
+    def _rs_pass_eof(self, step: PassEOF) -> None:
+        verdict = step.verdict
+        if step.report == "eof-repeat":
+            _emit("surfaced", logging.INFO, "%s: EOF passed on: %s", self._rs_name(),
+                  verdict.note, peer=self._rs_target, category="connection_lost")
+        elif step.report == "cut":
+            log.debug("%s: EOF mid-answer passed on: %s", self._rs_name(), verdict.note)
+        elif step.report == "surfaced" and step.info is not None:
+            category = step.info.category
+            self._rs_bump("surfaced")
+            _stats.bump(f"surfaced.{category}")
+            _emit("surfaced", logging.WARNING if step.warn else logging.INFO,
+                  "%s: unanswered EOF passed on: %s", self._rs_name(), verdict.note,
+                  peer=self._rs_target, category=str(category), error_type="EOF")
+        if step.discard and self._sock:
+            self._detach_socket("closed")
 
-        leave = _libraries.draining() or _libraries.retrying_now(m.library)
-        if leave is not None:
-            # The library re-requests the call itself (its retries), or is throwing the rest
-            # of this answer away (urllib3's drain_conn): a resume would only spend a request.
-            log.debug("%s: EOF mid-answer passed on: left to %s", self._rs_name(), leave)
-            return Verdict(PASS_EOF, "cut", f"left to {leave}")
-        exc = UnansweredEOFError(
-            f"peer closed the connection {m.answered} byte(s) into an answer that its framing "
-            "says is longer")
-        self._rs_bump("disconnects")
-        _stats.bump(f"disconnects.{ErrorCategory.CONNECTION_LOST}")
-        m.episode = None  # a budget of its own: CUT_RETRY for refusals
-        self.__dict__["_rs_cut"] = True  # soft mode, for this recovery (_rs_attempts)
+    def _rs_resume_cut(self, m: Machine, step: Recover, t0: float | None) -> Verdict | None:
+        """An EOF cut the answer in progress (§5b): resume it softly (``Machine.recover``'s
+        ``soft``). None once resumed (read on); on any failure, an application's
+        gevent.Timeout, or when the time is up, the caller gets the EOF, as a plain socket
+        gave it, and the connection is let go (the next write reconnects)."""
         try:
-            self._rs_recover(exc, self._rs_call_end(t0), resume=verdict.resume)
+            self._rs_recover(step.error, self._rs_call_end(t0), resume=step.resume, soft=True)
         except (Exception, gevent.Timeout) as failure:
             # A gevent.Timeout of the application's that fires while we wait: plain would
             # have returned this EOF at once, so the EOF it is (the connection is let go).
@@ -739,8 +733,6 @@ class ResilientSocket(_GeventSocket):
                   "not be resumed (%s)", self._rs_name(), failure, peer=self._rs_target,
                   category="connection_lost", error_type="EOF")
             return Verdict(PASS_EOF, "cut", str(failure))
-        finally:
-            self.__dict__.pop("_rs_cut", None)
         return None
 
     def _rs_write(self, raw: Any, args: tuple, data: Any, partial: bool,
@@ -783,14 +775,12 @@ class ResilientSocket(_GeventSocket):
             self._rs_handle_error(failure, "write", gen, call_end, writing=True)
 
     def _rs_lazy_reconnect(self, m: Machine, call_end: float | None) -> None:
-        """A write on a broken socket reconnects, unless an error was surfaced on it and the
-        dialect does not know a new connection to be equivalent (``Machine.lazy_refusal``,
-        docs/design.md §5): then the write fails as it would on the plain dead socket (EPIPE)."""
-        why = m.lazy_refusal()
-        if why is not None:
+        """A write on a broken socket reconnects, unless the machine says a plain dead socket
+        would fail it (``Machine.lazy_note``): then it fails with EPIPE, as that one would."""
+        note = m.lazy_note()
+        if note is not None:
             exc = BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
-            add_note(exc, f"resilientsock: not reconnected: an error was surfaced on this "
-                     f"connection and {why}; open a new connection, as without resilientsock")
+            add_note(exc, note)
             raise exc
         self._rs_recover(None, call_end)
 
@@ -818,56 +808,35 @@ class ResilientSocket(_GeventSocket):
     def _rs_handle_error(self, exc: BaseException, phase: str, gen: int,
                          call_end: float | None, writing: bool) -> None:
         """Returns when the call should be retried (on a new connection); raises when the
-        error is the caller's to see."""
+        error is the caller's to see. The machine decides (``error``, ``judge``); this finds
+        the facts and performs."""
         m = self._rs_m
-        if m is None or self._closed or m.state is CLOSED:
+        if m is None:
             raise exc
-        if self.timeout == 0.0:
-            # Non-blocking for now (a poll such as redis-py's can_read sets timeout 0 for a
-            # moment): its caller owns the retry loop, so nothing is recovered while it lasts;
-            # the bookkeeping goes on, so protection resumes with the timeout (docs/design.md §6).
-            raise exc
-        if m.gen != gen or m.state is not CONNECTED:
-            if m.state is BROKEN:
-                raise exc  # another greenlet's error discarded the connection: so is this call
-            return  # another greenlet recovered, or is recovering: retry there
-        if not isinstance(exc, Exception):
-            # gevent.Timeout, GreenletExit, KeyboardInterrupt (docs/design.md §3): during a read the
-            # connection and journal stay, as a plain socket keeps them; during a write part
-            # of a record may be out, so the connection is discarded.
-            if phase == "write":
-                if self._rs_reader_waiting():
-                    # Another greenlet waits in a read on this connection, and a plain
-                    # socket would hand it the answer when it comes (docs/design.md §5: one
-                    # greenlet's interruption never kills another's call). The connection
-                    # stays, as the plain one would; part of a record may be out, so nothing
-                    # on it can be replayed any more: protection ends for this socket.
-                    _emit("surfaced", logging.DEBUG, "%s: write interrupted (%s) while "
-                          "another greenlet reads: connection kept, protection off",
-                          self._rs_name(), type(exc).__name__, peer=self._rs_target)
-                    self._rs_unprotect()
-                    raise exc
-                self._rs_discard(m)
-                m.move("interrupted")
-            raise exc
-        info = classify(exc, phase=phase)
-        if info is None:
-            raise exc  # not a connection problem: unchanged, connection kept
-        drop = self._rs_facts(m, info, phase, writing)
-        if m.gen != gen or m.state is not CONNECTED:  # moved while the facts were found
-            if m.state is BROKEN:
-                raise exc
+        step = m.error(exc, phase, gen, writing, closed=self._closed,
+                       nonblocking=self.timeout == 0.0, reader_waiting=self._rs_reader_waiting())
+        if isinstance(step, FindFacts):
+            step = m.judge(self._rs_facts(m, step), gen)
+        if isinstance(step, Retry):
             return
-        verdict = m.drop(drop)
-        if verdict.kind == RECOVER:
+        if isinstance(step, Recover):
             self._rs_bump("disconnects")
-            _stats.bump(f"disconnects.{info.category}")
-            self._rs_recover(exc, call_end, resume=verdict.resume)
+            _stats.bump(f"disconnects.{step.category}")
+            self._rs_recover(exc, call_end, resume=step.resume)
             return
-        self._rs_surface(m, exc, info, verdict)
+        if isinstance(step, Surface):
+            self._rs_surface(exc, step)
+        elif isinstance(step, HandOver):
+            _emit("surfaced", logging.DEBUG, "%s: write interrupted (%s) while another "
+                  "greenlet reads: connection kept, protection off", self._rs_name(),
+                  type(exc).__name__, peer=self._rs_target)
+            self._rs_unprotect()
+        elif isinstance(step, Raise) and step.discard and self._sock:
+            self._detach_socket("closed")
+        raise exc
 
     def _rs_peer_alive_after_eof(self, m: Machine, gen: int, call_end: float | None,
-                                 idle: bool = False) -> bool | None:
+                                 idle: bool = False, wait: float = 1.0) -> bool | None:
         """After an EOF while another greenlet writes: is the peer's socket still there?
 
         True: it half-closed and still takes our bytes — its TCP acknowledged data after its
@@ -878,8 +847,8 @@ class ResilientSocket(_GeventSocket):
         waiting (the writer recovered). Polls, as ``_rs_peer_not_reading`` does.
 
         ``idle``: the writer greenlet is between calls and nothing is unconfirmed; wait up
-        to ``DUPLEX_EOF_WAIT`` for its next write to tell (None if it does not: the EOF is
-        then the stream's end, as without a writer)."""
+        to ``wait`` (the machine's ``AskPeer.wait``) for its next write to tell (None if it
+        does not: the EOF is then the stream's end, as without a writer)."""
         unix = self.family == _AF_UNIX
         journal = m.journal
         if unix:
@@ -889,7 +858,7 @@ class ResilientSocket(_GeventSocket):
             if buf is None:
                 return False
             start = struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0]
-        limit = _clock() + (DUPLEX_EOF_WAIT if idle else 1.0)
+        limit = _clock() + wait
         if call_end is not None:
             limit = min(limit, call_end)
         while True:
@@ -916,14 +885,14 @@ class ResilientSocket(_GeventSocket):
         event = getattr(self, "_read_event", None)
         return bool(self._sock) and event is not None and bool(getattr(event, "active", False))
 
-    def _rs_facts(self, m: Machine, info: ErrorInfo, phase: str, writing: bool) -> Drop:
-        """The I/O the machine cannot do itself, done before it judges."""
+    def _rs_facts(self, m: Machine, step: FindFacts) -> Drop:
+        """The I/O the machine asked for (``FindFacts``), done before it judges."""
         peer_not_reading = early = False
-        if m.tcp_ack and (m.policy.confirm == "tcp-ack" or m.dialect.write_only()):
+        if step.acked:
             self._rs_confirm_acked(m)  # what the peer's TCP acknowledged is not re-sent
-        if phase == "write" and info.category is ErrorCategory.TIMEOUT:
+        if step.not_reading:
             peer_not_reading = self._rs_peer_not_reading()
-        elif phase == "write" and info.category is ErrorCategory.CONNECTION_LOST:
+        elif step.early:
             try:
                 early = bool(self._sock.recv(1, _PEEK))
             except OSError:
@@ -931,46 +900,34 @@ class ResilientSocket(_GeventSocket):
             if early and not (self._rs_reader_waiting() or m.reading > 0):
                 # Unread bytes and no reader in sight: let a reader greenlet that is ready
                 # to run show itself (a full duplex client whose reader has not started yet)
-                # before taking them for an early answer to this write. This write counts as
-                # under way meanwhile: what the reader meets is part of its drop.
+                # before the machine takes them for an early answer to this write. This
+                # write counts as under way meanwhile: what the reader meets is part of its
+                # drop.
                 m.writing += 1
                 try:
                     gevent.sleep(0)
                 finally:
                     m.writing -= 1
         duplex = self._rs_reader_waiting() or m.reading > 0
-        return Drop(info, phase, writing=writing, peer_not_reading=peer_not_reading,
-                    early_answer=early, duplex=duplex)
+        return replace(step.drop, peer_not_reading=peer_not_reading, early_answer=early,
+                       duplex=duplex)
 
-    def _rs_surface(self, m: Machine, exc: BaseException, info: ErrorInfo,
-                    verdict: Verdict) -> None:
+    def _rs_surface(self, exc: BaseException, step: Surface) -> None:
+        verdict = step.verdict
         if verdict.quiet:
             _stats.bump("read_timeouts")
             log.debug("%s: %s: %s", self._rs_name(), type(exc).__name__, verdict.note)
             raise exc
         add_note(exc, f"resilientsock: not recovered: {verdict.note}")
         self._rs_bump("surfaced")
-        _stats.bump(f"surfaced.{info.category}")
-        # A dialect's refusal is logged at WARNING: some clients swallow the exception (and
-        # its note) in a thread of their own (paramiko's transport).
-        level = logging.WARNING if verdict.rule == "dialect" else logging.INFO
-        _emit("surfaced", level, "%s: surfacing %s: %s", self._rs_name(),
-              type(exc).__name__, verdict.note, peer=self._rs_target,
-              category=str(info.category), error_type=type(exc).__name__)
-        if verdict.kind == EARLY_ANSWER:
-            m.journal.end_answer()
-        elif verdict.discard:
-            self._rs_discard(m)
-            m.move("surface-discard")
-        else:
-            m.move("surface-keep")
+        _stats.bump(f"surfaced.{step.info.category}")
+        _emit("surfaced", logging.WARNING if step.warn else logging.INFO,
+              "%s: surfacing %s: %s", self._rs_name(), type(exc).__name__, verdict.note,
+              peer=self._rs_target, category=str(step.info.category),
+              error_type=type(exc).__name__)
+        if verdict.discard and self._sock:
+            self._detach_socket("closed")  # the machine let it go
         raise exc
-
-    def _rs_discard(self, m: Machine) -> None:
-        """Close the connection but keep the socket: the next call reconnects."""
-        m.discarded()
-        if self._sock:
-            self._detach_socket("closed")
 
     # -- recovery -----------------------------------------------------------------------------
 
@@ -990,144 +947,155 @@ class ResilientSocket(_GeventSocket):
                 "resilientsock: gave up waiting for another greenlet's recovery")
 
     def _rs_recover(self, exc: BaseException | None, call_end: float | None, *,
-                    resume: int = 0, first: bool = False, in_place: bool = False) -> None:
-        """Reconnect under the policy (rule 5), restore, replay, resume; publish the new
-        connection. Raises the original error with a note when the budget is spent."""
+                    resume: int = 0, first: bool = False, in_place: bool = False,
+                    soft: bool = False) -> None:
+        """Recover under the policy (rule 5): the machine's steps (``Machine.recover``),
+        performed until it publishes the new connection or gives up (the original error
+        raised with a note)."""
         from gevent.event import Event
 
         m = self._rs_m
         assert m is not None
-        if exc is not None:
-            if m.policy.confirm == "tcp-ack" and self._sock:
-                self._rs_confirm_acked(m)  # what the old peer's TCP did get is not re-sent
-        m.move("recover")
+        steps = m.recover(exc, call_end, self.timeout, resume=resume, first=first,
+                          in_place=in_place, soft=soft, bucket=_bucket)
         m.owner = gevent.getcurrent()
         done = self._rs_done = Event()
-        episode = m.begin_episode(exc)
-        if not first and not episode.attempts:
-            # A drop (or a broken socket used again) inside a call that the client library's
-            # own retry layer will retry: a reconnect that finds nobody listening is its to
-            # retry (in _rs_attempts), so layered retries do not multiply.
-            episode.library = _libraries.retrying_now(m.library)
         if exc is not None:
             info = classify(exc, phase="read")
             _emit("drop", logging.DEBUG, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
                   self._rs_name(), type(exc).__name__, info.category if info else "?",
                   len(m.journal), peer=self._rs_target,
                   category=str(info.category) if info else None, error_type=type(exc).__name__)
-            if m.policy.on_disconnect is not None:
-                self._rs_hook(m, m.policy.on_disconnect, info, call_end, episode)
-        if self._sock and not in_place:
-            # The old connection is abandoned and its unconfirmed bytes re-sent elsewhere: it
-            # goes with an RST, so the kernel does not deliver its unsent bytes late, after
-            # the replay, once the path is back (a duplicate out of order). Closing wakes the
-            # greenlets blocked on it.
-            try:
-                self._sock.setsockopt(_std.SOL_SOCKET, _std.SO_LINGER, _LINGER_RST)
-            except OSError:
-                pass
-            self._detach_socket("closed")
         try:
-            self._rs_attempts(m, episode, call_end, resume, first, in_place)
-        except _RecoveryStopped:
-            raise _closed_error() from None
+            self._rs_perform(m, steps)
         except BaseException as failure:
-            if m.state is RECOVERING:
-                self._rs_discard(m)
-                m.move("interrupted" if not isinstance(failure, Exception) else "gave-up")
+            if m.abandon(isinstance(failure, Exception)) and self._sock:
+                self._detach_socket("closed")
             raise
         finally:
             m.owner = None
-            # An EOF cut's soft mode ends with this recovery, before anyone waiting for it
-            # wakes (their own recovery, if any, runs under the policy).
-            self.__dict__.pop("_rs_cut", None)
             done.set()
 
-    def _rs_attempts(self, m: Machine, episode: Episode, call_end: float | None, resume: int,
-                     first: bool, in_place: bool) -> None:
-        policy = m.policy
-        soft = self.__dict__.get("_rs_cut", False)
-        end = call_end  # when attempts must stop
-        if soft:  # an EOF cut (_rs_resume_cut): refusals are retried CUT_RETRY
-            cap = episode.start + CUT_RETRY
-            end = cap if call_end is None else min(call_end, cap)
+    def _rs_perform(self, m: Machine, steps: Recovery) -> None:
+        """Do what the recovery says, and tell it what came of it, until it ends."""
+        result: Connected | Failed | None = None
         while True:
-            if m.state is CLOSED:
-                raise _RecoveryStopped()
-            # At least one attempt, whatever the time: "within the application's timeout
-            # plus at most one connect attempt" (docs/design.md §4).
-            if episode.attempts and episode.spent(end, self.timeout):
-                self._rs_give_up(m, episode)
-            delay = 0.0 if first and not episode.attempts else episode.delay(_bucket)
-            if delay > 0:
-                remaining = episode.remaining(end)
-                if delay >= remaining:
-                    if episode.final or remaining <= FINAL_MARGIN:
-                        self._rs_sleep(max(0.0, remaining))
-                        if m.state is CLOSED:
-                            raise _RecoveryStopped()
-                        if call_end is not None and _clock() >= call_end:
-                            episode.timeout_hit = self.timeout
-                        self._rs_give_up(m, episode)
-                    # The wait outlasts the budget: one last attempt just before it ends.
-                    episode.final = True
-                    delay = remaining - FINAL_MARGIN
-                self._rs_sleep(delay)
-                if m.state is CLOSED:
-                    raise _RecoveryStopped()
-            episode.attempts += 1
-            if episode.attempts > 1 or not first:
-                _stats.bump("reconnect_attempts")
-            try:
-                resumed = self._rs_attempt(m, episode, call_end, resume, in_place, first)
-            except _RecoveryStopped:
-                raise
-            except Exception as failure:
-                if m.state is CLOSED:
-                    raise _RecoveryStopped() from None
-                episode.last = failure
-                if episode.original is None:
-                    episode.original = failure  # a first connect: its first error is the one
-                info = self._rs_classify_attempt(failure)
-                _count_failed_attempt(info)
-                gone = info is not None and info.category in _SERVER_GONE
-                episode.attempted(bool(self.__dict__.get("_rs_reached")), gone)
-                log.info("%s: attempt %d failed: %s", self._rs_name(), episode.attempts,
-                         failure)
-                if soft and not gone:
-                    raise  # an EOF cut: the caller gets the EOF (_rs_resume_cut)
-                if info is not None and info.category is ErrorCategory.TLS_TRANSPORT:
-                    episode.tls_transport += 1
-                elif info is None or not info.retryable or not (policy.retry_connect or not first):
-                    self._rs_give_up(m, episode, permanent=info is None or not info.retryable)
-                elif episode.library and gone:
-                    # The server is not there (refused, no route, no name): the library's own
-                    # retries decide whether to wait for it, as they do without resilientsock,
-                    # so layered retries do not multiply into minutes (docs/design.md §9).
-                    self._rs_give_up(m, episode, library=episode.library)
-                elif (self.__dict__.get("_rs_reached") and m.journal.pending
-                      and info.category is ErrorCategory.CONNECTION_LOST):
-                    # The server was reached and reset the connection while its setup or the
-                    # replay went out: a poison strike, as a drop after the replay is.
-                    m.poison += 1
-                    if m.poison > POISON_CAP:
-                        self._rs_give_up(m, episode, poison=True)
-                if self._sock:
-                    self._detach_socket("closed")
-                continue
-            if first and episode.attempts == 1 and episode.original is None:
-                m.episode = None  # a first connect that just worked is no episode
-                m.reconnected(False)
+            action = steps.send(result)
+            result = None
+            if isinstance(action, Wait):
+                self._rs_sleep(action.seconds)
+            elif isinstance(action, Connect):
+                result = self._rs_connect_step(m, action)
+            elif isinstance(action, Done):
+                if action.reconnected:
+                    self.reconnects = self.__dict__.get("reconnects", 0) + 1
+                    self._rs_bump("reconnects")
+                    _emit("reconnect", logging.DEBUG, "%s: reconnected (attempt %d)",
+                          self._rs_name(), action.attempts, peer=self._rs_target,
+                          attempts=action.attempts, seconds=action.seconds)
                 return
-            m.reconnected(resumed)
-            self.reconnects = self.__dict__.get("reconnects", 0) + 1
-            self._rs_bump("reconnects")
-            if first:
-                m.episode = None
-            _emit("reconnect", logging.DEBUG, "%s: reconnected (attempt %d)", self._rs_name(),
-                  episode.attempts, peer=self._rs_target, attempts=episode.attempts,
-                  seconds=_clock() - episode.start)
+            elif isinstance(action, GiveUp):
+                self._rs_give_up(action)
+            elif isinstance(action, Stop):
+                raise _closed_error() from None
+            elif isinstance(action, Abandon):
+                if self._sock:
+                    # Closing wakes the greenlets blocked on it.
+                    try:
+                        self._sock.setsockopt(_std.SOL_SOCKET, _std.SO_LINGER, _LINGER_RST)
+                    except OSError:
+                        pass
+                    self._detach_socket("closed")
+            elif isinstance(action, CountAcked):
+                if self._sock:
+                    self._rs_confirm_acked(m)
+            elif isinstance(action, RunHook) and not action.fatal:
+                self._rs_hook(action)
+            else:
+                try:
+                    self._rs_step(m, action)
+                except Exception as failure:
+                    result = self._rs_failed(m, failure)
+
+    def _rs_timer(self, until: float | None) -> gevent.Timeout:
+        return gevent.Timeout(None if until is None else max(until - _clock(), 0.001),
+                              _AttemptTimeout())
+
+    def _rs_step(self, m: Machine, action: Action) -> None:
+        """One step on the new connection, by the ``until`` it carries."""
+        if isinstance(action, Resume):
+            self._rs_resume(action)
             return
+        until = getattr(action, "until", None)
+        with self._rs_timer(until):
+            if isinstance(action, Handshake):
+                self._rs_after_install(None if until is None else max(until - _clock(), 0.001))
+            elif isinstance(action, Restore):
+                setup = action.setup
+                self._rs_raw_sendall(setup.payload)
+                while True:
+                    chunk = self._rs_raw_recv(65536)
+                    if not chunk:
+                        raise ConnectionResetError(
+                            errno.ECONNRESET, "closed while the connection's setup was redone")
+                    try:
+                        done = setup.feed(chunk)
+                    except Exception as mismatch:
+                        raise _SetupMismatch(str(mismatch)) from None
+                    if done is not None:
+                        break
+            elif isinstance(action, SkipBanner):
+                self._rs_skip_banner(action.first)
+            elif isinstance(action, RunHook):
+                action.hook(self, action.arg)
+            elif isinstance(action, Replay):
+                payload = action.payload
+                self._rs_raw_sendall(payload)
+                self._rs_bump("replayed_records", action.records)
+                self._rs_bump("replayed_bytes", len(payload))
+                _emit("replay", logging.DEBUG, "%s: replayed %d record(s), %d bytes",
+                      self._rs_name(), action.records, len(payload), peer=self._rs_target,
+                      records=action.records, nbytes=len(payload))
+            else:  # pragma: no cover - a step this socket does not know is a bug
+                raise RuntimeError(f"resilientsock: unknown recovery step {action!r}")
+
+    def _rs_connect_step(self, m: Machine, action: Connect) -> Connected | Failed:
+        if action.counted:
+            _stats.bump("reconnect_attempts")
+        try:
+            if (action.in_place and self._sock
+                    and not self.__dict__.get("_rs_in_place_failed")):
+                attempt = self._rs_connect_in_place(action.limit)
+            else:
+                addresses = candidates(self._rs_target, int(self.family), self._rs_any_family)
+                attempt = open_connection(
+                    self._rs_make_raw, addresses, per_address=action.limit, end=None,
+                    options=self.__dict__.get("_rs_opts", {}), source=self._rs_source,
+                    dead_peer=m.policy.dead_peer_timeout, pending=self._rs_pending)
+        except Exception as failure:
+            return self._rs_failed(m, failure)
+        if attempt.raw is None:
+            self.__dict__["_rs_all_errors"] = attempt.errors  # read back by create_connection
+            return self._rs_failed(m, attempt.errors[-1])
+        if m.state is CLOSED:
+            attempt.raw.close()  # close() won: the machine stops
+            return Connected(False)
+        fresh = attempt.raw is not self._sock  # in place, the raw connect did it all (TLS too)
+        if fresh:
+            self._rs_install(attempt.raw)
+        return Connected(fresh)
+
+    def _rs_failed(self, m: Machine, failure: BaseException) -> Failed:
+        """A step raised: classified for the machine, counted, the connection closed."""
+        info = self._rs_classify_attempt(failure)
+        if m.state is not CLOSED:
+            _count_failed_attempt(info)
+            episode = m.episode
+            log.info("%s: attempt %d failed: %s", self._rs_name(),
+                     episode.attempts if episode is not None else 0, failure)
+        if self._sock:
+            self._detach_socket("closed")
+        return Failed(failure, info)
 
     def _rs_sleep(self, seconds: float) -> None:
         done = self._rs_done
@@ -1146,67 +1114,6 @@ class ResilientSocket(_GeventSocket):
             return classify(ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
                             phase="connect")
         return classify(failure, phase="connect", context=False)
-
-    def _rs_attempt(self, m: Machine, episode: Episode, call_end: float | None, resume: int,
-                    in_place: bool, first: bool) -> bool:
-        """One attempt: connect, then restore and replay under the time left. Returns
-        whether the answer in progress was resumed."""
-        policy = m.policy
-        self.__dict__["_rs_reached"] = False
-        per_address = policy.connect_timeout
-        app = self.timeout
-        if app is not None:
-            per_address = app if per_address is None else min(per_address, app)
-        soft = self.__dict__.get("_rs_cut", False)
-        connect_limit = per_address
-        if soft:
-            connect_limit = CUT_WAIT if per_address is None else min(per_address, CUT_WAIT)
-        left = episode.remaining(call_end)
-        if left != float("inf"):
-            # Each connect attempt gets at most what is left of the budget (docs/design.md §4), the
-            # last one too (made FINAL_MARGIN before the end).
-            left = max(left, 0.001)
-            connect_limit = left if connect_limit is None else min(connect_limit, left)
-        if in_place and self._sock and not self.__dict__.get("_rs_in_place_failed"):
-            attempt = self._rs_connect_in_place(connect_limit)
-        else:
-            addresses = candidates(self._rs_target, int(self.family), self._rs_any_family)
-            attempt = open_connection(
-                self._rs_make_raw, addresses, per_address=connect_limit, end=None,
-                options=self.__dict__.get("_rs_opts", {}), source=self._rs_source,
-                dead_peer=policy.dead_peer_timeout, pending=self._rs_pending)
-        if attempt.raw is None:
-            self.__dict__["_rs_all_errors"] = attempt.errors  # read back by create_connection
-            raise attempt.errors[-1]
-        if m.state is CLOSED:
-            attempt.raw.close()
-            raise _RecoveryStopped()
-        self.__dict__["_rs_reached"] = True  # connected: what fails from here met the server
-        fresh = attempt.raw is not self._sock  # in place, the raw connect did it all (TLS too)
-        if fresh:
-            self._rs_install(attempt.raw)
-        left = episode.remaining(call_end)
-        limit = per_address
-        if left != float("inf"):
-            limit = left if limit is None else min(limit, left)
-        if limit is not None:
-            limit = max(limit, 0.001)
-        cut_timer = None
-        if soft:
-            # After an EOF cut: CUT_WAIT from here (TLS handshake, setup, replay) to the new
-            # answer's first byte, which cancels it (_rs_resume); or the EOF stands.
-            cut_timer = gevent.Timeout(CUT_WAIT, _AttemptTimeout())
-            cut_timer.start()
-            self.__dict__["_rs_cut_timer"] = cut_timer
-        try:
-            with gevent.Timeout(limit, _AttemptTimeout()):
-                if fresh:
-                    self._rs_after_install(limit)
-                return self._rs_restore(m, episode, call_end, resume, first)
-        finally:
-            if cut_timer is not None:
-                cut_timer.close()
-                self.__dict__.pop("_rs_cut_timer", None)
 
     def _rs_connect_in_place(self, timeout: float | None) -> Attempt:
         """The application's own ``sock.connect(addr)`` on this very socket (first attempt),
@@ -1249,90 +1156,42 @@ class ResilientSocket(_GeventSocket):
     def _rs_after_install(self, timeout: float | None) -> None:
         """TLS redoes its handshake here."""
 
-    def _rs_restore(self, m: Machine, episode: Episode, call_end: float | None,
-                    resume: int, first: bool = False) -> bool:
-        """On the new connection, before it is published: the dialect's setup, the banner,
-        the hook, the replay, and the answer resume (§5a, §5b)."""
-        policy = m.policy
-        if m.state is CLOSED:
-            raise _RecoveryStopped()
-        dialect = m.dialect
-        restore = dialect.restore() if dialect is not None else None
-        if restore is not None and restore.payload:
-            self._rs_raw_sendall(restore.payload)
-            while True:
-                chunk = self._rs_raw_recv(65536)
-                if not chunk:
-                    raise ConnectionResetError(errno.ECONNRESET,
-                                               "closed while the connection's setup was redone")
-                try:
-                    done = restore.feed(chunk)
-                except Exception as mismatch:
-                    raise _SetupMismatch(str(mismatch)) from None
-                if done is not None:
-                    break
-        if m.wrote and m.banner and dialect is None:
-            self._rs_skip_banner(m)
-        if policy.on_reconnect is not None and not first:
-            policy.on_reconnect(self, episode.attempts)
-        if m.state is CLOSED:
-            raise _RecoveryStopped()
-        journal = m.journal
-        if resume:
-            payload = journal.with_kept()
-        else:
-            journal.drop_kept()
-            payload = journal.unconfirmed()
-        if len(payload):
-            self._rs_raw_sendall(payload)
-            self._rs_bump("replayed_records", len(journal))
-            self._rs_bump("replayed_bytes", len(payload))
-            _emit("replay", logging.DEBUG, "%s: replayed %d record(s), %d bytes",
-                  self._rs_name(), len(journal), len(payload), peer=self._rs_target,
-                  records=len(journal), nbytes=len(payload))
-        journal.restart_stream(len(payload))
-        if resume:
-            self._rs_resume(m, resume)
-            return True
-        return False
-
-    def _rs_resume(self, m: Machine, k: int) -> None:
-        """Read the re-sent request's new answer up to what the caller already has, and
-        compare it with the digest of what the caller got (§5b)."""
-        from ._machine import new_digest
-
-        dialect = m.dialect
-        if dialect is not None:
-            dialect.reset_answer()
-        digest = new_digest()
-        got = 0
-        while got < k:
-            chunk = self._rs_raw_recv(min(65536, k - got))
-            if not got:
-                cut_timer = self.__dict__.pop("_rs_cut_timer", None)
+    def _rs_resume(self, action: Resume) -> None:
+        """Read the re-sent request's new answer up to what the caller already has into the
+        machine's check (§5b): its first byte by ``first_until``, the rest by ``until``."""
+        check = action.check
+        with self._rs_timer(action.until):
+            cut_timer: Any = None
+            if action.first_until != action.until:
+                cut_timer = self._rs_timer(action.first_until)
+                cut_timer.start()
+            try:
+                while check.need > 0:
+                    chunk = self._rs_raw_recv(min(65536, check.need))
+                    if cut_timer is not None:
+                        cut_timer.cancel()  # the new answer is coming: the normal budget now
+                        cut_timer = None
+                    if not chunk:
+                        break
+                    check.feed(chunk)
+            finally:
                 if cut_timer is not None:
-                    cut_timer.cancel()  # the new answer is coming: the normal budget now
-            if not chunk:
-                break
-            got += len(chunk)
-            digest.update(dialect.mask(chunk) if dialect is not None else chunk)
-        if got < k or digest.intdigest() != m.digest.intdigest():
+                    cut_timer.close()
+        k = check.k
+        if not check.matches():
             self._rs_bump("answers_changed")
             _emit("answer_changed", logging.INFO, "%s: the re-sent request's answer changed "
                   "after %d byte(s)", self._rs_name(), k, peer=self._rs_target, nbytes=k)
-            raise _AnswerChanged(
-                f"the re-sent request's new answer differs from the {k} byte(s) the caller "
-                "already has, so it cannot be continued")
+            raise check.changed()
         self._rs_bump("answers_resumed")
         _emit("answer_resumed", logging.DEBUG, "%s: answer resumed at byte %d", self._rs_name(),
               k, peer=self._rs_target, nbytes=k)
 
-    def _rs_skip_banner(self, m: Machine) -> None:
-        """Read the new connection's banner and drop it: the application already read one,
-        and it is not the answer to anything the replay is about to send. Complete when a
-        line arrives that is not a continuation (``NNN-`` in SMTP and FTP); a banner without
-        a line end: as many bytes as the first one had (review r10)."""
-        first = bytes(m.banner)
+    def _rs_skip_banner(self, first: bytes) -> None:
+        """Read the new connection's banner and drop it: the application already read one
+        (``first``). Complete when a line arrives that is not a continuation (``NNN-`` in
+        SMTP and FTP); a banner without a line end: as many bytes as the first one had
+        (review r10)."""
         got = b""
         while not _banner_complete(got, first):
             chunk = self._rs_raw_recv(4096)
@@ -1341,51 +1200,44 @@ class ResilientSocket(_GeventSocket):
             got += chunk
         log.debug("%s: skipped the new connection's banner (%d bytes)", self._rs_name(), len(got))
 
-    def _rs_hook(self, m: Machine, hook: Any, arg: Any, call_end: float | None,
-                 episode: Episode) -> None:
-        left = episode.remaining(call_end)
+    def _rs_hook(self, action: RunHook) -> None:
+        """``on_disconnect``: its failure is logged; the recovery goes on."""
         try:
-            with gevent.Timeout(None if left == float("inf") else max(0.001, left),
-                                _AttemptTimeout()):
-                hook(self, arg)
+            with self._rs_timer(action.until):
+                action.hook(self, action.arg)
         except Exception as exc:
             log.warning("%s: on_disconnect hook failed: %s", self._rs_name(), exc)
 
-    def _rs_give_up(self, m: Machine, episode: Episode, permanent: bool = False,
-                    poison: bool = False, library: str | None = None) -> None:
-        if self.__dict__.get("_rs_cut"):
-            # An EOF cut that could not be resumed: no error for the caller, who gets the EOF
-            # (_rs_resume_cut); the connection is let go.
-            self._rs_discard(m)
-            m.move("gave-up")
-            m.owner = None
-            raise _CutNotResumed(episode.describe())
-        exc = episode.original or episode.last
-        if exc is None:
-            exc = ConnectionError("resilientsock: could not connect")
-        text = episode.describe()
-        if permanent:
-            text += "; that error is not retried"
-        if poison:
-            text += (f"; the server reset the connection each time the unanswered request(s) "
-                     f"were re-sent ({POISON_CAP} times): that is its answer")
-        if library:
-            text += f"; left to {library}'s own retries"
-        add_note(exc, f"resilientsock: {text}")
+    def _rs_give_up(self, action: GiveUp) -> None:
+        """The machine gave up (and let the connection go): raise its error."""
+        if self._sock:
+            self._detach_socket("closed")
+        exc = action.error
+        if action.cut:
+            raise exc  # an EOF cut not resumed: the caller gets the EOF (_rs_resume_cut)
+        add_note(exc, f"resilientsock: {action.note}")
         _stats.bump("gave_up")
         self._rs_bump("surfaced")
         info = classify(exc)
         if info is not None:
             _stats.bump(f"surfaced.{info.category}")
-        _emit("gave_up", logging.WARNING, "%s: %s", self._rs_name(), text,
-              peer=self._rs_target, attempts=episode.attempts,
-              seconds=_clock() - episode.start, error_type=type(exc).__name__,
-              category=str(info.category) if info else None)
-        self._rs_discard(m)
-        m.move("gave-up")
-        m.owner = None
-        if episode.last is not None and episode.last is not exc:
-            raise exc from episode.last
+        _emit("gave_up", logging.WARNING, "%s: %s", self._rs_name(), action.note,
+              peer=self._rs_target, attempts=action.attempts, seconds=action.seconds,
+              error_type=type(exc).__name__, category=str(info.category) if info else None)
+        cause = action.cause
+        if cause is not None:
+            # As Python does for an exception raised while another is handled: the cause's
+            # context chain may lead back to this error (a step failed while the call that
+            # caught it was still in its except block), and must not loop back to it.
+            link: BaseException | None = cause
+            hops = 0
+            while link is not None and hops < 64:
+                if link.__context__ is exc:
+                    link.__context__ = None
+                    break
+                link, hops = link.__context__, hops + 1
+            exc.__context__ = cause
+            raise exc from cause
         raise exc
 
     # -- raw I/O on the current connection (recovery only) ------------------------------------
@@ -1464,19 +1316,6 @@ class ResilientSocket(_GeventSocket):
         return text
 
 
-class _SetupMismatch(ConnectionError):
-    """The connection's setup (a dialect's restore) got a different answer: not retried."""
-
-
-class _CutNotResumed(Exception):
-    """An EOF cut could not be resumed: refused for CUT_RETRY (internal); the caller gets
-    the EOF."""
-
-
-class _AnswerChanged(ConnectionError):
-    """Answer resume found a different answer: surfaced (internal marker)."""
-
-
 def add_note_and_return(exc: BaseException, note: str) -> BaseException:
     add_note(exc, note)
     return exc
@@ -1501,65 +1340,6 @@ def _banner_complete(got: bytes, first: bytes) -> bool:
     return not (len(last) >= 4 and last[:3].isdigit() and last[3:4] == b"-")
 
 
-def _eof_result(kind: int, args: tuple) -> Any:
-    if kind == RECV_INTO:
-        return 0
-    if kind == TLS_READ:
-        return 0 if len(args) > 1 and args[1] is not None else b""
-    if kind == RECVFROM:
-        return b"", None
-    if kind == RECVFROM_INTO:
-        return 0, None
-    if kind == RECVMSG:
-        return b"", [], 0, None
-    if kind == RECVMSG_INTO:
-        return 0, [], 0, None
-    return b""
-
-
-def _requested(kind: int, args: tuple) -> int:
-    """How many bytes a read call asked for (0 asks for nothing: its b"" is no EOF)."""
-    if kind in (RECV_INTO, RECVFROM_INTO):
-        if len(args) > 1 and args[1]:
-            return int(args[1])
-        return memoryview(args[0]).nbytes
-    if kind == RECVMSG_INTO:
-        return sum(memoryview(b).nbytes for b in args[0])
-    if kind == TLS_READ:
-        if len(args) > 1 and args[1] is not None and not args[0]:
-            return memoryview(args[1]).nbytes
-        return int(args[0]) if args else 1024
-    return int(args[0]) if args else 1024
-
-
-def _extract(kind: int, args: tuple, result: Any) -> tuple[int, Any]:
-    """(bytes read, the data as a buffer) of a read call's result."""
-    if kind == RECV:
-        return len(result), result
-    if kind == RECV_INTO:
-        return result, memoryview(args[0]).cast("B")[:result]
-    if kind == RECVFROM:
-        return len(result[0]), result[0]
-    if kind == RECVFROM_INTO:
-        n = result[0]
-        return n, memoryview(args[0]).cast("B")[:n]
-    if kind == RECVMSG:
-        return len(result[0]), result[0]
-    if kind == RECVMSG_INTO:
-        n = result[0]
-        out = bytearray()
-        for buf in args[0]:
-            view = memoryview(buf).cast("B")
-            out += view[: n - len(out)]
-            if len(out) >= n:
-                break
-        return n, out
-    # TLS read(nbytes, buffer)
-    if isinstance(result, int):
-        return result, memoryview(args[1]).cast("B")[:result]
-    return len(result), result
-
-
 def _sendall_with(send: Any, sock: Any, data: Any, flags: int) -> None:
     """``sendall`` built on a raw ``send`` (gevent's own calls ``sock.send``, which would
     journal every chunk a second time). The socket's timeout bounds the whole call."""
@@ -1578,12 +1358,6 @@ def _sendall_with(send: Any, sock: Any, data: Any, flags: int) -> None:
                 raise TimeoutError("timed out")
         sent += send(sock, view[sent:sent + _CHUNK], flags, left if left is not None
                      else _timeout_default)
-
-
-# Reconnect failures that say the server is not there; inside a retrying library they are
-# surfaced at the first attempt.
-_SERVER_GONE = frozenset({ErrorCategory.REFUSED, ErrorCategory.UNREACHABLE,
-                          ErrorCategory.DNS_TEMPORARY, ErrorCategory.DNS_PERMANENT})
 
 
 def _count_failed_attempt(info: ErrorInfo | None) -> None:

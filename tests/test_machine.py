@@ -21,7 +21,6 @@ from resilientsock._machine import (
     Episode,
     Machine,
     TokenBucket,
-    Verdict,
 )
 
 
@@ -468,38 +467,3 @@ def test_lines_are_not_counted_for_a_binary_stream():
     m = machine()
     m.wrote_data(b"\x00\x01binary")
     assert m.lines is None and m.lines_off
-
-
-def test_an_answer_a_reader_already_took_is_early_whatever_ran_first():
-    """Full duplex, not lines (an upload): the server answers (413) after the request line
-    and two chunks were written, and closes. Whether the writer meets the reset while the
-    answer is unread (its peek sees it) or after a reader greenlet took it is the
-    scheduler's choice: either way nothing is re-sent (make test met the second order under
-    load: the request ran 5 times)."""
-    for phase, writing in (("write", True), ("read", False)):
-        m = machine()
-        m.reading = 1  # the reader waits from the start: its read's mark is 0
-        m.wrote_data(b"PUT /big\n")
-        m.wrote_data(b"A" * 100)
-        m.wrote_data(b"B" * 100)
-        assert m.duplex and m.lines_off
-        m.read_data(b"ERR 413 upload too large\n", 0)  # the reader took the answer
-        assert m.journal.pending  # it confirms nothing: it cannot tell which it answers
-        v = m.drop(drop(ConnectionResetError(104, "reset"), phase, writing=writing))
-        assert v.kind == EARLY_ANSWER and v.rule == "early-answer", (phase, v)
-        # the reader's next read: the EOF is passed on, nothing re-sent
-        outcome = m.eof(100, others_active=True, peer_alive=False)
-        assert isinstance(outcome, Verdict) and outcome.kind == PASS_EOF, outcome
-
-
-def test_records_written_after_the_last_answer_are_not_early():
-    """The counterpart: the answer came before these records were written (a server that
-    restarted after answering): they are unanswered, and re-sent."""
-    m = machine()
-    m.reading = 1
-    m.wrote_data(b"\x00first")
-    m.read_data(b"\x00ok", m.journal.mark())  # confirms the first record
-    m.wrote_data(b"\x00second")
-    v = m.drop(drop(ConnectionResetError(104, "reset"), "write", writing=True))
-    assert v.kind == RECOVER, v
-    assert not m.answered_unconfirmed()
