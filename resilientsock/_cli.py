@@ -610,7 +610,7 @@ def _explain_ssl_reason(reason: str, text: str) -> dict[str, Any]:
     from ._errors import classify
 
     exc = ssl.SSLError(1, text)
-    exc.reason = reason  # type: ignore[attr-defined]
+    exc.reason = reason
     info = classify(exc)
     assert info is not None  # every SSLError that is not want-read/write is classified
     return _entry(reason, info)

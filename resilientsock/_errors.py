@@ -27,6 +27,7 @@ import errno
 import socket
 import sys
 from dataclasses import dataclass
+from types import ModuleType
 
 __all__ = [
     "ErrorCategory",
@@ -249,7 +250,7 @@ def _info(category: ErrorCategory, name: str | None, phase: str | None) -> Error
     return ErrorInfo(category, RETRYABLE[category], delivered, name)
 
 
-def _ssl_module():  # type: ignore[no-untyped-def]
+def _ssl_module() -> ModuleType | None:
     # Never import ssl here: resilientsock's import must not pull it in before patch().
     return sys.modules.get("ssl")
 
@@ -307,7 +308,7 @@ _BUILTIN_CLASSES: dict[type, ErrorCategory] = {
 }
 
 
-def _classify_ssl(exc: BaseException, ssl, phase: str | None) -> ErrorInfo | None:  # type: ignore[no-untyped-def]
+def _classify_ssl(exc: BaseException, ssl: ModuleType, phase: str | None) -> ErrorInfo | None:
     if isinstance(exc, ssl.SSLWantReadError | ssl.SSLWantWriteError):
         return None
     if isinstance(exc, ssl.SSLEOFError):

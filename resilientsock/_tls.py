@@ -26,39 +26,76 @@ from __future__ import annotations
 
 import logging
 import socket as _std
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from gevent._socketcommon import timeout_default as _timeout_default
-from gevent.ssl import SSLSocket as _GeventSSLSocket
 
+if TYPE_CHECKING:  # gevent ships no types: a type checker sees the stdlib class it mirrors
+    from ssl import SSLSession
+    from ssl import SSLSocket as _GeventSSLSocket
+else:
+    from gevent.ssl import SSLSocket as _GeventSSLSocket
+
+from . import _stats
 from ._errors import classify
 from ._machine import BROKEN, CONNECTED, Machine
-from ._socket import TLS_READ, ResilientSocket, _clock, _live, _sendall_with, _stats
+from ._socket import TLS_READ, ResilientSocket, _clock, _live, _sendall_with
 
 __all__ = ["ResilientSSLSocket", "wrap_socket"]
 
 log = logging.getLogger("resilientsock")
 
 
+class _SSLObject(Protocol):
+    """What this module uses of ``SSLSocket._sslobj``, the stdlib's private ``_ssl._SSLSocket``
+    (typeshed has no class for it)."""
+
+    @property
+    def session(self) -> SSLSession | None: ...
+    @property
+    def session_reused(self) -> bool: ...
+
+
+class _WrapsSocket(Protocol):
+    """``SSLContext._wrap_socket``, the stdlib's private constructor of the TLS object of an
+    ``SSLSocket`` (not in typeshed); gevent's ``SSLSocket.__init__`` calls it the same way."""
+
+    def _wrap_socket(self, sock: _std.socket, server_side: bool, server_hostname: str | None,
+                     *, owner: object = None, session: SSLSession | None = None) -> _SSLObject: ...
+
+
 class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
     """A gevent ``SSLSocket`` that survives drops like :class:`ResilientSocket`."""
 
     _rs_tls = True
-    accept = _GeventSSLSocket.accept
+    if TYPE_CHECKING:
+        # gevent's SSLSocket internals set or read here.
+        _sslobj: _SSLObject | None
+        _connected: bool
+
+        # gevent's accept() wraps the accepted socket with this socket's context: an instance
+        # of the context's sslsocket_class (ResilientSSLSocket under patch(), gevent's
+        # SSLSocket otherwise). No one static type says that: not ResilientSocket.accept's.
+        def accept(self) -> tuple[Any, Any]: ...
+    else:
+        accept = _GeventSSLSocket.accept
     dup = _GeventSSLSocket.dup
     sendmsg = _GeventSSLSocket.sendmsg
     recvfrom = _GeventSSLSocket.recvfrom
     recvfrom_into = _GeventSSLSocket.recvfrom_into
     recvmsg = _GeventSSLSocket.recvmsg
     recvmsg_into = _GeventSSLSocket.recvmsg_into
-    _rs_raw_connect = staticmethod(_GeventSSLSocket.connect)
-    _rs_raw_connect_ex = staticmethod(_GeventSSLSocket.connect_ex)
+    # Called unbound, as type(self)._rs_raw_connect(self, address): the first argument is always
+    # the ResilientSSLSocket itself (a self type the base class's staticmethod cannot spell).
+    _rs_raw_connect: Callable[[Any, Any], None] = staticmethod(_GeventSSLSocket.connect)
+    _rs_raw_connect_ex: Callable[[Any, Any], int] = staticmethod(_GeventSSLSocket.connect_ex)
 
     def shutdown(self, how: int) -> None:
         if self._rs_m is not None:
             self._rs_unprotect()
         _GeventSSLSocket.shutdown(self, how)
-    _rs_tls_session: Any = None
+    _rs_tls_session: SSLSession | None = None
 
     def __init__(self, sock: Any = None, *args: Any, **kwargs: Any) -> None:
         carried = _carry_over(sock, kwargs)
@@ -127,11 +164,12 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
         self._sslobj = None
         self._connected = True
         session = self._rs_tls_session
+        context = cast(_WrapsSocket, self.context)
         try:
-            self._sslobj = self.context._wrap_socket(
+            self._sslobj = context._wrap_socket(
                 self._sock, False, self.server_hostname, owner=self._sock, session=session)
         except (ValueError, TypeError):  # a session the context will not take
-            self._sslobj = self.context._wrap_socket(
+            self._sslobj = context._wrap_socket(
                 self._sock, False, self.server_hostname, owner=self._sock)
         inet = self.family in (_std.AF_INET, getattr(_std, "AF_INET6", None))
         if inet:
@@ -150,7 +188,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
             pass
 
     def _rs_raw_recv(self, n: int) -> bytes:
-        return _GeventSSLSocket.read(self, n)  # type: ignore[no-any-return]
+        return _GeventSSLSocket.read(self, n)
 
     def _rs_raw_sendall(self, data: Any) -> None:
         _sendall_with(_GeventSSLSocket.send, self, data, 0)
@@ -192,7 +230,7 @@ def _tls_guarded_methods(read: Any, write: Any, send: Any) -> dict[str, Any]:
         _sendall_with(send, self, data, flags)
 
     def sendall_(self: Any, data: Any, flags: int = 0) -> None:
-        return self._rs_write(sendall_raw, (data, flags), data, False)  # type: ignore[no-any-return]
+        self._rs_write(sendall_raw, (data, flags), data, False)
 
     read_.__doc__ = _GeventSSLSocket.read.__doc__
     return {"read": read_, "write": write_, "send": send_, "sendall": sendall_}

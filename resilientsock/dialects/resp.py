@@ -32,7 +32,7 @@ reference/protocol-spec/):
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TypeAlias
 
 from ._base import Dialect, Restore, SetupMismatch
 
@@ -274,7 +274,12 @@ class _Replies:
         return self._type, raw
 
 
-def parse(raw: bytes, pos: int = 0) -> tuple[Any, int]:
+# A parsed RESP value: (type byte, body); the body is the bytes of a simple or bulk value, the
+# values of an aggregate, or None for a null.
+RespValue: TypeAlias = "tuple[int, bytes | list[RespValue] | None]"
+
+
+def parse(raw: bytes, pos: int = 0) -> tuple[RespValue, int]:
     """A whole RESP value (small, already framed) as Python data: simple values as
     ``(type byte, bytes)``, aggregates as ``(type byte, [values])``; attributes dropped."""
     j = raw.index(b"\r\n", pos)
@@ -293,7 +298,7 @@ def parse(raw: bytes, pos: int = 0) -> tuple[Any, int]:
         return (t, None), pos
     if t in b"%|":
         count *= 2
-    items = []
+    items: list[RespValue] = []
     for _ in range(count):
         item, pos = parse(raw, pos)
         items.append(item)
@@ -531,7 +536,7 @@ def _same_answer(key: str, want: bytes, got: bytes) -> bool:
         return False
 
 
-def _without_id(value: Any) -> Any:
+def _without_id(value: RespValue) -> RespValue | list[tuple[RespValue, RespValue]]:
     t, items = value
     if not isinstance(items, list):
         return value
@@ -895,7 +900,7 @@ class RespDialect(Dialect):
         return True
 
 
-def _unparse(value: Any) -> bytes:
+def _unparse(value: RespValue) -> bytes:
     """The RESP bytes of a value from ``parse`` (used for an element of EXEC's reply)."""
     t, body = value
     if isinstance(body, list):
