@@ -675,7 +675,7 @@ class Machine:
             self.read_eol = data[-1:] == b"\n"
         if self.duplex:
             self.eof_repeats = 0
-        if journal._head < len(journal._ends) or journal.overflowed:
+        if journal._done != journal._total or journal.overflowed:  # journal.pending
             if not self.explicit:
                 journal.confirm_before(mark)
                 if lines is not None and not self.duplex:

@@ -619,8 +619,7 @@ class ResilientSocket(_GeventSocket):
                     self._rs_recover(None, call_end)
                     continue
                 gen = m.gen
-                journal = m.journal
-                mark = journal._base + len(journal._ends)
+                mark = m.journal.seq
                 try:
                     result = raw(self, *args)
                 except BaseException as caught:
@@ -1602,19 +1601,34 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
 
     ``recv_`` and ``recv_into_`` (and TLS's ``read_`` in ``_tls.py``) repeat one shape on
     purpose: each is one Python frame over the raw call, and a shared helper would be a second
-    one on every read (docs/design.md §12). Everything past the common case is in ``_rs_read``."""
+    one on every read (docs/design.md §12). Everything past the common case is in ``_rs_read``.
+
+    Where the raw methods are gevent's own (``direct``), the first try is the wrapped socket's
+    call itself, as gevent's method makes it, and only a call that would block goes through
+    gevent's wait and its method: gevent's frame (and its ``*args`` tuple) is not paid on a
+    call that finds data or room. A subclass's own ``recv``/``send`` are always called."""
+    direct = (recv is _GeventSocket.recv and recv_into is _GeventSocket.recv_into
+              and send is _GeventSocket.send)
 
     def recv_(self: Any, *args: Any) -> Any:
         m = self._rs_m
         if m is None or m.state is not CONNECTED:
             return self._rs_read(recv, args, RECV)
-        journal = m.journal
-        mark = journal._base + len(journal._ends)
+        mark = m.journal.seq  # Journal.mark(), read as its attribute (a frame less a read)
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
         m.reading += 1
         try:
-            data = recv(self, *args)
+            if direct:
+                try:
+                    data = self._sock.recv(*args)
+                except BlockingIOError:  # gevent's recv, from its wait on
+                    if self.timeout == 0.0:
+                        raise
+                    self._wait(self._read_event)
+                    data = recv(self, *args)
+            else:
+                data = recv(self, *args)
         except BaseException as exc:
             try:
                 return self._rs_read(recv, args, RECV, t0, exc, gen)
@@ -1629,31 +1643,38 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         finally:
             m.reading -= 1
 
-    def recv_into_(self: Any, *args: Any) -> Any:
+    def recv_into_(self: Any, buffer: Any, nbytes: int = 0, flags: int = 0) -> Any:
         m = self._rs_m
         if m is None or m.state is not CONNECTED:
-            return self._rs_read(recv_into, args, RECV_INTO)
-        journal = m.journal
-        mark = journal._base + len(journal._ends)
+            return self._rs_read(recv_into, (buffer, nbytes, flags), RECV_INTO)
+        mark = m.journal.seq
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
         m.reading += 1
         try:
-            n = recv_into(self, *args)
+            if direct:
+                try:
+                    n = self._sock.recv_into(buffer, nbytes, flags)
+                except BlockingIOError:  # gevent's recv_into, from its wait on
+                    if self.timeout == 0.0:
+                        raise
+                    self._wait(self._read_event)
+                    n = recv_into(self, buffer, nbytes, flags)
+            else:
+                n = recv_into(self, buffer, nbytes, flags)
         except BaseException as exc:
             try:
-                return self._rs_read(recv_into, args, RECV_INTO, t0, exc, gen)
+                return self._rs_read(recv_into, (buffer, nbytes, flags), RECV_INTO, t0, exc, gen)
             finally:
                 m.reading -= 1
         if n:
             m.reading -= 1
-            view = args[0]
-            if type(view) is not memoryview or view.format != "B":
-                view = memoryview(view).cast("B")
-            m.read_data(view[:n], mark)
+            if type(buffer) is not memoryview or buffer.format != "B":
+                buffer = memoryview(buffer).cast("B")
+            m.read_data(buffer[:n], mark)
             return n
         try:
-            return self._rs_read_eof(recv_into, args, RECV_INTO, n, t0, gen)
+            return self._rs_read_eof(recv_into, (buffer, nbytes, flags), RECV_INTO, n, t0, gen)
         finally:
             m.reading -= 1
 
@@ -1672,7 +1693,8 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         m.writing -= 1
         if n:
             m.wrote_data(data if n >= len(data) else memoryview(data)[:n])
-            if m.tcp_ack or m.journal._total - m.journal._done > m.warn_at:
+            journal = m.journal
+            if m.tcp_ack or journal._total - journal._done > m.warn_at:
                 self._rs_after_write(m)
         return n
 
@@ -1688,17 +1710,25 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         m.writing += 1
         try:
             # One send() takes a small write whole; a larger one goes round the loop.
-            n = send(self, data, flags, _timeout_default)
+            if direct:
+                try:
+                    n = self._sock.send(data, flags)
+                except BlockingIOError:  # no room now: the loop waits as gevent's send does
+                    if self.timeout == 0.0:
+                        raise
+                    n = 0
+            else:
+                n = send(self, data, flags, _timeout_default)
             if n < len(data):
                 _sendall_with(send, self, memoryview(data).cast("B")[n:], flags)
         except BaseException as exc:
             m.writing -= 1
             return self._rs_write(sendall_raw, (data, flags), data, False, t0, exc, gen)  # type: ignore[no-any-return]
         m.writing -= 1
-        if n:
-            m.wrote_data(data)
-            if m.tcp_ack or m.journal._total - m.journal._done > m.warn_at:
-                self._rs_after_write(m)
+        m.wrote_data(data)
+        journal = m.journal
+        if m.tcp_ack or journal._total - journal._done > m.warn_at:
+            self._rs_after_write(m)
         return None
 
     recv_.__doc__ = _GeventSocket.recv.__doc__

@@ -164,8 +164,7 @@ def _tls_guarded_methods(read: Any, write: Any, send: Any) -> dict[str, Any]:
         args = (nbytes, buffer)
         if m is None or m.state is not CONNECTED:
             return self._rs_read(read, args, TLS_READ)
-        journal = m.journal
-        mark = journal._base + len(journal._ends)
+        mark = m.journal.seq  # Journal.mark()
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
         try:
