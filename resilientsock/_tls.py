@@ -115,8 +115,13 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
     def _rs_install(self, raw: Any) -> None:
         sslobj = getattr(self, "_sslobj", None)
         if sslobj is not None:
+            # The session to offer the next handshake. Reading ``.session`` copies it
+            # (CPython serialises and parses it again, certificates included: ~0.4 ms here,
+            # a third of a TLS recovery), so a session this connection resumed is offered
+            # again as it is; a new one (a full handshake) is read.
             try:
-                self._rs_tls_session = sslobj.session or self._rs_tls_session
+                if self._rs_tls_session is None or not sslobj.session_reused:
+                    self._rs_tls_session = sslobj.session or self._rs_tls_session
             except (AttributeError, ValueError):
                 pass
         ResilientSocket._rs_install(self, raw)
