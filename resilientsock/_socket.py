@@ -1603,10 +1603,11 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
     purpose: each is one Python frame over the raw call, and a shared helper would be a second
     one on every read (docs/design.md §12). Everything past the common case is in ``_rs_read``.
 
-    Where the raw methods are gevent's own (``direct``), the first try is the wrapped socket's
-    call itself, as gevent's method makes it, and only a call that would block goes through
-    gevent's wait and its method: gevent's frame (and its ``*args`` tuple) is not paid on a
-    call that finds data or room. A subclass's own ``recv``/``send`` are always called."""
+    Where the raw methods are gevent's own (``direct``), the reads run gevent's loop in their
+    own frame (the wrapped socket's call; on EWOULDBLOCK, unless non-blocking, gevent's wait
+    and again), and ``sendall`` tries the wrapped socket's ``send`` once before its loop
+    (gevent's ``send``, which waits): gevent's frame and its ``*args`` tuple are not paid per
+    call. A subclass's own ``recv``/``recv_into``/``send`` are always called."""
     direct = (recv is _GeventSocket.recv and recv_into is _GeventSocket.recv_into
               and send is _GeventSocket.send)
 
@@ -1620,13 +1621,14 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         m.reading += 1
         try:
             if direct:
-                try:
-                    data = self._sock.recv(*args)
-                except BlockingIOError:  # gevent's recv, from its wait on
-                    if self.timeout == 0.0:
-                        raise
+                while True:  # gevent's recv, in this frame
+                    try:
+                        data = self._sock.recv(*args)
+                        break
+                    except BlockingIOError:
+                        if self.timeout == 0.0:
+                            raise
                     self._wait(self._read_event)
-                    data = recv(self, *args)
             else:
                 data = recv(self, *args)
         except BaseException as exc:
@@ -1653,13 +1655,14 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         m.reading += 1
         try:
             if direct:
-                try:
-                    n = self._sock.recv_into(buffer, nbytes, flags)
-                except BlockingIOError:  # gevent's recv_into, from its wait on
-                    if self.timeout == 0.0:
-                        raise
+                while True:  # gevent's recv_into, in this frame
+                    try:
+                        n = self._sock.recv_into(buffer, nbytes, flags)
+                        break
+                    except BlockingIOError:
+                        if self.timeout == 0.0:
+                            raise
                     self._wait(self._read_event)
-                    n = recv_into(self, buffer, nbytes, flags)
             else:
                 n = recv_into(self, buffer, nbytes, flags)
         except BaseException as exc:
