@@ -771,9 +771,10 @@ class ResilientSocket(_GeventSocket):
                 except BaseException as caught:
                     err = caught
                 else:
-                    n = result if partial else len(data)
+                    n = result if partial else _nbytes(data)
                     if n:
-                        m.wrote_data(data if n >= len(data) else memoryview(data)[:n])
+                        m.wrote_data(data if type(data) is bytes and n >= len(data)
+                                     else _sent(data, n))
                         self._rs_after_write(m)
                     return result
                 finally:
@@ -1559,6 +1560,23 @@ def _extract(kind: int, args: tuple, result: Any) -> tuple[int, Any]:
     return len(result), result
 
 
+def _nbytes(data: Any) -> int:
+    """Bytes in a bytes-like object (``len`` counts items: an ``array('i')`` has 4 a piece)."""
+    kind = type(data)
+    return len(data) if kind is bytes or kind is bytearray else memoryview(data).nbytes
+
+
+def _sent(data: Any, n: int) -> Any:
+    """The first ``n`` bytes of a write, as its journal record (``n`` counts bytes, as
+    ``send`` does; a slice of the object itself would count its items)."""
+    if type(data) is bytes:
+        return data if n >= len(data) else memoryview(data)[:n]
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view if n >= view.nbytes else view[:n]
+
+
 def _sendall_with(send: Any, sock: Any, data: Any, flags: int) -> None:
     """``sendall`` built on a raw ``send`` (gevent's own calls ``sock.send``, which would
     journal every chunk a second time). The socket's timeout bounds the whole call."""
@@ -1695,7 +1713,7 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
             return self._rs_write(send, (data, flags, timeout), data, True, t0, exc, gen)
         m.writing -= 1
         if n:
-            m.wrote_data(data if n >= len(data) else memoryview(data)[:n])
+            m.wrote_data(data if type(data) is bytes and n >= len(data) else _sent(data, n))
             journal = m.journal
             if m.tcp_ack or journal._total - journal._done > m.warn_at:
                 self._rs_after_write(m)
@@ -1722,16 +1740,26 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
                     n = 0
             else:
                 n = send(self, data, flags, _timeout_default)
-            if n < len(data):
-                _sendall_with(send, self, memoryview(data).cast("B")[n:], flags)
+            record: Any
+            if type(data) is bytes:
+                record = data
+                if n < len(data):
+                    _sendall_with(send, self, memoryview(data)[n:], flags)
+            else:  # its bytes, as a view (len() of an array or a view may count items)
+                record = memoryview(data)
+                if record.format != "B" or record.ndim != 1:
+                    record = record.cast("B")
+                if n < len(record):
+                    _sendall_with(send, self, record[n:], flags)
         except BaseException as exc:
             m.writing -= 1
             return self._rs_write(sendall_raw, (data, flags), data, False, t0, exc, gen)  # type: ignore[no-any-return]
         m.writing -= 1
-        m.wrote_data(data)
-        journal = m.journal
-        if m.tcp_ack or journal._total - journal._done > m.warn_at:
-            self._rs_after_write(m)
+        if n or record:  # (nothing written, nothing journaled)
+            m.wrote_data(record)
+            journal = m.journal
+            if m.tcp_ack or journal._total - journal._done > m.warn_at:
+                self._rs_after_write(m)
         return None
 
     recv_.__doc__ = _GeventSocket.recv.__doc__
