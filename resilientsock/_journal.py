@@ -47,7 +47,7 @@ class Journal:
     """Unconfirmed write records, in order. Not thread-safe: the socket serialises writers."""
 
     __slots__ = ("_chunks", "_tail", "_ends", "_head", "_base", "_total", "_done", "_keep", "limit",
-                 "keep_data", "overflowed", "_overflow_until", "_origin", "keeping")
+                 "keep_data", "overflowed", "_overflow_until", "_origin", "keeping", "seq")
 
     def __init__(self, limit: int, keep_data: bool = True) -> None:
         self._chunks: deque[bytes | bytearray] = deque()  # the bytes [_keep, _total)
@@ -64,6 +64,7 @@ class Journal:
         self._overflow_until = 0
         self._origin = 0  # absolute offset of stream byte 0 on the current connection
         self.keeping = True  # False: confirmed records are let go at once (no resume)
+        self.seq = 0  # records ever appended: ``mark()``, read in one attribute by the hot paths
 
     # -- reading the state -----------------------------------------------------------------
 
@@ -92,28 +93,31 @@ class Journal:
         return self._total - self._origin
 
     def mark(self) -> int:
-        """A position: records appended from now on are 'after' it."""
-        return self._base + len(self._ends)
+        """A position: records appended from now on are 'after' it (``seq``, which is
+        ``_base + len(_ends)``: compaction moves both)."""
+        return self.seq
 
     # -- writing ------------------------------------------------------------------------------
 
     def append(self, data: bytes | bytearray | memoryview) -> None:
         n = len(data)
-        self._total += n
+        total = self._total = self._total + n
+        self.seq += 1
         if self.overflowed:
-            self._ends.append(self._total)
+            self._ends.append(total)
             self._head = len(self._ends)
-            self._done = self._keep = self._total
-            self._overflow_until = self.mark()
+            self._done = self._keep = total
+            self._overflow_until = self.seq
             return
-        if self._total - self._done > self.limit:
+        if total - self._done > self.limit:
             self._overflow()
             return
         if self.keep_data:
             chunks = self._chunks
             if type(data) is bytes and (n >= _BIG or not chunks):
                 # Immutable: held, not copied. A small one only as the first chunk (the
-                # request/answer case), so small records never cost an object each.
+                # request/answer case: the socket ends the previous answer before it appends
+                # the next request), so small records never cost an object each.
                 chunks.append(data)
                 self._tail = None
             else:
@@ -122,7 +126,7 @@ class Journal:
                     tail = self._tail = bytearray()
                     chunks.append(tail)
                 tail += data
-        self._ends.append(self._total)
+        self._ends.append(total)
 
     def end_answer(self) -> None:
         """A write after an answer: the answer is complete, its requests need not be kept."""
@@ -140,7 +144,8 @@ class Journal:
 
     def _overflow(self) -> None:
         self.overflowed = True
-        self._overflow_until = self.mark()
+        self._ends.append(self._total)  # the record that overflowed it, as appended
+        self._overflow_until = self.seq
         self._head = len(self._ends)
         self._done = self._keep = self._total
         self._chunks.clear()

@@ -624,22 +624,25 @@ class Machine:
                 self.lines is not None
                 or not (journal._head < len(journal._ends) or journal.overflowed)):
             self._wrote_lines(data, journal)  # (its first test inlined: a frame less a write)
-        journal.append(data)
-        lines = self.lines
-        if lines is not None:
-            lines.marks.append((journal.mark(), lines.req))
-            if len(lines.marks) > _MARKS_MAX:
-                self._lines_stop()  # far more requests than answer lines: not this shape
-        self.eof_mark = None
         if self.answered or journal._keep != journal._done:
+            # A write after an answer ends it (before the append: a request/answer exchange
+            # then finds the journal empty, and its request is held, not copied).
             dialect = self.dialect
             if dialect is None or not dialect.hold():
                 self.answered = 0
                 self.digest.reset()
                 self.cut_at = None
                 journal.end_answer()
-        if self.dialect is not None:
-            self.dialect.wrote(bytes(data))
+        journal.append(data)
+        lines = self.lines
+        if lines is not None:
+            lines.marks.append((journal.seq, lines.req))
+            if len(lines.marks) > _MARKS_MAX:
+                self._lines_stop()  # far more requests than answer lines: not this shape
+        self.eof_mark = None
+        dialect = self.dialect
+        if dialect is not None:
+            dialect.wrote(bytes(data))
         elif not self.wrote:
             self.wrote = True
             if not self.detected:
@@ -724,7 +727,7 @@ class Machine:
             self.read_eol = data[-1:] == b"\n"
         if self.duplex:
             self.eof_repeats = 0
-        if journal._head < len(journal._ends) or journal.overflowed:
+        if journal._done != journal._total or journal.overflowed:  # journal.pending
             if not self.explicit:
                 journal.confirm_before(mark)
                 if lines is not None and not self.duplex:

@@ -651,8 +651,7 @@ class ResilientSocket(_GeventSocket):
                     self._rs_recover(None, call_end)
                     continue
                 gen = m.gen
-                journal = m.journal
-                mark = journal._base + len(journal._ends)
+                mark = m.journal.seq
                 try:
                     result = raw(self, *args)
                 except BaseException as caught:
@@ -764,9 +763,10 @@ class ResilientSocket(_GeventSocket):
                 except BaseException as caught:
                     err = caught
                 else:
-                    n = result if partial else len(data)
+                    n = result if partial else _nbytes(data)
                     if n:
-                        m.wrote_data(data if n >= len(data) else memoryview(data)[:n])
+                        m.wrote_data(data if type(data) is bytes and n >= len(data)
+                                     else _sent(data, n))
                         self._rs_after_write(m)
                     return result
                 finally:
@@ -1340,6 +1340,23 @@ def _banner_complete(got: bytes, first: bytes) -> bool:
     return not (len(last) >= 4 and last[:3].isdigit() and last[3:4] == b"-")
 
 
+def _nbytes(data: Any) -> int:
+    """Bytes in a bytes-like object (``len`` counts items: an ``array('i')`` has 4 a piece)."""
+    kind = type(data)
+    return len(data) if kind is bytes or kind is bytearray else memoryview(data).nbytes
+
+
+def _sent(data: Any, n: int) -> Any:
+    """The first ``n`` bytes of a write, as its journal record (``n`` counts bytes, as
+    ``send`` does; a slice of the object itself would count its items)."""
+    if type(data) is bytes:
+        return data if n >= len(data) else memoryview(data)[:n]
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view if n >= view.nbytes else view[:n]
+
+
 def _sendall_with(send: Any, sock: Any, data: Any, flags: int) -> None:
     """``sendall`` built on a raw ``send`` (gevent's own calls ``sock.send``, which would
     journal every chunk a second time). The socket's timeout bounds the whole call."""
@@ -1376,19 +1393,36 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
 
     ``recv_`` and ``recv_into_`` (and TLS's ``read_`` in ``_tls.py``) repeat one shape on
     purpose: each is one Python frame over the raw call, and a shared helper would be a second
-    one on every read (docs/design.md §12). Everything past the common case is in ``_rs_read``."""
+    one on every read (docs/design.md §12). Everything past the common case is in ``_rs_read``.
+
+    Where the raw methods are gevent's own (``direct``), the reads run gevent's loop in their
+    own frame (the wrapped socket's call; on EWOULDBLOCK, unless non-blocking, gevent's wait
+    and again), and ``sendall`` tries the wrapped socket's ``send`` once before its loop
+    (gevent's ``send``, which waits): gevent's frame and its ``*args`` tuple are not paid per
+    call. A subclass's own ``recv``/``recv_into``/``send`` are always called."""
+    direct = (recv is _GeventSocket.recv and recv_into is _GeventSocket.recv_into
+              and send is _GeventSocket.send)
 
     def recv_(self: Any, *args: Any) -> Any:
         m = self._rs_m
         if m is None or m.state is not CONNECTED:
             return self._rs_read(recv, args, RECV)
-        journal = m.journal
-        mark = journal._base + len(journal._ends)
+        mark = m.journal.seq  # Journal.mark(), read as its attribute (a frame less a read)
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
         m.reading += 1
         try:
-            data = recv(self, *args)
+            if direct:
+                while True:  # gevent's recv, in this frame
+                    try:
+                        data = self._sock.recv(*args)
+                        break
+                    except BlockingIOError:
+                        if self.timeout == 0.0:
+                            raise
+                    self._wait(self._read_event)
+            else:
+                data = recv(self, *args)
         except BaseException as exc:
             try:
                 return self._rs_read(recv, args, RECV, t0, exc, gen)
@@ -1403,31 +1437,39 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         finally:
             m.reading -= 1
 
-    def recv_into_(self: Any, *args: Any) -> Any:
+    def recv_into_(self: Any, buffer: Any, nbytes: int = 0, flags: int = 0) -> Any:
         m = self._rs_m
         if m is None or m.state is not CONNECTED:
-            return self._rs_read(recv_into, args, RECV_INTO)
-        journal = m.journal
-        mark = journal._base + len(journal._ends)
+            return self._rs_read(recv_into, (buffer, nbytes, flags), RECV_INTO)
+        mark = m.journal.seq
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
         m.reading += 1
         try:
-            n = recv_into(self, *args)
+            if direct:
+                while True:  # gevent's recv_into, in this frame
+                    try:
+                        n = self._sock.recv_into(buffer, nbytes, flags)
+                        break
+                    except BlockingIOError:
+                        if self.timeout == 0.0:
+                            raise
+                    self._wait(self._read_event)
+            else:
+                n = recv_into(self, buffer, nbytes, flags)
         except BaseException as exc:
             try:
-                return self._rs_read(recv_into, args, RECV_INTO, t0, exc, gen)
+                return self._rs_read(recv_into, (buffer, nbytes, flags), RECV_INTO, t0, exc, gen)
             finally:
                 m.reading -= 1
         if n:
             m.reading -= 1
-            view = args[0]
-            if type(view) is not memoryview or view.format != "B":
-                view = memoryview(view).cast("B")
-            m.read_data(view[:n], mark)
+            if type(buffer) is not memoryview or buffer.format != "B":
+                buffer = memoryview(buffer).cast("B")
+            m.read_data(buffer[:n], mark)
             return n
         try:
-            return self._rs_read_eof(recv_into, args, RECV_INTO, n, t0, gen)
+            return self._rs_read_eof(recv_into, (buffer, nbytes, flags), RECV_INTO, n, t0, gen)
         finally:
             m.reading -= 1
 
@@ -1445,8 +1487,9 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
             return self._rs_write(send, (data, flags, timeout), data, True, t0, exc, gen)
         m.writing -= 1
         if n:
-            m.wrote_data(data if n >= len(data) else memoryview(data)[:n])
-            if m.tcp_ack or m.journal._total - m.journal._done > m.warn_at:
+            m.wrote_data(data if type(data) is bytes and n >= len(data) else _sent(data, n))
+            journal = m.journal
+            if m.tcp_ack or journal._total - journal._done > m.warn_at:
                 self._rs_after_write(m)
         return n
 
@@ -1462,16 +1505,34 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
         m.writing += 1
         try:
             # One send() takes a small write whole; a larger one goes round the loop.
-            n = send(self, data, flags, _timeout_default)
-            if n < len(data):
-                _sendall_with(send, self, memoryview(data).cast("B")[n:], flags)
+            if direct:
+                try:
+                    n = self._sock.send(data, flags)
+                except BlockingIOError:  # no room now: the loop waits as gevent's send does
+                    if self.timeout == 0.0:
+                        raise
+                    n = 0
+            else:
+                n = send(self, data, flags, _timeout_default)
+            record: Any
+            if type(data) is bytes:
+                record = data
+                if n < len(data):
+                    _sendall_with(send, self, memoryview(data)[n:], flags)
+            else:  # its bytes, as a view (len() of an array or a view may count items)
+                record = memoryview(data)
+                if record.format != "B" or record.ndim != 1:
+                    record = record.cast("B")
+                if n < len(record):
+                    _sendall_with(send, self, record[n:], flags)
         except BaseException as exc:
             m.writing -= 1
             return self._rs_write(sendall_raw, (data, flags), data, False, t0, exc, gen)  # type: ignore[no-any-return]
         m.writing -= 1
-        if n:
-            m.wrote_data(data)
-            if m.tcp_ack or m.journal._total - m.journal._done > m.warn_at:
+        if n or record:  # (nothing written, nothing journaled)
+            m.wrote_data(record)
+            journal = m.journal
+            if m.tcp_ack or journal._total - journal._done > m.warn_at:
                 self._rs_after_write(m)
         return None
 

@@ -152,8 +152,13 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
     def _rs_install(self, raw: Any) -> None:
         sslobj = getattr(self, "_sslobj", None)
         if sslobj is not None:
+            # The session to offer the next handshake. Reading ``.session`` copies it
+            # (CPython serialises and parses it again, certificates included: ~0.4 ms here,
+            # a third of a TLS recovery), so a session this connection resumed is offered
+            # again as it is; a new one (a full handshake) is read.
             try:
-                self._rs_tls_session = sslobj.session or self._rs_tls_session
+                if self._rs_tls_session is None or not sslobj.session_reused:
+                    self._rs_tls_session = sslobj.session or self._rs_tls_session
             except (AttributeError, ValueError):
                 pass
         ResilientSocket._rs_install(self, raw)
@@ -202,8 +207,7 @@ def _tls_guarded_methods(read: Any, write: Any, send: Any) -> dict[str, Any]:
         args = (nbytes, buffer)
         if m is None or m.state is not CONNECTED:
             return self._rs_read(read, args, TLS_READ)
-        journal = m.journal
-        mark = journal._base + len(journal._ends)
+        mark = m.journal.seq  # Journal.mark()
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
         try:

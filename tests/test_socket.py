@@ -746,3 +746,41 @@ def test_a_wait_longer_than_the_budget_still_makes_one_last_attempt(server, prox
     assert t2 - t0 >= 1.0, t2 - t0
     assert t1 - t0 < 3.0 and t2 - t1 < 3.0, (t1 - t0, t2 - t1)
     assert server.received == [1, 2]
+
+
+def test_a_write_of_multi_byte_items_is_sent_and_journaled_by_its_bytes():
+    """``send`` counts bytes, ``len()`` of a memoryview of 8-byte items counts items (found in
+    issue 28's hot path): a first ``send`` that took more bytes than the view has items ended
+    ``sendall`` early (the rest never sent: 36,757 bytes of 4 MiB here), and the journal
+    counted items. Every byte reaches the peer, and the journal counts bytes."""
+    import gevent.socket as gsocket
+
+    payload = memoryview(bytes(range(256)) * 16384).cast("Q")  # 4 MiB, 524,288 items
+    want = payload.tobytes() + payload[:3].tobytes()
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    got = bytearray()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while len(got) < len(want):
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    return
+                got.extend(chunk)
+
+    server = gevent.spawn(serve)
+    try:
+        with ResilientSocket.connect(listener.getsockname(), FAST, timeout=10) as s:
+            s.sendall(payload)  # its first send runs before the server greenlet reads
+            assert s.unconfirmed_bytes == payload.nbytes  # nothing answered it
+            assert s.send(payload[:3]) == 24
+            assert s.unconfirmed_bytes == payload.nbytes + 24
+            server.join(timeout=10)
+            assert server.dead
+            assert len(got) == len(want) and got == want
+    finally:
+        server.kill()
+        listener.close()
