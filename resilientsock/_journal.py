@@ -260,7 +260,7 @@ class Journal:
         re-sends (a copy)."""
         chunks = self._chunks
         if len(chunks) == 1 and type(chunks[0]) is bytes:
-            return chunks[0]  # type: ignore[return-value]
+            return chunks[0]
         return b"".join(chunks)
 
     def last_byte(self) -> bytes:

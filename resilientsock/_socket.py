@@ -620,7 +620,7 @@ class ResilientSocket(_GeventSocket):
             return None
         return (t0 if t0 is not None else _clock()) + timeout
 
-    def _rs_read(self, raw: Any, args: tuple, kind: int, t0: float | None = None,
+    def _rs_read(self, raw: Any, args: tuple[Any, ...], kind: int, t0: float | None = None,
                  err: BaseException | None = None, gen: int = -1) -> Any:
         call_end = self._rs_call_end(t0)
         while True:
@@ -668,14 +668,14 @@ class ResilientSocket(_GeventSocket):
             failure, err = err, None
             self._rs_handle_error(failure, "read", gen, call_end, writing=False)
 
-    def _rs_read_eof(self, raw: Any, args: tuple, kind: int, result: Any,
+    def _rs_read_eof(self, raw: Any, args: tuple[Any, ...], kind: int, result: Any,
                      t0: float | None, gen: int) -> Any:
         m = self._rs_m
         if m is None or self._rs_on_eof(m, args, kind, gen, t0) is not None:
             return result
         return self._rs_read(raw, args, kind, t0)
 
-    def _rs_on_eof(self, m: Machine, args: tuple, kind: int, gen: int,
+    def _rs_on_eof(self, m: Machine, args: tuple[Any, ...], kind: int, gen: int,
                    t0: float | None) -> Verdict | None:
         """EOF on a read: returns the verdict when the caller gets the EOF, None after a
         recovery, or when another greenlet recovers (read again). The machine decides
@@ -734,7 +734,7 @@ class ResilientSocket(_GeventSocket):
             return Verdict(PASS_EOF, "cut", str(failure))
         return None
 
-    def _rs_write(self, raw: Any, args: tuple, data: Any, partial: bool,
+    def _rs_write(self, raw: Any, args: tuple[Any, ...], data: Any, partial: bool,
                   t0: float | None = None, err: BaseException | None = None,
                   gen: int = -1) -> Any:
         call_end = self._rs_call_end(t0)
@@ -1243,7 +1243,7 @@ class ResilientSocket(_GeventSocket):
     # -- raw I/O on the current connection (recovery only) ------------------------------------
 
     def _rs_raw_recv(self, n: int) -> bytes:
-        return _GeventSocket.recv(self, n)  # type: ignore[no-any-return]
+        return bytes(_GeventSocket.recv(self, n))
 
     def _rs_raw_sendall(self, data: Any) -> None:
         _sendall_with(_GeventSocket.send, self, data, 0)
@@ -1274,7 +1274,7 @@ class ResilientSocket(_GeventSocket):
         buf = self._rs_tcp_info(_TCPI_BYTES_ACKED + 8)
         if buf is None:
             return None
-        acked = struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0]
+        acked: int = struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0]
         return max(0, acked - 1)  # the SYN counts as one acknowledged byte
 
     def _rs_peer_not_reading(self) -> bool:
@@ -1324,7 +1324,8 @@ def add_note_and_return(exc: BaseException, note: str) -> BaseException:
 def _cancel_exc() -> BaseException:
     from gevent._socketcommon import cancel_wait_ex
 
-    return cancel_wait_ex()
+    exc: BaseException = cancel_wait_ex()
+    return exc
 
 
 def _closed_error() -> OSError:
@@ -1571,7 +1572,7 @@ def _plain_extra_methods() -> dict[str, Any]:
 
 
 def _sendmsg_raw(sock: Any, data: bytes, flags: int) -> int:
-    return _GeventSocket.sendmsg(sock, [data], (), flags)  # type: ignore[no-any-return]
+    return int(_GeventSocket.sendmsg(sock, [data], (), flags))
 
 
 def _twin(cls: type, attr: str, methods: dict[str, Any]) -> type:
@@ -1592,7 +1593,7 @@ def _twin(cls: type, attr: str, methods: dict[str, Any]) -> type:
 def _guarded_twin(cls: type) -> type:
     """The guarded subclass of ``cls`` (rule 2). Its raw calls are ``cls``'s own methods, so a
     subclass's overrides still run under the guard."""
-    twin = cls.__dict__.get("_rs_twin")
+    twin: type | None = cls.__dict__.get("_rs_twin")
     if twin is not None:
         return twin
     return _twin(cls, "_rs_twin", {"_rs_is_guarded": True,
@@ -1602,7 +1603,7 @@ def _guarded_twin(cls: type) -> type:
 def _session_twin(cls: type) -> type:
     """The subclass of ``cls`` whose writes frame onto a session's link (session mode,
     docs/design.md §11; ``_relay.direct_methods``)."""
-    twin = cls.__dict__.get("_rs_session_twin")
+    twin: type | None = cls.__dict__.get("_rs_session_twin")
     if twin is not None:
         return twin
     from ._relay import direct_methods
