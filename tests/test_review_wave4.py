@@ -1,0 +1,321 @@
+"""Adversarial review, wave 4: the recovery decided in the machine (issue 24 item 3).
+
+The recovery loop moved from ``_socket.py`` into ``Machine.recover()`` (a generator of actions
+the socket performs). Each test here is a suspicion about that move, on real sockets with real
+faults: the application's own ``gevent.Timeout`` (or a KeyboardInterrupt, a close() from
+another greenlet) inside a recovery, steps after the connect each with a bound of their own,
+the give-up's exception chain and notes, a stalled TLS handshake. Each was run against the
+code before the move (19d5776) too; the module docstring of each test says what it pins.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+
+import gevent
+import gevent.event
+import gevent.ssl
+import pytest
+from conftest import readline, wait_until
+
+from resilientsock import ResilientSocket, ResilientSSLSocket, RetryPolicy
+from resilientsock._machine import BROKEN, CLOSED, RECOVERING
+from resilientsock.testing import FaultProxy
+
+pytestmark = pytest.mark.timeout(60)
+
+# A long deadline: every bound below is the application's, never the policy's.
+LONG = RetryPolicy(deadline=30, backoff_initial=0.01, backoff_max=0.05)
+
+
+def _recovering(s: ResilientSocket) -> bool:
+    m = s._rs_m
+    return m is not None and m.state is RECOVERING
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """Every exception reachable by __cause__/__context__ (finite: a loop is reported)."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        e = todo.pop()
+        if any(e is s for s in seen):
+            continue
+        seen.append(e)
+        for nxt in (e.__cause__, e.__context__):
+            if nxt is not None:
+                todo.append(nxt)
+    return seen
+
+
+def _loops_back(exc: BaseException) -> bool:
+    """Does following __context__ from ``exc`` come back to an exception already met?"""
+    met: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None:
+        if any(e is m for m in met):
+            return True
+        met.append(e)
+        e = e.__context__
+    return False
+
+
+def _ours(exc: BaseException) -> list[str]:
+    return [n for n in getattr(exc, "__notes__", []) if n.startswith("resilientsock:")]
+
+
+# -- the application's own gevent.Timeout around a call that is recovering --------------------
+
+def test_app_timeout_inside_a_recovery_ends_it_and_wakes_the_waiter(server, proxy):
+    """A recovery under a long deadline (the server refuses), interrupted by the application's
+    own ``gevent.Timeout``: the Timeout reaches the application at its time, the recovery is
+    over (not RECOVERING: later calls would wait for a recovery nobody runs), a greenlet
+    waiting for it wakes at once, and the socket's fd is let go."""
+    s = ResilientSocket.connect(proxy.address, LONG, timeout=None)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.refuse_now()
+        proxy.reset_all()
+        waiter_done: list[object] = []
+
+        def waiter() -> None:
+            wait_until(lambda: _recovering(s), 10, "the recovery")
+            try:
+                with gevent.Timeout(20):
+                    waiter_done.append(s.recv(100))
+            except BaseException as exc:  # noqa: BLE001 - what it got is the assertion
+                waiter_done.append(exc)
+
+        w = gevent.spawn(waiter)
+        start = time.monotonic()
+        with pytest.raises(gevent.Timeout), gevent.Timeout(1.0):
+            s.sendall(b"MSG 2 x\n")
+            readline(s)
+        assert time.monotonic() - start < 5  # the application's 1 s, not the policy's 30 s
+        m = s._rs_m
+        assert m is not None and m.state is BROKEN  # interrupted: not left RECOVERING
+        assert s._rs_done is not None and s._rs_done.is_set()
+        assert m.owner is None
+        assert not s._sock  # the connection was let go
+        w.join(5)
+        assert w.dead, "the waiter still waits for a recovery nobody runs"
+        assert len(waiter_done) == 1 and not isinstance(waiter_done[0], gevent.Timeout)
+        # The socket is usable again as a plain dead one would be: nothing hangs.
+        proxy.accept_again()
+        with gevent.Timeout(10):
+            try:
+                s.sendall(b"MSG 3 x\n")
+            except OSError:
+                pass
+    assert 2 not in server.received or server.received.count(2) <= 1
+
+
+def test_app_timeout_in_the_on_disconnect_hook_leaves_the_socket_consistent(server, proxy):
+    """The on_disconnect hook runs inside the recovery with its failure logged and the
+    recovery going on (``Exception``); the application's own gevent.Timeout firing in it is no
+    hook failure: it reaches the application and the recovery ends."""
+    entered = gevent.event.Event()
+
+    def slow_hook(sock: ResilientSocket, info: object) -> None:
+        entered.set()
+        gevent.sleep(10)
+
+    s = ResilientSocket.connect(proxy.address, LONG.replace(on_disconnect=slow_hook),
+                                timeout=None)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.cut_after(0, "down")
+        start = time.monotonic()
+        with pytest.raises(gevent.Timeout), gevent.Timeout(0.5):
+            s.sendall(b"MSG 2 x\n")
+            readline(s)
+        assert entered.is_set()
+        assert time.monotonic() - start < 5
+        m = s._rs_m
+        assert m is not None and m.state is BROKEN
+        assert s._rs_done is not None and s._rs_done.is_set()
+
+
+def test_keyboard_interrupt_from_on_reconnect_ends_the_recovery(server, proxy):
+    """A KeyboardInterrupt raised by the on_reconnect hook (a step the machine yields) is not
+    an attempt failure: it reaches the caller, and the socket is not left RECOVERING."""
+    def hook(sock: ResilientSocket, attempt: int) -> None:
+        raise KeyboardInterrupt
+
+    s = ResilientSocket.connect(proxy.address, LONG.replace(on_reconnect=hook), timeout=5)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.cut_after(0, "down")
+        with pytest.raises(KeyboardInterrupt):
+            s.sendall(b"MSG 2 x\n")
+            readline(s)
+        m = s._rs_m
+        assert m is not None and m.state is BROKEN
+        assert s._rs_done is not None and s._rs_done.is_set()
+        assert not s._sock
+        # A later call neither hangs nor waits for the recovery.
+        with gevent.Timeout(10):
+            try:
+                s.recv(100)
+            except OSError:
+                pass
+
+
+# -- close() from another greenlet during a recovery ------------------------------------------
+
+def test_close_from_another_greenlet_ends_a_recovery_at_once(server, proxy):
+    s = ResilientSocket.connect(proxy.address, LONG, timeout=None)
+    s.sendall(b"MSG 1 x\n")
+    assert readline(s) == b"ACK 1\n"
+    proxy.refuse_now()
+    proxy.reset_all()
+    got: list[BaseException] = []
+
+    def caller() -> None:
+        try:
+            s.sendall(b"MSG 2 x\n")
+            readline(s)
+        except BaseException as exc:  # noqa: BLE001
+            got.append(exc)
+
+    g = gevent.spawn(caller)
+    wait_until(lambda: _recovering(s), 10, "the recovery")
+    start = time.monotonic()
+    s.close()
+    g.join(5)
+    assert g.dead and time.monotonic() - start < 5
+    assert len(got) == 1 and isinstance(got[0], OSError)
+    assert got[0].errno == errno.EBADF  # what a closed socket raises
+    m = s._rs_m
+    assert m is None or m.state is CLOSED
+
+
+# -- each step after the connect: bounded by the call's time, not each by a fresh bound -------
+
+def test_hooks_that_stall_do_not_stretch_the_call_past_its_timeout(server, proxy):
+    """on_disconnect and on_reconnect both stall: the call still ends at its own timeout
+    (plus at most one connect attempt), not once per step."""
+    calls: list[str] = []
+
+    def on_disconnect(sock: ResilientSocket, info: object) -> None:
+        calls.append("disconnect")
+        gevent.sleep(10)
+
+    def on_reconnect(sock: ResilientSocket, attempt: int) -> None:
+        calls.append("reconnect")
+        gevent.sleep(10)
+
+    policy = LONG.replace(on_disconnect=on_disconnect, on_reconnect=on_reconnect)
+    s = ResilientSocket.connect(proxy.address, policy, timeout=1.0)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 2 x\n")
+        start = time.monotonic()
+        with pytest.raises(OSError) as info:
+            readline(s)
+        elapsed = time.monotonic() - start
+        assert elapsed < 1.0 + 1.0, f"the call took {elapsed:.2f} s with a 1 s timeout"
+        assert _ours(info.value)  # the original error type, with our note
+        assert "disconnect" in calls
+        m = s._rs_m
+        assert m is not None and m.state is not RECOVERING
+
+
+def test_a_stalled_tls_handshake_on_reconnect_ends_at_the_calls_timeout(tls_server):
+    """TLS: the new connection is accepted but its handshake never completes (a blackholed
+    path): the read ends at its timeout with the original error type and a note."""
+    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    tls_server.ca.configure_trust(ctx)
+    ctx.sslsocket_class = ResilientSSLSocket
+    with FaultProxy(tls_server.address) as proxy:
+        raw = ResilientSocket.connect(proxy.address, LONG, timeout=1.0)
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        with s:
+            s.sendall(b"MSG 1 x\n")
+            assert readline(s) == b"ACK 1\n"
+            proxy.blackhole(True)
+            s.sendall(b"MSG 2 x\n")  # into the hole: never answered
+            proxy.reset_all()
+            start = time.monotonic()
+            with pytest.raises(OSError) as info:
+                readline(s)
+            elapsed = time.monotonic() - start
+            assert elapsed < 1.0 + 1.0, f"the call took {elapsed:.2f} s with a 1 s timeout"
+            assert _ours(info.value)
+            m = s._rs_m
+            assert m is not None and m.state is not RECOVERING
+
+
+# -- the give-up's error: its chain and its note ----------------------------------------------
+
+def test_give_up_after_a_failing_hook_chains_once_without_a_loop(server, proxy):
+    """The give-up raises the original error, with one note of ours, caused by the last
+    attempt's failure; the __context__ chain ends (no loop back to the error)."""
+    def hook(sock: ResilientSocket, attempt: int) -> None:
+        raise ValueError("re-login failed")
+
+    s = ResilientSocket.connect(proxy.address, LONG.replace(on_reconnect=hook), timeout=5)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 2 x\n")
+        with pytest.raises(ConnectionResetError) as info:
+            readline(s)
+    exc = info.value
+    assert len(_ours(exc)) == 1, exc.__notes__
+    assert isinstance(exc.__cause__, ValueError)
+    assert not _loops_back(exc)
+    assert len(_chain(exc)) <= 4
+
+
+def test_give_up_inside_the_applications_except_block(server, proxy):
+    """The application calls the socket while it handles an exception of its own (so the
+    hot path's own ``except`` block and the application's are both live): one note, the last
+    attempt's failure as the cause, no loop. (The application's exception is not in the chain,
+    where a plain socket's error would have it as context: so it was before the move too.)"""
+    policy = RetryPolicy(deadline=0.5, backoff_initial=0.05, backoff_max=0.1)
+    s = ResilientSocket.connect(proxy.address, policy, timeout=None)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.refuse_now()
+        proxy.reset_all()
+        app_error = KeyError("the application's own")
+        try:
+            raise app_error
+        except KeyError:
+            with pytest.raises(ConnectionError) as info:
+                s.sendall(b"MSG 2 x\n")
+                readline(s)
+    exc = info.value
+    assert len(_ours(exc)) == 1, exc.__notes__
+    assert "gave up" in _ours(exc)[0]
+    assert not _loops_back(exc)
+    assert isinstance(exc.__cause__, ConnectionRefusedError)
+
+
+def test_refused_until_the_timeout_names_the_timeout(server, proxy):
+    """Refused until the call's timeout: the original type, a note naming the socket's
+    timeout, within the timeout plus one connect attempt."""
+    s = ResilientSocket.connect(proxy.address, LONG, timeout=0.8)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.refuse_now()
+        proxy.reset_all()
+        start = time.monotonic()
+        with pytest.raises(OSError) as info:
+            s.sendall(b"MSG 2 x\n")
+            readline(s)
+        elapsed = time.monotonic() - start
+    assert elapsed < 0.8 + 1.0
+    notes = _ours(info.value)
+    assert len(notes) == 1 and "timeout of 0.8 s ran out" in notes[0], notes
+    assert not _loops_back(info.value)
