@@ -11,6 +11,7 @@ code before the move (19d5776) too; the module docstring of each test says what 
 from __future__ import annotations
 
 import errno
+import logging
 import time
 
 import gevent
@@ -319,3 +320,51 @@ def test_refused_until_the_timeout_names_the_timeout(server, proxy):
     notes = _ours(info.value)
     assert len(notes) == 1 and "timeout of 0.8 s ran out" in notes[0], notes
     assert not _loops_back(info.value)
+
+
+# -- a greenlet switch before the recovery's steps: the application's Timeout there -----------
+
+class _SwitchingHandler(logging.Handler):
+    """A log handler that yields to the hub (a SocketHandler or SysLogHandler on a patched
+    socket does) when the recovery announces itself."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "reconnecting" in record.getMessage():
+            gevent.sleep(2.0)
+
+
+def test_app_timeout_while_the_recovery_logs_its_start_leaves_no_recovery_behind(server, proxy):
+    """The recovery's first log record ("...; reconnecting") goes to a handler that yields,
+    and the application's own gevent.Timeout fires there: the Timeout reaches the application
+    and the socket is not left RECOVERING with nobody recovering (every later call would wait
+    a whole deadline for it, then fail). Failed before and after the move (the record was
+    logged before the recovery's try block)."""
+    logger = logging.getLogger("resilientsock")
+    handler = _SwitchingHandler(logging.DEBUG)
+    saved = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        s = ResilientSocket.connect(proxy.address, LONG, timeout=None)
+        with s:
+            s.sendall(b"MSG 1 x\n")
+            assert readline(s) == b"ACK 1\n"
+            proxy.cut_after(0, "down")
+            with pytest.raises(gevent.Timeout), gevent.Timeout(0.3):
+                s.sendall(b"MSG 2 x\n")
+                readline(s)
+            logger.removeHandler(handler)
+            m = s._rs_m
+            assert m is not None and m.state is not RECOVERING
+            assert s._rs_done is not None and s._rs_done.is_set()
+            # A later call does not wait for a recovery nobody runs.
+            start = time.monotonic()
+            with gevent.Timeout(10):
+                try:
+                    s.recv(100)
+                except OSError:
+                    pass
+            assert time.monotonic() - start < 5
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
