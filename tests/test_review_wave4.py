@@ -368,3 +368,58 @@ def test_app_timeout_while_the_recovery_logs_its_start_leaves_no_recovery_behind
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved)
+
+
+# -- two greenlets: one recovers, the other waits --------------------------------------------
+
+def test_a_waiters_own_timeout_does_not_end_the_recovery_it_waits_for(server, proxy):
+    """Greenlet A recovers (the server refuses for a moment); greenlet B, waiting for that
+    recovery, is interrupted by its own gevent.Timeout: A's recovery goes on and A's call gets
+    its answer (one greenlet's interruption never kills another's call)."""
+    s = ResilientSocket.connect(proxy.address, LONG, timeout=None)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.refuse_now()
+        proxy.reset_all()
+        got: list[object] = []
+
+        def a() -> None:
+            s.sendall(b"MSG 2 x\n")
+            got.append(readline(s))
+
+        def b() -> None:
+            wait_until(lambda: _recovering(s), 10, "the recovery")
+            try:
+                with gevent.Timeout(0.2):
+                    s.recv(100)
+            except gevent.Timeout:
+                got.append("b timed out")
+
+        ga, gb = gevent.spawn(a), gevent.spawn(b)
+        gb.join(10)
+        assert got == ["b timed out"]
+        assert _recovering(s)  # A still recovers
+        proxy.accept_again()
+        ga.join(10)
+        assert ga.successful(), ga.exception
+        assert got == ["b timed out", b"ACK 2\n"]
+        assert s.reconnects == 1
+
+
+def test_a_failing_on_disconnect_hook_is_advisory(server, proxy):
+    """on_disconnect raising: logged, the recovery goes on, the call gets its answer."""
+    calls: list[str] = []
+
+    def hook(sock: ResilientSocket, info: object) -> None:
+        calls.append("disconnect")
+        raise RuntimeError("metrics backend down")
+
+    s = ResilientSocket.connect(proxy.address, LONG.replace(on_disconnect=hook), timeout=5)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 2 x\n")
+        assert readline(s) == b"ACK 2\n"
+        assert calls == ["disconnect"] and s.reconnects == 1
