@@ -423,3 +423,31 @@ def test_a_failing_on_disconnect_hook_is_advisory(server, proxy):
         s.sendall(b"MSG 2 x\n")
         assert readline(s) == b"ACK 2\n"
         assert calls == ["disconnect"] and s.reconnects == 1
+
+
+def test_app_timeout_during_a_tls_handshake_step_then_the_socket_reconnects(tls_server):
+    """TLS: the application's own gevent.Timeout fires inside the recovery's handshake step
+    (the new connection's handshake stalls in a blackholed path). The Timeout reaches the
+    application, the socket is not left RECOVERING, and its next write opens a working TLS
+    connection (the half-made TLS object of the interrupted step is not reused)."""
+    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    tls_server.ca.configure_trust(ctx)
+    ctx.sslsocket_class = ResilientSSLSocket
+    with FaultProxy(tls_server.address) as proxy:
+        raw = ResilientSocket.connect(proxy.address, LONG, timeout=None)
+        s = ctx.wrap_socket(raw, server_hostname="localhost")
+        with s:
+            s.sendall(b"MSG 1 x\n")
+            assert readline(s) == b"ACK 1\n"
+            proxy.blackhole(True)
+            s.sendall(b"MSG 2 x\n")  # into the hole
+            proxy.reset_all()
+            with pytest.raises(gevent.Timeout), gevent.Timeout(1.0):
+                readline(s)
+            m = s._rs_m
+            assert m is not None and m.state is BROKEN
+            proxy.blackhole(False)
+            with gevent.Timeout(10):
+                s.sendall(b"MSG 3 x\n")
+                assert readline(s) == b"ACK 3\n"
+    assert tls_server.received == [1, 3]
