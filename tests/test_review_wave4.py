@@ -451,3 +451,33 @@ def test_app_timeout_during_a_tls_handshake_step_then_the_socket_reconnects(tls_
                 s.sendall(b"MSG 3 x\n")
                 assert readline(s) == b"ACK 3\n"
     assert tls_server.received == [1, 3]
+
+
+# -- a dialect step that raises inside the recovery ------------------------------------------
+
+def test_a_dialect_failing_inside_the_recovery_surfaces_the_original_error(server, proxy,
+                                                                          monkeypatch):
+    """A dialect's own failure while the recovery asks it for the connection's setup (a bug,
+    injected here into the prelude dialect) is an attempt that failed, as it was when the
+    socket ran the loop: the caller gets the original error type with a note, never the
+    dialect's RuntimeError (an error type no plain client gets from a socket)."""
+    from resilientsock.dialects import prelude
+
+    def broken_restore(self: object) -> None:
+        raise RuntimeError("a bug in the dialect's restore")
+
+    s = ResilientSocket.connect(proxy.address, LONG.replace(prelude=1), timeout=5)
+    with s:
+        s.sendall(b"MSG 1 login\n")
+        assert readline(s) == b"ACK 1\n"
+        s.sendall(b"MSG 2 x\n")
+        assert readline(s) == b"ACK 2\n"
+        monkeypatch.setattr(prelude.PreludeDialect, "restore", broken_restore)
+        proxy.cut_after(0, "down")
+        s.sendall(b"MSG 3 x\n")
+        with pytest.raises(ConnectionResetError) as info:
+            readline(s)
+        assert _ours(info.value)
+        assert isinstance(info.value.__cause__, RuntimeError)
+        m = s._rs_m
+        assert m is not None and m.state is BROKEN
