@@ -79,22 +79,34 @@ def test_app_timeout_inside_a_recovery_ends_it_and_wakes_the_waiter(server, prox
         assert readline(s) == b"ACK 1\n"
         proxy.refuse_now()
         proxy.reset_all()
-        waiter_done: list[object] = []
+        got: list[object] = []
+        waiting: list[bool] = []
+
+        def a() -> None:
+            start = time.monotonic()
+            try:
+                with gevent.Timeout(2.0):
+                    s.sendall(b"MSG 2 x\n")
+                    readline(s)
+            except gevent.Timeout as exc:
+                got.append(exc)
+            got.append(time.monotonic() - start)
 
         def waiter() -> None:
-            wait_until(lambda: _recovering(s), 10, "the recovery")
+            waiting.append(True)  # no switch from here to the wait for the recovery
             try:
-                with gevent.Timeout(20):
-                    waiter_done.append(s.recv(100))
+                got.append(s.recv(100))
             except BaseException as exc:  # noqa: BLE001 - what it got is the assertion
-                waiter_done.append(exc)
+                got.append(exc)
 
+        ga = gevent.spawn(a)
+        wait_until(lambda: _recovering(s), 10, "the recovery")
         w = gevent.spawn(waiter)
-        start = time.monotonic()
-        with pytest.raises(gevent.Timeout), gevent.Timeout(1.0):
-            s.sendall(b"MSG 2 x\n")
-            readline(s)
-        assert time.monotonic() - start < 5  # the application's 1 s, not the policy's 30 s
+        wait_until(lambda: bool(waiting), 10, "the waiter")
+        assert _recovering(s)
+        ga.join(10)
+        assert ga.dead and isinstance(got[0], gevent.Timeout)
+        assert got[1] < 5  # the application's 2 s, not the policy's 30 s
         m = s._rs_m
         assert m is not None and m.state is BROKEN  # interrupted: not left RECOVERING
         assert s._rs_done is not None and s._rs_done.is_set()
@@ -102,7 +114,7 @@ def test_app_timeout_inside_a_recovery_ends_it_and_wakes_the_waiter(server, prox
         assert not s._sock  # the connection was let go
         w.join(5)
         assert w.dead, "the waiter still waits for a recovery nobody runs"
-        assert len(waiter_done) == 1 and not isinstance(waiter_done[0], gevent.Timeout)
+        assert got[2:] == [b""]  # the connection's end, as after a drop on a plain socket
         # The socket is usable again as a plain dead one would be: nothing hangs.
         proxy.accept_again()
         with gevent.Timeout(10):
@@ -110,7 +122,7 @@ def test_app_timeout_inside_a_recovery_ends_it_and_wakes_the_waiter(server, prox
                 s.sendall(b"MSG 3 x\n")
             except OSError:
                 pass
-    assert 2 not in server.received or server.received.count(2) <= 1
+    assert server.received.count(2) <= 1
 
 
 def test_app_timeout_in_the_on_disconnect_hook_leaves_the_socket_consistent(server, proxy):
@@ -389,14 +401,15 @@ def test_a_waiters_own_timeout_does_not_end_the_recovery_it_waits_for(server, pr
             got.append(readline(s))
 
         def b() -> None:
-            wait_until(lambda: _recovering(s), 10, "the recovery")
             try:
                 with gevent.Timeout(0.2):
                     s.recv(100)
             except gevent.Timeout:
                 got.append("b timed out")
 
-        ga, gb = gevent.spawn(a), gevent.spawn(b)
+        ga = gevent.spawn(a)
+        wait_until(lambda: _recovering(s), 10, "the recovery")
+        gb = gevent.spawn(b)
         gb.join(10)
         assert got == ["b timed out"]
         assert _recovering(s)  # A still recovers
@@ -481,3 +494,39 @@ def test_a_dialect_failing_inside_the_recovery_surfaces_the_original_error(serve
         assert isinstance(info.value.__cause__, RuntimeError)
         m = s._rs_m
         assert m is not None and m.state is BROKEN
+
+
+def test_killing_the_recovering_greenlet_ends_its_recovery(server, proxy):
+    """GreenletExit (gevent's kill) inside a recovery: the greenlet dies, the recovery is over
+    (not RECOVERING), and a greenlet waiting for it wakes at once."""
+    s = ResilientSocket.connect(proxy.address, LONG, timeout=None)
+    with s:
+        s.sendall(b"MSG 1 x\n")
+        assert readline(s) == b"ACK 1\n"
+        proxy.refuse_now()
+        proxy.reset_all()
+
+        def a() -> None:
+            s.sendall(b"MSG 2 x\n")
+            readline(s)
+
+        waited: list[object] = []
+
+        waiting: list[bool] = []
+
+        def b() -> None:
+            waiting.append(True)  # no switch from here to the wait for the recovery
+            waited.append(s.recv(100))
+
+        ga = gevent.spawn(a)
+        wait_until(lambda: _recovering(s), 10, "the recovery")
+        gb = gevent.spawn(b)
+        wait_until(lambda: bool(waiting), 10, "the waiter")
+        assert _recovering(s)
+        ga.kill(block=True, timeout=5)
+        assert ga.dead
+        gb.join(5)
+        assert gb.dead, "the waiter still waits for a recovery nobody runs"
+        assert waited == [b""]  # the connection's end, as after the drop on a plain socket
+        m = s._rs_m
+        assert m is not None and m.state is BROKEN and m.owner is None
