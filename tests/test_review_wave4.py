@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
+import struct
+import threading
 import time
+from typing import Any
 
 import gevent
 import gevent.event
@@ -530,3 +534,94 @@ def test_killing_the_recovering_greenlet_ends_its_recovery(server, proxy):
         assert waited == [b""]  # the connection's end, as after the drop on a plain socket
         m = s._rs_m
         assert m is not None and m.state is BROKEN and m.owner is None
+
+
+# -- full duplex, not a line protocol: a drop in the middle of a write the reader read during --
+
+def _binary_upload_server(size: int, reader_has_it: threading.Event) -> tuple[Any, list[int]]:
+    """Connection 1: reads 64 KiB of the upload, sends one byte (an interim answer), and once
+    the client's reader has it, resets (RST). Later connections: read the whole upload, then
+    answer b"\\x02". Returns the listener and the byte count of each connection."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    counts: list[int] = []
+
+    def serve() -> None:
+        nth = 0
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            nth += 1
+            counts.append(0)
+            k = len(counts) - 1
+            try:
+                if nth == 1:
+                    while counts[k] < 65536:
+                        d = conn.recv(65536)
+                        if not d:
+                            break
+                        counts[k] += len(d)
+                    conn.sendall(b"\x01")
+                    reader_has_it.wait(10)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.close()
+                    continue
+                while counts[k] < size:
+                    d = conn.recv(1 << 20)
+                    if not d:
+                        break
+                    counts[k] += len(d)
+                conn.sendall(b"\x02")
+                conn.recv(1)  # until the client closes
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, counts
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rule answered-then-dropped (0cc6ea3, docs/decisions.md 'An early answer a reader greenlet "
+    "already took'): a non-line full-duplex stream dropped in the middle of a write during "
+    "which the reader read is surfaced to both greenlets, no longer recovered as at 19d5776; "
+    "the accepted cost of the early-answer race fix (not worse than plain, which fails too)"))
+def test_a_binary_duplex_stream_dropped_mid_write_after_an_interim_answer_recovers():
+    size = 8 << 20
+    reader_has_it = threading.Event()
+    listener, counts = _binary_upload_server(size, reader_has_it)
+    try:
+        s = ResilientSocket.connect(listener.getsockname(), LONG, timeout=10)
+        with s:
+            got: list[object] = []
+
+            def writer() -> None:
+                try:
+                    s.sendall(b"\xaa" * size)  # one record, no line end: not a line protocol
+                    got.append("sent")
+                except OSError as exc:
+                    got.append(exc)
+
+            def reader() -> None:
+                try:
+                    first = s.recv(1)
+                    reader_has_it.set()
+                    got.append(first)
+                    got.append(s.recv(1))
+                except OSError as exc:
+                    reader_has_it.set()
+                    got.append(exc)
+
+            gw = gevent.spawn(writer)
+            gr = gevent.spawn(reader)
+            gevent.joinall([gw, gr], timeout=30)
+            assert gw.dead and gr.dead
+            assert got.count("sent") == 1 and b"\x01" in got and b"\x02" in got, got
+            assert s.reconnects == 1
+    finally:
+        listener.close()
+    assert counts[-1] == size
