@@ -1300,7 +1300,10 @@ class Machine:
         # The dialect's setup, the banner, the hook, the replay and the answer resume
         # (§5a, §5b), on the new connection before it is published.
         dialect = self.dialect
-        setup = dialect.restore() if dialect is not None else None
+        try:
+            setup = dialect.restore() if dialect is not None else None
+        except Exception as failure:
+            return _step_failed(failure)  # the dialect's own failure: this attempt's
         if setup is not None and setup.payload:
             got = yield Restore(setup, soon)
             if self.state is CLOSED:
@@ -1337,7 +1340,10 @@ class Machine:
         if not resume:
             return False
         if dialect is not None:
-            dialect.reset_answer()
+            try:
+                dialect.reset_answer()
+            except Exception as failure:
+                return _step_failed(failure)
         check = AnswerCheck(resume, self.digest.intdigest(), dialect)
         got = yield Resume(check, soon, until)
         if self.state is CLOSED:
@@ -1388,6 +1394,13 @@ class Machine:
         self.discarded()
         self.move("gave-up" if exception else "interrupted")
         return True
+
+
+def _step_failed(failure: Exception) -> Failed:
+    """A dialect call the recovery makes on the new connection raised (a bug): that attempt
+    failed, as a step that raises does (classified alone: not retried), so the caller gets the
+    original error with a note, never the dialect's own exception type."""
+    return Failed(failure, classify(failure, phase="connect", context=False), True)
 
 
 def _until(end: float) -> float | None:

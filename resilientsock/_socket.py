@@ -960,13 +960,17 @@ class ResilientSocket(_GeventSocket):
                           in_place=in_place, soft=soft, bucket=_bucket)
         m.owner = gevent.getcurrent()
         done = self._rs_done = Event()
-        if exc is not None:
-            info = classify(exc, phase="read")
-            _emit("drop", logging.DEBUG, "%s: %s (%s); reconnecting, %d unconfirmed record(s)",
-                  self._rs_name(), type(exc).__name__, info.category if info else "?",
-                  len(m.journal), peer=self._rs_target,
-                  category=str(info.category) if info else None, error_type=type(exc).__name__)
         try:
+            # Inside the try: a log handler may yield to the hub (a SocketHandler on a
+            # patched socket), and the application's gevent.Timeout fire there; the recovery
+            # must still end (not left RECOVERING with nobody recovering).
+            if exc is not None:
+                info = classify(exc, phase="read")
+                _emit("drop", logging.DEBUG, "%s: %s (%s); reconnecting, %d unconfirmed "
+                      "record(s)", self._rs_name(), type(exc).__name__,
+                      info.category if info else "?", len(m.journal), peer=self._rs_target,
+                      category=str(info.category) if info else None,
+                      error_type=type(exc).__name__)
             self._rs_perform(m, steps)
         except BaseException as failure:
             if m.abandon(isinstance(failure, Exception)) and self._sock:
