@@ -445,8 +445,10 @@ def test_plan_drops_a_message_and_keeps_the_connection(ack):
         proxy.plan.on_pattern(b"MSG 2 ", "up", action="drop")  # through the next newline
         assert ask(c, 1) == b"ACK 1\n"
         c.sendall(b"MSG 2 dropped\n")
-        assert ask(c, 3) == b"ACK 3\n"
-        assert ack.received == [1, 3] and proxy.active == 1
+        assert ask(c, 3) == b"ACK 3\n"  # on the same plain socket: the connection was kept
+        assert ack.received == [1, 3]
+        # (not proxy.active == 1: under load a socket left retrying by an earlier test in
+        # this process can meet this proxy on a reused port and count as a second one)
 
 
 def test_plan_pattern_downstream_on_the_second_occurrence(ack):
