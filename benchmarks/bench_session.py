@@ -158,7 +158,7 @@ class RawSession:
     def __init__(self, address: tuple[str, int]) -> None:
         import gevent.socket as gsocket
 
-        from resilientsock import _session as sp
+        from resilientsock.session import protocol as sp
 
         self.sp = sp
         self.sock = gsocket.create_connection(address, timeout=30)
@@ -198,7 +198,7 @@ def _connect(mode: str, address: tuple[str, int]) -> Any:
     import gevent.socket as gsocket
 
     from resilientsock import RetryPolicy
-    from resilientsock._relay import open_session
+    from resilientsock.session import open_session
 
     if mode == "raw":
         return RawSession(address)
@@ -280,11 +280,11 @@ def resume_direct(address: tuple[str, int], faults: int) -> tuple[float, float, 
     import gc
     import socket
 
-    from resilientsock import _relay
+    from resilientsock.session import client as _client
 
     sock = _connect("session", address)
     sock.sendall(b"E")
-    carrier = next(o for o in gc.get_objects() if isinstance(o, _relay._ClientSession)
+    carrier = next(o for o in gc.get_objects() if isinstance(o, _client._ClientSession)
                    and not o.finished)
     rts, after = [], []
     for _ in range(300):
@@ -316,7 +316,7 @@ def _idle_clients(mode: str, host: str, port: int, count: int) -> None:
     import gevent.pool
     import gevent.socket as gsocket
 
-    from resilientsock import _session as sp
+    from resilientsock.session import protocol as sp
 
     socks: list[Any] = []
 
@@ -353,7 +353,7 @@ def _idle_relay(mode: str, count: int) -> None:
 
     import gevent
 
-    from resilientsock._relay import Relay
+    from resilientsock.session import Relay
 
     server, port = _spawn([__file__, "_server"])
     relay = Relay(("127.0.0.1", 0), ("127.0.0.1", int(port)), plain_after=5.0)
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     server, port = _spawn([__file__, "_server"])
     relay, line = _spawn(["-m", "resilientsock", "relay", "--listen", "127.0.0.1:0",
                           "--upstream", f"127.0.0.1:{port}", "--plain-after", "5"])
-    from resilientsock._relay import parse_address
+    from resilientsock.session import parse_address
 
     address = parse_address(line.split()[3])
     fwd, fport = _spawn([__file__, "_forwarder", *map(str, address)])

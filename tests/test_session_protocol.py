@@ -1,4 +1,4 @@
-"""The session protocol, sans-IO (resilientsock._session): no sockets, microseconds per test.
+"""The session protocol sans-IO (resilientsock.session.protocol): no sockets, microseconds a test.
 
 Both ends are the same two classes; these tests wire a client Link to a relay Link by hand and
 check the handshake, cumulative acks, resume arithmetic, and every rejection design.md §11 names.
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from resilientsock import _session as sp
+from resilientsock.session import protocol as sp
 
 
 def events(link: sp.Link, data: bytes = b"") -> list[object]:
@@ -389,7 +389,7 @@ def test_a_stale_ticket_falls_back_to_the_challenge() -> None:
 
 
 def test_unacked_keeps_big_immutable_writes_by_reference_and_drops_acked_bytes_in_order():
-    from resilientsock._session import Unacked
+    from resilientsock.session.protocol import Unacked
 
     big = bytes(range(256)) * 64  # 16 KiB, bytes: kept by reference
     u = Unacked()
