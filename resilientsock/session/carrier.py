@@ -72,6 +72,64 @@ from . import protocol as sp
 
 log = logging.getLogger("resilientsock")
 
+
+class _Hub:
+    """Every use of gevent's internals in session mode, and nothing else (the rest of the
+    package uses gevent's public API only): the OS socket under a gevent socket, waiting on
+    a socket's own watchers, waking a read blocked on one, and the hub's timers. What each
+    relies on is named here, so a gevent upgrade is checked in one place (gevent 26)."""
+
+    @staticmethod
+    def raw(sock: Any) -> Any:
+        """The non-blocking OS socket under a gevent socket (``_sock``): a ``send`` or
+        ``recv`` on it never waits (BlockingIOError instead). None for anything else."""
+        return getattr(sock, "_sock", None)
+
+    @staticmethod
+    def wait_writable(sock: Any, timeout: float | None) -> bool:
+        """Wait until ``sock`` may be written, at most ``timeout`` seconds (then
+        TimeoutError), on the socket's own write watcher (``_write_event``, which its
+        ``wait_write`` made) and hub. False at once when the socket was closed under us (no
+        watcher); OSError or ValueError when it is closed while we wait."""
+        watcher = sock._write_event
+        if watcher is None:
+            return False
+        _wait_on_watcher(watcher, timeout, hub=sock.hub)
+        return True
+
+    @staticmethod
+    def wait_readable(sock: Any, timeout_exc: type[BaseException]) -> None:
+        """Wait as a gevent socket's own ``recv`` does (its timeout raising ``timeout_exc``,
+        its cancel on ``close()``), so that ``wake_reader`` can end the wait."""
+        sock._wait(sock._read_event, timeout_exc)
+
+    @staticmethod
+    def wake_reader(sock: Any) -> bool:
+        """If a greenlet is blocked in ``wait_readable(sock)``, schedule its wake-up as the
+        descriptor becoming readable would (True); otherwise do nothing (False)."""
+        watcher = sock._read_event
+        callback = None if watcher is None else watcher.callback
+        if callback is None:
+            return False
+        gevent.get_hub().loop.run_callback(callback, *watcher.args)
+        return True
+
+    @staticmethod
+    def timer(delay: float, callback: Any) -> Any:
+        """A one-shot timer in the hub (no greenlet) calling ``callback()`` after ``delay``
+        seconds, measured from now (``update=True``: the loop's cached clock may be stale by
+        however long the current greenlet ran). ``close()`` cancels it. A new timer each
+        time: gevent's libev timer restarted after it fired fires again at once (measured,
+        gevent 26.9)."""
+        timer = gevent.get_hub().loop.timer(delay)
+        timer.start(callback, update=True)
+        return timer
+
+    @staticmethod
+    def call_soon(callback: Any) -> None:
+        """``callback()`` from the hub's loop, outside the current timer's or greenlet's turn."""
+        gevent.get_hub().loop.run_callback(callback)
+
 RECV_SIZE = 256 * 1024  # big reads: fewer frames, fewer syscalls (picked, measured in bench)
 BIG_WRITE = 16 * 1024  # from here on a header and its payload go out as two buffers (no copy)
 ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (picked)
@@ -148,17 +206,29 @@ class _Interrupted(BaseException):
 
 class _LinkIO:
     """One connection between client and relay: its socket, its protocol ``Link``, and the
-    lock that keeps one frame from interleaving with another (two greenlets write)."""
+    lock that keeps one frame from interleaving with another (two greenlets write).
+
+    Whoever holds ``wlock`` is the one writer of the link. It may hand the lock over with
+    unsent frames to a greenlet (``_Carrier._finish_push``) that releases it once they are
+    out; the lock is bounded, so a release by a writer that had handed it over already
+    (two writers interleaving frames) raises instead of letting a third one in."""
 
     __slots__ = ("sock", "link", "wlock", "alive", "tls")
 
     def __init__(self, sock: Any, link: sp.Link) -> None:
         self.sock = sock
         self.link = link
-        self.wlock = gevent.lock.Semaphore()
+        self.wlock = gevent.lock.BoundedSemaphore()
         self.alive = True
         # Read once, while the socket is open (a closed one raises from __getattr__).
         self.tls = hasattr(sock, "cipher")
+
+    def take_new(self) -> None:
+        """Take the lock of a link nobody has written yet, without waiting: nothing runs
+        between the caller's checks and its first frames (a resume's re-sent units go out
+        before any frame built later: rule 2)."""
+        taken = self.wlock.acquire(blocking=False)
+        assert taken, "a new link's lock is held already"
 
     def close(self, rst: bool = False) -> None:
         self.alive = False
@@ -188,8 +258,9 @@ class _Carrier:
         self.finished = False
         self.aborted: str | None = None  # an ABORT to (re)send until the session is gone
         self.plain_reader: Any = None
-        # One writer at a time on the plain end, in stream order.
-        self.plain_lock = gevent.lock.Semaphore()
+        # One writer at a time on the plain end, in stream order (bounded: a second release
+        # raises instead of letting two writers in).
+        self.plain_lock = gevent.lock.BoundedSemaphore()
         # The delivery queue (rule 9): what the plain end did not take at once, in stream
         # order (payloads, and an Ended marker last), written by ``writer`` while the link
         # goes on being read. Its units are ``stream.held``: not acknowledged until written.
@@ -332,6 +403,7 @@ class _Carrier:
         finished by a greenlet that then releases the lock (True): a frame is never left half
         sent, and the bytes are in the stream whatever the caller does next. A TLS link is
         written by that greenlet, which the caller waits for while its time lasts."""
+        assert lio.wlock.locked(), "a link written without its lock"
         if lio.tls:
             worker = gevent.spawn(self._finish_push, lio, [bytes(p) for p in parts])
             try:
@@ -339,7 +411,7 @@ class _Carrier:
             except BaseException as exc:
                 raise _Interrupted(exc) from None  # the worker carries on, releases the lock
             return True
-        raw = lio.sock._sock
+        raw = _Hub.raw(lio.sock)
         heartbeat = lio.sock.timeout
         bufs = [memoryview(p) for p in parts]
         try:
@@ -361,18 +433,17 @@ class _Carrier:
                     return True
                 wait = heartbeat if left is None else (
                     left if heartbeat is None else min(left, heartbeat))
-                watcher = lio.sock._write_event  # the socket's own (wait_write makes one)
-                if watcher is None:  # closed under us by another greenlet
-                    self._link_lost(lio, "send failed")
-                    return False
                 try:
-                    _wait_on_watcher(watcher, wait, hub=lio.sock.hub)
+                    writable = _Hub.wait_writable(lio.sock, wait)
                 except TimeoutError:
                     if left is not None and left <= wait:
                         continue  # the caller's time is up: the check above hands over
                     self._link_lost(lio, f"send: link silent for {wait:g} s")
                     return False
                 except (OSError, ValueError):  # closed under us by another greenlet
+                    self._link_lost(lio, "send failed")
+                    return False
+                if not writable:  # closed under us by another greenlet (no watcher)
                     self._link_lost(lio, "send failed")
                     return False
         except BaseException as exc:
@@ -384,7 +455,8 @@ class _Carrier:
     def _send_now(self, lio: _LinkIO, frames: bytes) -> bool:
         """``frames`` on ``lio`` (its lock held) if the socket takes them whole without
         waiting: then the lock is released and True. Otherwise nothing is sent (False)."""
-        raw = None if lio.tls else getattr(lio.sock, "_sock", None)
+        assert lio.wlock.locked(), "a link written without its lock"
+        raw = None if lio.tls else _Hub.raw(lio.sock)
         if raw is None or len(frames) > BIG_WRITE:
             return False
         try:
@@ -407,6 +479,7 @@ class _Carrier:
         """Send ``rest`` on ``lio`` (its lock held; released here) at the link's pace: each
         ``send`` waits at most the socket's timeout (the heartbeat) for room, so a big
         re-send on a slow path is progress, never a deadline."""
+        assert lio.wlock.locked(), "frames handed over without the link's lock"
         try:
             for part in rest:
                 view = memoryview(part)
@@ -507,11 +580,14 @@ class _Carrier:
                 if isinstance(ev, sp.Data):
                     batch.append(ev.payload)
                     continue
+                if isinstance(ev, sp.Ended):
+                    # The end marker's unit, acknowledged once obeyed: held before handing
+                    # the batch on can yield (a frame built meanwhile must not cover it).
+                    stream.hold(1)
                 self._deliver_batch(batch)
                 if ev is sp.NEED_DATA:
                     break
                 if isinstance(ev, sp.Ended):
-                    stream.held += 1  # the end marker's unit, acknowledged once obeyed
                     if self.outq or self.writer is not None:
                         self.outq.append(ev)  # behind the bytes before it
                     else:
@@ -572,13 +648,10 @@ class _Carrier:
         the answer carries the ack first, and the timer then finds nothing to send."""
         self.ack_armed = True
         self.ack_mark = self.stream.ack_point
-        # A new timer each time: gevent's libev timer restarted after it fired fires again at
-        # once (measured, gevent 26.9), and update=True: the loop's cached clock may be stale
-        # by however long this greenlet ran (a timer started on it fires early).
+        # A new timer each time, started on a fresh clock (see _Hub.timer).
         if self.ack_timer is not None:
             self.ack_timer.close()
-        timer = self.ack_timer = gevent.get_hub().loop.timer(ACK_DELAY)
-        timer.start(self._ack_timer_fired, update=True)
+        self.ack_timer = _Hub.timer(ACK_DELAY, self._ack_timer_fired)
 
     def _ack_timer_fired(self) -> None:
         """In the hub (no I/O here): a standalone ACK only for data that waited ACK_DELAY
@@ -593,7 +666,7 @@ class _Carrier:
             gevent.spawn(self._delayed_ack)
         elif stream.ack_due():
             # Re-armed from a loop callback, outside this timer's own.
-            gevent.get_hub().loop.run_callback(self._rearm_ack)
+            _Hub.call_soon(self._rearm_ack)
 
     def _rearm_ack(self) -> None:
         if not self.ack_armed and not self.finished and self.stream.ack_due():
@@ -608,7 +681,7 @@ class _Carrier:
             payload = batch[0] if len(batch) == 1 else list(batch)
             batch.clear()
             size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
-            self.stream.held += size
+            self.stream.hold(size)
             self._hand_on(payload, size)
 
     def _hand_on(self, payload: Any, size: int) -> None:
@@ -628,6 +701,9 @@ class _Carrier:
         # A view of a received chunk stays valid: the parser never reuses a chunk's memory.
         self.outq.append(payload)
         self.outq_bytes += size
+        # Every queued byte is held (not acknowledged) until written: the peer's limit
+        # bounds the queue (rule 9).
+        assert self.outq_bytes <= self.stream.held, (self.outq_bytes, self.stream.held)
         self.count_queued(size)
         if self.writer is None:
             self.writer = gevent.spawn(self._write_queue)
@@ -648,6 +724,8 @@ class _Carrier:
                 if outq and outq[0] is item:
                     outq.popleft()
                     self.outq_bytes -= size
+                    assert self.outq_bytes >= 0 and (outq or not self.outq_bytes), \
+                        self.outq_bytes
                     self.count_queued(-size)
                 self._delivered(size)
                 self._ack_if_due()
@@ -656,7 +734,7 @@ class _Carrier:
             self.drained_ev.set()
 
     def _delivered(self, n: int) -> None:
-        self.stream.held -= n
+        self.stream.handed_on(n)
         if self.outq_bytes <= self.stream.limit:
             self.drained_ev.set()
 
@@ -670,7 +748,7 @@ class _Carrier:
     def _apply_end(self, ev: sp.Ended) -> None:
         """The peer's end marker, obeyed after every byte before it, then acknowledged."""
         self._peer_ended(ev)
-        self.stream.held -= 1
+        self.stream.handed_on(1)
         self._send(self.cur, self.stream.ack())
         self._maybe_finish()
 
@@ -695,7 +773,7 @@ class _Carrier:
                     else:
                         plain.sendall(payload)
                     return size
-                raw = getattr(plain, "_sock", None)
+                raw = _Hub.raw(plain)
                 if raw is None:
                     return 0
                 try:

@@ -27,6 +27,7 @@ from .carrier import (
     HANDSHAKE_TIMEOUT,
     _abort,
     _Carrier,
+    _Hub,
     _LinkIO,
     _nodelay,
     _ReadTimedOut,
@@ -75,12 +76,10 @@ class _ClientSession(_Carrier):
         if (waiting is not None and self.front is None and self.pair_written == self.pair_read
                 and 0 < size <= waiting[1] and size <= HANDOFF_MAX and self.plain is not None
                 and not self.aborted):
-            watcher = waiting[0]._read_event
-            callback = None if watcher is None else watcher.callback
-            if callback is not None:  # the read is blocked on its descriptor: hand it over
+            if _Hub.wake_reader(waiting[0]):  # the read is blocked on its descriptor: hand
+                # it over (the wake-up runs after this returns: nothing yields in between)
                 self.front = b"".join(payload) if isinstance(payload, list) else bytes(payload)
                 self.waiting = None
-                gevent.get_hub().loop.run_callback(callback, *watcher.args)
                 return size
         if self.front is not None:
             self.flush_front()
@@ -209,7 +208,7 @@ class _ClientSession(_Carrier):
             if not isinstance(ev, sp.Resumed):
                 raise sp.ProtocolError(f"expected RESUMED, got {ev!r}")
             lio = _LinkIO(sock, link)
-            lio.wlock.acquire()
+            lio.take_new()
             try:
                 frames = link.finish_resume(self.secret)
                 self.ticket = link.next_ticket
@@ -438,7 +437,7 @@ def direct_methods(base: Any) -> dict[str, Any]:
         handoff of at most ``n`` bytes (rule 8)."""
         reader.waiting = (self, n)
         try:
-            self._wait(self._read_event, _ReadTimedOut)
+            _Hub.wait_readable(self, _ReadTimedOut)
         except _ReadTimedOut:
             if reader.front is not None:
                 return  # the bytes came before the socket timeout's turn: the read gets them
@@ -467,7 +466,7 @@ def direct_methods(base: Any) -> dict[str, Any]:
             if reader.front is not None:
                 return take_front(reader, bufsize)
             try:
-                data = self._sock.recv(bufsize)
+                data = _Hub.raw(self).recv(bufsize)
             except BlockingIOError:
                 if self.timeout == 0.0:
                     raise
@@ -492,7 +491,7 @@ def direct_methods(base: Any) -> dict[str, Any]:
                 view[:len(data)] = data
                 return len(data)
             try:
-                k = self._sock.recv_into(view, n)
+                k = _Hub.raw(self).recv_into(view, n)
             except BlockingIOError:
                 if self.timeout == 0.0:
                     raise

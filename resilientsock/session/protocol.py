@@ -335,7 +335,7 @@ class Stream:
     """
 
     __slots__ = ("limit", "data_sent", "acked", "unacked", "end_sent", "received",
-                 "end_received", "ack_sent", "held")
+                 "end_received", "ack_sent", "_held")
 
     def __init__(self, limit: int = 16 * 1024 * 1024) -> None:
         if limit < 1:
@@ -348,12 +348,33 @@ class Stream:
         self.received = 0
         self.end_received: Ended | None = None
         self.ack_sent = 0  # the highest ack conveyed to the peer
-        # Units received but not yet handed to the plain end (the carrier's delivery queue):
-        # acknowledgements never cover them, so the peer keeps them and its writers block at
-        # its own limit: the queue stays bounded by the peer's limit while this end goes on
-        # reading its link (control frames never wait behind a stalled plain end). Counted in
-        # ``received`` (resume counts): this process holds them.
-        self.held = 0
+        self._held = 0  # see ``held``: changed only by hold() and handed_on()
+
+    @property
+    def held(self) -> int:
+        """Units received but not yet handed to the plain end (the carrier's delivery queue):
+        acknowledgements never cover them, so the peer keeps them and its writers block at its
+        own limit: the queue stays bounded by the peer's limit while this end goes on reading
+        its link (control frames never wait behind a stalled plain end). Counted in
+        ``received`` (resume counts): this process holds them. Always ``0 <= held <=
+        received``: ``hold`` and ``handed_on`` check it, and nothing else changes it."""
+        return self._held
+
+    def hold(self, n: int) -> None:
+        """``n`` units already counted as received wait for the plain end: no acknowledgement
+        covers them until ``handed_on`` says they were written there. Called before anything
+        can yield after they were counted, so no frame built meanwhile acknowledges them."""
+        held = self._held + n
+        assert n >= 0 and held <= self.received, \
+            f"hold({n}): {self._held} held already, {self.received} received"
+        self._held = held
+
+    def handed_on(self, n: int) -> None:
+        """``n`` held units were written to the plain end (or dropped with it): the next
+        acknowledgement covers them."""
+        held = self._held - n
+        assert n >= 0 and held >= 0, f"handed_on({n}): only {self._held} held"
+        self._held = held
 
     @property
     def sent(self) -> int:
@@ -365,11 +386,17 @@ class Stream:
     @property
     def ack_point(self) -> int:
         """What an acknowledgement says now: units received and handed on."""
-        return self.received - self.held
+        return self.received - self._held
 
     def ack_due(self) -> int:
         """Units handed on but not yet acknowledged to the peer."""
-        return self.received - self.held - self.ack_sent
+        return self.received - self._held - self.ack_sent
+
+    def _ack_now(self) -> int:
+        """The ack a frame built now carries, recorded as conveyed: every unit received and
+        handed on, none still held (the one place an ack is computed)."""
+        ack = self.ack_sent = self.received - self._held
+        return ack
 
     @property
     def done(self) -> bool:
@@ -402,11 +429,11 @@ class Stream:
             raise ValueError(f"one frame carries 1..{MAX_DATA} bytes, not {len(payload)}")
         self.unacked.append(payload)
         self.data_sent += len(payload)
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(DATA, len(payload), ack)
 
     def _data_frames(self, payload: bytes | bytearray | memoryview) -> bytes:
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         n = len(payload)
         if n <= MAX_DATA:
             return HEADER.pack(DATA, n, ack) + payload
@@ -424,25 +451,25 @@ class Stream:
     def _end_frame(self) -> bytes:
         assert self.end_sent is not None
         body = _END.pack(1 if self.end_sent.reset else 0) + self.end_sent.reason.encode()[:512]
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(END, len(body), ack) + body
 
     def ack(self) -> bytes:
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(ACK, 0, ack)
 
     def abort(self, reason: str) -> bytes:
         """ABORT: tear the session down now (not sequenced; the caller repeats it after a
         resume until the peer has it)."""
         body = reason.encode()[:512]
-        return HEADER.pack(ABORT, len(body), self.received - self.held) + body
+        return HEADER.pack(ABORT, len(body), self.ack_point) + body
 
     def ping(self) -> bytes:
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(PING, 0, ack)
 
     def pong(self) -> bytes:
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(PONG, 0, ack)
 
     # receiving ----------------------------------------------------------------------------
@@ -476,9 +503,10 @@ class Stream:
 
     def take_early(self, offset: int, data: bytes) -> bytes | None:
         """Relay, after a ticket HELLO's proof checked: the part of its early data (``data``
-        from stream offset ``offset``) not received yet, now counted as received — to be
-        delivered before anything the new link carries. None: impossible (a gap before it,
-        or data after the end marker); nothing is counted then."""
+        from stream offset ``offset``) not received yet, now counted as received and held
+        (``hold``: no ack covers it until ``handed_on``) — to be delivered before anything the
+        new link carries. None: impossible (a gap before it, or data after the end marker);
+        nothing is counted then."""
         got = self.received - (1 if self.end_received is not None else 0)
         if offset > got:
             return None
@@ -487,6 +515,7 @@ class Stream:
             return None
         if new:
             self.on_data(len(new))
+            self.hold(len(new))
         return new
 
     def check_peer_counts(self, peer_received: int, peer_sent: int) -> str | None:

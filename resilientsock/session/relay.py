@@ -91,6 +91,7 @@ class _RelayStream(sp.Stream):
             freed = held < self.counted
             relay.buffered += held - self.counted
             self.counted = held
+            assert relay.buffered >= self.counted, (relay.buffered, self.counted)
             if freed and relay.starved:
                 relay.wake_starved()
         left = relay.max_buffered - relay.buffered
@@ -106,6 +107,7 @@ class _RelayStream(sp.Stream):
         relay = self.relay
         relay.buffered -= self.counted
         self.counted = 0
+        assert relay.buffered >= 0, relay.buffered  # the sum of the live sessions' counts
         if relay.starved:
             relay.wake_starved()
 
@@ -167,7 +169,7 @@ class _RelaySession(_Carrier):
             self.expiry = None
         # Take the new link's lock before anything can yield: every frame built from now on
         # waits behind the resume's re-sent units (rule 2).
-        lio.wlock.acquire()
+        lio.take_new()
         self.cur = lio
         self.waiting_pong = False
         self.drained_ev.set()  # a pump_link of the old link waiting on the queue returns
@@ -184,9 +186,9 @@ class _RelaySession(_Carrier):
             lio.wlock.release()
             raise
         if early:
-            # Counted as received at the handshake, so delivered whatever this link does
-            # next: behind what the old link queued, before anything this one carries.
-            self.stream.held += len(early)
+            # Counted as received and held at the handshake (take_early), so delivered
+            # whatever this link does next: behind what the old link queued, before anything
+            # this one carries; acknowledged once handed on.
             self._hand_on(early, len(early))
         # CREATED or RESUMED and the re-sent units: a few frames at once, here (the usual
         # case: no greenlet between the handshake and the stream); a backlog at the link's
@@ -236,6 +238,7 @@ class _RelaySession(_Carrier):
 
     def count_queued(self, n: int) -> None:
         self.relay.queued += n
+        assert self.relay.queued >= 0, self.relay.queued  # the sum of the sessions' queues
 
     def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
         done = super()._deliver(payload, block)
@@ -697,7 +700,7 @@ class Relay:
             timer.close()
         return serve
 
-    def _read_event(self, sock: Any, link: sp.Link) -> Any:
+    def _handshake_event(self, sock: Any, link: sp.Link) -> Any:
         while True:
             ev = link.next_event()
             if ev is not sp.NEED_DATA:
@@ -734,7 +737,7 @@ class Relay:
         """The handshake on a new connection; returns what serves it afterwards (None: it
         was rejected or closed)."""
         try:
-            ev = self._read_event(sock, link)
+            ev = self._handshake_event(sock, link)
         except sp.ProtocolError as exc:
             self._reject(sock, link, exc.code, exc.reason, source=source)
             return None
@@ -771,7 +774,7 @@ class Relay:
         if not ok:
             try:
                 sock.sendall(link.send_challenge())
-                ev = self._read_event(sock, link)
+                ev = self._handshake_event(sock, link)
             except sp.ProtocolError as exc:
                 self._reject(sock, link, exc.code, exc.reason, source=source)
                 return None
