@@ -285,7 +285,8 @@ class _Carrier:
             if self._over():
                 return done if done else -1
             room = stream.room()
-            left = None if end is None else end - time.monotonic()
+            # (The first chunk, with room for it, goes without a look at the clock.)
+            left = None if end is None or (room > 0 and not done) else end - time.monotonic()
             if room <= 0 or (left is not None and left <= 0):
                 if left is not None and left <= 0:
                     if done and not whole:
@@ -346,9 +347,10 @@ class _Carrier:
             if lio is None or not lio.alive:
                 stream.data(chunk)
                 return True
-            wait = None if end is None else max(0.0, end - time.monotonic())
-            if not lio.wlock.acquire(timeout=wait):
-                return False
+            if not lio.wlock.acquire(blocking=False):
+                wait = None if end is None else max(0.0, end - time.monotonic())
+                if not lio.wlock.acquire(timeout=wait):
+                    return False
             handed = False
             try:
                 if lio is not self.cur or not lio.alive:
@@ -378,6 +380,19 @@ class _Carrier:
         finished by a greenlet that then releases the lock (True): a frame is never left half
         sent, and the bytes are in the stream whatever the caller does next. A TLS link is
         written by that greenlet, which the caller waits for while its time lasts."""
+        if len(parts) == 1 and not lio.tls:
+            # The hot path: one small frame, taken whole by the socket (the usual case).
+            frame = parts[0]
+            try:
+                n = lio.sock._sock.send(frame)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._link_lost(lio, "send failed")
+                return False
+            if n == len(frame):
+                return False
+            parts = [memoryview(frame)[n:]]
         if lio.tls:
             worker = gevent.spawn(self._finish_push, lio, [bytes(p) for p in parts])
             try:
@@ -531,8 +546,13 @@ class _Carrier:
         # counted as received when parsed, so handed on before any other event is obeyed
         # and before anything else can return.
         batch: list[Any] = []
+        fast: memoryview | None = None  # a chunk that was one whole DATA frame: its payload
         while lio.alive and not self.finished:
-            while True:
+            if fast is not None:  # nothing else came with it: no events to parse
+                size = len(fast)
+                stream.held += size
+                self._hand_on(fast, size)
+            while fast is None:
                 if lio is not self.cur:
                     # Replaced by a resume while this pump waited: the frames still buffered
                     # here are the new link's to re-send (counted from the resume's numbers);
@@ -567,6 +587,7 @@ class _Carrier:
                     return
                 elif isinstance(ev, sp.Ping):
                     self._send(lio, stream.pong())
+            fast = None
             if not self.room_ev.ready() and stream.room() > 0:
                 self.room_ev.set()
             due = stream.ack_due()
@@ -574,8 +595,9 @@ class _Carrier:
                 self._send(lio, stream.ack())
             elif due and not self.ack_armed:
                 self._arm_ack()
-            if self._maybe_finish() or not lio.alive:
-                return
+            if ((stream.end_sent is not None or stream.end_received is not None
+                 or self.finished) and self._maybe_finish()) or not lio.alive:
+                return  # (no end marker either way: nothing to finish, no call)
             # Read on while the plain end is stalled (PINGs answered, ENDs and ABORTs seen:
             # rule 9), unless the queue outgrew the limit (a peer that ignores acks): then
             # wait for it to drain, or for this link to be lost or replaced.
@@ -593,6 +615,18 @@ class _Carrier:
             if not data:
                 self._link_lost(lio, "closed by peer")
                 return
+            if lio is self.cur:
+                # The hot path: a chunk that is one whole DATA frame (a request, an answer)
+                # is handed on without events; anything else is parsed frame by frame.
+                try:
+                    fast = link.data_frame(data)
+                except sp.ProtocolError as exc:
+                    log.warning("resilientsock: %s session link: protocol error: %s",
+                                self.side, exc.reason)
+                    self._link_lost(lio, f"protocol error: {exc.reason}")
+                    return
+                if fast is not None:
+                    continue
             link.receive_data(data)
 
     def recv_link(self, lio: _LinkIO) -> bytes:
@@ -870,11 +904,11 @@ class _RelayStream(sp.Stream):
         self.counted = 0
 
     def room(self) -> int:
-        own = super().room()
-        relay = self.relay
         held = len(self.unacked)
+        own = max(0, self.limit - held)
+        relay = self.relay
         owner = self.owner
-        if owner is not None and owner.unproven():
+        if owner is not None and not (self.received or self.acked) and owner.unproven():
             # Until its client shows it got CREATED (an ack, a byte, a resume), a session
             # holds at most _UNPROVEN_MAX: HELLO-and-gone pins little (#26).
             own = min(own, max(0, _UNPROVEN_MAX - held))
