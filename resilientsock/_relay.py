@@ -196,18 +196,23 @@ class _LinkIO:
     """One connection between client and relay: its socket, its protocol ``Link``, and the
     lock that keeps one frame from interleaving with another (two greenlets write)."""
 
-    __slots__ = ("sock", "link", "wlock", "alive", "tls")
+    __slots__ = ("sock", "link", "wlock", "alive", "tls", "heard", "beat")
 
     def __init__(self, sock: Any, link: sp.Link) -> None:
         self.sock = sock
         self.link = link
         self.wlock = gevent.lock.Semaphore()
         self.alive = True
+        self.heard = time.monotonic()  # when bytes last came (the heartbeat's timer reads it)
+        self.beat: Any = None  # that timer, while a pump reads the link
         # Read once, while the socket is open (a closed one raises from __getattr__).
         self.tls = hasattr(sock, "cipher")
 
     def close(self, rst: bool = False) -> None:
         self.alive = False
+        beat, self.beat = self.beat, None
+        if beat is not None:
+            beat.close()
         if rst:
             _abort(self.sock)
         else:
@@ -633,7 +638,30 @@ class _Carrier:
         """The next bytes of the link. The heartbeat (``heartbeat``, the link socket's
         timeout): a link silent for one interval gets a PING; silent for another, it is a
         drop (a black hole, or a peer stopped without FIN or RST, reveals itself only this
-        way). Any bytes count as life: a big re-send or a stalled plain end is not death."""
+        way). Any bytes count as life: a big re-send or a stalled plain end is not death.
+
+        On a TCP link the heartbeat is one timer per link (``_beat``), not a timeout armed
+        and cancelled around every read: a message costs a clock read here, no timer."""
+        if not lio.tls and self.heartbeat:
+            raw = lio.sock._sock
+            while True:
+                try:
+                    data = raw.recv(RECV_SIZE)
+                except BlockingIOError:
+                    pass
+                else:
+                    self.waiting_pong = False
+                    lio.heard = time.monotonic()
+                    if lio.beat is None:
+                        self._arm_beat(lio, self.heartbeat)
+                    return data  # type: ignore[no-any-return]
+                watcher = lio.sock._read_event
+                if watcher is None:  # closed under us by another greenlet
+                    raise OSError(errno.EBADF, "the link was closed")
+                if lio.beat is None:
+                    self._arm_beat(lio, self.heartbeat)
+                # Woken by bytes, by a close (OSError), or by the heartbeat (TimeoutError).
+                _wait_on_watcher(watcher, None, hub=lio.sock.hub)
         while True:
             try:
                 data = lio.sock.recv(RECV_SIZE)
@@ -646,6 +674,41 @@ class _Carrier:
                 continue
             self.waiting_pong = False
             return data  # type: ignore[no-any-return]
+
+    def _arm_beat(self, lio: _LinkIO, delay: float) -> None:
+        # A new timer each time (see _arm_ack); update=True: the loop's clock may be stale.
+        if lio.beat is not None:
+            lio.beat.close()
+        timer = lio.beat = gevent.get_hub().loop.timer(delay)
+        timer.start(self._beat, lio, update=True)
+
+    def _beat(self, lio: _LinkIO) -> None:
+        """In the hub (no I/O here): the heartbeat of a TCP link (``recv_link``), exactly as
+        the socket's timeout would have it: a PING once the link was silent for
+        ``heartbeat``, a drop once it stays silent for another (thrown into the read)."""
+        timer, lio.beat = lio.beat, None
+        if timer is not None:
+            timer.close()
+        heartbeat = self.heartbeat
+        if lio is not self.cur or not lio.alive or self.finished or not heartbeat:
+            return
+        silent = time.monotonic() - lio.heard
+        if silent < heartbeat:
+            self._arm_beat(lio, heartbeat - silent)
+            return
+        if not self.waiting_pong:
+            self.waiting_pong = True
+            gevent.spawn(self._ping, lio)
+        else:
+            watcher = lio.sock._read_event
+            if watcher is not None and watcher.callback is not None:  # the pump is reading
+                lio.sock.hub.cancel_wait(watcher, TimeoutError(
+                    f"peer silent for {2 * heartbeat:.1f} s"))
+                return
+        self._arm_beat(lio, heartbeat)
+
+    def _ping(self, lio: _LinkIO) -> None:
+        self._send(lio, self.stream.ping())
 
     def _arm_ack(self) -> None:
         """The delayed ACK: a timer in the hub, not a greenlet per chunk; in a conversation
