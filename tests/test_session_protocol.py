@@ -602,3 +602,37 @@ def test_the_protocol_module_does_no_io() -> None:
                  if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "hashlib", "hmac", "os", "struct", "collections",
                         "dataclasses", "typing"}, imported
+
+
+def test_the_one_frame_hot_path_equals_the_event_path_and_declines_anything_else() -> None:
+    """``Link.data_frame``: a chunk that is exactly one whole DATA frame (the usual request
+    or answer) is taken in one call, with the same counts and acknowledgements as through
+    ``receive_data``/``next_event``; anything else is declined untouched; an impossible ack
+    is the same sticky ProtocolError."""
+    p = Pair()
+    view = p.relay.data_frame(p.c_stream.data(b"request"))
+    assert view is not None and bytes(view) == b"request"
+    assert p.r_stream.received == 7 and p.r_stream.ack_point == 7
+    answer = p.r_stream.data(b"answer")
+    view = p.client.data_frame(answer)  # its header acknowledged the client's 7 bytes
+    assert view is not None and bytes(view) == b"answer"
+    assert p.c_stream.acked == 7 and p.c_stream.unacked == b""
+    # Declined, nothing consumed: two frames, half a frame, a control frame, a bytearray;
+    # and a whole frame while part of another is buffered. Each then goes the event path.
+    two = p.c_stream.data(b"a") + p.c_stream.data(b"b")
+    assert p.relay.data_frame(two) is None and p.relay.data_frame(two[:15]) is None
+    assert p.relay.data_frame(bytearray(two)) is None  # type: ignore[arg-type]
+    assert p.relay.data_frame(p.c_stream.ping()) is None
+    assert p.r_stream.received == 7
+    assert payloads(events(p.relay, two[:20])) == b"a"
+    last = p.c_stream.data(b"c")
+    assert p.relay.data_frame(last) is None
+    assert payloads(events(p.relay, two[20:] + last)) == b"bc"
+    assert p.relay.data_frame(p.c_stream.data(b"d")) is not None
+    assert p.r_stream.received == 11
+    bad = sp.HEADER.pack(sp.DATA, 1, 999) + b"x"
+    with pytest.raises(sp.ProtocolError) as info:
+        p.client.data_frame(bad)
+    assert info.value.code == sp.E_IMPOSSIBLE_COUNTS
+    with pytest.raises(sp.ProtocolError):
+        p.client.next_event()  # sticky

@@ -56,6 +56,7 @@ means these):
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import time
@@ -104,6 +105,28 @@ class _Hub:
         sock._wait(sock._read_event, timeout_exc)
 
     @staticmethod
+    def wait_bytes(sock: Any) -> bool:
+        """Wait, with no timeout of its own, until ``sock`` may be read, on its own read
+        watcher (``_read_event``) and hub: ended by bytes, by a close (OSError), or by
+        ``interrupt_read`` (its exception). False at once when the socket was closed under us
+        (no watcher)."""
+        watcher = sock._read_event
+        if watcher is None:
+            return False
+        _wait_on_watcher(watcher, None, hub=sock.hub)
+        return True
+
+    @staticmethod
+    def interrupt_read(sock: Any, exc: BaseException) -> bool:
+        """If a greenlet waits on ``sock``'s read watcher (``wait_bytes``), throw ``exc`` into
+        it, as the hub's ``cancel_wait`` does on a close (True); otherwise nothing (False)."""
+        watcher = sock._read_event
+        if watcher is None or watcher.callback is None:
+            return False
+        sock.hub.cancel_wait(watcher, exc)
+        return True
+
+    @staticmethod
     def wake_reader(sock: Any) -> bool:
         """If a greenlet is blocked in ``wait_readable(sock)``, schedule its wake-up as the
         descriptor becoming readable would (True); otherwise do nothing (False)."""
@@ -115,14 +138,14 @@ class _Hub:
         return True
 
     @staticmethod
-    def timer(delay: float, callback: Any) -> Any:
-        """A one-shot timer in the hub (no greenlet) calling ``callback()`` after ``delay``
+    def timer(delay: float, callback: Any, *args: Any) -> Any:
+        """A one-shot timer in the hub (no greenlet) calling ``callback(*args)`` after ``delay``
         seconds, measured from now (``update=True``: the loop's cached clock may be stale by
         however long the current greenlet ran). ``close()`` cancels it. A new timer each
         time: gevent's libev timer restarted after it fired fires again at once (measured,
         gevent 26.9)."""
         timer = gevent.get_hub().loop.timer(delay)
-        timer.start(callback, update=True)
+        timer.start(callback, *args, update=True)
         return timer
 
     @staticmethod
@@ -213,13 +236,15 @@ class _LinkIO:
     out; the lock is bounded, so a release by a writer that had handed it over already
     (two writers interleaving frames) raises instead of letting a third one in."""
 
-    __slots__ = ("sock", "link", "wlock", "alive", "tls")
+    __slots__ = ("sock", "link", "wlock", "alive", "tls", "heard", "beat")
 
     def __init__(self, sock: Any, link: sp.Link) -> None:
         self.sock = sock
         self.link = link
         self.wlock = gevent.lock.BoundedSemaphore()
         self.alive = True
+        self.heard = time.monotonic()  # when bytes last came (the heartbeat's timer reads it)
+        self.beat: Any = None  # that timer, while a pump reads the link
         # Read once, while the socket is open (a closed one raises from __getattr__).
         self.tls = hasattr(sock, "cipher")
 
@@ -232,6 +257,9 @@ class _LinkIO:
 
     def close(self, rst: bool = False) -> None:
         self.alive = False
+        beat, self.beat = self.beat, None
+        if beat is not None:
+            beat.close()
         if rst:
             _abort(self.sock)
         else:
@@ -310,7 +338,8 @@ class _Carrier:
             if self._over():
                 return done if done else -1
             room = stream.room()
-            left = None if end is None else end - time.monotonic()
+            # (The first chunk, with room for it, goes without a look at the clock.)
+            left = None if end is None or (room > 0 and not done) else end - time.monotonic()
             if room <= 0 or (left is not None and left <= 0):
                 if left is not None and left <= 0:
                     if done and not whole:
@@ -371,9 +400,10 @@ class _Carrier:
             if lio is None or not lio.alive:
                 stream.data(chunk)
                 return True
-            wait = None if end is None else max(0.0, end - time.monotonic())
-            if not lio.wlock.acquire(timeout=wait):
-                return False
+            if not lio.wlock.acquire(blocking=False):
+                wait = None if end is None else max(0.0, end - time.monotonic())
+                if not lio.wlock.acquire(timeout=wait):
+                    return False
             handed = False
             try:
                 if lio is not self.cur or not lio.alive:
@@ -404,6 +434,19 @@ class _Carrier:
         sent, and the bytes are in the stream whatever the caller does next. A TLS link is
         written by that greenlet, which the caller waits for while its time lasts."""
         assert lio.wlock.locked(), "a link written without its lock"
+        if len(parts) == 1 and not lio.tls:
+            # The hot path: one small frame, taken whole by the socket (the usual case).
+            frame = parts[0]
+            try:
+                n = _Hub.raw(lio.sock).send(frame)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._link_lost(lio, "send failed")
+                return False
+            if n == len(frame):
+                return False
+            parts = [memoryview(frame)[n:]]
         if lio.tls:
             worker = gevent.spawn(self._finish_push, lio, [bytes(p) for p in parts])
             try:
@@ -558,8 +601,13 @@ class _Carrier:
         # counted as received when parsed, so handed on before any other event is obeyed
         # and before anything else can return.
         batch: list[Any] = []
+        fast: memoryview | None = None  # a chunk that was one whole DATA frame: its payload
         while lio.alive and not self.finished:
-            while True:
+            if fast is not None:  # nothing else came with it: no events to parse
+                size = len(fast)
+                stream.hold(size)
+                self._hand_on(fast, size)
+            while fast is None:
                 if lio is not self.cur:
                     # Replaced by a resume while this pump waited: the frames still buffered
                     # here are the new link's to re-send (counted from the resume's numbers);
@@ -597,6 +645,7 @@ class _Carrier:
                     return
                 elif isinstance(ev, sp.Ping):
                     self._send(lio, stream.pong())
+            fast = None
             if not self.room_ev.ready() and stream.room() > 0:
                 self.room_ev.set()
             due = stream.ack_due()
@@ -604,8 +653,9 @@ class _Carrier:
                 self._send(lio, stream.ack())
             elif due and not self.ack_armed:
                 self._arm_ack()
-            if self._maybe_finish() or not lio.alive:
-                return
+            if ((stream.end_sent is not None or stream.end_received is not None
+                 or self.finished) and self._maybe_finish()) or not lio.alive:
+                return  # (no end marker either way: nothing to finish, no call)
             # Read on while the plain end is stalled (PINGs answered, ENDs and ABORTs seen:
             # rule 9), unless the queue outgrew the limit (a peer that ignores acks): then
             # wait for it to drain, or for this link to be lost or replaced.
@@ -623,13 +673,46 @@ class _Carrier:
             if not data:
                 self._link_lost(lio, "closed by peer")
                 return
+            if lio is self.cur:
+                # The hot path: a chunk that is one whole DATA frame (a request, an answer)
+                # is handed on without events; anything else is parsed frame by frame.
+                try:
+                    fast = link.data_frame(data)
+                except sp.ProtocolError as exc:
+                    log.warning("resilientsock: %s session link: protocol error: %s",
+                                self.side, exc.reason)
+                    self._link_lost(lio, f"protocol error: {exc.reason}")
+                    return
+                if fast is not None:
+                    continue
             link.receive_data(data)
 
     def recv_link(self, lio: _LinkIO) -> bytes:
         """The next bytes of the link. The heartbeat (``heartbeat``, the link socket's
         timeout): a link silent for one interval gets a PING; silent for another, it is a
         drop (a black hole, or a peer stopped without FIN or RST, reveals itself only this
-        way). Any bytes count as life: a big re-send or a stalled plain end is not death."""
+        way). Any bytes count as life: a big re-send or a stalled plain end is not death.
+
+        On a TCP link the heartbeat is one timer per link (``_beat``), not a timeout armed
+        and cancelled around every read: a message costs a clock read here, no timer."""
+        if not lio.tls and self.heartbeat:
+            raw = _Hub.raw(lio.sock)
+            while True:
+                try:
+                    data = raw.recv(RECV_SIZE)
+                except BlockingIOError:
+                    pass
+                else:
+                    self.waiting_pong = False
+                    lio.heard = time.monotonic()
+                    if lio.beat is None:
+                        self._arm_beat(lio, self.heartbeat)
+                    return data  # type: ignore[no-any-return]
+                if lio.beat is None:
+                    self._arm_beat(lio, self.heartbeat)
+                # Woken by bytes, by a close (OSError), or by the heartbeat (TimeoutError).
+                if not _Hub.wait_bytes(lio.sock):  # closed under us by another greenlet
+                    raise OSError(errno.EBADF, "the link was closed")
         while True:
             try:
                 data = lio.sock.recv(RECV_SIZE)
@@ -642,6 +725,38 @@ class _Carrier:
                 continue
             self.waiting_pong = False
             return data  # type: ignore[no-any-return]
+
+    def _arm_beat(self, lio: _LinkIO, delay: float) -> None:
+        # A new timer each time (see _arm_ack); update=True: the loop's clock may be stale.
+        if lio.beat is not None:
+            lio.beat.close()
+        lio.beat = _Hub.timer(delay, self._beat, lio)
+
+    def _beat(self, lio: _LinkIO) -> None:
+        """In the hub (no I/O here): the heartbeat of a TCP link (``recv_link``), exactly as
+        the socket's timeout would have it: a PING once the link was silent for
+        ``heartbeat``, a drop once it stays silent for another (thrown into the read)."""
+        timer, lio.beat = lio.beat, None
+        if timer is not None:
+            timer.close()
+        heartbeat = self.heartbeat
+        if lio is not self.cur or not lio.alive or self.finished or not heartbeat:
+            return
+        silent = time.monotonic() - lio.heard
+        if silent < heartbeat:
+            self._arm_beat(lio, heartbeat - silent)
+            return
+        if not self.waiting_pong:
+            self.waiting_pong = True
+            gevent.spawn(self._ping, lio)
+        else:
+            if _Hub.interrupt_read(lio.sock, TimeoutError(  # the pump is reading
+                    f"peer silent for {2 * heartbeat:.1f} s")):
+                return
+        self._arm_beat(lio, heartbeat)
+
+    def _ping(self, lio: _LinkIO) -> None:
+        self._send(lio, self.stream.ping())
 
     def _arm_ack(self) -> None:
         """The delayed ACK: a timer in the hub, not a greenlet per chunk; in a conversation

@@ -381,7 +381,7 @@ class Stream:
         return self.data_sent + (1 if self.end_sent is not None else 0)
 
     def room(self) -> int:
-        return max(0, self.limit - len(self.unacked))
+        return max(0, self.limit - self.unacked._len)
 
     @property
     def ack_point(self) -> int:
@@ -480,7 +480,7 @@ class Stream:
         ack beyond what was sent is a ProtocolError."""
         if n < self.acked:
             return
-        if n > self.sent:
+        if n > self.data_sent and n > self.sent:
             raise ProtocolError(f"impossible ack {n} (acknowledged {self.acked}, sent "
                                 f"{self.sent})", E_IMPOSSIBLE_COUNTS)
         drop = min(n, self.data_sent) - min(self.acked, self.data_sent)
@@ -671,6 +671,31 @@ class Link:
                 self._chunk, self._cpos = view, 0
             return
         self._buf += data
+
+    def data_frame(self, data: bytes) -> memoryview | None:
+        """The hot path of an open link: when ``data`` (a chunk as received) is exactly one
+        whole DATA frame and nothing is buffered, its payload (a view of ``data``), with the
+        frame's acknowledgement applied and its bytes counted as received, as
+        ``receive_data`` and ``next_event`` would return it as one ``Data``. Otherwise None,
+        and nothing was consumed: feed ``data`` with ``receive_data``."""
+        if (self.state != OPEN or self._chunk is not None or self._data_left
+                or self._pos != len(self._buf) or type(data) is not bytes):
+            return None
+        length = len(data) - HEADER_LEN
+        if length <= 0 or length > MAX_DATA:
+            return None
+        ftype, size, ack = HEADER.unpack_from(data)
+        if ftype != DATA or size != length:
+            return None
+        stream = self.stream
+        assert stream is not None
+        try:
+            if ack != stream.acked:
+                stream.on_ack(ack)
+            stream.on_data(length)
+        except ProtocolError as exc:
+            self._fail(exc)
+        return memoryview(data)[HEADER_LEN:]
 
     def _spill(self) -> None:
         chunk, self._chunk = self._chunk, None

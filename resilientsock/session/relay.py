@@ -79,11 +79,11 @@ class _RelayStream(sp.Stream):
         self.counted = 0
 
     def room(self) -> int:
-        own = super().room()
-        relay = self.relay
         held = len(self.unacked)
+        own = max(0, self.limit - held)
+        relay = self.relay
         owner = self.owner
-        if owner is not None and owner.unproven():
+        if owner is not None and not (self.received or self.acked) and owner.unproven():
             # Until its client shows it got CREATED (an ack, a byte, a resume), a session
             # holds at most _UNPROVEN_MAX: HELLO-and-gone pins little (#26).
             own = min(own, max(0, _UNPROVEN_MAX - held))
