@@ -173,6 +173,19 @@ def _sendall_views(sock: Any, parts: list[Any]) -> None:
         _advance(bufs, sock.sendmsg(bufs))  # gevent's: waits for the socket, its timeout
 
 
+def _recv_ready(sock: Any, size: int, drained: bool) -> bytes:
+    """``sock.recv(size)``; when the last read was short (``drained``: it took all the socket
+    had), waiting for the socket to be readable first, without the read that would only
+    fail with EAGAIN (a syscall and an exception a message; the loop's readiness is
+    level-triggered: bytes, an EOF or an error that came meanwhile wake the wait at once)."""
+    if drained and sock.timeout != 0.0:
+        watcher = sock._read_event
+        if watcher is None:  # closed under us by another greenlet
+            raise OSError(errno.EBADF, "the socket was closed")
+        _wait_on_watcher(watcher, sock.timeout, hub=sock.hub)
+    return sock.recv(size)  # type: ignore[no-any-return]
+
+
 def _advance(bufs: list[memoryview], n: int) -> None:
     """Drop the first ``n`` bytes a ``sendmsg`` sent from the front of ``bufs``."""
     while n and bufs:
@@ -196,7 +209,7 @@ class _LinkIO:
     """One connection between client and relay: its socket, its protocol ``Link``, and the
     lock that keeps one frame from interleaving with another (two greenlets write)."""
 
-    __slots__ = ("sock", "link", "wlock", "alive", "tls", "heard", "beat")
+    __slots__ = ("sock", "link", "wlock", "alive", "tls", "heard", "beat", "drained")
 
     def __init__(self, sock: Any, link: sp.Link) -> None:
         self.sock = sock
@@ -205,6 +218,7 @@ class _LinkIO:
         self.alive = True
         self.heard = time.monotonic()  # when bytes last came (the heartbeat's timer reads it)
         self.beat: Any = None  # that timer, while a pump reads the link
+        self.drained = False  # the last read was short: the socket had no more (_recv_ready)
         # Read once, while the socket is open (a closed one raises from __getattr__).
         self.tls = hasattr(sock, "cipher")
 
@@ -352,15 +366,16 @@ class _Carrier:
             if lio is None or not lio.alive:
                 stream.data(chunk)
                 return True
-            if not lio.wlock.acquire(blocking=False):
+            waited = not lio.wlock.acquire(blocking=False)
+            if waited:
                 wait = None if end is None else max(0.0, end - time.monotonic())
                 if not lio.wlock.acquire(timeout=wait):
                     return False
             handed = False
             try:
-                if lio is not self.cur or not lio.alive:
+                if waited and (lio is not self.cur or not lio.alive):
                     continue  # replaced while we waited: the new link (or none)
-                if self._over():
+                if waited and self._over():
                     return None
                 if len(chunk) >= BIG_WRITE:
                     parts = [stream.data_header(chunk), chunk]
@@ -503,14 +518,17 @@ class _Carrier:
         """Read the plain end into DATA frames until it ends (then an END frame)."""
         stream = self.stream
         plain = self.plain
+        drained = False
         while not self.finished:
             room = stream.room()
             if room <= 0:
                 self.room_ev.clear()
                 self.room_ev.wait()  # set by pump_link when acks make room, or by finish()
                 continue
+            size = min(RECV_SIZE, room)
             try:
-                data = plain.recv(min(RECV_SIZE, room))
+                data = _recv_ready(plain, size, drained)
+                drained = len(data) < size
             except OSError as exc:
                 if self.finished or self.aborted:
                     return
@@ -644,17 +662,21 @@ class _Carrier:
         and cancelled around every read: a message costs a clock read here, no timer."""
         if not lio.tls and self.heartbeat:
             raw = lio.sock._sock
+            wait_first = lio.drained  # (see _recv_ready)
             while True:
-                try:
-                    data = raw.recv(RECV_SIZE)
-                except BlockingIOError:
-                    pass
-                else:
-                    self.waiting_pong = False
-                    lio.heard = time.monotonic()
-                    if lio.beat is None:
-                        self._arm_beat(lio, self.heartbeat)
-                    return data  # type: ignore[no-any-return]
+                if not wait_first:
+                    try:
+                        data = raw.recv(RECV_SIZE)
+                    except BlockingIOError:
+                        pass
+                    else:
+                        self.waiting_pong = False
+                        lio.heard = time.monotonic()
+                        lio.drained = len(data) < RECV_SIZE
+                        if lio.beat is None:
+                            self._arm_beat(lio, self.heartbeat)
+                        return data  # type: ignore[no-any-return]
+                wait_first = False
                 watcher = lio.sock._read_event
                 if watcher is None:  # closed under us by another greenlet
                     raise OSError(errno.EBADF, "the link was closed")
@@ -2360,6 +2382,13 @@ def direct_methods(base: Any) -> dict[str, Any]:
             if reader.waiting is not None and reader.waiting[0] is self:
                 reader.waiting = None
 
+    def drained(self: Any, reader: Any) -> bool:
+        """Every byte written to the pair was read here: a read would only fail with EAGAIN,
+        so wait for the handoff or the descriptor first (an EOF or a reset on the pair makes
+        it readable: the wait returns at once, as it does for bytes already there)."""
+        return reader.front is None and reader.pair_written == reader.pair_read \
+            and self.timeout != 0.0
+
     def take_front(reader: Any, n: int) -> bytes:
         front = reader.front
         if len(front) <= n:
@@ -2372,17 +2401,20 @@ def direct_methods(base: Any) -> dict[str, Any]:
         reader = self.__dict__.get("_rs_reader")
         if reader is None or flags or bufsize <= 0:
             return b_recv(self, bufsize, flags)  # type: ignore[no-any-return]
+        wait_first = drained(self, reader)
         while True:
             if reader.front is not None:
                 return take_front(reader, bufsize)
-            try:
-                data = self._sock.recv(bufsize)
-            except BlockingIOError:
-                if self.timeout == 0.0:
-                    raise
-            else:
-                reader.pair_read += len(data)
-                return data  # type: ignore[no-any-return]
+            if not wait_first:
+                try:
+                    data = self._sock.recv(bufsize)
+                except BlockingIOError:
+                    if self.timeout == 0.0:
+                        raise
+                else:
+                    reader.pair_read += len(data)
+                    return data  # type: ignore[no-any-return]
+            wait_first = False
             wait(self, reader, bufsize)
 
     def recv_into(self: Any, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -2395,19 +2427,22 @@ def direct_methods(base: Any) -> dict[str, Any]:
         n = nbytes or len(view)
         if n <= 0 or n > len(view):
             return b_recv_into(self, buffer, nbytes, flags)  # type: ignore[no-any-return]
+        wait_first = drained(self, reader)
         while True:
             if reader.front is not None:
                 data = take_front(reader, n)
                 view[:len(data)] = data
                 return len(data)
-            try:
-                k = self._sock.recv_into(view, n)
-            except BlockingIOError:
-                if self.timeout == 0.0:
-                    raise
-            else:
-                reader.pair_read += k
-                return k  # type: ignore[no-any-return]
+            if not wait_first:
+                try:
+                    k = self._sock.recv_into(view, n)
+                except BlockingIOError:
+                    if self.timeout == 0.0:
+                        raise
+                else:
+                    reader.pair_read += k
+                    return k  # type: ignore[no-any-return]
+            wait_first = False
             wait(self, reader, n)
 
     def ended(session: Any) -> None:
