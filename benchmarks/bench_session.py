@@ -356,7 +356,11 @@ def _idle_relay(mode: str, count: int) -> None:
     from resilientsock._relay import Relay
 
     server, port = _spawn([__file__, "_server"])
-    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", int(port)), plain_after=5.0)
+    # Every connection comes from one address, all at once: the admission caps that guard a
+    # relay against one source (sessions, unproven creations) are lifted for the measurement.
+    cap = count + 100
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", int(port)), plain_after=5.0,
+                  max_sessions=cap, max_sessions_per_source=cap, max_fresh_per_source=cap)
     relay.start()
     # Warm up one connection of the mode (first-use allocations are not per-connection).
     warm, _ = _spawn([__file__, "_idle_clients", mode, *map(str, relay.address), "1"])
