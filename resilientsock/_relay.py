@@ -175,9 +175,10 @@ def _sendall_views(sock: Any, parts: list[Any]) -> None:
 
 def _recv_ready(sock: Any, size: int, drained: bool) -> bytes:
     """``sock.recv(size)``; when the last read was short (``drained``: it took all the socket
-    had), waiting for the socket to be readable first, without the read that would only
-    fail with EAGAIN (a syscall and an exception a message; the loop's readiness is
-    level-triggered: bytes, an EOF or an error that came meanwhile wake the wait at once)."""
+    had, and that was a message, not a stream's worth: under ``BIG_WRITE``), waiting for the
+    socket to be readable first, without the read that would only fail with EAGAIN (a
+    syscall and an exception a message; the loop's readiness is level-triggered: bytes, an
+    EOF or an error that came meanwhile wake the wait at once). A stream read on at once."""
     if drained and sock.timeout != 0.0:
         watcher = sock._read_event
         if watcher is None:  # closed under us by another greenlet
@@ -231,7 +232,7 @@ class _LinkIO:
         self.alive = True
         self.heard = time.monotonic()  # when bytes last came (the heartbeat's timer reads it)
         self.beat: Any = None  # that timer, while a pump reads the link
-        self.drained = False  # the last read was short: the socket had no more (_recv_ready)
+        self.drained = False  # the last read was a message's: the socket had no more (_recv_ready)
         # Read once, while the socket is open (a closed one raises from __getattr__).
         self.tls = hasattr(sock, "cipher")
 
@@ -541,7 +542,7 @@ class _Carrier:
             size = min(RECV_SIZE, room)
             try:
                 data = _recv_ready(plain, size, drained)
-                drained = len(data) < size
+                drained = len(data) < min(size, BIG_WRITE)
             except OSError as exc:
                 if self.finished or self.aborted:
                     return
@@ -685,7 +686,7 @@ class _Carrier:
                     else:
                         self.waiting_pong = False
                         lio.heard = time.monotonic()
-                        lio.drained = len(data) < RECV_SIZE
+                        lio.drained = len(data) < BIG_WRITE
                         if lio.beat is None:
                             self._arm_beat(lio, self.heartbeat)
                         return data  # type: ignore[no-any-return]
