@@ -15,9 +15,11 @@ resume    a FaultProxy (in this process) between client and relay: RST every con
           the same path, in round trips (target ≤ 2).
 nagle     pingpong through a forwarder without TCP_NODELAY (``_forwarder``: a gevent process
           that sets it on neither side, as socat without ``nodelay`` and many home-made
-          forwarders): plain and session connections alternating through the same forwarder
-          and relay. A frame split into two writes, or a standalone ACK followed by DATA,
-          waits for the path's delayed ACK (40 ms) there (target ≥ 0.8×; 0.04× at c94b32e).
+          forwarders): a plain and a session connection through the same forwarder and
+          relay, open together, taking turns of 1/20 of the round trips each (the order
+          alternating), so that the machine's load weighs on both alike. A frame split
+          into two writes, or a standalone ACK followed by DATA, waits for the path's
+          delayed ACK (40 ms) there (target ≥ 0.8×; 0.04× at c94b32e).
 idle      Python-heap bytes per idle connection held by the relay (tracemalloc in a relay
           process of its own; clients and upstream in others), sessions against plain
           proxying; the difference is what a session costs (target ≤ 8 KiB).
@@ -235,6 +237,32 @@ def pingpong(mode: str, address: tuple[str, int], count: int) -> float:
     return count / elapsed
 
 
+def pingpong_alternating(address: tuple[str, int], count: int,
+                         slices: int = 20) -> tuple[float, float]:
+    """(plain, session) round trips per second on one connection of each, open together:
+    ``count`` round trips each, in ``slices`` turns that alternate which goes first, so a
+    load that comes and goes on the machine weighs on both alike."""
+    socks = {mode: _connect(mode, address) for mode in ("plain", "session")}
+    spent = dict.fromkeys(socks, 0.0)
+    for sock in socks.values():
+        sock.sendall(b"E")
+        for _ in range(50):
+            sock.sendall(PING)
+            _recv_exact(sock, 64)
+    turn = max(1, count // slices)
+    for i in range(slices):
+        for mode in (("plain", "session") if i % 2 == 0 else ("session", "plain")):
+            sock = socks[mode]
+            start = time.perf_counter()
+            for _ in range(turn):
+                sock.sendall(PING)
+                _recv_exact(sock, 64)
+            spent[mode] += time.perf_counter() - start
+    for sock in socks.values():
+        sock.close()
+    return turn * slices / spent["plain"], turn * slices / spent["session"]
+
+
 def bulk(mode: str, address: tuple[str, int], total: int) -> float:
     sock = _connect(mode, address)
     block = b"b" * 65536
@@ -427,9 +455,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["pingpong"].setdefault(mode, []).append(
                     pingpong(mode, address, pings))
                 results["bulk"].setdefault(mode, []).append(bulk(mode, address, total))
-            for mode in (["plain", "session"] if run % 2 == 0 else ["session", "plain"]):
-                results["nagle"].setdefault(mode, []).append(
-                    pingpong(mode, via_fwd, pings))
+            plain, session = pingpong_alternating(via_fwd, pings)
+            results["nagle"].setdefault("plain", []).append(plain)
+            results["nagle"].setdefault("session", []).append(session)
         rt, fault, cost = resume(address, 30 if args.quick else 100)
         drt, dfault, dcost = resume_direct(address, 30 if args.quick else 100)
     finally:
