@@ -101,19 +101,31 @@ class _Hub:
     @staticmethod
     def wait_readable(sock: Any, timeout_exc: type[BaseException]) -> None:
         """Wait as a gevent socket's own ``recv`` does (its timeout raising ``timeout_exc``,
-        its cancel on ``close()``), so that ``wake_reader`` can end the wait."""
-        sock._wait(sock._read_event, timeout_exc)
+        its cancel on ``close()``), so that ``wake_reader`` can end the wait. The timeout is
+        a bare loop timer instead of a ``gevent.Timeout``: the same timer (priority -1,
+        started on the loop's updated clock) without the nine Python calls around it, on
+        every read of a request/answer loop."""
+        watcher, timeout = sock._read_event, sock.timeout
+        if watcher is None or not timeout:
+            sock._wait(watcher, timeout_exc)
+            return
+        timer = sock.hub.loop.timer(timeout, priority=-1)
+        timer.start(gevent.getcurrent().throw, timeout_exc(), update=True)
+        try:
+            _wait_on_watcher(watcher, None, hub=sock.hub)
+        finally:
+            timer.close()
 
     @staticmethod
-    def wait_bytes(sock: Any) -> bool:
-        """Wait, with no timeout of its own, until ``sock`` may be read, on its own read
-        watcher (``_read_event``) and hub: ended by bytes, by a close (OSError), or by
-        ``interrupt_read`` (its exception). False at once when the socket was closed under us
-        (no watcher)."""
+    def wait_bytes(sock: Any, timeout: float | None = None) -> bool:
+        """Wait until ``sock`` may be read, on its own read watcher (``_read_event``) and hub,
+        at most ``timeout`` seconds (then TimeoutError; None: no limit of its own): ended by
+        bytes, an EOF or an error, by a close (OSError), or by ``interrupt_read`` (its
+        exception). False at once when the socket was closed under us (no watcher)."""
         watcher = sock._read_event
         if watcher is None:
             return False
-        _wait_on_watcher(watcher, None, hub=sock.hub)
+        _wait_on_watcher(watcher, timeout, hub=sock.hub)
         return True
 
     @staticmethod
@@ -208,6 +220,18 @@ def _sendall_views(sock: Any, parts: list[Any]) -> None:
         _advance(bufs, sock.sendmsg(bufs))  # gevent's: waits for the socket, its timeout
 
 
+def _recv_ready(sock: Any, size: int, drained: bool) -> bytes:
+    """``sock.recv(size)``; when the last read was short (``drained``: it took all the socket
+    had, and that was a message, not a stream's worth: under ``BIG_WRITE``), waiting for the
+    socket to be readable first, without the read that would only fail with EAGAIN (a
+    syscall and an exception a message; the loop's readiness is level-triggered: bytes, an
+    EOF or an error that came meanwhile wake the wait at once). A stream read on at once."""
+    if drained and sock.timeout != 0.0:
+        if not _Hub.wait_bytes(sock, sock.timeout):  # closed under us by another greenlet
+            raise OSError(errno.EBADF, "the socket was closed")
+    return sock.recv(size)  # type: ignore[no-any-return]
+
+
 def _advance(bufs: list[memoryview], n: int) -> None:
     """Drop the first ``n`` bytes a ``sendmsg`` sent from the front of ``bufs``."""
     while n and bufs:
@@ -236,7 +260,7 @@ class _LinkIO:
     out; the lock is bounded, so a release by a writer that had handed it over already
     (two writers interleaving frames) raises instead of letting a third one in."""
 
-    __slots__ = ("sock", "link", "wlock", "alive", "tls", "heard", "beat")
+    __slots__ = ("sock", "link", "wlock", "alive", "tls", "heard", "beat", "drained")
 
     def __init__(self, sock: Any, link: sp.Link) -> None:
         self.sock = sock
@@ -245,6 +269,7 @@ class _LinkIO:
         self.alive = True
         self.heard = time.monotonic()  # when bytes last came (the heartbeat's timer reads it)
         self.beat: Any = None  # that timer, while a pump reads the link
+        self.drained = False  # the last read was a message's: the socket had no more (_recv_ready)
         # Read once, while the socket is open (a closed one raises from __getattr__).
         self.tls = hasattr(sock, "cipher")
 
@@ -400,15 +425,16 @@ class _Carrier:
             if lio is None or not lio.alive:
                 stream.data(chunk)
                 return True
-            if not lio.wlock.acquire(blocking=False):
+            waited = not lio.wlock.acquire(blocking=False)
+            if waited:
                 wait = None if end is None else max(0.0, end - time.monotonic())
                 if not lio.wlock.acquire(timeout=wait):
                     return False
             handed = False
             try:
-                if lio is not self.cur or not lio.alive:
+                if waited and (lio is not self.cur or not lio.alive):
                     continue  # replaced while we waited: the new link (or none)
-                if self._over():
+                if waited and self._over():
                     return None
                 if len(chunk) >= BIG_WRITE:
                     parts = [stream.data_header(chunk), chunk]
@@ -553,14 +579,17 @@ class _Carrier:
         """Read the plain end into DATA frames until it ends (then an END frame)."""
         stream = self.stream
         plain = self.plain
+        drained = False
         while not self.finished:
             room = stream.room()
             if room <= 0:
                 self.room_ev.clear()
                 self.room_ev.wait()  # set by pump_link when acks make room, or by finish()
                 continue
+            size = min(RECV_SIZE, room)
             try:
-                data = plain.recv(min(RECV_SIZE, room))
+                data = _recv_ready(plain, size, drained)
+                drained = len(data) < min(size, BIG_WRITE)
             except OSError as exc:
                 if self.finished or self.aborted:
                     return
@@ -697,17 +726,21 @@ class _Carrier:
         and cancelled around every read: a message costs a clock read here, no timer."""
         if not lio.tls and self.heartbeat:
             raw = _Hub.raw(lio.sock)
+            wait_first = lio.drained  # (see _recv_ready)
             while True:
-                try:
-                    data = raw.recv(RECV_SIZE)
-                except BlockingIOError:
-                    pass
-                else:
-                    self.waiting_pong = False
-                    lio.heard = time.monotonic()
-                    if lio.beat is None:
-                        self._arm_beat(lio, self.heartbeat)
-                    return data  # type: ignore[no-any-return]
+                if not wait_first:
+                    try:
+                        data = raw.recv(RECV_SIZE)
+                    except BlockingIOError:
+                        pass
+                    else:
+                        self.waiting_pong = False
+                        lio.heard = time.monotonic()
+                        lio.drained = len(data) < BIG_WRITE
+                        if lio.beat is None:
+                            self._arm_beat(lio, self.heartbeat)
+                        return data  # type: ignore[no-any-return]
+                wait_first = False
                 if lio.beat is None:
                     self._arm_beat(lio, self.heartbeat)
                 # Woken by bytes, by a close (OSError), or by the heartbeat (TimeoutError).

@@ -437,7 +437,7 @@ def direct_methods(base: Any) -> dict[str, Any]:
         handoff of at most ``n`` bytes (rule 8)."""
         reader.waiting = (self, n)
         try:
-            _Hub.wait_readable(self, _ReadTimedOut)
+            _Hub.wait_readable(self, _ReadTimedOut)  # its timeout a bare timer (see there)
         except _ReadTimedOut:
             if reader.front is not None:
                 return  # the bytes came before the socket timeout's turn: the read gets them
@@ -449,6 +449,13 @@ def direct_methods(base: Any) -> dict[str, Any]:
         finally:
             if reader.waiting is not None and reader.waiting[0] is self:
                 reader.waiting = None
+
+    def drained(self: Any, reader: Any) -> bool:
+        """Every byte written to the pair was read here: a read would only fail with EAGAIN,
+        so wait for the handoff or the descriptor first (an EOF or a reset on the pair makes
+        it readable: the wait returns at once, as it does for bytes already there)."""
+        return reader.front is None and reader.pair_written == reader.pair_read \
+            and self.timeout != 0.0
 
     def take_front(reader: Any, n: int) -> bytes:
         front = reader.front
@@ -462,17 +469,20 @@ def direct_methods(base: Any) -> dict[str, Any]:
         reader = self.__dict__.get("_rs_reader")
         if reader is None or flags or bufsize <= 0:
             return b_recv(self, bufsize, flags)  # type: ignore[no-any-return]
+        wait_first = drained(self, reader)
         while True:
             if reader.front is not None:
                 return take_front(reader, bufsize)
-            try:
-                data = _Hub.raw(self).recv(bufsize)
-            except BlockingIOError:
-                if self.timeout == 0.0:
-                    raise
-            else:
-                reader.pair_read += len(data)
-                return data  # type: ignore[no-any-return]
+            if not wait_first:
+                try:
+                    data = _Hub.raw(self).recv(bufsize)
+                except BlockingIOError:
+                    if self.timeout == 0.0:
+                        raise
+                else:
+                    reader.pair_read += len(data)
+                    return data  # type: ignore[no-any-return]
+            wait_first = False
             wait(self, reader, bufsize)
 
     def recv_into(self: Any, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -485,19 +495,22 @@ def direct_methods(base: Any) -> dict[str, Any]:
         n = nbytes or len(view)
         if n <= 0 or n > len(view):
             return b_recv_into(self, buffer, nbytes, flags)  # type: ignore[no-any-return]
+        wait_first = drained(self, reader)
         while True:
             if reader.front is not None:
                 data = take_front(reader, n)
                 view[:len(data)] = data
                 return len(data)
-            try:
-                k = _Hub.raw(self).recv_into(view, n)
-            except BlockingIOError:
-                if self.timeout == 0.0:
-                    raise
-            else:
-                reader.pair_read += k
-                return k  # type: ignore[no-any-return]
+            if not wait_first:
+                try:
+                    k = _Hub.raw(self).recv_into(view, n)
+                except BlockingIOError:
+                    if self.timeout == 0.0:
+                        raise
+                else:
+                    reader.pair_read += k
+                    return k  # type: ignore[no-any-return]
+            wait_first = False
             wait(self, reader, n)
 
     def ended(session: Any) -> None:

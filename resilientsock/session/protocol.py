@@ -417,7 +417,11 @@ class Stream:
         if self.end_sent is not None:
             raise ValueError("data after the end marker")
         self.unacked.append(payload)
-        self.data_sent += len(payload)
+        n = len(payload)
+        self.data_sent += n
+        if n <= MAX_DATA:  # one frame (the usual case)
+            ack = self.ack_sent = self.received - self.held
+            return HEADER.pack(DATA, n, ack) + payload
         return self._data_frames(payload)
 
     def data_header(self, payload: bytes | memoryview) -> bytes:
