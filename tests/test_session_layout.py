@@ -135,3 +135,11 @@ def test_a_link_lock_is_taken_new_without_waiting_and_released_once() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_the_design_docs_code_map_names_every_session_file() -> None:
+    text = (ROOT / "docs" / "design.md").read_text()
+    code_map = text[text.index("  session/ "):]
+    for path in sorted(SESSION.glob("*.py")):
+        if path.name != "__init__.py":
+            assert f"    {path.name} " in code_map[:2000], path.name

@@ -459,6 +459,7 @@ class Relay:
         src = self._sources.get(session.source)
         if src is not None:
             src.sessions -= 1
+            assert src.sessions >= 0, f"{session.source}: more sessions forgotten than created"
             if session in src.fresh:
                 src.fresh.remove(session)
         self.starved.discard(session)
@@ -874,6 +875,8 @@ class Relay:
         finally:
             src.connecting -= 1
             self._connecting -= 1
+            assert src.connecting >= 0 and self._connecting >= 0, (src.connecting,
+                                                                   self._connecting)
         if upstream is None:
             self._reject(sock, link, code, why,
                          counter="upstream_failures" if code == sp.E_UPSTREAM
