@@ -165,6 +165,7 @@ class _Hub:
         """``callback()`` from the hub's loop, outside the current timer's or greenlet's turn."""
         gevent.get_hub().loop.run_callback(callback)
 
+
 RECV_SIZE = 256 * 1024  # big reads: fewer frames, fewer syscalls (picked, measured in bench)
 BIG_WRITE = 16 * 1024  # from here on a header and its payload go out as two buffers (no copy)
 ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (picked)

@@ -11,6 +11,7 @@ from typing import Any
 __all__ = ["parse_address", "set_session_targets", "session_targets", "set_session_tls",
            "is_session_target"]
 
+
 def parse_address(text: str) -> tuple[str, int]:
     """``"HOST:PORT"`` or ``"[IPv6]:PORT"`` to ``(host, port)``; ValueError naming ``text``."""
     if not isinstance(text, str):
