@@ -737,9 +737,10 @@ class _Carrier:
             gevent.spawn(self._ping, lio)
         else:
             watcher = lio.sock._read_event
-            if watcher is not None and watcher.callback is not None:  # the pump is reading
-                lio.sock.hub.cancel_wait(watcher, TimeoutError(
-                    f"peer silent for {2 * heartbeat:.1f} s"))
+            waiter = getattr(watcher and watcher.callback, "__self__", None)
+            if waiter is not None:  # the pump is waiting to read: thrown in now, as a
+                # socket timeout is (from its timer, in the hub; no callback between)
+                waiter.throw(TimeoutError(f"peer silent for {2 * heartbeat:.1f} s"))
                 return
         self._arm_beat(lio, heartbeat)
 
