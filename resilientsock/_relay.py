@@ -184,6 +184,10 @@ def _recv_ready(sock: Any, size: int, drained: bool) -> bytes:
         if watcher is None:  # closed under us by another greenlet
             raise OSError(errno.EBADF, "the socket was closed")
         _wait_on_watcher(watcher, sock.timeout, hub=sock.hub)
+        try:
+            return sock._sock.recv(size)  # type: ignore[no-any-return]
+        except BlockingIOError:
+            pass  # readable, and then not (another reader?): gevent's read waits again
     return sock.recv(size)  # type: ignore[no-any-return]
 
 
@@ -627,7 +631,7 @@ class _Carrier:
             fast = None
             if not self.room_ev.ready() and stream.room() > 0:
                 self.room_ev.set()
-            due = stream.ack_due()
+            due = stream.received - stream.held - stream.ack_sent  # stream.ack_due()
             if due >= ACK_EVERY:
                 self._send(lio, stream.ack())
             elif due and not self.ack_armed:
