@@ -6,7 +6,9 @@ Processes: an upstream server (``_server``: echo, or sink with a one-byte answer
 (``python -m resilientsock relay``), and this script as the client (gevent). Every
 measurement alternates plain / session connections to the same relay, N runs, medians:
 
-pingpong  64-byte write, 64-byte echo, round trips per second on one connection.
+pingpong  64-byte write, 64-byte echo, round trips per second on one connection of each
+          kind, open together, taking turns of 1/20 of the round trips (the order rotating),
+          so that the machine's load weighs on all alike.
 bulk      64 KiB ``sendall`` of 1 GiB (256 MiB with --quick) to the sink, until its answer
           (about a second: a 128 MiB transfer took 0.1 s, where TCP's ramp-up and where the
           scheduler puts three busy processes on two CPUs moved one run by ±20%).
@@ -16,8 +18,7 @@ resume    a FaultProxy (in this process) between client and relay: RST every con
 nagle     pingpong through a forwarder without TCP_NODELAY (``_forwarder``: a gevent process
           that sets it on neither side, as socat without ``nodelay`` and many home-made
           forwarders): a plain and a session connection through the same forwarder and
-          relay, open together, taking turns of 1/20 of the round trips each (the order
-          alternating), so that the machine's load weighs on both alike. A frame split
+          relay, in turns as for pingpong. A frame split
           into two writes, or a standalone ACK followed by DATA, waits for the path's
           delayed ACK (40 ms) there (target ≥ 0.8×; 0.04× at c94b32e).
 idle      Python-heap bytes per idle connection held by the relay (tracemalloc in a relay
@@ -222,27 +223,12 @@ def _recv_exact(sock: Any, n: int) -> bytes:
     return out
 
 
-def pingpong(mode: str, address: tuple[str, int], count: int) -> float:
-    sock = _connect(mode, address)
-    sock.sendall(b"E")
-    for _ in range(50):
-        sock.sendall(PING)
-        _recv_exact(sock, 64)
-    start = time.perf_counter()
-    for _ in range(count):
-        sock.sendall(PING)
-        _recv_exact(sock, 64)
-    elapsed = time.perf_counter() - start
-    sock.close()
-    return count / elapsed
-
-
-def pingpong_alternating(address: tuple[str, int], count: int,
-                         slices: int = 20) -> tuple[float, float]:
-    """(plain, session) round trips per second on one connection of each, open together:
-    ``count`` round trips each, in ``slices`` turns that alternate which goes first, so a
-    load that comes and goes on the machine weighs on both alike."""
-    socks = {mode: _connect(mode, address) for mode in ("plain", "session")}
+def pingpong_alternating(address: tuple[str, int], count: int, modes: tuple[str, ...],
+                         slices: int = 20) -> dict[str, float]:
+    """Round trips per second on one connection of each mode, open together: ``count``
+    round trips each, in ``slices`` turns whose order rotates, so a load that comes and goes
+    on the machine weighs on every mode alike."""
+    socks = {mode: _connect(mode, address) for mode in modes}
     spent = dict.fromkeys(socks, 0.0)
     for sock in socks.values():
         sock.sendall(b"E")
@@ -251,7 +237,8 @@ def pingpong_alternating(address: tuple[str, int], count: int,
             _recv_exact(sock, 64)
     turn = max(1, count // slices)
     for i in range(slices):
-        for mode in (("plain", "session") if i % 2 == 0 else ("session", "plain")):
+        k = i % len(modes)
+        for mode in modes[k:] + modes[:k]:
             sock = socks[mode]
             start = time.perf_counter()
             for _ in range(turn):
@@ -260,7 +247,7 @@ def pingpong_alternating(address: tuple[str, int], count: int,
             spent[mode] += time.perf_counter() - start
     for sock in socks.values():
         sock.close()
-    return turn * slices / spent["plain"], turn * slices / spent["session"]
+    return {mode: turn * slices / spent[mode] for mode in modes}
 
 
 def bulk(mode: str, address: tuple[str, int], total: int) -> float:
@@ -452,12 +439,11 @@ def main(argv: list[str] | None = None) -> int:
             # The order rotates every run: whatever follows a given mode (the relay and the
             # sink still settling after a transfer) is shared out evenly.
             for mode in modes[run % 4:] + modes[:run % 4]:
-                results["pingpong"].setdefault(mode, []).append(
-                    pingpong(mode, address, pings))
                 results["bulk"].setdefault(mode, []).append(bulk(mode, address, total))
-            plain, session = pingpong_alternating(via_fwd, pings)
-            results["nagle"].setdefault("plain", []).append(plain)
-            results["nagle"].setdefault("session", []).append(session)
+            for test, where, kinds in (("pingpong", address, tuple(modes)),
+                                       ("nagle", via_fwd, ("plain", "session"))):
+                for mode, rate in pingpong_alternating(where, pings, kinds).items():
+                    results[test].setdefault(mode, []).append(rate)
         rt, fault, cost = resume(address, 30 if args.quick else 100)
         drt, dfault, dcost = resume_direct(address, 30 if args.quick else 100)
     finally:

@@ -131,11 +131,14 @@ class _Hub:
     @staticmethod
     def interrupt_read(sock: Any, exc: BaseException) -> bool:
         """If a greenlet waits on ``sock``'s read watcher (``wait_bytes``), throw ``exc`` into
-        it, as the hub's ``cancel_wait`` does on a close (True); otherwise nothing (False)."""
+        it now, as a socket timeout does (from a timer, in the hub; no callback between:
+        the watcher's callback is the waiting greenlet's ``switch``) (True); otherwise
+        nothing (False)."""
         watcher = sock._read_event
-        if watcher is None or watcher.callback is None:
+        waiter = getattr(watcher and watcher.callback, "__self__", None)
+        if waiter is None:
             return False
-        sock.hub.cancel_wait(watcher, exc)
+        waiter.throw(exc)
         return True
 
     @staticmethod
@@ -230,6 +233,10 @@ def _recv_ready(sock: Any, size: int, drained: bool) -> bytes:
     if drained and sock.timeout != 0.0:
         if not _Hub.wait_bytes(sock, sock.timeout):  # closed under us by another greenlet
             raise OSError(errno.EBADF, "the socket was closed")
+        try:
+            return _Hub.raw(sock).recv(size)  # type: ignore[no-any-return]
+        except BlockingIOError:
+            pass  # readable, and then not (another reader?): gevent's read waits again
     return sock.recv(size)  # type: ignore[no-any-return]
 
 
@@ -678,7 +685,7 @@ class _Carrier:
             fast = None
             if not self.room_ev.ready() and stream.room() > 0:
                 self.room_ev.set()
-            due = stream.ack_due()
+            due = stream.received - stream.held - stream.ack_sent  # stream.ack_due()
             if due >= ACK_EVERY:
                 self._send(lio, stream.ack())
             elif due and not self.ack_armed:
@@ -784,8 +791,8 @@ class _Carrier:
             self.waiting_pong = True
             gevent.spawn(self._ping, lio)
         else:
-            if _Hub.interrupt_read(lio.sock, TimeoutError(  # the pump is reading
-                    f"peer silent for {2 * heartbeat:.1f} s")):
+            if _Hub.interrupt_read(lio.sock, TimeoutError(  # the pump is waiting to read:
+                    f"peer silent for {2 * heartbeat:.1f} s")):  # thrown in now (see there)
                 return
         self._arm_beat(lio, heartbeat)
 

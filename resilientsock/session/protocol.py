@@ -696,9 +696,11 @@ class Link:
         try:
             if ack != stream.acked:
                 stream.on_ack(ack)
-            stream.on_data(length)
+            if stream.end_received is not None:
+                stream.on_data(length)  # raises: DATA after the end marker
         except ProtocolError as exc:
             self._fail(exc)
+        stream.received += length  # Stream.on_data
         return memoryview(data)[HEADER_LEN:]
 
     def _spill(self) -> None:
