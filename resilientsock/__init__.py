@@ -53,10 +53,10 @@ from ._stats import SocketStats as SocketStats
 from ._stats import stats as stats
 
 if TYPE_CHECKING:
-    from ._relay import Relay as Relay
     from ._socket import ResilientSocket as ResilientSocket
     from ._socket import create_connection as create_connection
     from ._tls import ResilientSSLSocket as ResilientSSLSocket
+    from .session.relay import Relay as Relay
 
 from ._version import __version__ as __version__  # the one source: _version.py
 
@@ -83,7 +83,7 @@ _LAZY = {
     "ResilientSocket": "._socket",
     "create_connection": "._socket",
     "ResilientSSLSocket": "._tls",
-    "Relay": "._relay",
+    "Relay": ".session.relay",
 }
 
 

@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv and argv[0] == "relay":
         # Imported only here: the relay's module is not needed by anything else.
-        from ._relay_cli import main as relay_main
+        from .session.cli import main as relay_main
 
         raise SystemExit(relay_main(argv[1:]))
     if not argv:

@@ -93,7 +93,7 @@ def _one_run(label: str, resilient: bool, count: int, interval: float,
     server = MessageServer(loop=loop).start()
     relay = None
     if session:
-        from ._relay import Relay
+        from .session.relay import Relay
 
         # plain_after 2 s: this relay serves only session clients, and a black hole delays a
         # reconnecting client's first bytes (docs/session-protocol.md, "Plain clients").

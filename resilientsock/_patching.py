@@ -49,14 +49,6 @@ def is_patched() -> bool:
     return _patched
 
 
-_session: list[str] = []  # the session targets in force ("HOST:PORT")
-
-
-def session_targets() -> list[str]:
-    """The targets whose connections speak the session protocol (docs/design.md §11)."""
-    return list(_session)
-
-
 def patch(policy: RetryPolicy | None = None, *, session: Any = None,
           **policy_fields: Unpack[PatchFields]) -> None:
     """Monkey-patch with gevent, then make every client stream socket resilient.
@@ -87,11 +79,10 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
         # monkey.patch_socket() alone ran before us: the stdlib SSLContext would build our
         # TLS class through an API it lacks (review r08). gevent's ssl goes in first.
         monkey.patch_ssl()
-    if targets or _session:
-        from . import _relay
+    from .session import targets as _targets  # no gevent, no client: just the registry
 
-        _relay.set_session_targets(targets or None)
-        _session[:] = targets
+    if targets or _targets.session_targets():
+        _targets.set_session_targets(targets or None)
 
     from . import _socket
 
@@ -134,11 +125,10 @@ def unpatch() -> None:
     from . import _socket
 
     _socket.set_default_policy(None)
-    if _session:
-        from . import _relay
+    from .session import targets as _targets
 
-        _relay.set_session_targets(None)
-        _session.clear()
+    if _targets.session_targets():
+        _targets.set_session_targets(None)
     _patched = False
 
 
@@ -148,13 +138,13 @@ def _parse_session(value: Any) -> list[str]:
     items = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
     items = [t for t in items if t]
     if items:
-        from . import _relay
+        from .session.targets import parse_address
 
         for item in items:
             if not isinstance(item, str):
                 raise ValueError(f"patch(session=...): {item!r} is not a 'HOST:PORT' string")
             try:
-                _relay.parse_address(item)
+                parse_address(item)
             except ValueError as exc:
                 raise ValueError(f"patch(session=...): {exc}") from None
     return items

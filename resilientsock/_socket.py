@@ -418,11 +418,10 @@ class ResilientSocket(_GeventSocket):
         if policy.session:
             return True
         try:
-            from . import _patching
+            from .session.targets import is_session_target, session_targets
 
-            if not _patching.session_targets():
+            if not session_targets():
                 return False
-            from ._relay import is_session_target
         except Exception:
             return False
         return bool(is_session_target(address))
@@ -481,7 +480,7 @@ class ResilientSocket(_GeventSocket):
     def _rs_open_session(self, address: Any, policy: RetryPolicy) -> None:
         """Session mode (docs/design.md §11): the byte stream rides a session through a relay, which
         does the recovery; this socket itself passes through."""
-        from ._relay import open_session
+        from .session.client import open_session
 
         stream = open_session(address, timeout=self.timeout, policy=policy)
         session = stream.__dict__.get("_rs_direct")  # before detach() turns it off
@@ -490,7 +489,7 @@ class ResilientSocket(_GeventSocket):
         self._rs_install(raw)
         if session is not None:
             # This socket's own writes go onto the session's link (no trip through the pair).
-            from ._relay import set_direct
+            from .session.client import set_direct
 
             set_direct(self, session)
             self.__class__ = _session_twin(type(self))
@@ -1606,11 +1605,11 @@ def _guarded_twin(cls: type) -> type:
 
 def _session_twin(cls: type) -> type:
     """The subclass of ``cls`` whose writes frame onto a session's link (session mode,
-    docs/design.md §11; ``_relay.direct_methods``)."""
+    docs/design.md §11; ``session.client.direct_methods``)."""
     twin: type | None = cls.__dict__.get("_rs_session_twin")
     if twin is not None:
         return twin
-    from ._relay import direct_methods
+    from .session.client import direct_methods
 
     return _twin(cls, "_rs_session_twin", direct_methods(cls))
 

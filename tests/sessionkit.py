@@ -15,7 +15,7 @@ from typing import Any
 import gevent
 import gevent.socket as gsocket
 
-from resilientsock import _session as sp
+from resilientsock.session import protocol as sp
 from resilientsock.testing import LoopThread
 
 

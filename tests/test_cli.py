@@ -160,12 +160,12 @@ def test_session_option_is_parsed_and_checked():
 
 
 def test_relay_subcommand_dispatches_to_relay_cli():
-    """``relay ...`` calls resilientsock._relay_cli.main(argv) and exits with its result (a
+    """``relay ...`` calls resilientsock.session.cli.main(argv) and exits with its result (a
     stand-in module here: the relay's own tests test the relay)."""
     code = ("import sys, types\n"
-            "stub = types.ModuleType('resilientsock._relay_cli')\n"
+            "stub = types.ModuleType('resilientsock.session.cli')\n"
             "stub.main = lambda argv: print('relay got', argv) or 7\n"
-            "sys.modules['resilientsock._relay_cli'] = stub\n"
+            "sys.modules['resilientsock.session.cli'] = stub\n"
             "from resilientsock._cli import main\n"
             "main(['relay', '--listen', '127.0.0.1:1', '--upstream', '127.0.0.1:2'])\n")
     out = run_py(["-c", code])

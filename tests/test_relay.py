@@ -26,8 +26,8 @@ import pytest
 from conftest import ROOT, Lines, TLSServer, run_py, wait_until
 
 from resilientsock import RetryPolicy
-from resilientsock import _session as sp
-from resilientsock._relay import Relay, open_session, parse_address
+from resilientsock.session import Relay, open_session, parse_address
+from resilientsock.session import protocol as sp
 from resilientsock.testing import FaultProxy, LoopThread, MessageServer
 
 POLICY = RetryPolicy(deadline=20, backoff_initial=0.01, backoff_max=0.1)
@@ -136,7 +136,7 @@ def test_upstream_reset_reaches_the_application_as_a_reset(upstream: MessageServ
     wait_until(lambda: relay.stats()["upstream_resets"] == 1, what="the relay counts the reset")
 
 
-# -- the application's writes skip the local pair (rule 7 of _relay) ---------------------------
+# -- the application's writes skip the local pair (rule 7 of session.carrier) -----------------
 
 
 def test_writes_go_onto_the_link_and_a_switch_to_the_pair_keeps_the_order(
@@ -217,7 +217,7 @@ def test_a_child_after_fork_writes_through_the_pair_not_the_parents_link(
         try:
             if app.__dict__.get("_rs_direct") is None:
                 app.sendall(b"MSG 4 reading=child\n")
-                from resilientsock._relay import _end_sessions_at_exit
+                from resilientsock.session.client import _end_sessions_at_exit
 
                 _end_sessions_at_exit()  # the child's exit hook: ends none of the parent's
                 code = 0
@@ -358,7 +358,7 @@ def test_many_payloads_go_out_in_one_write_beyond_iov_max() -> None:
     """The DATA of one received chunk (thousands of small frames) is written to the plain
     end at once: more buffers than IOV_MAX (1024) in one sendmsg failed with EMSGSIZE, which
     the relay took for its upstream gone and reset the session (found by review)."""
-    from resilientsock._relay import _sendall_views
+    from resilientsock.session.carrier import _sendall_views
 
     a, b = gsocket.socketpair()
     try:
@@ -413,7 +413,7 @@ def test_closing_one_of_two_descriptors_keeps_the_session(upstream: MessageServe
 
 def test_a_write_after_the_exit_hook_fails_instead_of_vanishing(upstream: MessageServer,
                                                                 relay: Relay) -> None:
-    from resilientsock._relay import _end_sessions_at_exit
+    from resilientsock.session.client import _end_sessions_at_exit
 
     app = session(relay.address)
     converse(app, 1, 3)
@@ -801,7 +801,7 @@ def _relay_process(listen: str, upstream: tuple[str, int], *extra: str) -> Any:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from resilientsock._relay_cli import main; "
+        [sys.executable, "-c", "import sys; from resilientsock.session.cli import main; "
          "sys.exit(main(sys.argv[1:]))", "--listen", listen,
          "--upstream", f"{upstream[0]}:{upstream[1]}", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

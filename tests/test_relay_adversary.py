@@ -26,8 +26,8 @@ import pytest
 from conftest import ROOT, Lines, wait_until
 
 from resilientsock import RetryPolicy
-from resilientsock import _session as sp
-from resilientsock._relay import Relay, open_session
+from resilientsock.session import Relay, open_session
+from resilientsock.session import protocol as sp
 from resilientsock.testing import FaultProxy, MessageServer
 from resilientsock.testing._loop import ListenerService
 
@@ -355,7 +355,7 @@ def _fill_budget(relay: Relay, socks: list[Any], budget: int) -> None:
 _FD_RELAY = textwrap.dedent("""
     import resource, sys, time
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
-    from resilientsock._relay import Relay
+    from resilientsock.session import Relay
     relay = Relay(("127.0.0.1", 0), ("127.0.0.1", int(sys.argv[1])), plain_after=2.0).start()
     print(relay.address[1], flush=True)
     sys.stdin.readline()

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from resilientsock import RetryPolicy  # noqa: E402
-from resilientsock import _session as sp  # noqa: E402
-from resilientsock._relay import Relay, open_session  # noqa: E402
+from resilientsock.session import Relay, open_session  # noqa: E402
+from resilientsock.session import protocol as sp  # noqa: E402
 from resilientsock.testing import MessageServer  # noqa: E402
 
 EXAMPLES = int(os.environ.get("RESILIENTSOCK_FUZZ_EXAMPLES", "40"))

@@ -1,4 +1,4 @@
-"""Session mode's read handoff (``_relay`` rule 8, issue #15): a read waiting in the
+"""Session mode's read handoff (``session.carrier`` rule 8, issue #15): a read waiting in the
 application's own ``recv``/``recv_into`` gets what the pump parsed without a trip through the
 local pair, and the byte stream stays the stream — in order, exactly once — whatever mix of
 reads, ``select()``, timeouts, kills and ``detach()`` the application uses.
@@ -22,7 +22,8 @@ import gevent.socket
 import pytest
 
 from resilientsock import RetryPolicy
-from resilientsock._relay import HANDOFF_MAX, Relay, open_session
+from resilientsock.session import Relay, open_session
+from resilientsock.session.client import HANDOFF_MAX
 from resilientsock.testing import MessageServer
 
 POLICY = RetryPolicy(deadline=20, backoff_initial=0.01, backoff_max=0.1)
@@ -202,7 +203,7 @@ def test_a_read_killed_after_the_handoff_leaves_its_bytes_for_the_next_read_and_
 
 
 def test_a_socket_timeout_racing_the_handoff_returns_the_bytes(relay: Relay) -> None:
-    from resilientsock._relay import _ReadTimedOut
+    from resilientsock.session.carrier import _ReadTimedOut
 
     with gevent.Timeout(30):
         sock = open_session(relay.address, timeout=10, policy=POLICY)

@@ -24,9 +24,9 @@ import pytest
 from conftest import Lines, run_py, wait_until
 from sessionkit import Recorder
 
-from resilientsock import RetryPolicy, _relay
-from resilientsock import _session as sp
-from resilientsock._relay import Relay, open_session
+from resilientsock import RetryPolicy
+from resilientsock.session import Relay, carrier, open_session
+from resilientsock.session import protocol as sp
 from resilientsock.testing import LoopThread, MessageServer
 
 POLICY = RetryPolicy(deadline=20, backoff_initial=0.01, backoff_max=0.1)
@@ -80,7 +80,7 @@ def test_one_application_write_is_one_frame_in_one_segment_through_a_nagle_forwa
                     last[direction] = at
                 elif sp.ACK in types:
                     other = "down" if direction == "up" else "up"
-                    if at - last[other] < _relay.ACK_DELAY * 0.9:
+                    if at - last[other] < carrier.ACK_DELAY * 0.9:
                         early_acks.append((direction, round(at - last[other], 4)))
             assert not early_acks, f"standalone ACKs right behind data: {early_acks[:5]}"
             assert data_chunks == {"up": count, "down": count}
@@ -218,7 +218,7 @@ def test_a_client_that_goes_silent_is_detached_within_the_link_timeout_then_expi
 _CLOSE_AND_EXIT = """
 import sys
 from resilientsock import RetryPolicy
-from resilientsock._relay import open_session
+from resilientsock.session import open_session
 app = open_session(("127.0.0.1", int(sys.argv[1])), timeout=10,
                    policy=RetryPolicy(deadline=5))
 app.sendall(b"MSG 1\\n")
@@ -327,7 +327,7 @@ _HOLD = """
 import sys
 import gevent
 from resilientsock import RetryPolicy
-from resilientsock._relay import open_session
+from resilientsock.session import open_session
 app = open_session(("127.0.0.1", int(sys.argv[1])), timeout=10,
                    policy=RetryPolicy(deadline=5))
 app.sendall(b"MSG 1\\n")

@@ -1,4 +1,4 @@
-"""The session protocol, sans-IO (resilientsock._session): no sockets, microseconds per test.
+"""The session protocol sans-IO (resilientsock.session.protocol): no sockets, microseconds a test.
 
 Both ends are the same two classes; these tests wire a client Link to a relay Link by hand and
 check the handshake, cumulative acks, resume arithmetic, and every rejection design.md §11 names.
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from resilientsock import _session as sp
+from resilientsock.session import protocol as sp
 
 
 def events(link: sp.Link, data: bytes = b"") -> list[object]:
@@ -389,7 +389,7 @@ def test_a_stale_ticket_falls_back_to_the_challenge() -> None:
 
 
 def test_unacked_keeps_big_immutable_writes_by_reference_and_drops_acked_bytes_in_order():
-    from resilientsock._session import Unacked
+    from resilientsock.session.protocol import Unacked
 
     big = bytes(range(256)) * 64  # 16 KiB, bytes: kept by reference
     u = Unacked()
@@ -519,3 +519,120 @@ def test_version_1_sessions_and_big_requests_resume_without_early_data() -> None
             + struct.pack("!QQ32s", 0, 2, b"m" * 32) + struct.pack("!Q", 0) + b"a")
     with pytest.raises(sp.ProtocolError, match="needs version 2"):
         events(relay, sp.PREAMBLE + sp.HEADER.pack(sp.HELLO, len(body), 0) + body)
+
+
+# -- held units: acknowledged only once handed on (carrier rule 9, as code) -------------------
+
+def _ack_of(frame: bytes) -> int:
+    return int(sp.HEADER.unpack(frame[:sp.HEADER_LEN])[2])
+
+
+def _acks(frames: bytes) -> list[int]:
+    """The ack of every frame in ``frames``, in order."""
+    out, at = [], 0
+    while at < len(frames):
+        _, size, ack = sp.HEADER.unpack(frames[at:at + sp.HEADER_LEN])
+        out.append(int(ack))
+        at += sp.HEADER_LEN + size
+    return out
+
+
+def test_held_units_are_acknowledged_only_once_handed_on() -> None:
+    p = Pair()
+    assert payloads(events(p.relay, p.c_stream.data(b"0123456789"))) == b"0123456789"
+    p.r_stream.hold(10)  # waiting for the plain end
+    assert p.r_stream.ack_point == 0 and p.r_stream.ack_due() == 0
+    assert _ack_of(p.r_stream.ack()) == 0
+    assert _ack_of(p.r_stream.data(b"answer")) == 0  # nor does an ack riding on data
+    p.r_stream.handed_on(4)
+    assert p.r_stream.ack_due() == 4 and _ack_of(p.r_stream.ping()) == 4
+    p.r_stream.handed_on(6)
+    assert _ack_of(p.r_stream.ack()) == 10 and p.r_stream.ack_due() == 0
+    events(p.client, p.r_stream.ack())
+    assert p.c_stream.unacked == b""
+
+
+def test_held_stays_within_what_was_received_and_is_changed_only_by_hold_and_handed_on() -> None:
+    p = Pair()
+    events(p.relay, p.c_stream.data(b"abc"))
+    with pytest.raises(AssertionError):
+        p.r_stream.hold(4)  # more than was received
+    p.r_stream.hold(3)
+    with pytest.raises(AssertionError):
+        p.r_stream.handed_on(4)  # more than is held
+    with pytest.raises(AssertionError):
+        p.r_stream.hold(-1)
+    with pytest.raises(AttributeError):
+        p.r_stream.held = 0  # type: ignore[misc]  # read-only: no way around the checks
+    assert p.r_stream.held == 3
+
+
+def test_early_data_is_held_from_the_moment_it_is_counted() -> None:
+    """The relay counts a ticket HELLO's early data at the handshake and delivers it once the
+    session has its new link: the frames built in between (RESUMED's re-sent units and their
+    ack) must not acknowledge it, or the client drops bytes the relay has not handed on."""
+    p = Pair()
+    p.r_stream.data(b"old answer")  # the relay has something to re-send
+    p.c_stream.data(b"lost request")
+    client, relay, ev = _early_resume(p)
+    assert relay.check_ticket_proof(p.relay.next_ticket, p.secret)
+    taken = p.r_stream.take_early(ev.early_from, ev.early)
+    assert taken == b"lost request"
+    assert p.r_stream.received == 12 and p.r_stream.held == 12
+    client.receive_data(relay.send_resumed(p.secret, p.r_stream))
+    assert isinstance(client.next_event(), sp.Resumed)
+    resent = client.unconsumed()
+    assert payloads(events(p.client, resent)) == b"old answer"
+    assert _acks(resent) == [0]  # the re-sent DATA acknowledges nothing held
+    client.finish_resume(p.secret)
+    assert p.c_stream.unacked == b""  # RESUMED's count (12) covers it: not re-sent
+    p.r_stream.handed_on(len(taken))  # delivered upstream
+    assert _ack_of(p.r_stream.ack()) == 12
+
+
+def test_the_protocol_module_does_no_io() -> None:
+    """Rule 1 of the protocol: no sockets, no clock, no gevent; only these imports."""
+    import ast
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(sp.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "hashlib", "hmac", "os", "struct", "collections",
+                        "dataclasses", "typing"}, imported
+
+
+def test_the_one_frame_hot_path_equals_the_event_path_and_declines_anything_else() -> None:
+    """``Link.data_frame``: a chunk that is exactly one whole DATA frame (the usual request
+    or answer) is taken in one call, with the same counts and acknowledgements as through
+    ``receive_data``/``next_event``; anything else is declined untouched; an impossible ack
+    is the same sticky ProtocolError."""
+    p = Pair()
+    view = p.relay.data_frame(p.c_stream.data(b"request"))
+    assert view is not None and bytes(view) == b"request"
+    assert p.r_stream.received == 7 and p.r_stream.ack_point == 7
+    answer = p.r_stream.data(b"answer")
+    view = p.client.data_frame(answer)  # its header acknowledged the client's 7 bytes
+    assert view is not None and bytes(view) == b"answer"
+    assert p.c_stream.acked == 7 and p.c_stream.unacked == b""
+    # Declined, nothing consumed: two frames, half a frame, a control frame, a bytearray;
+    # and a whole frame while part of another is buffered. Each then goes the event path.
+    two = p.c_stream.data(b"a") + p.c_stream.data(b"b")
+    assert p.relay.data_frame(two) is None and p.relay.data_frame(two[:15]) is None
+    assert p.relay.data_frame(bytearray(two)) is None  # type: ignore[arg-type]
+    assert p.relay.data_frame(p.c_stream.ping()) is None
+    assert p.r_stream.received == 7
+    assert payloads(events(p.relay, two[:20])) == b"a"
+    last = p.c_stream.data(b"c")
+    assert p.relay.data_frame(last) is None
+    assert payloads(events(p.relay, two[20:] + last)) == b"bc"
+    assert p.relay.data_frame(p.c_stream.data(b"d")) is not None
+    assert p.r_stream.received == 11
+    bad = sp.HEADER.pack(sp.DATA, 1, 999) + b"x"
+    with pytest.raises(sp.ProtocolError) as info:
+        p.client.data_frame(bad)
+    assert info.value.code == sp.E_IMPOSSIBLE_COUNTS
+    with pytest.raises(sp.ProtocolError):
+        p.client.next_event()  # sticky

@@ -11,7 +11,7 @@ import gevent
 from conftest import wait_until
 
 from resilientsock import RetryPolicy
-from resilientsock._relay import Relay, open_session
+from resilientsock.session import Relay, open_session
 from resilientsock.testing import FaultProxy, MessageServer
 
 

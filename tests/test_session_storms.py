@@ -25,7 +25,7 @@ import pytest
 from conftest import Lines, TLSServer, wait_until
 
 from resilientsock import RetryPolicy
-from resilientsock._relay import Relay, open_session
+from resilientsock.session import Relay, open_session
 from resilientsock.testing import FaultProxy, MessageServer
 
 APP_TIMEOUT = 10.0  # the application's own timeout on every call

@@ -9,7 +9,7 @@ Prints "ready" once both listen; then, for every line on stdin, prints one JSON 
 import json
 import sys
 
-from resilientsock._relay import Relay
+from resilientsock.session import Relay
 from resilientsock.testing import MessageServer
 
 server = MessageServer().start()

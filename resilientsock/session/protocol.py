@@ -335,7 +335,7 @@ class Stream:
     """
 
     __slots__ = ("limit", "data_sent", "acked", "unacked", "end_sent", "received",
-                 "end_received", "ack_sent", "held")
+                 "end_received", "ack_sent", "_held")
 
     def __init__(self, limit: int = 16 * 1024 * 1024) -> None:
         if limit < 1:
@@ -348,28 +348,55 @@ class Stream:
         self.received = 0
         self.end_received: Ended | None = None
         self.ack_sent = 0  # the highest ack conveyed to the peer
-        # Units received but not yet handed to the plain end (the carrier's delivery queue):
-        # acknowledgements never cover them, so the peer keeps them and its writers block at
-        # its own limit: the queue stays bounded by the peer's limit while this end goes on
-        # reading its link (control frames never wait behind a stalled plain end). Counted in
-        # ``received`` (resume counts): this process holds them.
-        self.held = 0
+        self._held = 0  # see ``held``: changed only by hold() and handed_on()
+
+    @property
+    def held(self) -> int:
+        """Units received but not yet handed to the plain end (the carrier's delivery queue):
+        acknowledgements never cover them, so the peer keeps them and its writers block at its
+        own limit: the queue stays bounded by the peer's limit while this end goes on reading
+        its link (control frames never wait behind a stalled plain end). Counted in
+        ``received`` (resume counts): this process holds them. Always ``0 <= held <=
+        received``: ``hold`` and ``handed_on`` check it, and nothing else changes it."""
+        return self._held
+
+    def hold(self, n: int) -> None:
+        """``n`` units already counted as received wait for the plain end: no acknowledgement
+        covers them until ``handed_on`` says they were written there. Called before anything
+        can yield after they were counted, so no frame built meanwhile acknowledges them."""
+        held = self._held + n
+        assert n >= 0 and held <= self.received, \
+            f"hold({n}): {self._held} held already, {self.received} received"
+        self._held = held
+
+    def handed_on(self, n: int) -> None:
+        """``n`` held units were written to the plain end (or dropped with it): the next
+        acknowledgement covers them."""
+        held = self._held - n
+        assert n >= 0 and held >= 0, f"handed_on({n}): only {self._held} held"
+        self._held = held
 
     @property
     def sent(self) -> int:
         return self.data_sent + (1 if self.end_sent is not None else 0)
 
     def room(self) -> int:
-        return max(0, self.limit - len(self.unacked))
+        return max(0, self.limit - self.unacked._len)
 
     @property
     def ack_point(self) -> int:
         """What an acknowledgement says now: units received and handed on."""
-        return self.received - self.held
+        return self.received - self._held
 
     def ack_due(self) -> int:
         """Units handed on but not yet acknowledged to the peer."""
-        return self.received - self.held - self.ack_sent
+        return self.received - self._held - self.ack_sent
+
+    def _ack_now(self) -> int:
+        """The ack a frame built now carries, recorded as conveyed: every unit received and
+        handed on, none still held (the one place an ack is computed)."""
+        ack = self.ack_sent = self.received - self._held
+        return ack
 
     @property
     def done(self) -> bool:
@@ -390,7 +417,11 @@ class Stream:
         if self.end_sent is not None:
             raise ValueError("data after the end marker")
         self.unacked.append(payload)
-        self.data_sent += len(payload)
+        n = len(payload)
+        self.data_sent += n
+        if n <= MAX_DATA:  # one frame (the usual case)
+            ack = self.ack_sent = self.received - self.held
+            return HEADER.pack(DATA, n, ack) + payload
         return self._data_frames(payload)
 
     def data_header(self, payload: bytes | memoryview) -> bytes:
@@ -402,11 +433,11 @@ class Stream:
             raise ValueError(f"one frame carries 1..{MAX_DATA} bytes, not {len(payload)}")
         self.unacked.append(payload)
         self.data_sent += len(payload)
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(DATA, len(payload), ack)
 
     def _data_frames(self, payload: bytes | bytearray | memoryview) -> bytes:
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         n = len(payload)
         if n <= MAX_DATA:
             return HEADER.pack(DATA, n, ack) + payload
@@ -424,25 +455,25 @@ class Stream:
     def _end_frame(self) -> bytes:
         assert self.end_sent is not None
         body = _END.pack(1 if self.end_sent.reset else 0) + self.end_sent.reason.encode()[:512]
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(END, len(body), ack) + body
 
     def ack(self) -> bytes:
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(ACK, 0, ack)
 
     def abort(self, reason: str) -> bytes:
         """ABORT: tear the session down now (not sequenced; the caller repeats it after a
         resume until the peer has it)."""
         body = reason.encode()[:512]
-        return HEADER.pack(ABORT, len(body), self.received - self.held) + body
+        return HEADER.pack(ABORT, len(body), self.ack_point) + body
 
     def ping(self) -> bytes:
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(PING, 0, ack)
 
     def pong(self) -> bytes:
-        ack = self.ack_sent = self.received - self.held
+        ack = self._ack_now()
         return HEADER.pack(PONG, 0, ack)
 
     # receiving ----------------------------------------------------------------------------
@@ -453,7 +484,7 @@ class Stream:
         ack beyond what was sent is a ProtocolError."""
         if n < self.acked:
             return
-        if n > self.sent:
+        if n > self.data_sent and n > self.sent:
             raise ProtocolError(f"impossible ack {n} (acknowledged {self.acked}, sent "
                                 f"{self.sent})", E_IMPOSSIBLE_COUNTS)
         drop = min(n, self.data_sent) - min(self.acked, self.data_sent)
@@ -476,9 +507,10 @@ class Stream:
 
     def take_early(self, offset: int, data: bytes) -> bytes | None:
         """Relay, after a ticket HELLO's proof checked: the part of its early data (``data``
-        from stream offset ``offset``) not received yet, now counted as received — to be
-        delivered before anything the new link carries. None: impossible (a gap before it,
-        or data after the end marker); nothing is counted then."""
+        from stream offset ``offset``) not received yet, now counted as received and held
+        (``hold``: no ack covers it until ``handed_on``) — to be delivered before anything the
+        new link carries. None: impossible (a gap before it, or data after the end marker);
+        nothing is counted then."""
         got = self.received - (1 if self.end_received is not None else 0)
         if offset > got:
             return None
@@ -487,6 +519,7 @@ class Stream:
             return None
         if new:
             self.on_data(len(new))
+            self.hold(len(new))
         return new
 
     def check_peer_counts(self, peer_received: int, peer_sent: int) -> str | None:
@@ -642,6 +675,33 @@ class Link:
                 self._chunk, self._cpos = view, 0
             return
         self._buf += data
+
+    def data_frame(self, data: bytes) -> memoryview | None:
+        """The hot path of an open link: when ``data`` (a chunk as received) is exactly one
+        whole DATA frame and nothing is buffered, its payload (a view of ``data``), with the
+        frame's acknowledgement applied and its bytes counted as received, as
+        ``receive_data`` and ``next_event`` would return it as one ``Data``. Otherwise None,
+        and nothing was consumed: feed ``data`` with ``receive_data``."""
+        if (self.state != OPEN or self._chunk is not None or self._data_left
+                or self._pos != len(self._buf) or type(data) is not bytes):
+            return None
+        length = len(data) - HEADER_LEN
+        if length <= 0 or length > MAX_DATA:
+            return None
+        ftype, size, ack = HEADER.unpack_from(data)
+        if ftype != DATA or size != length:
+            return None
+        stream = self.stream
+        assert stream is not None
+        try:
+            if ack != stream.acked:
+                stream.on_ack(ack)
+            if stream.end_received is not None:
+                stream.on_data(length)  # raises: DATA after the end marker
+        except ProtocolError as exc:
+            self._fail(exc)
+        stream.received += length  # Stream.on_data
+        return memoryview(data)[HEADER_LEN:]
 
     def _spill(self) -> None:
         chunk, self._chunk = self._chunk, None

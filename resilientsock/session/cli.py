@@ -63,7 +63,7 @@ def _seconds(text: str) -> float:
 
 
 def _bytes(text: str) -> int:
-    from ._policy import _size
+    from .._policy import _size
 
     try:
         value = _size(text)
@@ -89,7 +89,7 @@ def _count0(text: str) -> int:
 
 
 def _address(text: str) -> tuple[str, int]:
-    from ._relay import parse_address
+    from .targets import parse_address
 
     try:
         return parse_address(text)
@@ -172,7 +172,7 @@ def main(argv: list[str]) -> int:
                   f"certificate and its key from them ({exc.strerror or exc})")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    from ._relay import Relay
+    from .relay import Relay
 
     key = None
     if args.creation_key_file:
