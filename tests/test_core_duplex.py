@@ -208,8 +208,8 @@ def test_half_close_after_a_greeting_lets_the_upload_finish():
 class AnswerAndClose(ListenerService):
     """Reads one line, answers it and closes at once (an early 413 without lingering)."""
 
-    def __init__(self) -> None:
-        super().__init__("answer-and-close", "127.0.0.1", 0, None)
+    def __init__(self, name: str = "answer-and-close") -> None:
+        super().__init__(name, "127.0.0.1", 0, None)
         self.requests = 0
 
     def _handle(self, c) -> None:
@@ -222,7 +222,11 @@ class AnswerAndClose(ListenerService):
             got += d
         self.requests += 1
         c.sendall(b"ERR 413 upload too large\n")
+        self._after_answer(c)
         c.close()
+
+    def _after_answer(self, c) -> None:
+        """Closes at once (a FIN, or an RST if upload bytes are unread)."""
 
     def _teardown(self) -> None:
         self._close_listener()
@@ -241,32 +245,18 @@ def test_an_early_answer_with_a_reader_greenlet_is_delivered_once_and_nothing_re
         sock.close()
 
 
-class AnswerWaitReset(ListenerService):
+class AnswerWaitReset(AnswerAndClose):
     """Reads one line, answers it, reads nothing more, and once the test says the client
     has read the answer closes with an RST (SO_LINGER 0): the reader greenlet has taken the
     early answer before anyone meets the drop."""
 
     def __init__(self) -> None:
-        super().__init__("answer-wait-reset", "127.0.0.1", 0, None)
-        self.requests = 0
+        super().__init__("answer-wait-reset")
         self.read = threading.Event()
 
-    def _handle(self, c) -> None:
-        got = b""
-        while b"\n" not in got:
-            d = c.recv(4096)
-            if not d:
-                c.close()
-                return
-            got += d
-        self.requests += 1
-        c.sendall(b"ERR 413 upload too large\n")
+    def _after_answer(self, c) -> None:
         _until(self.read)
         c.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_LINGER, struct.pack("ii", 1, 0))
-        c.close()
-
-    def _teardown(self) -> None:
-        self._close_listener()
 
 
 def test_an_early_answer_taken_by_the_reader_before_the_drop_is_not_re_sent():
