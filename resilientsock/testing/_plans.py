@@ -1,7 +1,8 @@
 """Fault plans: deterministic faults at exact points of a conversation (sans-IO).
 
 A plan is a list of rules. Each rule names a trigger and an action; the proxy feeds the plan
-what happens (``on_accept``; ``on_data`` for every chunk it receives, in order) and gets back
+what happens (``new_connection`` and ``refuse_after`` at each accept; ``on_data`` for every
+chunk it receives, in order) and gets back
 what to do. No socket, clock or randomness in here: the same traffic gives the same faults,
 so a test can say exactly which exchange breaks. Rules of this module:
 
