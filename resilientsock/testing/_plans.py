@@ -2,9 +2,9 @@
 
 A plan is a list of rules. Each rule names a trigger and an action; the proxy feeds the plan
 what happens (``new_connection`` and ``refuse_after`` at each accept; ``on_data`` for every
-chunk it receives, in order) and gets back
-what to do. No socket, clock or randomness in here: the same traffic gives the same faults,
-so a test can say exactly which exchange breaks. Rules of this module:
+chunk it receives, in order) and gets back what to do. No socket, clock or randomness in
+here: the same traffic gives the same faults, so a test can say exactly which exchange
+breaks. Rules of this module:
 
 1. Counting starts when the rule is added. "Connection 1" is the first connection accepted
    after ``on_connection(...)`` / ``after_bytes(...)``; occurrence 1 of a pattern, and
