@@ -11,6 +11,7 @@ Rules of this module:
 
 from __future__ import annotations
 
+import socket as _std
 from typing import Any
 
 __all__ = ["RECV", "RECV_INTO", "RECVFROM", "RECVFROM_INTO", "RECVMSG", "RECVMSG_INTO",
@@ -62,6 +63,17 @@ def _requested(kind: int, args: tuple[Any, ...]) -> int:
             return memoryview(args[1]).nbytes
         return int(args[0]) if args else 1024
     return int(args[0]) if args else 1024
+
+
+# Where each read call's flags argument sits (recv(bufsize, flags), recv_into(buffer, nbytes,
+# flags), recvmsg(bufsize, ancbufsize, flags), ...); TLS reads take none.
+_FLAGS_AT = {RECV: 1, RECV_INTO: 2, RECVFROM: 1, RECVFROM_INTO: 2, RECVMSG: 2, RECVMSG_INTO: 2}
+
+
+def _peeking(kind: int, args: tuple[Any, ...]) -> bool:
+    """The read is a MSG_PEEK: its bytes stay queued for the next read, which counts them."""
+    at = _FLAGS_AT.get(kind)
+    return at is not None and len(args) > at and bool(args[at] & _std.MSG_PEEK)
 
 
 def _extract(kind: int, args: tuple[Any, ...], result: Any) -> tuple[int, Any]:

@@ -67,6 +67,7 @@ from ._answer import (
     RECVMSG_INTO,
     _eof_result,
     _extract,
+    _peeking,
     _requested,
     _SetupMismatch,
 )
@@ -129,6 +130,7 @@ _TCPI_UNACKED = 24  # offset of tcpi_unacked (u32): segments sent and not yet ac
 _TCP_STATE_CLOSE = 7  # tcpi_state (the first byte of struct tcp_info) after a reset
 _TCPI_RTT = 68  # offset of tcpi_rtt (u32, microseconds): smoothed round-trip time
 _PEEK = _std.MSG_PEEK | getattr(_std, "MSG_DONTWAIT", 0)
+_MSG_PEEK = _std.MSG_PEEK
 _CHUNK = 1 << 20
 _LINGER_RST = struct.pack("ii", 1, 0)  # sendall's chunk (gevent uses max(SO_SNDBUF, 1 MiB))
 
@@ -658,7 +660,8 @@ class ResilientSocket(_GeventSocket):
                 else:
                     n, data = _extract(kind, args, result)
                     if n:
-                        m.read_data(data, mark)
+                        if not _peeking(kind, args):  # a peek's bytes are counted when read
+                            m.read_data(data, mark)
                         return result
                     verdict = self._rs_on_eof(m, args, kind, gen, t0)
                     if verdict is None:
@@ -1434,7 +1437,8 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
                 m.reading -= 1
         if data:
             m.reading -= 1
-            m.read_data(data, mark)
+            if len(args) < 2 or not args[1] & _MSG_PEEK:  # a peek's bytes count when read
+                m.read_data(data, mark)
             return data
         try:
             return self._rs_read_eof(recv, args, RECV, data, t0, gen)
@@ -1468,9 +1472,10 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
                 m.reading -= 1
         if n:
             m.reading -= 1
-            if type(buffer) is not memoryview or buffer.format != "B":
-                buffer = memoryview(buffer).cast("B")
-            m.read_data(buffer[:n], mark)
+            if not flags & _MSG_PEEK:  # a peek's bytes are counted when they are read
+                if type(buffer) is not memoryview or buffer.format != "B" or buffer.ndim != 1:
+                    buffer = memoryview(buffer).cast("B")
+                m.read_data(buffer[:n], mark)
             return n
         try:
             return self._rs_read_eof(recv_into, (buffer, nbytes, flags), RECV_INTO, n, t0, gen)

@@ -784,3 +784,36 @@ def test_a_write_of_multi_byte_items_is_sent_and_journaled_by_its_bytes():
     finally:
         server.kill()
         listener.close()
+
+
+def test_a_peek_is_not_counted_as_part_of_the_answer(server):
+    """recv(n, MSG_PEEK) leaves the bytes queued: the read that takes them counts them, the
+    peek does not (it counted them twice: the answer's length and digest, by which a cut
+    answer is resumed, were off by the peeked bytes)."""
+    with ResilientSocket.connect(server.address, RetryPolicy(deadline=5), timeout=5) as s:
+        s.sendall(b"MSG 1 x\n")
+        peeked = s.recv(3, socket.MSG_PEEK)
+        assert peeked == b"ACK"[: len(peeked)] and peeked
+        buf = bytearray(3)
+        n = s.recv_into(buf, 3, socket.MSG_PEEK)
+        assert bytes(buf[:n]) == b"ACK"[:n]
+        assert s._rs_m.answered == 0
+        got = readline(s)
+        assert got == b"ACK 1\n"
+        assert s._rs_m.answered == len(b"ACK 1\n")
+
+
+def test_recv_into_a_two_dimensional_byte_view_counts_what_was_read(server):
+    """A 2-D 'B' view (rows of bytes): the n bytes read are counted, not n rows."""
+    from resilientsock._machine import new_digest
+
+    with ResilientSocket.connect(server.address, RetryPolicy(deadline=5), timeout=5) as s:
+        s.sendall(b"MSG 1 x\n")
+        grid = memoryview(bytearray(4)).cast("B", (2, 2))
+        assert s.recv_into(grid, 1) == 1
+        assert bytes(grid.tobytes()[:1]) == b"A"
+        m = s._rs_m
+        expected = new_digest()
+        expected.update(b"A")
+        assert m.answered == 1
+        assert m.digest.intdigest() == expected.intdigest()  # of b"A", not of a whole row
