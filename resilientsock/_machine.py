@@ -1053,6 +1053,13 @@ class Machine:
             self.move("surface-discard")
         else:
             self.move("surface-keep")
+            if drop.phase == "write" and self.tcp_ack and (
+                    self.policy.confirm == "tcp-ack"
+                    or (self.dialect is not None and self.dialect.write_only())):
+                # Part of this write's record may be out, and it is not in the journal: the
+                # peer's TCP acknowledgements would count it as later records' bytes.
+                return Surface(verdict, drop.info, warn=verdict.rule == "dialect",
+                               unprotect=True)
         # A dialect's refusal is logged at WARNING: some clients swallow the exception (and
         # its note) in a thread of their own (paramiko's transport).
         return Surface(verdict, drop.info, warn=verdict.rule == "dialect")
@@ -1457,6 +1464,11 @@ class Surface:
     verdict: Verdict
     info: ErrorInfo
     warn: bool = False  # log at WARNING (the note may be swallowed by the client)
+    # The connection is kept after a write that may have sent part of its record (a write
+    # timeout): where records are confirmed by the peer's TCP acknowledgements, those
+    # unrecorded bytes would shift the count, so protection ends for this socket (it goes on
+    # as the plain socket it wraps).
+    unprotect: bool = False
 
 
 @dataclass(frozen=True)

@@ -929,6 +929,8 @@ class ResilientSocket(_GeventSocket):
               error_type=type(exc).__name__)
         if verdict.discard and self._sock:
             self._detach_socket("closed")  # the machine let it go
+        elif step.unprotect:
+            self._rs_unprotect()  # the machine's call: plain from now on (Surface.unprotect)
         raise exc
 
     # -- recovery -----------------------------------------------------------------------------

@@ -817,3 +817,24 @@ def test_recv_into_a_two_dimensional_byte_view_counts_what_was_read(server):
         expected.update(b"A")
         assert m.answered == 1
         assert m.digest.intdigest() == expected.intdigest()  # of b"A", not of a whole row
+
+
+def test_a_write_timeout_under_tcp_ack_ends_protection_for_the_socket():
+    """confirm="tcp-ack": a sendall cut by its timeout may have sent part of its record, which
+    the journal does not hold; the peer's TCP acknowledgements would count those bytes as
+    later records' and confirm them before the peer has them (lost on a later drop). The
+    connection is kept, as a plain socket keeps it, and goes on as one: protection ends."""
+    listener = socket.socket()
+    with listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # never accepted, never read
+        policy = FAST.replace(confirm="tcp-ack")
+        with ResilientSocket.connect(listener.getsockname(), policy, timeout=0.2) as s:
+            assert s.resilient
+            fd = s.fileno()
+            with pytest.raises(TimeoutError) as caught:
+                for _ in range(100_000):  # bounded: the buffers hold far less
+                    s.sendall(b"x" * 65536)
+            assert "write timeout: the peer is alive" in "".join(caught.value.__notes__)
+            assert s.fileno() == fd  # the connection is kept
+            assert not s.resilient  # and is plain from now on
