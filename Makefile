@@ -130,7 +130,7 @@ demo: $(STAMP)
 # failed. STRESS_RUNS=5 repeats both.
 STRESS_RUNS ?= 1
 stress: $(STAMP) system-deps
-	@python3 -c 'while True: pass' & hog=$$!; trap 'kill $$hog 2>/dev/null' EXIT INT TERM; \
+	@python3 -c 'while True: pass' & hog=$$!; trap 'kill $$hog 2>/dev/null' EXIT; trap 'exit 130' INT TERM; \
 	status=0; for i in $$(seq 1 $(STRESS_RUNS)); do \
 	  echo "::: stress run $$i/$(STRESS_RUNS): make test + make demo, one core busy (pid $$hog)"; \
 	  $(MAKE) --no-print-directory test || { echo "::: stress run $$i: make test FAILED"; status=1; }; \
