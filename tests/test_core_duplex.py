@@ -142,7 +142,10 @@ class LingeringClose(ListenerService):
         self._close_listener()
 
 
-def _duplex(sock, chunks: int, first: bytes | None, shut: bool = False) -> dict:
+def _duplex(sock, chunks: int, first: bytes | None, shut: bool = False,
+            answered: threading.Event | None = None) -> dict:
+    """A reader greenlet and a writer greenlet (``first``, then ``chunks`` of 64 KiB) on one
+    socket; ``answered`` is set once the reader has a whole line."""
     out: dict = {}
 
     def reader():
@@ -153,6 +156,8 @@ def _duplex(sock, chunks: int, first: bytes | None, shut: bool = False) -> dict:
                 if not d:
                     break
                 data += d
+                if answered is not None and data.endswith(b"\n"):
+                    answered.set()
             out["reader"] = (data, "EOF")
         except Exception as exc:  # noqa: BLE001 - the test reports it
             out["reader"] = (data, exc)
@@ -268,35 +273,7 @@ def test_an_early_answer_taken_by_the_reader_before_the_drop_is_not_re_sent():
     4 new connections (the request ran 5 times)."""
     with AnswerWaitReset() as srv:
         sock = ResilientSocket.connect(srv.address, POLICY, timeout=10)
-        out: dict = {}
-
-        def reader():
-            data = b""
-            try:
-                while True:
-                    d = sock.recv(100)
-                    if not d:
-                        break
-                    data += d
-                    if data.endswith(b"\n"):
-                        srv.read.set()
-                out["reader"] = (data, "EOF")
-            except Exception as exc:  # noqa: BLE001 - the test reports it
-                out["reader"] = (data, exc)
-
-        def writer():
-            try:
-                sock.sendall(b"PUT /big\n")
-                for i in range(160):  # 10 MiB: more than the socket buffers hold
-                    sock.sendall(bytes([65 + i % 26]) * 65536)
-                out["writer"] = "ok"
-            except Exception as exc:  # noqa: BLE001
-                out["writer"] = exc
-
-        gr, gw = gevent.spawn(reader), gevent.spawn(writer)
-        gevent.joinall([gr, gw], timeout=30)
-        gr.kill()
-        gw.kill()
+        out = _duplex(sock, 160, b"PUT /big\n", answered=srv.read)  # 10 MiB: > the buffers
         assert out["reader"][0] == b"ERR 413 upload too large\n", out
         assert isinstance(out["reader"][1], (str, ConnectionResetError)), out
         assert isinstance(out["writer"], (BrokenPipeError, ConnectionResetError)), out
