@@ -22,6 +22,7 @@ import logging
 import os
 import socket as _std
 import time
+from _socket import getaddrinfo as _c_getaddrinfo  # the C function: never monkey-patched
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +68,18 @@ def candidates(target: Any, family: int, any_family: bool) -> list[tuple[int, in
     if family == AF_UNIX and not isinstance(target, tuple):
         return [(family, 0, target)]
     host, port = target[0], target[1]
-    infos = _resolver()(host, port, 0 if any_family else family, _std.SOCK_STREAM)
+    resolve = _resolver()
+    infos = None
+    if resolve is _gevent_resolve:
+        # A numeric address needs no lookup: answered in C at once, where gevent's resolver
+        # would hop to its thread pool and back (DESIGN §12: recovery time that is not I/O).
+        try:
+            infos = _c_getaddrinfo(host, port, 0 if any_family else family, _std.SOCK_STREAM,
+                                   0, _std.AI_NUMERICHOST)
+        except (OSError, UnicodeError, TypeError, ValueError):
+            infos = None  # a name (or something to fail the usual way): the resolver's
+    if infos is None:
+        infos = resolve(host, port, 0 if any_family else family, _std.SOCK_STREAM)
     out = []
     for af, _type, proto, _name, sockaddr in infos:
         if len(target) == 4 and af == getattr(_std, "AF_INET6", None):
@@ -81,12 +93,15 @@ def candidates(target: Any, family: int, any_family: bool) -> list[tuple[int, in
 getaddrinfo: Any = None
 
 
+_gevent_resolve: Any = None
+
+
 def _resolver() -> Any:
-    global getaddrinfo
+    global getaddrinfo, _gevent_resolve
     if getaddrinfo is None:
         from gevent.socket import getaddrinfo as resolve
 
-        getaddrinfo = resolve
+        getaddrinfo = _gevent_resolve = resolve
     return getaddrinfo
 
 
