@@ -72,7 +72,7 @@ def candidates(target: Any, family: int, any_family: bool) -> list[tuple[int, in
     infos = None
     if resolve is _gevent_resolve:
         # A numeric address needs no lookup: answered in C at once, where gevent's resolver
-        # would hop to its thread pool and back (DESIGN §12: recovery time that is not I/O).
+        # would hop to its thread pool and back (docs/design.md §12: recovery time that is not I/O).
         try:
             infos = _c_getaddrinfo(host, port, 0 if any_family else family, _std.SOCK_STREAM,
                                    0, _std.AI_NUMERICHOST)

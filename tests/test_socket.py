@@ -7,7 +7,7 @@ import time
 
 import gevent
 import pytest
-from conftest import readline, wait_until
+from conftest import readline, run_py, wait_until
 
 import resilientsock
 from resilientsock import ResilientSocket, RetryPolicy
@@ -838,3 +838,33 @@ def test_a_write_timeout_under_tcp_ack_ends_protection_for_the_socket():
             assert "write timeout: the peer is alive" in "".join(caught.value.__notes__)
             assert s.fileno() == fd  # the connection is kept
             assert not s.resilient  # and is plain from now on
+
+
+def test_a_numeric_address_is_resolved_without_the_resolver_thread_pool(server):
+    """Reconnecting to an address literal needs no lookup (docs/design.md §12: recovery time
+    that is not I/O): gevent's resolver would hop to its thread pool and back; a name still
+    takes the resolver's way (a new lookup on each reconnect)."""
+    code = f"""
+import resilientsock
+resilientsock.patch()
+import socket, gevent
+from resilientsock.testing import FaultProxy
+hub = gevent.get_hub()
+with FaultProxy({server.address!r}) as proxy:
+    s = socket.create_connection(proxy.address, timeout=10)
+    s.sendall(b"MSG 1 a\\n")
+    assert s.recv(100) == b"ACK 1\\n"
+    proxy.reset_all()
+    s.sendall(b"MSG 2 b\\n")
+    assert s.recv(100) == b"ACK 2\\n"
+    assert s.reconnects == 1, s.reconnects
+    print("pool after a numeric reconnect:", hub._threadpool is not None)
+    s.close()
+    s = socket.create_connection(("localhost", proxy.address[1]), timeout=10)
+    s.close()
+    print("pool after a name:", hub._threadpool is not None)
+"""
+    res = run_py(["-c", code])
+    assert res.returncode == 0, res.stderr
+    assert "pool after a numeric reconnect: False" in res.stdout
+    assert "pool after a name: True" in res.stdout
