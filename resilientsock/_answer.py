@@ -70,10 +70,13 @@ def _requested(kind: int, args: tuple[Any, ...]) -> int:
 _FLAGS_AT = {RECV: 1, RECV_INTO: 2, RECVFROM: 1, RECVFROM_INTO: 2, RECVMSG: 2, RECVMSG_INTO: 2}
 
 
+_MSG_PEEK = int(_std.MSG_PEEK)  # an int: `flags & MsgFlag.MSG_PEEK` builds an enum
+
+
 def _peeking(kind: int, args: tuple[Any, ...]) -> bool:
     """The read is a MSG_PEEK: its bytes stay queued for the next read, which counts them."""
     at = _FLAGS_AT.get(kind)
-    return at is not None and len(args) > at and bool(args[at] & _std.MSG_PEEK)
+    return at is not None and len(args) > at and bool(args[at] & _MSG_PEEK)
 
 
 def _extract(kind: int, args: tuple[Any, ...], result: Any) -> tuple[int, Any]:

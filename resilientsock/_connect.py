@@ -69,7 +69,7 @@ def candidates(target: Any, family: int, any_family: bool) -> list[tuple[int, in
         return [(family, 0, target)]
     host, port = target[0], target[1]
     resolve = _resolver()
-    infos = None
+    infos: Any = None
     if resolve is _gevent_resolve:
         # A numeric address needs no lookup: answered in C at once, where gevent's resolver
         # would hop to its thread pool and back (docs/design.md §12: recovery time that is not I/O).

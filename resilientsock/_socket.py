@@ -129,8 +129,9 @@ _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux struct tcp_
 _TCPI_UNACKED = 24  # offset of tcpi_unacked (u32): segments sent and not yet acknowledged
 _TCP_STATE_CLOSE = 7  # tcpi_state (the first byte of struct tcp_info) after a reset
 _TCPI_RTT = 68  # offset of tcpi_rtt (u32, microseconds): smoothed round-trip time
-_PEEK = _std.MSG_PEEK | getattr(_std, "MSG_DONTWAIT", 0)
-_MSG_PEEK = _std.MSG_PEEK
+# Plain ints: `flags & MsgFlag.MSG_PEEK` builds an IntFlag member, ~1 µs on every read.
+_PEEK = int(_std.MSG_PEEK) | int(getattr(_std, "MSG_DONTWAIT", 0))
+_MSG_PEEK = int(_std.MSG_PEEK)
 _CHUNK = 1 << 20
 _LINGER_RST = struct.pack("ii", 1, 0)  # sendall's chunk (gevent uses max(SO_SNDBUF, 1 MiB))
 
