@@ -471,7 +471,7 @@ class FaultProxy(ListenerService):
             client.close()
             return
         try:
-            upstream = _connect_upstream(self.upstream, self.connect_timeout)
+            upstream = gsocket.create_connection(self.upstream, timeout=self.connect_timeout)
         except OSError:
             client.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_LINGER, _LINGER_RST)
             client.close()
@@ -781,25 +781,3 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
 
 
 __all__ = ["FaultProxy", "Toxic", "ToxicError", "parse_address", "parse_stream"]
-
-
-def _connect_upstream(address: Any, timeout: float | None) -> Any:
-    """``gevent.socket.create_connection`` that also closes its socket when the handler is
-    killed while it connects (the proxy stopping, ``reset_all`` during a connect): gevent's
-    closes it only on a socket error, and the socket was left to the garbage collector (a
-    ResourceWarning in whatever test ran next, under ``-W error``)."""
-    error: OSError | None = None
-    for family, kind, proto, _name, sockaddr in gsocket.getaddrinfo(
-            address[0], address[1], 0, gsocket.SOCK_STREAM):
-        sock = gsocket.socket(family, kind, proto)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(sockaddr)
-        except BaseException as exc:
-            sock.close()
-            if not isinstance(exc, OSError):
-                raise
-            error = exc
-            continue
-        return sock
-    raise error if error is not None else OSError(f"no address for {address!r}")
