@@ -581,3 +581,88 @@ def test_request_after_a_half_close_in_one_greenlet_is_not_resent():
         gevent.sleep(0.1)
     assert answer == b""
     assert srv.lines == [b"MSG 1 x", b"MSG 2 x"] and srv.connections == 1
+
+
+def _nonblocking_after_fault(resilient: bool, server: MessageServer, fault: str) -> list[Any]:
+    """A legacy event loop: a connected socket set non-blocking, select() for readability,
+    recv until EOF or an error, after a fault under a request in flight."""
+    import select
+
+    with FaultProxy(server.address) as proxy:
+        sock: Any = (ResilientSocket.connect(proxy.address, FAST) if resilient
+                     else gsocket.create_connection(proxy.address))
+        before = len(server.lines)
+        sock.sendall(b"MSG 1 x\n")
+        if server.mode == "ack":
+            assert sock.recv(100) == b"ACK 1\n"
+        sock.setblocking(False)
+        sock.send(b"MSG 2 x\n")
+        end = time.monotonic() + 5  # the request reached the server (and its answer is out)
+        while len(server.lines) < before + 2 and time.monotonic() < end:
+            gevent.sleep(0.005)
+        assert len(server.lines) == before + 2
+        if server.mode == "ack":  # its answer is in the client's buffer before the fault
+            assert select.select([sock], [], [], 5)[0]
+        if fault == "fin":
+            proxy.close_all()
+        else:
+            proxy.reset_all()
+        got: list[Any] = []
+        for _ in range(4):
+            ready, _, _ = select.select([sock], [], [], 2)
+            if not ready:
+                got.append("select timed out")
+                break
+            try:
+                data = sock.recv(100)
+            except OSError as exc:
+                got.append(type(exc).__name__)
+                continue
+            got.append(data)
+            if not data:
+                break
+        sock.close()
+    return got
+
+
+@pytest.mark.parametrize("mode", ["ack", "sink"])
+@pytest.mark.parametrize("fault", ["rst", "fin"])
+def test_nonblocking_event_loop_sees_what_a_plain_socket_sees(mode, fault):
+    """Non-blocking sockets pass through (§6): after a reset or a FIN under a request in
+    flight, select() and recv() give the legacy loop exactly what the plain socket gives,
+    at once (no reconnect, no wait)."""
+    with MessageServer(mode=mode) as server:
+        plain = _nonblocking_after_fault(False, server, fault)
+        ours = _nonblocking_after_fault(True, server, fault)
+    assert ours == plain, (ours, plain)
+    assert plain[-1] == b""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_mixed_storm_with_a_busy_loop_beside_it(tls):
+    """The request/answer storm with a CPU hog (a busy-loop process) on the machine: still
+    nothing lost, in order, within the timeout."""
+    import subprocess
+    import sys
+
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        if tls:
+            srv: Any = TLSServer().start()
+        else:
+            srv = MessageServer().start()
+        try:
+            with FaultProxy(srv.address) as proxy, Storm(proxy, 21) as storm:
+                confirmed, errors, worst = request_answer(
+                    proxy.address, 20_000, TIMEOUT, storm, tls=srv if tls else None,
+                    faults=60)
+            assert confirmed == list(range(1, len(confirmed) + 1))
+            assert_server_counts(srv.received, confirmed)
+            assert worst < TIMEOUT + 1.0, worst
+            assert set(errors) <= {"EOF"}, errors
+        finally:
+            srv.stop() if tls else srv.close()
+    finally:
+        hog.kill()
+        hog.wait(5)
