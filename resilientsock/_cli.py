@@ -322,7 +322,8 @@ def _run(argv: list[str]) -> None:
     if want_stats:
         atexit.register(lambda: print(_stats.summary(), file=sys.stderr))
     if stats_file:
-        atexit.register(_dump_stats, stats_file)
+        # Where it was checked: a script that changes directory does not move it.
+        atexit.register(_dump_stats, os.path.abspath(stats_file))
 
     if code is not None:
         _run_code(code, "<string>" if target.kind == "code" else "<stdin>", target)

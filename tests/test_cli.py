@@ -359,3 +359,13 @@ def test_patch_session_false_means_no_session_targets():
             "print('patched', resilientsock.is_patched())\n")
     ours = run_py(["-c", code])
     assert ours.returncode == 0 and "patched True" in ours.stdout, ours.stderr
+
+
+def test_stats_file_lands_where_it_was_checked_when_the_script_changes_directory(tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    ours = run_py(["-m", "resilientsock", "-c", f"import os; os.chdir({str(other)!r})"],
+                  env={"RESILIENTSOCK_STATS_FILE": "stats.json"}, cwd=str(tmp_path))
+    assert ours.returncode == 0, ours.stderr
+    assert (tmp_path / "stats.json").exists() and not (other / "stats.json").exists()
+    assert isinstance(json.loads((tmp_path / "stats.json").read_text()), dict)
