@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from ._policy import FIELDS, RetryPolicy
+from ._policy import FIELDS, RetryPolicy, _bool
 
 __all__ = ["main", "build_policy", "policy_sources", "parse_session", "resilientsock_notes"]
 
@@ -278,8 +278,20 @@ def _run(argv: list[str]) -> None:
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         handler.addFilter(lambda record: not logging.getLogger().handlers)
         logging.getLogger("resilientsock").addHandler(handler)
-    want_stats = options.stats or os.environ.get("RESILIENTSOCK_STATS", "") not in ("", "0")
-    stats_file = os.environ.get("RESILIENTSOCK_STATS_FILE")
+    want_stats = options.stats
+    if not want_stats:
+        try:
+            want_stats = _bool(os.environ.get("RESILIENTSOCK_STATS", ""))
+        except ValueError as exc:
+            _fail(f"RESILIENTSOCK_STATS={os.environ['RESILIENTSOCK_STATS']!r}: {exc}")
+    stats_file = os.environ.get("RESILIENTSOCK_STATS_FILE") or None
+    if stats_file is not None:
+        folder = os.path.dirname(os.path.abspath(stats_file))
+        if os.path.isdir(stats_file) or not os.path.isdir(folder):
+            _fail(f"RESILIENTSOCK_STATS_FILE={stats_file!r}: "
+                  + ("a directory" if os.path.isdir(stats_file) else "no such directory"))
+        if not os.access(folder, os.W_OK):
+            _fail(f"RESILIENTSOCK_STATS_FILE={stats_file!r}: the directory is not writable")
 
     if target.kind == "script" and not os.path.exists(target.value):
         _fail(f"can't open file {target.value!r}: no such file")
@@ -310,7 +322,8 @@ def _run(argv: list[str]) -> None:
     if want_stats:
         atexit.register(lambda: print(_stats.summary(), file=sys.stderr))
     if stats_file:
-        atexit.register(_stats.dump_json, stats_file)
+        # Where it was checked: a script that changes directory does not move it.
+        atexit.register(_dump_stats, os.path.abspath(stats_file))
 
     if code is not None:
         _run_code(code, "<string>" if target.kind == "code" else "<stdin>", target)
@@ -321,6 +334,11 @@ def _run(argv: list[str]) -> None:
     if target.kind == "module":
         sys.argv = [target.value, *target.args]
         sys.path.insert(0, os.getcwd())
+        missing = _module_missing(target.value)
+        if missing is not None:
+            # As python says it: one line and status 1, not a traceback out of runpy.
+            print(f"resilientsock: {missing}", file=sys.stderr)
+            raise SystemExit(1)
         runpy.run_module(target.value, run_name="__main__", alter_sys=True)
     else:
         path = os.path.abspath(target.value)
@@ -329,6 +347,40 @@ def _run(argv: list[str]) -> None:
         # __file__ stays the path as given.
         sys.path[0] = os.path.dirname(os.path.realpath(path))
         runpy.run_path(path, run_name="__main__")
+
+
+def _module_missing(name: str) -> str | None:
+    """Why ``python -m name`` could not start, in python's words; None when it can. Only the
+    lookup: an ImportError raised by the module's own code is its own error (traceback)."""
+    import importlib.util
+
+    def find(what: str) -> Any:
+        return importlib.util.find_spec(what)
+
+    try:
+        spec = find(name)
+        if spec is None:
+            return f"No module named {name}"
+        if spec.submodule_search_locations is not None:  # a package runs its __main__
+            if find(f"{name}.__main__") is None:
+                return (f"No module named {name}.__main__; {name!r} is a package and "
+                        "cannot be directly executed")
+    except (ImportError, ValueError, AttributeError) as exc:
+        return (f"Error while finding module specification for {name!r} "
+                f"({type(exc).__name__}: {exc})")
+    return None
+
+
+def _dump_stats(path: str) -> None:
+    """``RESILIENTSOCK_STATS_FILE`` at exit: a failure is one line, never a traceback, and
+    the script's exit status stays."""
+    from . import _stats
+
+    try:
+        _stats.dump_json(path)
+    except OSError as exc:
+        print(f"resilientsock: RESILIENTSOCK_STATS_FILE={path!r}: not written: {exc}",
+              file=sys.stderr)
 
 
 def _run_code(code: str, filename: str, target: _Target) -> None:

@@ -56,10 +56,10 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
     ``policy`` (default: ``RetryPolicy.from_env()``, i.e. the defaults overridden by
     ``RESILIENTSOCK_*`` variables) with ``policy_fields`` applied on top becomes the policy of
     every socket created afterwards. ``session`` (a list of ``"HOST:PORT"``, or one string with
-    commas; default: ``RESILIENTSOCK_SESSION``) names the targets whose connections become
-    sessions through a relay (docs/design.md §11); only those speak the session protocol. An unknown
-    keyword is a ``TypeError`` naming it, an invalid field or target a ``ValueError``: both
-    raised before anything is patched.
+    commas; None: ``RESILIENTSOCK_SESSION``; False: none) names the targets whose connections
+    become sessions through a relay (docs/design.md §11); only those speak the session
+    protocol. An unknown keyword is a ``TypeError`` naming it, an invalid field or target a
+    ``ValueError``: both raised before anything is patched.
     """
     global _patched, _subscriber
     if policy is not None and not isinstance(policy, RetryPolicy):
@@ -133,9 +133,15 @@ def unpatch() -> None:
 
 
 def _parse_session(value: Any) -> list[str]:
-    if value is None:
-        return []
-    items = [t.strip() for t in value.split(",")] if isinstance(value, str) else list(value)
+    if value is None or value is False:
+        return []  # no session targets (``False`` as ``RetryPolicy(session=False)`` says it)
+    if isinstance(value, str):
+        items = [t.strip() for t in value.split(",")]
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = list(value)
+    else:
+        raise ValueError(f"patch(session=...): expected 'HOST:PORT[,HOST:PORT...]' or a "
+                         f"list of them, got {value!r}")
     items = [t for t in items if t]
     if items:
         from .session.targets import parse_address

@@ -274,3 +274,98 @@ def test_relay_with_a_bad_tls_certificate_says_so(tmp_path, what):
     assert out.returncode == 2, out.stderr
     assert "cannot listen" not in out.stderr
     assert f"--tls-cert {cert}" in out.stderr and "certificate" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("module,says", [
+    ("no_such_module_here", "No module named no_such_module_here"),
+    ("os.path.nothere", "os.path.nothere"),
+    ("json", "'json' is a package and cannot be directly executed"),
+])
+def test_runner_missing_module_is_one_line_as_python_gives_it(module, says):
+    """``-m`` naming no runnable module: python prints one line and exits 1; the runner did
+    the same only after a traceback out of runpy (found by the chaos review)."""
+    ours = run_py(["-m", "resilientsock", "-m", module])
+    plain = run_py(["-m", module])
+    assert ours.returncode == plain.returncode == 1
+    assert "Traceback" not in ours.stderr, ours.stderr
+    assert says in ours.stderr and len(ours.stderr.strip().splitlines()) == 1, ours.stderr
+
+
+def test_runner_module_import_error_inside_the_module_still_has_its_traceback(tmp_path):
+    """Only the lookup of the module is python's one line: an ImportError raised by the
+    module's own code is the script's error, with its traceback, as python shows it."""
+    (tmp_path / "broken_mod.py").write_text("import no_such_dependency_xyz\n")
+    ours = run_py(["-m", "resilientsock", "-m", "broken_mod"], cwd=str(tmp_path))
+    assert ours.returncode == 1
+    assert "Traceback" in ours.stderr and "no_such_dependency_xyz" in ours.stderr
+
+
+def test_stats_file_that_cannot_be_written_is_named_not_a_traceback(tmp_path):
+    """``RESILIENTSOCK_STATS_FILE`` in a directory that does not exist: exit 2 naming the
+    variable before the script runs (was: the script ran, then a traceback at exit)."""
+    bad = str(tmp_path / "no-such-dir" / "stats.json")
+    ours = run_py(["-m", "resilientsock", "-c", "print('ran')"],
+                  env={"RESILIENTSOCK_STATS_FILE": bad})
+    assert ours.returncode == 2, ours.stderr
+    assert "Traceback" not in ours.stderr
+    assert "RESILIENTSOCK_STATS_FILE" in ours.stderr and "ran" not in ours.stdout
+
+
+def test_stats_file_that_fails_at_exit_is_one_line_and_keeps_the_exit_status(tmp_path):
+    """The directory goes away while the script runs: one line on stderr at exit, the
+    script's own exit status kept."""
+    where = tmp_path / "gone"
+    where.mkdir()
+    code = f"import os, sys; os.rmdir({str(where)!r}); sys.exit(3)"
+    ours = run_py(["-m", "resilientsock", "-c", code],
+                  env={"RESILIENTSOCK_STATS_FILE": str(where / "stats.json")})
+    assert ours.returncode == 3, ours.stderr
+    assert "Traceback" not in ours.stderr
+    assert "RESILIENTSOCK_STATS_FILE" in ours.stderr
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("0", False),
+                                      ("off", False)])
+def test_stats_variable_takes_the_boolean_forms(value, on):
+    ours = run_py(["-m", "resilientsock", "-c", "pass"], env={"RESILIENTSOCK_STATS": value})
+    assert ours.returncode == 0, ours.stderr
+    assert ("reconnects" in ours.stderr) is on, ours.stderr
+
+
+def test_stats_variable_with_a_bad_value_exits_2_naming_it():
+    ours = run_py(["-m", "resilientsock", "-c", "print('ran')"],
+                  env={"RESILIENTSOCK_STATS": "maybe"})
+    assert ours.returncode == 2 and "RESILIENTSOCK_STATS" in ours.stderr, ours.stderr
+    assert "Traceback" not in ours.stderr and "ran" not in ours.stdout
+
+
+@pytest.mark.parametrize("value", ["1", "True", "3.5", "object()", "[1]"])
+def test_patch_session_of_a_wrong_type_is_a_value_error_naming_it(value):
+    """``patch(session=1)`` was ``TypeError: 'int' object is not iterable``, naming
+    nothing; now a ValueError naming ``session``, raised before anything is patched. Run in
+    a subprocess: the pytest process is never patched."""
+    code = ("import resilientsock, socket\n"
+            f"try:\n    resilientsock.patch(session={value})\n"
+            "except ValueError as e:\n    print('VE', e)\n"
+            "print('patched', resilientsock.is_patched())\n")
+    ours = run_py(["-c", code])
+    assert ours.returncode == 0, ours.stderr
+    assert "VE " in ours.stdout and "session" in ours.stdout, ours.stdout
+    assert "patched False" in ours.stdout
+
+
+def test_patch_session_false_means_no_session_targets():
+    code = ("import resilientsock\nresilientsock.patch(session=False)\n"
+            "print('patched', resilientsock.is_patched())\n")
+    ours = run_py(["-c", code])
+    assert ours.returncode == 0 and "patched True" in ours.stdout, ours.stderr
+
+
+def test_stats_file_lands_where_it_was_checked_when_the_script_changes_directory(tmp_path):
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    ours = run_py(["-m", "resilientsock", "-c", f"import os; os.chdir({str(other)!r})"],
+                  env={"RESILIENTSOCK_STATS_FILE": "stats.json"}, cwd=str(tmp_path))
+    assert ours.returncode == 0, ours.stderr
+    assert (tmp_path / "stats.json").exists() and not (other / "stats.json").exists()
+    assert isinstance(json.loads((tmp_path / "stats.json").read_text()), dict)
