@@ -52,9 +52,11 @@ from typing import TYPE_CHECKING, Any, overload
 import gevent
 
 if TYPE_CHECKING:  # gevent ships no types: a type checker sees the stdlib socket it mirrors
+    from socket import create_connection as _gevent_create_connection
     from socket import socket as _GeventSocket
 else:
     from gevent._socket3 import socket as _GeventSocket
+    from gevent.socket import create_connection as _gevent_create_connection
 from gevent._socketcommon import timeout_default as _timeout_default
 
 from . import _libraries, _stats
@@ -413,6 +415,7 @@ class ResilientSocket(_GeventSocket):
             and self.type == _std.SOCK_STREAM
             and not getattr(self, "server_side", False)
             and not getattr(self, "_closed", False)
+            and _libraries.one_shot_now() is None
         )
 
     def _rs_session_target(self, address: Any) -> bool:
@@ -1640,6 +1643,18 @@ def create_connection(address: Any, timeout: Any = _GLOBAL_DEFAULT, source_addre
     """
     if timeout is _GLOBAL_DEFAULT:
         timeout = _std.getdefaulttimeout()
+    if _libraries.one_shot_now() is not None:
+        # A one-shot connection (ftplib's data connection, _libraries.ONE_SHOT): connected
+        # and kept as a plain socket would be, of this class so that isinstance holds.
+        kwargs = {"all_errors": True} if all_errors else {}
+        plain = _gevent_create_connection(address, timeout, source_address, **kwargs)
+        try:
+            sock = ResilientSocket(plain.family, plain.type, plain.proto, plain.detach())
+        except BaseException:
+            plain.close()
+            raise
+        sock.settimeout(timeout)
+        return sock
     holder: list[ResilientSocket] = []
     try:
         return ResilientSocket._connect_new(address, None, timeout=timeout,
