@@ -30,8 +30,10 @@ Rules of this module:
    (each condition returns the note's text, or None). No rule holds: recover — unless the
    same re-sent records met a drop ``POISON_CAP`` times on connections that never carried an
    answer byte (a poison request: surfaced, and remembered for the peer, so a client's own
-   retry of the same bytes on a new socket surfaces at once), or an unanswered EOF repeats
-   (passed on).
+   retry of the same bytes on a new socket surfaces at once), or the server reset
+   ``POISON_CAP`` new connections in a row at once, before they carried a byte, with nothing
+   to re-send (``SILENT_WINDOW``: its answer to every connection, surfaced), or an unanswered
+   EOF repeats (passed on).
 5. A budget (``Episode``) belongs to one recovery episode: it starts at a drop and ends when
    the connection has carried an answer again, or has stayed up longer than a whole deadline
    (so a long call that meets a second drop much later starts afresh, review r20, while a
@@ -120,6 +122,13 @@ TLS_TRANSPORT_CAP = 3  # "retry, small cap" (docs/design.md §3); picked, not me
 # connections in a row before their first answer byte; a server that resets every request
 # (a TLS-only port, a crashing handler) does, at once.
 POISON_CAP = 3
+# A new connection that the server resets before it carried a byte either way, within this
+# many seconds of being established, with nothing to re-send (the client waits for a banner,
+# or a TLS handshake): POISON_CAP of them in a row within one episode are the server's
+# answer to every connection (a server past its connection limit, a load balancer with no
+# backend, a firewall's reset), surfaced as a plain client sees the first one. Picked: such a
+# server resets at once, a flaky path at random times.
+SILENT_WINDOW = 1.0
 # An EOF that cut an answer (the dialect's framing wants more) is resumed softly: refused
 # reconnects (no route, no name) are retried for CUT_RETRY, and the connect and the new
 # answer's first byte get CUT_WAIT each (within what the application's timeout leaves); on any
@@ -487,6 +496,12 @@ def _replay_safe(m: Machine, d: Drop) -> str | None:
 
 
 # (name, condition, verdict kind, discard, quiet), in order: the first that holds decides.
+def _silent_note() -> str:
+    return (f"the server reset each new connection at once, before it carried a byte "
+            f"({POISON_CAP} in a row, nothing to re-send): that is its answer to every "
+            "connection")
+
+
 RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool], ...] = (
     ("read-timeout", _read_timeout, SURFACE, False, True),
     ("peer-not-reading", _peer_not_reading, SURFACE, False, False),
@@ -572,6 +587,10 @@ class Machine:
         # Drops that met the same re-sent records before any answer (POISON_CAP).
         self.poison = 0
         self.poison_mark: int | None = None
+        # New connections reset at once before carrying a byte, nothing to re-send
+        # (SILENT_WINDOW), in a row; and when the current connection was published.
+        self.silent = 0
+        self.conn_since: float | None = None
         # The peer half-closed this connection and still takes our bytes (§5: a half-close
         # is not a drop): its EOF is passed on, and a write error on it later is surfaced.
         self.half_closed = False
@@ -735,6 +754,7 @@ class Machine:
         self.conn_answered = True
         self.eof_mark = None
         self.poison = 0
+        self.silent = 0
         if self.episode is not None and self.state is CONNECTED:
             self.episode = None  # the connection carried an answer again: the episode ends
         dialect = self.dialect
@@ -869,6 +889,13 @@ class Machine:
                                    f"the server reset the connection each time the unanswered "
                                    f"request(s) were re-sent ({POISON_CAP} times, no answer "
                                    "byte in between): that is its answer", discard=True)
+        elif (self.episode is not None and not self.conn_answered and not self.journal.pending
+              and d.info.category is ErrorCategory.CONNECTION_LOST
+              and self.conn_since is not None
+              and self.clock() - self.conn_since < SILENT_WINDOW):
+            self.silent += 1
+            if self.silent >= POISON_CAP:
+                return Verdict(SURFACE, "silent-resets", _silent_note(), discard=True)
         # A read cut mid-answer resumes it; so does any drop inside an exchange the dialect
         # holds whole (MULTI...EXEC: re-sent whole, its answers so far checked).
         resume = self.answered if d.phase == "read" or d.cut or self.holding() else 0
@@ -950,6 +977,7 @@ class Machine:
         """A new connection is ready (restored, replayed): publish it."""
         self.gen += 1
         self.conn_answered = False
+        self.conn_since = self.clock()
         self.half_closed = False
         lines = self.lines
         if lines is not None:
@@ -987,6 +1015,7 @@ class Machine:
         self.episode = None
         self.eof_mark = None
         self.poison = 0
+        self.silent = 0
         if self.banner or self.session:
             # A lazily reconnected socket hands the next banner to the application, as a
             # fresh connection would.
@@ -1248,6 +1277,14 @@ class Machine:
                     if self.poison > POISON_CAP:
                         yield self._give_up(episode, soft, poison=True)
                         return
+                elif (not self.journal.pending
+                      and info.category is ErrorCategory.CONNECTION_LOST):
+                    # Reset at once, nothing to re-send: in the connect itself (a reset
+                    # there is the server's, which accepted it), its TLS handshake or banner.
+                    self.silent += 1
+                    if self.silent >= POISON_CAP:
+                        yield self._give_up(episode, soft, silent=True)
+                        return
                 continue
             seconds = self.clock() - episode.start
             if first and episode.attempts == 1 and episode.original is None:
@@ -1363,7 +1400,8 @@ class Machine:
         return True
 
     def _give_up(self, episode: Episode, soft: bool, permanent: bool = False,
-                 poison: bool = False, library: str | None = None) -> GiveUp:
+                 poison: bool = False, library: str | None = None,
+                 silent: bool = False) -> GiveUp:
         """The budget is spent: the original error, with a note saying what was tried."""
         if soft:
             # An EOF cut that could not be resumed: no error for the caller, who gets the
@@ -1378,6 +1416,8 @@ class Machine:
         if poison:
             text += (f"; the server reset the connection each time the unanswered request(s) "
                      f"were re-sent ({POISON_CAP} times): that is its answer")
+        if silent:
+            text += "; " + _silent_note()
         if library:
             text += f"; left to {library}'s own retries"
         self.discarded()

@@ -218,3 +218,88 @@ def test_ftplib_data_connection_reset_is_the_plain_clients_error(ftp_script, op,
         assert result == seen["plain"][1] == "error ConnectionResetError", seen
     else:  # where the RST meets the upload (sendall or the final answer) is timing
         assert result.startswith("error ") and "resilientsock" not in result, seen
+
+
+# -- a server that resets every connection at once --------------------------------------------
+#
+# A server past its connection limit, a load balancer with no backend, a firewall's reset: the
+# TCP handshake completes and the connection is reset before it carries a byte. Plain clients
+# get the error at once. Was (wave 5): the socket reconnected until the application's timeout
+# ran out (10 new connections and 5 s for smtplib with timeout=5; 30 s, the deadline, without
+# one), and a TLS client's handshake was retried the same way. Now: POISON_CAP in a row are
+# the server's answer (``_machine.SILENT_WINDOW``).
+
+RESET_CLIENT = '''\
+import smtplib, socket, ssl, sys, time
+port, kind = int(sys.argv[1]), sys.argv[2]
+t0 = time.monotonic()
+try:
+    if kind == "smtplib":
+        smtplib.SMTP("127.0.0.1", port, timeout=20)
+    else:  # a TLS client: the reset meets its handshake
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        ctx.wrap_socket(raw, server_hostname="localhost")
+    print("connected")
+except Exception as e:
+    print("error", type(e).__name__)
+    print("notes", getattr(e, "__notes__", None))
+'''
+
+
+class ResetServer(socketserver.ThreadingTCPServer):
+    """Accepts every connection and resets it at once (counts them)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ResetHandler)
+        self.accepted = 0
+        self.lock = threading.Lock()
+
+
+class _ResetHandler(socketserver.BaseRequestHandler):
+    server: ResetServer
+
+    def handle(self) -> None:
+        with self.server.lock:
+            self.server.accepted += 1
+        _reset(self.request)
+
+
+@pytest.mark.parametrize("kind", ["smtplib", "tls"])
+def test_a_server_that_resets_every_connection_is_answered_at_once(tmp_path, kind):
+    from resilientsock._machine import POISON_CAP
+
+    script = tmp_path / "reset_client.py"
+    script.write_text(RESET_CLIENT)
+    seen: dict[str, tuple[int, list[str]]] = {}
+    for mode in MODES:
+        server = ResetServer()
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        try:
+            out = _run(mode, script, server.server_address[1], kind)
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        assert out.returncode == 0, out.stderr
+        seen[mode] = (server.accepted, out.stdout.splitlines())
+    accepted, lines = seen["resilientsock"]
+    # Which error a reset at once gives depends on where it meets the client (the connect,
+    # the first read, the handshake): plain clients get either as well.
+    errors = {"smtplib": {"error SMTPServerDisconnected", "error ConnectionResetError"},
+              "tls": {"error ConnectionResetError", "error SSLEOFError", "error SSLError"}}
+    assert seen["plain"][0] == 1 and seen["plain"][1][0] in errors[kind], seen
+    assert lines[0] in errors[kind], seen
+    assert "ran out" not in lines[1], seen  # not "the socket's timeout of 20 s ran out"
+    # the first connection and POISON_CAP reconnects (a TLS wrap is a socket of its own after
+    # the plain connect's recovery: twice that at most), not as many as 20 s allow
+    assert accepted <= 2 * (1 + POISON_CAP), seen
+    if kind == "smtplib":
+        assert accepted <= 1 + POISON_CAP, seen
