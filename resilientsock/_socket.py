@@ -700,7 +700,15 @@ class ResilientSocket(_GeventSocket):
         _stats.bump(f"disconnects.{step.category}")
         if step.cut:
             return self._rs_resume_cut(m, step, t0)
-        self._rs_recover(step.error, self._rs_call_end(t0), resume=step.resume)
+        try:
+            self._rs_recover(step.error, self._rs_call_end(t0), resume=step.resume)
+        except ConnectionError as exc:
+            if exc is not step.error or not isinstance(exc.__cause__, _SetupMismatch):
+                raise
+            # A new connection cannot carry what this one had (its banner or setup answer
+            # differs): recovery is refused, not spent, so the EOF itself reaches the
+            # caller, as from a plain socket (docs/decisions.md, "Unanswered EOF").
+            return Verdict(PASS_EOF, "setup-differs", str(exc.__cause__))
         return None
 
     def _rs_pass_eof(self, step: PassEOF) -> None:
@@ -1209,6 +1217,15 @@ class ResilientSocket(_GeventSocket):
             if not chunk:
                 raise ConnectionResetError(errno.ECONNRESET, "the server closed before its banner")
             got += chunk
+        if got != first:
+            # The re-sent bytes may have been computed from the banner the application read:
+            # POP3's APOP digest covers its timestamp, a challenge-response login its nonce.
+            # Sent after a different banner they would be wrong (a failed login on the server,
+            # an error the plain client never had): not re-sent (docs/design.md §5a).
+            raise _SetupMismatch(
+                "the new connection's banner differs from the one the application read (it "
+                "may carry a nonce the unanswered writes were computed from, as POP3's APOP "
+                "timestamp), so they are not re-sent")
         log.debug("%s: skipped the new connection's banner (%d bytes)", self._rs_name(), len(got))
 
     def _rs_hook(self, action: RunHook) -> None:

@@ -303,3 +303,102 @@ def test_a_server_that_resets_every_connection_is_answered_at_once(tmp_path, kin
     assert accepted <= 2 * (1 + POISON_CAP), seen
     if kind == "smtplib":
         assert accepted <= 1 + POISON_CAP, seen
+
+
+# -- poplib APOP: the login digest covers the banner's timestamp ---------------------------------
+#
+# RFC 1939's APOP sends md5(timestamp + secret), the timestamp taken from the greeting; every
+# connection gets a new one. Was (wave 5): a drop before APOP's answer (no command answered
+# yet, so no session by the banner rule) reconnected, skipped the new greeting and re-sent the
+# old digest: a failed login on the server (an account lockout counts those) and
+# "-ERR authentication failed" for the caller, where plain poplib got ConnectionResetError.
+# Now a new banner that differs from the one the application read refuses the replay.
+
+APOP_CLIENT = '''\
+import poplib, sys
+try:
+    pop = poplib.POP3("127.0.0.1", int(sys.argv[1]), timeout=10)
+    pop.apop("robot", "secret")
+    print("ok", pop.stat())
+    pop.quit()
+except Exception as e:
+    print("error", type(e).__name__)
+'''
+
+
+class ApopServer(socketserver.ThreadingTCPServer):
+    """A POP3 server with an APOP timestamp in each greeting; counts logins."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ApopHandler)
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.serial = 0
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+class _ApopHandler(socketserver.StreamRequestHandler):
+    server: ApopServer
+
+    def handle(self) -> None:
+        import hashlib
+
+        with self.server.lock:
+            self.server.serial += 1
+            stamp = f"<{self.server.serial}.{id(self)}@pop.test>"
+        self.wfile.write(f"+OK POP3 ready {stamp}\r\n".encode())
+        for line in self.rfile:
+            words = line.split()
+            cmd = words[0].upper() if words else b""
+            if cmd == b"APOP" and len(words) == 3:
+                good = hashlib.md5(f"{stamp}secret".encode()).hexdigest().encode()
+                ok = words[2] == good
+                with self.server.lock:
+                    self.server.counts["logins" if ok else "failed logins"] += 1
+                self.wfile.write(b"+OK maildrop locked\r\n" if ok
+                                 else b"-ERR authentication failed\r\n")
+            elif cmd == b"STAT":
+                self.wfile.write(b"+OK 0 0\r\n")
+            elif cmd == b"QUIT":
+                self.wfile.write(b"+OK bye\r\n")
+                return
+            else:
+                self.wfile.write(b"-ERR unknown\r\n")
+
+
+@pytest.mark.parametrize("direction,pattern,action", [
+    ("up", b"APOP", "reset"),  # the login never reaches the server
+    ("up", b"APOP", "close"),
+    ("down", b"+OK maildrop", "reset"),  # the login ran, its answer is lost
+], ids=["apop-lost-rst", "apop-lost-fin", "answer-lost"])
+def test_poplib_apop_is_never_re_sent_after_a_new_greeting(tmp_path, direction, pattern,
+                                                           action):
+    from resilientsock.testing import FaultProxy
+
+    script = tmp_path / "apop_client.py"
+    script.write_text(APOP_CLIENT)
+    seen: dict[str, tuple[Counter[str], str]] = {}
+    for mode in MODES:
+        server = ApopServer()
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        try:
+            with FaultProxy(server.server_address[:2]) as proxy:
+                proxy.plan.on_pattern(pattern, direction, nth=1, action=action)
+                out = _run(mode, script, proxy.address[1])
+                assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        assert out.returncode == 0, out.stderr
+        seen[mode] = (server.counts, out.stdout.strip())
+    assert seen["resilientsock"][0]["failed logins"] == 0, seen  # never a wrong digest sent
+    assert seen["resilientsock"][0] == seen["plain"][0], seen
+    assert seen["resilientsock"][1] == seen["plain"][1], seen  # the plain client's error
