@@ -402,3 +402,85 @@ def test_poplib_apop_is_never_re_sent_after_a_new_greeting(tmp_path, direction, 
     assert seen["resilientsock"][0]["failed logins"] == 0, seen  # never a wrong digest sent
     assert seen["resilientsock"][0] == seen["plain"][0], seen
     assert seen["resilientsock"][1] == seen["plain"][1], seen  # the plain client's error
+
+
+# -- an unknown client-first protocol that logs in first ----------------------------------------
+
+LOGIN_CLIENT = '''\
+import socket, sys
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+answers = sock.makefile("rb")
+try:
+    sock.sendall(b"LOGIN robot secret\\n")
+    print(answers.readline().decode().strip())
+    for i in range(4):
+        sock.sendall(b"SEND m%d\\n" % i)
+        print(answers.readline().decode().strip())
+except OSError as e:
+    print("error", type(e).__name__)
+'''
+
+
+class LoginServer(socketserver.ThreadingTCPServer):
+    """A line protocol whose commands need a LOGIN first on each connection."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _LoginHandler)
+        self.counts: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+class _LoginHandler(socketserver.StreamRequestHandler):
+    server: LoginServer
+
+    def handle(self) -> None:
+        logged_in = False
+        for line in self.rfile:
+            word = line.split(b" ", 1)[0]
+            if word == b"LOGIN":
+                logged_in = True
+                self.wfile.write(b"OK welcome\n")
+                continue
+            with self.server.lock:
+                self.server.counts["ran" if logged_in else "not logged in"] += 1
+            self.wfile.write(b"OK " + line.split()[-1] + b"\n" if logged_in
+                             else b"ERR login first\n")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "wave 5, not fixed: an unknown client-first protocol keeps the byte rules (docs/design.md "
+    "§5a): a command whose answer is lost is re-sent alone on a new connection that never "
+    "logged in; the caller reads 'ERR login first' (3 times here) where plain got "
+    "ConnectionResetError. RetryPolicy(prelude=1) or on_reconnect fix it for a user who "
+    "knows; detecting a login-shaped first exchange and making it the prelude was judged too "
+    "risky for this wave (an unanswered login would merge with the records after it)"))
+def test_an_unknown_protocol_that_logs_in_first_never_runs_a_command_logged_out(tmp_path):
+    from resilientsock.testing import FaultProxy
+
+    script = tmp_path / "login_client.py"
+    script.write_text(LOGIN_CLIENT)
+    seen: dict[str, tuple[Counter[str], list[str]]] = {}
+    for mode in MODES:
+        server = LoginServer()
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        thread.start()
+        try:
+            with FaultProxy(server.server_address[:2]) as proxy:
+                proxy.plan.on_pattern(b"OK m1", "down", nth=1, action="reset")
+                out = _run(mode, script, proxy.address[1])
+                assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(5)
+        assert out.returncode == 0, out.stderr
+        seen[mode] = (server.counts, out.stdout.splitlines())
+    assert seen["resilientsock"][0]["not logged in"] == 0, seen
+    assert "ERR login first" not in seen["resilientsock"][1], seen
