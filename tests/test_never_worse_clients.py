@@ -484,3 +484,37 @@ def test_an_unknown_protocol_that_logs_in_first_never_runs_a_command_logged_out(
         seen[mode] = (server.counts, out.stdout.splitlines())
     assert seen["resilientsock"][0]["not logged in"] == 0, seen
     assert "ERR login first" not in seen["resilientsock"][1], seen
+
+
+# -- IPv6 loopback: the test tools listen on ::1 too ----------------------------------------------
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no ::1 on this machine")
+def test_a_client_on_ipv6_loopback_recovers_through_a_fault_proxy_on_ipv6():
+    """Was (wave 5): FaultProxy(host="::1") and MessageServer(host="::1") raised gaierror
+    (the listener was always AF_INET), so no fault could be put on an IPv6 path."""
+    from resilientsock import ResilientSocket, RetryPolicy
+    from resilientsock.testing import FaultProxy, MessageServer
+
+    with MessageServer(host="::1") as server, FaultProxy(server.address, host="::1") as proxy:
+        proxy.plan.on_pattern(b"ACK 2", "down", nth=1, action="reset")
+        policy = RetryPolicy(deadline=5, backoff_initial=0.01, backoff_max=0.1)
+        with ResilientSocket.connect(proxy.address, policy, timeout=5) as sock:
+            assert sock.family == socket.AF_INET6
+            answers = sock.makefile("rb")
+            for n in range(1, 5):
+                sock.sendall(b"MSG %d x\n" % n)
+                assert answers.readline() == b"ACK %d\n" % n
+            answers.close()
+            assert sock.reconnects == 1
+        assert len(proxy.plan.fired) == 1
+    assert server.unique() == {1, 2, 3, 4}
