@@ -460,6 +460,16 @@ def _server_session(m: Machine, d: Drop) -> str | None:
     return None
 
 
+def _client_login(m: Machine, d: Drop) -> str | None:
+    if m.login is None or not m.conn_answered or m.dialect is not None \
+            or m.policy.on_reconnect is not None:
+        return None
+    return (f"the connection began with a login ({m.login} ...), which was answered: a new "
+            "connection would not have it, and commands re-sent there would run logged out "
+            "(RetryPolicy(prelude=1) / --prelude 1 redoes and checks it on every new "
+            "connection; an on_reconnect hook can restore it)")
+
+
 def _mid_answer(m: Machine, d: Drop) -> str | None:
     if m.duplex:
         return None  # full duplex: the reader's stream goes on, nothing is resumed
@@ -496,6 +506,21 @@ def _replay_safe(m: Machine, d: Drop) -> str | None:
 
 
 # (name, condition, verdict kind, discard, quiet), in order: the first that holds decides.
+# First words of a first record that logs in (an unknown client-first line protocol).
+_LOGIN_WORDS = frozenset(b"""LOGIN LOGON AUTH AUTHENTICATE USER HELLO HELO IDENTIFY SIGNIN
+    """.split())
+
+
+def _login_word(data: Any) -> str | None:
+    """The first word of ``data`` if it is a login line (``LOGIN robot secret``), else None."""
+    head = bytes(memoryview(data)[:4096])
+    line = head.split(b"\n", 1)
+    if len(line) < 2 or not line[0].strip():
+        return None  # not a line protocol's first line
+    word = line[0].split(None, 1)[0].upper()
+    return word.decode() if word in _LOGIN_WORDS else None
+
+
 def _silent_note() -> str:
     return (f"the server reset each new connection at once, before it carried a byte "
             f"({POISON_CAP} in a row, nothing to re-send): that is its answer to every "
@@ -512,6 +537,7 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
     ("dialect", _dialect, SURFACE, True, False),
     ("not-idempotent", _not_idempotent, SURFACE, True, False),
     ("server-session", _server_session, SURFACE, True, False),
+    ("client-login", _client_login, SURFACE, True, False),
     ("mid-answer", _mid_answer, SURFACE, True, False),
     ("journal-overflow", _overflow, SURFACE, True, False),
     ("replay-none", _replay_none, SURFACE, True, False),
@@ -571,6 +597,9 @@ class Machine:
         self.banner = bytearray()
         self.session = False  # a banner, then an answer to a write: session state exists
         self.server_first = False  # this lineage's server speaks first (survives a discard)
+        # An unknown client-first protocol whose first record is a login (rule client-login):
+        # its first word, e.g. "LOGIN".
+        self.login: str | None = None
         # Protocol knowledge (§5a).
         self.dialect: Any = None
         self.detected = False
@@ -668,6 +697,8 @@ class Machine:
                 self.detect(bytes(data), None)
                 if self.dialect is not None and self.lines is not None:
                     self._lines_stop()  # a known protocol: its dialect knows better
+            if self.dialect is None and not self.banner:
+                self.login = _login_word(data)
 
     def _wrote_lines(self, data: Any, journal: Journal) -> None:
         """Full duplex: count the request lines of a record (rule 6). Counting begins at a

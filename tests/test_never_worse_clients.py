@@ -405,6 +405,12 @@ def test_poplib_apop_is_never_re_sent_after_a_new_greeting(tmp_path, direction, 
 
 
 # -- an unknown client-first protocol that logs in first ----------------------------------------
+#
+# Was (wave 5): the byte rules re-sent a command whose answer was lost alone on a new
+# connection that never logged in; the caller read the server's "ERR login first" (3 times
+# here) where plain got ConnectionResetError. Now a first record that is a login line
+# (rule client-login in _machine.RULES) makes a drop after its answer surface, as plain;
+# RetryPolicy(prelude=1) redoes and checks the login instead, and recovers.
 
 LOGIN_CLIENT = '''\
 import socket, sys
@@ -453,13 +459,6 @@ class _LoginHandler(socketserver.StreamRequestHandler):
                              else b"ERR login first\n")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "wave 5, not fixed: an unknown client-first protocol keeps the byte rules (docs/design.md "
-    "§5a): a command whose answer is lost is re-sent alone on a new connection that never "
-    "logged in; the caller reads 'ERR login first' (3 times here) where plain got "
-    "ConnectionResetError. RetryPolicy(prelude=1) or on_reconnect fix it for a user who "
-    "knows; detecting a login-shaped first exchange and making it the prelude was judged too "
-    "risky for this wave (an unanswered login would merge with the records after it)"))
 def test_an_unknown_protocol_that_logs_in_first_never_runs_a_command_logged_out(tmp_path):
     from resilientsock.testing import FaultProxy
 
@@ -484,6 +483,33 @@ def test_an_unknown_protocol_that_logs_in_first_never_runs_a_command_logged_out(
         seen[mode] = (server.counts, out.stdout.splitlines())
     assert seen["resilientsock"][0]["not logged in"] == 0, seen
     assert "ERR login first" not in seen["resilientsock"][1], seen
+    assert seen["resilientsock"] == seen["plain"], seen  # the plain client's error, at once
+
+
+def test_a_declared_prelude_recovers_the_login_first_protocol(tmp_path):
+    """prelude=1: the login is redone (and its answer checked) on the new connection."""
+    from resilientsock.testing import FaultProxy
+
+    script = tmp_path / "login_client.py"
+    script.write_text(LOGIN_CLIENT)
+    server = LoginServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        with FaultProxy(server.server_address[:2]) as proxy:
+            proxy.plan.on_pattern(b"OK m1", "down", nth=1, action="reset")
+            cmd = [sys.executable, "-m", "resilientsock", "--prelude", "1", str(script),
+                   str(proxy.address[1])]
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=45)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["OK", "welcome", "OK", "m0", "OK", "m1", "OK", "m2",
+                                  "OK", "m3"], out
+    assert server.counts["not logged in"] == 0, server.counts
 
 
 # -- IPv6 loopback: the test tools listen on ::1 too ----------------------------------------------
@@ -518,3 +544,31 @@ def test_a_client_on_ipv6_loopback_recovers_through_a_fault_proxy_on_ipv6():
             assert sock.reconnects == 1
         assert len(proxy.plan.fired) == 1
     assert server.unique() == {1, 2, 3, 4}
+
+
+def test_the_machine_surfaces_a_drop_after_an_answered_login_line():
+    from resilientsock import RetryPolicy
+    from resilientsock._errors import classify
+    from resilientsock._machine import RECOVER, SURFACE, Drop, Machine
+
+    info = classify(ConnectionResetError(), phase="read")
+    assert info is not None
+
+    def verdict(first: bytes, policy: Any = None, answered: bool = True) -> Any:
+        m = Machine(policy or RetryPolicy())
+        m.wrote_data(first)
+        if answered:
+            m.read_data(b"OK\n", m.journal.mark())
+        m.wrote_data(b"SEND m1\n")
+        return m.drop(Drop(info, "read"))
+
+    for first in (b"LOGIN robot secret\n", b"logon robot-7 secret\r\n", b"HELLO robot-7\n"):
+        v = verdict(first)
+        assert v.kind == SURFACE and v.rule == "client-login" and v.discard, first
+        assert "prelude=1" in v.note
+    assert verdict(b"LOGIN robot secret\n", answered=False).kind == RECOVER  # nothing yet
+    assert verdict(b"MSG 1 hello\n").kind == RECOVER  # the robot: at-least-once, as before
+    assert verdict(b"LOGINS are counted\n").kind == RECOVER  # a word, not a prefix
+    hook = RetryPolicy(on_reconnect=lambda sock, attempt: None)
+    assert verdict(b"LOGIN robot secret\n", hook).kind == RECOVER  # the hook restores it
+    assert verdict(b"LOGIN robot secret\n", RetryPolicy(prelude=1)).kind == RECOVER
