@@ -30,8 +30,8 @@ import contextvars
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Owner", "KNOWN", "install", "owner_now", "retrying_now", "draining",
-           "connect_retried_by_library"]
+__all__ = ["Owner", "KNOWN", "ONE_SHOT", "install", "owner_now", "retrying_now", "draining",
+           "connect_retried_by_library", "one_shot_now"]
 
 # (library, module, qualified names of its connect functions). The library's name is the one
 # notes and logs show.
@@ -46,6 +46,16 @@ KNOWN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("pika", "pika.adapters.utils.connection_workflow", ("_TCPConnector._connect",)),
 )
 
+# (module, qualified name, what the connection is): functions whose connections are one-shot.
+# A connection opened while one runs is a plain socket, never protected: the listener it
+# connects to accepts one connection for one transfer (ftplib's passive data connection; the
+# server closes its passive listener after the accept), so a new connection can carry neither
+# the rest of a download nor the rest of an upload: reconnecting meets a refused port until the
+# budget runs out, or a listener that never serves it, and replays the upload into nothing.
+ONE_SHOT: tuple[tuple[str, str, str], ...] = (
+    ("ftplib", "FTP.ntransfercmd", "ftplib's data connection"),
+)
+
 _connecting: contextvars.ContextVar[Owner | None] = contextvars.ContextVar(
     "resilientsock_library_connect", default=None)
 _urlopen_retries: contextvars.ContextVar[Any] = contextvars.ContextVar(
@@ -54,6 +64,8 @@ _cluster_retry: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "resilientsock_redis_cluster_retry", default=None)
 _draining: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "resilientsock_urllib3_draining", default=False)
+_one_shot: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "resilientsock_one_shot", default=None)
 
 _installed = False
 
@@ -121,6 +133,12 @@ def retrying_now(owner: Owner | None) -> str | None:
     return None
 
 
+def one_shot_now() -> str | None:
+    """What a connection opened now in this greenlet is, if it is one-shot (``ONE_SHOT``):
+    such a socket connects as a plain one and stays plain."""
+    return _one_shot.get()
+
+
 def draining() -> str | None:
     """urllib3 reading the rest of an answer only to throw it away (``drain_conn``)."""
     return "urllib3's drain_conn" if _draining.get() else None
@@ -142,6 +160,8 @@ def install() -> None:
     wrapt.register_post_import_hook(_wrap_urlopen, "urllib3.connectionpool")
     wrapt.register_post_import_hook(_wrap_drain, "urllib3.response")
     wrapt.register_post_import_hook(_wrap_cluster, "redis.cluster")
+    for module, name, what in ONE_SHOT:
+        wrapt.register_post_import_hook(_one_shot_hook(name, what), module)
 
 
 def _hook(library: str, names: tuple[str, ...]) -> Any:
@@ -208,6 +228,12 @@ def _wrap_drain(module: Any) -> None:
 def _wrap_cluster(module: Any) -> None:
     _wrap_with(module, "RedisCluster.execute_command",
                _set_during(_cluster_retry, lambda i, a, k: getattr(i, "retry", None)))
+
+
+def _one_shot_hook(name: str, what: str) -> Any:
+    def hook(module: Any) -> None:
+        _wrap_with(module, name, _set_during(_one_shot, lambda i, a, k: what))
+    return hook
 
 
 def _wrap_with(module: Any, name: str, wrapper: Any) -> None:

@@ -30,8 +30,10 @@ Rules of this module:
    (each condition returns the note's text, or None). No rule holds: recover — unless the
    same re-sent records met a drop ``POISON_CAP`` times on connections that never carried an
    answer byte (a poison request: surfaced, and remembered for the peer, so a client's own
-   retry of the same bytes on a new socket surfaces at once), or an unanswered EOF repeats
-   (passed on).
+   retry of the same bytes on a new socket surfaces at once), or the server reset
+   ``POISON_CAP`` new connections in a row at once, before they carried a byte, with nothing
+   to re-send (``SILENT_WINDOW``: its answer to every connection, surfaced), or an unanswered
+   EOF repeats (passed on).
 5. A budget (``Episode``) belongs to one recovery episode: it starts at a drop and ends when
    the connection has carried an answer again, or has stayed up longer than a whole deadline
    (so a long call that meets a second drop much later starts afresh, review r20, while a
@@ -120,6 +122,13 @@ TLS_TRANSPORT_CAP = 3  # "retry, small cap" (docs/design.md §3); picked, not me
 # connections in a row before their first answer byte; a server that resets every request
 # (a TLS-only port, a crashing handler) does, at once.
 POISON_CAP = 3
+# A new connection that the server resets before it carried a byte either way, within this
+# many seconds of being established, with nothing to re-send (the client waits for a banner,
+# or a TLS handshake): POISON_CAP of them in a row within one episode are the server's
+# answer to every connection (a server past its connection limit, a load balancer with no
+# backend, a firewall's reset), surfaced as a plain client sees the first one. Picked: such a
+# server resets at once, a flaky path at random times.
+SILENT_WINDOW = 1.0
 # An EOF that cut an answer (the dialect's framing wants more) is resumed softly: refused
 # reconnects (no route, no name) are retried for CUT_RETRY, and the connect and the new
 # answer's first byte get CUT_WAIT each (within what the application's timeout leaves); on any
@@ -451,6 +460,16 @@ def _server_session(m: Machine, d: Drop) -> str | None:
     return None
 
 
+def _client_login(m: Machine, d: Drop) -> str | None:
+    if m.login is None or not m.conn_answered or m.dialect is not None \
+            or m.policy.on_reconnect is not None:
+        return None
+    return (f"the connection began with a login ({m.login} ...), which was answered: a new "
+            "connection would not have it, and commands re-sent there would run logged out "
+            "(RetryPolicy(prelude=1) / --prelude 1 redoes and checks it on every new "
+            "connection; an on_reconnect hook can restore it)")
+
+
 def _mid_answer(m: Machine, d: Drop) -> str | None:
     if m.duplex:
         return None  # full duplex: the reader's stream goes on, nothing is resumed
@@ -487,6 +506,27 @@ def _replay_safe(m: Machine, d: Drop) -> str | None:
 
 
 # (name, condition, verdict kind, discard, quiet), in order: the first that holds decides.
+# First words of a first record that logs in (an unknown client-first line protocol).
+_LOGIN_WORDS = frozenset(b"""LOGIN LOGON AUTH AUTHENTICATE USER HELLO HELO IDENTIFY SIGNIN
+    """.split())
+
+
+def _login_word(data: Any) -> str | None:
+    """The first word of ``data`` if it is a login line (``LOGIN robot secret``), else None."""
+    head = bytes(memoryview(data)[:4096])
+    line = head.split(b"\n", 1)
+    if len(line) < 2 or not line[0].strip():
+        return None  # not a line protocol's first line
+    word = line[0].split(None, 1)[0].upper()
+    return word.decode() if word in _LOGIN_WORDS else None
+
+
+def _silent_note() -> str:
+    return (f"the server reset each new connection at once, before it carried a byte "
+            f"({POISON_CAP} in a row, nothing to re-send): that is its answer to every "
+            "connection")
+
+
 RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool], ...] = (
     ("read-timeout", _read_timeout, SURFACE, False, True),
     ("peer-not-reading", _peer_not_reading, SURFACE, False, False),
@@ -497,6 +537,7 @@ RULES: tuple[tuple[str, Callable[[Machine, Drop], str | None], str, bool, bool],
     ("dialect", _dialect, SURFACE, True, False),
     ("not-idempotent", _not_idempotent, SURFACE, True, False),
     ("server-session", _server_session, SURFACE, True, False),
+    ("client-login", _client_login, SURFACE, True, False),
     ("mid-answer", _mid_answer, SURFACE, True, False),
     ("journal-overflow", _overflow, SURFACE, True, False),
     ("replay-none", _replay_none, SURFACE, True, False),
@@ -556,6 +597,9 @@ class Machine:
         self.banner = bytearray()
         self.session = False  # a banner, then an answer to a write: session state exists
         self.server_first = False  # this lineage's server speaks first (survives a discard)
+        # An unknown client-first protocol whose first record is a login (rule client-login):
+        # its first word, e.g. "LOGIN".
+        self.login: str | None = None
         # Protocol knowledge (§5a).
         self.dialect: Any = None
         self.detected = False
@@ -572,6 +616,10 @@ class Machine:
         # Drops that met the same re-sent records before any answer (POISON_CAP).
         self.poison = 0
         self.poison_mark: int | None = None
+        # New connections reset at once before carrying a byte, nothing to re-send
+        # (SILENT_WINDOW), in a row; and when the current connection was published.
+        self.silent = 0
+        self.conn_since: float | None = None
         # The peer half-closed this connection and still takes our bytes (§5: a half-close
         # is not a drop): its EOF is passed on, and a write error on it later is surfaced.
         self.half_closed = False
@@ -649,6 +697,8 @@ class Machine:
                 self.detect(bytes(data), None)
                 if self.dialect is not None and self.lines is not None:
                     self._lines_stop()  # a known protocol: its dialect knows better
+            if self.dialect is None and not self.banner:
+                self.login = _login_word(data)
 
     def _wrote_lines(self, data: Any, journal: Journal) -> None:
         """Full duplex: count the request lines of a record (rule 6). Counting begins at a
@@ -735,6 +785,7 @@ class Machine:
         self.conn_answered = True
         self.eof_mark = None
         self.poison = 0
+        self.silent = 0
         if self.episode is not None and self.state is CONNECTED:
             self.episode = None  # the connection carried an answer again: the episode ends
         dialect = self.dialect
@@ -869,6 +920,13 @@ class Machine:
                                    f"the server reset the connection each time the unanswered "
                                    f"request(s) were re-sent ({POISON_CAP} times, no answer "
                                    "byte in between): that is its answer", discard=True)
+        elif (self.episode is not None and not self.conn_answered and not self.journal.pending
+              and d.info.category is ErrorCategory.CONNECTION_LOST
+              and self.conn_since is not None
+              and self.clock() - self.conn_since < SILENT_WINDOW):
+            self.silent += 1
+            if self.silent >= POISON_CAP:
+                return Verdict(SURFACE, "silent-resets", _silent_note(), discard=True)
         # A read cut mid-answer resumes it; so does any drop inside an exchange the dialect
         # holds whole (MULTI...EXEC: re-sent whole, its answers so far checked).
         resume = self.answered if d.phase == "read" or d.cut or self.holding() else 0
@@ -950,6 +1008,7 @@ class Machine:
         """A new connection is ready (restored, replayed): publish it."""
         self.gen += 1
         self.conn_answered = False
+        self.conn_since = self.clock()
         self.half_closed = False
         lines = self.lines
         if lines is not None:
@@ -987,6 +1046,7 @@ class Machine:
         self.episode = None
         self.eof_mark = None
         self.poison = 0
+        self.silent = 0
         if self.banner or self.session:
             # A lazily reconnected socket hands the next banner to the application, as a
             # fresh connection would.
@@ -1248,6 +1308,14 @@ class Machine:
                     if self.poison > POISON_CAP:
                         yield self._give_up(episode, soft, poison=True)
                         return
+                elif (not self.journal.pending
+                      and info.category is ErrorCategory.CONNECTION_LOST):
+                    # Reset at once, nothing to re-send: in the connect itself (a reset
+                    # there is the server's, which accepted it), its TLS handshake or banner.
+                    self.silent += 1
+                    if self.silent >= POISON_CAP:
+                        yield self._give_up(episode, soft, silent=True)
+                        return
                 continue
             seconds = self.clock() - episode.start
             if first and episode.attempts == 1 and episode.original is None:
@@ -1363,7 +1431,8 @@ class Machine:
         return True
 
     def _give_up(self, episode: Episode, soft: bool, permanent: bool = False,
-                 poison: bool = False, library: str | None = None) -> GiveUp:
+                 poison: bool = False, library: str | None = None,
+                 silent: bool = False) -> GiveUp:
         """The budget is spent: the original error, with a note saying what was tried."""
         if soft:
             # An EOF cut that could not be resumed: no error for the caller, who gets the
@@ -1378,6 +1447,8 @@ class Machine:
         if poison:
             text += (f"; the server reset the connection each time the unanswered request(s) "
                      f"were re-sent ({POISON_CAP} times): that is its answer")
+        if silent:
+            text += "; " + _silent_note()
         if library:
             text += f"; left to {library}'s own retries"
         self.discarded()

@@ -52,9 +52,11 @@ from typing import TYPE_CHECKING, Any, overload
 import gevent
 
 if TYPE_CHECKING:  # gevent ships no types: a type checker sees the stdlib socket it mirrors
+    from socket import create_connection as _gevent_create_connection
     from socket import socket as _GeventSocket
 else:
     from gevent._socket3 import socket as _GeventSocket
+    from gevent.socket import create_connection as _gevent_create_connection
 from gevent._socketcommon import timeout_default as _timeout_default
 
 from . import _libraries, _stats
@@ -414,6 +416,7 @@ class ResilientSocket(_GeventSocket):
             and self.type == _std.SOCK_STREAM
             and not getattr(self, "server_side", False)
             and not getattr(self, "_closed", False)
+            and _libraries.one_shot_now() is None
         )
 
     def _rs_session_target(self, address: Any) -> bool:
@@ -698,7 +701,15 @@ class ResilientSocket(_GeventSocket):
         _stats.bump(f"disconnects.{step.category}")
         if step.cut:
             return self._rs_resume_cut(m, step, t0)
-        self._rs_recover(step.error, self._rs_call_end(t0), resume=step.resume)
+        try:
+            self._rs_recover(step.error, self._rs_call_end(t0), resume=step.resume)
+        except ConnectionError as exc:
+            if exc is not step.error or not isinstance(exc.__cause__, _SetupMismatch):
+                raise
+            # A new connection cannot carry what this one had (its banner or setup answer
+            # differs): recovery is refused, not spent, so the EOF itself reaches the
+            # caller, as from a plain socket (docs/decisions.md, "Unanswered EOF").
+            return Verdict(PASS_EOF, "setup-differs", str(exc.__cause__))
         return None
 
     def _rs_pass_eof(self, step: PassEOF) -> None:
@@ -1207,6 +1218,15 @@ class ResilientSocket(_GeventSocket):
             if not chunk:
                 raise ConnectionResetError(errno.ECONNRESET, "the server closed before its banner")
             got += chunk
+        if got != first:
+            # The re-sent bytes may have been computed from the banner the application read:
+            # POP3's APOP digest covers its timestamp, a challenge-response login its nonce.
+            # Sent after a different banner they would be wrong (a failed login on the server,
+            # an error the plain client never had): not re-sent (docs/design.md §5a).
+            raise _SetupMismatch(
+                "the new connection's banner differs from the one the application read (it "
+                "may carry a nonce the unanswered writes were computed from, as POP3's APOP "
+                "timestamp), so they are not re-sent")
         log.debug("%s: skipped the new connection's banner (%d bytes)", self._rs_name(), len(got))
 
     def _rs_hook(self, action: RunHook) -> None:
@@ -1641,6 +1661,18 @@ def create_connection(address: Any, timeout: Any = _GLOBAL_DEFAULT, source_addre
     """
     if timeout is _GLOBAL_DEFAULT:
         timeout = _std.getdefaulttimeout()
+    if _libraries.one_shot_now() is not None:
+        # A one-shot connection (ftplib's data connection, _libraries.ONE_SHOT): connected
+        # and kept as a plain socket would be, of this class so that isinstance holds.
+        kwargs = {"all_errors": True} if all_errors else {}
+        plain = _gevent_create_connection(address, timeout, source_address, **kwargs)
+        try:
+            sock = ResilientSocket(plain.family, plain.type, plain.proto, plain.detach())
+        except BaseException:
+            plain.close()
+            raise
+        sock.settimeout(timeout)
+        return sock
     holder: list[ResilientSocket] = []
     try:
         return ResilientSocket._connect_new(address, None, timeout=timeout,

@@ -181,7 +181,8 @@ class ListenerService:
             return
         import gevent.socket as gsocket
 
-        sock = gsocket.socket(gsocket.AF_INET, gsocket.SOCK_STREAM)
+        family = gsocket.AF_INET6 if ":" in self._host else gsocket.AF_INET  # "::1" too
+        sock = gsocket.socket(family, gsocket.SOCK_STREAM)
         sock.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_REUSEADDR, 1)
         sock.bind((self._host, self._port))
         sock.listen(self._backlog)
