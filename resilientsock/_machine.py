@@ -507,8 +507,9 @@ def _replay_safe(m: Machine, d: Drop) -> str | None:
 
 # (name, condition, verdict kind, discard, quiet), in order: the first that holds decides.
 # First words of a first record that logs in (an unknown client-first line protocol).
-_LOGIN_WORDS = frozenset(b"""LOGIN LOGON AUTH AUTHENTICATE USER HELLO HELO IDENTIFY SIGNIN
-    """.split())
+# Words that authenticate, only: a greeting word (HELLO, HELO, IDENTIFY) is the first line of
+# many line protocols that keep no login, whose drops the byte rules recover.
+_LOGIN_WORDS = frozenset(b"LOGIN LOGON AUTH AUTHENTICATE USER SIGNIN".split())
 
 
 def _login_word(data: Any) -> str | None:

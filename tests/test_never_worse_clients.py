@@ -562,12 +562,13 @@ def test_the_machine_surfaces_a_drop_after_an_answered_login_line():
         m.wrote_data(b"SEND m1\n")
         return m.drop(Drop(info, "read"))
 
-    for first in (b"LOGIN robot secret\n", b"logon robot-7 secret\r\n", b"HELLO robot-7\n"):
+    for first in (b"LOGIN robot secret\n", b"logon robot-7 secret\r\n", b"AUTH robot-7 k\n"):
         v = verdict(first)
         assert v.kind == SURFACE and v.rule == "client-login" and v.discard, first
         assert "prelude=1" in v.note
     assert verdict(b"LOGIN robot secret\n", answered=False).kind == RECOVER  # nothing yet
     assert verdict(b"MSG 1 hello\n").kind == RECOVER  # the robot: at-least-once, as before
+    assert verdict(b"HELLO robot-7\n").kind == RECOVER  # a greeting keeps the byte rules
     assert verdict(b"LOGINS are counted\n").kind == RECOVER  # a word, not a prefix
     hook = RetryPolicy(on_reconnect=lambda sock, attempt: None)
     assert verdict(b"LOGIN robot secret\n", hook).kind == RECOVER  # the hook restores it
