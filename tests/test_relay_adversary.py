@@ -140,7 +140,7 @@ def test_a_slow_resume_is_never_proxied_plainly(upstream: MessageServer,
         proxy.add_toxic("latency", stream="upstream", latency=200)
         proxy.cut_after(0, "up", how="reset")
         app.sendall(b"".join(b"MSG %d x\n" % n for n in range(2, 2 + requests)))
-        wait_until(lambda: relay.stats()["plain_connections"] >= 1, 10, "a plain attempt")
+        wait_until(lambda: relay.stats()["late_preambles"] >= 1, 10, "a late preamble")
         proxy.remove_toxic("latency_upstream")
         lines = Lines(app)
         for n in range(2, 2 + requests):
@@ -156,6 +156,38 @@ def test_a_slow_resume_is_never_proxied_plainly(upstream: MessageServer,
     sent = [b"MSG 1 hello\n"] + [b"MSG %d x\n" % n for n in range(2, 2 + requests)] + [
         b"MSG %d hello\n" % n for n in range(2 + requests, count + 1)]
     assert upstream.bytes_received == len(b"".join(sent))
+
+
+def test_a_path_that_stays_slow_creates_and_resumes_with_the_default_plain_after(
+        upstream: MessageServer) -> None:
+    """A forwarder that delays every chunk 100 ms (a loaded or distant one) makes every
+    session client's first bytes come after plain_after (0.05 s, the default). The relay
+    refused each such connection, so on a path that stays slow every attempt was refused:
+    no session could be created at all (TimeoutError after the deadline, 9 refused attempts,
+    9 upstream connections), where a plain client works. A late preamble whose plain attempt
+    carried nothing either way is now served as a session; a creation takes the upstream
+    connection the plain attempt opened (it saw nothing), so the server sees one."""
+    with Relay(("127.0.0.1", 0), upstream.address) as relay, \
+            FaultProxy(relay.address) as proxy:
+        proxy.latency(0.1)
+        app = open_session(proxy.address, timeout=10,
+                           policy=RetryPolicy(deadline=5, backoff_initial=0.01,
+                                              backoff_max=0.1), heartbeat=2.0)
+        converse(app, 1, 2)
+        assert relay.stats()["late_sessions"] == 1
+        assert upstream.connections == 1
+        proxy.reset_all()  # the resume meets the same slow path
+        converse(app, 3, 4)
+        app.close()
+        wait_until(lambda: relay.stats()["sessions_active"] == 0, 10, "the session's end")
+        stats = relay.stats()
+        assert stats["late_sessions"] == stats["late_preambles"] >= 2, stats
+        assert stats["sessions_created"] == 1 and stats["sessions_resumed"] >= 1, stats
+        assert stats["plain_connections"] == 0, stats
+    assert upstream.received == [1, 2, 3, 4]
+    # The resume's plain attempt had opened an upstream connection too (a server-first
+    # protocol needs it at once); it carried nothing and was closed.
+    assert upstream.bytes_received == len(b"".join(b"MSG %d hello\n" % n for n in range(1, 5)))
 
 
 def test_a_plain_server_first_client_still_works_and_may_send_nul_bytes() -> None:
@@ -817,7 +849,7 @@ def test_a_slow_resume_to_a_server_first_upstream_is_refused_and_retried() -> No
         proxy.add_toxic("latency", stream="upstream", latency=200)
         proxy.cut_after(0, "up", how="reset")
         app.sendall(b"MSG 2 b\n")
-        wait_until(lambda: relay.stats()["plain_connections"] >= 1, 10, "a plain attempt")
+        wait_until(lambda: relay.stats()["late_preambles"] >= 1, 10, "a late preamble")
         proxy.remove_toxic("latency_upstream")
         assert lines.readline() == b"ACK 2"
         app.sendall(b"MSG 3 c\n")

@@ -353,8 +353,8 @@ class Relay:
              "impossible_counts", "rejected_handshakes", "handshake_timeouts",
              "upstream_failures", "upstream_eofs", "upstream_resets", "bytes_up",
              "bytes_down", "busy_refusals", "forbidden_creations", "creation_retries",
-             "creations_abandoned", "evictions", "late_preambles", "slowed_connections",
-             "plain_refusals"), 0)
+             "creations_abandoned", "evictions", "late_preambles", "late_sessions",
+             "slowed_connections", "plain_refusals"), 0)
         self.buffered = 0  # unacknowledged bytes across all sessions (see _RelayStream)
         self.queued = 0  # bytes from clients waiting in sessions' delivery queues upstream
         self.starved: set[_RelaySession] = set()
@@ -663,7 +663,6 @@ class Relay:
                 log.info("resilientsock: relay: TLS handshake failed: %s", exc)
                 raw.close()
                 return None
-        link = sp.Link(sp.RELAY)
         first = b""
         # Plain or session? Wait plain_after for the client's first bytes (server-first
         # protocols say nothing until greeted: proxy those plainly, but watch their first
@@ -680,7 +679,15 @@ class Relay:
             sock.close()
             return None
         if not first:
-            return lambda: self._proxy_plainly(sock, b"", sniff=True)
+            return lambda: self._proxy_plainly(sock, b"", sniff=True, source=source)
+        return self._timed_handshake(sock, first, source)
+
+    def _timed_handshake(self, sock: Any, first: bytes, source: str,
+                         spare: list[Any] | None = None) -> Callable[[], None] | None:
+        """The session handshake (or the plain proxy, for first bytes that are no preamble)
+        after the client's ``first`` bytes, within ``handshake_timeout``. ``spare``: an
+        upstream connection that saw nothing, for a creation to take (``_create``)."""
+        link = sp.Link(sp.RELAY)
         if sp.preamble_verdict(first) is not False and not self._pace(source):
             sock.close()  # a session handshake from a source that failed too often
             return None
@@ -688,7 +695,7 @@ class Relay:
         timer = gevent.Timeout(self.handshake_timeout)
         timer.start()
         try:
-            serve = self._handshake(sock, link, source)
+            serve = self._handshake(sock, link, source, spare)
         except gevent.Timeout as t:
             if t is not timer:
                 raise
@@ -700,6 +707,20 @@ class Relay:
         finally:
             timer.close()
         return serve
+
+    def _late_session(self, client: Any, first: bytes, upstream: Any, source: str) -> None:
+        """A session client whose preamble came after ``plain_after`` while nothing went
+        either way on its plain attempt: its handshake, served as any other."""
+        spare = [upstream]
+        self._pending.add(client)
+        try:
+            serve = self._timed_handshake(client, first, source, spare)
+        finally:
+            self._pending.discard(client)
+            for sock in spare:  # not taken by a creation: a connection that saw nothing
+                sock.close()
+        if serve is not None:
+            serve()
 
     def _handshake_event(self, sock: Any, link: sp.Link) -> Any:
         while True:
@@ -733,10 +754,10 @@ class Relay:
             pass
         sock.close()
 
-    def _handshake(self, sock: Any, link: sp.Link,
-                   source: str = "") -> Callable[[], None] | None:
+    def _handshake(self, sock: Any, link: sp.Link, source: str = "",
+                   spare: list[Any] | None = None) -> Callable[[], None] | None:
         """The handshake on a new connection; returns what serves it afterwards (None: it
-        was rejected or closed)."""
+        was rejected or closed). ``spare``: see ``_timed_handshake``."""
         try:
             ev = self._handshake_event(sock, link)
         except sp.ProtocolError as exc:
@@ -749,7 +770,7 @@ class Relay:
             rest = link.unconsumed()
             return lambda: self._proxy_plainly(sock, rest)
         if isinstance(ev, sp.HelloNew):
-            return self._create(sock, link, ev, source)
+            return self._create(sock, link, ev, source, spare)
         sid = link.session_id
         session = self.sessions.get(sid)
         ok = False
@@ -836,8 +857,8 @@ class Relay:
         return lambda: session.attach(
             lio, lambda: link.send_resumed(session.secret, session.stream), early)
 
-    def _create(self, sock: Any, link: sp.Link, ev: Any,
-                source: str = "") -> Callable[[], None] | None:
+    def _create(self, sock: Any, link: sp.Link, ev: Any, source: str = "",
+                spare: list[Any] | None = None) -> Callable[[], None] | None:
         key = self.creation_key
         if key is not None and not (ev.key_proof and hmac.compare_digest(
                 sp.creation_proof(key, ev.nonce), ev.key_proof)):
@@ -871,7 +892,10 @@ class Relay:
         src.connecting += 1
         self._connecting += 1
         try:
-            upstream, code, why = self._connect_upstream()
+            if spare:  # a connection made for a plain attempt that saw nothing: ours
+                upstream, code, why = spare.pop(), 0, ""
+            else:
+                upstream, code, why = self._connect_upstream()
         finally:
             src.connecting -= 1
             self._connecting -= 1
@@ -899,10 +923,13 @@ class Relay:
 
     # -- plain clients -----------------------------------------------------------------------
 
-    def _proxy_plainly(self, client: Any, first: bytes, sniff: bool = False) -> None:
+    def _proxy_plainly(self, client: Any, first: bytes, sniff: bool = False,
+                       source: str = "") -> None:
         """Proxy a plain client. ``sniff`` (it was silent for ``plain_after``): its first
-        bytes are held until they cannot be the session preamble; a session client that was
-        merely slow is refused there (a reset: it retries), never forwarded (#25)."""
+        bytes are held until they cannot be the session preamble, never forwarded (#25). A
+        session client that was merely slow is served as a session when nothing came from
+        the upstream meanwhile, and refused (a reset: it retries) when the upstream's
+        greeting went to it already."""
         self.counters["plain_connections"] += 1
         self._pending.discard(client)
         if self._fd_limit and _fileno(client) >= self._fd_limit - self.fd_reserve \
@@ -919,7 +946,7 @@ class Relay:
             _abort(client)
             return
         self._plain_socks.update((client, upstream))
-        state = {"eofs": 0}
+        state = {"eofs": 0, "down": 0}
         down = gevent.spawn(self._pump_plain, upstream, client, state, "bytes_down")
         if sniff:
             kind, first = self._sniff(client)
@@ -928,9 +955,20 @@ class Relay:
                 self._plain_socks.difference_update((client, upstream))
                 if kind == "session":
                     self.counters["late_preambles"] += 1
+                    if not state["down"]:
+                        # Nothing went either way (a client-first upstream said nothing): a
+                        # session client merely slower than plain_after is served as one
+                        # (a creation takes this upstream connection, which saw nothing;
+                        # a resume closes it). Refusing it would refuse it on every
+                        # attempt on a path that stays slow.
+                        self.counters["late_sessions"] += 1
+                        self.counters["plain_connections"] -= 1
+                        self._late_session(client, first, upstream, source)
+                        return
                     self._log_throttled("late_preamble", "a session client's first bytes "
-                                        f"came after plain_after ({self.plain_after} s): "
-                                        "refused (it retries), nothing forwarded")
+                                        "came after plain_after "
+                                        f"({self.plain_after} s) and the upstream's "
+                                        "greeting: refused (it retries), nothing forwarded")
                     upstream.close()
                 else:  # the client reset: so does its upstream
                     _abort(upstream)
@@ -950,7 +988,7 @@ class Relay:
 
     def _sniff(self, client: Any) -> tuple[str, bytes]:
         """A silent client's first bytes, read before any of them goes upstream: ("plain",
-        bytes to forward; b"" at its EOF), ("session", b"") when they are the preamble, or
+        bytes to forward; b"" at its EOF), ("session", bytes read) when they are the preamble, or
         ("gone", b"") on a reset. A prefix of the preamble waits for more, at most
         ``handshake_timeout``; then it is plain."""
         buf = b""
@@ -968,7 +1006,7 @@ class Relay:
                 if verdict is False:
                     return "plain", buf
                 if verdict is True:
-                    return "session", b""
+                    return "session", buf
                 if timer is None:
                     timer = gevent.Timeout(self.handshake_timeout)
                     timer.start()
@@ -1005,6 +1043,8 @@ class Relay:
                     target.close()
                     self._plain_socks.difference_update((source, target))
                 return
+            if counter == "bytes_down":
+                state["down"] = 1  # before it can yield: a late preamble reads it (_sniff)
             try:
                 target.sendall(data)
             except OSError:
