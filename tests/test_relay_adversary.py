@@ -190,6 +190,41 @@ def test_a_path_that_stays_slow_creates_and_resumes_with_the_default_plain_after
     assert upstream.bytes_received == len(b"".join(b"MSG %d hello\n" % n for n in range(1, 5)))
 
 
+def test_a_path_that_stays_slow_to_a_server_first_upstream_refuses_once_then_serves() -> None:
+    """The same slow path to a server-first upstream: the greeting goes to the silent client
+    before its late preamble shows, so that connection must be refused; its retry met the
+    same path and the same refusal, every time (no session at all, one upstream connection
+    per attempt). Now a source refused so is waited for longer (twice the lateness seen,
+    at most 1 s, for a minute): its retry is a session. The greeting reaches the
+    application once, and a plain client from there still gets its greeting."""
+    with MessageServer(banner=b"HI\n") as srv, \
+            Relay(("127.0.0.1", 0), srv.address) as relay, \
+            FaultProxy(relay.address) as proxy:
+        proxy.latency(0.1)
+        app = open_session(proxy.address, timeout=10,
+                           policy=RetryPolicy(deadline=5, backoff_initial=0.01,
+                                              backoff_max=0.1), heartbeat=2.0)
+        lines = Lines(app)
+        assert lines.readline() == b"HI"
+        app.sendall(b"MSG 1 a\n")
+        assert lines.readline() == b"ACK 1"
+        proxy.reset_all()  # the resume meets the same slow path, waited for now
+        app.sendall(b"MSG 2 b\n")
+        assert lines.readline() == b"ACK 2"
+        stats = relay.stats()
+        assert stats["sessions_created"] == 1 and stats["sessions_resumed"] == 1, stats
+        # The first attempt (a loaded machine may make a retry later than twice that too;
+        # the wait then grows): 26 refusals before, in 5 s.
+        assert 1 <= stats["late_preambles"] <= 3, stats
+        plain = gsocket.create_connection(relay.address, timeout=5)
+        assert Lines(plain).readline() == b"HI"  # a plain server-first client: greeted
+        plain.close()
+        app.close()
+        wait_until(lambda: relay.stats()["sessions_active"] == 0, 10, "the session's end")
+        assert srv.received == [1, 2]
+        assert srv.bytes_received == len(b"MSG 1 a\nMSG 2 b\n")
+
+
 def test_a_plain_server_first_client_still_works_and_may_send_nul_bytes() -> None:
     """The sniffing that refuses late session clients keeps plain server-first clients
     working, also when their first byte is a NUL that is not followed by the preamble."""

@@ -57,6 +57,13 @@ FAIL_WINDOW = 10.0  # seconds over which a source's failed handshakes are counte
 SLOW_DELAY = 1.0  # a source over its failure limit waits this long before its handshake...
 SLOW_MAX = 64  # ... at most this many at once; beyond, its connections are closed at once
 _OLD_TICKETS = 3  # tickets remembered after replacement, to count stale ones apart
+# A source whose session client was refused for a late preamble (a server-first upstream's
+# greeting went to it first) gets a longer wait for its first bytes for LATE_WINDOW: twice
+# the lateness seen, at most LATE_WAIT_MAX (picked: a plain server-first client from there
+# gets its greeting that much later, never an error), so its retry on the same slow path is
+# a session, not another refusal.
+LATE_WINDOW = 60.0
+LATE_WAIT_MAX = 1.0
 
 
 class _RelayStream(sp.Stream):
@@ -115,7 +122,8 @@ class _RelayStream(sp.Stream):
 class _Source:
     """What the relay knows about one client address (admission, failures)."""
 
-    __slots__ = ("sessions", "fresh", "failures", "window", "slow_until", "connecting")
+    __slots__ = ("sessions", "fresh", "failures", "window", "slow_until", "connecting",
+                 "late_wait", "late_until")
 
     def __init__(self) -> None:
         self.sessions = 0  # sessions created from here and not finished
@@ -124,6 +132,8 @@ class _Source:
         self.failures = 0  # failed handshakes in the current window
         self.window = 0.0
         self.slow_until = 0.0
+        self.late_wait = 0.0  # the wait for a silent client's first bytes, until late_until
+        self.late_until = 0.0
 
 
 class _RelaySession(_Carrier):
@@ -444,7 +454,8 @@ class Relay:
         now = time.monotonic()
         for key, src in list(self._sources.items()):
             if not src.sessions and not src.fresh and not src.connecting \
-                    and now - src.window >= FAIL_WINDOW and now >= src.slow_until:
+                    and now - src.window >= FAIL_WINDOW and now >= src.slow_until \
+                    and now >= src.late_until:
                 del self._sources[key]
 
     def wake_starved(self) -> None:
@@ -667,8 +678,9 @@ class Relay:
         # Plain or session? Wait plain_after for the client's first bytes (server-first
         # protocols say nothing until greeted: proxy those plainly, but watch their first
         # bytes: a session client slower than plain_after is refused there, never forwarded).
+        started = time.monotonic()
         try:
-            with gevent.Timeout(self.plain_after):
+            with gevent.Timeout(self._plain_wait(source, started)):
                 first = sock.recv(RECV_SIZE)
                 if not first:
                     sock.close()
@@ -679,7 +691,8 @@ class Relay:
             sock.close()
             return None
         if not first:
-            return lambda: self._proxy_plainly(sock, b"", sniff=True, source=source)
+            return lambda: self._proxy_plainly(sock, b"", sniff=True, source=source,
+                                               started=started)
         return self._timed_handshake(sock, first, source)
 
     def _timed_handshake(self, sock: Any, first: bytes, source: str,
@@ -923,8 +936,17 @@ class Relay:
 
     # -- plain clients -----------------------------------------------------------------------
 
+    def _plain_wait(self, source: str, now: float) -> float:
+        """How long a new client from ``source`` may be silent before it is proxied plainly:
+        ``plain_after``, or longer for a while after a session client from there was refused
+        for a late preamble (see LATE_WINDOW)."""
+        src = self._sources.get(source)
+        if src is not None and src.late_until > now:
+            return max(self.plain_after, src.late_wait)
+        return self.plain_after
+
     def _proxy_plainly(self, client: Any, first: bytes, sniff: bool = False,
-                       source: str = "") -> None:
+                       source: str = "", started: float = 0.0) -> None:
         """Proxy a plain client. ``sniff`` (it was silent for ``plain_after``): its first
         bytes are held until they cannot be the session preamble, never forwarded (#25). A
         session client that was merely slow is served as a session when nothing came from
@@ -965,10 +987,17 @@ class Relay:
                         self.counters["plain_connections"] -= 1
                         self._late_session(client, first, upstream, source)
                         return
+                    # Its retry from there is waited for longer (LATE_WINDOW).
+                    now = time.monotonic()
+                    src = self._src(source)
+                    src.late_wait = min(LATE_WAIT_MAX, max(src.late_wait, 2 * (now - started)))
+                    src.late_until = now + LATE_WINDOW
                     self._log_throttled("late_preamble", "a session client's first bytes "
                                         "came after plain_after "
                                         f"({self.plain_after} s) and the upstream's "
-                                        "greeting: refused (it retries), nothing forwarded")
+                                        "greeting: refused (it retries), nothing forwarded; "
+                                        f"clients from {source} are waited for "
+                                        f"{src.late_wait:.2f} s for {LATE_WINDOW:.0f} s")
                     upstream.close()
                 else:  # the client reset: so does its upstream
                     _abort(upstream)
