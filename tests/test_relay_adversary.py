@@ -181,12 +181,15 @@ def test_a_path_that_stays_slow_creates_and_resumes_with_the_default_plain_after
         app.close()
         wait_until(lambda: relay.stats()["sessions_active"] == 0, 10, "the session's end")
         stats = relay.stats()
-        assert stats["late_sessions"] == stats["late_preambles"] >= 2, stats
+        # The resume, from an address seen late, was waited for long enough: no plain
+        # attempt, no upstream connection opened for one (a loaded machine may make it
+        # later than twice the first lateness: then served late too, and its silent
+        # upstream connection closed).
+        assert stats["late_sessions"] == stats["late_preambles"] >= 1, stats
         assert stats["sessions_created"] == 1 and stats["sessions_resumed"] >= 1, stats
         assert stats["plain_connections"] == 0, stats
     assert upstream.received == [1, 2, 3, 4]
-    # The resume's plain attempt had opened an upstream connection too (a server-first
-    # protocol needs it at once); it carried nothing and was closed.
+    assert upstream.connections == stats["late_preambles"], stats
     assert upstream.bytes_received == len(b"".join(b"MSG %d hello\n" % n for n in range(1, 5)))
 
 

@@ -57,11 +57,12 @@ FAIL_WINDOW = 10.0  # seconds over which a source's failed handshakes are counte
 SLOW_DELAY = 1.0  # a source over its failure limit waits this long before its handshake...
 SLOW_MAX = 64  # ... at most this many at once; beyond, its connections are closed at once
 _OLD_TICKETS = 3  # tickets remembered after replacement, to count stale ones apart
-# A source whose session client was refused for a late preamble (a server-first upstream's
-# greeting went to it first) gets a longer wait for its first bytes for LATE_WINDOW: twice
-# the lateness seen, at most LATE_WAIT_MAX (picked: a plain server-first client from there
-# gets its greeting that much later, never an error), so its retry on the same slow path is
-# a session, not another refusal.
+# A source whose session client's preamble came late gets a longer wait for its clients'
+# first bytes for LATE_WINDOW: twice the lateness seen, at most LATE_WAIT_MAX (picked: a
+# plain server-first client from there gets its greeting that much later, never an error),
+# so its retry or next resume on the same slow path is a session at once: not another
+# refusal (a server-first upstream's greeting went to the late one first), and no upstream
+# connection opened for a plain attempt.
 LATE_WINDOW = 60.0
 LATE_WAIT_MAX = 1.0
 
@@ -977,6 +978,12 @@ class Relay:
                 self._plain_socks.difference_update((client, upstream))
                 if kind == "session":
                     self.counters["late_preambles"] += 1
+                    # The next clients from there are waited for longer (LATE_WINDOW): a
+                    # retry or a resume on a path that stays slow is a session at once.
+                    now = time.monotonic()
+                    src = self._src(source)
+                    src.late_wait = min(LATE_WAIT_MAX, max(src.late_wait, 2 * (now - started)))
+                    src.late_until = now + LATE_WINDOW
                     if not state["down"]:
                         # Nothing went either way (a client-first upstream said nothing): a
                         # session client merely slower than plain_after is served as one
@@ -987,11 +994,6 @@ class Relay:
                         self.counters["plain_connections"] -= 1
                         self._late_session(client, first, upstream, source)
                         return
-                    # Its retry from there is waited for longer (LATE_WINDOW).
-                    now = time.monotonic()
-                    src = self._src(source)
-                    src.late_wait = min(LATE_WAIT_MAX, max(src.late_wait, 2 * (now - started)))
-                    src.late_until = now + LATE_WINDOW
                     self._log_throttled("late_preamble", "a session client's first bytes "
                                         "came after plain_after "
                                         f"({self.plain_after} s) and the upstream's "
