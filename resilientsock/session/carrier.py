@@ -1018,6 +1018,11 @@ class _Carrier:
             else:
                 plain.close()
         self.on_finished()
+        # Its buffers go now, not when a reference cycle (the session and its greenlets)
+        # is collected: a relay whose vanished clients' sessions expired held their bytes
+        # until a full garbage collection (32 MiB for two sessions, in a quiet relay for good).
+        self.stream.discard()
+        self.plain_reader = None
 
     def on_finished(self) -> None:  # overridden
         pass

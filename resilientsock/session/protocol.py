@@ -380,6 +380,13 @@ class Stream:
     def sent(self) -> int:
         return self.data_sent + (1 if self.end_sent is not None else 0)
 
+    def discard(self) -> None:
+        """The session is over at this end: its unacknowledged bytes go at once (nothing
+        will re-send them; the session object may live on in a reference cycle until the
+        garbage collector's next full pass, which in a quiet process may be never). The
+        counts stay."""
+        self.unacked = Unacked()
+
     def room(self) -> int:
         return max(0, self.limit - self.unacked._len)
 
