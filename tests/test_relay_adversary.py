@@ -28,7 +28,7 @@ from conftest import ROOT, Lines, wait_until
 from resilientsock import RetryPolicy
 from resilientsock.session import Relay, open_session
 from resilientsock.session import protocol as sp
-from resilientsock.testing import FaultProxy, MessageServer
+from resilientsock.testing import FaultProxy, LoopThread, MessageServer
 from resilientsock.testing._loop import ListenerService
 
 POLICY = RetryPolicy(deadline=20, backoff_initial=0.01, backoff_max=0.1)
@@ -420,6 +420,65 @@ def _fill_budget(relay: Relay, socks: list[Any], budget: int) -> None:
         open_session(relay.address, timeout=5,
                      policy=RetryPolicy(deadline=0.3, backoff_initial=0.01,
                                         backoff_max=0.05))
+
+
+def test_bytes_queued_for_stalled_upstreams_stay_within_the_budget() -> None:
+    """The other direction: clients (here ones that ignore acknowledgements, as an attacker
+    may) pour DATA into sessions whose upstream does not read. Each session's delivery queue
+    was bounded by its buffer_limit (16 MiB) alone, never by max_buffered: six sessions held
+    96 MiB against an 8 MiB budget. Now a session's link is not read while the queues
+    across sessions hold max_buffered and its own holds more than 64 KiB."""
+    budget = 8 << 20
+    held: list[Any] = []
+    loop = LoopThread("stalled-upstream").start()
+
+    def listen() -> Any:
+        sock = gsocket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited: little
+        sock.bind(("127.0.0.1", 0))                                  # room in the kernel
+        sock.listen(16)
+
+        def accept() -> None:
+            while True:
+                try:
+                    client, _ = sock.accept()
+                except OSError:
+                    return
+                held.append(client)  # never read
+        gevent.spawn(accept)
+        return sock
+
+    listener = loop.call(listen)
+    frame = sp.HEADER.pack(sp.DATA, 1 << 20, 0) + b"q" * (1 << 20)
+    socks: list[Any] = []
+    try:
+        with Relay(("127.0.0.1", 0), listener.getsockname(), plain_after=2.0,
+                   max_buffered=budget) as relay:
+            for _ in range(6):
+                s = gsocket.create_connection(relay.address, timeout=5)
+                s.sendall(_hello(0))
+                assert s.recv(sp.HEADER_LEN + sp._CREATED.size)[:1] == bytes([sp.CREATED])
+                socks.append(s)
+
+            def pour(s: Any) -> None:
+                s.settimeout(1.0)  # the relay stopped reading: the pour is over
+                try:
+                    for _ in range(24):
+                        s.sendall(frame)
+                except OSError:
+                    pass
+            gevent.joinall([gevent.spawn(pour, s) for s in socks], timeout=60)
+            peak = relay.stats()["buffered_bytes"]
+            # Each session: its 64 KiB floor, plus one read (<= 256 KiB) past it.
+            assert peak <= budget + 6 * ((64 << 10) + (256 << 10)), peak >> 20
+            assert relay.stats()["sessions_active"] == 6
+    finally:
+        for s in socks:
+            s.close()
+        loop.call(listener.close)
+        for c in held:
+            loop.call(c.close)
+        loop.stop()
 
 
 _FD_RELAY = textwrap.dedent("""

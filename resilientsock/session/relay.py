@@ -119,7 +119,7 @@ class _RelayStream(sp.Stream):
             relay.buffered += held - self.counted
             self.counted = held
             assert relay.buffered >= self.counted, (relay.buffered, self.counted)
-            if freed and relay.starved:
+            if freed and (relay.starved or relay.queue_starved):
                 relay.wake_starved()
         left = relay.max_buffered - relay.buffered
         if left >= own:
@@ -135,7 +135,7 @@ class _RelayStream(sp.Stream):
         relay.buffered -= self.counted
         self.counted = 0
         assert relay.buffered >= 0, relay.buffered  # the sum of the live sessions' counts
-        if relay.starved:
+        if relay.starved or relay.queue_starved:
             relay.wake_starved()
 
 
@@ -267,8 +267,24 @@ class _RelaySession(_Carrier):
         self.relay.counters["bytes_down"] += n
 
     def count_queued(self, n: int) -> None:
-        self.relay.queued += n
-        assert self.relay.queued >= 0, self.relay.queued  # the sum of the sessions' queues
+        relay = self.relay
+        relay.queued += n
+        assert relay.queued >= 0, relay.queued  # the sum of the sessions' queues
+        if n < 0 and relay.queue_starved:
+            relay.wake_starved()
+
+    def over_budget(self) -> bool:
+        """The relay's delivery queues hold ``max_buffered`` across its sessions (bytes
+        from clients waiting for their upstreams): this session's link is not read while
+        its own queue holds more than QUEUE_FLOOR; it is woken when a queue drains or a
+        session ends (``Relay.wake_starved``). Bytes toward clients have their own budget
+        of the same size (``_RelayStream.room``), kept apart so that a full download budget
+        never stops a link from being read (its acks are what free that budget)."""
+        relay = self.relay
+        if relay.queued < relay.max_buffered:
+            return False
+        relay.queue_starved.add(self)
+        return True
 
     def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
         done = super()._deliver(payload, block)
@@ -392,6 +408,7 @@ class Relay:
         self._trim_timer: Any = None
         self.queued = 0  # bytes from clients waiting in sessions' delivery queues upstream
         self.starved: set[_RelaySession] = set()
+        self.queue_starved: set[_RelaySession] = set()  # links not read: over max_buffered
         self._creating: dict[bytes, _RelaySession] = {}  # nonce -> unproven session
         self._sources: dict[str, _Source] = {}
         self._throttle: dict[str, list[Any]] = {}
@@ -486,6 +503,9 @@ class Relay:
         starved, self.starved = self.starved, set()
         for session in starved:
             session.room_ev.set()
+        starved, self.queue_starved = self.queue_starved, set()
+        for session in starved:
+            session.drained_ev.set()
 
     def forget(self, session: _RelaySession) -> None:
         """A session is finished: its bookkeeping goes."""
@@ -498,6 +518,7 @@ class Relay:
             if session in src.fresh:
                 src.fresh.remove(session)
         self.starved.discard(session)
+        self.queue_starved.discard(session)
         stream = session.stream
         if isinstance(stream, _RelayStream):
             self.freed += stream.counted
