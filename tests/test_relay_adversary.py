@@ -422,6 +422,62 @@ def _fill_budget(relay: Relay, socks: list[Any], budget: int) -> None:
                                         backoff_max=0.05))
 
 
+class StalledUpstream:
+    """An upstream that accepts and never reads (little room in its kernel buffers)."""
+
+    def __init__(self) -> None:
+        self.held: list[Any] = []
+        self.loop = LoopThread("stalled-upstream").start()
+        self.listener = self.loop.call(self._listen)
+        self.address = self.listener.getsockname()
+
+    def _listen(self) -> Any:
+        sock = gsocket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        gevent.spawn(self._accept, sock)
+        return sock
+
+    def _accept(self, sock: Any) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return
+            self.held.append(client)  # never read
+
+    def stop(self) -> None:
+        def close() -> None:
+            self.listener.close()
+            for client in self.held:
+                client.close()
+        self.loop.call(close)
+        self.loop.stop()
+
+
+def _pour_sessions(relay: Relay, count: int) -> list[Any]:
+    """``count`` sessions from clients that ignore acknowledgements, each pouring 24 MiB
+    of DATA until the relay stops reading its link (then silent: never a FIN)."""
+    frame = sp.HEADER.pack(sp.DATA, 1 << 20, 0) + b"q" * (1 << 20)
+    socks = []
+    for _ in range(count):
+        s = gsocket.create_connection(relay.address, timeout=5)
+        s.sendall(_hello(0))
+        assert s.recv(sp.HEADER_LEN + sp._CREATED.size)[:1] == bytes([sp.CREATED])
+        socks.append(s)
+
+    def pour(s: Any) -> None:
+        s.settimeout(1.0)  # the relay stopped reading: the pour is over
+        try:
+            for _ in range(24):
+                s.sendall(frame)
+        except OSError:
+            pass
+    gevent.joinall([gevent.spawn(pour, s) for s in socks], timeout=60)
+    return socks
+
+
 def test_bytes_queued_for_stalled_upstreams_stay_within_the_budget() -> None:
     """The other direction: clients (here ones that ignore acknowledgements, as an attacker
     may) pour DATA into sessions whose upstream does not read. Each session's delivery queue
@@ -429,45 +485,12 @@ def test_bytes_queued_for_stalled_upstreams_stay_within_the_budget() -> None:
     96 MiB against an 8 MiB budget. Now a session's link is not read while the queues
     across sessions hold max_buffered and its own holds more than 64 KiB."""
     budget = 8 << 20
-    held: list[Any] = []
-    loop = LoopThread("stalled-upstream").start()
-
-    def listen() -> Any:
-        sock = gsocket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited: little
-        sock.bind(("127.0.0.1", 0))                                  # room in the kernel
-        sock.listen(16)
-
-        def accept() -> None:
-            while True:
-                try:
-                    client, _ = sock.accept()
-                except OSError:
-                    return
-                held.append(client)  # never read
-        gevent.spawn(accept)
-        return sock
-
-    listener = loop.call(listen)
-    frame = sp.HEADER.pack(sp.DATA, 1 << 20, 0) + b"q" * (1 << 20)
+    upstream = StalledUpstream()
     socks: list[Any] = []
     try:
-        with Relay(("127.0.0.1", 0), listener.getsockname(), plain_after=2.0,
+        with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0,
                    max_buffered=budget) as relay:
-            for _ in range(6):
-                s = gsocket.create_connection(relay.address, timeout=5)
-                s.sendall(_hello(0))
-                assert s.recv(sp.HEADER_LEN + sp._CREATED.size)[:1] == bytes([sp.CREATED])
-                socks.append(s)
-
-            def pour(s: Any) -> None:
-                s.settimeout(1.0)  # the relay stopped reading: the pour is over
-                try:
-                    for _ in range(24):
-                        s.sendall(frame)
-                except OSError:
-                    pass
-            gevent.joinall([gevent.spawn(pour, s) for s in socks], timeout=60)
+            socks = _pour_sessions(relay, 6)
             peak = relay.stats()["buffered_bytes"]
             # Each session: its 64 KiB floor, plus one read (<= 256 KiB) past it.
             assert peak <= budget + 6 * ((64 << 10) + (256 << 10)), peak >> 20
@@ -475,10 +498,31 @@ def test_bytes_queued_for_stalled_upstreams_stay_within_the_budget() -> None:
     finally:
         for s in socks:
             s.close()
-        loop.call(listener.close)
-        for c in held:
-            loop.call(c.close)
-        loop.stop()
+        upstream.stop()
+
+
+def test_a_client_that_vanishes_while_its_link_is_not_read_is_detached() -> None:
+    """A link the relay does not read (its session's queue over the limit, or over the
+    budget across sessions, for an upstream that does not read) could not hear its client,
+    and its silence was never taken for a drop: the heartbeat had no read to interrupt.
+    A client that vanished there (an attacker who poured and left) pinned its session
+    and its bytes for as long as the upstream did not read: for ever. Now such a link is
+    dropped after link_timeout like any silent one, and the session expires."""
+    upstream = StalledUpstream()
+    socks: list[Any] = []
+    try:
+        with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0,
+                   buffer_limit=1 << 20, link_timeout=1.0, session_timeout=1.0) as relay:
+            socks = _pour_sessions(relay, 2)  # over its own limit: its link is not read
+            assert relay.stats()["sessions_active"] == 2
+            wait_until(lambda: relay.stats()["sessions_expired"] == 2, 1.0 + 1.0 + 5,
+                       "the silent clients' sessions detached and expired")
+            assert relay.stats()["sessions_active"] == 0
+            assert relay.stats()["buffered_bytes"] == 0
+    finally:
+        for s in socks:
+            s.close()
+        upstream.stop()
 
 
 _FD_RELAY = textwrap.dedent("""

@@ -802,8 +802,15 @@ class _Carrier:
             self.waiting_pong = True
             gevent.spawn(self._ping, lio)
         else:
-            if _Hub.interrupt_read(lio.sock, TimeoutError(  # the pump is waiting to read:
-                    f"peer silent for {2 * heartbeat:.1f} s")):  # thrown in now (see there)
+            why = f"peer silent for {2 * heartbeat:.1f} s"
+            if _Hub.interrupt_read(lio.sock, TimeoutError(why)):  # the pump is waiting to
+                return                                             # read: thrown in now
+            # Nobody reads the link (its pump waits for the delivery queue to drain): what
+            # the peer sent is unread, so a live peer has seen no PONG either and resumes.
+            # A link not read is dropped as a silent one would be, or a vanished client's
+            # session (and its bytes) would be held for as long as its plain end stalls.
+            if self.outq_bytes:
+                gevent.spawn(self._link_lost, lio, f"{why} (not read: queue full)")
                 return
         self._arm_beat(lio, heartbeat)
 
