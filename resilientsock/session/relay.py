@@ -733,9 +733,10 @@ class Relay:
                 raw.close()
                 return None
         first = b""
-        # Plain or session? Wait plain_after for the client's first bytes (server-first
-        # protocols say nothing until greeted: proxy those plainly, but watch their first
-        # bytes: a session client slower than plain_after is refused there, never forwarded).
+        # Plain or session? Wait plain_after (longer for an address seen late: LATE_WINDOW)
+        # for the client's first bytes (server-first protocols say nothing until greeted:
+        # proxy those plainly, but watch their first bytes: a session client slower than
+        # that is never forwarded: served as a session, or refused, _proxy_plainly).
         started = time.monotonic()
         try:
             with gevent.Timeout(self._plain_wait(source, started)):
@@ -1115,6 +1116,10 @@ class Relay:
                 data = source.recv(RECV_SIZE)
             except OSError:
                 data = None
+            if counter == "bytes_down":
+                # Before anything can yield: a late preamble (_sniff) reads it. An EOF or a
+                # reset from the upstream counts too (it is passed on to the client).
+                state["down"] = 1
             if not data:
                 if data is None:  # a reset: pass it on
                     _abort(target)
@@ -1131,8 +1136,6 @@ class Relay:
                     target.close()
                     self._plain_socks.difference_update((source, target))
                 return
-            if counter == "bytes_down":
-                state["down"] = 1  # before it can yield: a late preamble reads it (_sniff)
             try:
                 target.sendall(data)
             except OSError:
