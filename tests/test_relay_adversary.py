@@ -334,6 +334,30 @@ class Feed(ListenerService):
         self._close_listener()
 
 
+def test_a_session_that_said_nothing_yet_is_held_the_session_timeout_after_a_drop(
+        upstream: MessageServer) -> None:
+    """A connection opened ahead of use (a pool, a client waiting for work) whose link
+    drops before it said anything: the relay could not tell it from a creation whose
+    CREATED was lost, so it held it creation_hold (5 s), not session_timeout (300 s): an
+    outage longer than that lost the session (the next write: a reset). Now the client
+    shows it got CREATED with an ACK once ACK_DELAY (200 ms) passed with nothing sent."""
+    with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0,
+               creation_hold=0.5) as relay, FaultProxy(relay.address) as proxy:
+        app = open_session(proxy.address, timeout=10, policy=POLICY, heartbeat=0.5)
+        wait_until(lambda: relay.stats()["sessions_active"] == 1, 5, "the session")
+        session = next(iter(relay._loop.call(lambda: list(relay.sessions.values()))))
+        wait_until(lambda: not session.unproven(), 5, "the client's ACK")
+        proxy.blackhole(True)  # longer than creation_hold, well within session_timeout
+        proxy.reset_all()
+        wait_until(lambda: relay.stats()["sessions_detached"] == 1, 5, "the drop")
+        gevent.sleep(1.5)  # the outage: three creation holds
+        proxy.blackhole(False)
+        converse(app, 1, 2)
+        app.close()
+        assert relay.stats()["creations_abandoned"] == 0
+    assert_exactly_once(upstream, 2)
+
+
 def test_abandoned_creations_are_released_within_seconds() -> None:
     """w2: 12 unauthenticated HELLO-read-CREATED-RST round trips pinned 12 upstream
     connections and 192 MiB for the 300 s session timeout. A session whose client never

@@ -177,12 +177,14 @@ class _RelaySession(_Carrier):
         self.born = time.monotonic()
 
     def unproven(self) -> bool:
-        """True while nothing shows the client ever received CREATED: no byte and no ack from
-        it, no resume (which needs the secret). Such a session may be handed to a retry of
+        """True while nothing shows the client ever received CREATED: no byte and no frame
+        from it (a client that says nothing proves it with an ACK ``ACK_DELAY`` after
+        CREATED), no resume (which needs the secret). Such a session may be handed to a retry of
         its creation (CREATED again, every byte re-sent from 0) or evicted when it is also
         detached: its client cannot have used it."""
         stream = self.stream
-        return not (self.resumes or stream.received or stream.acked or self.finished)
+        return not (self.resumes or stream.received or stream.acked or stream.heard
+                    or self.finished)
 
     def fresh(self) -> bool:
         """Unproven and younger than ``creation_hold``: counts against its source's budget of
