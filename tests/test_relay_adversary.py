@@ -1024,3 +1024,56 @@ def test_a_slow_resume_to_a_server_first_upstream_is_refused_and_retried() -> No
         # Not a byte of the session went to the refused plain attempt's upstream connection.
         assert srv.bytes_received == len(b"MSG 1 a\nMSG 2 b\nMSG 3 c\n")
         assert relay.stats()["late_preambles"] >= 1
+
+
+_HALF_OPEN_RELAY = textwrap.dedent("""
+    import sys, time
+    from resilientsock.session import Relay
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", int(sys.argv[1])), plain_after=2.0,
+                  handshake_timeout=1.0).start()
+    print(relay.address[1], flush=True)
+    sys.stdin.readline()
+    print(relay.stats()["handshake_timeouts"], flush=True)
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_a_flood_of_half_open_handshakes_gives_its_memory_back(
+        upstream: MessageServer) -> None:
+    """2,000 connections that send the preamble and half a HELLO, then wait: each costs the
+    relay (its own process) a greenlet and buffers until the handshake timeout closes it.
+    Once they are closed the relay's memory goes back near where it started (was: it stayed
+    at the flood's peak, the freed memory kept in the relay thread's allocator arena)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _HALF_OPEN_RELAY,
+                             str(upstream.address[1])], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    socks: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        port = int(proc.stdout.readline())
+
+        def rss() -> float:
+            with open(f"/proc/{proc.pid}/status") as f:
+                return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
+        base = rss()
+        half = sp.PREAMBLE + sp.HEADER.pack(sp.HELLO, 4000, 0) + b"\x01\x03\x00" + b"x" * 2000
+        for _ in range(2000):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(half)
+            socks.append(s)
+        wait_until(lambda: rss() > base + 16, 10, "the flood's memory")
+        peak = rss()
+        # Closed by the handshake timeout (1 s) and given back within a second after.
+        deadline = time.monotonic() + 10
+        while rss() > base + 12 and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling a gauge, bounded
+        assert rss() <= base + 12, (base, peak, rss())
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert int(proc.stdout.readline()) == 2000
+    finally:
+        for s in socks:
+            s.close()
+        proc.kill()
+        proc.communicate(timeout=10)
