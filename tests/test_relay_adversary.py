@@ -28,7 +28,7 @@ from conftest import ROOT, Lines, wait_until
 from resilientsock import RetryPolicy
 from resilientsock.session import Relay, open_session
 from resilientsock.session import protocol as sp
-from resilientsock.testing import FaultProxy, MessageServer
+from resilientsock.testing import FaultProxy, LoopThread, MessageServer
 from resilientsock.testing._loop import ListenerService
 
 POLICY = RetryPolicy(deadline=20, backoff_initial=0.01, backoff_max=0.1)
@@ -140,7 +140,7 @@ def test_a_slow_resume_is_never_proxied_plainly(upstream: MessageServer,
         proxy.add_toxic("latency", stream="upstream", latency=200)
         proxy.cut_after(0, "up", how="reset")
         app.sendall(b"".join(b"MSG %d x\n" % n for n in range(2, 2 + requests)))
-        wait_until(lambda: relay.stats()["plain_connections"] >= 1, 10, "a plain attempt")
+        wait_until(lambda: relay.stats()["late_preambles"] >= 1, 10, "a late preamble")
         proxy.remove_toxic("latency_upstream")
         lines = Lines(app)
         for n in range(2, 2 + requests):
@@ -156,6 +156,76 @@ def test_a_slow_resume_is_never_proxied_plainly(upstream: MessageServer,
     sent = [b"MSG 1 hello\n"] + [b"MSG %d x\n" % n for n in range(2, 2 + requests)] + [
         b"MSG %d hello\n" % n for n in range(2 + requests, count + 1)]
     assert upstream.bytes_received == len(b"".join(sent))
+
+
+def test_a_path_that_stays_slow_creates_and_resumes_with_the_default_plain_after(
+        upstream: MessageServer) -> None:
+    """A forwarder that delays every chunk 100 ms (a loaded or distant one) makes every
+    session client's first bytes come after plain_after (0.05 s, the default). The relay
+    refused each such connection, so on a path that stays slow every attempt was refused:
+    no session could be created at all (TimeoutError after the deadline, 9 refused attempts,
+    9 upstream connections), where a plain client works. A late preamble whose plain attempt
+    carried nothing either way is now served as a session; a creation takes the upstream
+    connection the plain attempt opened (it saw nothing), so the server sees one."""
+    with Relay(("127.0.0.1", 0), upstream.address) as relay, \
+            FaultProxy(relay.address) as proxy:
+        proxy.latency(0.1)
+        app = open_session(proxy.address, timeout=10,
+                           policy=RetryPolicy(deadline=5, backoff_initial=0.01,
+                                              backoff_max=0.1), heartbeat=2.0)
+        converse(app, 1, 2)
+        assert relay.stats()["late_sessions"] == 1
+        assert upstream.connections == 1
+        proxy.reset_all()  # the resume meets the same slow path
+        converse(app, 3, 4)
+        app.close()
+        wait_until(lambda: relay.stats()["sessions_active"] == 0, 10, "the session's end")
+        stats = relay.stats()
+        # The resume, from an address seen late, was waited for long enough: no plain
+        # attempt, no upstream connection opened for one (a loaded machine may make it
+        # later than twice the first lateness: then served late too, and its silent
+        # upstream connection closed).
+        assert stats["late_sessions"] == stats["late_preambles"] >= 1, stats
+        assert stats["sessions_created"] == 1 and stats["sessions_resumed"] >= 1, stats
+        assert stats["plain_connections"] == 0, stats
+    assert upstream.received == [1, 2, 3, 4]
+    assert upstream.connections == stats["late_preambles"], stats
+    assert upstream.bytes_received == len(b"".join(b"MSG %d hello\n" % n for n in range(1, 5)))
+
+
+def test_a_path_that_stays_slow_to_a_server_first_upstream_refuses_once_then_serves() -> None:
+    """The same slow path to a server-first upstream: the greeting goes to the silent client
+    before its late preamble shows, so that connection must be refused; its retry met the
+    same path and the same refusal, every time (no session at all, one upstream connection
+    per attempt). Now a source refused so is waited for longer (twice the lateness seen,
+    at most 1 s, for a minute): its retry is a session. The greeting reaches the
+    application once, and a plain client from there still gets its greeting."""
+    with MessageServer(banner=b"HI\n") as srv, \
+            Relay(("127.0.0.1", 0), srv.address) as relay, \
+            FaultProxy(relay.address) as proxy:
+        proxy.latency(0.1)
+        app = open_session(proxy.address, timeout=10,
+                           policy=RetryPolicy(deadline=5, backoff_initial=0.01,
+                                              backoff_max=0.1), heartbeat=2.0)
+        lines = Lines(app)
+        assert lines.readline() == b"HI"
+        app.sendall(b"MSG 1 a\n")
+        assert lines.readline() == b"ACK 1"
+        proxy.reset_all()  # the resume meets the same slow path, waited for now
+        app.sendall(b"MSG 2 b\n")
+        assert lines.readline() == b"ACK 2"
+        stats = relay.stats()
+        assert stats["sessions_created"] == 1 and stats["sessions_resumed"] == 1, stats
+        # The first attempt (a loaded machine may make a retry later than twice that too;
+        # the wait then grows): 26 refusals before, in 5 s.
+        assert 1 <= stats["late_preambles"] <= 3, stats
+        plain = gsocket.create_connection(relay.address, timeout=5)
+        assert Lines(plain).readline() == b"HI"  # a plain server-first client: greeted
+        plain.close()
+        app.close()
+        wait_until(lambda: relay.stats()["sessions_active"] == 0, 10, "the session's end")
+        assert srv.received == [1, 2]
+        assert srv.bytes_received == len(b"MSG 1 a\nMSG 2 b\n")
 
 
 def test_a_plain_server_first_client_still_works_and_may_send_nul_bytes() -> None:
@@ -264,6 +334,30 @@ class Feed(ListenerService):
         self._close_listener()
 
 
+def test_a_session_that_said_nothing_yet_is_held_the_session_timeout_after_a_drop(
+        upstream: MessageServer) -> None:
+    """A connection opened ahead of use (a pool, a client waiting for work) whose link
+    drops before it said anything: the relay could not tell it from a creation whose
+    CREATED was lost, so it held it creation_hold (5 s), not session_timeout (300 s): an
+    outage longer than that lost the session (the next write: a reset). Now the client
+    shows it got CREATED with an ACK once ACK_DELAY (200 ms) passed with nothing sent."""
+    with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0,
+               creation_hold=0.5) as relay, FaultProxy(relay.address) as proxy:
+        app = open_session(proxy.address, timeout=10, policy=POLICY, heartbeat=0.5)
+        wait_until(lambda: relay.stats()["sessions_active"] == 1, 5, "the session")
+        session = next(iter(relay._loop.call(lambda: list(relay.sessions.values()))))
+        wait_until(lambda: not session.unproven(), 5, "the client's ACK")
+        proxy.blackhole(True)  # longer than creation_hold, well within session_timeout
+        proxy.reset_all()
+        wait_until(lambda: relay.stats()["sessions_detached"] == 1, 5, "the drop")
+        gevent.sleep(1.5)  # the outage: three creation holds
+        proxy.blackhole(False)
+        converse(app, 1, 2)
+        app.close()
+        assert relay.stats()["creations_abandoned"] == 0
+    assert_exactly_once(upstream, 2)
+
+
 def test_abandoned_creations_are_released_within_seconds() -> None:
     """w2: 12 unauthenticated HELLO-read-CREATED-RST round trips pinned 12 upstream
     connections and 192 MiB for the 300 s session timeout. A session whose client never
@@ -350,6 +444,109 @@ def _fill_budget(relay: Relay, socks: list[Any], budget: int) -> None:
         open_session(relay.address, timeout=5,
                      policy=RetryPolicy(deadline=0.3, backoff_initial=0.01,
                                         backoff_max=0.05))
+
+
+class StalledUpstream:
+    """An upstream that accepts and never reads (little room in its kernel buffers)."""
+
+    def __init__(self) -> None:
+        self.held: list[Any] = []
+        self.loop = LoopThread("stalled-upstream").start()
+        self.listener = self.loop.call(self._listen)
+        self.address = self.listener.getsockname()
+
+    def _listen(self) -> Any:
+        sock = gsocket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        gevent.spawn(self._accept, sock)
+        return sock
+
+    def _accept(self, sock: Any) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return
+            self.held.append(client)  # never read
+
+    def stop(self) -> None:
+        def close() -> None:
+            self.listener.close()
+            for client in self.held:
+                client.close()
+        self.loop.call(close)
+        self.loop.stop()
+
+
+def _pour_sessions(relay: Relay, count: int) -> list[Any]:
+    """``count`` sessions from clients that ignore acknowledgements, each pouring 24 MiB
+    of DATA until the relay stops reading its link (then silent: never a FIN)."""
+    frame = sp.HEADER.pack(sp.DATA, 1 << 20, 0) + b"q" * (1 << 20)
+    socks = []
+    for _ in range(count):
+        s = gsocket.create_connection(relay.address, timeout=5)
+        s.sendall(_hello(0))
+        assert s.recv(sp.HEADER_LEN + sp._CREATED.size)[:1] == bytes([sp.CREATED])
+        socks.append(s)
+
+    def pour(s: Any) -> None:
+        s.settimeout(1.0)  # the relay stopped reading: the pour is over
+        try:
+            for _ in range(24):
+                s.sendall(frame)
+        except OSError:
+            pass
+    gevent.joinall([gevent.spawn(pour, s) for s in socks], timeout=60)
+    return socks
+
+
+def test_bytes_queued_for_stalled_upstreams_stay_within_the_budget() -> None:
+    """The other direction: clients (here ones that ignore acknowledgements, as an attacker
+    may) pour DATA into sessions whose upstream does not read. Each session's delivery queue
+    was bounded by its buffer_limit (16 MiB) alone, never by max_buffered: six sessions held
+    96 MiB against an 8 MiB budget. Now a session's link is not read while the queues
+    across sessions hold max_buffered and its own holds more than 64 KiB."""
+    budget = 8 << 20
+    upstream = StalledUpstream()
+    socks: list[Any] = []
+    try:
+        with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0,
+                   max_buffered=budget) as relay:
+            socks = _pour_sessions(relay, 6)
+            peak = relay.stats()["buffered_bytes"]
+            # Each session: its 64 KiB floor, plus one read (<= 256 KiB) past it.
+            assert peak <= budget + 6 * ((64 << 10) + (256 << 10)), peak >> 20
+            assert relay.stats()["sessions_active"] == 6
+    finally:
+        for s in socks:
+            s.close()
+        upstream.stop()
+
+
+def test_a_client_that_vanishes_while_its_link_is_not_read_is_detached() -> None:
+    """A link the relay does not read (its session's queue over the limit, or over the
+    budget across sessions, for an upstream that does not read) could not hear its client,
+    and its silence was never taken for a drop: the heartbeat had no read to interrupt.
+    A client that vanished there (an attacker who poured and left) pinned its session
+    and its bytes for as long as the upstream did not read: for ever. Now such a link is
+    dropped after link_timeout like any silent one, and the session expires."""
+    upstream = StalledUpstream()
+    socks: list[Any] = []
+    try:
+        with Relay(("127.0.0.1", 0), upstream.address, plain_after=2.0,
+                   buffer_limit=1 << 20, link_timeout=1.0, session_timeout=1.0) as relay:
+            socks = _pour_sessions(relay, 2)  # over its own limit: its link is not read
+            assert relay.stats()["sessions_active"] == 2
+            wait_until(lambda: relay.stats()["sessions_expired"] == 2, 1.0 + 1.0 + 5,
+                       "the silent clients' sessions detached and expired")
+            assert relay.stats()["sessions_active"] == 0
+            assert relay.stats()["buffered_bytes"] == 0
+    finally:
+        for s in socks:
+            s.close()
+        upstream.stop()
 
 
 _FD_RELAY = textwrap.dedent("""
@@ -817,7 +1014,7 @@ def test_a_slow_resume_to_a_server_first_upstream_is_refused_and_retried() -> No
         proxy.add_toxic("latency", stream="upstream", latency=200)
         proxy.cut_after(0, "up", how="reset")
         app.sendall(b"MSG 2 b\n")
-        wait_until(lambda: relay.stats()["plain_connections"] >= 1, 10, "a plain attempt")
+        wait_until(lambda: relay.stats()["late_preambles"] >= 1, 10, "a late preamble")
         proxy.remove_toxic("latency_upstream")
         assert lines.readline() == b"ACK 2"
         app.sendall(b"MSG 3 c\n")
@@ -827,3 +1024,56 @@ def test_a_slow_resume_to_a_server_first_upstream_is_refused_and_retried() -> No
         # Not a byte of the session went to the refused plain attempt's upstream connection.
         assert srv.bytes_received == len(b"MSG 1 a\nMSG 2 b\nMSG 3 c\n")
         assert relay.stats()["late_preambles"] >= 1
+
+
+_HALF_OPEN_RELAY = textwrap.dedent("""
+    import sys, time
+    from resilientsock.session import Relay
+    relay = Relay(("127.0.0.1", 0), ("127.0.0.1", int(sys.argv[1])), plain_after=2.0,
+                  handshake_timeout=1.0).start()
+    print(relay.address[1], flush=True)
+    sys.stdin.readline()
+    print(relay.stats()["handshake_timeouts"], flush=True)
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_a_flood_of_half_open_handshakes_gives_its_memory_back(
+        upstream: MessageServer) -> None:
+    """2,000 connections that send the preamble and half a HELLO, then wait: each costs the
+    relay (its own process) a greenlet and buffers until the handshake timeout closes it.
+    Once they are closed the relay's memory goes back near where it started (was: it stayed
+    at the flood's peak, the freed memory kept in the relay thread's allocator arena)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _HALF_OPEN_RELAY,
+                             str(upstream.address[1])], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    socks: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        port = int(proc.stdout.readline())
+
+        def rss() -> float:
+            with open(f"/proc/{proc.pid}/status") as f:
+                return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
+        base = rss()
+        half = sp.PREAMBLE + sp.HEADER.pack(sp.HELLO, 4000, 0) + b"\x01\x03\x00" + b"x" * 2000
+        for _ in range(2000):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(half)
+            socks.append(s)
+        wait_until(lambda: rss() > base + 16, 10, "the flood's memory")
+        peak = rss()
+        # Closed by the handshake timeout (1 s) and given back within a second after.
+        deadline = time.monotonic() + 10
+        while rss() > base + 12 and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling a gauge, bounded
+        assert rss() <= base + 12, (base, peak, rss())
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert int(proc.stdout.readline()) == 2000
+    finally:
+        for s in socks:
+            s.close()
+        proc.kill()
+        proc.communicate(timeout=10)

@@ -179,6 +179,9 @@ ACK_EVERY = 256 * 1024  # a standalone ACK once this much is unacknowledged (pic
 # whose timer also fired at once on the loop's stale clock). Acks ride on data otherwise.
 ACK_DELAY = 0.2
 HANDSHAKE_TIMEOUT = 10.0  # docs/design.md §11
+# A delivery queue may always hold this much, whatever budget its end has across sessions
+# (over it, the link is read only while the queue is smaller: interactive sessions go on).
+QUEUE_FLOOR = 64 * 1024
 
 
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -694,10 +697,13 @@ class _Carrier:
                  or self.finished) and self._maybe_finish()) or not lio.alive:
                 return  # (no end marker either way: nothing to finish, no call)
             # Read on while the plain end is stalled (PINGs answered, ENDs and ABORTs seen:
-            # rule 9), unless the queue outgrew the limit (a peer that ignores acks): then
-            # wait for it to drain, or for this link to be lost or replaced.
-            while (self.outq_bytes > stream.limit and lio is self.cur and lio.alive
-                   and not self.finished):
+            # rule 9), unless the queue outgrew the limit (a peer that ignores acks), or
+            # holds more than QUEUE_FLOOR while this end is over a budget across sessions
+            # (the relay's max_buffered): then wait for it to drain, or for this link to be
+            # lost or replaced.
+            while ((self.outq_bytes > stream.limit or (self.outq_bytes > QUEUE_FLOOR
+                                                       and self.over_budget()))
+                   and lio is self.cur and lio.alive and not self.finished):
                 self.drained_ev.clear()
                 self.drained_ev.wait()
             if lio is not self.cur or not lio.alive or self.finished:
@@ -723,6 +729,11 @@ class _Carrier:
                 if fast is not None:
                     continue
             link.receive_data(data)
+
+    def over_budget(self) -> bool:  # overridden: the relay's total across its sessions
+        """True while this end holds more than its budget across sessions; it then sets
+        ``drained_ev`` once room was made anywhere."""
+        return False
 
     def recv_link(self, lio: _LinkIO) -> bytes:
         """The next bytes of the link. The heartbeat (``heartbeat``, the link socket's
@@ -791,8 +802,15 @@ class _Carrier:
             self.waiting_pong = True
             gevent.spawn(self._ping, lio)
         else:
-            if _Hub.interrupt_read(lio.sock, TimeoutError(  # the pump is waiting to read:
-                    f"peer silent for {2 * heartbeat:.1f} s")):  # thrown in now (see there)
+            why = f"peer silent for {2 * heartbeat:.1f} s"
+            if _Hub.interrupt_read(lio.sock, TimeoutError(why)):  # the pump is waiting to
+                return                                             # read: thrown in now
+            # Nobody reads the link (its pump waits for the delivery queue to drain): what
+            # the peer sent is unread, so a live peer has seen no PONG either and resumes.
+            # A link not read is dropped as a silent one would be, or a vanished client's
+            # session (and its bytes) would be held for as long as its plain end stalls.
+            if self.outq_bytes:
+                gevent.spawn(self._link_lost, lio, f"{why} (not read: queue full)")
                 return
         self._arm_beat(lio, heartbeat)
 
@@ -1018,6 +1036,11 @@ class _Carrier:
             else:
                 plain.close()
         self.on_finished()
+        # Its buffers go now, not when a reference cycle (the session and its greenlets)
+        # is collected: a relay whose vanished clients' sessions expired held their bytes
+        # until a full garbage collection (32 MiB for two sessions, in a quiet relay for good).
+        self.stream.discard()
+        self.plain_reader = None
 
     def on_finished(self) -> None:  # overridden
         pass

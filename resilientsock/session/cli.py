@@ -142,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-buffered", type=_bytes, default=256 * 1024 * 1024,
                         metavar="BYTES",
                         help="unacknowledged bytes across all sessions, detached ones "
-                             "included; beyond it upstream reads pause (default 256MiB)")
+                             "included; beyond it upstream reads pause; as much again for "
+                             "bytes from clients waiting for their upstreams: beyond it "
+                             "client links with over 64 KiB waiting are not read "
+                             "(default 256MiB)")
     parser.add_argument("--fd-reserve", type=_count0, default=32, metavar="N",
                         help="file descriptors kept free to accept and refuse cleanly "
                              "(default 32)")

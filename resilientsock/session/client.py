@@ -24,6 +24,7 @@ from .._policy import RetryPolicy
 from . import protocol as sp
 from . import targets
 from .carrier import (
+    ACK_DELAY,
     HANDSHAKE_TIMEOUT,
     _abort,
     _Carrier,
@@ -125,6 +126,13 @@ class _ClientSession(_Carrier):
         finally:
             if not self.finished:
                 self.finish(abort_plain=True)
+
+    def prove_created(self, lio: _LinkIO) -> None:
+        """An ACK on the creating link if nothing went to the relay on it yet (see
+        ``open_session``)."""
+        stream = self.stream
+        if not (stream.data_sent or stream.ack_sent or stream.end_sent or self.reconnects):
+            self._send(lio, stream.ack())
 
     def on_detached(self, why: str) -> None:
         log.info("resilientsock: session %s to %s:%d: link lost (%s); resuming",
@@ -661,6 +669,12 @@ def open_session(address: tuple[Any, ...], *, timeout: float | None = None,
     lio = _LinkIO(sock, link)
     session.cur = lio
     session.runner = gevent.spawn(session.run, lio)
+    # A session whose application says nothing yet (a connection opened ahead of use) shows
+    # the relay it got CREATED with an ACK once ACK_DELAY passed with nothing sent: until
+    # then the relay holds it only creation_hold (5 s) after a drop, not session_timeout.
+    # Not sooner: a standalone frame right before a request would hold that request behind
+    # Nagle's algorithm on a forwarder without TCP_NODELAY.
+    gevent.spawn_later(ACK_DELAY, session.prove_created, lio)
     log.info("resilientsock: session %s to relay %s:%d created", ev.session_id.hex()[:8],
              host, port)
     return app

@@ -335,7 +335,7 @@ class Stream:
     """
 
     __slots__ = ("limit", "data_sent", "acked", "unacked", "end_sent", "received",
-                 "end_received", "ack_sent", "_held")
+                 "end_received", "ack_sent", "_held", "heard")
 
     def __init__(self, limit: int = 16 * 1024 * 1024) -> None:
         if limit < 1:
@@ -349,6 +349,9 @@ class Stream:
         self.end_received: Ended | None = None
         self.ack_sent = 0  # the highest ack conveyed to the peer
         self._held = 0  # see ``held``: changed only by hold() and handed_on()
+        # The peer sent a frame on an open link (an ACK, a PING, a PONG, an END, an ABORT;
+        # DATA counts in ``received``): a client that did received CREATED.
+        self.heard = False
 
     @property
     def held(self) -> int:
@@ -379,6 +382,13 @@ class Stream:
     @property
     def sent(self) -> int:
         return self.data_sent + (1 if self.end_sent is not None else 0)
+
+    def discard(self) -> None:
+        """The session is over at this end: its unacknowledged bytes go at once (nothing
+        will re-send them; the session object may live on in a reference cycle until the
+        garbage collector's next full pass, which in a quiet process may be never). The
+        counts stay."""
+        self.unacked = Unacked()
 
     def room(self) -> int:
         return max(0, self.limit - self.unacked._len)
@@ -848,6 +858,7 @@ class Link:
                 raise ProtocolError("empty DATA frame")
             stream.on_data(len(body))
             return Data(body)
+        stream.heard = True
         if ftype == ACK:
             return _CONSUMED
         if ftype == END:

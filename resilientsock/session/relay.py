@@ -57,6 +57,36 @@ FAIL_WINDOW = 10.0  # seconds over which a source's failed handshakes are counte
 SLOW_DELAY = 1.0  # a source over its failure limit waits this long before its handshake...
 SLOW_MAX = 64  # ... at most this many at once; beyond, its connections are closed at once
 _OLD_TICKETS = 3  # tickets remembered after replacement, to count stale ones apart
+# A source whose session client's preamble came late gets a longer wait for its clients'
+# first bytes for LATE_WINDOW: twice the lateness seen, at most LATE_WAIT_MAX (picked: a
+# plain server-first client from there gets its greeting that much later, never an error),
+# so its retry or next resume on the same slow path is a session at once: not another
+# refusal (a server-first upstream's greeting went to the late one first), and no upstream
+# connection opened for a plain attempt.
+LATE_WINDOW = 60.0
+LATE_WAIT_MAX = 1.0
+# Once sessions that held this many bytes have finished, the C allocator is asked (at most
+# once a second) to give the free memory back to the system: the relay reads into big
+# buffers in its own thread, whose allocator arena keeps freed memory otherwise (a relay
+# whose vanished clients' sessions expired stayed at its peak RSS: 92 MiB for 64 MiB freed).
+TRIM_AFTER = 4 * 1024 * 1024
+# What a connection that ends in its handshake leaves freed, about (measured: 3,000 half-open
+# handshakes took 42 MiB); a flood of them is given back as ended sessions are.
+_HANDSHAKE_COST = 16 * 1024
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another C library, no ctypes)."""
+    try:
+        import ctypes
+
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (ImportError, OSError, AttributeError):
+        return None
+    return trim
+
+
+_malloc_trim = _load_malloc_trim()
 
 
 class _RelayStream(sp.Stream):
@@ -92,7 +122,7 @@ class _RelayStream(sp.Stream):
             relay.buffered += held - self.counted
             self.counted = held
             assert relay.buffered >= self.counted, (relay.buffered, self.counted)
-            if freed and relay.starved:
+            if freed and (relay.starved or relay.queue_starved):
                 relay.wake_starved()
         left = relay.max_buffered - relay.buffered
         if left >= own:
@@ -108,14 +138,15 @@ class _RelayStream(sp.Stream):
         relay.buffered -= self.counted
         self.counted = 0
         assert relay.buffered >= 0, relay.buffered  # the sum of the live sessions' counts
-        if relay.starved:
+        if relay.starved or relay.queue_starved:
             relay.wake_starved()
 
 
 class _Source:
     """What the relay knows about one client address (admission, failures)."""
 
-    __slots__ = ("sessions", "fresh", "failures", "window", "slow_until", "connecting")
+    __slots__ = ("sessions", "fresh", "failures", "window", "slow_until", "connecting",
+                 "late_wait", "late_until")
 
     def __init__(self) -> None:
         self.sessions = 0  # sessions created from here and not finished
@@ -124,6 +155,8 @@ class _Source:
         self.failures = 0  # failed handshakes in the current window
         self.window = 0.0
         self.slow_until = 0.0
+        self.late_wait = 0.0  # the wait for a silent client's first bytes, until late_until
+        self.late_until = 0.0
 
 
 class _RelaySession(_Carrier):
@@ -147,12 +180,14 @@ class _RelaySession(_Carrier):
         self.born = time.monotonic()
 
     def unproven(self) -> bool:
-        """True while nothing shows the client ever received CREATED: no byte and no ack from
-        it, no resume (which needs the secret). Such a session may be handed to a retry of
+        """True while nothing shows the client ever received CREATED: no byte and no frame
+        from it (a client that says nothing proves it with an ACK ``ACK_DELAY`` after
+        CREATED), no resume (which needs the secret). Such a session may be handed to a retry of
         its creation (CREATED again, every byte re-sent from 0) or evicted when it is also
         detached: its client cannot have used it."""
         stream = self.stream
-        return not (self.resumes or stream.received or stream.acked or self.finished)
+        return not (self.resumes or stream.received or stream.acked or stream.heard
+                    or self.finished)
 
     def fresh(self) -> bool:
         """Unproven and younger than ``creation_hold``: counts against its source's budget of
@@ -237,8 +272,24 @@ class _RelaySession(_Carrier):
         self.relay.counters["bytes_down"] += n
 
     def count_queued(self, n: int) -> None:
-        self.relay.queued += n
-        assert self.relay.queued >= 0, self.relay.queued  # the sum of the sessions' queues
+        relay = self.relay
+        relay.queued += n
+        assert relay.queued >= 0, relay.queued  # the sum of the sessions' queues
+        if n < 0 and relay.queue_starved:
+            relay.wake_starved()
+
+    def over_budget(self) -> bool:
+        """The relay's delivery queues hold ``max_buffered`` across its sessions (bytes
+        from clients waiting for their upstreams): this session's link is not read while
+        its own queue holds more than QUEUE_FLOOR; it is woken when a queue drains or a
+        session ends (``Relay.wake_starved``). Bytes toward clients have their own budget
+        of the same size (``_RelayStream.room``), kept apart so that a full download budget
+        never stops a link from being read (its acks are what free that budget)."""
+        relay = self.relay
+        if relay.queued < relay.max_buffered:
+            return False
+        relay.queue_starved.add(self)
+        return True
 
     def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
         done = super()._deliver(payload, block)
@@ -253,6 +304,8 @@ class _RelaySession(_Carrier):
             del self.relay.sessions[self.sid]
             self.relay.counters["sessions_ended"] += 1
         self.relay.forget(self)
+        if isinstance(self.stream, _RelayStream):
+            self.stream.owner = None  # (a reference cycle less)
 
 
 class Relay:
@@ -353,11 +406,14 @@ class Relay:
              "impossible_counts", "rejected_handshakes", "handshake_timeouts",
              "upstream_failures", "upstream_eofs", "upstream_resets", "bytes_up",
              "bytes_down", "busy_refusals", "forbidden_creations", "creation_retries",
-             "creations_abandoned", "evictions", "late_preambles", "slowed_connections",
-             "plain_refusals"), 0)
+             "creations_abandoned", "evictions", "late_preambles", "late_sessions",
+             "slowed_connections", "plain_refusals"), 0)
         self.buffered = 0  # unacknowledged bytes across all sessions (see _RelayStream)
+        self.freed = 0  # bytes finished sessions held since the last trim (TRIM_AFTER)
+        self._trim_timer: Any = None
         self.queued = 0  # bytes from clients waiting in sessions' delivery queues upstream
         self.starved: set[_RelaySession] = set()
+        self.queue_starved: set[_RelaySession] = set()  # links not read: over max_buffered
         self._creating: dict[bytes, _RelaySession] = {}  # nonce -> unproven session
         self._sources: dict[str, _Source] = {}
         self._throttle: dict[str, list[Any]] = {}
@@ -444,13 +500,17 @@ class Relay:
         now = time.monotonic()
         for key, src in list(self._sources.items()):
             if not src.sessions and not src.fresh and not src.connecting \
-                    and now - src.window >= FAIL_WINDOW and now >= src.slow_until:
+                    and now - src.window >= FAIL_WINDOW and now >= src.slow_until \
+                    and now >= src.late_until:
                 del self._sources[key]
 
     def wake_starved(self) -> None:
         starved, self.starved = self.starved, set()
         for session in starved:
             session.room_ev.set()
+        starved, self.queue_starved = self.queue_starved, set()
+        for session in starved:
+            session.drained_ev.set()
 
     def forget(self, session: _RelaySession) -> None:
         """A session is finished: its bookkeeping goes."""
@@ -463,9 +523,26 @@ class Relay:
             if session in src.fresh:
                 src.fresh.remove(session)
         self.starved.discard(session)
+        self.queue_starved.discard(session)
         stream = session.stream
         if isinstance(stream, _RelayStream):
+            self.note_freed(stream.counted)
             stream.release()
+
+    def note_freed(self, n: int) -> None:
+        """``n`` bytes were freed (an ended session's buffers, a failed handshake): once
+        ``TRIM_AFTER`` were, the memory goes back to the system within a second."""
+        self.freed += n
+        if self.freed >= TRIM_AFTER and self._trim_timer is None and _malloc_trim is not None \
+                and self._loop is not None:  # (not while it stops)
+            self._trim_timer = gevent.spawn_later(1.0, self._trim)
+
+    def _trim(self) -> None:
+        """Give the memory finished sessions held back to the system (TRIM_AFTER)."""
+        self._trim_timer = None
+        self.freed = 0
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     def _evict(self, source: str | None = None) -> bool:
         """Finish the oldest detached session whose client never showed it got CREATED (from
@@ -613,6 +690,9 @@ class Relay:
         gevent.spawn(self._accept_loop, sock)
 
     def _teardown(self) -> None:
+        if self._trim_timer is not None:
+            self._trim_timer.kill(block=False)
+            self._trim_timer = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -641,10 +721,13 @@ class Relay:
     def _handle(self, sock: Any, source: str = "") -> None:
         _nodelay(sock)
         self._pending.add(sock)
+        serve = None
         try:
             serve = self._handle_inner(sock, source)
         finally:
             self._pending.discard(sock)
+            if serve is None:  # refused, closed or timed out
+                self.note_freed(_HANDSHAKE_COST)
         # The handshake (and its timer) is over: a session or a plain connection is served in
         # this greenlet for as long as it lasts, the handshake's frame and buffers gone.
         if serve is not None:
@@ -663,13 +746,14 @@ class Relay:
                 log.info("resilientsock: relay: TLS handshake failed: %s", exc)
                 raw.close()
                 return None
-        link = sp.Link(sp.RELAY)
         first = b""
-        # Plain or session? Wait plain_after for the client's first bytes (server-first
-        # protocols say nothing until greeted: proxy those plainly, but watch their first
-        # bytes: a session client slower than plain_after is refused there, never forwarded).
+        # Plain or session? Wait plain_after (longer for an address seen late: LATE_WINDOW)
+        # for the client's first bytes (server-first protocols say nothing until greeted:
+        # proxy those plainly, but watch their first bytes: a session client slower than
+        # that is never forwarded: served as a session, or refused, _proxy_plainly).
+        started = time.monotonic()
         try:
-            with gevent.Timeout(self.plain_after):
+            with gevent.Timeout(self._plain_wait(source, started)):
                 first = sock.recv(RECV_SIZE)
                 if not first:
                     sock.close()
@@ -680,7 +764,16 @@ class Relay:
             sock.close()
             return None
         if not first:
-            return lambda: self._proxy_plainly(sock, b"", sniff=True)
+            return lambda: self._proxy_plainly(sock, b"", sniff=True, source=source,
+                                               started=started)
+        return self._timed_handshake(sock, first, source)
+
+    def _timed_handshake(self, sock: Any, first: bytes, source: str,
+                         spare: list[Any] | None = None) -> Callable[[], None] | None:
+        """The session handshake (or the plain proxy, for first bytes that are no preamble)
+        after the client's ``first`` bytes, within ``handshake_timeout``. ``spare``: an
+        upstream connection that saw nothing, for a creation to take (``_create``)."""
+        link = sp.Link(sp.RELAY)
         if sp.preamble_verdict(first) is not False and not self._pace(source):
             sock.close()  # a session handshake from a source that failed too often
             return None
@@ -688,7 +781,7 @@ class Relay:
         timer = gevent.Timeout(self.handshake_timeout)
         timer.start()
         try:
-            serve = self._handshake(sock, link, source)
+            serve = self._handshake(sock, link, source, spare)
         except gevent.Timeout as t:
             if t is not timer:
                 raise
@@ -699,7 +792,25 @@ class Relay:
             return None
         finally:
             timer.close()
+            # The timer is the exception raised here: its traceback holds this frame, which
+            # holds the timer (a cycle keeping the socket and the link's buffers until a
+            # full garbage collection: a handshake flood's memory was never given back).
+            del timer
         return serve
+
+    def _late_session(self, client: Any, first: bytes, upstream: Any, source: str) -> None:
+        """A session client whose preamble came after ``plain_after`` while nothing went
+        either way on its plain attempt: its handshake, served as any other."""
+        spare = [upstream]
+        self._pending.add(client)
+        try:
+            serve = self._timed_handshake(client, first, source, spare)
+        finally:
+            self._pending.discard(client)
+            for sock in spare:  # not taken by a creation: a connection that saw nothing
+                sock.close()
+        if serve is not None:
+            serve()
 
     def _handshake_event(self, sock: Any, link: sp.Link) -> Any:
         while True:
@@ -733,10 +844,10 @@ class Relay:
             pass
         sock.close()
 
-    def _handshake(self, sock: Any, link: sp.Link,
-                   source: str = "") -> Callable[[], None] | None:
+    def _handshake(self, sock: Any, link: sp.Link, source: str = "",
+                   spare: list[Any] | None = None) -> Callable[[], None] | None:
         """The handshake on a new connection; returns what serves it afterwards (None: it
-        was rejected or closed)."""
+        was rejected or closed). ``spare``: see ``_timed_handshake``."""
         try:
             ev = self._handshake_event(sock, link)
         except sp.ProtocolError as exc:
@@ -749,7 +860,7 @@ class Relay:
             rest = link.unconsumed()
             return lambda: self._proxy_plainly(sock, rest)
         if isinstance(ev, sp.HelloNew):
-            return self._create(sock, link, ev, source)
+            return self._create(sock, link, ev, source, spare)
         sid = link.session_id
         session = self.sessions.get(sid)
         ok = False
@@ -836,8 +947,8 @@ class Relay:
         return lambda: session.attach(
             lio, lambda: link.send_resumed(session.secret, session.stream), early)
 
-    def _create(self, sock: Any, link: sp.Link, ev: Any,
-                source: str = "") -> Callable[[], None] | None:
+    def _create(self, sock: Any, link: sp.Link, ev: Any, source: str = "",
+                spare: list[Any] | None = None) -> Callable[[], None] | None:
         key = self.creation_key
         if key is not None and not (ev.key_proof and hmac.compare_digest(
                 sp.creation_proof(key, ev.nonce), ev.key_proof)):
@@ -871,7 +982,10 @@ class Relay:
         src.connecting += 1
         self._connecting += 1
         try:
-            upstream, code, why = self._connect_upstream()
+            if spare:  # a connection made for a plain attempt that saw nothing: ours
+                upstream, code, why = spare.pop(), 0, ""
+            else:
+                upstream, code, why = self._connect_upstream()
         finally:
             src.connecting -= 1
             self._connecting -= 1
@@ -899,10 +1013,22 @@ class Relay:
 
     # -- plain clients -----------------------------------------------------------------------
 
-    def _proxy_plainly(self, client: Any, first: bytes, sniff: bool = False) -> None:
+    def _plain_wait(self, source: str, now: float) -> float:
+        """How long a new client from ``source`` may be silent before it is proxied plainly:
+        ``plain_after``, or longer for a while after a session client from there was refused
+        for a late preamble (see LATE_WINDOW)."""
+        src = self._sources.get(source)
+        if src is not None and src.late_until > now:
+            return max(self.plain_after, src.late_wait)
+        return self.plain_after
+
+    def _proxy_plainly(self, client: Any, first: bytes, sniff: bool = False,
+                       source: str = "", started: float = 0.0) -> None:
         """Proxy a plain client. ``sniff`` (it was silent for ``plain_after``): its first
-        bytes are held until they cannot be the session preamble; a session client that was
-        merely slow is refused there (a reset: it retries), never forwarded (#25)."""
+        bytes are held until they cannot be the session preamble, never forwarded (#25). A
+        session client that was merely slow is served as a session when nothing came from
+        the upstream meanwhile, and refused (a reset: it retries) when the upstream's
+        greeting went to it already."""
         self.counters["plain_connections"] += 1
         self._pending.discard(client)
         if self._fd_limit and _fileno(client) >= self._fd_limit - self.fd_reserve \
@@ -919,7 +1045,7 @@ class Relay:
             _abort(client)
             return
         self._plain_socks.update((client, upstream))
-        state = {"eofs": 0}
+        state = {"eofs": 0, "down": 0}
         down = gevent.spawn(self._pump_plain, upstream, client, state, "bytes_down")
         if sniff:
             kind, first = self._sniff(client)
@@ -928,9 +1054,28 @@ class Relay:
                 self._plain_socks.difference_update((client, upstream))
                 if kind == "session":
                     self.counters["late_preambles"] += 1
+                    # The next clients from there are waited for longer (LATE_WINDOW): a
+                    # retry or a resume on a path that stays slow is a session at once.
+                    now = time.monotonic()
+                    src = self._src(source)
+                    src.late_wait = min(LATE_WAIT_MAX, max(src.late_wait, 2 * (now - started)))
+                    src.late_until = now + LATE_WINDOW
+                    if not state["down"]:
+                        # Nothing went either way (a client-first upstream said nothing): a
+                        # session client merely slower than plain_after is served as one
+                        # (a creation takes this upstream connection, which saw nothing;
+                        # a resume closes it). Refusing it would refuse it on every
+                        # attempt on a path that stays slow.
+                        self.counters["late_sessions"] += 1
+                        self.counters["plain_connections"] -= 1
+                        self._late_session(client, first, upstream, source)
+                        return
                     self._log_throttled("late_preamble", "a session client's first bytes "
-                                        f"came after plain_after ({self.plain_after} s): "
-                                        "refused (it retries), nothing forwarded")
+                                        "came after plain_after "
+                                        f"({self.plain_after} s) and the upstream's "
+                                        "greeting: refused (it retries), nothing forwarded; "
+                                        f"clients from {source} are waited for "
+                                        f"{src.late_wait:.2f} s for {LATE_WINDOW:.0f} s")
                     upstream.close()
                 else:  # the client reset: so does its upstream
                     _abort(upstream)
@@ -950,7 +1095,7 @@ class Relay:
 
     def _sniff(self, client: Any) -> tuple[str, bytes]:
         """A silent client's first bytes, read before any of them goes upstream: ("plain",
-        bytes to forward; b"" at its EOF), ("session", b"") when they are the preamble, or
+        bytes to forward; b"" at its EOF), ("session", bytes read) when they are the preamble, or
         ("gone", b"") on a reset. A prefix of the preamble waits for more, at most
         ``handshake_timeout``; then it is plain."""
         buf = b""
@@ -968,7 +1113,7 @@ class Relay:
                 if verdict is False:
                     return "plain", buf
                 if verdict is True:
-                    return "session", b""
+                    return "session", buf
                 if timer is None:
                     timer = gevent.Timeout(self.handshake_timeout)
                     timer.start()
@@ -979,6 +1124,7 @@ class Relay:
         finally:
             if timer is not None:
                 timer.close()
+            del timer  # (a cycle through its traceback: see _timed_handshake)
 
     def _pump_plain(self, source: Any, target: Any, state: dict[str, int],
                     counter: str) -> None:
@@ -989,6 +1135,10 @@ class Relay:
                 data = source.recv(RECV_SIZE)
             except OSError:
                 data = None
+            if counter == "bytes_down":
+                # Before anything can yield: a late preamble (_sniff) reads it. An EOF or a
+                # reset from the upstream counts too (it is passed on to the client).
+                state["down"] = 1
             if not data:
                 if data is None:  # a reset: pass it on
                     _abort(target)
