@@ -1498,7 +1498,8 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
             if not flags & _MSG_PEEK:  # a peek's bytes are counted when they are read
                 if type(buffer) is not memoryview or buffer.format != "B" or buffer.ndim != 1:
                     buffer = memoryview(buffer).cast("B")
-                m.read_data(buffer[:n], mark)
+                # A full read passes the view itself: no slice object on the common path.
+                m.read_data(buffer if n == len(buffer) else buffer[:n], mark)
             return n
         try:
             return self._rs_read_eof(recv_into, (buffer, nbytes, flags), RECV_INTO, n, t0, gen)
