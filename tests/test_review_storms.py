@@ -7,6 +7,7 @@ still recover it. Counted on the server side.
 
 from __future__ import annotations
 
+import platform
 import random
 import socket
 import threading
@@ -131,3 +132,57 @@ def test_a_storm_over_a_late_banner_is_recovered_not_taken_for_a_resetting_serve
     assert storm.fired >= 8, storm.fired
     assert banners == [b"220 ready\n"] * len(banners)
     assert srv.accepted > len(banners)  # the storm met the waits for the banner
+
+
+def test_a_declared_prelude_recovers_a_login_protocol_through_a_storm():
+    """RetryPolicy(prelude=1) over a protocol that logs in first (rule client-login names it
+    as the fix): through resets every 50-200 ms every command is answered, in order, and
+    none runs on a connection that never logged in (counted on the server)."""
+    from test_never_worse_clients import LoginServer
+
+    server = LoginServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    policy = RetryPolicy(deadline=10, backoff_initial=0.01, backoff_max=0.1, prelude=1)
+    got = []
+    try:
+        with FaultProxy(server.server_address[:2]) as proxy:
+            sock = ResilientSocket.connect(proxy.address, policy, timeout=8)
+            sock.sendall(b"LOGIN robot secret\n")
+            assert _read_line(sock) == b"OK welcome\n"
+            with Resets(proxy, 3, 2.0) as storm:
+                n = 0
+                while storm.thread.is_alive() or n < 5:
+                    sock.sendall(b"SEND m%d\n" % n)
+                    got.append(_read_line(sock))
+                    n += 1
+            sock.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert storm.fired >= 6, storm.fired
+    assert sock.reconnects >= 3, sock.reconnects
+    assert got == [b"OK m%d\n" % i for i in range(n)]
+    assert server.counts["not logged in"] == 0, server.counts
+    assert server.counts["ran"] >= n, server.counts
+
+
+def test_the_relay_loads_without_malloc_trim_wherever_ctypes_cannot_give_it(monkeypatch):
+    """``ctypes.CDLL(None)`` raises TypeError on Windows, AttributeError where the C library
+    has no ``malloc_trim`` (musl, macOS), ImportError without ctypes: the relay goes on
+    without the trim (was: a TypeError at import of resilientsock.session.relay)."""
+    import ctypes
+
+    from resilientsock.session import relay
+
+    for error in (TypeError("expected str, bytes or os.PathLike object, not NoneType"),
+                  AttributeError("malloc_trim"), OSError("no such library")):
+        def cdll(*args: Any, error: Exception = error, **kwargs: Any) -> Any:
+            raise error
+        monkeypatch.setattr(ctypes, "CDLL", cdll)
+        assert relay._load_malloc_trim() is None
+    monkeypatch.undo()
+    if platform.libc_ver()[0] == "glibc":
+        assert relay._load_malloc_trim() is not None
