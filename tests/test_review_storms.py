@@ -186,3 +186,35 @@ def test_the_relay_loads_without_malloc_trim_wherever_ctypes_cannot_give_it(monk
     monkeypatch.undo()
     if platform.libc_ver()[0] == "glibc":
         assert relay._load_malloc_trim() is not None
+
+
+def test_a_storm_over_a_subscriber_waiting_for_pushes_is_recovered():
+    """A client that only reads a feed (a line every 0.3 s on each connection, the first one
+    0.3 s after the accept) through resets every 50-200 ms: it reads on once the storm
+    ends, as before wave 5. Was (rule silent-resets with a 1 s window): surfaced."""
+    srv = SlowBannerServer(0.3)
+    srv._serve = _feed(srv)  # type: ignore[method-assign]
+    lines = []
+    try:
+        with FaultProxy(srv.address) as proxy:
+            sock = ResilientSocket.connect(proxy.address, RetryPolicy(), timeout=8)
+            with Resets(proxy, 4, 2.0) as storm:
+                while storm.thread.is_alive() or len(lines) < 3:
+                    lines.append(_read_line(sock))
+            sock.close()
+    finally:
+        srv.close()
+    assert storm.fired >= 6, storm.fired
+    assert set(lines) == {b"tick\n"}, lines
+    assert srv.accepted >= 4, srv.accepted
+
+
+def _feed(srv: SlowBannerServer) -> Any:
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while not srv.closing.wait(srv.delay):
+                    conn.sendall(b"tick\n")
+            except OSError:
+                return
+    return serve
