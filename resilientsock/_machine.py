@@ -122,13 +122,20 @@ TLS_TRANSPORT_CAP = 3  # "retry, small cap" (docs/design.md §3); picked, not me
 # connections in a row before their first answer byte; a server that resets every request
 # (a TLS-only port, a crashing handler) does, at once.
 POISON_CAP = 3
-# A new connection that the server resets before it carried a byte either way, within this
-# many seconds of being established, with nothing to re-send (the client waits for a banner,
-# or a TLS handshake): POISON_CAP of them in a row within one episode are the server's
-# answer to every connection (a server past its connection limit, a load balancer with no
-# backend, a firewall's reset), surfaced as a plain client sees the first one. Picked: such a
-# server resets at once, a flaky path at random times.
-SILENT_WINDOW = 1.0
+# A new connection that the server resets before it carried a byte either way, at once
+# (within SILENT_WINDOW seconds of being established, or SILENT_RTTS times what its connect
+# took if that is longer, at most SILENT_WINDOW_MAX), with nothing to re-send (the client
+# waits for a banner, or a TLS handshake): POISON_CAP of them in a row within one episode are
+# the server's answer to every connection (a server past its connection limit, a load
+# balancer with no backend, a firewall's reset), surfaced as a plain client sees the first
+# one. A reset that comes later, or one with something to re-send, breaks the row. Picked:
+# such a server resets within its accept's scheduling (a few ms on loopback, one round trip
+# on a path); a flaky path resets at random times, and a storm that resets every 50-200 ms
+# meets a connection that waits for a late banner or a push three times in a row (review
+# w5: with a 1 s window, such a storm was surfaced where the socket recovered it before).
+SILENT_WINDOW = 0.02
+SILENT_RTTS = 4
+SILENT_WINDOW_MAX = 1.0
 # An EOF that cut an answer (the dialect's framing wants more) is resumed softly: refused
 # reconnects (no route, no name) are retried for CUT_RETRY, and the connect and the new
 # answer's first byte get CUT_WAIT each (within what the application's timeout leaves); on any
@@ -621,6 +628,7 @@ class Machine:
         # (SILENT_WINDOW), in a row; and when the current connection was published.
         self.silent = 0
         self.conn_since: float | None = None
+        self.silent_window = SILENT_WINDOW  # SILENT_WINDOW, or longer for a slow connect
         # The peer half-closed this connection and still takes our bytes (§5: a half-close
         # is not a drop): its EOF is passed on, and a write error on it later is surfaced.
         self.half_closed = False
@@ -924,10 +932,14 @@ class Machine:
         elif (self.episode is not None and not self.conn_answered and not self.journal.pending
               and d.info.category is ErrorCategory.CONNECTION_LOST
               and self.conn_since is not None
-              and self.clock() - self.conn_since < SILENT_WINDOW):
+              and self.clock() - self.conn_since < self.silent_window):
             self.silent += 1
             if self.silent >= POISON_CAP:
                 return Verdict(SURFACE, "silent-resets", _silent_note(), discard=True)
+        if d.info.category is ErrorCategory.CONNECTION_LOST and (
+                self.journal.pending or self.conn_since is None
+                or self.clock() - self.conn_since >= self.silent_window):
+            self.silent = 0  # not reset at once with nothing to re-send: the row is broken
         # A read cut mid-answer resumes it; so does any drop inside an exchange the dialect
         # holds whole (MULTI...EXEC: re-sent whole, its answers so far checked).
         resume = self.answered if d.phase == "read" or d.cut or self.holding() else 0
@@ -1311,12 +1323,16 @@ class Machine:
                         return
                 elif (not self.journal.pending
                       and info.category is ErrorCategory.CONNECTION_LOST):
-                    # Reset at once, nothing to re-send: in the connect itself (a reset
-                    # there is the server's, which accepted it), its TLS handshake or banner.
-                    self.silent += 1
-                    if self.silent >= POISON_CAP:
-                        yield self._give_up(episode, soft, silent=True)
-                        return
+                    # Nothing to re-send: reset in the connect itself (a reset there is the
+                    # server's, which accepted it), or at once in its TLS handshake or banner.
+                    since = self.conn_since
+                    if since is None or self.clock() - since < self.silent_window:
+                        self.silent += 1
+                        if self.silent >= POISON_CAP:
+                            yield self._give_up(episode, soft, silent=True)
+                            return
+                    else:
+                        self.silent = 0  # a reset later on: not at once, the row is broken
                 continue
             seconds = self.clock() - episode.start
             if first and episode.attempts == 1 and episode.original is None:
@@ -1348,6 +1364,8 @@ class Machine:
             # §4), the last one too (made FINAL_MARGIN before the end).
             left = max(left, 0.001)
             connect_limit = left if connect_limit is None else min(connect_limit, left)
+        began = self.clock()
+        self.conn_since = None  # a reset in the connect itself is at once
         result = yield Connect(connect_limit, in_place, counted=episode.attempts > 1 or not first)
         if self.state is CLOSED:
             return None
@@ -1358,7 +1376,9 @@ class Machine:
         limit = per_address
         if left != math.inf:
             limit = left if limit is None else min(limit, left)
-        now = self.clock()
+        now = self.conn_since = self.clock()
+        # "At once" on this path: SILENT_RTTS connects' time (rule silent-resets).
+        self.silent_window = min(SILENT_WINDOW_MAX, max(SILENT_WINDOW, SILENT_RTTS * (now - began)))
         until = None if limit is None else now + max(limit, 0.001)
         soon = until
         if soft:

@@ -76,12 +76,14 @@ _HANDSHAKE_COST = 16 * 1024
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None (another C library, no ctypes)."""
+    """glibc's ``malloc_trim``, or None (another C library, no ctypes). Never raises: on
+    Windows ``ctypes.CDLL(None)`` is a TypeError (no handle of the process itself there), and
+    a relay that cannot give memory back still relays."""
     try:
         import ctypes
 
         trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (ImportError, OSError, AttributeError):
+    except Exception:  # ImportError, OSError, AttributeError (musl, macOS), TypeError (Windows)
         return None
     return trim
 
