@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Generator
@@ -527,6 +528,31 @@ def _login_word(data: Any) -> str | None:
         return None  # not a line protocol's first line
     word = line[0].split(None, 1)[0].upper()
     return word.decode() if word in _LOGIN_WORDS else None
+
+
+_TOKEN = re.compile(rb"[0-9A-Za-z]+")
+_APOP_STAMP = re.compile(rb"<[^<>\s]*@[^<>\s]*>")  # RFC 1939: <process-ID.clock@hostname>
+_NONCE_MIN = 16  # letters and digits this long in a banner: a nonce, not a date or a counter
+
+
+def banner_refusal(old: bytes, new: bytes, resend: bytes) -> str | None:
+    """A new connection's banner ``new`` differs from ``old``, the one the application read:
+    why the unanswered bytes ``resend`` must not be re-sent after it, or None when the change
+    is one they cannot depend on (a clock, a counter: skipped as before, docs/design.md §5a).
+
+    They may depend on it when the old banner carries a challenge — RFC 1939's APOP timestamp
+    (the login digest covers it), or a nonce (letters and digits, ``_NONCE_MIN`` or more, that
+    the new banner lacks) — or when a word of the old banner that the new one lacks is a word
+    of the bytes to re-send (a session number the client echoes)."""
+    if _APOP_STAMP.search(old):
+        return "it carries a challenge (an APOP timestamp) the writes may be computed from"
+    gone = set(_TOKEN.findall(old)) - set(_TOKEN.findall(new))
+    for word in gone:
+        if len(word) >= _NONCE_MIN and not word.isdigit() and not word.isalpha():
+            return "it carries a nonce the writes may be computed from"
+    if gone & set(_TOKEN.findall(resend)):
+        return "the writes to re-send carry a word of the old banner that the new one lacks"
+    return None
 
 
 def _silent_note() -> str:

@@ -113,6 +113,7 @@ from ._machine import (
     TokenBucket,
     Verdict,
     Wait,
+    banner_refusal,
 )
 from ._policy import RetryPolicy
 from ._stats import SocketStats
@@ -1222,11 +1223,14 @@ class ResilientSocket(_GeventSocket):
             # The re-sent bytes may have been computed from the banner the application read:
             # POP3's APOP digest covers its timestamp, a challenge-response login its nonce.
             # Sent after a different banner they would be wrong (a failed login on the server,
-            # an error the plain client never had): not re-sent (docs/design.md §5a).
-            raise _SetupMismatch(
-                "the new connection's banner differs from the one the application read (it "
-                "may carry a nonce the unanswered writes were computed from, as POP3's APOP "
-                "timestamp), so they are not re-sent")
+            # an error the plain client never had): not re-sent (docs/design.md §5a). A clock
+            # or a counter in the banner (Exim's, Sendmail's date) changes nothing they carry.
+            m = self._rs_m
+            why = banner_refusal(first, got, m.journal.unconfirmed() if m is not None else b"")
+            if why is not None:
+                raise _SetupMismatch(
+                    f"the new connection's banner differs from the one the application read: "
+                    f"{why}, so they are not re-sent")
         log.debug("%s: skipped the new connection's banner (%d bytes)", self._rs_name(), len(got))
 
     def _rs_hook(self, action: RunHook) -> None:

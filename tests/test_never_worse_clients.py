@@ -404,6 +404,71 @@ def test_poplib_apop_is_never_re_sent_after_a_new_greeting(tmp_path, direction, 
     assert seen["resilientsock"][1] == seen["plain"][1], seen  # the plain client's error
 
 
+def test_which_banner_changes_refuse_the_replay():
+    """docs/design.md §5a: a changed banner refuses the re-send only where the re-sent bytes
+    may depend on it; a clock or a counter in it (Exim's and Sendmail's date) does not."""
+    from resilientsock._machine import banner_refusal
+
+    ehlo = b"EHLO robot\r\n"
+    assert banner_refusal(b"+OK POP3 ready <1.9@pop.test>\r\n",
+                          b"+OK POP3 ready <2.9@pop.test>\r\n", b"APOP robot 0f3c\r\n")
+    assert banner_refusal(b"220 mx ESMTP Exim 4.96 Mon, 07 Dec 2026 02:50:07 +0000\r\n",
+                          b"220 mx ESMTP Exim 4.96 Mon, 07 Dec 2026 02:50:08 +0000\r\n",
+                          ehlo) is None
+    assert banner_refusal(b"200 ready, connection 17\n", b"200 ready, connection 18\n",
+                          b"MSG 1 hello\n") is None
+    assert banner_refusal(b"READY nonce=9f2c4e1a7b3d5f60\n", b"READY nonce=0a1b2c3d4e5f6a7b\n",
+                          b"AUTH 5e1d\n")  # a nonce: the answer may be computed from it
+    assert banner_refusal(b"WELCOME session 17\n", b"WELCOME session 18\n",
+                          b"JOIN 17 lobby\n")  # the old session's number, echoed
+
+
+class _DatedBanner(socketserver.StreamRequestHandler):
+    """An SMTP-like greeting with the time in it (a new second each connection here), then
+    ``250 ok`` for each line; counts the commands it ran."""
+
+    def handle(self) -> None:
+        server: Any = self.server
+        with server.lock:
+            server.serial += 1
+            second = server.serial
+        self.wfile.write(b"220 mx.test ESMTP Mon, 07 Dec 2026 02:50:%02d +0000\r\n" % second)
+        for line in self.rfile:
+            with server.lock:
+                server.ran.append(line)
+            self.wfile.write(b"250 ok " + line)
+
+
+def test_a_dated_banner_is_skipped_and_the_first_command_re_sent():
+    """Was (wave 5, before the merge review): any new banner unlike the old one refused the
+    re-send, so a drop before the first answer surfaced against every server that dates its
+    greeting (Exim, Sendmail); now the command is re-sent after the new greeting."""
+    from resilientsock import ResilientSocket, RetryPolicy
+    from resilientsock.testing import FaultProxy
+
+    server: Any = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _DatedBanner)
+    server.daemon_threads = True
+    server.lock, server.serial, server.ran = threading.Lock(), 0, []
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        with FaultProxy(server.server_address[:2]) as proxy:
+            policy = RetryPolicy(deadline=5, backoff_initial=0.01, backoff_max=0.1)
+            with ResilientSocket.connect(proxy.address, policy, timeout=10) as s, \
+                    s.makefile("rb") as reader:
+                assert reader.readline().startswith(b"220 mx.test ESMTP")
+                proxy.cut_after(0, "up")  # the first command is cut on its way
+                s.sendall(b"EHLO robot\r\n")
+                assert reader.readline() == b"250 ok EHLO robot\r\n"
+                assert s.reconnects == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert server.ran == [b"EHLO robot\r\n"]  # once: the cut one never reached the server
+
+
 # -- an unknown client-first protocol that logs in first ----------------------------------------
 #
 # Was (wave 5): the byte rules re-sent a command whose answer was lost alone on a new
