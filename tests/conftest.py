@@ -161,6 +161,19 @@ def run_py(args: list[str], env: dict[str, str] | None = None, timeout: float = 
                           timeout=timeout, env=full_env, cwd=cwd)
 
 
+MODES = ("plain", "resilientsock")  # a differential test's two runs of one script
+
+
+def run_as(mode: str, script: Path, *args: Any, timeout: float = 90
+           ) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with this interpreter, plainly or under ``python -m resilientsock``."""
+    cmd = [sys.executable]
+    if mode == "resilientsock":
+        cmd += ["-m", "resilientsock"]
+    cmd += [str(script), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 class TLSServer:
     """A TLS MessageServer-like echo of the robot protocol, with trustme certificates."""
 

@@ -19,18 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import MODES, run_as
 
 pytestmark = pytest.mark.timeout(60)
 
-MODES = ("plain", "resilientsock")
-
-
-def _run(mode: str, script: Path, *args: Any) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable]
-    if mode == "resilientsock":
-        cmd += ["-m", "resilientsock"]
-    cmd += [str(script), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=45)
 
 
 def _reset(sock: socket.socket) -> None:
@@ -70,19 +62,30 @@ ftp.close()
 '''
 
 
-class FtpServer(socketserver.ThreadingTCPServer):
-    """A minimal FTP server (passive mode): the first transfer's data connection is reset
-    mid-way (RETR: after 100 kB sent; STOR: after 50 kB read). ``keep_listener`` leaves the
-    passive listener accepting after its first connection (and counts the extra ones)."""
+class CountingServer(socketserver.ThreadingTCPServer):
+    """A threaded loopback test server that counts what it ran (``counts``, under ``lock``)
+    and keeps quiet about the resets its clients meet (they are the point)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, keep_listener: bool) -> None:
-        super().__init__(("127.0.0.1", 0), _FtpHandler)
-        self.keep_listener = keep_listener
+    def __init__(self, handler: type[socketserver.BaseRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
         self.counts: Counter[str] = Counter()
         self.lock = threading.Lock()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
+class FtpServer(CountingServer):
+    """A minimal FTP server (passive mode): the first transfer's data connection is reset
+    mid-way (RETR: after 100 kB sent; STOR: after 50 kB read). ``keep_listener`` leaves the
+    passive listener accepting after its first connection (and counts the extra ones)."""
+
+    def __init__(self, keep_listener: bool) -> None:
+        super().__init__(_FtpHandler)
+        self.keep_listener = keep_listener
         self.open: list[socket.socket] = []
 
     def count(self, key: str) -> int:
@@ -93,9 +96,6 @@ class FtpServer(socketserver.ThreadingTCPServer):
     def keep(self, sock: socket.socket) -> None:
         with self.lock:
             self.open.append(sock)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # the client's resets are the point
 
     def stop(self) -> None:
         self.shutdown()
@@ -203,7 +203,7 @@ def test_ftplib_data_connection_reset_is_the_plain_clients_error(ftp_script, op,
                                   daemon=True)
         thread.start()
         try:
-            out = _run(mode, ftp_script, server.server_address[1], op)
+            out = run_as(mode, ftp_script, server.server_address[1], op, timeout=45)
         finally:
             server.stop()
             thread.join(5)
@@ -249,16 +249,12 @@ except Exception as e:
 '''
 
 
-class ResetServer(socketserver.ThreadingTCPServer):
+class ResetServer(CountingServer):
     """Accepts every connection and resets it at once (counts them)."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _ResetHandler)
+        super().__init__(_ResetHandler)
         self.accepted = 0
-        self.lock = threading.Lock()
 
 
 class _ResetHandler(socketserver.BaseRequestHandler):
@@ -283,7 +279,7 @@ def test_a_server_that_resets_every_connection_is_answered_at_once(tmp_path, kin
                                   daemon=True)
         thread.start()
         try:
-            out = _run(mode, script, server.server_address[1], kind)
+            out = run_as(mode, script, server.server_address[1], kind, timeout=45)
         finally:
             server.shutdown()
             server.server_close()
@@ -326,20 +322,12 @@ except Exception as e:
 '''
 
 
-class ApopServer(socketserver.ThreadingTCPServer):
+class ApopServer(CountingServer):
     """A POP3 server with an APOP timestamp in each greeting; counts logins."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _ApopHandler)
-        self.counts: Counter[str] = Counter()
-        self.lock = threading.Lock()
+        super().__init__(_ApopHandler)
         self.serial = 0
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
 
 
 class _ApopHandler(socketserver.StreamRequestHandler):
@@ -391,7 +379,7 @@ def test_poplib_apop_is_never_re_sent_after_a_new_greeting(tmp_path, direction, 
         try:
             with FaultProxy(server.server_address[:2]) as proxy:
                 proxy.plan.on_pattern(pattern, direction, nth=1, action=action)
-                out = _run(mode, script, proxy.address[1])
+                out = run_as(mode, script, proxy.address[1], timeout=45)
                 assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
         finally:
             server.shutdown()
@@ -427,8 +415,10 @@ class _DatedBanner(socketserver.StreamRequestHandler):
     """An SMTP-like greeting with the time in it (a new second each connection here), then
     ``250 ok`` for each line; counts the commands it ran."""
 
+    server: DatedServer
+
     def handle(self) -> None:
-        server: Any = self.server
+        server = self.server
         with server.lock:
             server.serial += 1
             second = server.serial
@@ -439,6 +429,13 @@ class _DatedBanner(socketserver.StreamRequestHandler):
             self.wfile.write(b"250 ok " + line)
 
 
+class DatedServer(CountingServer):
+    def __init__(self) -> None:
+        super().__init__(_DatedBanner)
+        self.serial = 0
+        self.ran: list[bytes] = []
+
+
 def test_a_dated_banner_is_skipped_and_the_first_command_re_sent():
     """Was (wave 5, before the merge review): any new banner unlike the old one refused the
     re-send, so a drop before the first answer surfaced against every server that dates its
@@ -446,9 +443,7 @@ def test_a_dated_banner_is_skipped_and_the_first_command_re_sent():
     from resilientsock import ResilientSocket, RetryPolicy
     from resilientsock.testing import FaultProxy
 
-    server: Any = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _DatedBanner)
-    server.daemon_threads = True
-    server.lock, server.serial, server.ran = threading.Lock(), 0, []
+    server = DatedServer()
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
@@ -492,19 +487,11 @@ except OSError as e:
 '''
 
 
-class LoginServer(socketserver.ThreadingTCPServer):
+class LoginServer(CountingServer):
     """A line protocol whose commands need a LOGIN first on each connection."""
 
-    daemon_threads = True
-    allow_reuse_address = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _LoginHandler)
-        self.counts: Counter[str] = Counter()
-        self.lock = threading.Lock()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
+        super().__init__(_LoginHandler)
 
 
 class _LoginHandler(socketserver.StreamRequestHandler):
@@ -538,7 +525,7 @@ def test_an_unknown_protocol_that_logs_in_first_never_runs_a_command_logged_out(
         try:
             with FaultProxy(server.server_address[:2]) as proxy:
                 proxy.plan.on_pattern(b"OK m1", "down", nth=1, action="reset")
-                out = _run(mode, script, proxy.address[1])
+                out = run_as(mode, script, proxy.address[1], timeout=45)
                 assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
         finally:
             server.shutdown()

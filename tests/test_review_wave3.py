@@ -12,30 +12,18 @@ from __future__ import annotations
 import http.server
 import random
 import socket
-import subprocess
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ThreadedServer
+from conftest import MODES, ThreadedServer, run_as
 
 from resilientsock.testing import FaultProxy
 
 pytestmark = pytest.mark.timeout(120)
 
-MODES = ("plain", "resilientsock")
-
-
-def _run(mode: str, script: Path, *args: Any) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable]
-    if mode == "resilientsock":
-        cmd += ["-m", "resilientsock"]
-    cmd += [str(script), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=90)
 
 
 def _free_port() -> int:
@@ -99,7 +87,7 @@ def test_smtp_mail_delivered_as_often_as_plain(smtp_server, tmp_path, direction,
         delivered.clear()
         with FaultProxy(address) as proxy:
             proxy.plan.on_pattern(pattern, direction, nth=1, action="reset")
-            out = _run(mode, script, proxy.address[1])
+            out = run_as(mode, script, proxy.address[1])
             assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
         assert out.returncode == 0, out.stderr
         seen[mode] = (len(delivered), out.stdout.split()[0] if out.stdout else "")
@@ -180,7 +168,7 @@ def test_http_post_loop_through_random_resets_never_runs_a_post_twice(tmp_path):
                 thread = threading.Thread(target=chaos, args=(stop, resets, proxy))
                 thread.start()
                 try:
-                    out = _run(mode, script, proxy.address[1], 200)
+                    out = run_as(mode, script, proxy.address[1], 200)
                 finally:
                     stop.set()
                     thread.join(5)
@@ -253,7 +241,7 @@ def test_ftplib_files_stored_as_plain_stores_them(tmp_path, direction, pattern):
                 f.unlink()
             with FaultProxy(server.address[:2]) as proxy:
                 proxy.plan.on_pattern(pattern, direction, nth=1, action="reset")
-                out = _run(mode, script, proxy.address[1])
+                out = run_as(mode, script, proxy.address[1])
                 assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
             assert out.returncode == 0, out.stderr
             files = {f.name: f.read_bytes() for f in root.iterdir()}
@@ -306,7 +294,7 @@ def test_redis_pipeline_with_incr_runs_no_more_often_than_plain(redis_server, tm
                 else:  # the answer of call 2 is cut after its first replies
                     proxy.plan.on_pattern(b":1\r\n$1\r\n1\r\n", "down", nth=1,
                                           action="reset")
-                out = _run(mode, script, proxy.address[1])
+                out = run_as(mode, script, proxy.address[1])
                 assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
             assert out.returncode == 0, out.stderr
             runs = [int(direct.get(f"c:{i}") or 0) for i in range(4)]
