@@ -77,6 +77,21 @@ class CountingServer(socketserver.ThreadingTCPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass
 
+    def __enter__(self) -> Any:
+        """Serve in a thread until the block ends."""
+        self._thread = threading.Thread(target=self.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._thread.join(5)
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
 
 class FtpServer(CountingServer):
     """A minimal FTP server (passive mode): the first transfer's data connection is reset
@@ -98,8 +113,7 @@ class FtpServer(CountingServer):
             self.open.append(sock)
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
+        super().stop()
         with self.lock:
             for sock in self.open:
                 sock.close()
@@ -198,15 +212,8 @@ def test_ftplib_data_connection_reset_is_the_plain_clients_error(ftp_script, op,
                                                                  keep_listener):
     seen: dict[str, tuple[Counter[str], str]] = {}
     for mode in MODES:
-        server = FtpServer(keep_listener)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
-        thread.start()
-        try:
+        with FtpServer(keep_listener) as server:
             out = run_as(mode, ftp_script, server.server_address[1], op, timeout=45)
-        finally:
-            server.stop()
-            thread.join(5)
         assert out.returncode == 0, out.stderr
         seen[mode] = (server.counts, out.stdout.strip())
     counts, result = seen["resilientsock"]
@@ -274,16 +281,8 @@ def test_a_server_that_resets_every_connection_is_answered_at_once(tmp_path, kin
     script.write_text(RESET_CLIENT)
     seen: dict[str, tuple[int, list[str]]] = {}
     for mode in MODES:
-        server = ResetServer()
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
-        thread.start()
-        try:
+        with ResetServer() as server:
             out = run_as(mode, script, server.server_address[1], kind, timeout=45)
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
         assert out.returncode == 0, out.stderr
         seen[mode] = (server.accepted, out.stdout.splitlines())
     accepted, lines = seen["resilientsock"]
@@ -372,19 +371,11 @@ def test_poplib_apop_is_never_re_sent_after_a_new_greeting(tmp_path, direction, 
     script.write_text(APOP_CLIENT)
     seen: dict[str, tuple[Counter[str], str]] = {}
     for mode in MODES:
-        server = ApopServer()
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
-        thread.start()
-        try:
+        with ApopServer() as server:
             with FaultProxy(server.server_address[:2]) as proxy:
                 proxy.plan.on_pattern(pattern, direction, nth=1, action=action)
                 out = run_as(mode, script, proxy.address[1], timeout=45)
                 assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
         assert out.returncode == 0, out.stderr
         seen[mode] = (server.counts, out.stdout.strip())
     assert seen["resilientsock"][0]["failed logins"] == 0, seen  # never a wrong digest sent
@@ -443,11 +434,7 @@ def test_a_dated_banner_is_skipped_and_the_first_command_re_sent():
     from resilientsock import ResilientSocket, RetryPolicy
     from resilientsock.testing import FaultProxy
 
-    server = DatedServer()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
+    with DatedServer() as server:
         with FaultProxy(server.server_address[:2]) as proxy:
             policy = RetryPolicy(deadline=5, backoff_initial=0.01, backoff_max=0.1)
             with ResilientSocket.connect(proxy.address, policy, timeout=10) as s, \
@@ -457,10 +444,6 @@ def test_a_dated_banner_is_skipped_and_the_first_command_re_sent():
                 s.sendall(b"EHLO robot\r\n")
                 assert reader.readline() == b"250 ok EHLO robot\r\n"
                 assert s.reconnects == 1
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
     assert server.ran == [b"EHLO robot\r\n"]  # once: the cut one never reached the server
 
 
@@ -518,19 +501,11 @@ def test_an_unknown_protocol_that_logs_in_first_never_runs_a_command_logged_out(
     script.write_text(LOGIN_CLIENT)
     seen: dict[str, tuple[Counter[str], list[str]]] = {}
     for mode in MODES:
-        server = LoginServer()
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
-        thread.start()
-        try:
+        with LoginServer() as server:
             with FaultProxy(server.server_address[:2]) as proxy:
                 proxy.plan.on_pattern(b"OK m1", "down", nth=1, action="reset")
                 out = run_as(mode, script, proxy.address[1], timeout=45)
                 assert len(proxy.plan.fired) == 1, (mode, proxy.plan.fired)
-        finally:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
         assert out.returncode == 0, out.stderr
         seen[mode] = (server.counts, out.stdout.splitlines())
     assert seen["resilientsock"][0]["not logged in"] == 0, seen
@@ -544,20 +519,12 @@ def test_a_declared_prelude_recovers_the_login_first_protocol(tmp_path):
 
     script = tmp_path / "login_client.py"
     script.write_text(LOGIN_CLIENT)
-    server = LoginServer()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
+    with LoginServer() as server:
         with FaultProxy(server.server_address[:2]) as proxy:
             proxy.plan.on_pattern(b"OK m1", "down", nth=1, action="reset")
             cmd = [sys.executable, "-m", "resilientsock", "--prelude", "1", str(script),
                    str(proxy.address[1])]
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=45)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["OK", "welcome", "OK", "m0", "OK", "m1", "OK", "m2",
                                   "OK", "m3"], out
