@@ -61,6 +61,7 @@ from gevent._socketcommon import timeout_default as _timeout_default
 
 from . import _libraries, _stats
 from ._answer import (
+    _MSG_PEEK,
     RECV,
     RECV_INTO,
     RECVFROM,
@@ -132,9 +133,7 @@ _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux struct tcp_
 _TCPI_UNACKED = 24  # offset of tcpi_unacked (u32): segments sent and not yet acknowledged
 _TCP_STATE_CLOSE = 7  # tcpi_state (the first byte of struct tcp_info) after a reset
 _TCPI_RTT = 68  # offset of tcpi_rtt (u32, microseconds): smoothed round-trip time
-# Plain ints: `flags & MsgFlag.MSG_PEEK` builds an IntFlag member, ~1 µs on every read.
-_PEEK = int(_std.MSG_PEEK) | int(getattr(_std, "MSG_DONTWAIT", 0))
-_MSG_PEEK = int(_std.MSG_PEEK)
+_PEEK = _MSG_PEEK | int(getattr(_std, "MSG_DONTWAIT", 0))  # ints, as _answer._MSG_PEEK
 _CHUNK = 1 << 20
 _LINGER_RST = struct.pack("ii", 1, 0)  # sendall's chunk (gevent uses max(SO_SNDBUF, 1 MiB))
 
