@@ -158,6 +158,13 @@ FINAL_MARGIN = 0.05
 # writer writes again within milliseconds, even on a loaded machine within a few hundred;
 # a server that ends a duplex conversation costs its reader this once.
 DUPLEX_EOF_WAIT = 0.5
+# A request written after the peer's FIN, in one greenlet (§5, half-close): the socket looks
+# at the TCP state (one TCP_INFO read) before the first write of each of a connection's first
+# FIN_PROBES exchanges. Picked: servers that half-close and go on reading do it after their
+# first answer or few (HTTP/1.0 and lingering close, one-shot line servers); a look at every
+# exchange would cost 2-4% of a loopback ping-pong (measured, docs/design.md §12), and a
+# half-close later in a long conversation is left to the EOF rules (re-sent, a known limit).
+FIN_PROBES = 16
 
 
 @dataclass(frozen=True)
@@ -658,6 +665,14 @@ class Machine:
         # The peer half-closed this connection and still takes our bytes (§5: a half-close
         # is not a drop): its EOF is passed on, and a write error on it later is surfaced.
         self.half_closed = False
+        # The peer's FIN had already arrived when the first unanswered record was written on
+        # connection ``gen``: (gen, the bytes its TCP had acknowledged then), found by the
+        # socket before that write (``fin_probe``: TCP with Linux TCP_INFO, not TLS). An EOF
+        # for that record is then a half-close if the peer's TCP acknowledges the record
+        # (it still reads: passed on, nothing re-sent), a drop if it resets (§5).
+        self.fin_probing = False  # the socket can look (set once, before the first connect)
+        self.fin_probe = 0  # looks left on this connection (FIN_PROBES from each new one)
+        self.fin_before: tuple[int, int] | None = None
         # The client library that opened this socket in its own connect function, if any
         # (``_libraries.Owner``, decided at the first connect): its retries come first.
         self.library: Any = None
@@ -1049,6 +1064,7 @@ class Machine:
         self.conn_answered = False
         self.conn_since = self.clock()
         self.half_closed = False
+        self.fin_probe = FIN_PROBES if self.fin_probing else 0
         lines = self.lines
         if lines is not None:
             # The new connection answers the re-sent records from the first unconfirmed one.
@@ -1191,6 +1207,12 @@ class Machine:
             # writes: ask the connection (docs/design.md §5).
             # (A second at most to learn it; a writer between calls gets DUPLEX_EOF_WAIT.)
             return AskPeer(idle, others, DUPLEX_EOF_WAIT if idle else 1.0)
+        fin = self.fin_before
+        if (fin is not None and fin[0] == gen and nbytes and self.journal.pending
+                and not self.half_closed and self.policy.eof != "pass"):
+            # One greenlet wrote a request after the peer's FIN (§5: a half-close is not a
+            # drop): a peer that still reads acknowledges it, one that closed resets it.
+            return AskPeer(False, others, 1.0, acked=fin[1])
         return self.eof_judge(gen, nbytes, others, None)
 
     def eof_judge(self, gen: int, nbytes: int, others: bool, alive: bool | None) -> Action:
@@ -1623,11 +1645,14 @@ class AskPeer:
     """Full duplex: find out whether the peer still takes our bytes after its EOF (it
     half-closed), then ``eof_judge``. ``idle``: the writer is between calls (wait up to
     DUPLEX_EOF_WAIT for its next write); ``others`` goes back to ``eof_judge``; ``wait``: how
-    long to poll for the answer at most (None after it, when idle: the stream's end)."""
+    long to poll for the answer at most (None after it, when idle: the stream's end);
+    ``acked``: a single greenlet wrote after the peer's FIN (``Machine.fin_before``) — poll for
+    the whole ``wait``, alive once the peer's TCP acknowledged more than this."""
 
     idle: bool
     others: bool
     wait: float = 1.0
+    acked: int | None = None  # one greenlet: the peer's TCP_INFO bytes_acked before the write
 
 
 @dataclass(frozen=True)

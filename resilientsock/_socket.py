@@ -132,6 +132,7 @@ _TCP_INFO = getattr(_std, "TCP_INFO", None)
 _TCPI_BYTES_ACKED = 120  # offset of tcpi_bytes_acked (u64) in Linux struct tcp_info
 _TCPI_UNACKED = 24  # offset of tcpi_unacked (u32): segments sent and not yet acknowledged
 _TCP_STATE_CLOSE = 7  # tcpi_state (the first byte of struct tcp_info) after a reset
+_TCP_STATE_CLOSE_WAIT = 8  # tcpi_state once the peer's FIN arrived (and ours is not sent)
 _TCPI_RTT = 68  # offset of tcpi_rtt (u32, microseconds): smoothed round-trip time
 _PEEK = _MSG_PEEK | int(getattr(_std, "MSG_DONTWAIT", 0))  # ints, as _answer._MSG_PEEK
 _CHUNK = 1 << 20
@@ -451,6 +452,7 @@ class ResilientSocket(_GeventSocket):
         m = Machine(policy, _clock)
         m.library = owner
         m.target = address
+        m.fin_probing = _TCP_INFO is not None and self.family in INET and not self._rs_tls
         m.state = BROKEN  # not connected yet: the first connect is a recovery without a drop
         self.__dict__["_rs_m"] = m
         call_end = self._rs_call_end(None)
@@ -690,7 +692,7 @@ class ResilientSocket(_GeventSocket):
         step = m.eof_seen(gen, nbytes, closed=self._closed, nonblocking=self.timeout == 0.0)
         if isinstance(step, AskPeer):
             alive = self._rs_peer_alive_after_eof(m, gen, self._rs_call_end(t0), step.idle,
-                                                  step.wait)
+                                                  step.wait, step.acked)
             step = m.eof_judge(gen, nbytes, step.others, alive)
         if isinstance(step, PassEOF):
             self._rs_pass_eof(step)
@@ -850,7 +852,8 @@ class ResilientSocket(_GeventSocket):
         raise exc
 
     def _rs_peer_alive_after_eof(self, m: Machine, gen: int, call_end: float | None,
-                                 idle: bool = False, wait: float = 1.0) -> bool | None:
+                                 idle: bool = False, wait: float = 1.0,
+                                 acked: int | None = None) -> bool | None:
         """After an EOF while another greenlet writes: is the peer's socket still there?
 
         True: it half-closed and still takes our bytes — its TCP acknowledged data after its
@@ -862,10 +865,16 @@ class ResilientSocket(_GeventSocket):
 
         ``idle``: the writer greenlet is between calls and nothing is unconfirmed; wait up
         to ``wait`` (the machine's ``AskPeer.wait``) for its next write to tell (None if it
-        does not: the EOF is then the stream's end, as without a writer)."""
+        does not: the EOF is then the stream's end, as without a writer).
+
+        ``acked``: one greenlet wrote after the peer's FIN (``Machine.fin_before``); what the
+        peer's TCP had acknowledged before that write. Polls for the whole wait (no writer
+        will tell): True once it acknowledged more, False on a reset or at the limit."""
         unix = self.family == _AF_UNIX
         journal = m.journal
-        if unix:
+        if acked is not None and not unix:
+            start = acked
+        elif unix:
             start = journal._total
         else:
             buf = self._rs_tcp_info(_TCPI_BYTES_ACKED + 8)
@@ -887,7 +896,7 @@ class ResilientSocket(_GeventSocket):
                     return False
                 if struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0] > start:
                     return True
-            if _clock() >= limit or (m.writing == 0 and not idle):
+            if _clock() >= limit or (m.writing == 0 and not idle and acked is None):
                 return None if idle else False
             if idle and (m.writer is None or m.writer.dead):
                 return None  # the writer is done: nothing more will tell
@@ -1299,6 +1308,19 @@ class ResilientSocket(_GeventSocket):
             return None
         return buf if len(buf) >= need else None
 
+    def _rs_fin_probe(self, m: Machine) -> None:
+        """Before the first write of a new exchange: has the peer's FIN already arrived
+        (TCP state CLOSE_WAIT)? Then the EOF that follows is judged by what the peer's TCP
+        does with the write (``Machine.fin_before``, docs/design.md §5, half-close). For a
+        connection's first ``FIN_PROBES`` exchanges only."""
+        m.fin_probe -= 1
+        try:
+            buf = self._sock.getsockopt(_std.IPPROTO_TCP, _TCP_INFO, _TCPI_BYTES_ACKED + 8)
+        except OSError:
+            return
+        if buf[0] == _TCP_STATE_CLOSE_WAIT and len(buf) >= _TCPI_BYTES_ACKED + 8:
+            m.fin_before = (m.gen, struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0])
+
     def _rs_tcp_acked(self) -> int | None:
         """Data bytes of this connection that the peer's TCP acknowledged (Linux TCP_INFO)."""
         if self._rs_tls:
@@ -1515,6 +1537,8 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
             return self._rs_write(send, (data, flags, timeout), data, True)
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
+        if m.fin_probe and m.journal._done == m.journal._total:  # a new exchange
+            self._rs_fin_probe(m)
         m.writing += 1
         try:
             n = send(self, data, flags, timeout)
@@ -1538,6 +1562,8 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
             return self._rs_write(sendall_raw, (data, flags), data, False)  # type: ignore[no-any-return]
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
+        if m.fin_probe and m.journal._done == m.journal._total:  # a new exchange
+            self._rs_fin_probe(m)
         m.writing += 1
         try:
             # One send() takes a small write whole; a larger one goes round the loop.

@@ -365,6 +365,30 @@ def test_an_eof_under_a_writer_asks_the_peer_and_a_half_close_is_passed_on():
     assert m.state is BROKEN
 
 
+def test_a_request_written_after_the_peers_fin_asks_the_peer_in_one_greenlet():
+    """§5, a half-close in one greenlet: the socket saw the peer's FIN before the request's
+    write (``fin_before``, with what the peer's TCP had acknowledged then). The EOF asks the
+    peer: acknowledged (it still reads) → the EOF is passed on, nothing re-sent; reset → a
+    drop, recovered. Without the FIN before the write, the EOF is a drop as before."""
+    m = machine()
+    m.fin_before = (m.gen, 7)
+    m.wrote_data(b"MSG 2\n")
+    step = m.eof_seen(m.gen, 100, closed=False, nonblocking=False)
+    assert step == AskPeer(idle=False, others=False, wait=1.0, acked=7)
+    half = m.eof_judge(m.gen, 100, step.others, alive=True)
+    assert isinstance(half, PassEOF) and half.verdict.rule == "half-close"
+    assert m.state is CONNECTED and m.half_closed
+    reset = machine()
+    reset.fin_before = (reset.gen, 7)
+    reset.wrote_data(b"MSG 2\n")
+    assert isinstance(reset.eof_seen(reset.gen, 100, closed=False, nonblocking=False), AskPeer)
+    assert isinstance(reset.eof_judge(reset.gen, 100, False, alive=False), Recover)
+    older = machine()
+    older.fin_before = (older.gen - 1, 7)  # seen on an earlier connection: not this one's
+    older.wrote_data(b"MSG 2\n")
+    assert isinstance(older.eof_seen(older.gen, 100, closed=False, nonblocking=False), Recover)
+
+
 def test_an_eof_under_a_writer_whose_connection_was_reset_is_a_drop():
     m = machine()
     m.wrote_data(b"PUT /big\n")
