@@ -343,10 +343,16 @@ def _run(argv: list[str]) -> None:
     else:
         path = os.path.abspath(target.value)
         sys.argv = [target.value, *target.args]
-        # As python does: the directory of the script with symlinks resolved (review), while
-        # __file__ stays the path as given.
+        # As python does: the directory of the script with symlinks resolved (review).
         sys.path[0] = os.path.dirname(os.path.realpath(path))
-        runpy.run_path(path, run_name="__main__")
+        import pkgutil
+
+        if pkgutil.get_importer(path) is None:
+            _run_file(target.value)
+        else:
+            # A directory or a zip file with a __main__.py: runpy's job (it sets argv[0]
+            # to the path it is given, so give it the one the caller gave).
+            runpy.run_path(target.value, run_name="__main__")
 
 
 def _module_missing(name: str) -> str | None:
@@ -383,6 +389,32 @@ def _dump_stats(path: str) -> None:
               file=sys.stderr)
 
 
+def _run_file(given: str) -> None:
+    """A script file as ``python given`` runs it: ``sys.argv[0]`` stays the path as given
+    (``runpy.run_path`` would make it the path it was handed), ``__file__`` and the code's
+    file name are that path joined to the current directory, as python's are, and the
+    runner's own ``__future__`` imports do not leak into the script."""
+    import builtins
+    import io
+    import pkgutil
+    import types
+    from importlib.machinery import SourceFileLoader, SourcelessFileLoader
+
+    filename = os.path.join(os.getcwd(), given)
+    with io.open_code(filename) as f:
+        code = pkgutil.read_code(f)  # a compiled .pyc, as runpy and python accept
+    loader: Any = SourcelessFileLoader("__main__", filename)
+    if code is None:
+        with io.open_code(filename) as f:
+            code = compile(f.read(), filename, "exec", dont_inherit=True)
+        loader = SourceFileLoader("__main__", filename)
+    main_module = types.ModuleType("__main__")
+    main_module.__dict__.update(__file__=filename, __cached__=None, __loader__=loader,
+                                __builtins__=builtins)
+    sys.modules["__main__"] = main_module
+    exec(code, main_module.__dict__)
+
+
 def _run_code(code: str, filename: str, target: _Target) -> None:
     """``-c CODE`` / ``-`` as python runs them: ``sys.argv[0]`` is "-c" or "-",
     ``sys.path[0]`` is "" (the current directory), a fresh ``__main__`` module."""
@@ -394,7 +426,7 @@ def _run_code(code: str, filename: str, target: _Target) -> None:
     main_module = types.ModuleType("__main__")
     main_module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = main_module
-    exec(compile(code, filename, "exec"), main_module.__dict__)
+    exec(compile(code, filename, "exec", dont_inherit=True), main_module.__dict__)
 
 
 # -- notes in sight (rule 5) ---------------------------------------------------------------------

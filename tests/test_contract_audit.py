@@ -1,0 +1,53 @@
+"""The public contract (docs/design.md, the original in /work/shared/DESIGN.md) checked from
+outside, as a user would: the runner against plain ``python``, ... Each test here failed on
+the code before its fix (wave 6 contract audit)."""
+
+from __future__ import annotations
+
+import sys
+
+from conftest import run_py
+
+
+def _both(args: list[str], cwd: str) -> tuple[str, str]:
+    plain = run_py(args, cwd=cwd)
+    wrapped = run_py(["-m", "resilientsock", *args], cwd=cwd)
+    assert plain.returncode == wrapped.returncode == 0, (plain.stderr, wrapped.stderr)
+    return plain.stdout, wrapped.stdout
+
+
+def test_runner_keeps_a_relative_script_path_in_argv0_and_file_as_python(tmp_path):
+    """§2/§7: argv is passed to the script unchanged: ``sys.argv[0]`` is the script's path
+    as given (runpy.run_path made it absolute), ``__file__`` what python makes of it."""
+    (tmp_path / "show.py").write_text(
+        "import sys, os\n"
+        "print(sys.argv, __file__, __name__, os.path.basename(sys.path[0]))\n")
+    for given in ("show.py", "./show.py"):
+        plain, wrapped = _both([given, "a", "--deadline", "b"], cwd=str(tmp_path))
+        assert wrapped == plain
+        assert wrapped.startswith(f"[{given!r}, 'a', '--deadline', 'b'] ")
+
+
+def test_script_and_dash_c_do_not_inherit_the_runners_future_imports(tmp_path):
+    """The runner's own ``from __future__ import annotations`` must not leak into the code it
+    runs: ``-c`` code compiled by the runner saw its annotations as strings."""
+    code = "def f(x: int): pass\nprint(f.__annotations__)\n"
+    (tmp_path / "ann.py").write_text(code)
+    for args in (["-c", code], ["ann.py"]):
+        plain, wrapped = _both(args, cwd=str(tmp_path))
+        assert wrapped == plain == "{'x': <class 'int'>}\n"
+
+
+def test_runner_runs_a_directory_with_main_as_python(tmp_path):
+    """``python DIR`` runs DIR/__main__.py; so does the runner, argv[0] as given."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "__main__.py").write_text(
+        "import sys, socket\nprint(sys.argv, __name__)\n"
+        "print(socket.socket.__name__, file=sys.stderr)\n")
+    plain = run_py(["app", "x"], cwd=str(tmp_path))
+    wrapped = run_py(["-m", "resilientsock", "app", "x"], cwd=str(tmp_path))
+    assert plain.returncode == wrapped.returncode == 0, wrapped.stderr
+    assert wrapped.stdout == plain.stdout == "['app', 'x'] __main__\n"
+    assert wrapped.stderr.strip() == "ResilientSocket"
+    assert sys.executable  # the interpreter both ran under
