@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import sys
 
-from conftest import run_py
+import pytest
+from conftest import Lines, run_py
+
+from resilientsock import Relay, ResilientSocket, RetryPolicy
+from resilientsock.testing import MessageServer
 
 
 def _both(args: list[str], cwd: str) -> tuple[str, str]:
@@ -51,3 +55,35 @@ def test_runner_runs_a_directory_with_main_as_python(tmp_path):
     assert wrapped.stdout == plain.stdout == "['app', 'x'] __main__\n"
     assert wrapped.stderr.strip() == "ResilientSocket"
     assert sys.executable  # the interpreter both ran under
+
+
+# -- §11: a session that cannot be resumed is a ConnectionResetError with a note -------------
+
+
+def test_a_session_the_restarted_relay_no_longer_holds_is_a_reset_with_a_note():
+    """§11: "A session that cannot be resumed (relay restarted, expired, proof rejected) is
+    surfaced (ConnectionResetError with a note: the relay no longer holds the session)". The
+    reset came bare (the reason only in a log record), so ``except`` code that prints the
+    error's notes saw nothing."""
+    with MessageServer() as upstream:
+        relay = Relay(("127.0.0.1", 0), upstream.address).start()
+        address = relay.address
+        app = ResilientSocket.connect(address, RetryPolicy(session=True, deadline=10))
+        try:
+            app.settimeout(10)
+            lines = Lines(app)
+            app.sendall(b"MSG 1 before\n")
+            assert lines.readline() == b"ACK 1"
+            relay.stop()
+            relay = Relay(address, upstream.address).start()
+            with pytest.raises(ConnectionResetError) as info:
+                app.sendall(b"MSG 2 after the restart\n")
+                while app.recv(100):
+                    pass
+            notes = getattr(info.value, "__notes__", None) or []
+            assert any(note.startswith("resilientsock:") and
+                       "no longer holds the session" in note for note in notes), notes
+            assert upstream.received == [1]  # never re-sent into a new session
+        finally:
+            app.close()
+            relay.stop()
