@@ -5,6 +5,7 @@ the code before its fix (wave 6 contract audit)."""
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 from conftest import Lines, run_py
@@ -87,3 +88,28 @@ def test_a_session_the_restarted_relay_no_longer_holds_is_a_reset_with_a_note():
         finally:
             app.close()
             relay.stop()
+
+
+def test_a_session_clients_close_reaches_the_upstream_at_once_without_the_hub():
+    """§11: "a client's close() ends its session on the relay at once", and the session ends
+    "as a plain connection would end (EOF after every byte before it)". A script that uses
+    ``ResilientSocket`` without ``patch()`` and then waits with anything but gevent (a thread's
+    join, ``time.sleep``, a blocking call) never ran the greenlet that carried the END: the
+    upstream server never saw its EOF (held until the session timeout)."""
+    import gevent.monkey
+
+    blocking_sleep = gevent.monkey.get_original("time", "sleep")
+    with MessageServer() as upstream, Relay(("127.0.0.1", 0), upstream.address) as relay:
+        app = ResilientSocket.connect(relay.address, RetryPolicy(session=True, deadline=10))
+        app.settimeout(10)
+        app.sendall(b"MSG 1 hello\n")
+        assert Lines(app).readline() == b"ACK 1"
+        app.sendall(b"MSG 2 the last\n")
+        app.close()
+        start = time.monotonic()
+        # The upstream (a MessageServer) closes when it reads its client's EOF: the relay
+        # counts that as the upstream's EOF.
+        while relay.stats()["upstream_eofs"] == 0 and time.monotonic() - start < 5:
+            blocking_sleep(0.01)  # the calling thread's hub does not run meanwhile
+        assert relay.stats()["upstream_eofs"] == 1
+        assert upstream.received == [1, 2]  # EOF after every byte before it

@@ -20,6 +20,7 @@ from typing import Any
 import gevent
 import gevent.socket as gsocket
 
+from .._answer import _MSG_PEEK
 from .._policy import RetryPolicy
 from . import protocol as sp
 from . import targets
@@ -426,6 +427,18 @@ def _end_sessions_at_exit() -> None:
 atexit.register(_end_sessions_at_exit)
 
 
+def _pair_closed(session: Any) -> bool:
+    """Every descriptor of the application's end of the pair is closed and the pump has
+    nothing left to read: the pair says EOF at once (a peek, never a wait)."""
+    raw = _Hub.raw(session.plain)
+    if raw is None:
+        return False
+    try:
+        return raw.recv(1, _MSG_PEEK) == b""  # type: ignore[no-any-return]
+    except OSError:  # BlockingIOError: bytes still unread, or another descriptor open
+        return False
+
+
 def _lost_note(sock: Any, exc: OSError) -> None:
     """A reset or EPIPE that a session's end meets because the relay no longer holds the
     session gets the note docs/design.md §11 promises (once)."""
@@ -623,12 +636,19 @@ def direct_methods(base: Any) -> dict[str, Any]:
         return b_detach(self)  # type: ignore[no-any-return]
 
     def close(self: Any) -> None:
-        # No END here: another descriptor of the pair's end (a dup, a forked child, a
-        # makefile() object) may still write; the pump sends the END at the pair's EOF, when
-        # the last one closes, as the kernel sends a FIN.
+        # The END goes when the last descriptor of the pair's end closes (a dup, a forked
+        # child or a makefile() object may still write), as the kernel sends a FIN: the pump
+        # sends it at the pair's EOF. When this close was the last one and the direct path
+        # was still on (nothing written through the pair), the END goes out now (docs/design.md
+        # §11: "a client's close() ends its session on the relay at once"), not when this
+        # thread's hub next runs: a script without patch() that then waits with time.sleep or
+        # a thread's join held its session and upstream for the session timeout.
+        session = self.__dict__.get("_rs_direct")
         off(self)
         reads_off(self)
         b_close(self)
+        if session is not None and _pair_closed(session):
+            session.direct_end()
 
     methods = {"send": send, "sendall": sendall, "shutdown": shutdown, "dup": dup,
                "detach": detach, "close": close, "recv": recv, "recv_into": recv_into}
