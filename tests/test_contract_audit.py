@@ -4,6 +4,7 @@ the code before its fix (wave 6 contract audit)."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -113,3 +114,19 @@ def test_a_session_clients_close_reaches_the_upstream_at_once_without_the_hub():
             blocking_sleep(0.01)  # the calling thread's hub does not run meanwhile
         assert relay.stats()["upstream_eofs"] == 1
         assert upstream.received == [1, 2]  # EOF after every byte before it
+
+
+# -- stats() ------------------------------------------------------------------------------------
+
+
+def test_stats_has_its_documented_counters_from_the_start():
+    """``resilientsock.stats()`` documents its keys (``connects``, ``reconnects``, ``gave_up``,
+    ...); a fresh process had none of them, so ``stats()["reconnects"]`` (a before/after
+    count) raised KeyError until the first reconnect."""
+    out = run_py(["-c", "import json, resilientsock; print(json.dumps(resilientsock.stats()))"])
+    assert out.returncode == 0, out.stderr
+    counters = json.loads(out.stdout)
+    for key in ("connects", "internal_connects", "disconnects", "reconnect_attempts",
+                "reconnects", "replayed_records", "replayed_bytes", "answers_resumed",
+                "answers_changed", "surfaced", "gave_up"):
+        assert counters[key] == 0, key
