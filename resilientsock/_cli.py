@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from ._policy import FIELDS, RetryPolicy, _bool
+from ._policy import FIELDS, RetryPolicy, _bool, apply_texts, env_texts
 
 __all__ = ["main", "build_policy", "policy_sources", "parse_session", "resilientsock_notes"]
 
@@ -161,22 +161,15 @@ def _split_argv(argv: list[str]) -> tuple[list[str], _Target | None]:
 
 
 def build_policy(options: argparse.Namespace, environ: Mapping[str, str]) -> RetryPolicy:
-    """Environment over defaults, options over the environment. ValueError names the culprit."""
-    policy = RetryPolicy.from_env(environ)
-    changes: dict[str, Any] = {}
+    """Environment over defaults, options over the environment, validated together (an option
+    may make a variable's value valid: ``RESILIENTSOCK_DEADLINE=none --max-attempts 3``).
+    ValueError names the culprit: the option (``--deadline '-3': ...``) or the variable."""
+    texts = env_texts(environ)
     for name in _POLICY_OPTIONS:
-        spec = FIELDS[name]
         text = getattr(options, name, None)
-        if text is None:
-            continue
-        try:
-            changes[name] = spec.parse(text)
-        except ValueError as exc:
-            raise ValueError(f"--{name.replace('_', '-')} {text!r}: {exc}") from None
-    try:
-        return policy.replace(**changes)
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
+        if text is not None:
+            texts[name] = (f"--{name.replace('_', '-')} {text!r}", text)
+    return apply_texts(RetryPolicy(), texts)
 
 
 def policy_sources(options: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:

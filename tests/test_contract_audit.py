@@ -130,3 +130,47 @@ def test_stats_has_its_documented_counters_from_the_start():
                 "reconnects", "replayed_records", "replayed_bytes", "answers_resumed",
                 "answers_changed", "surfaced", "gave_up"):
         assert counters[key] == 0, key
+
+
+# -- a bad value names where it came from --------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["environment", "option"])
+@pytest.mark.parametrize("field,value", [("deadline", "-1"), ("journal_limit", "-5"),
+                                         ("max_attempts", "0"), ("backoff_multiplier", "0.5")])
+def test_a_value_out_of_range_names_its_option_or_variable(tmp_path, how, field, value):
+    """§2: every knob is an option and a variable; a bad one is one line naming it, exit 2.
+    A value that parsed but was out of range named only ``RetryPolicy.<field>`` (and
+    "from RESILIENTSOCK_* environment"), not the option or the variable the user set."""
+    script = tmp_path / "never.py"
+    script.write_text("print('the script ran')\n")
+    option, var = "--" + field.replace("_", "-"), "RESILIENTSOCK_" + field.upper()
+    if how == "environment":
+        out = run_py(["-m", "resilientsock", str(script)], env={var: value})
+        named = var
+    else:
+        out = run_py(["-m", "resilientsock", option, value, str(script)])
+        named = option
+    assert out.returncode == 2 and "the script ran" not in out.stdout
+    assert named in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_patch_names_the_variable_of_a_value_out_of_range():
+    code = ("import resilientsock\ntry:\n    resilientsock.patch()\n"
+            "except ValueError as exc:\n    print('ValueError', exc)\n")
+    out = run_py(["-c", code], env={"RESILIENTSOCK_JOURNAL_LIMIT": "-5"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ValueError RESILIENTSOCK_JOURNAL_LIMIT='-5'"), out.stdout
+
+
+def test_an_option_completes_what_a_variable_needs(tmp_path):
+    """Options win over the environment, and the two are judged together:
+    ``RESILIENTSOCK_DEADLINE=none`` is valid with ``--max-attempts 3`` (the environment was
+    validated alone first, so the runner refused it)."""
+    script = tmp_path / "ok.py"
+    script.write_text("print('the script ran')\n")
+    out = run_py(["-m", "resilientsock", "--max-attempts", "3", str(script)],
+                 env={"RESILIENTSOCK_DEADLINE": "none"})
+    assert out.returncode == 0, out.stderr
+    assert "the script ran" in out.stdout
