@@ -429,7 +429,11 @@ atexit.register(_end_sessions_at_exit)
 
 def _pair_closed(session: Any) -> bool:
     """Every descriptor of the application's end of the pair is closed and the pump has
-    nothing left to read: the pair says EOF at once (a peek, never a wait)."""
+    nothing left to read: the pair says EOF at once (a peek, never a wait). Only asked in
+    the thread whose hub runs the session (its link and locks are that hub's)."""
+    runner = session.runner
+    if runner is None or runner.parent is not _Hub.this_threads_hub():
+        return False
     raw = _Hub.raw(session.plain)
     if raw is None:
         return False
@@ -648,7 +652,11 @@ def direct_methods(base: Any) -> dict[str, Any]:
         reads_off(self)
         b_close(self)
         if session is not None and _pair_closed(session):
-            session.direct_end()
+            try:
+                session.direct_end()
+            except Exception:  # noqa: BLE001 - best effort: the pump sends it at the EOF
+                log.debug("resilientsock: END at close() not sent; left to the pump",
+                          exc_info=True)
 
     methods = {"send": send, "sendall": sendall, "shutdown": shutdown, "dup": dup,
                "detach": detach, "close": close, "recv": recv, "recv_into": recv_into}
