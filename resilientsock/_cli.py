@@ -95,8 +95,9 @@ def _runner_parser() -> argparse.ArgumentParser:
                         help="connections to these servers become sessions through a relay "
                              "(exactly-once; docs/design.md §11) [env RESILIENTSOCK_SESSION]")
     parser.add_argument("--log-level", default=None, metavar="LEVEL",
-                        help="log level of the 'resilientsock' logger, e.g. INFO to see every "
-                             "reconnect (default WARNING) [env RESILIENTSOCK_LOG_LEVEL]")
+                        help="log level of the 'resilientsock' logger: INFO shows failed "
+                             "attempts and surfaced errors, DEBUG every drop, reconnect and "
+                             "replay (default WARNING) [env RESILIENTSOCK_LOG_LEVEL]")
     parser.add_argument("--stats", action="store_true", default=None,
                         help="print a summary of reconnects and replays on stderr at exit "
                              "[env RESILIENTSOCK_STATS=1]")
