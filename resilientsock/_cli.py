@@ -341,11 +341,21 @@ def _run(argv: list[str]) -> None:
         sys.path[0] = os.path.dirname(os.path.realpath(path))
         import pkgutil
 
-        if pkgutil.get_importer(path) is None:
+        importer = pkgutil.get_importer(path)
+        if importer is None:
             _run_file(target.value)
         else:
             # A directory or a zip file with a __main__.py: runpy's job (it sets argv[0]
-            # to the path it is given, so give it the one the caller gave).
+            # to the path it is given, so give it the one the caller gave). Without one, as
+            # python says it: one line and status 1, not a traceback out of runpy.
+            try:
+                found = importer.find_spec("__main__") is not None
+            except (ImportError, AttributeError, ValueError):
+                found = True  # let runpy say what is wrong
+            if not found:
+                print(f"resilientsock: can't find '__main__' module in {path!r}",
+                      file=sys.stderr)
+                raise SystemExit(1)
             runpy.run_path(target.value, run_name="__main__")
 
 

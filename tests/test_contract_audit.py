@@ -174,3 +174,14 @@ def test_an_option_completes_what_a_variable_needs(tmp_path):
                  env={"RESILIENTSOCK_DEADLINE": "none"})
     assert out.returncode == 0, out.stderr
     assert "the script ran" in out.stdout
+
+
+def test_a_directory_without_main_is_one_line_and_status_1(tmp_path):
+    """As ``python DIR`` says it (and as the runner says it for ``-m``): one line, status 1,
+    never a traceback out of runpy."""
+    (tmp_path / "nothing_here").mkdir()
+    plain = run_py(["nothing_here"], cwd=str(tmp_path))
+    wrapped = run_py(["-m", "resilientsock", "nothing_here"], cwd=str(tmp_path))
+    assert plain.returncode == wrapped.returncode == 1
+    assert "Traceback" not in wrapped.stderr, wrapped.stderr
+    assert "can't find '__main__' module" in wrapped.stderr
