@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from ._policy import FIELDS, RetryPolicy, _bool
+from ._policy import FIELDS, RetryPolicy, _bool, apply_texts, env_texts
 
 __all__ = ["main", "build_policy", "policy_sources", "parse_session", "resilientsock_notes"]
 
@@ -95,8 +95,9 @@ def _runner_parser() -> argparse.ArgumentParser:
                         help="connections to these servers become sessions through a relay "
                              "(exactly-once; docs/design.md §11) [env RESILIENTSOCK_SESSION]")
     parser.add_argument("--log-level", default=None, metavar="LEVEL",
-                        help="log level of the 'resilientsock' logger, e.g. INFO to see every "
-                             "reconnect (default WARNING) [env RESILIENTSOCK_LOG_LEVEL]")
+                        help="log level of the 'resilientsock' logger: INFO shows failed "
+                             "attempts and surfaced errors, DEBUG every drop, reconnect and "
+                             "replay (default WARNING) [env RESILIENTSOCK_LOG_LEVEL]")
     parser.add_argument("--stats", action="store_true", default=None,
                         help="print a summary of reconnects and replays on stderr at exit "
                              "[env RESILIENTSOCK_STATS=1]")
@@ -161,22 +162,15 @@ def _split_argv(argv: list[str]) -> tuple[list[str], _Target | None]:
 
 
 def build_policy(options: argparse.Namespace, environ: Mapping[str, str]) -> RetryPolicy:
-    """Environment over defaults, options over the environment. ValueError names the culprit."""
-    policy = RetryPolicy.from_env(environ)
-    changes: dict[str, Any] = {}
+    """Environment over defaults, options over the environment, validated together (an option
+    may make a variable's value valid: ``RESILIENTSOCK_DEADLINE=none --max-attempts 3``).
+    ValueError names the culprit: the option (``--deadline '-3': ...``) or the variable."""
+    texts = env_texts(environ)
     for name in _POLICY_OPTIONS:
-        spec = FIELDS[name]
         text = getattr(options, name, None)
-        if text is None:
-            continue
-        try:
-            changes[name] = spec.parse(text)
-        except ValueError as exc:
-            raise ValueError(f"--{name.replace('_', '-')} {text!r}: {exc}") from None
-    try:
-        return policy.replace(**changes)
-    except ValueError as exc:
-        raise ValueError(str(exc)) from None
+        if text is not None:
+            texts[name] = (f"--{name.replace('_', '-')} {text!r}", text)
+    return apply_texts(RetryPolicy(), texts)
 
 
 def policy_sources(options: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
@@ -343,10 +337,26 @@ def _run(argv: list[str]) -> None:
     else:
         path = os.path.abspath(target.value)
         sys.argv = [target.value, *target.args]
-        # As python does: the directory of the script with symlinks resolved (review), while
-        # __file__ stays the path as given.
+        # As python does: the directory of the script with symlinks resolved (review).
         sys.path[0] = os.path.dirname(os.path.realpath(path))
-        runpy.run_path(path, run_name="__main__")
+        import pkgutil
+
+        importer = pkgutil.get_importer(path)
+        if importer is None:
+            _run_file(target.value)
+        else:
+            # A directory or a zip file with a __main__.py: runpy's job (it sets argv[0]
+            # to the path it is given, so give it the one the caller gave). Without one, as
+            # python says it: one line and status 1, not a traceback out of runpy.
+            try:
+                found = importer.find_spec("__main__") is not None
+            except (ImportError, AttributeError, ValueError):
+                found = True  # let runpy say what is wrong
+            if not found:
+                print(f"resilientsock: can't find '__main__' module in {path!r}",
+                      file=sys.stderr)
+                raise SystemExit(1)
+            runpy.run_path(target.value, run_name="__main__")
 
 
 def _module_missing(name: str) -> str | None:
@@ -383,6 +393,32 @@ def _dump_stats(path: str) -> None:
               file=sys.stderr)
 
 
+def _run_file(given: str) -> None:
+    """A script file as ``python given`` runs it: ``sys.argv[0]`` stays the path as given
+    (``runpy.run_path`` would make it the path it was handed), ``__file__`` and the code's
+    file name are that path joined to the current directory, as python's are, and the
+    runner's own ``__future__`` imports do not leak into the script."""
+    import builtins
+    import io
+    import pkgutil
+    import types
+    from importlib.machinery import SourceFileLoader, SourcelessFileLoader
+
+    filename = os.path.join(os.getcwd(), given)
+    with io.open_code(filename) as f:
+        code = pkgutil.read_code(f)  # a compiled .pyc, as runpy and python accept
+    loader: Any = SourcelessFileLoader("__main__", filename)
+    if code is None:
+        with io.open_code(filename) as f:
+            code = compile(f.read(), filename, "exec", dont_inherit=True)
+        loader = SourceFileLoader("__main__", filename)
+    main_module = types.ModuleType("__main__")
+    main_module.__dict__.update(__file__=filename, __cached__=None, __loader__=loader,
+                                __builtins__=builtins)
+    sys.modules["__main__"] = main_module
+    exec(code, main_module.__dict__)
+
+
 def _run_code(code: str, filename: str, target: _Target) -> None:
     """``-c CODE`` / ``-`` as python runs them: ``sys.argv[0]`` is "-c" or "-",
     ``sys.path[0]`` is "" (the current directory), a fresh ``__main__`` module."""
@@ -394,7 +430,7 @@ def _run_code(code: str, filename: str, target: _Target) -> None:
     main_module = types.ModuleType("__main__")
     main_module.__dict__["__builtins__"] = builtins
     sys.modules["__main__"] = main_module
-    exec(compile(code, filename, "exec"), main_module.__dict__)
+    exec(compile(code, filename, "exec", dont_inherit=True), main_module.__dict__)
 
 
 # -- notes in sight (rule 5) ---------------------------------------------------------------------

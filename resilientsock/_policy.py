@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 __all__ = ["RetryPolicy", "FIELDS", "ReplayMode", "ConfirmMode", "EofMode", "PolicyFields",
-           "PatchFields"]
+           "PatchFields", "FieldError", "env_texts", "apply_texts"]
 
 # The mode options as types: ``mypy --strict`` flags a misspelled mode in a user's script.
 ReplayMode = Literal["idempotent", "unanswered", "safe", "none"]
@@ -170,9 +170,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
-            return ValueError(
-                f"RetryPolicy.{field}: {why} (got {getattr(self, field)!r})"
-            )
+            return FieldError(field, f"RetryPolicy.{field}: {why} (got {getattr(self, field)!r})")
 
         for field in ("deadline", "connect_timeout", "dead_peer_timeout"):
             value = getattr(self, field)
@@ -214,7 +212,8 @@ class RetryPolicy:
                 raise bad(field, "must be True or False")
         if self.session_key is not None and (
                 not isinstance(self.session_key, str | bytes) or not self.session_key):
-            raise ValueError("RetryPolicy.session_key: must be a non-empty str or bytes, or None")
+            raise FieldError("session_key", "RetryPolicy.session_key: must be a non-empty str "
+                             "or bytes, or None")
         for field in ("on_disconnect", "on_reconnect"):
             value = getattr(self, field)
             if value is not None and not callable(value):
@@ -250,24 +249,54 @@ class RetryPolicy:
         A malformed value is a ValueError naming the variable.
         """
         environ = os.environ if environ is None else environ
-        changes: dict[str, Any] = {}
-        for name, spec in FIELDS.items():
-            var = "RESILIENTSOCK_" + name.upper()
-            if var in environ:
-                try:
-                    changes[name] = spec.parse(environ[var])
-                except ValueError as exc:
-                    raise ValueError(f"{var}={environ[var]!r}: {exc}") from None
-        policy = base or cls()
-        try:
-            return policy.replace(**changes)
-        except ValueError as exc:
-            raise ValueError(f"from RESILIENTSOCK_* environment: {exc}") from None
+        return apply_texts(base or cls(), env_texts(environ))
 
     def summary(self) -> str:
         """A short description for logs and ``--stats``."""
         parts = [f"{f}={getattr(self, f)!r}" for f in FIELDS]
         return ", ".join(parts)
+
+
+class FieldError(ValueError):
+    """A bad policy value: a ValueError whose ``field`` says which field (so the runner and
+    ``from_env`` can name the option or the variable the value came from)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self) -> tuple[Any, tuple[str, str]]:
+        return FieldError, (self.field, str(self))
+
+
+def env_texts(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """The ``RESILIENTSOCK_*`` variables set in ``environ``: field -> (how it is named in an
+    error, its text)."""
+    texts = {}
+    for name in FIELDS:
+        var = "RESILIENTSOCK_" + name.upper()
+        if var in environ:
+            texts[name] = (f"{var}={environ[var]!r}", environ[var])
+    return texts
+
+
+def apply_texts(policy: RetryPolicy, texts: Mapping[str, tuple[str, str]]) -> RetryPolicy:
+    """``policy`` with each field's text parsed and applied (``texts``: field -> (source,
+    text), as ``env_texts`` gives them), validated together. A ValueError names the source
+    of the bad value (``RESILIENTSOCK_DEADLINE='-1': ...``, ``--deadline '-1': ...``), or
+    every source involved when the values only clash with each other or with a default."""
+    changes: dict[str, Any] = {}
+    for name, (source, text) in texts.items():
+        try:
+            changes[name] = FIELDS[name].parse(text)
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+    try:
+        return policy.replace(**changes)
+    except FieldError as exc:
+        if exc.field in texts:
+            raise ValueError(f"{texts[exc.field][0]}: {exc}") from None
+        raise ValueError(f"{', '.join(source for source, _ in texts.values())}: {exc}") from None
 
 
 def _number(value: object) -> bool:

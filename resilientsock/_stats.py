@@ -77,10 +77,11 @@ def stats() -> dict[str, int]:
     not the read timeouts the application asked for), ``disconnects.<category>`` /
     ``surfaced.<category>`` per error category, and ``attempt_failed.<category>`` /
     ``attempt_failed.<ERRNO>`` for connect attempts that failed (the first one included),
-    e.g. ``attempt_failed.ENETUNREACH``.
+    e.g. ``attempt_failed.ENETUNREACH``. The keys of the ``--stats`` summary are always
+    there (0 before anything happened), so ``stats()["reconnects"]`` never raises KeyError.
     """
     with _lock:
-        return dict(_counters)
+        return {**dict.fromkeys(SUMMARY_KEYS, 0), **_counters}
 
 
 def reset() -> None:

@@ -87,6 +87,14 @@ class _Hub:
         return getattr(sock, "_sock", None)
 
     @staticmethod
+    def this_threads_hub() -> Any:
+        """The calling thread's hub, None when it has none (never creates one;
+        ``gevent._hub_local.get_hub_if_exists``)."""
+        from gevent._hub_local import get_hub_if_exists
+
+        return get_hub_if_exists()
+
+    @staticmethod
     def wait_writable(sock: Any, timeout: float | None) -> bool:
         """Wait until ``sock`` may be written, at most ``timeout`` seconds (then
         TimeoutError), on the socket's own write watcher (``_write_event``, which its

@@ -20,6 +20,7 @@ from typing import Any
 import gevent
 import gevent.socket as gsocket
 
+from .._answer import _MSG_PEEK
 from .._policy import RetryPolicy
 from . import protocol as sp
 from . import targets
@@ -46,7 +47,7 @@ class SessionClosedError(ConnectionResetError):
 
 class _ClientSession(_Carrier):
     __slots__ = ("address", "policy", "sid", "secret", "ssl_context", "reconnects", "runner",
-                 "ticket", "version", "front", "waiting", "pair_written", "pair_read")
+                 "ticket", "version", "front", "waiting", "pair_written", "pair_read", "lost")
 
     side = "application"
 
@@ -70,6 +71,7 @@ class _ClientSession(_Carrier):
         self.waiting: tuple[Any, int] | None = None
         self.pair_written = 0
         self.pair_read = 0
+        self.lost: str | None = None  # why the session could not be resumed (the note)
 
     def _deliver(self, payload: bytes | memoryview | list[Any], block: bool = True) -> int:
         size = sum(map(len, payload)) if isinstance(payload, list) else len(payload)
@@ -151,6 +153,8 @@ class _ClientSession(_Carrier):
         log.warning("resilientsock: session to relay %s:%d cannot be resumed: %s; the "
                     "connection is reset (nothing is re-sent into a new session)",
                     self.address[0], self.address[1], reason)
+        # Before the reset below: the application's call that meets it carries the note.
+        self.lost = reason
         self.finish(abort_plain=True)
 
     def _resume(self) -> _LinkIO:
@@ -340,6 +344,7 @@ _client_sessions: weakref.WeakSet[Any] = weakref.WeakSet()  # open_session's, fo
 def set_direct(sock: Any, session: Any) -> None:
     """``sock``'s writes frame onto ``session``'s link from now on (rule 7)."""
     sock.__dict__["_rs_direct"] = session
+    sock.__dict__["_rs_session"] = session  # kept when the direct path is off: the note
     sock.__dict__["_rs_reader"] = session if isinstance(session, _ClientSession) else None
     _direct_sockets.add(sock)
 
@@ -350,6 +355,7 @@ def _direct_off_in_child() -> None:
     for sock in list(_direct_sockets):
         sock.__dict__["_rs_direct"] = None
         sock.__dict__["_rs_reader"] = None
+        sock.__dict__["_rs_session"] = None
     _client_sessions.clear()  # nor does its exit end the parent's sessions
 
 
@@ -421,6 +427,38 @@ def _end_sessions_at_exit() -> None:
 atexit.register(_end_sessions_at_exit)
 
 
+def _pair_closed(session: Any) -> bool:
+    """Every descriptor of the application's end of the pair is closed and the pump has
+    nothing left to read: the pair says EOF at once (a peek, never a wait). Only asked in
+    the thread whose hub runs the session (its link and locks are that hub's)."""
+    runner = session.runner
+    if runner is None or runner.parent is not _Hub.this_threads_hub():
+        return False
+    raw = _Hub.raw(session.plain)
+    if raw is None:
+        return False
+    try:
+        return raw.recv(1, _MSG_PEEK) == b""  # type: ignore[no-any-return]
+    except OSError:  # BlockingIOError: bytes still unread, or another descriptor open
+        return False
+
+
+def _lost_note(sock: Any, exc: OSError) -> None:
+    """A reset or EPIPE that a session's end meets because the relay no longer holds the
+    session gets the note docs/design.md §11 promises (once)."""
+    session = sock.__dict__.get("_rs_session")
+    lost = getattr(session, "lost", None)
+    if lost and exc.errno in (errno.ECONNRESET, errno.EPIPE) and not any(
+            str(note).startswith("resilientsock:")
+            for note in getattr(exc, "__notes__", None) or ()):
+        note = (f"resilientsock: the relay no longer holds the session ({lost}); nothing was "
+                "re-sent into a new session")
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        else:  # pragma: no cover - 3.10 (PEP 678 without add_note)
+            exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
 def direct_methods(base: Any) -> dict[str, Any]:
     """``send``/``sendall`` that frame onto the session's link (rule 7), over ``base``'s own
     methods, and the calls after which the socket writes through the pair for good. The
@@ -474,52 +512,60 @@ def direct_methods(base: Any) -> dict[str, Any]:
         return front[:n]  # type: ignore[no-any-return]
 
     def recv(self: Any, bufsize: int, flags: int = 0) -> bytes:
-        reader = self.__dict__.get("_rs_reader")
-        if reader is None or flags or bufsize <= 0:
-            return b_recv(self, bufsize, flags)  # type: ignore[no-any-return]
-        wait_first = drained(self, reader)
-        while True:
-            if reader.front is not None:
-                return take_front(reader, bufsize)
-            if not wait_first:
-                try:
-                    data = _Hub.raw(self).recv(bufsize)
-                except BlockingIOError:
-                    if self.timeout == 0.0:
-                        raise
-                else:
-                    reader.pair_read += len(data)
-                    return data  # type: ignore[no-any-return]
-            wait_first = False
-            wait(self, reader, bufsize)
+        try:
+            reader = self.__dict__.get("_rs_reader")
+            if reader is None or flags or bufsize <= 0:
+                return b_recv(self, bufsize, flags)  # type: ignore[no-any-return]
+            wait_first = drained(self, reader)
+            while True:
+                if reader.front is not None:
+                    return take_front(reader, bufsize)
+                if not wait_first:
+                    try:
+                        data = _Hub.raw(self).recv(bufsize)
+                    except BlockingIOError:
+                        if self.timeout == 0.0:
+                            raise
+                    else:
+                        reader.pair_read += len(data)
+                        return data  # type: ignore[no-any-return]
+                wait_first = False
+                wait(self, reader, bufsize)
+        except OSError as exc:
+            _lost_note(self, exc)
+            raise
 
     def recv_into(self: Any, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
-        reader = self.__dict__.get("_rs_reader")
-        if reader is None or flags:
-            return b_recv_into(self, buffer, nbytes, flags)  # type: ignore[no-any-return]
-        view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
-        if view.format != "B" or view.ndim != 1:
-            view = view.cast("B")
-        n = nbytes or len(view)
-        if n <= 0 or n > len(view):
-            return b_recv_into(self, buffer, nbytes, flags)  # type: ignore[no-any-return]
-        wait_first = drained(self, reader)
-        while True:
-            if reader.front is not None:
-                data = take_front(reader, n)
-                view[:len(data)] = data
-                return len(data)
-            if not wait_first:
-                try:
-                    k = _Hub.raw(self).recv_into(view, n)
-                except BlockingIOError:
-                    if self.timeout == 0.0:
-                        raise
-                else:
-                    reader.pair_read += k
-                    return k  # type: ignore[no-any-return]
-            wait_first = False
-            wait(self, reader, n)
+        try:
+            reader = self.__dict__.get("_rs_reader")
+            if reader is None or flags:
+                return b_recv_into(self, buffer, nbytes, flags)  # type: ignore[no-any-return]
+            view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
+            n = nbytes or len(view)
+            if n <= 0 or n > len(view):
+                return b_recv_into(self, buffer, nbytes, flags)  # type: ignore[no-any-return]
+            wait_first = drained(self, reader)
+            while True:
+                if reader.front is not None:
+                    data = take_front(reader, n)
+                    view[:len(data)] = data
+                    return len(data)
+                if not wait_first:
+                    try:
+                        k = _Hub.raw(self).recv_into(view, n)
+                    except BlockingIOError:
+                        if self.timeout == 0.0:
+                            raise
+                    else:
+                        reader.pair_read += k
+                        return k  # type: ignore[no-any-return]
+                wait_first = False
+                wait(self, reader, n)
+        except OSError as exc:
+            _lost_note(self, exc)
+            raise
 
     def ended(session: Any) -> None:
         # Our END (EOF) is out (a shutdown, or the process's exit): a write now fails as after
@@ -530,35 +576,43 @@ def direct_methods(base: Any) -> dict[str, Any]:
             raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
     def send(self: Any, data: Any, flags: int = 0, *args: Any, **kw: Any) -> int:
-        session = self.__dict__.get("_rs_direct")
-        if session is not None:
-            if not flags and not args and not kw and self.timeout != 0.0:
-                n = session.direct_write(data, self.timeout, whole=False)
-                if n >= 0:
-                    return n  # type: ignore[no-any-return]
-                ended(session)
-            off(self)
-        # gevent's own sendall calls send(chunk, flags, timeout=...): passed on as given.
-        return b_send(self, data, flags, *args, **kw)  # type: ignore[no-any-return]
+        try:
+            session = self.__dict__.get("_rs_direct")
+            if session is not None:
+                if not flags and not args and not kw and self.timeout != 0.0:
+                    n = session.direct_write(data, self.timeout, whole=False)
+                    if n >= 0:
+                        return n  # type: ignore[no-any-return]
+                    ended(session)
+                off(self)
+            # gevent's own sendall calls send(chunk, flags, timeout=...): passed on as given.
+            return b_send(self, data, flags, *args, **kw)  # type: ignore[no-any-return]
+        except OSError as exc:
+            _lost_note(self, exc)
+            raise
 
     def sendall(self: Any, data: Any, flags: int = 0) -> None:
-        session = self.__dict__.get("_rs_direct")
-        if session is not None:
-            if not flags and self.timeout != 0.0:
-                view = data if isinstance(data, memoryview) else memoryview(data)
-                if view.format != "B" or view.ndim != 1:
-                    view = view.cast("B")
-                n = session.direct_write(view, self.timeout, whole=True)
-                if n >= len(view):
+        try:
+            session = self.__dict__.get("_rs_direct")
+            if session is not None:
+                if not flags and self.timeout != 0.0:
+                    view = data if isinstance(data, memoryview) else memoryview(data)
+                    if view.format != "B" or view.ndim != 1:
+                        view = view.cast("B")
+                    n = session.direct_write(view, self.timeout, whole=True)
+                    if n >= len(view):
+                        return
+                    # The session ended at this end before all of it was taken: the rest goes
+                    # to the pair, which raises what a plain socket would (EPIPE, a reset).
+                    ended(session)
+                    off(self)
+                    b_sendall(self, view[max(n, 0):], flags)
                     return
-                # The session ended at this end before all of it was taken: the rest goes
-                # to the pair, which raises what a plain socket would (EPIPE, a reset).
-                ended(session)
                 off(self)
-                b_sendall(self, view[max(n, 0):], flags)
-                return
-            off(self)
-        b_sendall(self, data, flags)
+            b_sendall(self, data, flags)
+        except OSError as exc:
+            _lost_note(self, exc)
+            raise
 
     def sendmsg(self: Any, *args: Any) -> int:
         off(self)
@@ -586,12 +640,23 @@ def direct_methods(base: Any) -> dict[str, Any]:
         return b_detach(self)  # type: ignore[no-any-return]
 
     def close(self: Any) -> None:
-        # No END here: another descriptor of the pair's end (a dup, a forked child, a
-        # makefile() object) may still write; the pump sends the END at the pair's EOF, when
-        # the last one closes, as the kernel sends a FIN.
+        # The END goes when the last descriptor of the pair's end closes (a dup, a forked
+        # child or a makefile() object may still write), as the kernel sends a FIN: the pump
+        # sends it at the pair's EOF. When this close was the last one and the direct path
+        # was still on (nothing written through the pair), the END goes out now (docs/design.md
+        # §11: "a client's close() ends its session on the relay at once"), not when this
+        # thread's hub next runs: a script without patch() that then waits with time.sleep or
+        # a thread's join held its session and upstream for the session timeout.
+        session = self.__dict__.get("_rs_direct")
         off(self)
         reads_off(self)
         b_close(self)
+        if session is not None and _pair_closed(session):
+            try:
+                session.direct_end()
+            except Exception:  # noqa: BLE001 - best effort: the pump sends it at the EOF
+                log.debug("resilientsock: END at close() not sent; left to the pump",
+                          exc_info=True)
 
     methods = {"send": send, "sendall": sendall, "shutdown": shutdown, "dup": dup,
                "detach": detach, "close": close, "recv": recv, "recv_into": recv_into}
@@ -638,7 +703,8 @@ def open_session(address: tuple[Any, ...], *, timeout: float | None = None,
     session is orphaned and expires on the relay (its upstream saw a connection with no data).
     When the session later cannot be resumed (relay restarted, session expired, proof
     rejected), the returned socket is reset (the application's next recv raises
-    ConnectionResetError) and the reason is logged at WARNING.
+    ConnectionResetError, with a note saying the relay no longer holds the session, and
+    why) and the reason is logged at WARNING.
 
     ``unix_pair=True`` returns an AF_UNIX socket instead of loopback TCP: cheaper per write,
     but TCP-level ``setsockopt`` calls on it fail (EOPNOTSUPP) and ``getpeername()`` is ''.

@@ -1,0 +1,187 @@
+"""The public contract (docs/design.md, the original in /work/shared/DESIGN.md) checked from
+outside, as a user would: the runner against plain ``python``, ... Each test here failed on
+the code before its fix (wave 6 contract audit)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+from conftest import Lines, run_py
+
+from resilientsock import Relay, ResilientSocket, RetryPolicy
+from resilientsock.testing import MessageServer
+
+
+def _both(args: list[str], cwd: str) -> tuple[str, str]:
+    plain = run_py(args, cwd=cwd)
+    wrapped = run_py(["-m", "resilientsock", *args], cwd=cwd)
+    assert plain.returncode == wrapped.returncode == 0, (plain.stderr, wrapped.stderr)
+    return plain.stdout, wrapped.stdout
+
+
+def test_runner_keeps_a_relative_script_path_in_argv0_and_file_as_python(tmp_path):
+    """§2/§7: argv is passed to the script unchanged: ``sys.argv[0]`` is the script's path
+    as given (runpy.run_path made it absolute), ``__file__`` what python makes of it."""
+    (tmp_path / "show.py").write_text(
+        "import sys, os\n"
+        "print(sys.argv, __file__, __name__, os.path.basename(sys.path[0]))\n")
+    for given in ("show.py", "./show.py"):
+        plain, wrapped = _both([given, "a", "--deadline", "b"], cwd=str(tmp_path))
+        assert wrapped == plain
+        assert wrapped.startswith(f"[{given!r}, 'a', '--deadline', 'b'] ")
+
+
+def test_script_and_dash_c_do_not_inherit_the_runners_future_imports(tmp_path):
+    """The runner's own ``from __future__ import annotations`` must not leak into the code it
+    runs: ``-c`` code compiled by the runner saw its annotations as strings."""
+    code = "def f(x: int): pass\nprint(f.__annotations__)\n"
+    (tmp_path / "ann.py").write_text(code)
+    for args in (["-c", code], ["ann.py"]):
+        plain, wrapped = _both(args, cwd=str(tmp_path))
+        assert wrapped == plain == "{'x': <class 'int'>}\n"
+
+
+def test_runner_runs_a_directory_with_main_as_python(tmp_path):
+    """``python DIR`` runs DIR/__main__.py; so does the runner, argv[0] as given."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "__main__.py").write_text(
+        "import sys, socket\nprint(sys.argv, __name__)\n"
+        "print(socket.socket.__name__, file=sys.stderr)\n")
+    plain = run_py(["app", "x"], cwd=str(tmp_path))
+    wrapped = run_py(["-m", "resilientsock", "app", "x"], cwd=str(tmp_path))
+    assert plain.returncode == wrapped.returncode == 0, wrapped.stderr
+    assert wrapped.stdout == plain.stdout == "['app', 'x'] __main__\n"
+    assert wrapped.stderr.strip() == "ResilientSocket"
+    assert sys.executable  # the interpreter both ran under
+
+
+# -- §11: a session that cannot be resumed is a ConnectionResetError with a note -------------
+
+
+def test_a_session_the_restarted_relay_no_longer_holds_is_a_reset_with_a_note():
+    """§11: "A session that cannot be resumed (relay restarted, expired, proof rejected) is
+    surfaced (ConnectionResetError with a note: the relay no longer holds the session)". The
+    reset came bare (the reason only in a log record), so ``except`` code that prints the
+    error's notes saw nothing."""
+    with MessageServer() as upstream:
+        relay = Relay(("127.0.0.1", 0), upstream.address).start()
+        address = relay.address
+        app = ResilientSocket.connect(address, RetryPolicy(session=True, deadline=10))
+        try:
+            app.settimeout(10)
+            lines = Lines(app)
+            app.sendall(b"MSG 1 before\n")
+            assert lines.readline() == b"ACK 1"
+            relay.stop()
+            relay = Relay(address, upstream.address).start()
+            with pytest.raises(ConnectionResetError) as info:
+                app.sendall(b"MSG 2 after the restart\n")
+                while app.recv(100):
+                    pass
+            notes = getattr(info.value, "__notes__", None) or []
+            assert any(note.startswith("resilientsock:") and
+                       "no longer holds the session" in note for note in notes), notes
+            assert upstream.received == [1]  # never re-sent into a new session
+        finally:
+            app.close()
+            relay.stop()
+
+
+def test_a_session_clients_close_reaches_the_upstream_at_once_without_the_hub():
+    """§11: "a client's close() ends its session on the relay at once", and the session ends
+    "as a plain connection would end (EOF after every byte before it)". A script that uses
+    ``ResilientSocket`` without ``patch()`` and then waits with anything but gevent (a thread's
+    join, ``time.sleep``, a blocking call) never ran the greenlet that carried the END: the
+    upstream server never saw its EOF (held until the session timeout)."""
+    import gevent.monkey
+
+    blocking_sleep = gevent.monkey.get_original("time", "sleep")
+    with MessageServer() as upstream, Relay(("127.0.0.1", 0), upstream.address) as relay:
+        app = ResilientSocket.connect(relay.address, RetryPolicy(session=True, deadline=10))
+        app.settimeout(10)
+        app.sendall(b"MSG 1 hello\n")
+        assert Lines(app).readline() == b"ACK 1"
+        app.sendall(b"MSG 2 the last\n")
+        app.close()
+        start = time.monotonic()
+        # The upstream (a MessageServer) closes when it reads its client's EOF: the relay
+        # counts that as the upstream's EOF.
+        while relay.stats()["upstream_eofs"] == 0 and time.monotonic() - start < 5:
+            blocking_sleep(0.01)  # the calling thread's hub does not run meanwhile
+        assert relay.stats()["upstream_eofs"] == 1
+        assert upstream.received == [1, 2]  # EOF after every byte before it
+
+
+# -- stats() ------------------------------------------------------------------------------------
+
+
+def test_stats_has_its_documented_counters_from_the_start():
+    """``resilientsock.stats()`` documents its keys (``connects``, ``reconnects``, ``gave_up``,
+    ...); a fresh process had none of them, so ``stats()["reconnects"]`` (a before/after
+    count) raised KeyError until the first reconnect."""
+    out = run_py(["-c", "import json, resilientsock; print(json.dumps(resilientsock.stats()))"])
+    assert out.returncode == 0, out.stderr
+    counters = json.loads(out.stdout)
+    for key in ("connects", "internal_connects", "disconnects", "reconnect_attempts",
+                "reconnects", "replayed_records", "replayed_bytes", "answers_resumed",
+                "answers_changed", "surfaced", "gave_up"):
+        assert counters[key] == 0, key
+
+
+# -- a bad value names where it came from --------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["environment", "option"])
+@pytest.mark.parametrize("field,value", [("deadline", "-1"), ("journal_limit", "-5"),
+                                         ("max_attempts", "0"), ("backoff_multiplier", "0.5")])
+def test_a_value_out_of_range_names_its_option_or_variable(tmp_path, how, field, value):
+    """§2: every knob is an option and a variable; a bad one is one line naming it, exit 2.
+    A value that parsed but was out of range named only ``RetryPolicy.<field>`` (and
+    "from RESILIENTSOCK_* environment"), not the option or the variable the user set."""
+    script = tmp_path / "never.py"
+    script.write_text("print('the script ran')\n")
+    option, var = "--" + field.replace("_", "-"), "RESILIENTSOCK_" + field.upper()
+    if how == "environment":
+        out = run_py(["-m", "resilientsock", str(script)], env={var: value})
+        named = var
+    else:
+        out = run_py(["-m", "resilientsock", option, value, str(script)])
+        named = option
+    assert out.returncode == 2 and "the script ran" not in out.stdout
+    assert named in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_patch_names_the_variable_of_a_value_out_of_range():
+    code = ("import resilientsock\ntry:\n    resilientsock.patch()\n"
+            "except ValueError as exc:\n    print('ValueError', exc)\n")
+    out = run_py(["-c", code], env={"RESILIENTSOCK_JOURNAL_LIMIT": "-5"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ValueError RESILIENTSOCK_JOURNAL_LIMIT='-5'"), out.stdout
+
+
+def test_an_option_completes_what_a_variable_needs(tmp_path):
+    """Options win over the environment, and the two are judged together:
+    ``RESILIENTSOCK_DEADLINE=none`` is valid with ``--max-attempts 3`` (the environment was
+    validated alone first, so the runner refused it)."""
+    script = tmp_path / "ok.py"
+    script.write_text("print('the script ran')\n")
+    out = run_py(["-m", "resilientsock", "--max-attempts", "3", str(script)],
+                 env={"RESILIENTSOCK_DEADLINE": "none"})
+    assert out.returncode == 0, out.stderr
+    assert "the script ran" in out.stdout
+
+
+def test_a_directory_without_main_is_one_line_and_status_1(tmp_path):
+    """As ``python DIR`` says it (and as the runner says it for ``-m``): one line, status 1,
+    never a traceback out of runpy."""
+    (tmp_path / "nothing_here").mkdir()
+    plain = run_py(["nothing_here"], cwd=str(tmp_path))
+    wrapped = run_py(["-m", "resilientsock", "nothing_here"], cwd=str(tmp_path))
+    assert plain.returncode == wrapped.returncode == 1
+    assert "Traceback" not in wrapped.stderr, wrapped.stderr
+    assert "can't find '__main__' module" in wrapped.stderr
