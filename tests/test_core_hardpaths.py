@@ -1,0 +1,172 @@
+"""The core socket on the hard paths (wave-6 review), each compared with a plain gevent socket
+under the same real fault (docs/design.md §4, §5, §5b, §6): the application's timeout across
+a recovery, reads and writes that are re-run after one, and the socket's lifecycle.
+
+Servers here are plain threads on the stdlib ``socket`` (not gevent's), so that their timing
+does not depend on the client's hub: each connection runs a script chosen by its serial
+number (the first connection is cut, later ones behave)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import gevent.socket as gsocket
+import pytest
+
+from resilientsock import ResilientSocket, RetryPolicy
+
+pytestmark = pytest.mark.timeout(60)
+
+POLICY = RetryPolicy(deadline=30, backoff_initial=0.01, backoff_max=0.1)
+_RST = struct.pack("ii", 1, 0)
+
+
+def rst(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+    conn.close()
+
+
+class ScriptServer:
+    """Each accepted connection runs ``script(conn, serial)`` (serial from 1) in a thread."""
+
+    def __init__(self, script: Callable[[socket.socket, int], None], rcvbuf: int = 0) -> None:
+        self.script = script
+        self.listener = socket.socket()
+        if rcvbuf:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.address = self.listener.getsockname()
+        self.connections = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn, self.connections), daemon=True).start()
+
+    def _run(self, conn: socket.socket, serial: int) -> None:
+        try:
+            self.script(conn, serial)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def script_server() -> Iterator[Callable[..., ScriptServer]]:
+    made: list[ScriptServer] = []
+
+    def make(script: Callable[[socket.socket, int], None], **kwargs: Any) -> ScriptServer:
+        srv = ScriptServer(script, **kwargs)
+        made.append(srv)
+        return srv
+
+    yield make
+    for srv in made:
+        srv.close()
+
+
+def connect(who: str, address: Any, policy: RetryPolicy = POLICY) -> Any:
+    if who == "plain":
+        return gsocket.create_connection(address)
+    return ResilientSocket.connect(address, policy)
+
+
+def timed(call: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.monotonic()
+    try:
+        result: Any = call()
+    except Exception as exc:  # the exception is the result compared
+        result = exc
+    return result, time.monotonic() - start
+
+
+# -- the application's timeout across a recovery (docs/design.md §4) ---------------------------
+
+TIMEOUT = 2.0
+CUT_AT = 1.5  # the first connection is reset this long after the request arrived
+
+
+@pytest.mark.parametrize("who", ["plain", "ours"])
+def test_a_read_after_a_recovery_waits_only_what_is_left_of_the_timeout(script_server, who):
+    """The server resets the first connection 1.5 s after the request and never answers on
+    the next one. Plain: ConnectionResetError at 1.5 s. Ours recovers (the request re-sent)
+    and the read waits on: it must end at the call's 2 s, not 2 s after the recovery (was:
+    TimeoutError after 3.5 s, the re-run read got a fresh timeout)."""
+
+    def script(conn: socket.socket, serial: int) -> None:
+        conn.recv(100)
+        if serial == 1:
+            time.sleep(CUT_AT)  # the fault's schedule (the server's own), not a synchronisation
+            rst(conn)
+            return
+        while conn.recv(100):  # silent: reads, never answers
+            pass
+
+    srv = script_server(script)
+    sock = connect(who, srv.address)
+    sock.settimeout(TIMEOUT)
+    try:
+        sock.sendall(b"GET 1\n")
+        result, elapsed = timed(lambda: sock.recv(100))
+        if who == "plain":
+            assert isinstance(result, ConnectionResetError)
+            return
+        assert isinstance(result, TimeoutError), result
+        assert elapsed < TIMEOUT + 0.5, elapsed  # within the timeout (and one instant connect)
+        # A read timeout keeps the connection and its journal (§5): the request is still
+        # unanswered and a later drop re-sends it.
+        assert sock.resilient and sock.unconfirmed_bytes == len(b"GET 1\n")
+        assert srv.connections == 2
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("who", ["plain", "ours"])
+def test_a_sendall_re_run_after_a_recovery_ends_within_the_timeout(script_server, who):
+    """A big upload to a slow reader, reset after 1.2 s (the first connection). Plain:
+    ConnectionResetError at 1.2 s. Ours re-sends it on a new connection, which reads as
+    slowly: the call must end at its 2 s with the plain socket's timeout (was: it returned
+    after 3 s, the re-run sendall got a fresh 2 s)."""
+    data = b"x" * 6_000_000
+
+    def script(conn: socket.socket, serial: int) -> None:
+        start = time.monotonic()
+        while conn.recv(32768):
+            if serial == 1 and time.monotonic() - start > 1.2:
+                rst(conn)
+                return
+            time.sleep(0.01)  # a slow reader: about 3 MB/s
+
+    srv = script_server(script, rcvbuf=32768)
+    sock = connect(who, srv.address)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+    sock.settimeout(TIMEOUT)
+    try:
+        result, elapsed = timed(lambda: sock.sendall(data))
+        if who == "plain":
+            assert isinstance(result, ConnectionResetError)
+            return
+        assert srv.connections == 2
+        assert isinstance(result, TimeoutError), result
+        assert elapsed < TIMEOUT + 0.5, elapsed
+    finally:
+        sock.close()
