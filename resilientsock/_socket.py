@@ -68,6 +68,7 @@ from ._answer import (
     RECVFROM_INTO,
     RECVMSG,
     RECVMSG_INTO,
+    _AnswerChanged,
     _eof_result,
     _extract,
     _peeking,
@@ -715,12 +716,16 @@ class ResilientSocket(_GeventSocket):
         try:
             self._rs_recover(step.error, self._rs_call_end(t0), resume=step.resume)
         except ConnectionError as exc:
-            if exc is not step.error or not isinstance(exc.__cause__, _SetupMismatch):
+            if exc is not step.error or not isinstance(exc.__cause__,
+                                                       _SetupMismatch | _AnswerChanged):
                 raise
             # A new connection cannot carry what this one had (its banner or setup answer
-            # differs): recovery is refused, not spent, so the EOF itself reaches the
-            # caller, as from a plain socket (docs/decisions.md, "Unanswered EOF").
-            return Verdict(PASS_EOF, "setup-differs", str(exc.__cause__))
+            # differs, or the answer line the reader had begun came back different): the
+            # recovery is refused, not spent, so the EOF itself reaches the caller, as from
+            # a plain socket (docs/decisions.md, "Unanswered EOF").
+            setup = isinstance(exc.__cause__, _SetupMismatch)
+            rule = "setup-differs" if setup else "answer-changed"
+            return Verdict(PASS_EOF, rule, str(exc.__cause__))
         return None
 
     def _rs_pass_eof(self, step: PassEOF) -> None:

@@ -66,8 +66,13 @@ class ScriptServer:
 
     def close(self) -> None:
         self.stop.set()
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        except OSError:
+            pass
         self.listener.close()
         self.thread.join(5)
+        assert not self.thread.is_alive()
 
 
 @pytest.fixture
@@ -168,5 +173,62 @@ def test_a_sendall_re_run_after_a_recovery_ends_within_the_timeout(script_server
         assert srv.connections == 2
         assert isinstance(result, TimeoutError), result
         assert elapsed < TIMEOUT + 0.5, elapsed
+    finally:
+        sock.close()
+
+
+# -- an unanswered EOF whose resumed answer line comes back different (§5, §5b) ---------------
+
+
+@pytest.mark.parametrize("who", ["plain", "ours"])
+def test_a_duplex_eof_whose_new_answer_line_differs_gives_the_reader_the_eof(script_server, who):
+    """A writer and a reader greenlet on a line protocol. The server answers line 1, sends
+    the start of line 2's answer (a connection-specific token, ``OK c1``) and closes (FIN);
+    a new connection answers ``OK c2 ...``, so the answer line the reader had begun cannot
+    be continued. Plain: the reader gets ``b""``. Ours must give the same EOF, as for any
+    recovery the new connection cannot have (docs/decisions.md, "Unanswered EOF"); was
+    ``UnansweredEOFError``, an exception the plain reader never had."""
+
+    def script(conn: socket.socket, serial: int) -> None:
+        n = 0
+        for _ in conn.makefile("rb"):
+            n += 1
+            if serial == 1 and n == 2:
+                conn.sendall(b"OK c1")
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(100)  # until the client closes
+                return
+            conn.sendall(b"OK c%d %d\n" % (serial, n))
+
+    import gevent
+    from gevent.event import Event
+
+    srv = script_server(script)
+    sock = connect(who, srv.address)
+    sock.settimeout(5)
+    got: list[Any] = []
+    first = Event()
+
+    def reader() -> None:
+        while True:
+            try:
+                data = sock.recv(100)
+            except OSError as exc:
+                got.append(exc)
+                return
+            got.append(data)
+            if b"\n" in data:
+                first.set()
+            if not data:
+                return
+
+    try:
+        task = gevent.spawn(reader)
+        sock.sendall(b"MSG 1\n")
+        assert first.wait(5)
+        sock.sendall(b"MSG 2\n")
+        task.join(10)
+        assert task.dead
+        assert got == [b"OK c1 1\n", b"OK c1", b""], got
     finally:
         sock.close()
