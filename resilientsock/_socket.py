@@ -1215,7 +1215,12 @@ class ResilientSocket(_GeventSocket):
                         cut_timer.cancel()  # the new answer is coming: the normal budget now
                         cut_timer = None
                     if not chunk:
-                        break
+                        # The new connection ended before it carried what the caller has:
+                        # a drop of this attempt (retried as a reset here would be), not a
+                        # different answer (review wave 6: a storm's FIN within the first
+                        # bytes of the new answer surfaced "the answer changed").
+                        raise ConnectionResetError(
+                            errno.ECONNRESET, "closed while the answer in progress was resumed")
                     check.feed(chunk)
             finally:
                 if cut_timer is not None:

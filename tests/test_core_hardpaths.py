@@ -232,3 +232,58 @@ def test_a_duplex_eof_whose_new_answer_line_differs_gives_the_reader_the_eof(scr
         assert got == [b"OK c1 1\n", b"OK c1", b""], got
     finally:
         sock.close()
+
+
+# -- answer resume whose new connection is cut too (§5b) -----------------------------------------
+
+ANSWER = b"ANSWER " + bytes(range(65, 91)) * 4 + b"\n"
+
+
+@pytest.mark.parametrize("second", ["fin", "reset"])
+@pytest.mark.parametrize("who", ["plain", "ours"])
+def test_a_new_connection_cut_while_the_answer_is_resumed_is_a_drop_not_a_changed_answer(
+        script_server, who, second):
+    """The first connection is reset 20 bytes into the answer; the second one (the resume)
+    is cut 3 bytes into the same answer, by a FIN or a reset; the third carries it whole.
+    Plain: ConnectionResetError at the first cut. Ours: the caller gets the answer once,
+    whole. Was (FIN): "the re-sent request's new answer differs from the 20 byte(s) the
+    caller already has", surfaced, as if the server had answered differently."""
+
+    def script(conn: socket.socket, serial: int) -> None:
+        conn.recv(100)
+        if serial == 1:
+            conn.sendall(ANSWER[:20])
+            time.sleep(0.2)  # the client reads the 20 bytes first (the fault's schedule)
+            rst(conn)
+        elif serial == 2:
+            conn.sendall(ANSWER[:3])
+            if second == "fin":
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(100)  # until the client lets it go
+            else:
+                time.sleep(0.05)
+                rst(conn)
+        else:
+            conn.sendall(ANSWER)
+            conn.recv(100)
+
+    srv = script_server(script)
+    sock = connect(who, srv.address)
+    sock.settimeout(5)
+    try:
+        sock.sendall(b"GET /answer\n")
+        got = b""
+        try:
+            while not got.endswith(b"\n"):
+                data = sock.recv(7)
+                assert data, got
+                got += data
+        except ConnectionResetError:
+            assert who == "plain" and got == ANSWER[:20], got
+            return
+        assert who == "ours"
+        assert got == ANSWER
+        assert srv.connections == 3
+        assert sock.stats().answers_resumed == 1
+    finally:
+        sock.close()
