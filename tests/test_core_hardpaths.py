@@ -287,3 +287,66 @@ def test_a_new_connection_cut_while_the_answer_is_resumed_is_a_drop_not_a_change
         assert sock.stats().answers_resumed == 1
     finally:
         sock.close()
+
+
+# -- full duplex that begins after pipelined writes (§5, rule 6) --------------------------------
+
+
+@pytest.mark.parametrize("who", ["plain", "ours"])
+def test_lines_written_before_the_reader_started_are_re_sent_when_unanswered(script_server, who):
+    """A writer writes lines 1 and 2 before its reader greenlet starts; the reader's first
+    read gets line 1's answer only, and the writer's line 3 makes the socket full duplex.
+    The server never answers line 2 on the first connection and resets it after line 3.
+    Plain: ConnectionResetError. Ours must re-send lines 2 and 3 and the reader get both
+    answers. Was: line 2, confirmed by the answer rule before the socket was known to be
+    full duplex, was not re-sent: the reader got ACK 3 and then waited out its timeout
+    (TimeoutError after 3 s; in a storm with three writer greenlets, lines lost)."""
+
+    def script(conn: socket.socket, serial: int) -> None:
+        for n, line in enumerate(conn.makefile("rb"), 1):
+            if serial == 1 and n == 2:
+                continue  # read, never answered
+            if serial == 1 and n == 3:
+                time.sleep(0.2)  # the reader is blocked in recv by now (the fault's schedule)
+                rst(conn)
+                return
+            conn.sendall(b"ACK %s\n" % line.split()[1])
+
+    import gevent
+    from gevent.event import Event
+
+    srv = script_server(script)
+    sock = connect(who, srv.address)
+    sock.settimeout(3)
+    got: list[Any] = []
+    first = Event()
+
+    def reader() -> None:
+        buf = b""
+        try:
+            while buf.count(b"\n") < 3:
+                data = sock.recv(100)
+                if not data:
+                    got.append(b"<EOF>")
+                    return
+                buf += data
+                got.append(data)
+                first.set()
+        except OSError as exc:
+            got.append(exc)
+
+    try:
+        sock.sendall(b"MSG 1\n")
+        sock.sendall(b"MSG 2\n")
+        task = gevent.spawn(reader)
+        assert first.wait(5)
+        sock.sendall(b"MSG 3\n")
+        task.join(10)
+        assert task.dead
+        if who == "plain":
+            assert got[0] == b"ACK 1\n" and isinstance(got[-1], ConnectionResetError), got
+            return
+        assert b"".join(got) == b"ACK 1\nACK 2\nACK 3\n", got
+        assert srv.connections == 2
+    finally:
+        sock.close()
