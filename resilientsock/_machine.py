@@ -1181,6 +1181,12 @@ class Machine:
         """The facts of ``error``'s ``FindFacts`` are in ``drop``: what to do about it."""
         if self.gen != gen or self.state is not CONNECTED:  # moved while the facts were found
             return RAISE if self.state is BROKEN else RETRY
+        if drop.writing and drop.duplex and not self.duplex:
+            # A reader greenlet was inside a read during this write: the overlap that makes
+            # the socket full duplex, which ``wrote_data`` would have seen had the write
+            # succeeded (was, wave 6: a write failing before that, the reader's unread
+            # answer lines were taken for an early answer and the drop surfaced).
+            self._become_duplex()
         verdict = self.drop(drop)
         if verdict.kind == RECOVER:
             return Recover(verdict.resume, drop.info.category)
