@@ -516,3 +516,50 @@ def test_three_writers_and_a_reader_through_a_storm_with_a_cpu_hog(seed):
         sock.close()
         proxy.stop()
         srv.stop()
+
+
+# -- TLS: a certificate that changed at a reconnect (§3 TLS_PERMANENT, §4) ----------------------
+
+
+def test_a_certificate_changed_at_a_reconnect_is_surfaced_at_once_not_retried():
+    """The connection is reset and every new one reaches a server whose certificate the
+    context does not trust. The verification failure is permanent (docs/design.md §3): one
+    attempt, surfaced at once with the original error's type (what the plain client got at
+    the drop), the certificate error as its cause and in its note; the socket is then dead
+    as a plain one (b"", then EPIPE), nothing replayed to the other server."""
+    import ssl
+
+    import gevent.ssl
+    from conftest import TLSServer
+
+    from resilientsock import ResilientSSLSocket
+    from resilientsock.testing import FaultProxy
+
+    trusted, other = TLSServer().start(), TLSServer().start()
+    proxy = FaultProxy(trusted.address).start()
+    ctx = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    trusted.ca.configure_trust(ctx)
+    ctx.sslsocket_class = ResilientSSLSocket
+    sock = ctx.wrap_socket(ResilientSocket.connect(proxy.address, POLICY, timeout=5),
+                           server_hostname="localhost")
+    try:
+        sock.sendall(b"MSG 1 x\n")
+        assert sock.recv(100) == b"ACK 1\n"
+        proxy.switch_upstream(other.address)
+        proxy.reset_all()
+        # The write or the read meets the reset (as a plain socket's would).
+        result, elapsed = timed(lambda: (sock.sendall(b"MSG 2 x\n"), sock.recv(100)))
+        assert isinstance(result, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)), result
+        assert isinstance(result.__cause__, ssl.SSLCertVerificationError), result.__cause__
+        assert any("CERTIFICATE_VERIFY_FAILED" in note for note in result.__notes__)
+        assert elapsed < 1.0, elapsed
+        assert proxy.connections == 2  # one attempt
+        assert sock.recv(100) == b""
+        with pytest.raises(BrokenPipeError):
+            sock.sendall(b"MSG 3 x\n")
+        assert other.received == []
+    finally:
+        sock.close()
+        proxy.stop()
+        trusted.stop()
+        other.stop()
