@@ -563,3 +563,47 @@ def test_a_certificate_changed_at_a_reconnect_is_surfaced_at_once_not_retried():
         proxy.stop()
         trusted.stop()
         other.stop()
+
+
+def test_the_machine_reopens_kept_lines_when_the_socket_turns_full_duplex():
+    """Sans-IO (``Machine._become_duplex``): lines 1-3 written, the first read (no overlap
+    yet: the answer rule) gets line 1's answer only and confirms all three, kept for answer
+    resume. A write while a read is under way makes the socket full duplex: lines 2 and 3,
+    whose answer lines have not come, are unconfirmed again (a drop re-sends them, in order,
+    before line 4); line 1 is not. Their answer lines then confirm them one by one."""
+    from resilientsock._machine import Machine
+
+    m = Machine(RetryPolicy())
+    m.detected = True  # no dialect: the byte rules
+    for n in (1, 2, 3):
+        m.wrote_data(b"MSG %d\n" % n)
+    mark = m.journal.mark()
+    m.read_data(b"ACK 1\n", mark)
+    assert not m.journal.pending  # the answer rule: all three confirmed (and kept)
+    m.reading = 1  # a reader greenlet is inside a read while line 4 is written
+    m.wrote_data(b"MSG 4\n")
+    assert m.duplex
+    assert m.journal.records() == [b"MSG 2\n", b"MSG 3\n", b"MSG 4\n"]
+    m.read_data(b"ACK 2\n", m.journal.mark())
+    assert m.journal.records() == [b"MSG 3\n", b"MSG 4\n"]
+    m.read_data(b"ACK 3\nACK 4\n", m.journal.mark())
+    assert not m.journal.pending
+    # A socket whose first read got every answer line: nothing to reopen.
+    m = Machine(RetryPolicy())
+    m.detected = True
+    m.wrote_data(b"MSG 1\n")
+    m.wrote_data(b"MSG 2\n")
+    m.read_data(b"ACK 1\nACK 2\n", m.journal.mark())
+    m.reading = 1
+    m.wrote_data(b"MSG 3\n")
+    assert m.journal.records() == [b"MSG 3\n"]
+    # A record of two lines answered by one line is not reopened in part: whole records
+    # only, and only as many lines as are missing.
+    m = Machine(RetryPolicy())
+    m.detected = True
+    m.wrote_data(b"MSG 1\n")
+    m.wrote_data(b"MSG 2\nMSG 3\n")
+    m.read_data(b"ACK 1\nACK 2\n", m.journal.mark())
+    m.reading = 1
+    m.wrote_data(b"MSG 4\n")
+    assert m.journal.records() == [b"MSG 4\n"]
