@@ -715,7 +715,9 @@ class Machine:
         """The application wrote ``data`` (one record)."""
         journal = self.journal
         if self.reading:
-            self.duplex = True  # another greenlet is inside a read while this one wrote
+            # Another greenlet is inside a read while this one wrote.
+            if not self.duplex:
+                self._become_duplex()
         if self.duplex:
             self.writer = _getcurrent()
         if not self.lines_off and not self.explicit and self.dialect is None and (
@@ -749,6 +751,44 @@ class Machine:
                     self._lines_stop()  # a known protocol: its dialect knows better
             if self.dialect is None and not self.banner:
                 self.login = _login_word(data)
+
+    def _become_duplex(self) -> None:
+        """Full duplex from now on (rule 6: lines confirm). Records that the answer rule
+        confirmed before this (a writer greenlet wrote several lines before the reader's first
+        read, which got the first answer line only) but whose answer lines have not come are
+        unconfirmed again while their bytes are still kept, so that a drop re-sends them (was,
+        wave 6: they were neither answered nor re-sent, the reader waited out its timeout)."""
+        self.duplex = True
+        lines = self.lines
+        journal = self.journal
+        keep, done = journal._keep, journal._done
+        if lines is None or not journal.keep_data or journal.overflowed or keep == done:
+            return
+        data = journal.with_kept()  # the bytes from ``keep`` on: kept records, then unconfirmed
+        unconfirmed = data[done - keep:].count(b"\n")
+        missing = lines.req - lines.ans - unconfirmed  # kept request lines still unanswered
+        ends, head = journal._ends, journal._head
+        index = head
+        after = lines.req - unconfirmed  # request lines up to the end of record index - 1
+        marks: list[tuple[int, int]] = []
+        while index > 0 and missing > 0:
+            end = ends[index - 1]
+            if end <= keep:
+                break  # no longer kept
+            start = ends[index - 2] if index >= 2 else keep
+            count = data[start - keep:end - keep].count(b"\n")
+            if not count or count > missing:
+                break
+            marks.append((journal._base + index, after))
+            missing -= count
+            after -= count
+            index -= 1
+        if not marks:
+            return
+        journal._head = index
+        journal._done = ends[index - 1] if index > 0 else keep
+        lines.marks.extendleft(marks)  # (reversed by extendleft: oldest first)
+        lines.confirmed = after
 
     def _wrote_lines(self, data: Any, journal: Journal) -> None:
         """Full duplex: count the request lines of a record (rule 6). Counting begins at a
@@ -813,7 +853,8 @@ class Machine:
         the read began: every record before it is answered."""
         journal = self.journal
         if self.writing:
-            self.duplex = True  # another greenlet is inside a write while this one read
+            if not self.duplex:  # another greenlet is inside a write while this one read
+                self._become_duplex()
             # ... and until that write completes, this answer came before it was done.
             self.mid_write = (self.gen, journal._total)
         lines = self.lines
@@ -1156,6 +1197,12 @@ class Machine:
         """The facts of ``error``'s ``FindFacts`` are in ``drop``: what to do about it."""
         if self.gen != gen or self.state is not CONNECTED:  # moved while the facts were found
             return RAISE if self.state is BROKEN else RETRY
+        if drop.writing and drop.duplex and not self.duplex:
+            # A reader greenlet was inside a read during this write: the overlap that makes
+            # the socket full duplex, which ``wrote_data`` would have seen had the write
+            # succeeded (was, wave 6: a write failing before that, the reader's unread
+            # answer lines were taken for an early answer and the drop surfaced).
+            self._become_duplex()
         verdict = self.drop(drop)
         if verdict.kind == RECOVER:
             return Recover(verdict.resume, drop.info.category)

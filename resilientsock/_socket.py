@@ -68,6 +68,7 @@ from ._answer import (
     RECVFROM_INTO,
     RECVMSG,
     RECVMSG_INTO,
+    _AnswerChanged,
     _eof_result,
     _extract,
     _peeking,
@@ -630,6 +631,10 @@ class ResilientSocket(_GeventSocket):
     def _rs_read(self, raw: Any, args: tuple[Any, ...], kind: int, t0: float | None = None,
                  err: BaseException | None = None, gen: int = -1) -> Any:
         call_end = self._rs_call_end(t0)
+        # Once this call has met an error, an EOF or a recovery (the hot path's first read is
+        # behind it when t0 is given), a read again waits only what is left of the
+        # application's timeout, not a fresh one (docs/design.md §4).
+        again = t0 is not None
         while True:
             if err is None:
                 m = self._rs_m
@@ -648,6 +653,7 @@ class ResilientSocket(_GeventSocket):
                         if m.owner is gevent.getcurrent():
                             return raw(self, *args)  # the hook's own I/O
                         self._rs_wait_recovery(m, call_end)
+                        again = True
                         continue
                     # Broken (an error was surfaced and the connection let go): the read
                     # finds the connection's end, as a plain socket would after the error
@@ -656,11 +662,15 @@ class ResilientSocket(_GeventSocket):
                     if not m.server_first or self.timeout == 0.0 or m.dead:
                         return _eof_result(kind, args)
                     self._rs_recover(None, call_end)
+                    again = True
                     continue
                 gen = m.gen
                 mark = m.journal.seq
                 try:
-                    result = raw(self, *args)
+                    if again and call_end is not None:
+                        result = _bounded(raw, self, args, call_end)
+                    else:
+                        result = raw(self, *args)
                 except BaseException as caught:
                     err = caught
                 else:
@@ -671,10 +681,12 @@ class ResilientSocket(_GeventSocket):
                         return result
                     verdict = self._rs_on_eof(m, args, kind, gen, t0)
                     if verdict is None:
+                        again = True
                         continue  # recovered: read again on the new connection
                     return result
             failure, err = err, None
             self._rs_handle_error(failure, "read", gen, call_end, writing=False)
+            again = True
 
     def _rs_read_eof(self, raw: Any, args: tuple[Any, ...], kind: int, result: Any,
                      t0: float | None, gen: int) -> Any:
@@ -706,12 +718,16 @@ class ResilientSocket(_GeventSocket):
         try:
             self._rs_recover(step.error, self._rs_call_end(t0), resume=step.resume)
         except ConnectionError as exc:
-            if exc is not step.error or not isinstance(exc.__cause__, _SetupMismatch):
+            if exc is not step.error or not isinstance(exc.__cause__,
+                                                       _SetupMismatch | _AnswerChanged):
                 raise
             # A new connection cannot carry what this one had (its banner or setup answer
-            # differs): recovery is refused, not spent, so the EOF itself reaches the
-            # caller, as from a plain socket (docs/decisions.md, "Unanswered EOF").
-            return Verdict(PASS_EOF, "setup-differs", str(exc.__cause__))
+            # differs, or the answer line the reader had begun came back different): the
+            # recovery is refused, not spent, so the EOF itself reaches the caller, as from
+            # a plain socket (docs/decisions.md, "Unanswered EOF").
+            setup = isinstance(exc.__cause__, _SetupMismatch)
+            rule = "setup-differs" if setup else "answer-changed"
+            return Verdict(PASS_EOF, rule, str(exc.__cause__))
         return None
 
     def _rs_pass_eof(self, step: PassEOF) -> None:
@@ -754,6 +770,7 @@ class ResilientSocket(_GeventSocket):
                   t0: float | None = None, err: BaseException | None = None,
                   gen: int = -1) -> Any:
         call_end = self._rs_call_end(t0)
+        again = t0 is not None  # as in _rs_read: a write again gets what is left of the timeout
         while True:
             if err is None:
                 m = self._rs_m
@@ -767,15 +784,20 @@ class ResilientSocket(_GeventSocket):
                         if m.owner is gevent.getcurrent():
                             return raw(self, *args)  # the hook's own I/O: not journaled
                         self._rs_wait_recovery(m, call_end)
+                        again = True
                         continue
                     if self.timeout == 0.0:
                         return raw(self, *args)  # non-blocking: no reconnect under it
                     self._rs_lazy_reconnect(m, call_end)
+                    again = True
                     continue
                 gen = m.gen
                 m.writing += 1
                 try:
-                    result = raw(self, *args)
+                    if again and call_end is not None:
+                        result = _bounded(raw, self, args, call_end)
+                    else:
+                        result = raw(self, *args)
                 except BaseException as caught:
                     err = caught
                 else:
@@ -789,6 +811,7 @@ class ResilientSocket(_GeventSocket):
                     m.writing -= 1
             failure, err = err, None
             self._rs_handle_error(failure, "write", gen, call_end, writing=True)
+            again = True
 
     def _rs_lazy_reconnect(self, m: Machine, call_end: float | None) -> None:
         """A write on a broken socket reconnects, unless the machine says a plain dead socket
@@ -1201,7 +1224,12 @@ class ResilientSocket(_GeventSocket):
                         cut_timer.cancel()  # the new answer is coming: the normal budget now
                         cut_timer = None
                     if not chunk:
-                        break
+                        # The new connection ended before it carried what the caller has:
+                        # a drop of this attempt (retried as a reset here would be), not a
+                        # different answer (review wave 6: a storm's FIN within the first
+                        # bytes of the new answer surfaced "the answer changed").
+                        raise ConnectionResetError(
+                            errno.ECONNRESET, "closed while the answer in progress was resumed")
                     check.feed(chunk)
             finally:
                 if cut_timer is not None:
@@ -1380,6 +1408,19 @@ def _cancel_exc() -> BaseException:
 
     exc: BaseException = cancel_wait_ex()
     return exc
+
+
+def _bounded(raw: Any, sock: Any, args: tuple[Any, ...], call_end: float) -> Any:
+    """``raw(sock, *args)`` again after an error or a recovery: its waits end at ``call_end``
+    (what is left of the application's timeout) with the ``socket.timeout`` gevent's own
+    timeout raises, not after a fresh timeout (docs/design.md §4). A wait only: bytes already
+    there are returned at once."""
+    timer = gevent.Timeout(max(call_end - _clock(), 0.001), TimeoutError("timed out"))
+    timer.start()
+    try:
+        return raw(sock, *args)
+    finally:
+        timer.close()
 
 
 def _closed_error() -> OSError:
