@@ -214,3 +214,53 @@ def test_the_look_stops_after_the_first_exchanges_of_a_connection():
         assert sock.recv(100) == b"ACK 100\n"
         assert m.fin_probe == FIN_PROBES - 1
         sock.close()
+
+
+def _redis_calls(port: int, command: str) -> int:
+    """How many times redis-server ran ``command`` (INFO commandstats), asked directly."""
+    with gsocket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        data = b""
+        while b"\r\n" not in data or len(data) < data.index(b"\r\n") + 4 + int(
+                data[1:data.index(b"\r\n")]):  # "$<n>\r\n" and n bytes and "\r\n"
+            chunk = s.recv(65536)
+            assert chunk, "redis closed the INFO connection"
+            data += chunk
+    for line in data.decode().splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+def _redis_after_idle_close(resilient: bool, port: int, command: bytes) -> Any:
+    """RESP through a forwarder: PING, then the server's idle timeout closes the connection
+    (its FIN passed on), then ``command``: what the read gave."""
+    with FaultProxy(("127.0.0.1", port)) as proxy:
+        sock: Any = (ResilientSocket.connect(proxy.address, FAST, timeout=5) if resilient
+                     else gsocket.create_connection(proxy.address, timeout=5))
+        sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert sock.recv(100) == b"+PONG\r\n"
+        assert select.select([sock], [], [], 10)[0]  # redis closed the idle connection
+        sock.sendall(command)
+        try:
+            got: Any = sock.recv(100)
+        except OSError as exc:
+            got = type(exc).__name__
+        sock.close()
+        return got
+
+
+def test_a_redis_get_after_an_idle_timeout_close_through_a_forwarder_is_re_sent_once(
+        redis_server):
+    """redis-server's ``timeout`` closes an idle client; a forwarder passes the FIN on. The
+    plain client's GET gets b"" and never runs; ours is re-sent on a new connection, runs
+    once (RESP servers never read after their FIN: no half-close to look for)."""
+    _, port = redis_server
+    with gsocket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*4\r\n$6\r\nCONFIG\r\n$3\r\nSET\r\n$7\r\ntimeout\r\n$1\r\n1\r\n")
+        assert s.recv(100) == b"+OK\r\n"
+        get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+        assert _redis_after_idle_close(False, port, get) == b""
+        assert _redis_calls(port, "get") == 0
+        assert _redis_after_idle_close(True, port, get) == b"$-1\r\n"
+        assert _redis_calls(port, "get") == 1
