@@ -15,7 +15,9 @@ from __future__ import annotations
 import http.client
 import http.server
 import select
+import socket
 import socketserver
+import struct
 import threading
 import time
 from collections import Counter
@@ -29,6 +31,7 @@ from test_chaos_core import FAST, HalfCloser, _write_after_the_servers_fin
 from resilientsock import ResilientSocket
 from resilientsock._machine import FIN_PROBES
 from resilientsock.testing import FaultProxy
+from resilientsock.testing._loop import ListenerService
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -264,3 +267,81 @@ def test_a_redis_get_after_an_idle_timeout_close_through_a_forwarder_is_re_sent_
         assert _redis_calls(port, "get") == 0
         assert _redis_after_idle_close(True, port, get) == b"$-1\r\n"
         assert _redis_calls(port, "get") == 1
+
+
+class HalfCloseReadReset(ListenerService):
+    """Each connection's first line is answered; after ``MSG 1`` the server half-closes, reads
+    the next line, then resets the connection (SO_LINGER 0) — at once, or after ``work``
+    seconds with the line acknowledged first (TCP_QUICKACK). A fresh connection (a re-send)
+    gets its first line answered. ``reset`` is set once the reset is out."""
+
+    def __init__(self, work: float) -> None:
+        super().__init__("half-close-read-reset", "127.0.0.1", 0, None)
+        self.work = work
+        self.lines: list[bytes] = []
+        self.reset = threading.Event()
+
+    def _handle(self, c: Any) -> None:
+        buf = b""
+        mine = 0
+        try:
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    return
+                buf += d
+                *complete, buf = buf.split(b"\n")
+                for line in complete:
+                    self.lines.append(line)
+                    mine += 1
+                    if mine == 1:
+                        c.sendall(b"ACK " + line.split()[1] + b"\n")
+                        if line.startswith(b"MSG 1 "):
+                            c.shutdown(gsocket.SHUT_WR)
+                            if self.work:
+                                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                        continue
+                    gevent.sleep(self.work)
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.reset.set()
+                    return
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def _teardown(self) -> None:
+        self._close_listener()
+
+
+def _half_close_read_reset(resilient: bool, work: float) -> tuple[Any, list[bytes], int]:
+    with HalfCloseReadReset(work) as srv:
+        sock: Any = (ResilientSocket.connect(srv.address, FAST, timeout=5) if resilient
+                     else gsocket.create_connection(srv.address, timeout=5))
+        sock.sendall(b"MSG 1 x\n")
+        assert sock.recv(100) == b"ACK 1\n"
+        assert select.select([sock], [], [], 5)[0]  # the half-close is in
+        sock.sendall(b"MSG 2 x\n")
+        if work:  # the application reads late: the ACK and then the reset are in
+            assert srv.reset.wait(5)
+            end = time.monotonic() + 5
+            while (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] != 7
+                   and time.monotonic() < end):  # TCP_CLOSE: the reset reached us
+                gevent.sleep(0.005)
+        try:
+            answer: Any = sock.recv(100)
+        except OSError as exc:
+            answer = type(exc).__name__
+        sock.close()
+        gevent.sleep(0.2)  # a bounded look for a re-send
+        return answer, list(srv.lines), srv.connections
+
+
+def test_a_request_read_after_a_half_close_then_reset_is_not_resent():
+    """The server half-closed, its TCP acknowledged the next request, it read it and reset
+    the connection; ours reads the EOF after the reset is in. The peer took the request
+    after its FIN (a half-close): passed on, as plain; it was re-sent (read twice) when the
+    reset was looked at before the acknowledgement."""
+    plain = _half_close_read_reset(False, 0.3)
+    assert plain == (b"", [b"MSG 1 x", b"MSG 2 x"], 1)
+    assert _half_close_read_reset(True, 0.3) == plain
