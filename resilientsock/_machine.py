@@ -1256,9 +1256,13 @@ class Machine:
             return AskPeer(idle, others, DUPLEX_EOF_WAIT if idle else 1.0)
         fin = self.fin_before
         if (fin is not None and fin[0] == gen and nbytes and self.journal.pending
-                and not self.half_closed and self.policy.eof != "pass"):
+                and not self.half_closed and self.policy.eof != "pass"
+                and (self.dialect is None or not self.dialect.fin_is_final())):
             # One greenlet wrote a request after the peer's FIN (§5: a half-close is not a
             # drop): a peer that still reads acknowledges it, one that closed resets it.
+            # (Not where the dialect knows its servers never read after their FIN: there a
+            # forwarder that passes the FIN on and takes our bytes would pass a stale
+            # keep-alive connection's EOF on instead of re-sending the request.)
             return AskPeer(False, others, 1.0, acked=fin[1])
         return self.eof_judge(gen, nbytes, others, None)
 

@@ -915,10 +915,15 @@ class ResilientSocket(_GeventSocket):
                     return True
             else:
                 buf = self._rs_tcp_info(_TCPI_BYTES_ACKED + 8)
-                if buf is None or buf[0] == _TCP_STATE_CLOSE:
+                if buf is None:
                     return False
+                # Acknowledged first: a peer that took our bytes after its FIN and reset
+                # since (it read the request, then closed with SO_LINGER 0 or unread data)
+                # had half-closed; only a reset with nothing acknowledged is a closed peer.
                 if struct.unpack_from("Q", buf, _TCPI_BYTES_ACKED)[0] > start:
                     return True
+                if buf[0] == _TCP_STATE_CLOSE:
+                    return False
             if _clock() >= limit or (m.writing == 0 and not idle and acked is None):
                 return None if idle else False
             if idle and (m.writer is None or m.writer.dead):

@@ -91,6 +91,14 @@ class Dialect:
         these records), so it is never replayed later over a newer value."""
         return False
 
+    def fin_is_final(self) -> bool:
+        """True if a server that sent its FIN never runs a request written after it (its
+        protocol has no half-close: HTTP/1.x, RESP and memcached servers close when they are
+        done, a lingering close discards what follows). The EOF of such a request is then a
+        drop, never a half-close, and a forwarder that passes the FIN on and still takes our
+        bytes cannot make it look like one (docs/design.md §5). False: unknown (the default)."""
+        return False
+
     def acked(self) -> None:
         """Every record written so far is confirmed (the peer's TCP acknowledged what no
         answer will ever confirm): nothing written before now can be re-sent."""

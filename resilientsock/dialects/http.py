@@ -426,6 +426,9 @@ class HttpDialect(Dialect):
         # authentication is under way (both refused) or the stream could not be followed.
         return self._tunnel is None and self._bound is None and self.lost is None
 
+    def fin_is_final(self) -> bool:
+        return self._tunnel is None  # a tunnel's protocol may half-close
+
     def resumable(self) -> bool:
         if self._tunnel is not None or self._bound is not None or self.lost is not None:
             return False

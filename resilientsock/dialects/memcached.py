@@ -280,6 +280,9 @@ class MemcachedDialect(Dialect):
     def write_only(self) -> bool:
         return self.lost is None and not self._fifo and not self._writing_data()
 
+    def fin_is_final(self) -> bool:
+        return True
+
     def resumable(self) -> bool:
         if self.lost is not None or self._unpaired or not self._aligned or not self._group:
             return False

@@ -687,6 +687,9 @@ class RespDialect(Dialect):
     def hold(self) -> bool:
         return bool(self._held) and self.lost is None
 
+    def fin_is_final(self) -> bool:
+        return True
+
     def resumable(self) -> bool:
         if self.lost is not None or not self._aligned or self._subscribed or self._monitor:
             return False
