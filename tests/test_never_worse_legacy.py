@@ -14,6 +14,9 @@ import socketserver
 import ssl
 import struct
 import subprocess
+import sys
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -565,3 +568,45 @@ def test_a_multiprocessing_pool_runs_under_the_runner(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("the pool never finished under the runner (plain: at once)")
     assert (out.returncode, out.stdout) == (0, "[0, 1, 4, 9, 16]\n")
+
+
+STDIN_SCRIPT = '''\
+import socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+def reader():
+    for line in s.makefile("rb"):
+        print("recv", line.strip().decode(), flush=True)
+threading.Thread(target=reader, daemon=True).start()
+s.sendall(b"A\\nB\\n")
+print("stdin", sys.stdin.readline().strip(), flush=True)
+'''
+
+
+class _Echo(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        for line in self.rfile:
+            self.wfile.write(b"ACK " + line)
+            self.wfile.flush()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gevent turns threads into greenlets: the main thread blocked in sys.stdin.readline() "
+    "(a C read, not cooperative) blocks the reader thread too; its answers are never shown "
+    "before the script ends"))
+def test_a_reader_thread_runs_while_the_main_thread_waits_for_stdin(tmp_path):
+    script = _script(tmp_path, "script.py", STDIN_SCRIPT)
+    with CountingServer(_Echo) as server:
+        # stdin stays open until both answers were shown (or 20 s passed): the user types then
+        proc = subprocess.Popen([sys.executable, "-m", "resilientsock", str(script),
+                                 str(server.server_address[1])], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        shown = []
+        reader = threading.Thread(target=lambda: shown.extend(proc.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while len(shown) < 2 and time.monotonic() < deadline:
+            reader.join(0.05)
+        proc.communicate("typed\n", timeout=20)
+        reader.join(5)
+    assert shown[:2] == ["recv ACK A\n", "recv ACK B\n"], shown
