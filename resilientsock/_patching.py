@@ -76,6 +76,7 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
     if not monkey.is_module_patched("socket"):
         monkey.patch_all(socket=True, ssl=True, thread=True, select=True)
         _watch_children()
+        _quiet_signal_errors()
     elif not monkey.is_module_patched("ssl"):
         # monkey.patch_socket() alone ran before us: the stdlib SSLContext would build our
         # TLS class through an API it lacks (review r08). gevent's ssl goes in first.
@@ -153,6 +154,33 @@ def _watch_children() -> None:
     install = getattr(loop, "install_sigchld", None)
     if install is not None and getattr(loop, "default", False):
         install()
+
+
+def _quiet_signal_errors() -> None:
+    """An exception raised by a Python signal handler (``KeyboardInterrupt`` at Ctrl-C, a
+    ``SIGALRM`` handler's timeout) reaches the main greenlet, as plain python raises it in the
+    main thread; gevent's hub printed it first as well (context ``None``, a traceback and a
+    timestamp on stderr), so the user saw it twice. The main hub now only throws it: the
+    application handles it, or Python prints it once. Other hub errors (a libev
+    ``SystemError``, a greenlet's exception) are printed as before."""
+    import threading
+
+    from gevent import get_hub
+    from gevent.exceptions import HubDestroyed
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    hub = get_hub()
+    original = hub.handle_error
+
+    def handle_error(context: Any, kind: Any, value: Any, tb: Any) -> None:
+        if (context is None and isinstance(value, BaseException)
+                and not isinstance(value, SystemError | HubDestroyed)):
+            hub.handle_system_error(type(value), value, tb)
+            return
+        original(context, kind, value, tb)
+
+    hub.handle_error = handle_error
 
 
 def _parse_session(value: Any) -> list[str]:

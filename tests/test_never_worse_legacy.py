@@ -610,3 +610,44 @@ def test_a_reader_thread_runs_while_the_main_thread_waits_for_stdin(tmp_path):
         proc.communicate("typed\n", timeout=20)
         reader.join(5)
     assert shown[:2] == ["recv ACK A\n", "recv ACK B\n"], shown
+
+
+# -- signals: Ctrl-C or a SIGALRM timeout while a socket waits -------------------------------
+#
+# A Python signal handler's exception is raised where the main thread waits, once. Was: under
+# the runner gevent's hub printed it first (a traceback and a timestamp), then the main
+# greenlet raised it again with resilientsock's and gevent's frames in its traceback.
+
+SIGNAL_SCRIPTS = {
+    "ctrl-c": ("import os, signal, socket, sys\n"
+               "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+               "s.sendall(b'SILENT\\n')\n"
+               "signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGINT))\n"
+               "signal.setitimer(signal.ITIMER_REAL, 0.3)\n"
+               "s.recv(100)\n"),
+    "alarm-timeout": ("import signal, socket, sys\n"
+                      "class Timeout(Exception):\n    pass\n"
+                      "def on_alarm(*a):\n    raise Timeout('no answer')\n"
+                      "signal.signal(signal.SIGALRM, on_alarm)\n"
+                      "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+                      "for attempt in range(2):\n"
+                      "    s.sendall(b'SILENT\\n')\n"
+                      "    signal.setitimer(signal.ITIMER_REAL, 0.3)\n"
+                      "    try:\n        s.recv(100)\n"
+                      "    except Timeout as e:\n        print('timed out', e)\n"
+                      "signal.setitimer(signal.ITIMER_REAL, 0.3)\n"
+                      "s.recv(100)\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNAL_SCRIPTS))
+def test_a_signal_handlers_exception_is_shown_as_plain_python_shows_it(tmp_path, name):
+    script = _script(tmp_path, "script.py", SIGNAL_SCRIPTS[name])
+    outs = {}
+    for mode in MODES:
+        with CountingServer(_LineEcho) as server:
+            outs[mode] = run_as(mode, script, server.server_address[1], timeout=30)
+    plain, ours = outs["plain"], outs["resilientsock"]
+    assert plain.stderr.startswith("Traceback") and "resilientsock" not in plain.stderr
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        plain.returncode, plain.stdout, plain.stderr)
