@@ -651,3 +651,32 @@ def test_a_signal_handlers_exception_is_shown_as_plain_python_shows_it(tmp_path,
     assert plain.stderr.startswith("Traceback") and "resilientsock" not in plain.stderr
     assert (ours.returncode, ours.stdout, ours.stderr) == (
         plain.returncode, plain.stdout, plain.stderr)
+
+
+CPU_THREAD_SCRIPT = '''\
+import socket, sys, threading, time
+t0 = time.monotonic()
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
+def crunch():
+    end = time.monotonic() + 4
+    while time.monotonic() < end:
+        sum(range(1000))
+threading.Thread(target=crunch, daemon=True).start()
+s.sendall(b"SILENT\\n")
+try:
+    s.recv(100)
+except TimeoutError:
+    print("timed out after", round(time.monotonic() - t0))
+'''
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "gevent turns threads into greenlets and never preempts one: a thread that computes for "
+    "4 s without I/O holds the main thread's socket timeout (1 s) back until it is done"))
+def test_a_busy_thread_does_not_hold_back_another_threads_socket_timeout(tmp_path):
+    script = _script(tmp_path, "script.py", CPU_THREAD_SCRIPT)
+    with CountingServer(_LineEcho) as server:
+        outs = {mode: run_as(mode, script, server.server_address[1], timeout=30)
+                for mode in MODES}
+    assert outs["plain"].stdout == "timed out after 1\n", outs
+    assert outs["resilientsock"].stdout == "timed out after 1\n", outs
