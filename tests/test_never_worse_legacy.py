@@ -680,3 +680,51 @@ def test_a_busy_thread_does_not_hold_back_another_threads_socket_timeout(tmp_pat
                 for mode in MODES}
     assert outs["plain"].stdout == "timed out after 1\n", outs
     assert outs["resilientsock"].stdout == "timed out after 1\n", outs
+
+
+# -- a reader thread stopped with shutdown() and close() ---------------------------------------
+#
+# The legacy way to stop a thread blocked in recv: shutdown(SHUT_RDWR), then close(). The
+# kernel hands the blocked recv its end (b"") at the shutdown. Was: under the runner the reader
+# got gevent's cancel_wait_ex ("File descriptor was closed in another greenlet"), as under
+# gevent alone: close() runs before the woken reader does.
+
+STOP_SCRIPT = '''\
+import socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+f = s.makefile("rb") if sys.argv[2] == "makefile" else None
+got, answered = [], threading.Event()
+def reader():
+    try:
+        while True:
+            data = f.readline() if f else s.recv(100)
+            got.append(data)
+            answered.set()
+            if not data:
+                return
+    except Exception as e:
+        got.append(repr(e))
+t = threading.Thread(target=reader)
+t.start()
+s.sendall(b"A\\n")
+answered.wait(10)
+s.shutdown(socket.SHUT_RDWR)
+s.close()
+t.join(10)
+print(got)
+'''
+
+
+@pytest.mark.parametrize("how", ["recv", "makefile"])
+def test_a_reader_thread_stopped_by_shutdown_and_close_gets_the_end(tmp_path, how):
+    script = _script(tmp_path, "script.py", STOP_SCRIPT)
+    outs = {}
+    for mode in MODES:
+        with CountingServer(_LineEcho) as server:
+            outs[mode] = run_as(mode, script, server.server_address[1], how, timeout=30)
+    # plain threads race: a reader that had not gone back into recv before close() gets EBADF
+    assert outs["plain"].stdout in ("[b'ACK A\\n', b'']\n",
+                                    "[b'ACK A\\n', \"OSError(9, 'Bad file descriptor')\"]\n"), outs
+    # greenlets do not: the reader waits in recv before the main thread runs on
+    ours = outs["resilientsock"]
+    assert (ours.returncode, ours.stdout, ours.stderr) == (0, "[b'ACK A\\n', b'']\n", ""), outs
