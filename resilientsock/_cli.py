@@ -464,9 +464,21 @@ def _ours(filename: str) -> bool:
             or os.path.basename(filename) == "runpy.py")
 
 
+def _gevents(filename: str) -> bool:
+    """A frame of gevent (its compiled modules name their sources ``src/gevent/...``)."""
+    if filename.startswith("src/gevent/"):
+        return True
+    gevent = sys.modules.get("gevent")
+    where = getattr(gevent, "__file__", None)
+    return where is not None and os.path.abspath(filename).startswith(
+        os.path.dirname(os.path.abspath(where)) + os.sep)
+
+
 def _trim(tb: Any) -> Any:
     """The traceback as ``python script.py`` would show it: without the runner's frames
-    before the script's, and without resilientsock's frames after the application's last."""
+    before the script's, without resilientsock's frames after the application's last, and
+    without resilientsock's and gevent's frames between two of the application's (a signal
+    handler's ``KeyboardInterrupt`` raised while a socket waited in the hub)."""
     frames = []
     while tb is not None:
         frames.append(tb)
@@ -477,7 +489,17 @@ def _trim(tb: Any) -> Any:
     first = keep.index(True)
     last = len(keep) - 1 - keep[::-1].index(True)
     frames[last].tb_next = None
-    return frames[first]
+    inner = frames[first:last + 1]
+    shown = [f for f in inner if not (_ours(f.tb_frame.f_code.co_filename)
+                                      or _gevents(f.tb_frame.f_code.co_filename))]
+    if len(shown) == len(inner) or shown[0] is not inner[0]:
+        return frames[first]
+    import types
+
+    rebuilt = None
+    for f in reversed(shown):
+        rebuilt = types.TracebackType(rebuilt, f.tb_frame, f.tb_lasti, f.tb_lineno)
+    return rebuilt
 
 
 def _plain_traceback(value: BaseException, tb: Any) -> Any:

@@ -573,6 +573,8 @@ class ResilientSocket(_GeventSocket):
         if self._rs_m is not None:
             self._rs_unprotect()
         _GeventSocket.shutdown(self, how)
+        if how != _std.SHUT_WR:
+            self.__dict__["_rs_shut_rd"] = True
 
     def close(self) -> None:
         m = self._rs_m
@@ -685,6 +687,11 @@ class ResilientSocket(_GeventSocket):
                         continue  # recovered: read again on the new connection
                     return result
             failure, err = err, None
+            if self.__dict__.get("_rs_shut_rd") and _cancelled(failure):
+                # Read side shut down, then closed, under a waiting reader (a reader thread
+                # stopped with shutdown(SHUT_RDWR) and close()): the kernel gave a plain
+                # reader its end at the shutdown; gevent's close() would throw cancel_wait_ex.
+                return _eof_result(kind, args)
             self._rs_handle_error(failure, "read", gen, call_end, writing=False)
             again = True
 
@@ -1426,6 +1433,13 @@ def _bounded(raw: Any, sock: Any, args: tuple[Any, ...], call_end: float) -> Any
         return raw(sock, *args)
     finally:
         timer.close()
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """gevent's "closed in another greenlet" error, thrown into a waiter by close()."""
+    from gevent._socketcommon import cancel_wait_ex
+
+    return isinstance(exc, cancel_wait_ex)
 
 
 def _closed_error() -> OSError:
