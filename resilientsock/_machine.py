@@ -162,7 +162,7 @@ DUPLEX_EOF_WAIT = 0.5
 # at the TCP state (one TCP_INFO read) before the first write of each of a connection's first
 # FIN_PROBES exchanges. Picked: servers that half-close and go on reading do it after their
 # first answer or few (HTTP/1.0 and lingering close, one-shot line servers); a look at every
-# exchange would cost 2-4% of a loopback ping-pong (measured, docs/design.md §12), and a
+# exchange would cost 4-5% of a loopback ping-pong (measured, docs/design.md §12), and a
 # half-close later in a long conversation is left to the EOF rules (re-sent, a known limit).
 FIN_PROBES = 16
 
