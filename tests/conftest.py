@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -171,7 +172,17 @@ def run_as(mode: str, script: Path, *args: Any, timeout: float = 90
     if mode == "resilientsock":
         cmd += ["-m", "resilientsock"]
     cmd += [str(script), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # Its own process group: on a timeout every process it started goes too (a hung
+    # multiprocessing pool's workers outlived the script's kill).
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 class TLSServer:
