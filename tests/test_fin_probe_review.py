@@ -3,7 +3,9 @@ docs/decisions.md, "A request written after the peer's FIN, in one greenlet").
 
 Plain vs ours under the same conditions, every count taken on the server side. The case the
 look must not break: a forwarder that passes the server's FIN on and still takes the client's
-bytes (FaultProxy, socat, docker-proxy, ``ssh -L``, a TCP-mode balancer) in front of a server
+bytes (docker-proxy, ``ssh -L``, socat for its ``-t`` moment, a TCP-mode balancer:
+``HalfOpenForwarder`` below; FaultProxy closes the client's connection at the server's FIN,
+as Toxiproxy does) in front of a server
 that closed an idle keep-alive connection. The client's TCP sees what a genuine half-close
 shows (the FIN first, then the request acknowledged), so for an unknown protocol the EOF is
 passed on, as the plain client gets it; where the dialect knows its servers never read after
@@ -34,6 +36,44 @@ from resilientsock.testing import FaultProxy
 from resilientsock.testing._loop import ListenerService
 
 pytestmark = pytest.mark.timeout(60)
+
+
+
+class HalfOpenForwarder(ListenerService):
+    """A forwarder as docker-proxy is one: a pump per direction, an EOF passed on as a
+    half-close (``shutdown(SHUT_WR)``), the other direction going on until it ends too."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__("half-open-forwarder", "127.0.0.1", 0, None)
+        self.upstream = upstream
+
+    def _handle(self, client: Any) -> None:
+        try:
+            server = gsocket.create_connection(self.upstream, timeout=5)
+        except OSError:
+            client.close()
+            return
+        server.settimeout(None)
+        pumps = [gevent.spawn(self._pump, client, server), gevent.spawn(self._pump, server, client)]
+        gevent.joinall(pumps, timeout=30)
+        for sock in (client, server):
+            sock.close()
+
+    @staticmethod
+    def _pump(src: Any, dst: Any) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    dst.shutdown(gsocket.SHUT_WR)
+                    return
+                dst.sendall(data)
+        except OSError:
+            for sock in (src, dst):
+                sock.close()
+
+    def _teardown(self) -> None:
+        self._close_listener()
 
 
 class IdleClosingHTTP:
@@ -86,7 +126,7 @@ def _after_idle_close(resilient: bool, method: str, via_proxy: bool) -> tuple[An
     how many times the server ran that request."""
     srv = IdleClosingHTTP()
     try:
-        with FaultProxy(srv.address) as proxy:
+        with HalfOpenForwarder(srv.address) as proxy:
             address = proxy.address if via_proxy else srv.address
             cls = RsHTTPConnection if resilient else http.client.HTTPConnection
             conn = cls(*address, timeout=10)
@@ -143,7 +183,7 @@ def test_a_get_on_a_stale_keep_alive_connection_is_re_sent_once():
 def _line_server_closes_behind_a_forwarder(resilient: bool) -> tuple[Any, list[bytes], int]:
     """An unknown (line) protocol: the server answers and closes, the forwarder passes the
     FIN on and takes the next request. What the read gave, the lines read, connections."""
-    with HalfCloser(full=True) as srv, FaultProxy(srv.address) as proxy:
+    with HalfCloser(full=True) as srv, HalfOpenForwarder(srv.address) as proxy:
         sock: Any = (ResilientSocket.connect(proxy.address, FAST, timeout=2) if resilient
                      else gsocket.create_connection(proxy.address, timeout=2))
         sock.sendall(b"MSG 1 x\n")
@@ -238,7 +278,7 @@ def _redis_calls(port: int, command: str) -> int:
 def _redis_after_idle_close(resilient: bool, port: int, command: bytes) -> Any:
     """RESP through a forwarder: PING, then the server's idle timeout closes the connection
     (its FIN passed on), then ``command``: what the read gave."""
-    with FaultProxy(("127.0.0.1", port)) as proxy:
+    with HalfOpenForwarder(("127.0.0.1", port)) as proxy:
         sock: Any = (ResilientSocket.connect(proxy.address, FAST, timeout=5) if resilient
                      else gsocket.create_connection(proxy.address, timeout=5))
         sock.sendall(b"*1\r\n$4\r\nPING\r\n")
@@ -345,3 +385,39 @@ def test_a_request_read_after_a_half_close_then_reset_is_not_resent():
     plain = _half_close_read_reset(False, 0.3)
     assert plain == (b"", [b"MSG 1 x", b"MSG 2 x"], 1)
     assert _half_close_read_reset(True, 0.3) == plain
+
+
+def _restart_behind_the_proxy(resilient: bool) -> tuple[Any, list[int]]:
+    """The robot's server restarted (its FIN through FaultProxy) after three exchanges, well
+    inside the connection's first FIN_PROBES; then the fourth request: what the read gave and
+    what the server counted."""
+    from resilientsock.testing import MessageServer
+
+    with MessageServer(mode="ack") as server, FaultProxy(server.address) as proxy:
+        sock: Any = (ResilientSocket.connect(proxy.address, FAST, timeout=5) if resilient
+                     else gsocket.create_connection(proxy.address, timeout=5))
+        reader = sock.makefile("rb")
+        for n in (1, 2, 3):
+            sock.sendall(b"MSG %d x\n" % n)
+            assert reader.readline() == b"ACK %d\n" % n
+        server.stop()
+        assert select.select([sock], [], [], 5)[0]  # the FIN is in, through the proxy
+        server.restart()
+        sock.sendall(b"MSG 4 x\n")
+        try:
+            got: Any = reader.readline()
+        except OSError as exc:
+            got = type(exc).__name__
+        sock.close()
+        return got, sorted(server.received)
+
+
+def test_a_server_restarted_behind_faultproxy_early_in_a_connection_is_recovered():
+    """FaultProxy closes the client's connection when the server's stream ends, as Toxiproxy
+    does, so the request written after that FIN meets a reset and is re-sent to the restarted
+    server (runs once). It passed the FIN on as a half-close and took the request, which the
+    look read as a half-closed server still reading: the EOF was passed on, the robot's
+    message never ran (plain: the same EOF)."""
+    plain = _restart_behind_the_proxy(False)
+    assert plain[0] in (b"", "ConnectionResetError") and plain[1] == [1, 2, 3]
+    assert _restart_behind_the_proxy(True) == (b"ACK 4\n", [1, 2, 3, 4])

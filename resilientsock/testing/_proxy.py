@@ -622,8 +622,15 @@ class FaultProxy(ListenerService):
                 flow.queued -= 1
 
     def _pass_eof(self, flow: _Flow) -> None:
-        # Half-close: pass the FIN on, the other direction keeps going.
         conn = flow.conn
+        if flow.direction == "down":
+            # The server's end of the stream closes the client's connection, as Toxiproxy's
+            # link does when its upstream ends (and socat a moment later): a byte the client
+            # writes after it meets a reset, as from a server that is gone — never a half-open
+            # connection whose bytes go nowhere (docs/faultproxy.md).
+            self._close_conn(conn, rst=False)
+            return
+        # The client's half-close: pass the FIN on, the answer keeps coming.
         conn.eofs += 1
         try:
             flow.dst.shutdown(gsocket.SHUT_WR)
