@@ -757,7 +757,7 @@ class Machine:
         confirmed before this (a writer greenlet wrote several lines before the reader's first
         read, which got the first answer line only) but whose answer lines have not come are
         unconfirmed again while their bytes are still kept, so that a drop re-sends them (was,
-        wave 6: they were neither answered nor re-sent, the reader waited out its timeout)."""
+        wave 5: they were neither answered nor re-sent, the reader waited out its timeout)."""
         self.duplex = True
         lines = self.lines
         journal = self.journal
@@ -1200,7 +1200,7 @@ class Machine:
         if drop.writing and drop.duplex and not self.duplex:
             # A reader greenlet was inside a read during this write: the overlap that makes
             # the socket full duplex, which ``wrote_data`` would have seen had the write
-            # succeeded (was, wave 6: a write failing before that, the reader's unread
+            # succeeded (was, wave 5: a write failing before that, the reader's unread
             # answer lines were taken for an early answer and the drop surfaced).
             self._become_duplex()
         verdict = self.drop(drop)

@@ -1238,7 +1238,7 @@ class ResilientSocket(_GeventSocket):
                     if not chunk:
                         # The new connection ended before it carried what the caller has:
                         # a drop of this attempt (retried as a reset here would be), not a
-                        # different answer (review wave 6: a storm's FIN within the first
+                        # different answer (review wave 5: a storm's FIN within the first
                         # bytes of the new answer surfaced "the answer changed").
                         raise ConnectionResetError(
                             errno.ECONNRESET, "closed while the answer in progress was resumed")

@@ -1,6 +1,6 @@
 """The public contract (docs/design.md, the original in /work/shared/DESIGN.md) checked from
 outside, as a user would: the runner against plain ``python``, ... Each test here failed on
-the code before its fix (wave 6 contract audit)."""
+the code before its fix (wave 5 contract audit)."""
 
 from __future__ import annotations
 

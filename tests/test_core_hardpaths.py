@@ -430,7 +430,7 @@ def test_three_writers_and_a_reader_through_a_storm_with_a_cpu_hog(seed):
     socket, mixed faults every 50-200 ms (test_chaos_core's Storm), a busy-loop process
     and a greenlet burning CPU beside them. Every line reaches the server whole (never
     interleaved), each is answered and the reader sees every answer; no call outlasts the
-    application's timeout; no error reaches the application. Before wave 6, seeds 2, 5, 6
+    application's timeout; no error reaches the application. Before wave 5, seeds 2, 5, 6
     of this run (600 lines a writer) ended with "the re-sent request's new answer differs"
     (UnansweredEOFError for the reader), with answers missing and a line lost, or with an
     "early answer" surfaced in the first second."""

@@ -1,4 +1,4 @@
-"""Never worse, wave 6: legacy clients and scripts not covered before (docs/design.md §5, §5a, §6).
+"""Never worse, wave 5: legacy clients and scripts not covered before (docs/design.md §5, §5a, §6).
 
 Each test runs the same client script plainly and under ``python -m resilientsock`` against the
 same server with the same fault, and counts on the server side what ran: under resilientsock
