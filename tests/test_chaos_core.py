@@ -553,15 +553,21 @@ class HalfCloser(ListenerService):
                 for line in complete:
                     self.lines.append(line)
                     mine += 1
-                    if mine == 1:  # each connection's first line is answered
-                        c.sendall(b"ACK " + line.split()[1] + b"\n")
-                        if self.full:
-                            return
-                        c.shutdown(gsocket.SHUT_WR)
+                    if not self._line(c, line, mine):
+                        return
         except OSError:
             pass
         finally:
             c.close()
+
+    def _line(self, c: Any, line: bytes, mine: int) -> bool:
+        """The connection's ``mine``-th line was read: False ends the connection."""
+        if mine == 1:  # each connection's first line is answered
+            c.sendall(b"ACK " + line.split()[1] + b"\n")
+            if self.full:
+                return False
+            c.shutdown(gsocket.SHUT_WR)
+        return True
 
     def _teardown(self) -> None:
         self._close_listener()

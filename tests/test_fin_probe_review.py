@@ -309,49 +309,29 @@ def test_a_redis_get_after_an_idle_timeout_close_through_a_forwarder_is_re_sent_
         assert _redis_calls(port, "get") == 1
 
 
-class HalfCloseReadReset(ListenerService):
+class HalfCloseReadReset(HalfCloser):
     """Each connection's first line is answered; after ``MSG 1`` the server half-closes, reads
     the next line, then resets the connection (SO_LINGER 0) — at once, or after ``work``
     seconds with the line acknowledged first (TCP_QUICKACK). A fresh connection (a re-send)
     gets its first line answered. ``reset`` is set once the reset is out."""
 
     def __init__(self, work: float) -> None:
-        super().__init__("half-close-read-reset", "127.0.0.1", 0, None)
+        super().__init__()
         self.work = work
-        self.lines: list[bytes] = []
         self.reset = threading.Event()
 
-    def _handle(self, c: Any) -> None:
-        buf = b""
-        mine = 0
-        try:
-            while True:
-                d = c.recv(65536)
-                if not d:
-                    return
-                buf += d
-                *complete, buf = buf.split(b"\n")
-                for line in complete:
-                    self.lines.append(line)
-                    mine += 1
-                    if mine == 1:
-                        c.sendall(b"ACK " + line.split()[1] + b"\n")
-                        if line.startswith(b"MSG 1 "):
-                            c.shutdown(gsocket.SHUT_WR)
-                            if self.work:
-                                c.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-                        continue
-                    gevent.sleep(self.work)
-                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.reset.set()
-                    return
-        except OSError:
-            pass
-        finally:
-            c.close()
-
-    def _teardown(self) -> None:
-        self._close_listener()
+    def _line(self, c: Any, line: bytes, mine: int) -> bool:
+        if mine == 1:
+            c.sendall(b"ACK " + line.split()[1] + b"\n")
+            if line.startswith(b"MSG 1 "):
+                c.shutdown(gsocket.SHUT_WR)
+                if self.work:
+                    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+            return True
+        gevent.sleep(self.work)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.reset.set()
+        return False  # closed with SO_LINGER 0: the reset
 
 
 def _half_close_read_reset(resilient: bool, work: float) -> tuple[Any, list[bytes], int]:
