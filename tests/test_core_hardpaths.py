@@ -17,6 +17,7 @@ from typing import Any
 
 import gevent.socket as gsocket
 import pytest
+from gevent.event import Event
 
 from resilientsock import ResilientSocket, RetryPolicy
 
@@ -102,6 +103,25 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     except Exception as exc:  # the exception is the result compared
         result = exc
     return result, time.monotonic() - start
+
+
+def read_lines(sock: Any, lines: int, got: list[Any], first: Event | None = None) -> None:
+    """A reader greenlet's body: ``recv`` until ``lines`` newlines have come, each chunk
+    appended to ``got``, then ``b"<EOF>"`` at an EOF or the exception at an OSError.
+    ``first`` (a gevent Event), if given, is set at every chunk."""
+    buf = b""
+    try:
+        while buf.count(b"\n") < lines:
+            data = sock.recv(100)
+            if not data:
+                got.append(b"<EOF>")
+                return
+            buf += data
+            got.append(data)
+            if first is not None:
+                first.set()
+    except OSError as exc:
+        got.append(exc)
 
 
 # -- the application's timeout across a recovery (docs/design.md §4) ---------------------------
@@ -201,7 +221,6 @@ def test_a_duplex_eof_whose_new_answer_line_differs_gives_the_reader_the_eof(scr
             conn.sendall(b"OK c%d %d\n" % (serial, n))
 
     import gevent
-    from gevent.event import Event
 
     srv = script_server(script)
     sock = connect(who, srv.address)
@@ -313,7 +332,6 @@ def test_lines_written_before_the_reader_started_are_re_sent_when_unanswered(scr
             conn.sendall(b"ACK %s\n" % line.split()[1])
 
     import gevent
-    from gevent.event import Event
 
     srv = script_server(script)
     sock = connect(who, srv.address)
@@ -321,24 +339,10 @@ def test_lines_written_before_the_reader_started_are_re_sent_when_unanswered(scr
     got: list[Any] = []
     first = Event()
 
-    def reader() -> None:
-        buf = b""
-        try:
-            while buf.count(b"\n") < 3:
-                data = sock.recv(100)
-                if not data:
-                    got.append(b"<EOF>")
-                    return
-                buf += data
-                got.append(data)
-                first.set()
-        except OSError as exc:
-            got.append(exc)
-
     try:
         sock.sendall(b"MSG 1\n")
         sock.sendall(b"MSG 2\n")
-        task = gevent.spawn(reader)
+        task = gevent.spawn(read_lines, sock, 3, got, first)
         assert first.wait(5)
         sock.sendall(b"MSG 3\n")
         task.join(10)
@@ -384,22 +388,9 @@ def test_a_write_failing_under_a_waiting_reader_is_full_duplex_not_an_early_answ
     sock.settimeout(5)
     got: list[Any] = []
 
-    def reader() -> None:
-        buf = b""
-        try:
-            while buf.count(b"\n") < 2:
-                data = sock.recv(100)
-                if not data:
-                    got.append(b"<EOF>")
-                    return
-                buf += data
-                got.append(data)
-        except OSError as exc:
-            got.append(exc)
-
     try:
         sock.sendall(b"MSG 1\n")
-        task = gevent.spawn(reader)
+        task = gevent.spawn(read_lines, sock, 2, got)
         gevent.sleep(0)  # the reader runs and waits in recv (nothing has come yet)
         assert sock._read_event.active  # (what the socket calls a reader in sight)
         # Hold the hub (a blocking wait, bounded) while the server answers and resets: the
