@@ -17,6 +17,7 @@ from typing import Any
 
 import gevent.socket as gsocket
 import pytest
+from conftest import ThreadServer
 from gevent.event import Event
 
 from resilientsock import ResilientSocket, RetryPolicy
@@ -32,30 +33,12 @@ def rst(conn: socket.socket) -> None:
     conn.close()
 
 
-class ScriptServer:
+class ScriptServer(ThreadServer):
     """Each accepted connection runs ``script(conn, serial)`` (serial from 1) in a thread."""
 
     def __init__(self, script: Callable[[socket.socket, int], None], rcvbuf: int = 0) -> None:
         self.script = script
-        self.listener = socket.socket()
-        if rcvbuf:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.address = self.listener.getsockname()
-        self.connections = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._run, args=(conn, self.connections), daemon=True).start()
+        super().__init__(self._run, rcvbuf=rcvbuf)
 
     def _run(self, conn: socket.socket, serial: int) -> None:
         try:
@@ -64,16 +47,6 @@ class ScriptServer:
             pass
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
-        except OSError:
-            pass
-        self.listener.close()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture
