@@ -8,6 +8,7 @@ number (the first connection is cut, later ones behave)."""
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -95,6 +96,15 @@ def read_lines(sock: Any, lines: int, got: list[Any], first: Event | None = None
                 first.set()
     except OSError as exc:
         got.append(exc)
+
+
+def took_the_reset(sock: Any, timeout: float = 5.0) -> bool:
+    """Wait, blocking (the hub too: no greenlet runs meanwhile), at most ``timeout`` s, until
+    the kernel has taken a reset on ``sock``'s connection: ``poll`` with no events asked for
+    returns only at POLLERR or POLLHUP (poll(2)); nothing is read, the error stays."""
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)
+    return bool(poller.poll(timeout * 1000))
 
 
 # -- the application's timeout across a recovery (docs/design.md §4) ---------------------------
@@ -370,6 +380,9 @@ def test_a_write_failing_under_a_waiting_reader_is_full_duplex_not_an_early_answ
         # reader cannot take the answer before the next write meets the reset.
         go.set()
         assert cut.wait(5)
+        # And until the client's kernel has taken the reset: on loopback it arrives in a
+        # softirq that a busy CPU runs later (ksoftirqd); before, the write went out first.
+        assert took_the_reset(sock)
         result, _ = timed(lambda: sock.sendall(b"MSG 2\n"))
         task.join(10)
         assert task.dead
