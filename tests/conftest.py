@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -87,8 +88,6 @@ class ThreadedServer:
     address: tuple[str, int]
 
     def _start(self, server: Any) -> None:
-        import threading
-
         self.server = server
         server.daemon_threads = True
         self.address = server.server_address[:2]
@@ -99,6 +98,51 @@ class ThreadedServer:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+
+
+class ThreadServer:
+    """A loopback listener on the stdlib ``socket`` (not gevent's, so that its timing does not
+    depend on the client's hub): a thread accepts, and each connection runs
+    ``handle(conn, serial)`` in a thread of its own, ``serial`` counting from 1
+    (``connections``: how many so far). ``handle`` owns ``conn``. ``once``: accept one
+    connection, then close the listener. ``close()`` stops the accepting."""
+
+    def __init__(self, handle: Callable[[socket.socket, int], None], backlog: int = 64,
+                 rcvbuf: int = 0, once: bool = False) -> None:
+        self.handle = handle
+        self.once = once
+        self.connections = 0
+        self.listener = socket.socket()
+        if rcvbuf:
+            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(backlog)
+        self.address = self.listener.getsockname()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            if self.once:
+                self.listener.close()
+            threading.Thread(target=self.handle, args=(conn, self.connections),
+                             daemon=True).start()
+            if self.once:
+                return
+
+    def close(self) -> None:
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
+        except OSError:
+            pass
+        self.listener.close()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
 
 
 class Lines:

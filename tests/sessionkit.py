@@ -8,15 +8,11 @@ the wire.
 
 from __future__ import annotations
 
-import socket
 import time
-from typing import Any
 
-import gevent
-import gevent.socket as gsocket
+from forwarder import Forwarder, Tap
 
 from resilientsock.session import protocol as sp
-from resilientsock.testing import LoopThread
 
 
 class _Parser:
@@ -42,63 +38,24 @@ class _Parser:
         return types
 
 
-class Recorder:
-    """A forwarder without TCP_NODELAY (its own hub and thread). ``chunks``: one entry per
-    ``recv``: (monotonic time, "up" or "down", size, frame types completed by it, bytes of a
-    frame still incomplete after it)."""
+class Recorder(Forwarder):
+    """A forwarder without TCP_NODELAY (``forwarder.Forwarder``, started: its own hub and
+    thread; ``close()`` it). ``chunks``: one entry per ``recv``: (monotonic time, "up" or
+    "down", size, frame types completed by it, bytes of a frame still incomplete after it)."""
 
     def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
+        super().__init__(target, name="recorder")
         self.chunks: list[tuple[float, str, int, list[int], int]] = []
-        self.connections = 0
-        self.loop = LoopThread("recorder").start()
-        self.address = self.loop.call(self._listen)
+        self.start()
 
-    def _listen(self) -> tuple[str, int]:
-        sock = gsocket.socket()
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-        self.listener = sock
-        gevent.spawn(self._accept, sock)
-        return sock.getsockname()  # type: ignore[no-any-return]
+    def _taps(self) -> tuple[Tap, Tap]:
+        return self._tap("up"), self._tap("down")
 
-    def _accept(self, sock: Any) -> None:
-        while True:
-            try:
-                client, _ = sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            gevent.spawn(self._serve, client)
+    def _tap(self, direction: str) -> Tap:
+        parser = _Parser(preamble=direction == "up")
 
-    def _serve(self, client: Any) -> None:
-        try:
-            upstream = gsocket.create_connection(self.target)
-        except OSError:
-            client.close()
-            return
+        def see(data: bytes) -> None:
+            types = parser.feed(data)
+            self.chunks.append((time.monotonic(), direction, len(data), types, len(parser.buf)))
 
-        def pump(src: Any, dst: Any, direction: str) -> None:
-            parser = _Parser(preamble=direction == "up")
-            try:
-                while True:
-                    data = src.recv(65536)
-                    if not data:
-                        dst.shutdown(socket.SHUT_WR)
-                        return
-                    types = parser.feed(data)
-                    self.chunks.append((time.monotonic(), direction, len(data), types,
-                                        len(parser.buf)))
-                    dst.sendall(data)
-            except OSError:
-                return
-
-        down = gevent.spawn(pump, upstream, client, "down")
-        pump(client, upstream, "up")
-        down.join()
-        client.close()
-        upstream.close()
-
-    def stop(self) -> None:
-        self.loop.call(self.listener.close)
-        self.loop.stop()
+        return see

@@ -8,6 +8,7 @@ number (the first connection is cut, later ones behave)."""
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
 import threading
@@ -17,6 +18,8 @@ from typing import Any
 
 import gevent.socket as gsocket
 import pytest
+from conftest import ThreadServer
+from gevent.event import Event
 
 from resilientsock import ResilientSocket, RetryPolicy
 
@@ -31,30 +34,12 @@ def rst(conn: socket.socket) -> None:
     conn.close()
 
 
-class ScriptServer:
+class ScriptServer(ThreadServer):
     """Each accepted connection runs ``script(conn, serial)`` (serial from 1) in a thread."""
 
     def __init__(self, script: Callable[[socket.socket, int], None], rcvbuf: int = 0) -> None:
         self.script = script
-        self.listener = socket.socket()
-        if rcvbuf:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.address = self.listener.getsockname()
-        self.connections = 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._run, args=(conn, self.connections), daemon=True).start()
+        super().__init__(self._run, rcvbuf=rcvbuf)
 
     def _run(self, conn: socket.socket, serial: int) -> None:
         try:
@@ -63,16 +48,6 @@ class ScriptServer:
             pass
         finally:
             conn.close()
-
-    def close(self) -> None:
-        self.stop.set()
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
-        except OSError:
-            pass
-        self.listener.close()
-        self.thread.join(5)
-        assert not self.thread.is_alive()
 
 
 @pytest.fixture
@@ -102,6 +77,34 @@ def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     except Exception as exc:  # the exception is the result compared
         result = exc
     return result, time.monotonic() - start
+
+
+def read_lines(sock: Any, lines: int, got: list[Any], first: Event | None = None) -> None:
+    """A reader greenlet's body: ``recv`` until ``lines`` newlines have come, each chunk
+    appended to ``got``, then ``b"<EOF>"`` at an EOF or the exception at an OSError.
+    ``first`` (a gevent Event), if given, is set at every chunk."""
+    buf = b""
+    try:
+        while buf.count(b"\n") < lines:
+            data = sock.recv(100)
+            if not data:
+                got.append(b"<EOF>")
+                return
+            buf += data
+            got.append(data)
+            if first is not None:
+                first.set()
+    except OSError as exc:
+        got.append(exc)
+
+
+def took_the_reset(sock: Any, timeout: float = 5.0) -> bool:
+    """Wait, blocking (the hub too: no greenlet runs meanwhile), at most ``timeout`` s, until
+    the kernel has taken a reset on ``sock``'s connection: ``poll`` with no events asked for
+    returns only at POLLERR or POLLHUP (poll(2)); nothing is read, the error stays."""
+    poller = select.poll()
+    poller.register(sock.fileno(), 0)
+    return bool(poller.poll(timeout * 1000))
 
 
 # -- the application's timeout across a recovery (docs/design.md §4) ---------------------------
@@ -201,7 +204,6 @@ def test_a_duplex_eof_whose_new_answer_line_differs_gives_the_reader_the_eof(scr
             conn.sendall(b"OK c%d %d\n" % (serial, n))
 
     import gevent
-    from gevent.event import Event
 
     srv = script_server(script)
     sock = connect(who, srv.address)
@@ -313,7 +315,6 @@ def test_lines_written_before_the_reader_started_are_re_sent_when_unanswered(scr
             conn.sendall(b"ACK %s\n" % line.split()[1])
 
     import gevent
-    from gevent.event import Event
 
     srv = script_server(script)
     sock = connect(who, srv.address)
@@ -321,24 +322,10 @@ def test_lines_written_before_the_reader_started_are_re_sent_when_unanswered(scr
     got: list[Any] = []
     first = Event()
 
-    def reader() -> None:
-        buf = b""
-        try:
-            while buf.count(b"\n") < 3:
-                data = sock.recv(100)
-                if not data:
-                    got.append(b"<EOF>")
-                    return
-                buf += data
-                got.append(data)
-                first.set()
-        except OSError as exc:
-            got.append(exc)
-
     try:
         sock.sendall(b"MSG 1\n")
         sock.sendall(b"MSG 2\n")
-        task = gevent.spawn(reader)
+        task = gevent.spawn(read_lines, sock, 3, got, first)
         assert first.wait(5)
         sock.sendall(b"MSG 3\n")
         task.join(10)
@@ -384,28 +371,18 @@ def test_a_write_failing_under_a_waiting_reader_is_full_duplex_not_an_early_answ
     sock.settimeout(5)
     got: list[Any] = []
 
-    def reader() -> None:
-        buf = b""
-        try:
-            while buf.count(b"\n") < 2:
-                data = sock.recv(100)
-                if not data:
-                    got.append(b"<EOF>")
-                    return
-                buf += data
-                got.append(data)
-        except OSError as exc:
-            got.append(exc)
-
     try:
         sock.sendall(b"MSG 1\n")
-        task = gevent.spawn(reader)
+        task = gevent.spawn(read_lines, sock, 2, got)
         gevent.sleep(0)  # the reader runs and waits in recv (nothing has come yet)
         assert sock._read_event.active  # (what the socket calls a reader in sight)
         # Hold the hub (a blocking wait, bounded) while the server answers and resets: the
         # reader cannot take the answer before the next write meets the reset.
         go.set()
         assert cut.wait(5)
+        # And until the client's kernel has taken the reset: on loopback it arrives in a
+        # softirq that a busy CPU runs later (ksoftirqd); before, the write went out first.
+        assert took_the_reset(sock)
         result, _ = timed(lambda: sock.sendall(b"MSG 2\n"))
         task.join(10)
         assert task.dead

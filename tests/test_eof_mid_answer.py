@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+from conftest import ThreadServer
 
 import resilientsock
 from resilientsock import ResilientSocket, RetryPolicy
@@ -26,36 +27,16 @@ GET = b"GET /blob HTTP/1.1\r\nHost: x\r\n\r\n"
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY)
 
 
-class Server:
+class Server(ThreadServer):
     """Answers every GET on every connection with HEAD + BODY, except that ``answer(n)``
-    (n: the connection's number, from 1) may send something else and close."""
+    (n: the connection's number, from 1) may send something else and close. ``once``:
+    accept one connection, then close the listener."""
 
     def __init__(self, answer: Callable[[int], bytes | None] = lambda n: None,
                  once: bool = False) -> None:
         self.answer = answer
-        self.once = once  # accept one connection, then close the listener
-        self.connections = 0
         self.requests = 0
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.address = self.listener.getsockname()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            n = self.connections
-            if self.once:
-                self.listener.close()
-            threading.Thread(target=self._handle, args=(conn, n), daemon=True).start()
-            if self.once:
-                return
+        super().__init__(self._handle, backlog=8, once=once)
 
     def _handle(self, conn: socket.socket, n: int) -> None:
         with conn:
@@ -73,12 +54,6 @@ class Server:
                     conn.sendall(special)
                     return  # close: a FIN
                 conn.sendall(HEAD + BODY)
-
-    def close(self) -> None:
-        try:
-            self.listener.close()
-        except OSError:
-            pass
 
 
 def get(sock: socket.socket) -> tuple[bytes, str]:

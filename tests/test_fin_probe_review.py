@@ -4,12 +4,12 @@ docs/decisions.md, "A request written after the peer's FIN, in one greenlet").
 Plain vs ours under the same conditions, every count taken on the server side. The case the
 look must not break: a forwarder that passes the server's FIN on and still takes the client's
 bytes (docker-proxy, ``ssh -L``, socat for its ``-t`` moment, a TCP-mode balancer:
-``HalfOpenForwarder`` below; FaultProxy closes the client's connection at the server's FIN,
-as Toxiproxy does) in front of a server
-that closed an idle keep-alive connection. The client's TCP sees what a genuine half-close
-shows (the FIN first, then the request acknowledged), so for an unknown protocol the EOF is
-passed on, as the plain client gets it; where the dialect knows its servers never read after
-their FIN (HTTP/1.x, RESP, memcached) the request is a drop and is re-sent as before the look.
+``Forwarder`` from tests/forwarder.py; FaultProxy closes the client's connection at the
+server's FIN, as Toxiproxy does) in front of a server that closed an idle keep-alive
+connection. The client's TCP sees what a genuine half-close shows (the FIN first, then the
+request acknowledged), so for an unknown protocol the EOF is passed on, as the plain client
+gets it; where the dialect knows its servers never read after their FIN (HTTP/1.x, RESP,
+memcached) the request is a drop and is re-sent as before the look.
 """
 
 from __future__ import annotations
@@ -28,52 +28,15 @@ from typing import Any
 import gevent
 import gevent.socket as gsocket
 import pytest
+from forwarder import Forwarder
 from test_chaos_core import FAST, HalfCloser, _write_after_the_servers_fin
 
 from resilientsock import ResilientSocket
 from resilientsock._machine import FIN_PROBES
 from resilientsock.testing import FaultProxy
-from resilientsock.testing._loop import ListenerService
 
 pytestmark = pytest.mark.timeout(60)
 
-
-
-class HalfOpenForwarder(ListenerService):
-    """A forwarder as docker-proxy is one: a pump per direction, an EOF passed on as a
-    half-close (``shutdown(SHUT_WR)``), the other direction going on until it ends too."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        super().__init__("half-open-forwarder", "127.0.0.1", 0, None)
-        self.upstream = upstream
-
-    def _handle(self, client: Any) -> None:
-        try:
-            server = gsocket.create_connection(self.upstream, timeout=5)
-        except OSError:
-            client.close()
-            return
-        server.settimeout(None)
-        pumps = [gevent.spawn(self._pump, client, server), gevent.spawn(self._pump, server, client)]
-        gevent.joinall(pumps, timeout=30)
-        for sock in (client, server):
-            sock.close()
-
-    @staticmethod
-    def _pump(src: Any, dst: Any) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    dst.shutdown(gsocket.SHUT_WR)
-                    return
-                dst.sendall(data)
-        except OSError:
-            for sock in (src, dst):
-                sock.close()
-
-    def _teardown(self) -> None:
-        self._close_listener()
 
 
 class IdleClosingHTTP:
@@ -126,7 +89,7 @@ def _after_idle_close(resilient: bool, method: str, via_proxy: bool) -> tuple[An
     how many times the server ran that request."""
     srv = IdleClosingHTTP()
     try:
-        with HalfOpenForwarder(srv.address) as proxy:
+        with Forwarder(srv.address) as proxy:
             address = proxy.address if via_proxy else srv.address
             cls = RsHTTPConnection if resilient else http.client.HTTPConnection
             conn = cls(*address, timeout=10)
@@ -183,7 +146,7 @@ def test_a_get_on_a_stale_keep_alive_connection_is_re_sent_once():
 def _line_server_closes_behind_a_forwarder(resilient: bool) -> tuple[Any, list[bytes], int]:
     """An unknown (line) protocol: the server answers and closes, the forwarder passes the
     FIN on and takes the next request. What the read gave, the lines read, connections."""
-    with HalfCloser(full=True) as srv, HalfOpenForwarder(srv.address) as proxy:
+    with HalfCloser(full=True) as srv, Forwarder(srv.address) as proxy:
         sock: Any = (ResilientSocket.connect(proxy.address, FAST, timeout=2) if resilient
                      else gsocket.create_connection(proxy.address, timeout=2))
         sock.sendall(b"MSG 1 x\n")
@@ -278,7 +241,7 @@ def _redis_calls(port: int, command: str) -> int:
 def _redis_after_idle_close(resilient: bool, port: int, command: bytes) -> Any:
     """RESP through a forwarder: PING, then the server's idle timeout closes the connection
     (its FIN passed on), then ``command``: what the read gave."""
-    with HalfOpenForwarder(("127.0.0.1", port)) as proxy:
+    with Forwarder(("127.0.0.1", port)) as proxy:
         sock: Any = (ResilientSocket.connect(proxy.address, FAST, timeout=5) if resilient
                      else gsocket.create_connection(proxy.address, timeout=5))
         sock.sendall(b"*1\r\n$4\r\nPING\r\n")

@@ -40,6 +40,20 @@ def _script(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
+def _both_modes(script: Path, handler: type[socketserver.BaseRequestHandler], *args: Any
+                ) -> dict[str, tuple[Counter[str], list[str]]]:
+    """Run ``script`` (argv: the server's port, then ``args``) plainly and under
+    resilientsock, each against a fresh ``CountingServer(handler)``; each run must exit 0.
+    By mode: what its server counted and the lines the script printed."""
+    seen: dict[str, tuple[Counter[str], list[str]]] = {}
+    for mode in MODES:
+        with CountingServer(handler) as server:
+            out = run_as(mode, script, server.server_address[1], *args, timeout=60)
+        assert out.returncode == 0, out.stderr
+        seen[mode] = (server.counts, out.stdout.split("\n")[:-1])
+    return seen
+
+
 # -- http.client: a keep-alive connection the server closed while it was idle ----------------
 #
 # The stale keep-alive race: the server answers without ``Connection: close`` and then closes
@@ -90,12 +104,7 @@ class _ClosingHTTP(socketserver.StreamRequestHandler):
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_a_keep_alive_connection_the_server_closed_while_idle(tmp_path, method):
     script = _script(tmp_path, "client.py", HTTP_CLIENT)
-    seen: dict[str, tuple[Counter[str], list[str]]] = {}
-    for mode in MODES:
-        with CountingServer(_ClosingHTTP) as server:
-            out = run_as(mode, script, server.server_address[1], method, timeout=60)
-        assert out.returncode == 0, out.stderr
-        seen[mode] = (server.counts, out.stdout.split("\n")[:-1])
+    seen = _both_modes(script, _ClosingHTTP, method)
     counts, lines = seen["resilientsock"]
     # no request ran more than once, whatever the mode
     assert all(n == 1 for n in counts.values()), seen
@@ -175,12 +184,7 @@ class _ExpectHTTP(socketserver.StreamRequestHandler):
 @pytest.mark.parametrize("method", ["PUT", "POST"])
 def test_an_expect_100_continue_upload_reset_mid_body(tmp_path, method):
     script = _script(tmp_path, "client.py", EXPECT_CLIENT)
-    seen: dict[str, tuple[Counter[str], list[str]]] = {}
-    for mode in MODES:
-        with CountingServer(_ExpectHTTP) as server:
-            out = run_as(mode, script, server.server_address[1], method, timeout=60)
-        assert out.returncode == 0, out.stderr
-        seen[mode] = (server.counts, out.stdout.split("\n")[:-1])
+    seen = _both_modes(script, _ExpectHTTP, method)
     counts, lines = seen["resilientsock"]
     assert counts["bad"] == 0, seen  # no half body arrived as a request of its own
     assert counts[f"{method} /up0 200000"] <= 1 and counts[f"{method} /up1 200000"] == 1, seen
@@ -282,12 +286,7 @@ def test_smtplib_starttls_drop_after_the_upgrade_is_the_plain_clients(tmp_path):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
     script = _script(tmp_path, "client.py", SMTP_CLIENT)
-    seen: dict[str, tuple[Counter[str], str]] = {}
-    for mode in MODES:
-        with CountingServer(_starttls_handler(context)) as server:
-            out = run_as(mode, script, server.server_address[1], cafile, timeout=60)
-        assert out.returncode == 0, out.stderr
-        seen[mode] = (server.counts, out.stdout)
+    seen = _both_modes(script, _starttls_handler(context), cafile)
     assert seen["resilientsock"] == seen["plain"], seen
     counts = seen["resilientsock"][0]
     assert counts["delivered tls"] == 1 and counts["delivered in clear"] == 0, seen
@@ -363,12 +362,7 @@ def test_a_certificate_failing_on_the_reconnect_surfaces_at_once(tmp_path):
         ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
         contexts.append(context)
     script = _script(tmp_path, "client.py", TLS_CLIENT)
-    seen: dict[str, tuple[Counter[str], list[str]]] = {}
-    for mode in MODES:
-        with CountingServer(_cert_swap_handler(*contexts)) as server:
-            out = run_as(mode, script, server.server_address[1], cafile, timeout=60)
-        assert out.returncode == 0, out.stderr
-        seen[mode] = (server.counts, out.stdout.split("\n")[:-1])
+    seen = _both_modes(script, _cert_swap_handler(*contexts), cafile)
     counts, lines = seen["resilientsock"]
     assert lines[0] == "got b'ACK A\\n'" and lines[1].startswith("error "), seen
     assert lines[-1] == "elapsed 0", seen  # at once, not after the deadline

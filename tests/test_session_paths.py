@@ -86,7 +86,7 @@ def test_one_application_write_is_one_frame_in_one_segment_through_a_nagle_forwa
             assert data_chunks == {"up": count, "down": count}
             app.close()
         finally:
-            fwd.stop()
+            fwd.close()
 
 
 # -- backpressure is not death ------------------------------------------------------------------
