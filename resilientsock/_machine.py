@@ -191,6 +191,9 @@ class Drop:
     peer_not_reading: bool = False  # a write timeout, and the peer's TCP acknowledged all
     early_answer: bool = False  # a failed write, and the peer's bytes are waiting to be read
     duplex: bool = False  # another greenlet reads this socket (its answers are not early)
+    # An EOF: the peer's FIN was in before every unanswered request was written, and the
+    # dialect's servers never read after their FIN (``fin_is_final``): none of them was read.
+    unread: bool = False
 
 
 class TokenBucket:
@@ -456,6 +459,12 @@ def _not_idempotent(m: Machine, d: Drop) -> str | None:
     if dialect is None or m.policy.replay not in ("idempotent", "safe"):
         return None
     if not (m.journal.pending or d.writing or m.holding()):
+        return None
+    if d.unread:
+        # Written after the server's FIN (a stale keep-alive connection), to a server that
+        # never reads after it: it never ran, and runs once on the new connection (wave 5:
+        # a POST there was passed on as EOF when the server's reset came after the write,
+        # and re-sent when it came before, as the scheduler had it).
         return None
     what = dialect.unsafe()
     if what is None:
@@ -921,7 +930,7 @@ class Machine:
                 self.dialect.wrote(first_write)
 
     def eof(self, nbytes: int, others_active: bool,
-            peer_alive: bool | None = None) -> Verdict | Drop:
+            peer_alive: bool | None = None, *, unread: bool = False) -> Verdict | Drop:
         """The connection's read returned EOF. A verdict, or a Drop to judge with ``drop``.
 
         ``others_active``: another greenlet is inside a write on this connection.
@@ -936,7 +945,7 @@ class Machine:
             exc = UnansweredEOFError("peer closed the connection without answering")
             info = classify(exc, phase="read")
             assert info is not None
-            return Drop(info, "eof", cut=cut)
+            return Drop(info, "eof", cut=cut, unread=unread and not cut)
 
         if self.half_closed or peer_alive:
             # A half-close (§5): the reader gets the EOF, as a plain socket gives it, and
@@ -1255,9 +1264,14 @@ class Machine:
             # (A second at most to learn it; a writer between calls gets DUPLEX_EOF_WAIT.)
             return AskPeer(idle, others, DUPLEX_EOF_WAIT if idle else 1.0)
         fin = self.fin_before
+        if fin is not None and fin[0] == gen and self.dialect is not None \
+                and self.dialect.fin_is_final():
+            # The FIN was in before this exchange's first write (the look is made only while
+            # nothing is unanswered): the server, which never reads after its FIN, read none
+            # of what is unanswered.
+            return self.eof_judge(gen, nbytes, others, None, unread=True)
         if (fin is not None and fin[0] == gen and nbytes and self.journal.pending
-                and not self.half_closed and self.policy.eof != "pass"
-                and (self.dialect is None or not self.dialect.fin_is_final())):
+                and not self.half_closed and self.policy.eof != "pass"):
             # One greenlet wrote a request after the peer's FIN (§5: a half-close is not a
             # drop): a peer that still reads acknowledges it, one that closed resets it.
             # (Not where the dialect knows its servers never read after their FIN: there a
@@ -1266,11 +1280,14 @@ class Machine:
             return AskPeer(False, others, 1.0, acked=fin[1])
         return self.eof_judge(gen, nbytes, others, None)
 
-    def eof_judge(self, gen: int, nbytes: int, others: bool, alive: bool | None) -> Action:
-        """``eof_seen``'s EOF with what ``AskPeer`` found (``alive``; None: not asked)."""
+    def eof_judge(self, gen: int, nbytes: int, others: bool, alive: bool | None, *,
+                  unread: bool = False) -> Action:
+        """``eof_seen``'s EOF with what ``AskPeer`` found (``alive``; None: not asked);
+        ``unread``: what is unanswered was written after the FIN of a server that never
+        reads after it (``Drop.unread``)."""
         if self.gen != gen or self.state is not CONNECTED:
             return READ_AGAIN  # the writer met the drop and recovered: read again there
-        outcome = self.eof(nbytes, others, alive)
+        outcome = self.eof(nbytes, others, alive, unread=unread)
         if isinstance(outcome, Verdict):
             if outcome.rule == "eof-repeat":
                 # The server's answer is to close: the caller gets the EOF, the connection

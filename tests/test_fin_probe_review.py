@@ -128,12 +128,15 @@ def test_a_get_on_a_stale_keep_alive_connection_through_a_forwarder_is_re_sent_o
     assert ours == ((200, b"ok\n"), 1)
 
 
-def test_a_post_on_a_stale_keep_alive_connection_through_a_forwarder_is_surfaced_as_plain():
-    """The POST may have reached the server as far as the client can tell (the forwarder
-    acknowledged it): not re-sent, RemoteDisconnected as the plain client gets, run never."""
+def test_a_post_on_a_stale_keep_alive_connection_through_a_forwarder_is_re_sent_once():
+    """The POST was written after the server's FIN (the look saw it in): an HTTP/1.x server
+    never reads after its FIN (``fin_is_final``), so the forwarder's acknowledgement took it
+    for a closed server, which never ran it. Re-sent, run once; the plain client gets
+    RemoteDisconnected. (Was, until the stale keep-alive POST fix: passed on as plain, since
+    the POST "may have reached the server".)"""
     plain = _after_idle_close(False, "POST", via_proxy=True)
-    ours = _after_idle_close(True, "POST", via_proxy=True)
-    assert plain == ours == ("RemoteDisconnected", 0)
+    assert plain == ("RemoteDisconnected", 0)
+    assert _after_idle_close(True, "POST", via_proxy=True) == ((200, b"ok\n"), 1)
 
 
 def test_a_get_on_a_stale_keep_alive_connection_is_re_sent_once():

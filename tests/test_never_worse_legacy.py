@@ -112,8 +112,11 @@ def test_a_keep_alive_connection_the_server_closed_while_idle(tmp_path, method):
     # every request that the plain client got through, ours got through too
     ok = {line for line in lines if line.startswith("200")}
     assert {line for line in seen["plain"][1] if line.startswith("200")} <= ok, seen
-    if method == "GET":  # idempotent: re-sent on a new connection, every one answered
-        assert lines == [f"200 GET /r{i}" for i in range(3)], seen
+    # Every one answered: a GET is idempotent; a POST written after the server's FIN was
+    # never read by it (an HTTP server never reads after its FIN: docs/design.md §5), whether
+    # the write met the server's reset or the read met its EOF (which one, the scheduler
+    # decides: on a loaded machine the POST's EOF was passed on, wave 5).
+    assert lines == [f"200 {method} /r{i}" for i in range(3)], seen
 
 
 # -- http.client with Expect: 100-continue, the upload reset mid-body ------------------------
