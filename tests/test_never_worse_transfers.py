@@ -18,6 +18,9 @@ gives no error type the plain client's fault does not give, and no wait. Measure
 (2026-12-07, seeds 1-5): the same server-side counts plain and under resilientsock in every run;
 after a login these protocols carry a session, so every drop in it is surfaced (the banner
 rule), and the data connection is a plain socket (``_libraries.ONE_SHOT``).
+
+One defect found (last section): a reset right after the greeting, before the first command's
+write, shifted every answer by one under resilientsock.
 """
 
 from __future__ import annotations
@@ -177,7 +180,7 @@ class _Ftpd:
             def on_file_received(self, file: str) -> None:
                 name = os.path.basename(file)
                 count(f"stored {name}")
-                if Path(file).read_bytes() == _blob(int(name[1:])):
+                if name[1:].isdigit() and Path(file).read_bytes() == _blob(int(name[1:])):
                     count(f"stored whole {name}")
 
             def respond(self, resp: str, *args: Any, **kwargs: Any) -> Any:
@@ -653,8 +656,8 @@ class Forwarder:
     def reset_first(self) -> None:
         client, up = self.pairs[0]
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        client.shutdown(socket.SHUT_RDWR)  # wakes its pump; with SO_LINGER 0 the close RSTs
-        client.close()
+        client.shutdown(socket.SHUT_RD)  # wakes its pump, sends nothing (no FIN)
+        client.close()  # with SO_LINGER 0: an RST, nothing before it
         up.close()
 
     def _serve(self) -> None:
@@ -743,10 +746,13 @@ def test_a_reset_right_after_the_banner_never_shifts_the_answers(tmp_path, first
             result = _run_with_reset(mode, script, proto, front)
         seen[mode] = (result, Counter(counts))
     plain, rs = seen["plain"][0], seen["resilientsock"][0]
-    assert plain.startswith("error"), seen  # the reset met the first command
+    # the reset met the first command's write: ECONNRESET or EPIPE, whichever the kernel
+    # says first (smtplib turns either into SMTPServerDisconnected)
+    reset = {"ConnectionResetError", "BrokenPipeError", "SMTPServerDisconnected"}
+    assert plain.split()[:1] == ["error"] and plain.split()[1] in reset, seen
     # recovered (the command ran on the new connection, after its banner), or the plain
-    # client's own error: never an answer meant for another command
-    assert rs == "ok" or rs.split()[:2] == plain.split()[:2], seen
+    # client's error: never an answer meant for another command
+    assert rs == "ok" or rs.split()[1] in reset, seen
     server = seen["resilientsock"][1]
     assert server["failed logins"] == 0 and server["530"] == 0, seen  # nothing logged out
     assert server["stored"] <= 1, seen
