@@ -817,7 +817,7 @@ class ResilientSocket(_GeventSocket):
                 finally:
                     m.writing -= 1
             failure, err = err, None
-            self._rs_handle_error(failure, "write", gen, call_end, writing=True)
+            self._rs_handle_error(failure, "write", gen, call_end, writing=True, data=data)
             again = True
 
     def _rs_lazy_reconnect(self, m: Machine, call_end: float | None) -> None:
@@ -852,7 +852,7 @@ class ResilientSocket(_GeventSocket):
     # -- judging an error ---------------------------------------------------------------------
 
     def _rs_handle_error(self, exc: BaseException, phase: str, gen: int,
-                         call_end: float | None, writing: bool) -> None:
+                         call_end: float | None, writing: bool, data: Any = None) -> None:
         """Returns when the call should be retried (on a new connection); raises when the
         error is the caller's to see. The machine decides (``error``, ``judge``); this finds
         the facts and performs."""
@@ -860,7 +860,8 @@ class ResilientSocket(_GeventSocket):
         if m is None:
             raise exc
         step = m.error(exc, phase, gen, writing, closed=self._closed,
-                       nonblocking=self.timeout == 0.0, reader_waiting=self._rs_reader_waiting())
+                       nonblocking=self.timeout == 0.0, reader_waiting=self._rs_reader_waiting(),
+                       data=data)
         if isinstance(step, FindFacts):
             step = m.judge(self._rs_facts(m, step), gen)
         if isinstance(step, Retry):
@@ -1274,7 +1275,9 @@ class ResilientSocket(_GeventSocket):
             # an error the plain client never had): not re-sent (docs/design.md §5a). A clock
             # or a counter in the banner (Exim's, Sendmail's date) changes nothing they carry.
             m = self._rs_m
-            why = banner_refusal(first, got, m.journal.unconfirmed() if m is not None else b"")
+            # what is about to be sent: the replay, and the interrupted write made again
+            resend = m.journal.unconfirmed() + m.unwritten if m is not None else b""
+            why = banner_refusal(first, got, resend)
             if why is not None:
                 raise _SetupMismatch(
                     f"the new connection's banner differs from the one the application read: "
