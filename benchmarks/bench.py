@@ -237,17 +237,6 @@ def bench_overhead(runs: int, quick: bool) -> dict[str, Any]:
                 for variant in VARIANTS:  # interleaved: drift hits every variant alike
                     samples[variant].append(run_client(variant, test, srv.port, amount))
         results[test] = samples
-    modes = ["gevent", "patched", "patched-noresume"]
-    cost: dict[str, list[float]] = {mode: [] for mode in modes}
-    for run in range(runs):
-        k = run % len(modes)
-        for mode in modes[k:] + modes[:k]:
-            out = subprocess.run([sys.executable, __file__, "_readcost", mode],
-                                 capture_output=True, text=True, env=ENV, timeout=300)
-            if out.returncode != 0:
-                raise RuntimeError(f"readcost {mode} failed:\n{out.stderr[-2000:]}")
-            cost[mode].append(float(json.loads(out.stdout.strip().splitlines()[-1])["value"]))
-    results["readcost"] = cost
     return results
 
 
@@ -546,6 +535,17 @@ def bench_sameproc(runs: int, quick: bool) -> dict[str, dict[str, list[float]]]:
                 samples[mode].append(float(json.loads(out.stdout.strip().splitlines()[-1])
                                            ["value"]))
         results[test] = samples
+    modes = ["gevent", "patched", "patched-noresume"]
+    cost: dict[str, list[float]] = {mode: [] for mode in modes}
+    for run in range(runs):
+        k = run % len(modes)
+        for mode in modes[k:] + modes[:k]:
+            out = subprocess.run([sys.executable, __file__, "_readcost", mode],
+                                 capture_output=True, text=True, env=ENV, timeout=300)
+            if out.returncode != 0:
+                raise RuntimeError(f"readcost {mode} failed:\n{out.stderr[-2000:]}")
+            cost[mode].append(float(json.loads(out.stdout.strip().splitlines()[-1])["value"]))
+    results["readcost"] = cost
     return results
 
 
