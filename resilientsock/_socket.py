@@ -967,8 +967,15 @@ class ResilientSocket(_GeventSocket):
                 finally:
                     m.writing -= 1
         duplex = self._rs_reader_waiting() or m.reading > 0
+        if early and not duplex:
+            early = self._rs_early_answer()
         return replace(step.drop, peer_not_reading=peer_not_reading, early_answer=early,
                        duplex=duplex)
+
+    def _rs_early_answer(self) -> bool:
+        """The peer's bytes wait unread where a write failed: are they an answer? Over TCP
+        they are; TLS looks inside them (its TLS 1.3 session tickets wait there too)."""
+        return True
 
     def _rs_surface(self, exc: BaseException, step: Surface) -> None:
         verdict = step.verdict

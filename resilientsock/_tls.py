@@ -55,6 +55,7 @@ class _SSLObject(Protocol):
     def session(self) -> SSLSession | None: ...
     @property
     def session_reused(self) -> bool: ...
+    def read(self, size: int) -> bytes: ...
 
 
 class _WrapsSocket(Protocol):
@@ -96,6 +97,9 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
             self._rs_unprotect()
         _GeventSSLSocket.shutdown(self, how)
     _rs_tls_session: SSLSession | None = None
+    # An early answer decrypted to judge a failed write (``_rs_early_answer``), returned by
+    # the next reads before anything else of the connection.
+    _rs_early: bytes = b""
 
     def __init__(self, sock: Any = None, *args: Any, **kwargs: Any) -> None:
         carried = _carry_over(sock, kwargs)
@@ -147,6 +151,42 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
     def close(self) -> None:
         ResilientSocket.close(self)
 
+    def _rs_early_answer(self) -> bool:
+        """A write failed with the peer's bytes waiting unread (§5, an early answer?). They
+        are ciphertext, and a fresh TLS 1.3 connection always has some: the server's session
+        tickets, which the client reads only at its next read. Decrypt what has arrived,
+        without waiting (gevent keeps the descriptor non-blocking): application data is the
+        early answer, kept for the caller's next read; tickets alone, an incomplete record,
+        a close_notify or a reset are not. (Was: the tickets were taken for an answer, and a
+        request on a fresh connection reset before its write was surfaced, not re-sent.)"""
+        sslobj = self._sslobj
+        if sslobj is None:
+            return True
+        try:
+            data = sslobj.read(65536)
+        except (OSError, ValueError):  # SSLWantReadError (nothing whole), the end, a reset
+            return False
+        self._rs_early = data
+        return bool(data)
+
+    def _rs_take_early(self, nbytes: int, buffer: Any) -> Any:
+        """The next read's share of the kept early answer (``_rs_early_answer``), counted as
+        any answer byte is."""
+        data = self._rs_early
+        if buffer is not None:
+            view = memoryview(buffer).cast("B")
+            n = min(len(data), nbytes if nbytes > 0 else len(view), len(view))
+            view[:n] = data[:n]
+            result: Any = n
+        else:
+            n = min(len(data), nbytes)
+            result = data[:n]
+        self._rs_early = data[n:]
+        m = self._rs_m
+        if m is not None and n:
+            m.read_data(data[:n], m.journal.seq)
+        return result
+
     # -- reconnect ----------------------------------------------------------------------------
 
     def _rs_install(self, raw: Any) -> None:
@@ -161,6 +201,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
                     self._rs_tls_session = sslobj.session or self._rs_tls_session
             except (AttributeError, ValueError):
                 pass
+        self._rs_early = b""  # the old connection's
         ResilientSocket._rs_install(self, raw)
 
     def _rs_after_install(self, timeout: float | None) -> None:
@@ -203,6 +244,8 @@ def _tls_guarded_methods(read: Any, write: Any, send: Any) -> dict[str, Any]:
     """TLS hot paths: ``read``/``write`` guarded; ``send``/``sendall`` journaled once."""
 
     def read_(self: Any, nbytes: int = 1024, buffer: Any = None) -> Any:
+        if self._rs_early:
+            return self._rs_take_early(nbytes, buffer)
         m = self._rs_m
         args = (nbytes, buffer)
         if m is None or m.state is not CONNECTED:
