@@ -742,6 +742,12 @@ class ResilientSocket(_GeventSocket):
         if step.report == "eof-repeat":
             _emit("surfaced", logging.INFO, "%s: EOF passed on: %s", self._rs_name(),
                   verdict.note, peer=self._rs_target, category="connection_lost")
+        elif step.report == "cut" and step.warn and step.info is not None:
+            self._rs_bump("surfaced")
+            _stats.bump(f"surfaced.{step.info.category}")
+            _emit("surfaced", logging.WARNING, "%s: EOF mid-answer passed on: %s",
+                  self._rs_name(), verdict.note, peer=self._rs_target,
+                  category=str(step.info.category), error_type="EOF")
         elif step.report == "cut":
             log.debug("%s: EOF mid-answer passed on: %s", self._rs_name(), verdict.note)
         elif step.report == "surfaced" and step.info is not None:
