@@ -112,6 +112,11 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
             if carried is None or info is None or not info.retryable:
                 raise
             self._closed = False
+            # gevent's __init__ probes a socket that is no longer connected (a reset before
+            # the handshake: ENOTCONN) with recv(1) after setblocking(False), and that recv's
+            # ECONNRESET leaves it non-blocking: the new connection's handshake then raised
+            # SSLWantReadError, "not retried". The caller's timeout, as it was at the wrap.
+            self.settimeout(carried["timeout"])
             self._rs_adopt(carried, BROKEN)
             self._rs_recover(exc, carried["call_end"], first=True)
             self._rs_protect()
@@ -300,6 +305,7 @@ def _carry_over(sock: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
         "source": sock._rs_source,
         "opts": sock.__dict__.get("_rs_opts", {}),
         "library": m.library,
+        "timeout": timeout,
         "call_end": None if timeout is None else _clock() + timeout,
     }
     sock._rs_unprotect()  # the TLS socket owns the connection from here on

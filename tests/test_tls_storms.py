@@ -679,3 +679,29 @@ def test_a_post_cut_mid_answer_over_tls_is_named_at_warning(tmp_path: Path, how:
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("POST /orders/1" in w for w in warnings), caplog.text
     assert srv.counts["POST /orders/1"] == 1 and srv.counts["connections"] == 1
+
+
+@pytest.mark.parametrize("fault", ["reset_all", "close_all"])
+def test_a_drop_between_the_connect_and_the_tls_wrap_is_retried(tls_server: TLSServer,
+                                                                 fault: str) -> None:
+    """The path drops after the TCP connect, before the TLS wrap's handshake (an HTTPS client
+    that opens a connection and wraps it a moment later): a drop before or during the first
+    handshake is retried (§3: nothing can have been delivered), and the conversation goes
+    on. Was (found by the HTTPS storm), after an RST: gevent's not-connected probe in
+    SSLSocket.__init__ raised ECONNRESET with the socket left non-blocking, so the
+    reconnect's handshake raised SSLWantReadError, "not retried", and the caller got
+    ConnectionResetError."""
+    from resilientsock import ResilientSocket, RetryPolicy
+
+    with FaultProxy(tls_server.address) as proxy:
+        raw = ResilientSocket.connect(proxy.address, RetryPolicy(deadline=5), timeout=5)
+        wait_until(lambda: proxy.active == 1, 5, "the proxy to accept")
+        getattr(proxy, fault)()
+        _reset_seen(raw)
+        sock = tls_ctx(tls_server).wrap_socket(raw, server_hostname="localhost")
+        with sock:
+            assert sock.gettimeout() == 5
+            sock.sendall(b"MSG 1 x\n")
+            assert sock.recv(100) == b"ACK 1\n"
+            assert sock.reconnects == 1 and proxy.connections == 2
+    assert tls_server.received == [1]
