@@ -20,6 +20,9 @@ Rules of this module (docs/design.md §3, §6, §7):
    applies (unanswered -> drop, otherwise the end of the stream).
 6. ``confirm="tcp-ack"`` counts TCP bytes, which under TLS are ciphertext: it falls back to
    confirmation by answer (with a warning).
+7. Bytes waiting unread when a write fails are ciphertext too: only decrypted application
+   data is an early answer (§5), kept for the next read (``_rs_early_answer``). A fresh TLS
+   1.3 connection always has the server's session tickets waiting there.
 """
 
 from __future__ import annotations
