@@ -261,17 +261,29 @@ def _tls_guarded_methods(read: Any, write: Any, send: Any) -> dict[str, Any]:
         mark = m.journal.seq  # Journal.mark()
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
+        # A read under way, counted as the TCP reads count it: a write meanwhile makes the
+        # socket full duplex (§5). (Was: not counted over TLS, so a line protocol with a
+        # reader and a writer greenlet never became full duplex, and the writer's drop met
+        # with the reader's unread answer lines was surfaced as an early answer.)
+        m.reading += 1
         try:
             result = read(self, nbytes, buffer)
         except BaseException as exc:
-            return self._rs_read(read, args, TLS_READ, t0, exc, gen)
+            try:
+                return self._rs_read(read, args, TLS_READ, t0, exc, gen)
+            finally:
+                m.reading -= 1
         if result:
+            m.reading -= 1
             if buffer is None:
                 m.read_data(result, mark)
             else:
                 m.read_data(memoryview(buffer).cast("B")[:result], mark)
             return result
-        return self._rs_read_eof(read, args, TLS_READ, result, t0, gen)
+        try:
+            return self._rs_read_eof(read, args, TLS_READ, result, t0, gen)
+        finally:
+            m.reading -= 1
 
     def write_(self: Any, data: Any) -> Any:
         return self._rs_write(write, (data,), data, True)

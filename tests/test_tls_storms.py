@@ -713,3 +713,30 @@ def test_a_drop_between_the_connect_and_the_tls_wrap_is_retried(tls_server: TLSS
             assert sock.recv(100) == b"ACK 1\n"
             assert sock.reconnects == 1 and proxy.connections == 2
     assert tls_server.received == [1]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_a_write_while_another_greenlet_reads_makes_the_socket_full_duplex(
+        tls_server: TLSServer, server: Any, tls: bool) -> None:
+    """§5: a socket on which a read and a write of different greenlets overlapped is full
+    duplex for good — over TLS as over TCP. Its unread answer lines when a write fails are
+    then answers to earlier lines, not an early answer. Was (found by the full-duplex TLS
+    storm, 4 runs in 8): the TLS read never counted itself as a read under way, the socket
+    never became full duplex, and the writer's drop was surfaced as an early answer
+    (SSLEOFError) where the same storm over TCP loses nothing."""
+    import gevent
+
+    from resilientsock import ResilientSocket, RetryPolicy
+
+    address = tls_server.address if tls else server.address
+    sock = ResilientSocket.connect(address, RetryPolicy(deadline=5), timeout=5)
+    if tls:
+        sock = tls_ctx(tls_server).wrap_socket(sock, server_hostname="localhost")
+    with sock:
+        got: list[bytes] = []
+        reader = gevent.spawn(lambda: got.append(sock.recv(100)))
+        wait_until(sock._rs_reader_waiting, 5, "the reader to wait in its read")
+        sock.sendall(b"MSG 1 x\n")
+        reader.join(5)
+        assert got == [b"ACK 1\n"]
+        assert sock._rs_m.duplex  # noqa: SLF001 - the fact the §5 rules turn on
