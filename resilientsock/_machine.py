@@ -1084,6 +1084,13 @@ class Machine:
     def holding(self) -> bool:
         return self.dialect is not None and bool(self.dialect.hold())
 
+    def _refused_for_idempotency(self) -> bool:
+        """The answer in progress is not resumed only because its request is not idempotent
+        (``resume_refusal``'s dialect reason, with resuming otherwise on)."""
+        dialect = self.dialect
+        return (dialect is not None and self.policy.resume_answers
+                and self.policy.replay in REPLAYING and not dialect.resumable())
+
     def resume_refusal(self) -> str | None:
         """Why the answer in progress cannot be resumed (None: it can, §5b)."""
         policy = self.policy
@@ -1313,7 +1320,12 @@ class Machine:
         verdict = self.drop(outcome)
         if outcome.cut:
             if verdict.kind == PASS_EOF:  # not resumable: the EOF ends the answer, as before
-                return PassEOF(verdict, report="cut")
+                # Refused because the request is not idempotent (a POST whose answer was cut
+                # after its head): the EOF carries no note, so the log names the request at
+                # WARNING, as for an unanswered one below. Under TLS a reset reads as this
+                # EOF; over TCP the same reset surfaces with the note. (Was: a DEBUG line.)
+                return PassEOF(verdict, report="cut", info=outcome.info,
+                               warn=self._refused_for_idempotency())
             leave = _libraries.draining() or _libraries.retrying_now(self.library)
             if leave is not None:
                 # The library re-requests the call itself (its retries), or is throwing the

@@ -742,6 +742,12 @@ class ResilientSocket(_GeventSocket):
         if step.report == "eof-repeat":
             _emit("surfaced", logging.INFO, "%s: EOF passed on: %s", self._rs_name(),
                   verdict.note, peer=self._rs_target, category="connection_lost")
+        elif step.report == "cut" and step.warn and step.info is not None:
+            self._rs_bump("surfaced")
+            _stats.bump(f"surfaced.{step.info.category}")
+            _emit("surfaced", logging.WARNING, "%s: EOF mid-answer passed on: %s",
+                  self._rs_name(), verdict.note, peer=self._rs_target,
+                  category=str(step.info.category), error_type="EOF")
         elif step.report == "cut":
             log.debug("%s: EOF mid-answer passed on: %s", self._rs_name(), verdict.note)
         elif step.report == "surfaced" and step.info is not None:
@@ -968,8 +974,15 @@ class ResilientSocket(_GeventSocket):
                 finally:
                     m.writing -= 1
         duplex = self._rs_reader_waiting() or m.reading > 0
+        if early and not duplex:
+            early = self._rs_early_answer()
         return replace(step.drop, peer_not_reading=peer_not_reading, early_answer=early,
                        duplex=duplex)
+
+    def _rs_early_answer(self) -> bool:
+        """The peer's bytes wait unread where a write failed: are they an answer? Over TCP
+        they are; TLS looks inside them (its TLS 1.3 session tickets wait there too)."""
+        return True
 
     def _rs_surface(self, exc: BaseException, step: Surface) -> None:
         verdict = step.verdict

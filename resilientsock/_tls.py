@@ -20,6 +20,9 @@ Rules of this module (docs/design.md §3, §6, §7):
    applies (unanswered -> drop, otherwise the end of the stream).
 6. ``confirm="tcp-ack"`` counts TCP bytes, which under TLS are ciphertext: it falls back to
    confirmation by answer (with a warning).
+7. Bytes waiting unread when a write fails are ciphertext too: only decrypted application
+   data is an early answer (§5), kept for the next read (``_rs_early_answer``). A fresh TLS
+   1.3 connection always has the server's session tickets waiting there.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class _SSLObject(Protocol):
     def session(self) -> SSLSession | None: ...
     @property
     def session_reused(self) -> bool: ...
+    def read(self, size: int) -> bytes: ...
 
 
 class _WrapsSocket(Protocol):
@@ -96,6 +100,9 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
             self._rs_unprotect()
         _GeventSSLSocket.shutdown(self, how)
     _rs_tls_session: SSLSession | None = None
+    # An early answer decrypted to judge a failed write (``_rs_early_answer``), returned by
+    # the next reads before anything else of the connection.
+    _rs_early: bytes = b""
 
     def __init__(self, sock: Any = None, *args: Any, **kwargs: Any) -> None:
         carried = _carry_over(sock, kwargs)
@@ -108,6 +115,11 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
             if carried is None or info is None or not info.retryable:
                 raise
             self._closed = False
+            # gevent's __init__ probes a socket that is no longer connected (a reset before
+            # the handshake: ENOTCONN) with recv(1) after setblocking(False), and that recv's
+            # ECONNRESET leaves it non-blocking: the new connection's handshake then raised
+            # SSLWantReadError, "not retried". The caller's timeout, as it was at the wrap.
+            self.settimeout(carried["timeout"])
             self._rs_adopt(carried, BROKEN)
             self._rs_recover(exc, carried["call_end"], first=True)
             self._rs_protect()
@@ -147,6 +159,42 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
     def close(self) -> None:
         ResilientSocket.close(self)
 
+    def _rs_early_answer(self) -> bool:
+        """A write failed with the peer's bytes waiting unread (§5, an early answer?). They
+        are ciphertext, and a fresh TLS 1.3 connection always has some: the server's session
+        tickets, which the client reads only at its next read. Decrypt what has arrived,
+        without waiting (gevent keeps the descriptor non-blocking): application data is the
+        early answer, kept for the caller's next read; tickets alone, an incomplete record,
+        a close_notify or a reset are not. (Was: the tickets were taken for an answer, and a
+        request on a fresh connection reset before its write was surfaced, not re-sent.)"""
+        sslobj = self._sslobj
+        if sslobj is None:
+            return True
+        try:
+            data = sslobj.read(65536)
+        except (OSError, ValueError):  # SSLWantReadError (nothing whole), the end, a reset
+            return False
+        self._rs_early = data
+        return bool(data)
+
+    def _rs_take_early(self, nbytes: int, buffer: Any) -> Any:
+        """The next read's share of the kept early answer (``_rs_early_answer``), counted as
+        any answer byte is."""
+        data = self._rs_early
+        if buffer is not None:
+            view = memoryview(buffer).cast("B")
+            n = min(len(data), nbytes if nbytes > 0 else len(view), len(view))
+            view[:n] = data[:n]
+            result: Any = n
+        else:
+            n = min(len(data), nbytes)
+            result = data[:n]
+        self._rs_early = data[n:]
+        m = self._rs_m
+        if m is not None and n:
+            m.read_data(data[:n], m.journal.seq)
+        return result
+
     # -- reconnect ----------------------------------------------------------------------------
 
     def _rs_install(self, raw: Any) -> None:
@@ -161,6 +209,7 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
                     self._rs_tls_session = sslobj.session or self._rs_tls_session
             except (AttributeError, ValueError):
                 pass
+        self._rs_early = b""  # the old connection's
         ResilientSocket._rs_install(self, raw)
 
     def _rs_after_install(self, timeout: float | None) -> None:
@@ -203,6 +252,8 @@ def _tls_guarded_methods(read: Any, write: Any, send: Any) -> dict[str, Any]:
     """TLS hot paths: ``read``/``write`` guarded; ``send``/``sendall`` journaled once."""
 
     def read_(self: Any, nbytes: int = 1024, buffer: Any = None) -> Any:
+        if self._rs_early:
+            return self._rs_take_early(nbytes, buffer)
         m = self._rs_m
         args = (nbytes, buffer)
         if m is None or m.state is not CONNECTED:
@@ -210,17 +261,29 @@ def _tls_guarded_methods(read: Any, write: Any, send: Any) -> dict[str, Any]:
         mark = m.journal.seq  # Journal.mark()
         gen = m.gen
         t0 = _clock() if self.timeout is not None else None
+        # A read under way, counted as the TCP reads count it: a write meanwhile makes the
+        # socket full duplex (§5). (Was: not counted over TLS, so a line protocol with a
+        # reader and a writer greenlet never became full duplex, and the writer's drop met
+        # with the reader's unread answer lines was surfaced as an early answer.)
+        m.reading += 1
         try:
             result = read(self, nbytes, buffer)
         except BaseException as exc:
-            return self._rs_read(read, args, TLS_READ, t0, exc, gen)
+            try:
+                return self._rs_read(read, args, TLS_READ, t0, exc, gen)
+            finally:
+                m.reading -= 1
         if result:
+            m.reading -= 1
             if buffer is None:
                 m.read_data(result, mark)
             else:
                 m.read_data(memoryview(buffer).cast("B")[:result], mark)
             return result
-        return self._rs_read_eof(read, args, TLS_READ, result, t0, gen)
+        try:
+            return self._rs_read_eof(read, args, TLS_READ, result, t0, gen)
+        finally:
+            m.reading -= 1
 
     def write_(self: Any, data: Any) -> Any:
         return self._rs_write(write, (data,), data, True)
@@ -257,6 +320,7 @@ def _carry_over(sock: Any, kwargs: dict[str, Any]) -> dict[str, Any] | None:
         "source": sock._rs_source,
         "opts": sock.__dict__.get("_rs_opts", {}),
         "library": m.library,
+        "timeout": timeout,
         "call_end": None if timeout is None else _clock() + timeout,
     }
     sock._rs_unprotect()  # the TLS socket owns the connection from here on
