@@ -177,6 +177,11 @@ class ResilientSSLSocket(ResilientSocket, _GeventSSLSocket):
         self._rs_early = data
         return bool(data)
 
+    def pending(self) -> int:
+        """Decrypted bytes ready to read without waiting: the kept early answer's too (an
+        application that selects before it reads asks this first, as the ssl docs say)."""
+        return len(self._rs_early) + int(_GeventSSLSocket.pending(self))
+
     def _rs_take_early(self, nbytes: int, buffer: Any) -> Any:
         """The next read's share of the kept early answer (``_rs_early_answer``), counted as
         any answer byte is."""
