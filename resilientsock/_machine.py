@@ -897,6 +897,9 @@ class Machine:
             self.session = True
         if dialect is not None:
             chunk = bytes(data)
+            # The records written while this read waited (full duplex) are not answered by
+            # it: the journal keeps them unconfirmed, and so must the dialect (unsafe()).
+            dialect.answered(journal.seq - mark)
             dialect.read(chunk)
             if journal.keeping:
                 self.digest.update(dialect.mask(chunk))

@@ -61,6 +61,12 @@ class Dialect:
     def read(self, data: bytes) -> None:
         """One chunk the application read, in order."""
 
+    def answered(self, late: int) -> None:
+        """A read returned data (``read`` follows with it). By the journal's rule, every
+        record written before that read began is answered by it; the last ``late`` records
+        were written while it waited (another greenlet wrote: full duplex) and are not. A
+        dialect that keeps unanswered requests (for ``unsafe``) forgets only the former."""
+
     def refusal(self) -> str | None:
         """If the connection dropped now: why the drop must be surfaced, or None (byte rules).
 
