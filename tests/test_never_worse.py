@@ -822,8 +822,9 @@ def test_stomp_send_whose_receipt_is_cut_is_not_resent_to_a_reader_greenlet():
                 proxy.cut_after(10, "down")  # the RECEIPT: its first 10 bytes, then RST
                 sock.sendall(b"SEND\ndestination:/queue/a\nreceipt:r1\n\nhello\x00")
                 reader.join(10)
-                assert reader.dead, "the receiver is still waiting"
+                waiting = not reader.dead
                 reader.kill()
+                assert not waiting, "the receiver is still waiting"
     finally:
         broker.close()
     got, exc = out["receiver"]
@@ -831,6 +832,49 @@ def test_stomp_send_whose_receipt_is_cut_is_not_resent_to_a_reader_greenlet():
     assert got == b"RECEIPT\nre"
     assert isinstance(exc, ConnectionResetError), exc
     assert "SEND /queue/a" in notes(exc)
+
+
+def test_stomp_connected_cut_under_a_reader_greenlet_is_surfaced_not_spliced():
+    """make field on 350dfe2, after the receipt fix: stomp.py's receiver waits in recv while
+    connect() sends the CONNECT; the proxy cut the CONNECTED 10 bytes in. The CONNECT counted
+    as answered, so the socket reconnected with nothing to re-send and the receiver's stream
+    went on over a connection that never had a CONNECT: stomp.py waited for the rest of the
+    frame until the broker's login timeout (10 s), past the app's 5 s. A plain socket gives
+    the reset at once; so does this one now."""
+    import gevent
+
+    broker = MiniStomp()
+    out: dict[str, Any] = {}
+    try:
+        with FaultProxy(broker.address) as proxy:
+            with ResilientSocket.connect(proxy.address, FAST, timeout=5) as sock:
+                def receiver() -> None:
+                    got = b""
+                    try:
+                        while True:
+                            chunk = sock.recv(4096)
+                            if not chunk:
+                                out["receiver"] = (got, "EOF")
+                                return
+                            got += chunk
+                    except OSError as exc:
+                        out["receiver"] = (got, exc)
+
+                reader = gevent.spawn(receiver)
+                gevent.idle()  # the receiver runs until it waits in recv
+                assert sock._rs_m.reading == 1
+                proxy.cut_after(10, "down")  # the CONNECTED: its first 10 bytes, then RST
+                sock.sendall(STOMP_CONNECT)
+                reader.join(4)
+                waiting = not reader.dead
+                reader.kill()
+                assert not waiting, "the receiver waits for the rest of CONNECTED"
+    finally:
+        broker.close()
+    got, exc = out["receiver"]
+    assert got == b"CONNECTED\n"
+    assert isinstance(exc, ConnectionResetError), exc
+    assert "inside a stomp message" in notes(exc)
 
 
 def test_stomp_send_and_subscribe_verdicts():

@@ -127,6 +127,12 @@ class Dialect:
         whose answer has not come). False where an EOF is a normal end, or not known."""
         return False
 
+    def mid_frame(self) -> bool:
+        """True while the reader is inside a message of the peer's (begun, not ended). In full
+        duplex the reader's stream goes on over a new connection, which cannot carry the rest
+        of that message: the drop is surfaced then (docs/design.md §5). False: not known."""
+        return False
+
     def mask(self, data: bytes) -> bytes:
         """The next chunk of the current answer as it enters the comparison digest.
 

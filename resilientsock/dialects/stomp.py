@@ -296,6 +296,9 @@ class StompDialect(Dialect):
     def resumable(self) -> bool:
         return False  # answers are pushes and receipts: nothing to re-request
 
+    def mid_frame(self) -> bool:
+        return self.lost is None and self._r.inside
+
     def discard(self) -> None:
         # The connection is gone, with its subscriptions and transactions; the recorded
         # CONNECT stays (restore redoes it). A stream lost with no CONNECT recorded is new.
