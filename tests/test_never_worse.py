@@ -877,6 +877,36 @@ def test_stomp_connected_cut_under_a_reader_greenlet_is_surfaced_not_spliced():
     assert "inside a stomp message" in notes(exc)
 
 
+def test_getsockname_while_a_reader_greenlet_recovers_is_the_last_connections():
+    """make field on 54e672e (stomp.py, 1 run in 4): stomp.py's ``is_connected()`` calls
+    ``getsockname()`` from the application's thread while its receiver thread recovers the
+    connection. It raised EBADF (the old connection closed, the new one not in place), where
+    a plain socket that met the reset still answers; stomp.py took the socket for closed,
+    started a second receiver on it, and the two closed it under the application's SEND:
+    ``OSError: [Errno 9] Bad file descriptor``, an error plain stomp.py did not have."""
+    import gevent
+    from resilientsock._machine import RECOVERING
+
+    broker = MiniStomp()
+    try:
+        with FaultProxy(broker.address) as proxy:
+            with ResilientSocket.connect(proxy.address, FAST, timeout=5) as sock:
+                local, peer = sock.getsockname(), sock.getpeername()
+                reader = gevent.spawn(sock.recv, 4096)
+                gevent.idle()  # the receiver waits in recv
+                proxy.refuse(1.0)  # the recovery's attempts are refused for a while
+                # (the proxy may still be connecting upstream: reset once it holds the pair)
+                wait_until(lambda: proxy.reset_all() == 1, 5, "the proxy's connection")
+                wait_until(lambda: sock._rs_m.state is RECOVERING, 5, "the recovery")
+                try:
+                    assert sock.getsockname() == local
+                    assert sock.getpeername() == peer
+                finally:
+                    reader.kill()
+    finally:
+        broker.close()
+
+
 def test_stomp_send_and_subscribe_verdicts():
     from resilientsock.dialects.stomp import StompDialect
 
