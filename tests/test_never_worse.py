@@ -885,6 +885,7 @@ def test_getsockname_while_a_reader_greenlet_recovers_is_the_last_connections():
     started a second receiver on it, and the two closed it under the application's SEND:
     ``OSError: [Errno 9] Bad file descriptor``, an error plain stomp.py did not have."""
     import gevent
+
     from resilientsock._machine import RECOVERING
 
     broker = MiniStomp()
