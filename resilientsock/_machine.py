@@ -496,7 +496,14 @@ def _client_login(m: Machine, d: Drop) -> str | None:
 
 def _mid_answer(m: Machine, d: Drop) -> str | None:
     if m.duplex:
-        return None  # full duplex: the reader's stream goes on, nothing is resumed
+        # Full duplex: the reader's stream goes on, nothing is resumed; unless the reader
+        # stopped inside a message, whose rest no new connection carries (a STOMP CONNECTED
+        # cut 10 bytes in: stomp.py waited 10 s for the rest, the broker for a CONNECT).
+        dialect = m.dialect
+        if dialect is None or not dialect.mid_frame():
+            return None
+        return (f"the connection dropped while the reader was inside a {dialect.name} message "
+                "(full duplex): its rest cannot come on a new connection")
     if not m.answered or not (d.phase == "read" or d.cut or m.holding()):
         return None
     why = m.resume_refusal()
@@ -910,6 +917,9 @@ class Machine:
             self.session = True
         if dialect is not None:
             chunk = bytes(data)
+            # The records written while this read waited (full duplex) are not answered by
+            # it: the journal keeps them unconfirmed, and so must the dialect (unsafe()).
+            dialect.answered(journal.seq - mark)
             dialect.read(chunk)
             if journal.keeping:
                 self.digest.update(dialect.mask(chunk))

@@ -576,6 +576,37 @@ class ResilientSocket(_GeventSocket):
         if how != _std.SHUT_WR:
             self.__dict__["_rs_shut_rd"] = True
 
+    # -- the connection's addresses ------------------------------------------------------------
+
+    def getsockname(self) -> Any:
+        """The local address. While another greenlet recovers the connection (the old one
+        closed, the new one not in place yet) it is the last connection's, as a plain socket
+        that met the drop still gives it; a first call then waits for the recovery. (stomp.py
+        asks it in ``is_connected()`` from the application's thread while its reader
+        recovers: the EBADF made it take the socket for closed, start a second reader on it,
+        and the two closed it under the application's write: ``OSError: [Errno 9]``.)"""
+        return self._rs_name_of(_GeventSocket.getsockname, "_rs_sockname")
+
+    def getpeername(self) -> Any:
+        """The peer's address; during another greenlet's recovery as ``getsockname``."""
+        return self._rs_name_of(_GeventSocket.getpeername, "_rs_peername")
+
+    def _rs_name_of(self, raw: Any, key: str) -> Any:
+        try:
+            name = raw(self)
+        except OSError:
+            m = self._rs_m
+            if m is None or m.state is not RECOVERING or m.owner is gevent.getcurrent() \
+                    or self._closed:
+                raise
+            name = self.__dict__.get(key)
+            if name is None:
+                self._rs_wait_recovery(m, None)
+                return raw(self)
+            return name
+        self.__dict__[key] = name
+        return name
+
     def close(self) -> None:
         m = self._rs_m
         if m is not None:

@@ -731,7 +731,12 @@ class MiniStomp(ThreadedServer):
                                                  b"CONNECT first\n\n\x00")
                             return
                         elif cmd == b"SEND":
-                            broker.sends.append(frame.split(b"\n\n", 1)[1])
+                            head, _, body = frame.partition(b"\n\n")
+                            broker.sends.append(body)
+                            for line in head.split(b"\n"):
+                                if line.startswith(b"receipt:"):
+                                    self.request.sendall(b"RECEIPT\nreceipt-id:%s\n\n\x00"
+                                                         % line[8:])
 
         self._start(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
 
@@ -785,6 +790,124 @@ def test_stomp_login_refused_on_the_new_connection_is_surfaced():
     assert broker.sends == [] and broker.unauthenticated == 0
 
 
+def test_stomp_send_whose_receipt_is_cut_is_not_resent_to_a_reader_greenlet():
+    """make field on 350dfe2 (stomp.py vs RabbitMQ): stomp.py reads in a receiver thread, which
+    waits in recv while the application SENDs. The proxy cut the RECEIPT 10 bytes in: the
+    receiver's read (begun before the SEND) got "RECEIPT\nre", then the reset. That read
+    does not answer the SEND (the journal keeps it unconfirmed), but the dialect counted it as
+    answered, so the SEND was re-sent: the message delivered twice, the receipt wait of the
+    next CONNECT ran 10 s. Now the SEND is surfaced, as plain surfaces the reset."""
+    import gevent
+
+    broker = MiniStomp()
+    out: dict[str, Any] = {}
+    try:
+        with FaultProxy(broker.address) as proxy:
+            with _stomp_login(proxy.address) as sock:
+                def receiver() -> None:
+                    got = b""
+                    try:
+                        while True:
+                            chunk = sock.recv(4096)
+                            if not chunk:
+                                out["receiver"] = (got, "EOF")
+                                return
+                            got += chunk
+                    except OSError as exc:
+                        out["receiver"] = (got, exc)
+
+                reader = gevent.spawn(receiver)
+                gevent.idle()  # the receiver runs until it waits in recv
+                assert sock._rs_m.reading == 1
+                proxy.cut_after(10, "down")  # the RECEIPT: its first 10 bytes, then RST
+                sock.sendall(b"SEND\ndestination:/queue/a\nreceipt:r1\n\nhello\x00")
+                reader.join(10)
+                waiting = not reader.dead
+                reader.kill()
+                assert not waiting, "the receiver is still waiting"
+    finally:
+        broker.close()
+    got, exc = out["receiver"]
+    assert broker.sends == [b"hello"], "the SEND was re-sent after its receipt began"
+    assert got == b"RECEIPT\nre"
+    assert isinstance(exc, ConnectionResetError), exc
+    assert "SEND /queue/a" in notes(exc)
+
+
+def test_stomp_connected_cut_under_a_reader_greenlet_is_surfaced_not_spliced():
+    """make field on 350dfe2, after the receipt fix: stomp.py's receiver waits in recv while
+    connect() sends the CONNECT; the proxy cut the CONNECTED 10 bytes in. The CONNECT counted
+    as answered, so the socket reconnected with nothing to re-send and the receiver's stream
+    went on over a connection that never had a CONNECT: stomp.py waited for the rest of the
+    frame until the broker's login timeout (10 s), past the app's 5 s. A plain socket gives
+    the reset at once; so does this one now."""
+    import gevent
+
+    broker = MiniStomp()
+    out: dict[str, Any] = {}
+    try:
+        with FaultProxy(broker.address) as proxy:
+            with ResilientSocket.connect(proxy.address, FAST, timeout=5) as sock:
+                def receiver() -> None:
+                    got = b""
+                    try:
+                        while True:
+                            chunk = sock.recv(4096)
+                            if not chunk:
+                                out["receiver"] = (got, "EOF")
+                                return
+                            got += chunk
+                    except OSError as exc:
+                        out["receiver"] = (got, exc)
+
+                reader = gevent.spawn(receiver)
+                gevent.idle()  # the receiver runs until it waits in recv
+                assert sock._rs_m.reading == 1
+                proxy.cut_after(10, "down")  # the CONNECTED: its first 10 bytes, then RST
+                sock.sendall(STOMP_CONNECT)
+                reader.join(4)
+                waiting = not reader.dead
+                reader.kill()
+                assert not waiting, "the receiver waits for the rest of CONNECTED"
+    finally:
+        broker.close()
+    got, exc = out["receiver"]
+    assert got == b"CONNECTED\n"
+    assert isinstance(exc, ConnectionResetError), exc
+    assert "inside a stomp message" in notes(exc)
+
+
+def test_getsockname_while_a_reader_greenlet_recovers_is_the_last_connections():
+    """make field on 54e672e (stomp.py, 1 run in 4): stomp.py's ``is_connected()`` calls
+    ``getsockname()`` from the application's thread while its receiver thread recovers the
+    connection. It raised EBADF (the old connection closed, the new one not in place), where
+    a plain socket that met the reset still answers; stomp.py took the socket for closed,
+    started a second receiver on it, and the two closed it under the application's SEND:
+    ``OSError: [Errno 9] Bad file descriptor``, an error plain stomp.py did not have."""
+    import gevent
+
+    from resilientsock._machine import RECOVERING
+
+    broker = MiniStomp()
+    try:
+        with FaultProxy(broker.address) as proxy:
+            with ResilientSocket.connect(proxy.address, FAST, timeout=5) as sock:
+                local, peer = sock.getsockname(), sock.getpeername()
+                reader = gevent.spawn(sock.recv, 4096)
+                gevent.idle()  # the receiver waits in recv
+                proxy.refuse(1.0)  # the recovery's attempts are refused for a while
+                # (the proxy may still be connecting upstream: reset once it holds the pair)
+                wait_until(lambda: proxy.reset_all() == 1, 5, "the proxy's connection")
+                wait_until(lambda: sock._rs_m.state is RECOVERING, 5, "the recovery")
+                try:
+                    assert sock.getsockname() == local
+                    assert sock.getpeername() == peer
+                finally:
+                    reader.kill()
+    finally:
+        broker.close()
+
+
 def test_stomp_send_and_subscribe_verdicts():
     from resilientsock.dialects.stomp import StompDialect
 
@@ -795,6 +918,13 @@ def test_stomp_send_and_subscribe_verdicts():
     d.wrote(b"SEND\ndestination:/queue/a\n\nx\x00")
     assert d.unsafe() == "SEND /queue/a"  # a message delivered twice: never re-sent
     d.acked()  # the peer's TCP acknowledged it: confirmed, nothing left to re-send
+    assert d.unsafe() is None
+    d.wrote(b"SEND\ndestination:/queue/c\nreceipt:1\n\nx\x00")
+    d.answered(1)  # a read begun before that SEND returned: it does not answer the SEND
+    d.read(b"RECEIPT\nre")
+    assert d.unsafe() == "SEND /queue/c"
+    d.answered(0)  # a read begun after it: answered
+    d.read(b"ceipt-id:1\n\n\x00")
     assert d.unsafe() is None
     d.wrote(b"SUBSCRIBE\nid:1\ndestination:/queue/b\n\n\x00")
     assert "SUBSCRIBE" in (d.refusal() or "")

@@ -61,6 +61,12 @@ class Dialect:
     def read(self, data: bytes) -> None:
         """One chunk the application read, in order."""
 
+    def answered(self, late: int) -> None:
+        """A read returned data (``read`` follows with it). By the journal's rule, every
+        record written before that read began is answered by it; the last ``late`` records
+        were written while it waited (another greenlet wrote: full duplex) and are not. A
+        dialect that keeps unanswered requests (for ``unsafe``) forgets only the former."""
+
     def refusal(self) -> str | None:
         """If the connection dropped now: why the drop must be surfaced, or None (byte rules).
 
@@ -119,6 +125,12 @@ class Dialect:
         """True if the protocol's framing says the answer being read is not complete: an EOF
         now cuts it (a body shorter than its length, a reply begun and not ended, a request
         whose answer has not come). False where an EOF is a normal end, or not known."""
+        return False
+
+    def mid_frame(self) -> bool:
+        """True while the reader is inside a message of the peer's (begun, not ended). In full
+        duplex the reader's stream goes on over a new connection, which cannot carry the rest
+        of that message: the drop is surfaced then (docs/design.md §5). False: not known."""
         return False
 
     def mask(self, data: bytes) -> bytes:

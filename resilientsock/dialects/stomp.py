@@ -21,6 +21,10 @@ protocol: https://stomp.github.io/stomp-specification-1.2.html):
 5. Frames with no ``receipt`` header get no answer: ``write_only()`` while nothing written
    awaits one (``acks``), so the core confirms what the peer's TCP acknowledged and never
    re-sends an old SEND after a later drop.
+   Unanswered means written whole and not answered by the journal's rule: a read answers the
+   records written before it began (``answered``), not those another greenlet wrote while it
+   waited (stomp.py reads in a receiver thread: a RECEIPT's first bytes, read by a read begun
+   before the SEND, do not make that SEND safe to re-send).
 6. A fresh connection is equivalent once ``restore()`` can redo the CONNECT (``fresh_ok``).
 7. A framing error: parsing stops; with a CONNECT recorded that is a refusal (the stream can
    no longer be followed), without one "unknown" (byte rules).
@@ -32,6 +36,7 @@ from ._base import Dialect, Restore, SetupMismatch
 
 _SETUP_LIMIT = 65536
 _LINE_LIMIT = 65536
+_UNANSWERED_LIMIT = 64  # unanswered non-idempotent frames kept (the newest always)
 _CLIENT = frozenset((b"CONNECT", b"STOMP", b"SEND", b"SUBSCRIBE", b"UNSUBSCRIBE", b"ACK",
                      b"NACK", b"BEGIN", b"COMMIT", b"ABORT", b"DISCONNECT"))
 _RESENDABLE = frozenset((b"CONNECT", b"STOMP", b"DISCONNECT", b"SUBSCRIBE", b"UNSUBSCRIBE",
@@ -168,6 +173,7 @@ class StompDialect(Dialect):
         self.lost: str | None = None
         self._subs: set[bytes] = set()
         self._tx: set[bytes] = set()
+        self._records = 0  # records written (``wrote`` calls): ``answered`` counts back from it
         self._fresh()
 
     def _fresh(self) -> None:
@@ -176,11 +182,13 @@ class StompDialect(Dialect):
         self._r = _Frames()
         self._pending_connect: bytes | None = None
         self._receipts = 0
-        self._since_read: list[str] = []   # non-idempotent frames written since the last read
+        # non-idempotent frames written whole, not answered yet (rule 5): (record, name)
+        self._unanswered: list[tuple[int, str]] = []
 
     # -- feeding --------------------------------------------------------------------------
 
     def wrote(self, data: bytes) -> None:
+        self._records += 1
         if self.lost is not None:
             return
         try:
@@ -191,7 +199,7 @@ class StompDialect(Dialect):
 
     def _frame(self, cmd: bytes, headers: dict[bytes, bytes], raw: bytes | None) -> None:
         if cmd not in _CLIENT:
-            self._since_read.append(cmd[:20].decode("latin-1", "replace") or "a frame")
+            self._not_idempotent(cmd[:20].decode("latin-1", "replace") or "a frame")
         elif cmd in (b"CONNECT", b"STOMP"):
             if self._connect is None:
                 if raw is None:
@@ -211,12 +219,27 @@ class StompDialect(Dialect):
             what = cmd.decode("latin-1")
             dest = headers.get(b"destination") or headers.get(b"id") or \
                 headers.get(b"transaction") or b""
-            self._since_read.append(f"{what} {dest[:60].decode('latin-1', 'replace')}".strip())
+            self._not_idempotent(f"{what} {dest[:60].decode('latin-1', 'replace')}".strip())
         if b"receipt" in headers:
             self._receipts += 1
 
+    def _not_idempotent(self, name: str) -> None:
+        entry = (self._records, name)
+        if len(self._unanswered) < _UNANSWERED_LIMIT:
+            self._unanswered.append(entry)
+        else:
+            self._unanswered[-1] = entry  # the newest stays: answered() keeps it longest
+
+    def answered(self, late: int) -> None:
+        unanswered = self._unanswered
+        if unanswered:
+            last = self._records - late  # records up to this one are answered
+            if unanswered[-1][0] <= last:
+                self._unanswered = []
+            elif unanswered[0][0] <= last:
+                self._unanswered = [e for e in unanswered if e[0] > last]
+
     def read(self, data: bytes) -> None:
-        self._since_read = []
         if self.lost is not None:
             return
         try:
@@ -230,7 +253,7 @@ class StompDialect(Dialect):
             self._lose(f"frame read: {e}")
 
     def acked(self) -> None:
-        self._since_read = []
+        self._unanswered = []
 
     def _lose(self, why: str) -> None:
         self.lost = why
@@ -261,7 +284,7 @@ class StompDialect(Dialect):
     def unsafe(self) -> str | None:
         if self.lost is not None:
             return None
-        return self._since_read[0] if self._since_read else None
+        return self._unanswered[0][1] if self._unanswered else None
 
     def fresh_ok(self) -> bool:
         return self.refusal() is None and self._connect is not None
@@ -272,6 +295,9 @@ class StompDialect(Dialect):
 
     def resumable(self) -> bool:
         return False  # answers are pushes and receipts: nothing to re-request
+
+    def mid_frame(self) -> bool:
+        return self.lost is None and self._r.inside
 
     def discard(self) -> None:
         # The connection is gone, with its subscriptions and transactions; the recorded

@@ -245,7 +245,7 @@ def xmlrpc_incr(server: XMLRPCServer, **kw: Any) -> Row:
                server=server, client=["xmlrpc_client.py", "http://127.0.0.1:{port}/"],
                kinds=("answer-lost", "answer-lost2", "reset", "answer-lost2", "close",
                       "cutup:60"),
-               idempotent=False,
+               idempotent=False, client_resends=True,
                plain_errors=OS_ERRORS | {"http.client.RemoteDisconnected",
                                          "http.client.CannotSendRequest",
                                          "http.client.ResponseNotReady",

@@ -3,7 +3,9 @@
 Rules of this module:
 
 1. It never imports resilientsock: the same script runs under plain ``python`` and under
-   ``python -m resilientsock``, and only the runner decides which.
+   ``python -m resilientsock``, and only the runner decides which. Under the runner it reads
+   the counters of the resilientsock the runner loaded (``sys.modules``): an operation during
+   which records were re-sent logs how many (``"replayed"``).
 2. One JSON line per operation goes to ``$FIELD_OPLOG``: the key, ok or the exception's
    qualified type, its notes (down the ``__cause__``/``__context__`` chain, since client
    libraries wrap socket errors), the duration and the wall-clock end time (so the
@@ -74,6 +76,12 @@ def _where(exc: BaseException) -> list[str]:
     return [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames]
 
 
+def _replayed() -> int:
+    """Records resilientsock re-sent so far in this process (0 when it is not loaded)."""
+    rs = sys.modules.get("resilientsock")
+    return int(rs.stats().get("replayed_records", 0)) if rs is not None else 0
+
+
 def run(op: Callable[[str], object], on_error: Callable[[], object] | None = None,
         pace: float = 0.005, error_pause: float = 0.05) -> int:
     """Call ``op(key)`` for key = $FIELD_PREFIX + n until $FIELD_STOP exists or
@@ -88,16 +96,20 @@ def run(op: Callable[[str], object], on_error: Callable[[], object] | None = Non
         if os.path.exists(stop):
             break
         key = f"{prefix}{i}"
+        replayed = _replayed()
         t0 = time.monotonic()
         try:
             op(key)
         except Exception as exc:  # every failure is data, the loop carries on
             dt = time.monotonic() - t0
             failed += 1
-            log.write(json.dumps({"key": key, "ok": False, "dt": round(dt, 4),
-                                  "ts": round(time.time(), 4), "exc": qualname(exc),
-                                  "chain": _chain(exc), "msg": str(exc)[:200],
-                                  "notes": _notes(exc), "where": _where(exc)}) + "\n")
+            line = {"key": key, "ok": False, "dt": round(dt, 4),
+                    "ts": round(time.time(), 4), "exc": qualname(exc),
+                    "chain": _chain(exc), "msg": str(exc)[:200],
+                    "notes": _notes(exc), "where": _where(exc)}
+            if _replayed() > replayed:
+                line["replayed"] = _replayed() - replayed
+            log.write(json.dumps(line) + "\n")
             if on_error is not None:
                 try:
                     on_error()
@@ -106,8 +118,10 @@ def run(op: Callable[[str], object], on_error: Callable[[], object] | None = Non
             time.sleep(error_pause)
         else:
             dt = time.monotonic() - t0
-            log.write(json.dumps({"key": key, "ok": True, "dt": round(dt, 4),
-                                  "ts": round(time.time(), 4)}) + "\n")
+            line = {"key": key, "ok": True, "dt": round(dt, 4), "ts": round(time.time(), 4)}
+            if _replayed() > replayed:
+                line["replayed"] = _replayed() - replayed
+            log.write(json.dumps(line) + "\n")
         done += 1
         if pace:
             time.sleep(pace)
