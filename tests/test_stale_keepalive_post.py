@@ -15,10 +15,10 @@ from __future__ import annotations
 import select
 
 import pytest
-
-from resilientsock import ResilientSocket, RetryPolicy
 from test_never_worse_clients import CountingServer
 from test_never_worse_legacy import _ClosingHTTP
+
+from resilientsock import ResilientSocket, RetryPolicy
 
 pytestmark = pytest.mark.timeout(30)
 
