@@ -22,7 +22,7 @@ import gevent
 import gevent.socket as gsocket
 import gevent.ssl
 import pytest
-from conftest import TLSServer
+from conftest import TLSServer, wrap_server_side
 
 from resilientsock import ResilientSocket, ResilientSSLSocket, RetryPolicy
 from resilientsock.testing import FaultProxy, MessageServer
@@ -414,7 +414,7 @@ class UnwrapServer(ListenerService):
 
     def _handle(self, raw: Any) -> None:
         try:
-            conn = self.ctx.wrap_socket(raw, server_side=True)
+            conn = wrap_server_side(self.ctx, raw)
             while True:
                 try:
                     data = conn.recv(100)

@@ -24,7 +24,7 @@ from typing import Any
 
 import gevent.ssl
 import pytest
-from conftest import MODES, TLSServer, wait_until
+from conftest import MODES, TLSServer, wait_until, wrap_server_side
 from test_chaos_core import first_arrivals, tls_ctx
 from test_never_worse import _reset_seen
 from tls_storm_kit import CA, CLIENT_PRELUDE, TLSCountingServer, TLSStorm, TLSWrapping, run_client
@@ -221,7 +221,7 @@ class _SMTPHandler(socketserver.BaseRequestHandler):
             elif verb == "STARTTLS" and not tls:
                 say("220 go ahead")
                 try:
-                    sock = self.upgraded = srv.context.wrap_socket(sock, server_side=True)
+                    sock = self.upgraded = wrap_server_side(srv.context, sock)
                 except (OSError, ValueError):
                     return
                 f = sock.makefile("rwb")

@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from conftest import run_as
+from conftest import run_as, wrap_server_side
 
 from resilientsock.testing import FaultProxy
 
@@ -121,7 +121,7 @@ class TLSWrapping:
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls:
             try:
-                request = self.context.wrap_socket(request, server_side=True)
+                request = wrap_server_side(self.context, request)
             except (OSError, ValueError):
                 self.count("handshake failed")
                 request.close()
