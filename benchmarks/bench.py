@@ -242,17 +242,24 @@ def bench_overhead(runs: int, quick: bool) -> dict[str, Any]:
 
 # -- overhead with both ends in one patched process (docs/design.md §12) --
 
-def sameproc_main(mode: str, test: str, amount: float) -> None:
-    """One process that runs a server and its client, patched by ``mode``: ``gevent``
-    (gevent.monkey alone) or ``patched`` (resilientsock.patch()). Prints one JSON result."""
+def _patch_as(mode: str) -> None:
+    """Patch this process as ``mode`` says: ``gevent`` (gevent.monkey alone), ``patched``
+    (resilientsock.patch()) or ``patched-noresume`` (the same, without the answer-resume
+    digest)."""
     if mode in ("patched", "patched-noresume"):
-        if mode == "patched-noresume":  # the same, without the answer-resume digest
+        if mode == "patched-noresume":
             os.environ["RESILIENTSOCK_RESUME_ANSWERS"] = "0"
         import resilientsock
         resilientsock.patch()
     else:
         from gevent import monkey
         monkey.patch_all()
+
+
+def sameproc_main(mode: str, test: str, amount: float) -> None:
+    """One process that runs a server and its client, patched by ``mode``: ``gevent``
+    (gevent.monkey alone) or ``patched`` (resilientsock.patch()). Prints one JSON result."""
+    _patch_as(mode)
     import socket
 
     import gevent
@@ -340,14 +347,7 @@ def readcost_main(mode: str) -> None:
     holds the data (the kernel's copy and the call, no wake-up, no sender in between), so the
     difference between modes is the wrapper, the bookkeeping and the digest alone. Prints the
     median over 200 batches of the per-read mean, in µs."""
-    if mode in ("patched", "patched-noresume"):
-        if mode == "patched-noresume":
-            os.environ["RESILIENTSOCK_RESUME_ANSWERS"] = "0"
-        import resilientsock
-        resilientsock.patch()
-    else:
-        from gevent import monkey
-        monkey.patch_all()
+    _patch_as(mode)
     import socket
 
     listener = socket.socket()
