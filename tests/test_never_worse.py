@@ -790,6 +790,38 @@ def test_stomp_login_refused_on_the_new_connection_is_surfaced():
     assert broker.sends == [] and broker.unauthenticated == 0
 
 
+def _cut_under_a_receiver(sock: Any, proxy: Any, frame: bytes, wait: float) -> tuple[bytes, Any]:
+    """stomp.py's shape: a receiver greenlet waits in ``recv`` while the application writes
+    ``frame``; the proxy cuts the answer 10 bytes in (then RST). What the receiver got, and
+    how its stream ended (an exception, or "EOF"); it must have ended within ``wait`` s."""
+    import gevent
+
+    out: dict[str, Any] = {}
+
+    def receiver() -> None:
+        got = b""
+        try:
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    out["receiver"] = (got, "EOF")
+                    return
+                got += chunk
+        except OSError as exc:
+            out["receiver"] = (got, exc)
+
+    reader = gevent.spawn(receiver)
+    gevent.idle()  # the receiver runs until it waits in recv
+    assert sock._rs_m.reading == 1
+    proxy.cut_after(10, "down")
+    sock.sendall(frame)
+    reader.join(wait)
+    waiting = not reader.dead
+    reader.kill()
+    assert not waiting, "the receiver is still waiting"
+    return out["receiver"]
+
+
 def test_stomp_send_whose_receipt_is_cut_is_not_resent_to_a_reader_greenlet():
     """make field on 350dfe2 (stomp.py vs RabbitMQ): stomp.py reads in a receiver thread, which
     waits in recv while the application SENDs. The proxy cut the RECEIPT 10 bytes in: the
@@ -797,37 +829,16 @@ def test_stomp_send_whose_receipt_is_cut_is_not_resent_to_a_reader_greenlet():
     does not answer the SEND (the journal keeps it unconfirmed), but the dialect counted it as
     answered, so the SEND was re-sent: the message delivered twice, the receipt wait of the
     next CONNECT ran 10 s. Now the SEND is surfaced, as plain surfaces the reset."""
-    import gevent
 
     broker = MiniStomp()
-    out: dict[str, Any] = {}
     try:
         with FaultProxy(broker.address) as proxy:
             with _stomp_login(proxy.address) as sock:
-                def receiver() -> None:
-                    got = b""
-                    try:
-                        while True:
-                            chunk = sock.recv(4096)
-                            if not chunk:
-                                out["receiver"] = (got, "EOF")
-                                return
-                            got += chunk
-                    except OSError as exc:
-                        out["receiver"] = (got, exc)
-
-                reader = gevent.spawn(receiver)
-                gevent.idle()  # the receiver runs until it waits in recv
-                assert sock._rs_m.reading == 1
-                proxy.cut_after(10, "down")  # the RECEIPT: its first 10 bytes, then RST
-                sock.sendall(b"SEND\ndestination:/queue/a\nreceipt:r1\n\nhello\x00")
-                reader.join(10)
-                waiting = not reader.dead
-                reader.kill()
-                assert not waiting, "the receiver is still waiting"
+                # the RECEIPT: its first 10 bytes, then RST
+                got, exc = _cut_under_a_receiver(
+                    sock, proxy, b"SEND\ndestination:/queue/a\nreceipt:r1\n\nhello\x00", 10)
     finally:
         broker.close()
-    got, exc = out["receiver"]
     assert broker.sends == [b"hello"], "the SEND was re-sent after its receipt began"
     assert got == b"RECEIPT\nre"
     assert isinstance(exc, ConnectionResetError), exc
@@ -841,37 +852,15 @@ def test_stomp_connected_cut_under_a_reader_greenlet_is_surfaced_not_spliced():
     went on over a connection that never had a CONNECT: stomp.py waited for the rest of the
     frame until the broker's login timeout (10 s), past the app's 5 s. A plain socket gives
     the reset at once; so does this one now."""
-    import gevent
 
     broker = MiniStomp()
-    out: dict[str, Any] = {}
     try:
         with FaultProxy(broker.address) as proxy:
             with ResilientSocket.connect(proxy.address, FAST, timeout=5) as sock:
-                def receiver() -> None:
-                    got = b""
-                    try:
-                        while True:
-                            chunk = sock.recv(4096)
-                            if not chunk:
-                                out["receiver"] = (got, "EOF")
-                                return
-                            got += chunk
-                    except OSError as exc:
-                        out["receiver"] = (got, exc)
-
-                reader = gevent.spawn(receiver)
-                gevent.idle()  # the receiver runs until it waits in recv
-                assert sock._rs_m.reading == 1
-                proxy.cut_after(10, "down")  # the CONNECTED: its first 10 bytes, then RST
-                sock.sendall(STOMP_CONNECT)
-                reader.join(4)
-                waiting = not reader.dead
-                reader.kill()
-                assert not waiting, "the receiver waits for the rest of CONNECTED"
+                # the CONNECTED: its first 10 bytes, then RST
+                got, exc = _cut_under_a_receiver(sock, proxy, STOMP_CONNECT, 4)
     finally:
         broker.close()
-    got, exc = out["receiver"]
     assert got == b"CONNECTED\n"
     assert isinstance(exc, ConnectionResetError), exc
     assert "inside a stomp message" in notes(exc)
