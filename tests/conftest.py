@@ -8,10 +8,12 @@ import os
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,80 @@ class ThreadedServer:
         self.thread.join(5)
 
 
+class FaultThread:
+    """A storm's skeleton: faults through ``proxy`` from a thread of its own (so a client
+    that never yields still meets them) inside a ``with`` block, picked with a seeded
+    ``rng`` among ``kinds``; ``fired`` lists them in order. Subclasses write ``_run``,
+    which returns once ``stop`` is set."""
+
+    def __init__(self, proxy: FaultProxy, seed: int, kinds: tuple[str, ...]) -> None:
+        import random
+
+        self.proxy = proxy
+        self.rng = random.Random(seed)
+        self.kinds = kinds
+        self.stop = threading.Event()
+        self.fired: list[str] = []
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+class ServedInThread:
+    """A mixin for a ``socketserver`` server on loopback: served by a daemon thread inside a
+    ``with`` block (``stop()`` ends it early), quiet about its clients' resets (they are the
+    point), and counting what it ran (``count(key)``: the new count; ``counts`` under
+    ``lock``; ``start_counting()`` in the constructor)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    counts: Counter[str]
+    lock: threading.Lock
+
+    def start_counting(self) -> None:
+        self.counts = Counter()
+        self.lock = threading.Lock()
+
+    def count(self, key: str, n: int = 1) -> int:
+        with self.lock:
+            self.counts[key] += n
+            return self.counts[key]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+    def __enter__(self) -> Any:
+        self._thread = threading.Thread(target=self.serve_forever,
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._thread.join(5)
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class CountingServer(ServedInThread, socketserver.ThreadingTCPServer):
+    """A threaded loopback test server (``handler`` per connection) that counts what it ran."""
+
+    def __init__(self, handler: type[socketserver.BaseRequestHandler]) -> None:
+        socketserver.ThreadingTCPServer.__init__(self, ("127.0.0.1", 0), handler)
+        self.start_counting()
+
+
 class ThreadServer:
     """A loopback listener on the stdlib ``socket`` (not gevent's, so that its timing does not
     depend on the client's hub): a thread accepts, and each connection runs
@@ -179,6 +255,41 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         if time.monotonic() > end:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         gevent.sleep(0.005)
+
+
+def duplex_run(sock: Any, out: dict[str, Any], writer: Callable[[], None],
+               recv: Callable[[], bytes], timeout: float) -> None:
+    """A writer greenlet and a reader greenlet on one socket, the storm tests' full duplex
+    run: the reader reads acknowledgement lines (the line's number is its second field)
+    through ``recv`` until the one numbered ``out["total"]`` (the writer sets it before its
+    last line goes out) and sets ``out["reader"]`` to "ok" or to what went wrong; both are
+    joined within ``timeout`` (asserted), then the socket is closed and a greenlet's
+    exception re-raised."""
+    import gevent
+
+    def reader() -> None:
+        top, buf = 0, b""
+        while top < out.get("total", top + 1):
+            data = recv()
+            if not data:
+                out["reader"] = f"premature EOF after acknowledgement {top}"
+                return
+            buf += data
+            *complete, buf = buf.split(b"\n")
+            for line in complete:
+                top = max(top, int(line.split()[1]))
+        out["reader"] = "ok"
+
+    gr = gevent.spawn(reader)
+    gevent.sleep(0)
+    gw = gevent.spawn(writer)
+    gevent.joinall([gr, gw], timeout=timeout)
+    gevent.killall([gr, gw])
+    sock.close()
+    for g in (gr, gw):
+        assert g.ready(), f"the storm run did not end in {timeout} s"
+        if g.exception is not None:
+            raise g.exception
 
 
 def readline(sock, limit: int = 1 << 16) -> bytes:  # type: ignore[no-untyped-def]

@@ -10,11 +10,9 @@ each call took against the application's timeout."""
 
 from __future__ import annotations
 
-import random
 import select
 import socket
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -22,7 +20,7 @@ import gevent
 import gevent.socket as gsocket
 import gevent.ssl
 import pytest
-from conftest import TLSServer, wrap_server_side
+from conftest import FaultThread, TLSServer, duplex_run, wrap_server_side
 
 from resilientsock import ResilientSocket, ResilientSSLSocket, RetryPolicy
 from resilientsock.testing import FaultProxy, MessageServer
@@ -38,16 +36,12 @@ TIMEOUT = 5.0
 KINDS = ("rst", "fin", "refuse", "blackhole", "cut-up", "cut-down")
 
 
-class Storm:
+class Storm(FaultThread):
     """Mixed faults through ``proxy`` every 50-200 ms (a thread of its own, so a client that
     never yields still meets them), until stopped. ``fired`` lists the kinds in order."""
 
     def __init__(self, proxy: FaultProxy, seed: int, kinds: tuple[str, ...] = KINDS) -> None:
-        self.proxy = proxy
-        self.rng = random.Random(seed)
-        self.kinds = kinds
-        self.stop = threading.Event()
-        self.fired: list[str] = []
+        super().__init__(proxy, seed, kinds)
 
     def _run(self) -> None:
         px, rng = self.proxy, self.rng
@@ -70,15 +64,6 @@ class Storm:
                 px.cut_after(rng.randrange(1, 12), "up", how=rng.choice(["reset", "close"]))
             else:
                 px.cut_after(rng.randrange(1, 6), "down", how=rng.choice(["reset", "close"]))
-
-    def __enter__(self) -> Storm:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(5)
 
 
 def first_arrivals(received: list[int]) -> list[int]:
@@ -266,30 +251,9 @@ def test_duplex_mixed_storm_with_the_application_timeout(use_makefile):
                     gevent.sleep(0.001)  # paced: the storm meets the stream all along
             out["writer"] = "ok"
 
-        def reader() -> None:
-            stream = sock.makefile("rb") if use_makefile else None
-            top, buf = 0, b""
-            while top < out.get("total", top + 1):
-                data = timed(stream.readline) if stream is not None else timed(sock.recv, 65536)
-                if not data:
-                    out["reader"] = f"premature EOF after A {top}"
-                    return
-                buf += data
-                *complete, buf = buf.split(b"\n")
-                for line in complete:
-                    top = max(top, int(line.split()[1]))
-            out["reader"] = "ok"
-
-        gr = gevent.spawn(reader)
-        gevent.sleep(0)
-        gw = gevent.spawn(writer)
-        gevent.joinall([gr, gw], timeout=60)
-        gevent.killall([gr, gw])
-        sock.close()
-        for g in (gr, gw):
-            assert g.ready(), "the storm run did not end in 60 s"
-            if g.exception is not None:
-                raise g.exception
+        stream = sock.makefile("rb") if use_makefile else None
+        duplex_run(sock, out, writer, (lambda: timed(stream.readline)) if stream is not None
+                   else (lambda: timed(sock.recv, 65536)), 60)
     assert out["writer"] == out["reader"] == "ok", out
     assert set(srv.received) == set(range(1, out["total"] + 1))
     first = first_arrivals(srv.received)

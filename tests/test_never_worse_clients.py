@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MODES, run_as
+from conftest import MODES, CountingServer, run_as
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,37 +62,6 @@ ftp.close()
 '''
 
 
-class CountingServer(socketserver.ThreadingTCPServer):
-    """A threaded loopback test server that counts what it ran (``counts``, under ``lock``)
-    and keeps quiet about the resets its clients meet (they are the point)."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, handler: type[socketserver.BaseRequestHandler]) -> None:
-        super().__init__(("127.0.0.1", 0), handler)
-        self.counts: Counter[str] = Counter()
-        self.lock = threading.Lock()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
-
-    def __enter__(self) -> Any:
-        """Serve in a thread until the block ends."""
-        self._thread = threading.Thread(target=self.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-        self._thread.join(5)
-
-    def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-
-
 class FtpServer(CountingServer):
     """A minimal FTP server (passive mode): the first transfer's data connection is reset
     mid-way (RETR: after 100 kB sent; STOR: after 50 kB read). ``keep_listener`` leaves the
@@ -102,11 +71,6 @@ class FtpServer(CountingServer):
         super().__init__(_FtpHandler)
         self.keep_listener = keep_listener
         self.open: list[socket.socket] = []
-
-    def count(self, key: str) -> int:
-        with self.lock:
-            self.counts[key] += 1
-            return self.counts[key]
 
     def keep(self, sock: socket.socket) -> None:
         with self.lock:

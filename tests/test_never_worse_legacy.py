@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MODES, run_as
-from test_never_worse_clients import CountingServer
+from conftest import MODES, CountingServer, run_as
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MODES, run_as
+from conftest import MODES, CountingServer, run_as
 
 from resilientsock.testing import FaultProxy
 
@@ -323,38 +323,12 @@ class _LineConn:
         return bool(self.buf) or bool(select.select([self.sock], [], [], 0.02)[0])
 
 
-class _Counting(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, handler: type[socketserver.BaseRequestHandler]) -> None:
-        super().__init__(("127.0.0.1", 0), handler)
-        self.counts: Counter[str] = Counter()
-        self.lock = threading.Lock()
-
-    def count(self, key: str) -> None:
-        with self.lock:
-            self.counts[key] += 1
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # the resets are the point
-
+class _Counting(CountingServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         # answers go out in several writes: without NODELAY each one after the first waits
         # for the client's delayed ACK (40 ms)
         request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().process_request(request, client_address)
-
-    def __enter__(self) -> Any:
-        self._thread = threading.Thread(target=self.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(5)
 
 
 def _pop_message(i: int) -> bytes:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import select
 
 import pytest
-from test_never_worse_clients import CountingServer
+from conftest import CountingServer
 from test_never_worse_legacy import _ClosingHTTP
 
 from resilientsock import ResilientSocket, RetryPolicy

@@ -24,7 +24,7 @@ from typing import Any
 
 import gevent.ssl
 import pytest
-from conftest import MODES, TLSServer, wait_until, wrap_server_side
+from conftest import MODES, TLSServer, duplex_run, wait_until, wrap_server_side
 from test_chaos_core import first_arrivals, tls_ctx
 from test_never_worse import _reset_seen
 from tls_storm_kit import CA, CLIENT_PRELUDE, TLSCountingServer, TLSStorm, TLSWrapping, run_client
@@ -536,29 +536,7 @@ def test_full_duplex_line_protocol_over_tls_through_a_tls_storm() -> None:
                         gevent.sleep(0.001)
                 out["writer"] = "ok"
 
-            def reader() -> None:
-                top, buf = 0, b""
-                while top < out.get("total", top + 1):
-                    data = sock.recv(65536)
-                    if not data:
-                        out["reader"] = f"premature EOF after ACK {top}"
-                        return
-                    buf += data
-                    *complete, buf = buf.split(b"\n")
-                    for line in complete:
-                        top = max(top, int(line.split()[1]))
-                out["reader"] = "ok"
-
-            gr = gevent.spawn(reader)
-            gevent.sleep(0)
-            gw = gevent.spawn(writer)
-            gevent.joinall([gr, gw], timeout=90)
-            gevent.killall([gr, gw])
-            sock.close()
-            for g in (gr, gw):
-                assert g.ready(), "the storm run did not end in 90 s"
-                if g.exception is not None:
-                    raise g.exception
+            duplex_run(sock, out, writer, lambda: sock.recv(65536), 90)
         assert out["writer"] == out["reader"] == "ok", out
         received = list(srv.received)
         assert set(received) == set(range(1, out["total"] + 1))

@@ -14,35 +14,28 @@ by equal counts.
 from __future__ import annotations
 
 import json
-import random
 import socket
 import socketserver
 import ssl
-import threading
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from conftest import run_as, wrap_server_side
+from conftest import FaultThread, ServedInThread, run_as, wrap_server_side
 
 from resilientsock.testing import FaultProxy
 
 KINDS = ("rst", "fin", "cut-record", "cut-handshake")
 
 
-class TLSStorm:
+class TLSStorm(FaultThread):
     """Faults through ``proxy`` every 50-200 ms from a thread of its own until stopped, at
     most ``limit`` of them. ``fired`` lists the kinds in order."""
 
     def __init__(self, proxy: FaultProxy, seed: int, kinds: tuple[str, ...] = KINDS,
                  period: tuple[float, float] = (0.05, 0.2), limit: int = 10_000) -> None:
-        self.proxy = proxy
-        self.rng = random.Random(seed)
-        self.kinds = kinds
+        super().__init__(proxy, seed, kinds)
         self.period = period
         self.limit = limit
-        self.stop = threading.Event()
-        self.fired: list[str] = []
 
     def _run(self) -> None:
         px, rng = self.proxy, self.rng
@@ -68,15 +61,6 @@ class TLSStorm:
                                  how=rng.choice(["reset", "close"]), new_only=True)
                 px.reset_all()
 
-    def __enter__(self) -> TLSStorm:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(5)
-
 
 class CA:
     """A trustme CA, its certificate in ``cafile``, and a server context for 127.0.0.1."""
@@ -91,28 +75,19 @@ class CA:
         self.ca.issue_cert("localhost", "127.0.0.1").configure_cert(self.server_ctx)
 
 
-class TLSWrapping:
+class TLSWrapping(ServedInThread):
     """A threaded loopback server mixin that wraps each accepted connection in TLS in its own
     thread (a cut handshake never stalls the accept loop) and counts what it ran in
     ``counts``. ``tls=False``: plaintext (a STARTTLS server wraps later itself)."""
 
-    daemon_threads = True
-    allow_reuse_address = True
     request_queue_size = 128
     context: ssl.SSLContext
     tls: bool
-    counts: Counter[str]
-    lock: threading.Lock
 
     def setup_tls(self, context: ssl.SSLContext, tls: bool) -> None:
         self.context = context
         self.tls = tls
-        self.counts = Counter()
-        self.lock = threading.Lock()
-
-    def count(self, key: str, n: int = 1) -> None:
-        with self.lock:
-            self.counts[key] += n
+        self.start_counting()
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(10)
@@ -134,20 +109,6 @@ class TLSWrapping:
                 request.close()
             except OSError:
                 pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
-
-    def __enter__(self) -> Any:  # serve in a thread until the block ends
-        self._thread = threading.Thread(target=self.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join(5)
 
 
 class TLSCountingServer(TLSWrapping, socketserver.ThreadingTCPServer):
