@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import ThreadedServer, wait_until
+from conftest import Lines, ThreadedServer, wait_until
 
 from resilientsock import ResilientSocket, RetryPolicy
 from resilientsock.testing import FaultProxy
@@ -790,9 +790,10 @@ def test_stomp_login_refused_on_the_new_connection_is_surfaced():
     assert broker.sends == [] and broker.unauthenticated == 0
 
 
-def _cut_under_a_receiver(sock: Any, proxy: Any, frame: bytes, wait: float) -> tuple[bytes, Any]:
+def _cut_under_a_receiver(sock: Any, proxy: Any, frame: bytes, wait: float,
+                          cut: int = 10) -> tuple[bytes, Any]:
     """stomp.py's shape: a receiver greenlet waits in ``recv`` while the application writes
-    ``frame``; the proxy cuts the answer 10 bytes in (then RST). What the receiver got, and
+    ``frame``; the proxy cuts the answer ``cut`` bytes in (then RST). What the receiver got, and
     how its stream ended (an exception, or "EOF"); it must have ended within ``wait`` s."""
     import gevent
 
@@ -807,18 +808,19 @@ def _cut_under_a_receiver(sock: Any, proxy: Any, frame: bytes, wait: float) -> t
                     out["receiver"] = (got, "EOF")
                     return
                 got += chunk
+                out["got"] = got
         except OSError as exc:
             out["receiver"] = (got, exc)
 
     reader = gevent.spawn(receiver)
     gevent.idle()  # the receiver runs until it waits in recv
     assert sock._rs_m.reading == 1
-    proxy.cut_after(10, "down")
+    proxy.cut_after(cut, "down")
     sock.sendall(frame)
     reader.join(wait)
     waiting = not reader.dead
     reader.kill()
-    assert not waiting, "the receiver is still waiting"
+    assert not waiting, ("the receiver is still waiting", out)
     return out["receiver"]
 
 
@@ -1053,3 +1055,43 @@ def test_ldap_bind_is_redone_before_a_write_on_a_new_connection(ldap_conn):
     assert conn.socket.reconnects == 1
     assert server.adds == {"cn=c,dc=x": 1} and server.unbound_writes == 0
     assert server.binds == 2
+
+
+def test_memcached_incr_whose_answer_is_cut_under_a_reader_greenlet_runs_once(memcached_port):
+    """A hand-written memcached client in stomp.py's shape: a reader greenlet waits in recv
+    while the application writes ``incr``; the answer is cut 1 byte in (then RST). The read
+    begun before the incr does not answer it by the journal's rule, but the dialect counted
+    every read as answering all it had seen written, so the incr was re-sent: run twice
+    where plain ran it once and surfaced the reset. Now the dialect forgets only what the
+    journal counts as answered (``Dialect.answered(late)``), and the incr is surfaced."""
+    from pymemcache.client.base import Client
+
+    direct = Client(("127.0.0.1", memcached_port))
+    direct.set("hits", "10", noreply=False)
+    with FaultProxy(("127.0.0.1", memcached_port)) as proxy:
+        with ResilientSocket.connect(proxy.address, FAST, timeout=5) as sock:
+            sock.sendall(b"get hits\r\n")
+            lines = Lines(sock)
+            assert [lines.readline() for _ in range(3)] == [b"VALUE hits 0 2\r", b"10\r",
+                                                            b"END\r"]
+            got, exc = _cut_under_a_receiver(sock, proxy, b"incr hits 1\r\n", 4, cut=1)
+    assert got == b"1"
+    assert isinstance(exc, ConnectionResetError), exc
+    assert "incr hits" in notes(exc)
+    assert direct.get("hits") == b"11", "the incr ran twice"
+    direct.close()
+
+
+def test_memcached_dialect_forgets_only_what_a_read_answers():
+    from resilientsock.dialects.memcached import MemcachedDialect
+
+    d = MemcachedDialect()
+    d.wrote(b"incr a 1\r\n")
+    assert d.unsafe() == "incr a"
+    d.wrote(b"incr b 1\r\n")
+    d.answered(1)  # a read begun before the second incr: it answers the first only
+    d.read(b"2\r\n")
+    assert d.unsafe() == "incr b"
+    d.answered(0)
+    d.read(b"5\r\n")
+    assert d.unsafe() is None

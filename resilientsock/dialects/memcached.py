@@ -125,7 +125,10 @@ class MemcachedDialect(Dialect):
         self._rin = False            # a reply has begun and is not complete
         self._rdone_after_skip = False
         self._fifo: deque[_Cmd] = deque()  # commands awaiting an answer
-        self._since_read: list[_Cmd] = []   # written whole since the last read (rule 4)
+        # written whole and not answered yet (rule 4): (record, command); a read answers the
+        # records written before it began (answered(late))
+        self._since_read: list[tuple[int, _Cmd]] = []
+        self._records = 0
         self._read_since_write = False
         self._group: list[_Cmd] = []
         self._aligned = True
@@ -133,6 +136,7 @@ class MemcachedDialect(Dialect):
     # -- feeding --------------------------------------------------------------------------
 
     def wrote(self, data: bytes) -> None:
+        self._records += 1
         if self.lost is not None:
             return
         if self._read_since_write:
@@ -190,12 +194,23 @@ class MemcachedDialect(Dialect):
                 self._whole(cmd)
 
     def _whole(self, cmd: _Cmd) -> None:
+        entry = (self._records, cmd)
         if len(self._since_read) < _GROUP_LIMIT:
-            self._since_read.append(cmd)
+            self._since_read.append(entry)
+        elif not cmd.safe:
+            self._since_read[-1] = entry  # the newest stays: answered() keeps it longest
+
+    def answered(self, late: int) -> None:
+        since = self._since_read
+        if since:
+            last = self._records - late  # records up to this one are answered
+            if since[-1][0] <= last:
+                self._since_read = []
+            elif since[0][0] <= last:
+                self._since_read = [e for e in since if e[0] > last]
 
     def read(self, data: bytes) -> None:
         self._read_since_write = True
-        self._since_read = []
         if self.lost is not None or self._unpaired:
             return
         try:
@@ -269,7 +284,7 @@ class MemcachedDialect(Dialect):
     def unsafe(self) -> str | None:
         if self.lost is not None:
             return None
-        for cmd in self._since_read:
+        for _, cmd in self._since_read:
             if not cmd.safe:
                 return cmd.label()
         return None
