@@ -1,0 +1,99 @@
+"""Rows for pg8000 against PostgreSQL and pika (BlockingConnection) against RabbitMQ: both
+protocols are recognised only by their opening (docs/design.md §5a, dialects/handshake.py),
+so every drop after the login must be surfaced as the plain client sees it. Under the same
+seeded faults, plain and under ``python -m resilientsock``, counted on the server: no row
+or message written twice where plain wrote it once, no statement outside its transaction,
+no failed login or protocol error in the server's log that plain did not cause, no error
+type plain did not have, no hang past the application's 5 s."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .matrix import Row, assert_never_worse, check, run_row
+from .servers_pg_amqp import PostgreSQL, RabbitAMQP
+
+pytestmark = [pytest.mark.field, pytest.mark.timeout(600)]
+
+PG8000_ERRORS = frozenset({"pg8000.exceptions.InterfaceError",
+                           "pg8000.exceptions.DatabaseError", "ConnectionResetError",
+                           "ssl.SSLEOFError", "ssl.SSLError", "ssl.SSLZeroReturnError",
+                           "BrokenPipeError"})
+# a login broken by a cut inside the SCRAM exchange, a re-sent message on another
+# connection: what the server logs when a client's bytes reach the wrong place
+PG_WORSE = ("auth_rejected", "protocol_errors", "errors")
+PIKA_ERRORS = frozenset({
+    "pika.exceptions.StreamLostError", "pika.exceptions.AMQPConnectionError",
+    "pika.exceptions.ConnectionClosed", "pika.exceptions.ChannelWrongStateError",
+    "pika.exceptions.ConnectionWrongStateError", "pika.exceptions.ChannelClosed",
+    "pika.exceptions.IncompatibleProtocolError", "pika.exceptions.ProbableAuthenticationError",
+    "pika.exceptions.AMQPHeartbeatTimeout"})
+AMQP_WORSE = ("frame_errors", "auth_failed")
+
+
+def pg_row(server: PostgreSQL, mode: str, conn: str, tls: str, **kw: Any) -> Row:
+    what = "BEGIN/INSERT/INSERT/COMMIT" if mode == "tx" else "autocommit INSERT"
+    how = "a login per operation" if conn == "connect" else "one connection"
+    return Row(slug=f"pg8000-{mode}-{conn}-{tls}",
+               title=f"pg8000 vs PostgreSQL, {what}, {how}, {tls}", server=server,
+               client=["pg8000_client.py", "127.0.0.1", "{port}", server.user, server.password,
+                       server.db, mode, conn, tls],
+               # mid-statement, mid-answer (an extended-query answer is ~30 bytes), and
+               # inside the next login (the SCRAM client-first ~55 bytes in, the server's
+               # final/ParameterStatus run ~100 bytes in)
+               kinds=("reset", "close", "refuse1.0", "cutup:30", "cutdown:12",
+                      "cutup:60:new", "cutdown:100:new"),
+               faults=14, idempotent=False, plain_errors=PG8000_ERRORS,
+               worse_if_more=PG_WORSE, **kw)
+
+
+def pika_row(server: RabbitAMQP, mode: str, **kw: Any) -> Row:
+    return Row(slug=f"pika-{mode}", title=f"pika BlockingConnection vs RabbitMQ, {mode}",
+               server=server,
+               client=["pika_client.py", "127.0.0.1", "{port}", server.user, server.password,
+                       mode],
+               kinds=("reset", "close", "refuse1.0", "cutup:30", "cutdown:10",
+                      "cutup:20:new", "cutdown:200:new"),
+               faults=14, idempotent=False, plain_errors=PIKA_ERRORS,
+               worse_if_more=AMQP_WORSE, **kw)
+
+
+@pytest.fixture(scope="module")
+def pg_server(field_dir: Path) -> Iterator[PostgreSQL]:
+    pytest.importorskip("pg8000")
+    srv = PostgreSQL(field_dir)
+    try:
+        yield srv.start()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def amqp_server(field_dir: Path) -> Iterator[RabbitAMQP]:
+    pytest.importorskip("pika")
+    srv = RabbitAMQP(field_dir)
+    try:
+        yield srv.start()
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("mode,conn,tls", [("tx", "loop", "nossl"), ("auto", "loop", "nossl"),
+                                           ("tx", "connect", "nossl"), ("tx", "loop", "tls"),
+                                           ("auto", "connect", "tls")])
+def test_pg8000(pg_server: PostgreSQL, field_dir: Path, mode: str, conn: str,
+                tls: str) -> None:
+    result = run_row(pg_row(pg_server, mode, conn, tls), field_dir)
+    check(result, "no row outside its transaction under resilientsock",
+          result["rs"]["wrong_place"] == 0)
+    assert_never_worse(result)
+
+
+@pytest.mark.parametrize("mode", ["publish", "confirm", "get", "consume"])
+def test_pika(amqp_server: RabbitAMQP, field_dir: Path, mode: str) -> None:
+    result = run_row(pika_row(amqp_server, mode), field_dir)
+    assert_never_worse(result)
