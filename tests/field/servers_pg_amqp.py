@@ -205,7 +205,7 @@ class PostgreSQL(Server):
 class RabbitAMQP(RabbitMQ):
     """RabbitMQ's AMQP 0-9-1 listener (``port``; no plugin): each mode gets queues of its own
     (``PREFIX`` and ``PREFIX-src``, durable). Counting drains ``PREFIX`` with basic_get:
-    ``seen`` key -> copies in the queue; ``src_left``: messages left in the source queue of a
+    ``seen`` key -> copies in the queue (redeliveries apart); ``src_left``: messages left in the source queue of a
     get/consume row. The log (stdout, warning level) is counted for protocol errors
     (``frame_errors``: "invalid frame", "unexpected method", "UNEXPECTED_FRAME",
     "COMMAND_INVALID", "CHANNEL_ERROR") and failed logins."""
@@ -308,10 +308,17 @@ class RabbitAMQP(RabbitMQ):
                                         passive=True).method.message_count
         finally:
             conn.close()
-        seen = Counter(b for b in got if b.startswith(prefix))
+        # a key's copies; the broker's redeliveries (marked by the client) count once at
+        # most, for a key that has no first delivery: they are AMQP's at-least-once
+        seen = Counter(b for b in got if b.startswith(prefix) and "|" not in b)
+        redelivered = Counter(b.split("|")[0] for b in got if b.endswith("|redelivered"))
+        for k in redelivered:
+            if k not in seen:
+                seen[k] = 1
         now = self._log_counts()
         other = {k: now[k] - before.get(k, 0) for k in now}
         other.update(messages=len(got), src_left=src_left,
+                     redelivered=sum(redelivered.values()),
                      foreign=sum(1 for b in got if not b.startswith(prefix)))
         return Counts(seen=seen, extra_executions=sum(n - 1 for n in seen.values()),
                       wrong_place=other["foreign"], other=other)

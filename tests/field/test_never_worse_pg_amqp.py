@@ -8,6 +8,7 @@ type plain did not have, no hang past the application's 5 s."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ PIKA_ERRORS = frozenset({
     "pika.exceptions.IncompatibleProtocolError", "pika.exceptions.ProbableAuthenticationError",
     "pika.exceptions.AMQPHeartbeatTimeout"})
 AMQP_WORSE = ("frame_errors", "auth_failed")
+# another seed (another order and spacing of the same kinds): FIELD_PG_AMQP_SEED=N
+SEED = int(os.environ.get("FIELD_PG_AMQP_SEED", "14"))
+# extra fault kinds to mix in, comma-separated (e.g. answer-lost,answer-lost2)
+EXTRA = tuple(k for k in os.environ.get("FIELD_PG_AMQP_KINDS", "").split(",") if k)
 
 
 def pg_row(server: PostgreSQL, mode: str, conn: str, tls: str, **kw: Any) -> Row:
@@ -46,8 +51,8 @@ def pg_row(server: PostgreSQL, mode: str, conn: str, tls: str, **kw: Any) -> Row
                # inside the next login (the SCRAM client-first ~55 bytes in, the server's
                # final/ParameterStatus run ~100 bytes in)
                kinds=("reset", "close", "refuse1.0", "cutup:30", "cutdown:12",
-                      "cutup:60:new", "cutdown:100:new"),
-               faults=14, idempotent=False, plain_errors=PG8000_ERRORS,
+                      "cutup:60:new", "cutdown:100:new", *EXTRA),
+               faults=14, seed=SEED, idempotent=False, plain_errors=PG8000_ERRORS,
                worse_if_more=PG_WORSE, **kw)
 
 
@@ -57,8 +62,8 @@ def pika_row(server: RabbitAMQP, mode: str, **kw: Any) -> Row:
                client=["pika_client.py", "127.0.0.1", "{port}", server.user, server.password,
                        mode],
                kinds=("reset", "close", "refuse1.0", "cutup:30", "cutdown:10",
-                      "cutup:20:new", "cutdown:200:new"),
-               faults=14, idempotent=False, plain_errors=PIKA_ERRORS,
+                      "cutup:20:new", "cutdown:200:new", *EXTRA),
+               faults=14, seed=SEED, idempotent=False, plain_errors=PIKA_ERRORS,
                worse_if_more=AMQP_WORSE, **kw)
 
 
@@ -96,4 +101,15 @@ def test_pg8000(pg_server: PostgreSQL, field_dir: Path, mode: str, conn: str,
 @pytest.mark.parametrize("mode", ["publish", "confirm", "get", "consume"])
 def test_pika(amqp_server: RabbitAMQP, field_dir: Path, mode: str) -> None:
     result = run_row(pika_row(amqp_server, mode), field_dir)
+    assert_never_worse(result)
+
+
+def test_pg8000_server_down_for_good(pg_server: PostgreSQL, field_dir: Path) -> None:
+    """The server gone for good after a few operations (every connect refused), under the
+    default policy: pg8000's connect (not a library that retries by itself) is retried by
+    resilientsock, but every call still ends within the application's 5 s."""
+    row = pg_row(pg_server, "auto", "loop", "nossl")
+    row.slug, row.title = "pg8000-down-for-good", "pg8000 vs PostgreSQL gone for good"
+    row.kinds, row.faults, row.after_ops, row.timeout, row.rs_opts = ("down",), 1, 3, 60.0, []
+    result = run_row(row, field_dir)
     assert_never_worse(result)

@@ -8,7 +8,8 @@ of KEY to the destination, no publisher confirms (the call returns once the fram
 written). confirm: the same on a channel in confirm mode (returns when the broker acked).
 get: KEY is published (confirmed) to the source queue, then ``basic_get`` takes messages off
 it until KEY came; each message taken is moved: published (confirmed) to the destination,
-then acked. consume: the same through a ``basic_consume`` consumer, the operation waiting in
+then acked (a message the broker redelivers is moved with "|redelivered" appended: AMQP's
+own at-least-once, which plain has too). consume: the same through a ``basic_consume`` consumer, the operation waiting in
 ``process_data_events`` until the consumer moved KEY (5 s). The application: a login
 (``PlainCredentials``) on every new connection; after an error a closed connection or
 channel is opened again before the next operation; the operation is never retried.
@@ -33,7 +34,9 @@ class NoDelivery(Exception):
 
 
 def move(channel, method, _props, body) -> None:
-    channel.basic_publish("", dst, body)
+    # a redelivery (the broker's own at-least-once: an ack lost with its connection) is
+    # marked, so the server-side count tells it from a message published twice
+    channel.basic_publish("", dst, body + b"|redelivered" if method.redelivered else body)
     channel.basic_ack(method.delivery_tag)
     moved.add(body.decode())
 
