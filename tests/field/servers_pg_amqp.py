@@ -204,11 +204,11 @@ class PostgreSQL(Server):
 
 class RabbitAMQP(RabbitMQ):
     """RabbitMQ's AMQP 0-9-1 listener (``port``; no plugin): each mode gets queues of its own
-    (``PREFIX`` and ``PREFIX-src``, durable). Counting drains ``PREFIX`` with basic_get:
-    ``seen`` key -> copies in the queue (redeliveries apart); ``src_left``: messages left in the source queue of a
-    get/consume row. The log (stdout, warning level) is counted for protocol errors
-    (``frame_errors``: "invalid frame", "unexpected method", "UNEXPECTED_FRAME",
-    "COMMAND_INVALID", "CHANNEL_ERROR") and failed logins."""
+    (``PREFIX`` and ``PREFIXsrc``, durable). Counting drains ``PREFIX`` with basic_get:
+    ``seen`` key -> copies in the queue (redeliveries apart); ``src_left``: messages left in
+    the source queue of a get/consume row. The log (stdout, warning level) is counted for
+    protocol errors (``frame_errors``: "invalid frame", "unexpected method",
+    "UNEXPECTED_FRAME", "COMMAND_INVALID", "CHANNEL_ERROR") and failed logins."""
 
     name = "rabbitmq-amqp"
     user, password = "field", "field-pw"

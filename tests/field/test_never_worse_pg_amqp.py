@@ -18,7 +18,9 @@ import pytest
 from .matrix import Row, assert_never_worse, check, run_row
 from .servers_pg_amqp import PostgreSQL, RabbitAMQP
 
-pytestmark = [pytest.mark.field, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.field, pytest.mark.timeout(600),
+              pytest.mark.skipif(os.environ.get("FIELD_PG_AMQP") != "1",
+                                 reason="opt-in: FIELD_PG_AMQP=1 (PostgreSQL, RabbitMQ; ~4 min)")]
 
 PG8000_ERRORS = frozenset({"pg8000.exceptions.InterfaceError",
                            "pg8000.exceptions.DatabaseError", "ConnectionResetError",

@@ -9,10 +9,11 @@ written). confirm: the same on a channel in confirm mode (returns when the broke
 get: KEY is published (confirmed) to the source queue, then ``basic_get`` takes messages off
 it until KEY came; each message taken is moved: published (confirmed) to the destination,
 then acked (a message the broker redelivers is moved with "|redelivered" appended: AMQP's
-own at-least-once, which plain has too). consume: the same through a ``basic_consume`` consumer, the operation waiting in
-``process_data_events`` until the consumer moved KEY (5 s). The application: a login
-(``PlainCredentials``) on every new connection; after an error a closed connection or
-channel is opened again before the next operation; the operation is never retried.
+own at-least-once, which plain has too). consume: the same through a ``basic_consume``
+consumer, the operation waiting in ``process_data_events`` until the consumer moved KEY
+(5 s). The application: a login (``PlainCredentials``) on every new connection; after an
+error a closed connection or channel is opened again before the next operation; the
+operation is never retried.
 """
 import os
 import sys
