@@ -115,3 +115,25 @@ def test_pg8000_server_down_for_good(pg_server: PostgreSQL, field_dir: Path) -> 
     row.kinds, row.faults, row.after_ops, row.timeout, row.rs_opts = ("down",), 1, 3, 60.0, []
     result = run_row(row, field_dir)
     assert_never_worse(result)
+
+
+PYAMQP_ERRORS = frozenset({
+    "ConnectionResetError", "BrokenPipeError", "ConnectionRefusedError", "TimeoutError",
+    "socket.timeout", "OSError", "ConnectionAbortedError",
+    "amqp.exceptions.RecoverableConnectionError", "amqp.exceptions.ConnectionForced",
+    "amqp.exceptions.AccessRefused",
+    "amqp.exceptions.UnexpectedFrame", "amqp.exceptions.FrameSyntaxError",
+    "amqp.exceptions.MessageNacked", "IOError", "struct.error", "NoDelivery"})
+
+
+@pytest.mark.parametrize("mode", ["publish", "confirm", "get"])
+def test_pyamqp(amqp_server: RabbitAMQP, field_dir: Path, mode: str) -> None:
+    """py-amqp (kombu's transport) uses blocking sockets: resilientsock protects them until
+    the AMQP handshake is answered, then surfaces every drop."""
+    pytest.importorskip("amqp")
+    row = pika_row(amqp_server, mode)
+    row.slug, row.title = f"pyamqp-{mode}", f"py-amqp vs RabbitMQ, {mode}"
+    row.client = ["pyamqp_client.py", *row.client[1:]]
+    row.plain_errors = PYAMQP_ERRORS
+    result = run_row(row, field_dir)
+    assert_never_worse(result)
