@@ -222,9 +222,21 @@ class RabbitAMQP(RabbitMQ):
         except ImportError:
             pytest.skip("pika is not installed")
         self.port, dist, epmd = free_port(), free_port(), free_port()
+        # amqps on a second port when openssl can make a self-signed certificate
+        self.tls_port = 0
+        cert, key = self.dir / "server.crt", self.dir / "server.key"
+        tls = ""
+        if subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                           "2", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out",
+                           str(cert)], capture_output=True, timeout=60).returncode == 0:
+            self.tls_port = free_port()
+            tls = (f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
+                   f"ssl_options.cacertfile = {cert}\nssl_options.certfile = {cert}\n"
+                   f"ssl_options.keyfile = {key}\nssl_options.verify = verify_none\n"
+                   "ssl_options.fail_if_no_peer_cert = false\n")
         (self.dir / "enabled_plugins").write_text("[].\n")
         (self.dir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n{tls}"
             f"default_user = {self.user}\ndefault_pass = {self.password}\n"
             "log.console = true\nlog.console.level = warning\nlog.file = false\n")
         self.env = {**os.environ, "HOME": str(self.dir),

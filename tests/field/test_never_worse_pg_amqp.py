@@ -35,6 +35,8 @@ PIKA_ERRORS = frozenset({
     "pika.exceptions.ConnectionWrongStateError", "pika.exceptions.ChannelClosed",
     "pika.exceptions.IncompatibleProtocolError", "pika.exceptions.ProbableAuthenticationError",
     "pika.exceptions.AMQPHeartbeatTimeout"})
+# pika over TLS: a drop inside the TLS handshake
+PIKA_ERRORS |= {"pika.exceptions.AMQPConnectionError"}
 AMQP_WORSE = ("frame_errors", "auth_failed")
 # another seed (another order and spacing of the same kinds): FIELD_PG_AMQP_SEED=N
 SEED = int(os.environ.get("FIELD_PG_AMQP_SEED", "14"))
@@ -58,11 +60,14 @@ def pg_row(server: PostgreSQL, mode: str, conn: str, tls: str, **kw: Any) -> Row
                worse_if_more=PG_WORSE, **kw)
 
 
-def pika_row(server: RabbitAMQP, mode: str, **kw: Any) -> Row:
-    return Row(slug=f"pika-{mode}", title=f"pika BlockingConnection vs RabbitMQ, {mode}",
-               server=server,
+def pika_row(server: RabbitAMQP, mode: str, tls: bool = False, **kw: Any) -> Row:
+    if tls and not server.tls_port:
+        pytest.skip("no amqps listener (openssl could not make a certificate)")
+    return Row(slug=f"pika-{mode}" + ("-tls" if tls else ""),
+               title=f"pika BlockingConnection vs RabbitMQ, {mode}" + (", amqps" if tls else ""),
+               server=server, upstream_port=server.tls_port if tls else None,
                client=["pika_client.py", "127.0.0.1", "{port}", server.user, server.password,
-                       mode],
+                       mode, *(["tls"] if tls else [])],
                kinds=("reset", "close", "refuse1.0", "cutup:30", "cutdown:10",
                       "cutup:20:new", "cutdown:200:new", *EXTRA),
                faults=14, seed=SEED, idempotent=False, plain_errors=PIKA_ERRORS,
@@ -100,9 +105,10 @@ def test_pg8000(pg_server: PostgreSQL, field_dir: Path, mode: str, conn: str,
     assert_never_worse(result)
 
 
-@pytest.mark.parametrize("mode", ["publish", "confirm", "get", "consume"])
-def test_pika(amqp_server: RabbitAMQP, field_dir: Path, mode: str) -> None:
-    result = run_row(pika_row(amqp_server, mode), field_dir)
+@pytest.mark.parametrize("mode,tls", [("publish", False), ("confirm", False), ("get", False),
+                                      ("consume", False), ("confirm", True)])
+def test_pika(amqp_server: RabbitAMQP, field_dir: Path, mode: str, tls: bool) -> None:
+    result = run_row(pika_row(amqp_server, mode, tls), field_dir)
     assert_never_worse(result)
 
 
@@ -123,16 +129,19 @@ PYAMQP_ERRORS = frozenset({
     "amqp.exceptions.RecoverableConnectionError", "amqp.exceptions.ConnectionForced",
     "amqp.exceptions.AccessRefused",
     "amqp.exceptions.UnexpectedFrame", "amqp.exceptions.FrameSyntaxError",
-    "amqp.exceptions.MessageNacked", "IOError", "struct.error", "NoDelivery"})
+    "amqp.exceptions.MessageNacked", "IOError", "struct.error", "NoDelivery",
+    "ssl.SSLError", "ssl.SSLEOFError", "ssl.SSLZeroReturnError", "ssl.SSLCertVerificationError"})
 
 
-@pytest.mark.parametrize("mode", ["publish", "confirm", "get"])
-def test_pyamqp(amqp_server: RabbitAMQP, field_dir: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode,tls", [("publish", False), ("confirm", False), ("get", False),
+                                      ("confirm", True)])
+def test_pyamqp(amqp_server: RabbitAMQP, field_dir: Path, mode: str, tls: bool) -> None:
     """py-amqp (kombu's transport) uses blocking sockets: resilientsock protects them until
     the AMQP handshake is answered, then surfaces every drop."""
     pytest.importorskip("amqp")
-    row = pika_row(amqp_server, mode)
-    row.slug, row.title = f"pyamqp-{mode}", f"py-amqp vs RabbitMQ, {mode}"
+    row = pika_row(amqp_server, mode, tls)
+    row.slug = f"pyamqp-{mode}" + ("-tls" if tls else "")
+    row.title = f"py-amqp vs RabbitMQ, {mode}" + (", amqps" if tls else "")
     row.client = ["pyamqp_client.py", *row.client[1:]]
     row.plain_errors = PYAMQP_ERRORS
     result = run_row(row, field_dir)

@@ -1,6 +1,6 @@
 """Field client: pika BlockingConnection (AMQP 0-9-1), one operation per key.
 
-    python pika_client.py HOST PORT USER PASSWORD publish|confirm|get|consume
+    python pika_client.py HOST PORT USER PASSWORD publish|confirm|get|consume [tls]
 
 The queues ``$FIELD_PREFIX`` (the destination: what the server counts) and
 ``$FIELD_PREFIX`` + "src" exist (declared by the orchestrator). publish: ``basic_publish``
@@ -16,6 +16,7 @@ error a closed connection or channel is opened again before the next operation; 
 operation is never retried.
 """
 import os
+import ssl
 import sys
 import time
 
@@ -23,6 +24,12 @@ import pika
 from fieldops import Garbage, run
 
 host, port, user, password, mode = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
+tls = None
+if sys.argv[6:7] == ["tls"]:  # amqps, the broker's self-signed certificate not verified
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    tls = pika.SSLOptions(ctx)
 dst = os.environ.get("FIELD_PREFIX", "k")
 src = dst + "src"
 conn = None
@@ -48,7 +55,7 @@ def ensure() -> None:
         conn = pika.BlockingConnection(pika.ConnectionParameters(
             host, port, credentials=pika.PlainCredentials(user, password),
             connection_attempts=1, socket_timeout=5, stack_timeout=5,
-            blocked_connection_timeout=5, heartbeat=0))
+            blocked_connection_timeout=5, heartbeat=0, ssl_options=tls))
         ch = None
     if ch is None or ch.is_closed:
         ch = conn.channel()

@@ -1,6 +1,6 @@
 """Field client: py-amqp (kombu's transport; blocking sockets), one operation per key.
 
-    python pyamqp_client.py HOST PORT USER PASSWORD publish|confirm|get
+    python pyamqp_client.py HOST PORT USER PASSWORD publish|confirm|get [tls]
 
 Queues as in pika_client.py: ``$FIELD_PREFIX`` (counted) and ``$FIELD_PREFIX`` + "src".
 publish: ``basic_publish`` of KEY, no confirms; confirm: ``Connection(confirm_publish=True)``
@@ -11,6 +11,7 @@ connection; after an error a dead connection is dropped and opened again before 
 operation; the operation is never retried.
 """
 import os
+import ssl
 import sys
 import time
 
@@ -18,6 +19,9 @@ import amqp
 from fieldops import Garbage, run
 
 host, port, user, password, mode = sys.argv[1], int(sys.argv[2]), *sys.argv[3:6]
+tls: dict | bool = False
+if sys.argv[6:7] == ["tls"]:  # amqps, the broker's self-signed certificate not verified
+    tls = {"cert_reqs": ssl.CERT_NONE, "server_hostname": None}
 dst = os.environ.get("FIELD_PREFIX", "k")
 src = dst + "src"
 conn = None
@@ -33,7 +37,7 @@ def ensure() -> None:
     if conn is None:
         c = amqp.Connection(f"{host}:{port}", userid=user, password=password,
                             connect_timeout=5, read_timeout=5, write_timeout=5,
-                            heartbeat=0, confirm_publish=mode != "publish")
+                            heartbeat=0, confirm_publish=mode != "publish", ssl=tls)
         try:
             c.connect()
         except Exception:
