@@ -322,6 +322,8 @@ class RabbitAMQP(RabbitMQ):
             conn.close()
         # a key's copies; the broker's redeliveries (marked by the client) count once at
         # most, for a key that has no first delivery: they are AMQP's at-least-once
+        # what the queue held, kept for the row's own checks (which key was lost where)
+        (self.dir / f"{prefix}drained.txt").write_text("".join(b + "\n" for b in got))
         seen = Counter(b for b in got if b.startswith(prefix) and "|" not in b)
         redelivered = Counter(b.split("|")[0] for b in got if b.endswith("|redelivered"))
         for k in redelivered:
