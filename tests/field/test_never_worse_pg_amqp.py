@@ -1,10 +1,23 @@
-"""Rows for pg8000 against PostgreSQL and pika (BlockingConnection) against RabbitMQ: both
-protocols are recognised only by their opening (docs/design.md §5a, dialects/handshake.py),
-so every drop after the login must be surfaced as the plain client sees it. Under the same
+"""Rows for pg8000 against PostgreSQL, and pika (BlockingConnection) and py-amqp against
+RabbitMQ (AMQP and amqps): both protocols are recognised only by their opening
+(docs/design.md §5a, dialects/handshake.py), so every drop after the login must be
+surfaced as the plain client sees it. Under the same
 seeded faults, plain and under ``python -m resilientsock``, counted on the server: no row
 or message written twice where plain wrote it once, no statement outside its transaction,
 no failed login or protocol error in the server's log that plain did not cause, no error
-type plain did not have, no hang past the application's 5 s."""
+type plain did not have, no hang past the application's 5 s.
+
+Opt-in (``FIELD_PG_AMQP=1``), not part of ``make field``: PostgreSQL and RabbitMQ come from
+``apt-get install postgresql rabbitmq-server`` (not in ``make field-deps``), pg8000, pika
+and amqp (py-amqp) from pip, and the 15 rows take about four minutes (RabbitMQ boots for
+~10 s)::
+
+    FIELD_PG_AMQP=1 .venv/bin/python -m pytest -m field -p no:randomly -s \\
+        tests/field/test_never_worse_pg_amqp.py
+
+``FIELD_PG_AMQP_SEED=N`` runs another seeded plan, ``FIELD_PG_AMQP_KINDS=answer-lost,...``
+mixes more fault kinds in. A server's log and each run's operations are kept under
+``$FIELD_RESULTS/runs/ROW/``."""
 
 from __future__ import annotations
 
