@@ -44,6 +44,10 @@ KNOWN: tuple[tuple[str, str, tuple[str, ...]], ...] = (
                                              "SyncBackend.connect_unix_socket")),
     ("kombu", "amqp.transport", ("_AbstractTransport.connect",)),
     ("pika", "pika.adapters.utils.connection_workflow", ("_TCPConnector._connect",)),
+    # pg8000 has no retry layer: its caller (a pool, the application) decides, as for PyMySQL.
+    # Measured: a server down for good, pg8000's default timeout=None: plain fails at once,
+    # under resilientsock each connect took the whole 30 s deadline.
+    ("pg8000", "pg8000.core", ("_make_socket",)),
 )
 
 # (module, qualified name, what the connection is): functions whose connections are one-shot.

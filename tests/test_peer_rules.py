@@ -408,6 +408,35 @@ def test_a_client_whose_own_retries_give_up_gives_up_as_fast_under_us(tmp_path, 
     assert srv.accepted == 0
 
 
+PG8000_DOWN = r"""
+import json, sys, time
+import pg8000.native
+port = int(sys.argv[1])
+t0 = time.monotonic()
+try:
+    pg8000.native.Connection("u", host="127.0.0.1", port=port, password="p")  # timeout=None
+    outcome = "answered"
+except Exception as e:
+    outcome = type(e).__module__.split(".")[0] + "." + type(e).__name__
+print(json.dumps({"outcome": outcome, "elapsed": time.monotonic() - t0}))
+"""
+
+
+def test_pg8000_connect_to_a_server_down_for_good_fails_as_fast_as_plain(tmp_path, make_server):
+    """pg8000 has no connect retries of its own and no timeout by default: its caller decides,
+    as for PyMySQL (docs/decisions.md). A server down for good: plain pg8000 raises at once;
+    under resilientsock it did after the whole deadline (30 s by default; 8 s here)."""
+    pytest.importorskip("pg8000")
+    srv = make_server(silent, listening=False)
+    plain = run_client(tmp_path, "plain", PG8000_DOWN, srv.address[1])
+    got = run_client(tmp_path, "resilientsock", PG8000_DOWN, srv.address[1],
+                     env=SHORT_DEADLINE, timeout=30)
+    assert plain["outcome"] == "pg8000.InterfaceError", plain
+    assert got["outcome"] == plain["outcome"], (plain, got)
+    assert got["elapsed"] <= 1.5 * plain["elapsed"] + 0.5, (plain, got)
+    assert srv.accepted == 0
+
+
 LAYERED_DROP = r"""
 import json, socket, sys, time
 port = int(sys.argv[1])
