@@ -181,7 +181,7 @@ def policy_sources(options: argparse.Namespace, environ: Mapping[str, str]) -> d
         var = "RESILIENTSOCK_" + name.upper()
         if getattr(options, name, None) is not None:
             sources[name] = "option --" + name.replace("_", "-")
-        elif var in environ:
+        elif environ.get(var, "").strip():  # an empty variable is unset (env_texts)
             sources[name] = "environment " + var
         else:
             sources[name] = "default"
@@ -248,7 +248,9 @@ def _run(argv: list[str]) -> None:
             session = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                        for host, port in parse_session(session_text)]
         except ValueError as exc:
-            _fail(f"--session {session_text!r}: {exc}")
+            where = ("--session " if options.session is not None
+                     else "RESILIENTSOCK_SESSION=")
+            _fail(f"{where}{session_text!r}: {exc}")
     if options.show_policy:
         _show_policy(policy, policy_sources(options, os.environ),
                      ",".join(session) if session else None, session_source)
@@ -258,7 +260,8 @@ def _run(argv: list[str]) -> None:
     if level_name:
         level = logging.getLevelName(level_name.upper())
         if not isinstance(level, int):
-            _fail(f"--log-level {level_name!r}: not a logging level (DEBUG, INFO, WARNING...)")
+            where = "--log-level " if options.log_level else "RESILIENTSOCK_LOG_LEVEL="
+            _fail(f"{where}{level_name!r}: not a logging level (DEBUG, INFO, WARNING...)")
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
         logger = logging.getLogger("resilientsock")

@@ -65,11 +65,13 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise TypeError(f"patch(policy=...) needs a RetryPolicy, got {policy!r}")
     effective = (policy or RetryPolicy.from_env()).replace(**policy_fields)
+    where = "patch(session=...)"
     if session is None:
         import os
 
         session = os.environ.get("RESILIENTSOCK_SESSION") or None
-    targets = _parse_session(session)
+        where = f"RESILIENTSOCK_SESSION={session!r}"
+    targets = _parse_session(session, where)
 
     from gevent import monkey
 
@@ -183,7 +185,7 @@ def _quiet_signal_errors() -> None:
     hub.handle_error = handle_error
 
 
-def _parse_session(value: Any) -> list[str]:
+def _parse_session(value: Any, where: str = "patch(session=...)") -> list[str]:
     if value is None or value is False:
         return []  # no session targets (``False`` as ``RetryPolicy(session=False)`` says it)
     if isinstance(value, str):
@@ -191,7 +193,7 @@ def _parse_session(value: Any) -> list[str]:
     elif isinstance(value, list | tuple | set | frozenset):
         items = list(value)
     else:
-        raise ValueError(f"patch(session=...): expected 'HOST:PORT[,HOST:PORT...]' or a "
+        raise ValueError(f"{where}: expected 'HOST:PORT[,HOST:PORT...]' or a "
                          f"list of them, got {value!r}")
     items = [t for t in items if t]
     if items:
@@ -199,11 +201,11 @@ def _parse_session(value: Any) -> list[str]:
 
         for item in items:
             if not isinstance(item, str):
-                raise ValueError(f"patch(session=...): {item!r} is not a 'HOST:PORT' string")
+                raise ValueError(f"{where}: {item!r} is not a 'HOST:PORT' string")
             try:
                 parse_address(item)
             except ValueError as exc:
-                raise ValueError(f"patch(session=...): {exc}") from None
+                raise ValueError(f"{where}: {exc}") from None
     return items
 
 

@@ -185,3 +185,50 @@ def test_a_directory_without_main_is_one_line_and_status_1(tmp_path):
     assert plain.returncode == wrapped.returncode == 1
     assert "Traceback" not in wrapped.stderr, wrapped.stderr
     assert "can't find '__main__' module" in wrapped.stderr
+
+
+# -- session 13 audit: the environment, as a stranger sets it ------------------------------------
+
+
+@pytest.mark.parametrize("var,value", [("RESILIENTSOCK_LOG_LEVEL", "LOUD"),
+                                       ("RESILIENTSOCK_SESSION", "nohost")])
+def test_a_bad_runner_variable_is_named_as_the_variable(tmp_path, var, value):
+    """§2: a bad value is one line naming where it came from, exit 2. A bad
+    ``RESILIENTSOCK_LOG_LEVEL`` or ``RESILIENTSOCK_SESSION`` was reported as the option
+    (``--log-level 'LOUD'``), which the user never typed."""
+    script = tmp_path / "never.py"
+    script.write_text("print('the script ran')\n")
+    out = run_py(["-m", "resilientsock", str(script)], env={var: value})
+    assert out.returncode == 2 and "the script ran" not in out.stdout
+    assert out.stderr.startswith(f"resilientsock: error: {var}={value!r}"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_patch_names_the_session_variable_of_a_bad_target():
+    code = ("import resilientsock\ntry:\n    resilientsock.patch()\n"
+            "except ValueError as exc:\n    print('ValueError', exc)\n")
+    out = run_py(["-c", code], env={"RESILIENTSOCK_SESSION": "nohost"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ValueError RESILIENTSOCK_SESSION='nohost'"), out.stdout
+
+
+@pytest.mark.parametrize("how", ["runner", "patch"])
+def test_an_empty_policy_variable_is_unset(tmp_path, how):
+    """``RESILIENTSOCK_RETRY_CONNECT=`` (a variable emptied in a shell or a compose file) read
+    as ``False``, ``RESILIENTSOCK_RESUME_ANSWERS=`` turned answer resume off, and
+    ``RESILIENTSOCK_DEADLINE=`` refused to start ("deadline=None needs max_attempts"): an
+    empty variable is unset, as ``RESILIENTSOCK_SESSION=`` and ``RESILIENTSOCK_LOG_LEVEL=``
+    already were."""
+    from resilientsock._policy import FIELDS
+
+    env = {"RESILIENTSOCK_" + name.upper(): "" for name in FIELDS}
+    script = tmp_path / "show.py"
+    script.write_text("import resilientsock._socket as s\nprint(s.default_policy() == "
+                      "__import__('resilientsock').RetryPolicy())\n")
+    if how == "runner":
+        out = run_py(["-m", "resilientsock", str(script)], env=env)
+    else:
+        out = run_py(["-c", "import resilientsock; resilientsock.patch()\n"
+                      + script.read_text()], env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "True\n", out.stdout
