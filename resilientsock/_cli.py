@@ -722,7 +722,9 @@ def _explain_ssl_reason(reason: str, text: str) -> dict[str, Any]:
 
     from ._errors import classify
 
-    exc = ssl.SSLError(1, text)
+    # ssl raises this reason as SSLCertVerificationError (a handshake error: nothing sent).
+    kind = ssl.SSLCertVerificationError if reason == "CERTIFICATE_VERIFY_FAILED" else ssl.SSLError
+    exc = kind(1, text)
     exc.reason = reason
     info = classify(exc)
     assert info is not None  # every SSLError that is not want-read/write is classified

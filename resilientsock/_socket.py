@@ -386,6 +386,15 @@ class ResilientSocket(_GeventSocket):
         the class and writing it back leaves it working (design.md §7; pytest-socket does this).
         """
         if not isinstance(self, _GEVENT_SOCKET):  # called on the class: self is the address
+            unknown = sorted(set(kwargs) - {"policy", "timeout", "source_address"})
+            if unknown or len(args) > 1:
+                # Named as the caller wrote it, not as _connect_new (a policy field given here,
+                # ``deadline=1``, belongs in the RetryPolicy).
+                what = (f"an unexpected keyword argument {unknown[0]!r}" if unknown
+                        else f"{len(args) + 1} positional arguments (address, policy)")
+                raise TypeError(f"ResilientSocket.connect() got {what}; it takes (address, "
+                                "policy=None, *, timeout=None, source_address=None), and "
+                                "policy fields go in RetryPolicy(...)")
             return ResilientSocket._connect_new(self, *args, **kwargs)
         if kwargs or len(args) != 1:
             raise TypeError("connect() takes exactly one argument (the address)")

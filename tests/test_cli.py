@@ -369,3 +369,13 @@ def test_stats_file_lands_where_it_was_checked_when_the_script_changes_directory
     assert ours.returncode == 0, ours.stderr
     assert (tmp_path / "stats.json").exists() and not (other / "stats.json").exists()
     assert isinstance(json.loads((tmp_path / "stats.json").read_text()), dict)
+
+
+def test_explain_a_certificate_error_log_line_says_nothing_was_delivered():
+    """The log line of a certificate failure is the handshake's: "nothing written could have
+    reached the peer" (docs/design.md §3), not "written data may have reached the peer"."""
+    out = run_py(["-m", "resilientsock", "explain", "--json",
+                  "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed (_ssl.c:1006)"])
+    assert out.returncode == 0, out.stderr
+    (entry,) = json.loads(out.stdout)
+    assert entry["category"] == "TLS_PERMANENT" and entry["maybe_delivered"] is False

@@ -232,3 +232,16 @@ def test_an_empty_policy_variable_is_unset(tmp_path, how):
                       + script.read_text()], env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "True\n", out.stdout
+
+
+@pytest.mark.parametrize("args,kwargs,named", [
+    ((), {"deadline": 1}, "'deadline'"),
+    ((RetryPolicy(), 5), {}, "3 positional arguments"),
+])
+def test_class_connect_names_itself_for_a_wrong_argument(args, kwargs, named):
+    """§2's ``ResilientSocket.connect(address, policy=RetryPolicy(...))``: a policy field given
+    to it directly (``deadline=1``) was a TypeError naming the private ``_connect_new()``."""
+    with pytest.raises(TypeError) as info:
+        ResilientSocket.connect(("127.0.0.1", 9), *args, **kwargs)
+    assert str(info.value).startswith("ResilientSocket.connect() got"), info.value
+    assert named in str(info.value) and "_connect_new" not in str(info.value)
