@@ -147,10 +147,13 @@ _live: weakref.WeakSet[Any] = weakref.WeakSet()  # protected sockets (for fork)
 
 
 def default_policy() -> RetryPolicy:
-    """The policy sockets get when none is given: the one ``patch()`` set, else defaults."""
+    """The policy sockets get when none is given: the one ``patch()`` set, else the defaults
+    with the ``RESILIENTSOCK_*`` variables applied (read once; docs/design.md §2: every knob
+    is also an environment variable, whichever way in). A bad variable is a ValueError
+    naming it, as from ``patch()``."""
     global _default_policy
     if _default_policy is None:
-        _default_policy = RetryPolicy()
+        _default_policy = RetryPolicy.from_env()
     return _default_policy
 
 

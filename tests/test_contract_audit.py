@@ -245,3 +245,32 @@ def test_class_connect_names_itself_for_a_wrong_argument(args, kwargs, named):
         ResilientSocket.connect(("127.0.0.1", 9), *args, **kwargs)
     assert str(info.value).startswith("ResilientSocket.connect() got"), info.value
     assert named in str(info.value) and "_connect_new" not in str(info.value)
+
+
+def test_a_socket_without_a_policy_honours_the_environment_without_patch():
+    """§2: "every policy knob is also ... an environment variable". ``patch()`` and the
+    runner read them; a ``ResilientSocket`` used directly (the second way in) without a
+    policy took the built-in defaults: ``RESILIENTSOCK_DEADLINE=1`` still waited 30 s for a
+    server that is down. An explicit policy still wins over the environment."""
+    code = ("import socket, time, resilientsock\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]\n"
+            "s.close()\n"
+            "print(resilientsock.ResilientSocket().policy.deadline)\n"
+            "explicit = resilientsock.RetryPolicy(deadline=7)\n"
+            "print(resilientsock.ResilientSocket(policy=explicit).policy.deadline)\n"
+            "start = time.monotonic()\n"
+            "try:\n"
+            "    resilientsock.ResilientSocket.connect(('127.0.0.1', port))\n"
+            "except ConnectionRefusedError:\n"
+            "    print(round(time.monotonic() - start) <= 2)\n")
+    out = run_py(["-c", code], env={"RESILIENTSOCK_DEADLINE": "1"}, timeout=45)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1.0", "7", "True"], out.stdout
+
+
+def test_a_bad_variable_names_itself_when_a_socket_without_a_policy_reads_it():
+    code = ("import resilientsock\ntry:\n    resilientsock.ResilientSocket().policy\n"
+            "except ValueError as exc:\n    print('ValueError', exc)\n")
+    out = run_py(["-c", code], env={"RESILIENTSOCK_REPLAY": "twice"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ValueError RESILIENTSOCK_REPLAY='twice'"), out.stdout
