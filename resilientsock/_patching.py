@@ -185,23 +185,35 @@ def _quiet_signal_errors() -> None:
     hub.handle_error = handle_error
 
 
+def _is_address(value: Any) -> bool:
+    # (host, port), or IPv6's (host, port, flowinfo, scope_id)
+    return (isinstance(value, tuple) and len(value) in (2, 4) and isinstance(value[0], str)
+            and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
 def _parse_session(value: Any, where: str = "patch(session=...)") -> list[str]:
     if value is None or value is False:
         return []  # no session targets (``False`` as ``RetryPolicy(session=False)`` says it)
     if isinstance(value, str):
         items = [t.strip() for t in value.split(",")]
+    elif _is_address(value):
+        items = [value]  # one (host, port), as socket addresses and ``Relay.address`` are
     elif isinstance(value, list | tuple | set | frozenset):
         items = list(value)
     else:
         raise ValueError(f"{where}: expected 'HOST:PORT[,HOST:PORT...]' or a "
                          f"list of them, got {value!r}")
-    items = [t for t in items if t]
+    # A (host, port) pair is the target a socket address names: ``Relay.address`` or what
+    # the application passes to create_connection. IPv6 hosts get their brackets.
+    items = [(f"[{t[0]}]:{t[1]}" if ":" in t[0] else f"{t[0]}:{t[1]}") if _is_address(t)
+             else t for t in items if t]
     if items:
         from .session.targets import parse_address
 
         for item in items:
             if not isinstance(item, str):
-                raise ValueError(f"{where}: {item!r} is not a 'HOST:PORT' string")
+                raise ValueError(f"{where}: {item!r} is not a 'HOST:PORT' string or a "
+                                 "(host, port) pair")
             try:
                 parse_address(item)
             except ValueError as exc:

@@ -274,3 +274,25 @@ def test_a_bad_variable_names_itself_when_a_socket_without_a_policy_reads_it():
     out = run_py(["-c", code], env={"RESILIENTSOCK_REPLAY": "twice"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ValueError RESILIENTSOCK_REPLAY='twice'"), out.stdout
+
+
+@pytest.mark.parametrize("given", ["[relay.address]", "relay.address"])
+def test_patch_session_takes_the_relays_address_as_a_socket_address(given):
+    """§11's ``patch(session=["robot-hub:9000"])`` with the address as Python code holds it:
+    ``Relay.address`` (a ``(host, port)`` tuple, §11) or what the application passes to
+    ``create_connection``. ``patch(session=[relay.address])`` was a ValueError ("is not a
+    'HOST:PORT' string"), and ``patch(session=relay.address)`` read the tuple as two targets.
+    Run in a subprocess: the pytest process is never patched."""
+    code = ("import resilientsock\nresilientsock.patch(session=[])\n"
+            "import socket\n"
+            "from resilientsock.testing import MessageServer\n"
+            "with MessageServer() as up, resilientsock.Relay(('127.0.0.1', 0), up.address) "
+            "as relay:\n"
+            f"    resilientsock.patch(session={given})\n"
+            "    s = socket.create_connection(relay.address, timeout=10)\n"
+            "    s.sendall(b'MSG 1 hello\\n')\n"
+            "    print(s.recv(100), relay.stats()['sessions_created'])\n"
+            "    s.close()\n")
+    out = run_py(["-c", code], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "b'ACK 1\\n' 1\n", out.stdout
