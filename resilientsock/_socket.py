@@ -1725,7 +1725,8 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
 
 
 def _plain_extra_methods() -> dict[str, Any]:
-    """Every other read method confirms too (design.md §5, review r14); sendmsg is journaled."""
+    """Every other read method confirms too (design.md §5, review r14); sendmsg and sendto
+    are journaled (their address is ignored on a connected stream socket, as by the kernel)."""
 
     def recvfrom(self: Any, *args: Any) -> Any:
         return self._rs_read(_GeventSocket.recvfrom, args, RECVFROM)
@@ -1741,18 +1742,36 @@ def _plain_extra_methods() -> dict[str, Any]:
 
     def sendmsg(self: Any, buffers: Any, ancdata: Any = (), flags: int = 0,
                 address: Any = None) -> Any:
-        if ancdata or address is not None:
-            # Ancillary data (fd passing) cannot be replayed: passed through unprotected.
+        if ancdata:
+            # Ancillary data (fd passing) cannot be replayed: this socket is plain from here
+            # on (a write kept out of the journal would be lost silently by a recovery).
+            if self._rs_m is not None:
+                self._rs_unprotect()
             return _GeventSocket.sendmsg(self, buffers, ancdata, flags, address)
         data = b"".join(buffers)  # TypeError for what is not an iterable of bytes-like objects
-        return self._rs_write(_sendmsg_raw, (data, flags), data, True)
+        # An address on a connected stream socket is ignored by the kernel, as for sendto.
+        return self._rs_write(_sendmsg_raw, (data, flags, address), data, True)
+
+    def sendto(self: Any, data: Any, flags_or_address: Any, *address: Any) -> Any:
+        # A connected stream socket sends as send() does (Linux ignores the address): a write
+        # like any other, journaled (docs/design.md §5, no silent loss).
+        if len(address) > 1:
+            return _GeventSocket.sendto(self, data, flags_or_address, *address)  # TypeError
+        args = (data, flags_or_address, address[0]) if address else (data, 0, flags_or_address)
+        return self._rs_write(_sendto_raw, args, data, True)
 
     return {"recvfrom": recvfrom, "recvfrom_into": recvfrom_into, "recvmsg": recvmsg,
-            "recvmsg_into": recvmsg_into, "sendmsg": sendmsg}
+            "recvmsg_into": recvmsg_into, "sendmsg": sendmsg, "sendto": sendto}
 
 
-def _sendmsg_raw(sock: Any, data: bytes, flags: int) -> int:
-    return int(_GeventSocket.sendmsg(sock, [data], (), flags))
+def _sendmsg_raw(sock: Any, data: bytes, flags: int, address: Any = None) -> int:
+    if address is None:
+        return int(_GeventSocket.sendmsg(sock, [data], (), flags))
+    return int(_GeventSocket.sendmsg(sock, [data], (), flags, address))
+
+
+def _sendto_raw(sock: Any, data: Any, flags: int, address: Any) -> int:
+    return int(_GeventSocket.sendto(sock, data, flags, address))
 
 
 def _twin(cls: type, attr: str, methods: dict[str, Any]) -> type:
