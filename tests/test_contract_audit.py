@@ -296,3 +296,15 @@ def test_patch_session_takes_the_relays_address_as_a_socket_address(given):
     out = run_py(["-c", code], timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout == "b'ACK 1\\n' 1\n", out.stdout
+
+
+@pytest.mark.parametrize("bad", [("127.0.0.1", 99999), ("127.0.0.1", -1), ("", 9000),
+                                 ("127.0.0.1",), ("127.0.0.1", None)])
+def test_a_relay_address_out_of_range_is_a_value_error_at_construction(bad):
+    """§11 ``Relay(listen, upstream, **options)``: an upstream given as a tuple was taken as
+    it came (``("127.0.0.1", 99999)`` built a relay whose every session failed later, and a
+    one-element tuple was an IndexError); the ``"HOST:PORT"`` form was already checked."""
+    for listen, upstream in ((("127.0.0.1", 0), bad), (bad, ("127.0.0.1", 9))):
+        with pytest.raises(ValueError, match="expected"):
+            Relay(listen, upstream)
+    assert Relay(("127.0.0.1", "0"), ("127.0.0.1", 9)).listen == ("127.0.0.1", 0)
