@@ -308,3 +308,37 @@ def test_a_relay_address_out_of_range_is_a_value_error_at_construction(bad):
         with pytest.raises(ValueError, match="expected"):
             Relay(listen, upstream)
     assert Relay(("127.0.0.1", "0"), ("127.0.0.1", 9)).listen == ("127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("relay", ["refused", "resets"])
+def test_creating_a_session_honours_the_applications_timeout_and_notes_why(relay):
+    """§4 "the application's timeout is honoured" and §5 "gave up: the original exception
+    type with a note", for a session's creation (§11: "retried under the policy like any
+    first connect"). ``create_connection(relay, timeout=2)`` to a session target whose relay
+    refused or reset every handshake took the policy's whole deadline (30.0 s measured) and
+    raised the error bare; a plain target gives up in 2 s with the note."""
+    code = ("import resilientsock\nresilientsock.patch(session=[])\n"
+            "import socket, struct, time, gevent\n"
+            "lst = socket.socket(); lst.bind(('127.0.0.1', 0)); lst.listen()\n"
+            "addr = lst.getsockname()\n"
+            f"if {relay!r} == 'refused':\n"
+            "    lst.close()\n"
+            "else:\n"
+            "    def serve():\n"
+            "        while True:\n"
+            "            c, _ = lst.accept(); c.recv(100)\n"
+            "            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,\n"
+            "                         struct.pack('ii', 1, 0)); c.close()\n"
+            "    gevent.spawn(serve)\n"
+            "resilientsock.patch(session=[addr])\n"
+            "start = time.monotonic()\n"
+            "try:\n"
+            "    socket.create_connection(addr, timeout=2)\n"
+            "except (ConnectionRefusedError, ConnectionResetError) as exc:\n"
+            "    print(round(time.monotonic() - start) <= 3)\n"
+            "    print(exc.__notes__)\n")
+    out = run_py(["-c", code], timeout=60)
+    assert out.returncode == 0, out.stderr
+    took, notes = out.stdout.splitlines()
+    assert took == "True", out.stdout
+    assert "resilientsock: gave up: the socket's timeout of 2 s ran out after" in notes
