@@ -240,7 +240,7 @@ def _run(argv: list[str]) -> None:
     session_text = options.session
     session_source = "option --session"
     if session_text is None:
-        session_text = os.environ.get("RESILIENTSOCK_SESSION") or None
+        session_text = os.environ.get("RESILIENTSOCK_SESSION", "").strip() or None
         session_source = "environment RESILIENTSOCK_SESSION" if session_text else "default"
     session: list[str] | None = None
     if session_text:
@@ -256,7 +256,7 @@ def _run(argv: list[str]) -> None:
                      ",".join(session) if session else None, session_source)
         return
     assert target is not None
-    level_name = options.log_level or os.environ.get("RESILIENTSOCK_LOG_LEVEL")
+    level_name = options.log_level or os.environ.get("RESILIENTSOCK_LOG_LEVEL", "").strip()
     if level_name:
         level = logging.getLevelName(level_name.upper())
         if not isinstance(level, int):

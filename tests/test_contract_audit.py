@@ -212,8 +212,9 @@ def test_patch_names_the_session_variable_of_a_bad_target():
     assert out.stdout.startswith("ValueError RESILIENTSOCK_SESSION='nohost'"), out.stdout
 
 
+@pytest.mark.parametrize("empty", ["", " "])
 @pytest.mark.parametrize("how", ["runner", "patch"])
-def test_an_empty_policy_variable_is_unset(tmp_path, how):
+def test_an_empty_policy_variable_is_unset(tmp_path, how, empty):
     """``RESILIENTSOCK_RETRY_CONNECT=`` (a variable emptied in a shell or a compose file) read
     as ``False``, ``RESILIENTSOCK_RESUME_ANSWERS=`` turned answer resume off, and
     ``RESILIENTSOCK_DEADLINE=`` refused to start ("deadline=None needs max_attempts"): an
@@ -221,7 +222,8 @@ def test_an_empty_policy_variable_is_unset(tmp_path, how):
     already were."""
     from resilientsock._policy import FIELDS
 
-    env = {"RESILIENTSOCK_" + name.upper(): "" for name in FIELDS}
+    env = {"RESILIENTSOCK_" + name.upper(): empty
+           for name in [*FIELDS, "session", "log_level", "stats"]}
     script = tmp_path / "show.py"
     script.write_text("import resilientsock._socket as s\nprint(s.default_policy() == "
                       "__import__('resilientsock').RetryPolicy())\n")
