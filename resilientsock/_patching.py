@@ -55,18 +55,28 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
 
     ``policy`` (default: ``RetryPolicy.from_env()``, i.e. the defaults overridden by
     ``RESILIENTSOCK_*`` variables) with ``policy_fields`` applied on top becomes the policy of
-    every socket created afterwards. ``session`` (a list of ``"HOST:PORT"``, or one string with
-    commas; None: ``RESILIENTSOCK_SESSION``; False: none) names the targets whose connections
-    become sessions through a relay (docs/design.md §11); only those speak the session
-    protocol. An unknown keyword is a ``TypeError`` naming it, an invalid field or target a
+    every socket created afterwards; a second call (already patched) starts from the policy in
+    force instead, so it changes only what it names. ``session`` (a list of ``"HOST:PORT"`` or
+    ``(host, port)`` pairs, or one string with commas; None: ``RESILIENTSOCK_SESSION`` on the
+    first call, the targets in force on a later one; False: none) names the targets whose
+    connections become sessions through a relay (docs/design.md §11); only those speak the
+    session protocol. An unknown keyword is a ``TypeError`` naming it, an invalid field or target a
     ``ValueError``: both raised before anything is patched.
     """
     global _patched, _subscriber
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise TypeError(f"patch(policy=...) needs a RetryPolicy, got {policy!r}")
+    if policy is None and _patched:
+        # A second call changes what it names and keeps the rest (docs/design.md §2: "patch()
+        # twice is harmless"): a script that calls patch() itself under the runner keeps the
+        # runner's options and session targets.
+        from . import _socket
+
+        policy = _socket.default_policy()
     effective = (policy or RetryPolicy.from_env()).replace(**policy_fields)
     where = "patch(session=...)"
-    if session is None:
+    keep_targets = session is None and _patched
+    if session is None and not _patched:
         import os
 
         session = os.environ.get("RESILIENTSOCK_SESSION") or None
@@ -85,7 +95,7 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
         monkey.patch_ssl()
     from .session import targets as _targets  # no gevent, no client: just the registry
 
-    if targets or _targets.session_targets():
+    if not keep_targets and (targets or _targets.session_targets()):
         _targets.set_session_targets(targets or None)
 
     from . import _socket

@@ -344,3 +344,31 @@ def test_creating_a_session_honours_the_applications_timeout_and_notes_why(relay
     took, notes = out.stdout.splitlines()
     assert took == "True", out.stdout
     assert "resilientsock: gave up: the socket's timeout of 2 s ran out after" in notes
+
+
+def test_a_script_that_calls_patch_itself_keeps_the_runners_options(tmp_path):
+    """§2: "``patch()`` twice is harmless". A script written to work both ways (it calls
+    ``resilientsock.patch()`` itself) and run as ``python -m resilientsock --deadline 5
+    --replay safe --session HOST:PORT script.py`` lost every option: its ``patch()`` rebuilt
+    the policy from the defaults (deadline 30, replay idempotent) and cleared the session
+    targets, so its connections silently stopped being sessions. A second call changes what
+    it names and keeps the rest."""
+    script = tmp_path / "self_patching.py"
+    script.write_text(
+        "import resilientsock, resilientsock._socket as s\n"
+        "from resilientsock.session import targets as t\n"
+        "def show():\n"
+        "    p = s.default_policy()\n"
+        "    print(p.deadline, p.replay, t.session_targets())\n"
+        "resilientsock.patch()\n"
+        "show()\n"
+        "resilientsock.patch(replay='none')\n"
+        "show()\n"
+        "resilientsock.patch(session=False)\n"
+        "show()\n")
+    out = run_py(["-m", "resilientsock", "--deadline", "5", "--replay", "safe",
+                  "--session", "127.0.0.1:9000", str(script)])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["5.0 safe ['127.0.0.1:9000']",
+                                       "5.0 none ['127.0.0.1:9000']",
+                                       "5.0 none []"], out.stdout
