@@ -379,3 +379,11 @@ def test_explain_a_certificate_error_log_line_says_nothing_was_delivered():
     assert out.returncode == 0, out.stderr
     (entry,) = json.loads(out.stdout)
     assert entry["category"] == "TLS_PERMANENT" and entry["maybe_delivered"] is False
+
+
+def test_relay_fd_reserve_below_zero_says_zero_is_the_floor():
+    """``--fd-reserve 0`` is accepted (as ``Relay(fd_reserve=0)``); ``-1`` said "must be at
+    least 1"."""
+    out = run_py(["-m", "resilientsock", "relay", "--listen", "127.0.0.1:0", "--upstream",
+                  "127.0.0.1:9", "--fd-reserve", "-1"])
+    assert out.returncode == 2 and "must be at least 0" in out.stderr, out.stderr
