@@ -181,7 +181,7 @@ def policy_sources(options: argparse.Namespace, environ: Mapping[str, str]) -> d
         var = "RESILIENTSOCK_" + name.upper()
         if getattr(options, name, None) is not None:
             sources[name] = "option --" + name.replace("_", "-")
-        elif var in environ:
+        elif environ.get(var, "").strip():  # an empty variable is unset (env_texts)
             sources[name] = "environment " + var
         else:
             sources[name] = "default"
@@ -240,7 +240,7 @@ def _run(argv: list[str]) -> None:
     session_text = options.session
     session_source = "option --session"
     if session_text is None:
-        session_text = os.environ.get("RESILIENTSOCK_SESSION") or None
+        session_text = os.environ.get("RESILIENTSOCK_SESSION", "").strip() or None
         session_source = "environment RESILIENTSOCK_SESSION" if session_text else "default"
     session: list[str] | None = None
     if session_text:
@@ -248,17 +248,20 @@ def _run(argv: list[str]) -> None:
             session = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
                        for host, port in parse_session(session_text)]
         except ValueError as exc:
-            _fail(f"--session {session_text!r}: {exc}")
+            where = ("--session " if options.session is not None
+                     else "RESILIENTSOCK_SESSION=")
+            _fail(f"{where}{session_text!r}: {exc}")
     if options.show_policy:
         _show_policy(policy, policy_sources(options, os.environ),
                      ",".join(session) if session else None, session_source)
         return
     assert target is not None
-    level_name = options.log_level or os.environ.get("RESILIENTSOCK_LOG_LEVEL")
+    level_name = options.log_level or os.environ.get("RESILIENTSOCK_LOG_LEVEL", "").strip()
     if level_name:
         level = logging.getLevelName(level_name.upper())
         if not isinstance(level, int):
-            _fail(f"--log-level {level_name!r}: not a logging level (DEBUG, INFO, WARNING...)")
+            where = "--log-level " if options.log_level else "RESILIENTSOCK_LOG_LEVEL="
+            _fail(f"{where}{level_name!r}: not a logging level (DEBUG, INFO, WARNING...)")
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
         logger = logging.getLogger("resilientsock")
@@ -719,7 +722,9 @@ def _explain_ssl_reason(reason: str, text: str) -> dict[str, Any]:
 
     from ._errors import classify
 
-    exc = ssl.SSLError(1, text)
+    # ssl raises this reason as SSLCertVerificationError (a handshake error: nothing sent).
+    kind = ssl.SSLCertVerificationError if reason == "CERTIFICATE_VERIFY_FAILED" else ssl.SSLError
+    exc = kind(1, text)
     exc.reason = reason
     info = classify(exc)
     assert info is not None  # every SSLError that is not want-read/write is classified

@@ -316,7 +316,9 @@ def _classify_ssl(exc: BaseException, ssl: ModuleType, phase: str | None) -> Err
     if isinstance(exc, ssl.SSLZeroReturnError):
         return _info(ErrorCategory.CONNECTION_LOST, "SSLZeroReturnError", phase)
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return _info(ErrorCategory.TLS_PERMANENT, "SSLCertVerificationError", phase)
+        # Only a handshake verifies a certificate: nothing of the application's can have gone
+        # out (docs/design.md §3: maybe_delivered is False "in the handshake"), whatever phase.
+        return _info(ErrorCategory.TLS_PERMANENT, "SSLCertVerificationError", "connect")
     if isinstance(exc, ssl.SSLSyscallError):
         # SSL_ERROR_SYSCALL: the OS error behind it, or an EOF that broke the protocol.
         return _info(ErrorCategory.CONNECTION_LOST, "SSLSyscallError", phase)

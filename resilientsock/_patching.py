@@ -55,21 +55,33 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
 
     ``policy`` (default: ``RetryPolicy.from_env()``, i.e. the defaults overridden by
     ``RESILIENTSOCK_*`` variables) with ``policy_fields`` applied on top becomes the policy of
-    every socket created afterwards. ``session`` (a list of ``"HOST:PORT"``, or one string with
-    commas; None: ``RESILIENTSOCK_SESSION``; False: none) names the targets whose connections
-    become sessions through a relay (docs/design.md §11); only those speak the session
-    protocol. An unknown keyword is a ``TypeError`` naming it, an invalid field or target a
+    every socket created afterwards; a second call (already patched) starts from the policy in
+    force instead, so it changes only what it names. ``session`` (a list of ``"HOST:PORT"`` or
+    ``(host, port)`` pairs, or one string with commas; None: ``RESILIENTSOCK_SESSION`` on the
+    first call, the targets in force on a later one; False: none) names the targets whose
+    connections become sessions through a relay (docs/design.md §11); only those speak the
+    session protocol. An unknown keyword is a ``TypeError`` naming it, an invalid field or target a
     ``ValueError``: both raised before anything is patched.
     """
     global _patched, _subscriber
     if policy is not None and not isinstance(policy, RetryPolicy):
         raise TypeError(f"patch(policy=...) needs a RetryPolicy, got {policy!r}")
+    if policy is None and _patched:
+        # A second call changes what it names and keeps the rest (docs/design.md §2: "patch()
+        # twice is harmless"): a script that calls patch() itself under the runner keeps the
+        # runner's options and session targets.
+        from . import _socket
+
+        policy = _socket.default_policy()
     effective = (policy or RetryPolicy.from_env()).replace(**policy_fields)
-    if session is None:
+    where = "patch(session=...)"
+    keep_targets = session is None and _patched
+    if session is None and not _patched:
         import os
 
         session = os.environ.get("RESILIENTSOCK_SESSION") or None
-    targets = _parse_session(session)
+        where = f"RESILIENTSOCK_SESSION={session!r}"
+    targets = _parse_session(session, where)
 
     from gevent import monkey
 
@@ -83,7 +95,7 @@ def patch(policy: RetryPolicy | None = None, *, session: Any = None,
         monkey.patch_ssl()
     from .session import targets as _targets  # no gevent, no client: just the registry
 
-    if targets or _targets.session_targets():
+    if not keep_targets and (targets or _targets.session_targets()):
         _targets.set_session_targets(targets or None)
 
     from . import _socket
@@ -183,27 +195,39 @@ def _quiet_signal_errors() -> None:
     hub.handle_error = handle_error
 
 
-def _parse_session(value: Any) -> list[str]:
+def _is_address(value: Any) -> bool:
+    # (host, port), or IPv6's (host, port, flowinfo, scope_id)
+    return (isinstance(value, tuple) and len(value) in (2, 4) and isinstance(value[0], str)
+            and isinstance(value[1], int) and not isinstance(value[1], bool))
+
+
+def _parse_session(value: Any, where: str = "patch(session=...)") -> list[str]:
     if value is None or value is False:
         return []  # no session targets (``False`` as ``RetryPolicy(session=False)`` says it)
     if isinstance(value, str):
         items = [t.strip() for t in value.split(",")]
+    elif _is_address(value):
+        items = [value]  # one (host, port), as socket addresses and ``Relay.address`` are
     elif isinstance(value, list | tuple | set | frozenset):
         items = list(value)
     else:
-        raise ValueError(f"patch(session=...): expected 'HOST:PORT[,HOST:PORT...]' or a "
+        raise ValueError(f"{where}: expected 'HOST:PORT[,HOST:PORT...]' or a "
                          f"list of them, got {value!r}")
-    items = [t for t in items if t]
+    # A (host, port) pair is the target a socket address names: ``Relay.address`` or what
+    # the application passes to create_connection. IPv6 hosts get their brackets.
+    items = [(f"[{t[0]}]:{t[1]}" if ":" in t[0] else f"{t[0]}:{t[1]}") if _is_address(t)
+             else t for t in items if t]
     if items:
         from .session.targets import parse_address
 
         for item in items:
             if not isinstance(item, str):
-                raise ValueError(f"patch(session=...): {item!r} is not a 'HOST:PORT' string")
+                raise ValueError(f"{where}: {item!r} is not a 'HOST:PORT' string or a "
+                                 "(host, port) pair")
             try:
                 parse_address(item)
             except ValueError as exc:
-                raise ValueError(f"patch(session=...): {exc}") from None
+                raise ValueError(f"{where}: {exc}") from None
     return items
 
 

@@ -271,11 +271,12 @@ class FieldError(ValueError):
 
 def env_texts(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     """The ``RESILIENTSOCK_*`` variables set in ``environ``: field -> (how it is named in an
-    error, its text)."""
+    error, its text). An empty variable counts as unset (a variable emptied in a shell or a
+    compose file), as ``RESILIENTSOCK_SESSION=`` and ``RESILIENTSOCK_LOG_LEVEL=`` do."""
     texts = {}
     for name in FIELDS:
         var = "RESILIENTSOCK_" + name.upper()
-        if var in environ:
+        if environ.get(var, "").strip():
             texts[name] = (f"{var}={environ[var]!r}", environ[var])
     return texts
 

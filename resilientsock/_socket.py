@@ -147,10 +147,13 @@ _live: weakref.WeakSet[Any] = weakref.WeakSet()  # protected sockets (for fork)
 
 
 def default_policy() -> RetryPolicy:
-    """The policy sockets get when none is given: the one ``patch()`` set, else defaults."""
+    """The policy sockets get when none is given: the one ``patch()`` set, else the defaults
+    with the ``RESILIENTSOCK_*`` variables applied (read once; docs/design.md §2: every knob
+    is also an environment variable, whichever way in). A bad variable is a ValueError
+    naming it, as from ``patch()``."""
     global _default_policy
     if _default_policy is None:
-        _default_policy = RetryPolicy()
+        _default_policy = RetryPolicy.from_env()
     return _default_policy
 
 
@@ -386,6 +389,15 @@ class ResilientSocket(_GeventSocket):
         the class and writing it back leaves it working (design.md §7; pytest-socket does this).
         """
         if not isinstance(self, _GEVENT_SOCKET):  # called on the class: self is the address
+            unknown = sorted(set(kwargs) - {"policy", "timeout", "source_address"})
+            if unknown or len(args) > 1:
+                # Named as the caller wrote it, not as _connect_new (a policy field given here,
+                # ``deadline=1``, belongs in the RetryPolicy).
+                what = (f"an unexpected keyword argument {unknown[0]!r}" if unknown
+                        else f"{len(args) + 1} positional arguments (address, policy)")
+                raise TypeError(f"ResilientSocket.connect() got {what}; it takes (address, "
+                                "policy=None, *, timeout=None, source_address=None), and "
+                                "policy fields go in RetryPolicy(...)")
             return ResilientSocket._connect_new(self, *args, **kwargs)
         if kwargs or len(args) != 1:
             raise TypeError("connect() takes exactly one argument (the address)")
@@ -1713,7 +1725,8 @@ def _guarded_methods(recv: Any, recv_into: Any, send: Any) -> dict[str, Any]:
 
 
 def _plain_extra_methods() -> dict[str, Any]:
-    """Every other read method confirms too (design.md §5, review r14); sendmsg is journaled."""
+    """Every other read method confirms too (design.md §5, review r14); sendmsg and sendto
+    are journaled (their address is ignored on a connected stream socket, as by the kernel)."""
 
     def recvfrom(self: Any, *args: Any) -> Any:
         return self._rs_read(_GeventSocket.recvfrom, args, RECVFROM)
@@ -1729,18 +1742,36 @@ def _plain_extra_methods() -> dict[str, Any]:
 
     def sendmsg(self: Any, buffers: Any, ancdata: Any = (), flags: int = 0,
                 address: Any = None) -> Any:
-        if ancdata or address is not None:
-            # Ancillary data (fd passing) cannot be replayed: passed through unprotected.
+        if ancdata:
+            # Ancillary data (fd passing) cannot be replayed: this socket is plain from here
+            # on (a write kept out of the journal would be lost silently by a recovery).
+            if self._rs_m is not None:
+                self._rs_unprotect()
             return _GeventSocket.sendmsg(self, buffers, ancdata, flags, address)
         data = b"".join(buffers)  # TypeError for what is not an iterable of bytes-like objects
-        return self._rs_write(_sendmsg_raw, (data, flags), data, True)
+        # An address on a connected stream socket is ignored by the kernel, as for sendto.
+        return self._rs_write(_sendmsg_raw, (data, flags, address), data, True)
+
+    def sendto(self: Any, data: Any, flags_or_address: Any, *address: Any) -> Any:
+        # A connected stream socket sends as send() does (Linux ignores the address): a write
+        # like any other, journaled (docs/design.md §5, no silent loss).
+        if len(address) > 1:
+            return _GeventSocket.sendto(self, data, flags_or_address, *address)  # TypeError
+        args = (data, flags_or_address, address[0]) if address else (data, 0, flags_or_address)
+        return self._rs_write(_sendto_raw, args, data, True)
 
     return {"recvfrom": recvfrom, "recvfrom_into": recvfrom_into, "recvmsg": recvmsg,
-            "recvmsg_into": recvmsg_into, "sendmsg": sendmsg}
+            "recvmsg_into": recvmsg_into, "sendmsg": sendmsg, "sendto": sendto}
 
 
-def _sendmsg_raw(sock: Any, data: bytes, flags: int) -> int:
-    return int(_GeventSocket.sendmsg(sock, [data], (), flags))
+def _sendmsg_raw(sock: Any, data: bytes, flags: int, address: Any = None) -> int:
+    if address is None:
+        return int(_GeventSocket.sendmsg(sock, [data], (), flags))
+    return int(_GeventSocket.sendmsg(sock, [data], (), flags, address))
+
+
+def _sendto_raw(sock: Any, data: Any, flags: int, address: Any) -> int:
+    return int(_GeventSocket.sendto(sock, data, flags, address))
 
 
 def _twin(cls: type, attr: str, methods: dict[str, Any]) -> type:

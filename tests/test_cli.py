@@ -369,3 +369,21 @@ def test_stats_file_lands_where_it_was_checked_when_the_script_changes_directory
     assert ours.returncode == 0, ours.stderr
     assert (tmp_path / "stats.json").exists() and not (other / "stats.json").exists()
     assert isinstance(json.loads((tmp_path / "stats.json").read_text()), dict)
+
+
+def test_explain_a_certificate_error_log_line_says_nothing_was_delivered():
+    """The log line of a certificate failure is the handshake's: "nothing written could have
+    reached the peer" (docs/design.md §3), not "written data may have reached the peer"."""
+    out = run_py(["-m", "resilientsock", "explain", "--json",
+                  "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed (_ssl.c:1006)"])
+    assert out.returncode == 0, out.stderr
+    (entry,) = json.loads(out.stdout)
+    assert entry["category"] == "TLS_PERMANENT" and entry["maybe_delivered"] is False
+
+
+def test_relay_fd_reserve_below_zero_says_zero_is_the_floor():
+    """``--fd-reserve 0`` is accepted (as ``Relay(fd_reserve=0)``); ``-1`` said "must be at
+    least 1"."""
+    out = run_py(["-m", "resilientsock", "relay", "--listen", "127.0.0.1:0", "--upstream",
+                  "127.0.0.1:9", "--fd-reserve", "-1"])
+    assert out.returncode == 2 and "must be at least 0" in out.stderr, out.stderr

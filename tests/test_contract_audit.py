@@ -185,3 +185,190 @@ def test_a_directory_without_main_is_one_line_and_status_1(tmp_path):
     assert plain.returncode == wrapped.returncode == 1
     assert "Traceback" not in wrapped.stderr, wrapped.stderr
     assert "can't find '__main__' module" in wrapped.stderr
+
+
+# -- session 13 audit: the environment, as a stranger sets it ------------------------------------
+
+
+@pytest.mark.parametrize("var,value", [("RESILIENTSOCK_LOG_LEVEL", "LOUD"),
+                                       ("RESILIENTSOCK_SESSION", "nohost")])
+def test_a_bad_runner_variable_is_named_as_the_variable(tmp_path, var, value):
+    """§2: a bad value is one line naming where it came from, exit 2. A bad
+    ``RESILIENTSOCK_LOG_LEVEL`` or ``RESILIENTSOCK_SESSION`` was reported as the option
+    (``--log-level 'LOUD'``), which the user never typed."""
+    script = tmp_path / "never.py"
+    script.write_text("print('the script ran')\n")
+    out = run_py(["-m", "resilientsock", str(script)], env={var: value})
+    assert out.returncode == 2 and "the script ran" not in out.stdout
+    assert out.stderr.startswith(f"resilientsock: error: {var}={value!r}"), out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_patch_names_the_session_variable_of_a_bad_target():
+    code = ("import resilientsock\ntry:\n    resilientsock.patch()\n"
+            "except ValueError as exc:\n    print('ValueError', exc)\n")
+    out = run_py(["-c", code], env={"RESILIENTSOCK_SESSION": "nohost"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ValueError RESILIENTSOCK_SESSION='nohost'"), out.stdout
+
+
+@pytest.mark.parametrize("empty", ["", " "])
+@pytest.mark.parametrize("how", ["runner", "patch"])
+def test_an_empty_policy_variable_is_unset(tmp_path, how, empty):
+    """``RESILIENTSOCK_RETRY_CONNECT=`` (a variable emptied in a shell or a compose file) read
+    as ``False``, ``RESILIENTSOCK_RESUME_ANSWERS=`` turned answer resume off, and
+    ``RESILIENTSOCK_DEADLINE=`` refused to start ("deadline=None needs max_attempts"): an
+    empty variable is unset, as ``RESILIENTSOCK_SESSION=`` and ``RESILIENTSOCK_LOG_LEVEL=``
+    already were."""
+    from resilientsock._policy import FIELDS
+
+    env = {"RESILIENTSOCK_" + name.upper(): empty
+           for name in [*FIELDS, "session", "log_level", "stats"]}
+    script = tmp_path / "show.py"
+    script.write_text("import resilientsock._socket as s\nprint(s.default_policy() == "
+                      "__import__('resilientsock').RetryPolicy())\n")
+    if how == "runner":
+        out = run_py(["-m", "resilientsock", str(script)], env=env)
+    else:
+        out = run_py(["-c", "import resilientsock; resilientsock.patch()\n"
+                      + script.read_text()], env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "True\n", out.stdout
+
+
+@pytest.mark.parametrize("args,kwargs,named", [
+    ((), {"deadline": 1}, "'deadline'"),
+    ((RetryPolicy(), 5), {}, "3 positional arguments"),
+])
+def test_class_connect_names_itself_for_a_wrong_argument(args, kwargs, named):
+    """§2's ``ResilientSocket.connect(address, policy=RetryPolicy(...))``: a policy field given
+    to it directly (``deadline=1``) was a TypeError naming the private ``_connect_new()``."""
+    with pytest.raises(TypeError) as info:
+        ResilientSocket.connect(("127.0.0.1", 9), *args, **kwargs)
+    assert str(info.value).startswith("ResilientSocket.connect() got"), info.value
+    assert named in str(info.value) and "_connect_new" not in str(info.value)
+
+
+def test_a_socket_without_a_policy_honours_the_environment_without_patch():
+    """§2: "every policy knob is also ... an environment variable". ``patch()`` and the
+    runner read them; a ``ResilientSocket`` used directly (the second way in) without a
+    policy took the built-in defaults: ``RESILIENTSOCK_DEADLINE=1`` still waited 30 s for a
+    server that is down. An explicit policy still wins over the environment."""
+    code = ("import socket, time, resilientsock\n"
+            "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]\n"
+            "s.close()\n"
+            "print(resilientsock.ResilientSocket().policy.deadline)\n"
+            "explicit = resilientsock.RetryPolicy(deadline=7)\n"
+            "print(resilientsock.ResilientSocket(policy=explicit).policy.deadline)\n"
+            "start = time.monotonic()\n"
+            "try:\n"
+            "    resilientsock.ResilientSocket.connect(('127.0.0.1', port))\n"
+            "except ConnectionRefusedError:\n"
+            "    print(round(time.monotonic() - start) <= 2)\n")
+    out = run_py(["-c", code], env={"RESILIENTSOCK_DEADLINE": "1"}, timeout=45)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1.0", "7", "True"], out.stdout
+
+
+def test_a_bad_variable_names_itself_when_a_socket_without_a_policy_reads_it():
+    code = ("import resilientsock\ntry:\n    resilientsock.ResilientSocket().policy\n"
+            "except ValueError as exc:\n    print('ValueError', exc)\n")
+    out = run_py(["-c", code], env={"RESILIENTSOCK_REPLAY": "twice"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ValueError RESILIENTSOCK_REPLAY='twice'"), out.stdout
+
+
+@pytest.mark.parametrize("given", ["[relay.address]", "relay.address"])
+def test_patch_session_takes_the_relays_address_as_a_socket_address(given):
+    """§11's ``patch(session=["robot-hub:9000"])`` with the address as Python code holds it:
+    ``Relay.address`` (a ``(host, port)`` tuple, §11) or what the application passes to
+    ``create_connection``. ``patch(session=[relay.address])`` was a ValueError ("is not a
+    'HOST:PORT' string"), and ``patch(session=relay.address)`` read the tuple as two targets.
+    Run in a subprocess: the pytest process is never patched."""
+    code = ("import resilientsock\nresilientsock.patch(session=[])\n"
+            "import socket\n"
+            "from resilientsock.testing import MessageServer\n"
+            "with MessageServer() as up, resilientsock.Relay(('127.0.0.1', 0), up.address) "
+            "as relay:\n"
+            f"    resilientsock.patch(session={given})\n"
+            "    s = socket.create_connection(relay.address, timeout=10)\n"
+            "    s.sendall(b'MSG 1 hello\\n')\n"
+            "    print(s.recv(100), relay.stats()['sessions_created'])\n"
+            "    s.close()\n")
+    out = run_py(["-c", code], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "b'ACK 1\\n' 1\n", out.stdout
+
+
+@pytest.mark.parametrize("bad", [("127.0.0.1", 99999), ("127.0.0.1", -1), ("", 9000),
+                                 ("127.0.0.1",), ("127.0.0.1", None)])
+def test_a_relay_address_out_of_range_is_a_value_error_at_construction(bad):
+    """§11 ``Relay(listen, upstream, **options)``: an upstream given as a tuple was taken as
+    it came (``("127.0.0.1", 99999)`` built a relay whose every session failed later, and a
+    one-element tuple was an IndexError); the ``"HOST:PORT"`` form was already checked."""
+    for listen, upstream in ((("127.0.0.1", 0), bad), (bad, ("127.0.0.1", 9))):
+        with pytest.raises(ValueError, match="expected"):
+            Relay(listen, upstream)
+    assert Relay(("127.0.0.1", "0"), ("127.0.0.1", 9)).listen == ("127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("relay", ["refused", "resets"])
+def test_creating_a_session_honours_the_applications_timeout_and_notes_why(relay):
+    """§4 "the application's timeout is honoured" and §5 "gave up: the original exception
+    type with a note", for a session's creation (§11: "retried under the policy like any
+    first connect"). ``create_connection(relay, timeout=2)`` to a session target whose relay
+    refused or reset every handshake took the policy's whole deadline (30.0 s measured) and
+    raised the error bare; a plain target gives up in 2 s with the note."""
+    code = ("import resilientsock\nresilientsock.patch(session=[])\n"
+            "import socket, struct, time, gevent\n"
+            "lst = socket.socket(); lst.bind(('127.0.0.1', 0)); lst.listen()\n"
+            "addr = lst.getsockname()\n"
+            f"if {relay!r} == 'refused':\n"
+            "    lst.close()\n"
+            "else:\n"
+            "    def serve():\n"
+            "        while True:\n"
+            "            c, _ = lst.accept(); c.recv(100)\n"
+            "            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,\n"
+            "                         struct.pack('ii', 1, 0)); c.close()\n"
+            "    gevent.spawn(serve)\n"
+            "resilientsock.patch(session=[addr])\n"
+            "start = time.monotonic()\n"
+            "try:\n"
+            "    socket.create_connection(addr, timeout=2)\n"
+            "except (ConnectionRefusedError, ConnectionResetError) as exc:\n"
+            "    print(round(time.monotonic() - start) <= 3)\n"
+            "    print(exc.__notes__)\n")
+    out = run_py(["-c", code], timeout=60)
+    assert out.returncode == 0, out.stderr
+    took, notes = out.stdout.splitlines()
+    assert took == "True", out.stdout
+    assert "resilientsock: gave up: the socket's timeout of 2 s ran out after" in notes
+
+
+def test_a_script_that_calls_patch_itself_keeps_the_runners_options(tmp_path):
+    """§2: "``patch()`` twice is harmless". A script written to work both ways (it calls
+    ``resilientsock.patch()`` itself) and run as ``python -m resilientsock --deadline 5
+    --replay safe --session HOST:PORT script.py`` lost every option: its ``patch()`` rebuilt
+    the policy from the defaults (deadline 30, replay idempotent) and cleared the session
+    targets, so its connections silently stopped being sessions. A second call changes what
+    it names and keeps the rest."""
+    script = tmp_path / "self_patching.py"
+    script.write_text(
+        "import resilientsock, resilientsock._socket as s\n"
+        "from resilientsock.session import targets as t\n"
+        "def show():\n"
+        "    p = s.default_policy()\n"
+        "    print(p.deadline, p.replay, t.session_targets())\n"
+        "resilientsock.patch()\n"
+        "show()\n"
+        "resilientsock.patch(replay='none')\n"
+        "show()\n"
+        "resilientsock.patch(session=False)\n"
+        "show()\n")
+    out = run_py(["-m", "resilientsock", "--deadline", "5", "--replay", "safe",
+                  "--session", "127.0.0.1:9000", str(script)])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["5.0 safe ['127.0.0.1:9000']",
+                                       "5.0 none ['127.0.0.1:9000']",
+                                       "5.0 none []"], out.stdout

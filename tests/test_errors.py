@@ -245,3 +245,15 @@ def test_linux_facts_match_this_platform():
     for name, number in _facts.EAI_LINUX.items():
         if hasattr(socket, name):
             assert getattr(socket, name) == number, name
+
+
+def test_a_certificate_error_never_says_data_may_have_been_delivered(tls_server):
+    """§3: ``maybe_delivered`` is False for "anything during connect or handshake"; a
+    certificate is only verified in a handshake, but ``classify`` of the real error said True
+    (and ``explain`` said "written data may have reached the peer")."""
+    ctx = ssl.create_default_context()  # does not trust the test CA
+    with pytest.raises(ssl.SSLCertVerificationError) as info:
+        with socket.create_connection(tls_server.address) as raw:
+            ctx.wrap_socket(raw, server_hostname="localhost")
+    result = classify(info.value)
+    assert result is not None and result.maybe_delivered is False

@@ -868,3 +868,22 @@ with FaultProxy({server.address!r}) as proxy:
     assert res.returncode == 0, res.stderr
     assert "pool after a numeric reconnect: False" in res.stdout
     assert "pool after a name: True" in res.stdout
+
+
+@pytest.mark.parametrize("how", ["sendto", "sendto-flags", "sendmsg-address"])
+def test_a_write_that_names_an_address_is_journaled_like_send(server, proxy, how):
+    """§5 "no silent loss": ``sendto(data, address)`` (and ``sendmsg`` with an address) on a
+    connected TCP socket sends as ``send`` does (Linux ignores the address), but was not
+    journaled: a reset that lost the record was recovered with nothing to re-send, and the
+    reader waited for an answer that could not come (a plain socket gets the reset at once)."""
+    proxy.plan.on_pattern(b"MSG 1 ", "up", nth=1, action="reset")
+    with ResilientSocket.connect(proxy.address, RetryPolicy(deadline=5)) as s:
+        s.settimeout(5)
+        if how == "sendto":
+            assert s.sendto(b"MSG 1 hello\n", proxy.address) == 12
+        elif how == "sendto-flags":
+            assert s.sendto(bytearray(b"MSG 1 hello\n"), 0, proxy.address) == 12
+        else:
+            assert s.sendmsg([b"MSG 1 ", b"hello\n"], (), 0, proxy.address) == 12
+        assert readline(s) == b"ACK 1\n"
+    assert server.received == [1]

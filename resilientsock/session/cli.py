@@ -85,7 +85,13 @@ def _count(text: str) -> int:
 
 
 def _count0(text: str) -> int:
-    return 0 if text.strip() == "0" else _count(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0: {text!r}")
+    return value
 
 
 def _address(text: str) -> tuple[str, int]:

@@ -443,6 +443,13 @@ def _pair_closed(session: Any) -> bool:
         return False
 
 
+def _add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # pragma: no cover - 3.10 (PEP 678 without add_note)
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
 def _lost_note(sock: Any, exc: OSError) -> None:
     """A reset or EPIPE that a session's end meets because the relay no longer holds the
     session gets the note docs/design.md §11 promises (once)."""
@@ -758,6 +765,9 @@ def _create_session(addr: tuple[str, int], timeout: float | None, policy: RetryP
     started = time.monotonic()
     attempt = 0
     nonce = os.urandom(sp.NONCE_LEN)
+    # The application's own timeout bounds the whole creation, as it bounds a first connect
+    # (docs/design.md §4): every attempt gets at most what is left of it.
+    call_end = started + timeout if timeout else None
     while True:
         spent = time.monotonic() - started
         # The session handshake is bounded like a TLS handshake is: by connect_timeout.
@@ -765,6 +775,10 @@ def _create_session(addr: tuple[str, int], timeout: float | None, policy: RetryP
         connect_timeout = timeout if timeout is not None else policy.connect_timeout
         if policy.deadline is not None:
             left = max(policy.deadline - spent, 0.01)
+            connect_timeout = min(connect_timeout or left, left)
+            budget = min(budget, left)
+        if call_end is not None:
+            left = max(call_end - time.monotonic(), 0.01)
             connect_timeout = min(connect_timeout or left, left)
             budget = min(budget, left)
         sock = None
@@ -808,14 +822,35 @@ def _create_session(addr: tuple[str, int], timeout: float | None, policy: RetryP
                 sock.close()
             raise
         attempt += 1
-        spent = time.monotonic() - started
-        if (not policy.retry_connect or not _retryable_first_connect(failure)
+        now = time.monotonic()
+        spent = now - started
+        timed_out = call_end is not None and now >= call_end
+        retryable = policy.retry_connect and _retryable_first_connect(failure)
+        if (not retryable or timed_out
                 or (policy.deadline is not None and spent >= policy.deadline)
                 or (policy.max_attempts is not None and attempt >= policy.max_attempts)):
+            # As a first connect's give-up reads (docs/design.md §5): the original error, and
+            # a note saying what was tried.
+            last = str(failure) or type(failure).__name__
+            tried = f"{attempt} attempt{'s' if attempt != 1 else ''} in {spent:.1f} s"
+            if timed_out:
+                note = (f"resilientsock: gave up: the socket's timeout of {timeout:g} s ran out "
+                        f"after {tried} (last: {last})")
+            else:
+                note = f"resilientsock: gave up after {tried} (last: {last})"
+            if not retryable:
+                note += "; that error is not retried"
+            if not any(n.startswith("resilientsock:")
+                       for n in getattr(failure, "__notes__", ())):
+                _add_note(failure, note + f" (creating a session through the relay "
+                                          f"{host}:{port})")
             raise failure
         delay = policy.backoff(attempt)
         if policy.deadline is not None:
             delay = min(delay, max(0.0, policy.deadline - spent))
+        if call_end is not None:
+            # One last attempt rather than sleeping the rest out (as for a first connect).
+            delay = min(delay, max(0.0, call_end - now - 0.05))
         gevent.sleep(delay)
 
 
