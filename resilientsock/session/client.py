@@ -471,6 +471,7 @@ def direct_methods(base: Any) -> dict[str, Any]:
     methods, and the calls after which the socket writes through the pair for good. The
     session is the instance's ``_rs_direct`` (None: the pair, as any socket)."""
     b_send, b_sendall, b_sendmsg = base.send, base.sendall, getattr(base, "sendmsg", None)
+    b_sendto = base.sendto
     b_shutdown, b_dup, b_detach, b_close = base.shutdown, base.dup, base.detach, base.close
     b_recv, b_recv_into = base.recv, base.recv_into
 
@@ -625,6 +626,12 @@ def direct_methods(base: Any) -> dict[str, Any]:
         off(self)
         return b_sendmsg(self, *args)  # type: ignore[misc, no-any-return]
 
+    def sendto(self: Any, *args: Any) -> int:
+        # Through the pair, as sendmsg: the direct path off first, or the next send() would
+        # overtake these bytes on the link (the address is ignored on a connected stream).
+        off(self)
+        return b_sendto(self, *args)  # type: ignore[no-any-return]
+
     def shutdown(self: Any, how: int) -> None:
         session = self.__dict__.get("_rs_direct")
         if how != gsocket.SHUT_RD:
@@ -665,8 +672,9 @@ def direct_methods(base: Any) -> dict[str, Any]:
                 log.debug("resilientsock: END at close() not sent; left to the pump",
                           exc_info=True)
 
-    methods = {"send": send, "sendall": sendall, "shutdown": shutdown, "dup": dup,
-               "detach": detach, "close": close, "recv": recv, "recv_into": recv_into}
+    methods = {"send": send, "sendall": sendall, "sendto": sendto, "shutdown": shutdown,
+               "dup": dup, "detach": detach, "close": close, "recv": recv,
+               "recv_into": recv_into}
     if b_sendmsg is not None:
         methods["sendmsg"] = sendmsg
     return methods
