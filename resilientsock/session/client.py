@@ -21,6 +21,7 @@ import gevent
 import gevent.socket as gsocket
 
 from .._answer import _MSG_PEEK
+from .._machine import FINAL_MARGIN
 from .._policy import RetryPolicy
 from . import protocol as sp
 from . import targets
@@ -471,6 +472,7 @@ def direct_methods(base: Any) -> dict[str, Any]:
     methods, and the calls after which the socket writes through the pair for good. The
     session is the instance's ``_rs_direct`` (None: the pair, as any socket)."""
     b_send, b_sendall, b_sendmsg = base.send, base.sendall, getattr(base, "sendmsg", None)
+    b_sendto = base.sendto
     b_shutdown, b_dup, b_detach, b_close = base.shutdown, base.dup, base.detach, base.close
     b_recv, b_recv_into = base.recv, base.recv_into
 
@@ -625,6 +627,12 @@ def direct_methods(base: Any) -> dict[str, Any]:
         off(self)
         return b_sendmsg(self, *args)  # type: ignore[misc, no-any-return]
 
+    def sendto(self: Any, *args: Any) -> int:
+        # Through the pair, as sendmsg: the direct path off first, or the next send() would
+        # overtake these bytes on the link (the address is ignored on a connected stream).
+        off(self)
+        return b_sendto(self, *args)  # type: ignore[no-any-return]
+
     def shutdown(self: Any, how: int) -> None:
         session = self.__dict__.get("_rs_direct")
         if how != gsocket.SHUT_RD:
@@ -665,8 +673,9 @@ def direct_methods(base: Any) -> dict[str, Any]:
                 log.debug("resilientsock: END at close() not sent; left to the pump",
                           exc_info=True)
 
-    methods = {"send": send, "sendall": sendall, "shutdown": shutdown, "dup": dup,
-               "detach": detach, "close": close, "recv": recv, "recv_into": recv_into}
+    methods = {"send": send, "sendall": sendall, "sendto": sendto, "shutdown": shutdown,
+               "dup": dup, "detach": detach, "close": close, "recv": recv,
+               "recv_into": recv_into}
     if b_sendmsg is not None:
         methods["sendmsg"] = sendmsg
     return methods
@@ -766,13 +775,17 @@ def _create_session(addr: tuple[str, int], timeout: float | None, policy: RetryP
     attempt = 0
     nonce = os.urandom(sp.NONCE_LEN)
     # The application's own timeout bounds the whole creation, as it bounds a first connect
-    # (docs/design.md §4): every attempt gets at most what is left of it.
+    # (docs/design.md §4): every attempt gets at most what is left of it. A non-blocking
+    # socket (timeout 0) gets one attempt under the policy's bounds and no retry: a creation
+    # cannot be non-blocking, but it must not wait out the deadline either.
+    nonblocking = timeout == 0.0
     call_end = started + timeout if timeout else None
+    final = False  # the last attempt the application's timeout allows has been made
     while True:
         spent = time.monotonic() - started
         # The session handshake is bounded like a TLS handshake is: by connect_timeout.
         budget = min(HANDSHAKE_TIMEOUT, policy.connect_timeout or HANDSHAKE_TIMEOUT)
-        connect_timeout = timeout if timeout is not None else policy.connect_timeout
+        connect_timeout = timeout if timeout else policy.connect_timeout
         if policy.deadline is not None:
             left = max(policy.deadline - spent, 0.01)
             connect_timeout = min(connect_timeout or left, left)
@@ -824,8 +837,22 @@ def _create_session(addr: tuple[str, int], timeout: float | None, policy: RetryP
         attempt += 1
         now = time.monotonic()
         spent = now - started
-        timed_out = call_end is not None and now >= call_end
+        delay = policy.backoff(attempt)
+        if policy.deadline is not None:
+            delay = min(delay, max(0.0, policy.deadline - spent))
         retryable = policy.retry_connect and _retryable_first_connect(failure)
+        if call_end is not None and retryable and now < call_end and delay >= call_end - now:
+            # The wait outlasts the application's timeout: one last attempt just before it
+            # ends, as a first connect makes (_machine.FINAL_MARGIN), not one attempt after
+            # another with no wait at all until it has run out (a connect storm).
+            if final or call_end - now <= FINAL_MARGIN:
+                gevent.sleep(call_end - now)
+                now = time.monotonic()
+                spent = now - started
+            else:
+                final = True
+                delay = call_end - now - FINAL_MARGIN
+        timed_out = nonblocking or (call_end is not None and now >= call_end)
         if (not retryable or timed_out
                 or (policy.deadline is not None and spent >= policy.deadline)
                 or (policy.max_attempts is not None and attempt >= policy.max_attempts)):
@@ -845,12 +872,6 @@ def _create_session(addr: tuple[str, int], timeout: float | None, policy: RetryP
                 _add_note(failure, note + f" (creating a session through the relay "
                                           f"{host}:{port})")
             raise failure
-        delay = policy.backoff(attempt)
-        if policy.deadline is not None:
-            delay = min(delay, max(0.0, policy.deadline - spent))
-        if call_end is not None:
-            # One last attempt rather than sleeping the rest out (as for a first connect).
-            delay = min(delay, max(0.0, call_end - now - 0.05))
         gevent.sleep(delay)
 
 
