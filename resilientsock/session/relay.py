@@ -352,7 +352,7 @@ class Relay:
                  max_buffered: int = 256 * 1024 * 1024, fd_reserve: int = 32,
                  creation_key: bytes | str | None = None, fail_limit: int = 50,
                  log_interval: float = 10.0) -> None:
-        self.listen = _addr(listen)
+        self.listen = _addr(listen, listen=True)
         self.upstream = _addr(upstream)
         for name, value in (("session_timeout", session_timeout), ("plain_after", plain_after),
                             ("handshake_timeout", handshake_timeout),

@@ -32,14 +32,15 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _addr(value: str | tuple[str, int]) -> tuple[str, int]:
+def _addr(value: str | tuple[str, int], listen: bool = False) -> tuple[str, int]:
     if isinstance(value, tuple):
         # (host, port), or IPv6's (host, port, flowinfo, scope_id): checked as the string
         # form is, so a bad one is a ValueError here, not an error at the first connection.
+        # ``listen``: an empty host is every interface, as socket.bind(("", port)) has it.
         port = value[1] if len(value) in (2, 4) else None
         if isinstance(port, str) and port.isdigit():
             port = int(port)
-        if not (isinstance(value[0], str) and value[0] and isinstance(port, int)
+        if not (isinstance(value[0], str) and (value[0] or listen) and isinstance(port, int)
                 and not isinstance(port, bool) and 0 <= port <= 65535):
             raise ValueError(f"{value!r}: expected (host, port) with a port from 0 to 65535")
         return value[0], port
