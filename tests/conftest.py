@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,34 @@ ROOT = Path(__file__).resolve().parent.parent
 def _fresh_stats() -> Iterator[None]:
     _stats.reset()
     yield
+
+
+@pytest.fixture(autouse=True)
+def _no_session_left_running() -> Iterator[None]:
+    """A session client a test opened and did not see to its end (its relay stopped first)
+    goes on resuming for its policy's deadline, then logs a WARNING: in the middle of the
+    tests that run next in this process, whose WARNING counts and descriptor counts it
+    moved (make test on a loaded machine: a test_quiet and a test_review failure). Stopped,
+    quietly, when the test that opened it ends; sessions opened before it (a module's
+    fixture's) are left alone."""
+    client = sys.modules.get("resilientsock.session.client")
+    # Weak: an id would be taken over by a session created later at a freed one's address.
+    before = weakref.WeakSet(client._client_sessions if client is not None else ())
+    yield
+    client = sys.modules.get("resilientsock.session.client")
+    if client is None:
+        return
+    import gevent
+
+    hub = gevent.get_hub()
+    for session in list(client._client_sessions):
+        runner = session.runner
+        if session in before or session.finished or runner is None \
+                or runner.parent is not hub:
+            continue
+        runner.kill(block=True, timeout=5)
+        if not session.finished:
+            session.finish(abort_plain=True)
 
 
 @pytest.fixture

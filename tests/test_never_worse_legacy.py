@@ -617,7 +617,11 @@ def test_a_reader_thread_runs_while_the_main_thread_waits_for_stdin(tmp_path):
 # greenlet raised it again with resilientsock's and gevent's frames in its traceback.
 
 SIGNAL_SCRIPTS = {
+    # SIGINT's Python handler set here as an interpreter started in a terminal has it: one
+    # started by a process that ignores SIGINT (a shell's background job: `make test &`, a
+    # CI step) inherits the SIG_IGN and keeps it, and the Ctrl-C never came (plain hung 30 s).
     "ctrl-c": ("import os, signal, socket, sys\n"
+               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
                "s.sendall(b'SILENT\\n')\n"
                "signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGINT))\n"

@@ -20,7 +20,6 @@ import gevent.event
 import pytest
 from conftest import readline, run_py, wait_until
 
-import resilientsock
 from resilientsock import ResilientSocket, RetryPolicy
 from resilientsock.testing import FaultProxy, MessageServer
 
@@ -38,8 +37,28 @@ def _serve(handler: type) -> _Threaded:
     return srv
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _tcp_to(addr: tuple[str, int]) -> dict[int, str]:
+    """This process's TCP sockets whose peer is ``addr``: inode -> state (/proc/net/tcp, hex:
+    "01" established, "02" SYN sent). Only this test's own sockets, unlike a count of the
+    process's descriptors, which any other greenlet or thread of the process moves (a
+    session client an earlier test left retrying opens one per attempt)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            ours.add(int(link[8:-1]))
+    peer = "%08X:%04X" % (struct.unpack("<I", socket.inet_aton(addr[0]))[0], addr[1])
+    found = {}
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for row in table:
+            fields = row.split()
+            if fields[2] == peer and int(fields[9]) in ours:
+                found[int(fields[9])] = fields[3]
+    return found
 
 
 def test_r01_a_writer_during_the_hook_waits_for_the_replay(server, proxy):
@@ -220,54 +239,63 @@ def test_r05b_close_during_the_connect_wait_wins():
     s = ResilientSocket.connect(addr, RetryPolicy(deadline=10, connect_timeout=5), timeout=5)
     s.sendall(b"MSG 1 x\n")
     assert readline(s) == b"ACK 1\n"
-    fill = []
-    for _ in range(3):  # fill the accept queue: the reconnect's SYN is dropped
-        f = socket.socket()
-        f.setblocking(False)
-        f.connect_ex(addr)
-        fill.append(f)
-    got: list[object] = []
-
-    def reader() -> None:
-        s.sendall(b"MSG 2 x\n")
-        try:
-            got.append(readline(s))
-        except OSError as exc:
-            got.append(exc)
-
-    g = gevent.spawn(reader)
-    wait_until(lambda: resilientsock.stats().get("reconnect_attempts", 0) >= 1)
-    gevent.sleep(0.2)  # a fault cadence: the reconnect's SYN is now waiting in the kernel
-    fds = _open_fds()
-    s.close()
-
-    def drain() -> None:  # make room: the reconnect's SYN retransmit gets in
-        while True:
-            try:
-                c, _ = listener.accept()
-            except OSError:
-                return
-            conns.append(c)
-            threading.Thread(target=serve_one, args=(c,), daemon=True).start()
-
-    drainer = threading.Thread(target=drain, daemon=True)
-    drainer.start()
-    g.join(8)
-    gevent.sleep(1.5)  # observe: a SYN retransmit comes ~1 s later; nothing may follow it
-    assert got and isinstance(got[0], OSError)
-    assert s._closed and not s.resilient
-    assert s.fileno() == -1
-    assert _open_fds() <= fds + len(conns) - 1  # the server side's accepts are counted here too
-    for f in fill:
-        f.close()
+    fill: list[socket.socket] = []
+    drainer: threading.Thread | None = None
     try:
-        listener.shutdown(socket.SHUT_RDWR)  # wakes the drainer's accept (close would not)
-    except OSError:
-        pass
-    listener.close()
-    drainer.join(5)
-    for c in conns:
-        c.close()
+        for _ in range(3):  # fill the accept queue: the reconnect's SYN is dropped
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(addr)
+            fill.append(f)
+        fillers = {os.fstat(f.fileno()).st_ino for f in fill}
+        got: list[object] = []
+
+        def reader() -> None:
+            s.sendall(b"MSG 2 x\n")
+            try:
+                got.append(readline(s))
+            except OSError as exc:
+                got.append(exc)
+
+        def reconnecting() -> list[int]:  # the reconnect's SYN, waiting in the kernel
+            return [inode for inode, state in _tcp_to(addr).items()
+                    if inode not in fillers and state == "02"]
+
+        g = gevent.spawn(reader)
+        wait_until(lambda: bool(reconnecting()), what="the reconnect's SYN waiting")
+        s.close()
+
+        def drain() -> None:  # make room: the reconnect's SYN retransmit gets in
+            while True:
+                try:
+                    c, _ = listener.accept()
+                except OSError:
+                    return
+                conns.append(c)
+                threading.Thread(target=serve_one, args=(c,), daemon=True).start()
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        g.join(8)
+        gevent.sleep(1.5)  # observe: a SYN retransmit comes ~1 s later; nothing may follow it
+        assert got and isinstance(got[0], OSError)
+        assert s._closed and not s.resilient
+        assert s.fileno() == -1
+        # Nothing of the socket's is left connected or connecting to the server: only the fillers.
+        assert set(_tcp_to(addr)) <= fillers, (_tcp_to(addr), fillers)
+    finally:
+        s.close()
+        for f in fill:
+            f.close()
+        try:
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the drainer's accept (close would not)
+        except OSError:
+            pass
+        listener.close()
+        if drainer is not None:
+            drainer.join(5)
+        for c in conns:
+            c.close()
     assert lines == [b"MSG 1 x", b"MSG 2 x"]
 
 
