@@ -74,24 +74,18 @@ def _bytes(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
+def _count(text: str, floor: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    if value < floor:
+        raise argparse.ArgumentTypeError(f"must be at least {floor}: {text!r}")
     return value
 
 
 def _count0(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0: {text!r}")
-    return value
+    return _count(text, 0)
 
 
 def _address(text: str) -> tuple[str, int]:
