@@ -18,6 +18,20 @@ Rules of this package:
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_E = TypeVar("_E")
+
+
+def unanswered_after(entries: list[tuple[int, _E]], last: int) -> list[tuple[int, _E]]:
+    """What a dialect's list of unanswered requests, ``(record, ...)`` in record order, keeps
+    after a read that answered every record up to ``last`` (``Dialect.answered``)."""
+    if not entries or entries[0][0] > last:
+        return entries
+    if entries[-1][0] <= last:
+        return []
+    return [e for e in entries if e[0] > last]
+
 
 class SetupMismatch(Exception):
     """A setup answer on the new connection differs from the original (the text says why).

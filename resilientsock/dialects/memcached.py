@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from ._base import Dialect
+from ._base import Dialect, unanswered_after
 
 _STORAGE = frozenset((b"set", b"add", b"replace", b"append", b"prepend", b"cas"))
 _RETRIEVAL = frozenset((b"get", b"gets", b"gat", b"gats"))
@@ -201,13 +201,8 @@ class MemcachedDialect(Dialect):
             self._since_read[-1] = entry  # the newest stays: answered() keeps it longest
 
     def answered(self, late: int) -> None:
-        since = self._since_read
-        if since:
-            last = self._records - late  # records up to this one are answered
-            if since[-1][0] <= last:
-                self._since_read = []
-            elif since[0][0] <= last:
-                self._since_read = [e for e in since if e[0] > last]
+        if self._since_read:
+            self._since_read = unanswered_after(self._since_read, self._records - late)
 
     def read(self, data: bytes) -> None:
         self._read_since_write = True

@@ -32,7 +32,7 @@ protocol: https://stomp.github.io/stomp-specification-1.2.html):
 
 from __future__ import annotations
 
-from ._base import Dialect, Restore, SetupMismatch
+from ._base import Dialect, Restore, SetupMismatch, unanswered_after
 
 _SETUP_LIMIT = 65536
 _LINE_LIMIT = 65536
@@ -231,13 +231,8 @@ class StompDialect(Dialect):
             self._unanswered[-1] = entry  # the newest stays: answered() keeps it longest
 
     def answered(self, late: int) -> None:
-        unanswered = self._unanswered
-        if unanswered:
-            last = self._records - late  # records up to this one are answered
-            if unanswered[-1][0] <= last:
-                self._unanswered = []
-            elif unanswered[0][0] <= last:
-                self._unanswered = [e for e in unanswered if e[0] > last]
+        if self._unanswered:
+            self._unanswered = unanswered_after(self._unanswered, self._records - late)
 
     def read(self, data: bytes) -> None:
         if self.lost is not None:
