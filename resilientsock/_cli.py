@@ -245,8 +245,9 @@ def _run(argv: list[str]) -> None:
     session: list[str] | None = None
     if session_text:
         try:
-            session = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                       for host, port in parse_session(session_text)]
+            from .session.targets import format_address
+
+            session = [format_address(host, port) for host, port in parse_session(session_text)]
         except ValueError as exc:
             where = ("--session " if options.session is not None
                      else "RESILIENTSOCK_SESSION=")

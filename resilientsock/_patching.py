@@ -204,6 +204,7 @@ def _is_address(value: Any) -> bool:
 def _parse_session(value: Any, where: str = "patch(session=...)") -> list[str]:
     if value is None or value is False:
         return []  # no session targets (``False`` as ``RetryPolicy(session=False)`` says it)
+    items: list[Any]
     if isinstance(value, str):
         items = [t.strip() for t in value.split(",")]
     elif _is_address(value):
@@ -215,11 +216,10 @@ def _parse_session(value: Any, where: str = "patch(session=...)") -> list[str]:
                          f"list of them, got {value!r}")
     # A (host, port) pair is the target a socket address names: ``Relay.address`` or what
     # the application passes to create_connection. IPv6 hosts get their brackets.
-    items = [(f"[{t[0]}]:{t[1]}" if ":" in t[0] else f"{t[0]}:{t[1]}") if _is_address(t)
-             else t for t in items if t]
-    if items:
-        from .session.targets import parse_address
+    from .session.targets import format_address, parse_address
 
+    items = [format_address(t[0], t[1]) if _is_address(t) else t for t in items if t]
+    if items:
         for item in items:
             if not isinstance(item, str):
                 raise ValueError(f"{where}: {item!r} is not a 'HOST:PORT' string or a "

@@ -207,9 +207,10 @@ def main(argv: list[str]) -> int:
         _fail(f"cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror or exc}")
     except Exception as exc:  # noqa: BLE001 - a certificate that does not load, etc.
         _fail(f"cannot start: {exc}")
-    host, port = relay.address[:2]
-    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    from .targets import format_address
+
     up = args.upstream
+    shown = format_address(*relay.address[:2])
     print(f"relay: listening on {shown} -> upstream {up[0]}:{up[1]}", flush=True)
     try:
         signal.sigwait(stop_signals)

@@ -32,6 +32,11 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT`` as ``parse_address`` reads it (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _addr(value: str | tuple[str, int], listen: bool = False) -> tuple[str, int]:
     if isinstance(value, tuple):
         # (host, port), or IPv6's (host, port, flowinfo, scope_id): checked as the string
@@ -77,7 +82,7 @@ def set_session_targets(targets: Iterable[str] | None) -> None:
 
 
 def session_targets() -> list[str]:
-    return sorted(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in _targets)
+    return sorted(format_address(h, p) for h, p in _targets)
 
 
 def set_session_tls(context: Any) -> None:
